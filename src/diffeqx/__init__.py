@@ -1,0 +1,55 @@
+"""diffeqx: JAX-native solvers for differential equations, with Diffrax's API."""
+
+from ._adjoint.base import AbstractAdjoint as AbstractAdjoint
+from ._adjoint.checkpoint import RecursiveCheckpointAdjoint as RecursiveCheckpointAdjoint
+from ._adjoint.direct import DirectAdjoint as DirectAdjoint, ForwardMode as ForwardMode
+from ._controller.base import (
+    AbstractAdaptiveStepSizeController as AbstractAdaptiveStepSizeController,
+    AbstractStepSizeController as AbstractStepSizeController,
+)
+from ._controller.clip import ClipStepSizeController as ClipStepSizeController
+from ._controller.constant import ConstantStepSize as ConstantStepSize, StepTo as StepTo
+from ._controller.pid import PIDController as PIDController
+from ._path.base import AbstractPath as AbstractPath
+from ._path.dense import DenseInterpolation as DenseInterpolation
+from ._path.local import (
+    AbstractLocalInterpolation as AbstractLocalInterpolation,
+    FourthOrderPolynomialInterpolation as FourthOrderPolynomialInterpolation,
+    LocalLinearInterpolation as LocalLinearInterpolation,
+    ThirdOrderHermitePolynomialInterpolation as ThirdOrderHermitePolynomialInterpolation,
+)
+from ._progress import (
+    AbstractProgressMeter as AbstractProgressMeter,
+    NoProgressMeter as NoProgressMeter,
+)
+from ._saveat import SaveAt as SaveAt, SubSaveAt as SubSaveAt
+from ._solution import (
+    RESULTS as RESULTS,
+    Solution as Solution,
+    is_event as is_event,
+    is_okay as is_okay,
+    is_successful as is_successful,
+)
+from ._solve.diffeqsolve import diffeqsolve as diffeqsolve
+from ._solver.base import (
+    AbstractAdaptiveSolver as AbstractAdaptiveSolver,
+    AbstractSolver as AbstractSolver,
+)
+from ._solver.explicit import (
+    Bosh3 as Bosh3,
+    Dopri5 as Dopri5,
+    Dopri8 as Dopri8,
+    Euler as Euler,
+    Heun as Heun,
+    Midpoint as Midpoint,
+    Ralston as Ralston,
+    Tsit5 as Tsit5,
+)
+from ._solver.runge_kutta import (
+    AbstractERK as AbstractERK,
+    AbstractRungeKutta as AbstractRungeKutta,
+    ButcherTableau as ButcherTableau,
+)
+from ._term import AbstractTerm as AbstractTerm, MultiTerm as MultiTerm, ODETerm as ODETerm
+
+__version__ = "0.1.0"

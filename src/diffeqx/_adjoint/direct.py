@@ -1,0 +1,35 @@
+"""Adjoints that differentiate straight through the loop: `DirectAdjoint` and
+`ForwardMode`."""
+
+from typing import final
+
+from .base import AbstractAdjoint, while_loop_of_kind
+
+
+@final
+class DirectAdjoint(AbstractAdjoint):
+    """Differentiates through the solver's operations with a loop that supports both
+    forward and reverse mode, to any order. Its cost and memory grow with
+    `max_steps` (the loop is unrolled into nested bounded loops), so prefer
+    `RecursiveCheckpointAdjoint` for reverse mode and `ForwardMode` for forward mode,
+    and use this one for mixed or higher-order derivatives."""
+
+    def loop(self, *, run_loop, init_state, max_steps):
+        if max_steps is None:
+            raise ValueError(
+                "`DirectAdjoint` needs a finite `max_steps`; got `max_steps=None`."
+            )
+        loop = while_loop_of_kind("bounded")
+        return run_loop(init_state, loop, loop)
+
+
+@final
+class ForwardMode(AbstractAdjoint):
+    """Forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) through the solve: one
+    pass carries the tangents alongside the solution, with no stored history.
+    Efficient when there are fewer inputs than outputs. Does not support reverse
+    mode."""
+
+    def loop(self, *, run_loop, init_state, max_steps):
+        loop = while_loop_of_kind("lax")
+        return run_loop(init_state, loop, loop)

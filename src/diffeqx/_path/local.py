@@ -1,0 +1,207 @@
+"""Interpolants over a single step, used for dense output and `SaveAt(ts=...)`.
+
+Conventions shared by all of them: `k` values are increments over the step (vector
+field times `t1 - t0`), and `evaluate(t0, t1)` returns an increment.
+"""
+
+from typing import Any, ClassVar, final
+
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import PyTree
+
+from .base import AbstractPath
+
+
+class AbstractLocalInterpolation(AbstractPath):
+    """An interpolant over one step `[t0, t1]`."""
+
+    def evaluate(self, t0, t1=None, left: bool = True) -> PyTree:
+        if t1 is not None:
+            start, end = self._at(t0), self._at(t1)
+            return jtu.tree_map(lambda a, b: b - a, start, end)
+        return self._at(t0)
+
+    def _theta(self, t):
+        dt = self.t1 - self.t0
+        safe_dt = jnp.where(dt == 0, 1, dt)
+        return (t - self.t0) / safe_dt, safe_dt
+
+    def _at(self, t) -> PyTree:
+        raise NotImplementedError
+
+
+@final
+class LocalLinearInterpolation(AbstractLocalInterpolation):
+    """Straight line from `y0` at `t0` to `y1` at `t1`."""
+
+    t0: Any
+    t1: Any
+    y0: PyTree
+    y1: PyTree
+
+    def __init__(self, *, t0, t1, y0, y1, **unused):
+        self.t0, self.t1, self.y0, self.y1 = t0, t1, y0, y1
+
+    def _at(self, t):
+        theta, _ = self._theta(t)
+        return jtu.tree_map(
+            lambda a, b: a + (theta * (b - a)).astype(a.dtype), self.y0, self.y1
+        )
+
+    def derivative(self, t, left: bool = True):
+        _, dt = self._theta(t)
+        return jtu.tree_map(lambda a, b: ((b - a) / dt).astype(a.dtype), self.y0, self.y1)
+
+
+@final
+class ThirdOrderHermitePolynomialInterpolation(AbstractLocalInterpolation):
+    """Cubic Hermite interpolant matching values `y0`, `y1` and increments `k0`, `k1`
+    (derivatives times `t1 - t0`) at both ends."""
+
+    t0: Any
+    t1: Any
+    y0: PyTree
+    y1: PyTree
+    k0: PyTree
+    k1: PyTree
+
+    def __init__(self, *, t0, t1, y0, y1, k0, k1):
+        self.t0, self.t1, self.y0, self.y1, self.k0, self.k1 = t0, t1, y0, y1, k0, k1
+
+    @classmethod
+    def from_k(cls, *, t0, t1, y0, y1, k):
+        """Builds the interpolant from a Runge–Kutta step's stage increments `k` (one
+        leading stage axis per leaf), using the first and last stages as end slopes."""
+        return cls(
+            t0=t0,
+            t1=t1,
+            y0=y0,
+            y1=y1,
+            k0=jtu.tree_map(lambda x: x[0], k),
+            k1=jtu.tree_map(lambda x: x[-1], k),
+        )
+
+    def _at(self, t):
+        theta, _ = self._theta(t)
+        t2 = theta * theta
+        t3 = t2 * theta
+        h00 = 2 * t3 - 3 * t2 + 1
+        h10 = t3 - 2 * t2 + theta
+        h01 = 3 * t2 - 2 * t3
+        h11 = t3 - t2
+
+        def _leaf(y0, y1, k0, k1):
+            return (h00 * y0 + h10 * k0 + h01 * y1 + h11 * k1).astype(y0.dtype)
+
+        return jtu.tree_map(_leaf, self.y0, self.y1, self.k0, self.k1)
+
+    def derivative(self, t, left: bool = True):
+        theta, dt = self._theta(t)
+        t2 = theta * theta
+        d00 = 6 * t2 - 6 * theta
+        d10 = 3 * t2 - 4 * theta + 1
+        d01 = 6 * theta - 6 * t2
+        d11 = 3 * t2 - 2 * theta
+
+        def _leaf(y0, y1, k0, k1):
+            return ((d00 * y0 + d10 * k0 + d01 * y1 + d11 * k1) / dt).astype(y0.dtype)
+
+        return jtu.tree_map(_leaf, self.y0, self.y1, self.k0, self.k1)
+
+
+class FourthOrderPolynomialInterpolation(AbstractLocalInterpolation):
+    """Quartic interpolant through `y0`, `y1` and a midpoint value, with the end slopes
+    of the step. Subclasses set `c_mid`: the weights such that the midpoint value is
+    `y0 + sum_i c_mid[i] k[i]` for the step's stage increments `k`."""
+
+    c_mid: ClassVar[np.ndarray]
+    t0: Any
+    t1: Any
+    y0: PyTree
+    y1: PyTree
+    k: PyTree
+
+    def __init__(self, *, t0, t1, y0, y1, k):
+        self.t0, self.t1, self.y0, self.y1, self.k = t0, t1, y0, y1, k
+
+    def _coefficients(self, y0, y1, k):
+        # p(theta) = y0 + k0 theta + a theta^2 + b theta^3 + c theta^4 with p(1) = y1,
+        # p'(1) = k_last and p(1/2) = y_mid.
+        c_mid = jnp.asarray(self.c_mid, dtype=k.dtype)
+        k0, k1 = k[0], k[-1]
+        y_mid = y0 + jnp.tensordot(c_mid, k, axes=1)
+        r1 = y1 - y0 - k0
+        r2 = k1 - k0
+        r3 = y_mid - y0 - 0.5 * k0
+        c = 16 * r3 - 8 * r1 + 2 * r2
+        b = r2 - 2 * r1 - 2 * c
+        a = r1 - b - c
+        return k0, a, b, c
+
+    def _at(self, t):
+        theta, _ = self._theta(t)
+
+        def _leaf(y0, y1, k):
+            k0, a, b, c = self._coefficients(y0, y1, k)
+            return (y0 + theta * (k0 + theta * (a + theta * (b + theta * c)))).astype(
+                y0.dtype
+            )
+
+        return jtu.tree_map(_leaf, self.y0, self.y1, self.k)
+
+    def derivative(self, t, left: bool = True):
+        theta, dt = self._theta(t)
+
+        def _leaf(y0, y1, k):
+            k0, a, b, c = self._coefficients(y0, y1, k)
+            out = k0 + theta * (2 * a + theta * (3 * b + theta * 4 * c))
+            return (out / dt).astype(y0.dtype)
+
+        return jtu.tree_map(_leaf, self.y0, self.y1, self.k)
+
+
+class PolynomialStageInterpolation(AbstractLocalInterpolation):
+    """Continuous extension of a Runge–Kutta method given as a weight matrix:
+    `y(t0 + theta dt) = y0 + sum_d theta^d sum_i weights[i, d - 1] k[i]`."""
+
+    weights: ClassVar[np.ndarray]
+    t0: Any
+    t1: Any
+    y0: PyTree
+    k: PyTree
+
+    def __init__(self, *, t0, t1, y0, k, y1=None):
+        del y1
+        self.t0, self.t1, self.y0, self.k = t0, t1, y0, k
+
+    def _coefficients(self, k):
+        # (degree, *leaf_shape): coefficient of theta^(d + 1).
+        w = jnp.asarray(self.weights, dtype=k.dtype)
+        return jnp.tensordot(w.T, k, axes=1)
+
+    def _at(self, t):
+        theta, _ = self._theta(t)
+
+        def _leaf(y0, k):
+            coeffs = self._coefficients(k)
+            acc = coeffs[-1]
+            for d in range(coeffs.shape[0] - 2, -1, -1):
+                acc = coeffs[d] + theta * acc
+            return (y0 + theta * acc).astype(y0.dtype)
+
+        return jtu.tree_map(_leaf, self.y0, self.k)
+
+    def derivative(self, t, left: bool = True):
+        theta, dt = self._theta(t)
+
+        def _leaf(y0, k):
+            coeffs = self._coefficients(k)
+            degree = coeffs.shape[0]
+            acc = degree * coeffs[-1]
+            for d in range(degree - 2, -1, -1):
+                acc = (d + 1) * coeffs[d] + theta * acc
+            return (acc / dt).astype(y0.dtype)
+
+        return jtu.tree_map(_leaf, self.y0, self.k)

@@ -1,0 +1,106 @@
+"""The result of a solve: `Solution` and the `RESULTS` enumeration."""
+
+from typing import Any, final
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree
+
+from ._path.base import AbstractPath
+
+
+@final
+class RESULTS(eqx.Enumeration):
+    """How a solve ended. Travels through jitted code as a value; `throw=True` turns a
+    failure into a runtime error carrying the message below."""
+
+    successful = ""
+    max_steps_reached = (
+        "The maximum number of solver steps was reached before `t1`. Increase "
+        "`max_steps` (or pass `max_steps=None` with an adjoint that allows it), or "
+        "check whether the problem is stiff."
+    )
+    dt_min_reached = (
+        "The step size controller wanted a step smaller than `dtmin`. Decrease "
+        "`dtmin`, pass `force_dtmin=True`, or loosen `rtol`/`atol`."
+    )
+    non_finite_state = (
+        "The solution became non-finite (NaN or infinity): the solution may blow up, "
+        "or the vector field may be undefined there."
+    )
+    event_occurred = "Terminating solve because an event occurred."
+    implicit_divergence = "Implicit method diverged."
+    implicit_nonconvergence = (
+        "Implicit method did not converge within the required number of iterations."
+    )
+
+
+def is_okay(result: RESULTS) -> Any:
+    """True if the solve succeeded or stopped at an event."""
+    return is_successful(result) | is_event(result)
+
+
+def is_successful(result: RESULTS) -> Any:
+    """True if the solve reached `t1` without failing."""
+    return result == RESULTS.successful
+
+
+def is_event(result: RESULTS) -> Any:
+    """True if the solve stopped because an event occurred."""
+    return result == RESULTS.event_occurred
+
+
+@final
+class Solution(AbstractPath):
+    """What `diffeqsolve` returns.
+
+    **Attributes:**
+
+    - `t0`, `t1`: the start and end of the integration interval.
+    - `ts`: the times at which the solution was saved; shape `(num_saves,)` (or a
+      PyTree of such, following `SaveAt(subs=...)`). Unfilled slots are `inf`.
+    - `ys`: the saved values: each leaf of `y0` gains a leading time axis.
+    - `interpolation`: a `DenseInterpolation` when `SaveAt(dense=True)`, else `None`.
+    - `stats`: a dict with `num_steps`, `num_accepted_steps`, `num_rejected_steps`
+      and `max_steps`.
+    - `result`: a `RESULTS` value saying how the solve ended.
+    - `solver_state`, `controller_state`, `made_jump`: the final internal states, if
+      `SaveAt(solver_state=True, controller_state=True, made_jump=True)`.
+    - `event_mask`: which events fired, when an event was given.
+    """
+
+    t0: Any
+    t1: Any
+    ts: PyTree[Array] | None
+    ys: PyTree[Array] | None
+    interpolation: Any
+    stats: dict[str, Any]
+    result: RESULTS
+    solver_state: PyTree | None
+    controller_state: PyTree | None
+    made_jump: Any
+    event_mask: PyTree | None = None
+
+    def evaluate(self, t0, t1=None, left: bool = True) -> PyTree[Array]:
+        """The dense solution at `t0`, or its increment from `t0` to `t1` when `t1`
+        is given. `left` picks the left or right limit at a step boundary. Requires
+        `SaveAt(dense=True)`."""
+        if self.interpolation is None:
+            raise ValueError(
+                "`Solution.evaluate` needs dense output: pass "
+                "`saveat=SaveAt(dense=True)` to `diffeqsolve`."
+            )
+        return self.interpolation.evaluate(t0, t1, left)
+
+    def derivative(self, t, left: bool = True) -> PyTree[Array]:
+        """The time derivative of the dense solution at `t`. Requires
+        `SaveAt(dense=True)`."""
+        if self.interpolation is None:
+            raise ValueError(
+                "`Solution.derivative` needs dense output: pass "
+                "`saveat=SaveAt(dense=True)` to `diffeqsolve`."
+            )
+        return self.interpolation.derivative(t, left)
+
+
+del jnp

@@ -1,0 +1,235 @@
+"""Argument checks for `diffeqsolve`: each error names the argument, what was
+received and what was expected, and is raised before any tracing of the loop."""
+
+import inspect
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from .._controller.base import AbstractStepSizeController
+from .._controller.clip import is_adaptive_controller, unwrap_controller
+from .._controller.constant import ConstantStepSize, StepTo
+from .._saveat import SaveAt
+from .._solver.base import AbstractAdaptiveSolver, AbstractSolver
+from .._solver.runge_kutta import AbstractRungeKutta
+from .._term import AbstractTerm, is_term
+
+
+def _describe(x) -> str:
+    if inspect.isfunction(x) or inspect.ismethod(x):
+        return f"the function {getattr(x, '__qualname__', x)!r}"
+    if isinstance(x, type):
+        return f"the class {x.__name__}"
+    if isinstance(x, (list, tuple)):
+        inner = ", ".join(_describe(v) for v in list(x)[:4])
+        more = ", ..." if len(x) > 4 else ""
+        return f"a Python {type(x).__name__} of [{inner}{more}]"
+    text = repr(x)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} (of type {type(x).__name__})"
+
+
+def check_solver(solver) -> None:
+    if isinstance(solver, type):
+        if issubclass(solver, AbstractSolver):
+            raise TypeError(
+                f"`solver` must be a solver instance, but got the class "
+                f"{solver.__name__}. Did you mean `{solver.__name__}()`?"
+            )
+        raise TypeError(
+            f"`solver` must be an instance of AbstractSolver, got {_describe(solver)}."
+        )
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(
+            "`solver` must be an instance of AbstractSolver (e.g. `Tsit5()`), got "
+            f"{_describe(solver)}."
+        )
+
+
+def check_terms(terms, solver) -> None:
+    leaves = jtu.tree_leaves(terms, is_leaf=is_term)
+    bad = [leaf for leaf in leaves if not isinstance(leaf, AbstractTerm)]
+    if isinstance(terms, type) or not leaves or bad:
+        hint = ""
+        if callable(terms) and not isinstance(terms, AbstractTerm):
+            hint = " Wrap a vector field `f(t, y, args)` as `ODETerm(f)`."
+        elif isinstance(terms, list):
+            hint = (
+                " Wrap each vector field in a term (e.g. `ODETerm(f)`) and combine "
+                "several with `MultiTerm(...)` or a tuple."
+            )
+        raise TypeError(
+            "`terms` must be a PyTree of AbstractTerm instances (e.g. `ODETerm(f)`), "
+            f"but got {_describe(terms)}.{hint}"
+        )
+    structure = solver.term_structure
+    if not _matches(terms, structure):
+        raise ValueError(
+            f"`terms` do not match the term_structure of {type(solver).__name__}: "
+            f"expected {_structure_repr(structure)}, got {_structure_repr(terms)}."
+        )
+
+
+def _matches(terms, structure) -> bool:
+    if isinstance(structure, type):
+        return isinstance(terms, structure)
+    if isinstance(structure, (tuple, list)):
+        return (
+            isinstance(terms, (tuple, list))
+            and len(terms) == len(structure)
+            and all(_matches(t, s) for t, s in zip(terms, structure))
+        )
+    if isinstance(structure, dict):
+        return (
+            isinstance(terms, dict)
+            and terms.keys() == structure.keys()
+            and all(_matches(terms[k], structure[k]) for k in structure)
+        )
+    return True
+
+
+def _structure_repr(x) -> str:
+    if isinstance(x, type):
+        return x.__name__
+    if isinstance(x, (tuple, list)):
+        inner = ", ".join(_structure_repr(v) for v in x)
+        return f"({inner},)" if isinstance(x, tuple) and len(x) == 1 else f"({inner})"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k!r}: {_structure_repr(v)}" for k, v in x.items()) + "}"
+    return type(x).__name__
+
+
+def check_y0(y0) -> None:
+    leaves = jtu.tree_leaves(y0)
+    if not leaves:
+        raise ValueError("`y0` must contain at least one array, got an empty PyTree.")
+    for path, leaf in jtu.tree_flatten_with_path(y0)[0]:
+        dtype = jnp.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype
+        if isinstance(leaf, bool) or not jnp.issubdtype(dtype, jnp.inexact):
+            where = jtu.keystr(path) or "y0"
+            raise TypeError(
+                f"`y0` must contain floating-point arrays, but the leaf at {where} "
+                f"has dtype {dtype} (value {_describe(leaf)}). Use e.g. "
+                "`jnp.asarray(y0, dtype=float)`."
+            )
+
+
+def _concrete(x) -> Any:
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+    except TypeError:
+        return None
+
+
+def check_controller(stepsize_controller, solver, dt0, t0, t1) -> None:
+    if isinstance(stepsize_controller, type):
+        raise TypeError(
+            "`stepsize_controller` must be an instance, but got the class "
+            f"{stepsize_controller.__name__}. Did you mean "
+            f"`{stepsize_controller.__name__}(...)`?"
+        )
+    if not isinstance(stepsize_controller, AbstractStepSizeController):
+        raise TypeError(
+            "`stepsize_controller` must be an AbstractStepSizeController (e.g. "
+            f"`PIDController(rtol=1e-6, atol=1e-6)`), got {_describe(stepsize_controller)}."
+        )
+    inner = unwrap_controller(stepsize_controller)
+    if is_adaptive_controller(stepsize_controller) and not _is_adaptive_solver(solver):
+        raise ValueError(
+            f"The solver {type(solver).__name__} has no error estimate and is not "
+            f"adaptive, so it cannot be used with {type(inner).__name__}. Use "
+            "`ConstantStepSize()` with this solver, or an adaptive solver such as "
+            "`Tsit5()`."
+        )
+    if dt0 is None and isinstance(inner, ConstantStepSize):
+        raise ValueError(
+            "`dt0=None` was passed with `ConstantStepSize`, which needs an explicit "
+            "step: pass e.g. `dt0=0.01`, or use an adaptive controller such as "
+            "`PIDController` that can choose the first step itself."
+        )
+    if dt0 is not None and isinstance(inner, StepTo):
+        raise ValueError(
+            f"`StepTo` fixes every step itself, so `dt0` must be None; got dt0={dt0!r}."
+        )
+    if dt0 is not None:
+        dt0_c, t0_c, t1_c = _concrete(dt0), _concrete(t0), _concrete(t1)
+        if dt0_c is not None and dt0_c.shape != ():
+            raise ValueError(f"`dt0` must be a scalar, got shape {dt0_c.shape}.")
+        if dt0_c is not None and t0_c is not None and t1_c is not None:
+            span = t1_c - t0_c
+            if dt0_c == 0 and span != 0:
+                raise ValueError("`dt0` must be non-zero, got dt0=0.")
+            if span * dt0_c < 0:
+                raise ValueError(
+                    f"`dt0` must have the same sign as `t1 - t0`: got dt0={dt0_c}, but "
+                    f"t1 - t0 = {span}. To integrate backwards in time pass t1 < t0 "
+                    "and a negative dt0."
+                )
+
+
+def _is_adaptive_solver(solver) -> bool:
+    if not isinstance(solver, AbstractAdaptiveSolver):
+        return False
+    if isinstance(solver, AbstractRungeKutta) and solver.tableau.b_error is None:
+        return False
+    return True
+
+
+def check_times(t0, t1) -> None:
+    for name, value in (("t0", t0), ("t1", t1)):
+        shape = jnp.shape(value)
+        if shape != ():
+            raise ValueError(f"`{name}` must be a scalar, got shape {shape}.")
+
+
+def check_saveat(saveat, t0, t1, max_steps, subs) -> None:
+    if not isinstance(saveat, SaveAt):
+        raise TypeError(
+            f"`saveat` must be a `SaveAt(...)`, got {_describe(saveat)}."
+        )
+    t0_c, t1_c = _concrete(t0), _concrete(t1)
+    for sub in subs:
+        if sub.steps and max_steps is None:
+            raise ValueError(
+                "`SaveAt(steps=True)` needs a finite `max_steps` to size its output; "
+                "got `max_steps=None`."
+            )
+        if sub.ts is None:
+            continue
+        ts = _concrete(sub.ts)
+        if ts is None:
+            continue
+        if np.any(np.isnan(ts)):
+            raise ValueError(f"`SaveAt(ts=...)` contains NaN: {ts}.")
+        if t0_c is not None and t1_c is not None and ts.size:
+            forwards = t1_c >= t0_c
+            diffs = np.diff(ts)
+            if (forwards and np.any(diffs < 0)) or (not forwards and np.any(diffs > 0)):
+                order = "increasing" if forwards else "decreasing"
+                raise ValueError(
+                    f"`SaveAt(ts=...)` must be monotonically {order} in the direction "
+                    f"of integration (t0={t0_c}, t1={t1_c}); got ts={ts}."
+                )
+            lo, hi = min(t0_c, t1_c), max(t0_c, t1_c)
+            if ts.min() < lo or ts.max() > hi:
+                raise ValueError(
+                    f"`SaveAt(ts=...)` must lie within [t0, t1] = [{t0_c}, {t1_c}]; got "
+                    f"ts from {ts.min()} to {ts.max()}."
+                )
+
+
+def check_max_steps(max_steps) -> None:
+    if max_steps is None:
+        return
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)):
+        raise TypeError(
+            f"`max_steps` must be a positive int or None, got {_describe(max_steps)}."
+        )
+    if max_steps < 1:
+        raise ValueError(f"`max_steps` must be at least 1, got {max_steps}.")

@@ -1,0 +1,187 @@
+"""The solve loop: one step per iteration of a while loop over a `LoopState`."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._saveat import SubSaveAt
+from .._solution import RESULTS
+from .save import save_dense, save_step, save_ts_in_step
+from .state import LoopState
+
+
+class LoopSpec(eqx.Module):
+    """Everything fixed during the loop: the problem, the methods, and the output
+    layout. Built once by `diffeqsolve`; the step body reads from it."""
+
+    terms: Any
+    solver: Any
+    controller: Any
+    args: Any
+    t1: Any
+    direction: Any
+    subs: list[SubSaveAt]
+    subs_ts: list[Any]  # each SubSaveAt's save times in integration time, or None
+    error_order: Any
+    max_steps: int | None = eqx.field(static=True)
+    dense: bool = eqx.field(static=True)
+    always_accept: bool = eqx.field(static=True)
+    may_jump: bool = eqx.field(static=True)
+
+
+def _tree_where(pred, new, old):
+    return jtu.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _all_finite(tree):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree)]
+    out = jnp.asarray(True)
+    for leaf in leaves:
+        out = out & leaf
+    return out
+
+
+def clip_to_end(tprev, tnext, t1):
+    """`min(tnext, t1)`, also snapping to `t1` when the remaining step would be
+    negligibly small (it would only add a step of rounding error)."""
+    eps = jnp.finfo(jnp.result_type(tnext)).eps
+    tolerance = 100 * eps * jnp.maximum(jnp.abs(tprev), jnp.abs(t1))
+    return jnp.where(tnext >= t1 - tolerance, t1, tnext)
+
+
+def _take_step(spec: LoopSpec, state: LoopState):
+    made_jump = state.made_jump if spec.may_jump else False
+    return spec.solver.step(
+        spec.terms,
+        state.tprev,
+        state.tnext,
+        state.y,
+        spec.args,
+        state.solver_state,
+        made_jump,
+    )
+
+
+def _adapt(spec: LoopSpec, state: LoopState, y1, y_error, step_ok):
+    """Accept or reject the step, choose the next one and the new result code."""
+    if y_error is not None:
+        # A failed or non-finite step is rejected by giving it an infinite error.
+        y_error = jtu.tree_map(lambda e: jnp.where(step_ok, e, jnp.inf), y_error)
+    keep, next_t0, next_t1, made_jump, controller_state, result = (
+        spec.controller.adapt_step_size(
+            state.tprev,
+            state.tnext,
+            state.y,
+            y1,
+            spec.args,
+            y_error,
+            spec.error_order,
+            state.controller_state,
+        )
+    )
+    accepted_bad_step = jnp.asarray(keep) & ~step_ok
+    keep = jnp.asarray(keep) & step_ok
+    next_t1 = clip_to_end(next_t0, next_t1, spec.t1)
+    stalled = (next_t1 <= next_t0) & (next_t0 < spec.t1)
+    result = RESULTS.where(stalled, RESULTS.dt_min_reached, result)
+    result = RESULTS.where(accepted_bad_step | stalled & ~step_ok, RESULTS.non_finite_state, result)
+    if not spec.may_jump:
+        made_jump = jnp.asarray(False)
+    return keep, next_t0, next_t1, jnp.asarray(made_jump), controller_state, result
+
+
+def _save(spec: LoopSpec, state: LoopState, save_state, interpolant, t_end, y1, keep,
+          inner_while_loop):
+    out = []
+    for sub, ts_tau, sub_state in zip(spec.subs, spec.subs_ts, save_state):
+        if ts_tau is not None:
+            sub_state = save_ts_in_step(
+                sub_state,
+                sub,
+                ts_tau,
+                interpolant,
+                t_end,
+                keep,
+                spec.args,
+                spec.direction,
+                inner_while_loop,
+            )
+        if sub.steps:
+            sub_state = save_step(
+                sub_state, sub, t_end, y1, keep, spec.args, spec.direction
+            )
+        out.append(sub_state)
+    return out
+
+
+def step_body(spec: LoopSpec, state: LoopState, inner_while_loop: Callable) -> LoopState:
+    """One iteration: step, accept or reject, save, count."""
+    y1, y_error, dense_info, solver_state, solver_result = _take_step(spec, state)
+    step_ok = _all_finite(y1) & (solver_result == RESULTS.successful)
+    keep, next_t0, next_t1, made_jump, controller_state, result = _adapt(
+        spec, state, y1, y_error, step_ok
+    )
+    if spec.always_accept:
+        # Fixed steps: no step is ever rejected, so no selects are needed.
+        y = y1
+        new_solver_state = solver_state
+    else:
+        y = _tree_where(keep, y1, state.y)
+        new_solver_state = _tree_where(keep, solver_state, state.solver_state)
+    needs_interpolant = any(ts is not None for ts in spec.subs_ts)
+    interpolant = (
+        spec.solver.interpolation_cls(t0=state.tprev, t1=state.tnext, **dense_info)
+        if needs_interpolant
+        else None
+    )
+    save_state = _save(
+        spec, state, state.save_state, interpolant, state.tnext, y1, keep,
+        inner_while_loop,
+    )
+    dense_state = state.dense_state
+    if spec.dense:
+        dense_state = save_dense(dense_state, state.tnext, dense_info, keep)
+    result = RESULTS.where(
+        state.result == RESULTS.successful, result, state.result
+    )
+    return LoopState(
+        y=y,
+        tprev=next_t0,
+        tnext=next_t1,
+        made_jump=made_jump if spec.may_jump else state.made_jump,
+        solver_state=new_solver_state,
+        controller_state=controller_state,
+        result=result,
+        num_steps=state.num_steps + 1,
+        num_accepted_steps=state.num_accepted_steps + jnp.where(keep, 1, 0),
+        num_rejected_steps=state.num_rejected_steps + jnp.where(keep, 0, 1),
+        save_state=save_state,
+        dense_state=dense_state,
+        last_y_finite=step_ok,
+    )
+
+
+def cond_fun(spec: LoopSpec, state: LoopState):
+    going = (state.tprev < spec.t1) & (state.result == RESULTS.successful)
+    if spec.max_steps is not None:
+        going = going & (state.num_steps < spec.max_steps)
+    return going
+
+
+def run_loop(spec: LoopSpec, init_state: LoopState, outer_while_loop, inner_while_loop):
+    """Runs the loop with the while-loop implementations chosen by the adjoint."""
+    from .state import buffers
+
+    final = outer_while_loop(
+        lambda s: cond_fun(spec, s),
+        lambda s: step_body(spec, s, inner_while_loop),
+        init_state,
+        max_steps=spec.max_steps,
+        buffers=buffers,
+    )
+    unfinished = (final.tprev < spec.t1) & (final.result == RESULTS.successful)
+    result = RESULTS.where(unfinished, RESULTS.max_steps_reached, final.result)
+    return eqx.tree_at(lambda s: s.result, final, result)

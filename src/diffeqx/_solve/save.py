@@ -1,0 +1,141 @@
+"""Saving: filling the output buffers of each `SubSaveAt` and of dense output."""
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._saveat import SubSaveAt
+from .state import DenseState, SaveState
+
+
+def _fill(shape_dtype, size):
+    dtype = shape_dtype.dtype
+    fill = jnp.inf if jnp.issubdtype(dtype, jnp.inexact) else 0
+    return jnp.full((size,) + shape_dtype.shape, fill, dtype=dtype)
+
+
+def num_saves(sub: SubSaveAt, max_steps: int | None) -> int:
+    n = int(sub.t0) + int(sub.t1)
+    if sub.ts is not None:
+        n += sub.ts.shape[0]
+    if sub.steps:
+        n += max_steps
+    return n
+
+
+def init_save_state(sub: SubSaveAt, t0, y0, args, max_steps, direction) -> SaveState:
+    """Allocates the buffers for one output and saves `t0` if asked."""
+    size = num_saves(sub, max_steps)
+    out_shape = jax.eval_shape(sub.fn, t0 * direction, y0, args)
+    ts = jnp.full((size,), jnp.inf, dtype=jnp.result_type(t0))
+    ys = jtu.tree_map(lambda s: _fill(s, size), out_shape)
+    save_index = jnp.asarray(0)
+    if sub.t0:
+        ts = ts.at[0].set(t0)
+        value = sub.fn(t0 * direction, y0, args)
+        ys = jtu.tree_map(lambda buf, v: buf.at[0].set(v), ys, value)
+        save_index = jnp.asarray(1)
+    return SaveState(ts_index=jnp.asarray(0), save_index=save_index, ts=ts, ys=ys)
+
+
+def save_ts_in_step(
+    save_state: SaveState,
+    sub: SubSaveAt,
+    ts_tau,
+    interpolant,
+    t_end,
+    keep,
+    args,
+    direction,
+    inner_while_loop,
+) -> SaveState:
+    """Saves every requested time in `(t_start, t_end]` from the step's interpolant,
+    with a small loop that runs once per save time inside the step."""
+    n = ts_tau.shape[0]
+
+    def cond(carry):
+        ts_index, _, _, _ = carry
+        next_t = ts_tau[jnp.minimum(ts_index, n - 1)]
+        return keep & (ts_index < n) & (next_t <= t_end)
+
+    def body(carry):
+        ts_index, save_index, ts_buf, ys_buf = carry
+        tau = ts_tau[ts_index]
+        value = sub.fn(tau * direction, interpolant.evaluate(tau), args)
+        ts_buf = ts_buf.at[save_index].set(tau)
+        # `value` leads so that buffers are matched whole, not descended into.
+        ys_buf = jtu.tree_map(lambda v, b: b.at[save_index].set(v), value, ys_buf)
+        return ts_index + 1, save_index + 1, ts_buf, ys_buf
+
+    init = (save_state.ts_index, save_state.save_index, save_state.ts, save_state.ys)
+    ts_index, save_index, ts_buf, ys_buf = inner_while_loop(
+        cond, body, init, max_steps=n, buffers=lambda c: (c[2], c[3])
+    )
+    return SaveState(ts_index=ts_index, save_index=save_index, ts=ts_buf, ys=ys_buf)
+
+
+def save_step(save_state: SaveState, sub: SubSaveAt, t, y, keep, args, direction):
+    """Saves the state after an accepted step (`SubSaveAt(steps=True)`)."""
+    index = save_state.save_index
+    value = sub.fn(t * direction, y, args)
+    ts = save_state.ts.at[index].set(t, pred=keep)
+    ys = jtu.tree_map(lambda v, b: b.at[index].set(v, pred=keep), value, save_state.ys)
+    return SaveState(
+        ts_index=save_state.ts_index,
+        save_index=index + jnp.where(keep, 1, 0),
+        ts=ts,
+        ys=ys,
+    )
+
+
+def init_dense_state(t0, dense_info_shape, max_steps) -> DenseState:
+    ts = jnp.full((max_steps + 1,), jnp.inf, dtype=jnp.result_type(t0)).at[0].set(t0)
+    infos = jtu.tree_map(lambda s: _fill(s, max_steps), dense_info_shape)
+    return DenseState(save_index=jnp.asarray(0), ts=ts, infos=infos)
+
+
+def save_dense(dense_state: DenseState, t_end, dense_info, keep) -> DenseState:
+    index = dense_state.save_index
+    ts = dense_state.ts.at[index + 1].set(t_end, pred=keep)
+    infos = jtu.tree_map(
+        lambda v, b: b.at[index].set(v, pred=keep), dense_info, dense_state.infos
+    )
+    return DenseState(
+        save_index=index + jnp.where(keep, 1, 0), ts=ts, infos=infos
+    )
+
+
+def finish_save_state(
+    save_state: SaveState, sub: SubSaveAt, ts_tau, t_final, y_final, okay, args, direction
+):
+    """After the loop: saves `t1`, fills save times equal to the final time that no
+    step covered (a zero-length solve), and converts times back to `t`."""
+    ts, ys = save_state.ts, save_state.ys
+    index = save_state.save_index
+    if ts_tau is not None:
+        # Only a solve that took no step can leave save times at the final time.
+        n = ts_tau.shape[0]
+        positions = jnp.arange(n)
+        pending = (positions >= save_state.ts_index) & (ts_tau <= t_final) & okay
+        slots = index + positions - save_state.ts_index
+        value = sub.fn(t_final * direction, y_final, args)
+        safe_slots = jnp.where(pending, slots, ts.shape[0])
+        ts = ts.at[safe_slots].set(jnp.broadcast_to(t_final, (n,)), mode="drop")
+        ys = jtu.tree_map(
+            lambda b, v: b.at[safe_slots].set(
+                jnp.broadcast_to(v, (n,) + v.shape), mode="drop"
+            ),
+            ys,
+            value,
+        )
+        index = index + jnp.sum(pending)
+    if sub.t1:
+        value = sub.fn(t_final * direction, y_final, args)
+        slot = jnp.minimum(index, ts.shape[0] - 1)
+        ts = ts.at[slot].set(jnp.where(okay, t_final, ts[slot]))
+        ys = jtu.tree_map(
+            lambda b, v: b.at[slot].set(jnp.where(okay, v, b[slot])), ys, value
+        )
+    # Times back to the user's direction; unfilled slots stay +inf.
+    ts = jnp.where(jnp.isfinite(ts), ts * direction, ts)
+    return ts, ys

@@ -1,0 +1,77 @@
+"""The solver protocol: `AbstractSolver` and its families."""
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import equinox as eqx
+from jaxtyping import PyTree
+
+from .._term import AbstractTerm
+
+
+def _is_sde(terms) -> bool:
+    # SDE solvers arrive with the Brownian-motion milestone; until then every term
+    # structure is treated as an ODE for the purposes of `error_order`.
+    return False
+
+
+class AbstractSolver(eqx.Module):
+    """Base class for every solver. The protocol, which `diffeqsolve` drives:
+
+    - `term_structure`: the PyTree structure of terms the solver accepts, e.g.
+      `AbstractTerm` (any single term) or `(ODETerm, AbstractTerm)`.
+    - `interpolation_cls`: called as `interpolation_cls(t0=, t1=, **dense_info)` to
+      build the interpolant over one step.
+    - `init(terms, t0, t1, y0, args) -> solver_state`.
+    - `step(terms, t0, t1, y0, args, solver_state, made_jump)
+      -> (y1, y_error, dense_info, solver_state, result)`: one step from `t0` to `t1`.
+      The step size `t1 - t0` may be read freely (e.g. for step-size-dependent
+      dynamics). `y_error` may be `None` for solvers without an error estimate.
+    - `func(terms, t0, y0, args) -> dy/dt`: the vector field, used e.g. to choose the
+      first step size.
+    - `order(terms)`, `strong_order(terms)`, `error_order(terms)`.
+
+    Time always runs forwards inside `step`: for `t1 < t0`, `diffeqsolve` presents the
+    terms in reversed time.
+    """
+
+    term_structure: ClassVar[Any]
+    interpolation_cls: ClassVar[Callable[..., Any]]
+
+    def order(self, terms: PyTree[AbstractTerm]) -> int | None:
+        """Order of convergence for ODEs, or `None` if not known."""
+        return None
+
+    def strong_order(self, terms: PyTree[AbstractTerm]) -> float | None:
+        """Strong order of convergence for SDEs, or `None` if not known."""
+        return None
+
+    def error_order(self, terms: PyTree[AbstractTerm]) -> float | None:
+        """Local order of the error estimate, used by adaptive step-size controllers.
+
+        For an ODE the error estimate is the difference of a method of order `p` and
+        one of order `p - 1`, so its local order is `p`: this returns `order(terms)`.
+        For an SDE it is `strong_order(terms) + 0.5`.
+        """
+        if _is_sde(terms):
+            order = self.strong_order(terms)
+            return None if order is None else order + 0.5
+        return self.order(terms)
+
+    @abc.abstractmethod
+    def init(self, terms, t0, t1, y0, args) -> PyTree:
+        """The initial solver state."""
+
+    @abc.abstractmethod
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        """One step from `t0` to `t1`."""
+
+    @abc.abstractmethod
+    def func(self, terms, t0, y0, args) -> PyTree:
+        """The vector field at `(t0, y0)`."""
+
+
+class AbstractAdaptiveSolver(AbstractSolver):
+    """A solver whose `step` returns a meaningful error estimate `y_error`, so that it
+    can be used with an adaptive step-size controller such as `PIDController`."""

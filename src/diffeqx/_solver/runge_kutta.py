@@ -1,0 +1,257 @@
+"""Runge–Kutta methods as data: a `ButcherTableau` and one engine that runs it.
+
+Stages are stored as vector-field values `f_i` (cheap to combine and reusable for
+first-same-as-last), unless the term says its vector field is expensive to
+materialise, in which case the increments `k_i = vf_prod(t_i, y_i, control)` are
+stored instead. Stage `i` evaluates at `y0 + sum_j a_ij k_j`.
+"""
+
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import PyTree
+
+from .._solution import RESULTS
+from .._term import AbstractTerm
+from .base import AbstractAdaptiveSolver
+
+
+def _as_vector(x, name) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"`ButcherTableau({name}=...)` must be 1-D, got shape {x.shape}.")
+    return x
+
+
+class ButcherTableau:
+    """The coefficients of an explicit Runge–Kutta method with `s` stages.
+
+    **Arguments:**
+
+    - `c`: the nodes of stages `2, ..., s` (the first node is 0); shape `(s - 1,)`.
+    - `b_sol`: the weights giving the solution; shape `(s,)`.
+    - `b_error`: the weights giving the error estimate (difference between the
+      solution and an embedded lower-order solution); shape `(s,)`, or `None` for a
+      method without an error estimate.
+    - `a_lower`: the strictly lower-triangular rows of the Runge–Kutta matrix: a tuple
+      of `s - 1` arrays, the `i`-th of length `i + 1`.
+
+    **Example** (the classical fourth-order method):
+
+    ```python
+    rk4 = ButcherTableau(
+        c=np.array([0.5, 0.5, 1.0]),
+        b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+        b_error=None,
+        a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
+    )
+    ```
+    """
+
+    c: np.ndarray
+    b_sol: np.ndarray
+    b_error: np.ndarray | None
+    a_lower: tuple[np.ndarray, ...]
+
+    def __init__(self, *, c, b_sol, b_error=None, a_lower):
+        self.c = _as_vector(c, "c")
+        self.b_sol = _as_vector(b_sol, "b_sol")
+        self.b_error = None if b_error is None else _as_vector(b_error, "b_error")
+        self.a_lower = tuple(np.asarray(row, dtype=np.float64) for row in a_lower)
+        s = len(self.b_sol)
+        if len(self.c) != s - 1 or len(self.a_lower) != s - 1:
+            raise ValueError(
+                f"A ButcherTableau with {s} stages (len(b_sol)) needs `c` of length "
+                f"{s - 1} and {s - 1} rows in `a_lower`; got len(c)={len(self.c)} and "
+                f"{len(self.a_lower)} rows."
+            )
+        for i, row in enumerate(self.a_lower):
+            if row.shape != (i + 1,):
+                raise ValueError(
+                    f"Row {i} of `a_lower` must have length {i + 1}, got shape "
+                    f"{row.shape}."
+                )
+            if not np.isclose(row.sum(), self.c[i], rtol=1e-10, atol=1e-10):
+                raise ValueError(
+                    f"Row {i} of `a_lower` sums to {row.sum()} but `c[{i}]` is "
+                    f"{self.c[i]}; a consistent method has `sum_j a_ij == c_i`."
+                )
+        if self.b_error is not None and self.b_error.shape != (s,):
+            raise ValueError(
+                f"`b_error` must have shape ({s},), got {self.b_error.shape}."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"ButcherTableau(c={self.c!r}, b_sol={self.b_sol!r}, "
+            f"b_error={self.b_error!r}, a_lower={self.a_lower!r})"
+        )
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.b_sol)
+
+    @property
+    def a_matrix(self) -> np.ndarray:
+        s = self.num_stages
+        a = np.zeros((s, s))
+        for i, row in enumerate(self.a_lower):
+            a[i + 1, : i + 1] = row
+        return a
+
+    @property
+    def c_full(self) -> np.ndarray:
+        return np.concatenate([[0.0], self.c])
+
+    @property
+    def fsal(self) -> bool:
+        """First same as last: the last stage is the vector field at `(t1, y1)`."""
+        s = self.num_stages
+        return (
+            s > 1
+            and self.c[-1] == 1
+            and self.b_sol[-1] == 0
+            and np.array_equal(self.a_lower[-1], self.b_sol[:-1])
+        )
+
+
+class AbstractRungeKutta(AbstractAdaptiveSolver):
+    """Base class for Runge–Kutta solvers defined by a tableau."""
+
+    tableau: ClassVar[ButcherTableau]
+
+
+def _weighted_sum(weights, stages):
+    """`sum_i weights[i] * stages[i]` over the leading stage axis of every leaf.
+
+    `weights` is a static NumPy vector (zero entries are skipped) or a traced one."""
+    if isinstance(weights, np.ndarray):
+        nonzero = [(i, w) for i, w in enumerate(weights) if w != 0]
+
+        def _leaf(x):
+            if not nonzero:
+                return jnp.zeros(x.shape[1:], x.dtype)
+            out = nonzero[0][1] * x[nonzero[0][0]]
+            for i, w in nonzero[1:]:
+                out = out + w * x[i]
+            return out.astype(x.dtype)
+
+    else:
+
+        def _leaf(x):
+            return jnp.tensordot(weights.astype(x.dtype), x, axes=1)
+
+    return jtu.tree_map(_leaf, stages)
+
+
+def _add(y, dy):
+    return jtu.tree_map(lambda a, b: (a + b).astype(a.dtype), y, dy)
+
+
+class AbstractERK(AbstractRungeKutta):
+    """Explicit Runge–Kutta method. A concrete method sets `tableau`,
+    `interpolation_cls` and `order`; the engine does the rest (embedded error
+    estimate, first-same-as-last reuse, dense output information).
+
+    Stages run as a `lax.fori_loop` over the stage index when `scan_stages` is true
+    (the vector field is traced once, which keeps compile times low), or unrolled in
+    Python with the tableau's zeros skipped.
+    """
+
+    term_structure: ClassVar[Any] = AbstractTerm
+    scan_stages: ClassVar[bool] = False
+
+    def _store_vf(self, terms, t0, t1, y0, args) -> bool:
+        return not terms.is_vf_expensive(t0, t1, y0, args)
+
+    def init(self, terms, t0, t1, y0, args):
+        if self.tableau.fsal and self._store_vf(terms, t0, t1, y0, args):
+            return terms.vf(t0, y0, args)
+        return None
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        tableau = self.tableau
+        s = tableau.num_stages
+        store_vf = self._store_vf(terms, t0, t1, y0, args)
+        use_fsal = tableau.fsal and store_vf
+        control = terms.contr(t0, t1)
+        dt = t1 - t0
+
+        if store_vf:
+
+            def increment(weights, stages):
+                return terms.prod(_weighted_sum(weights, stages), control)
+
+            def evaluate(t, y):
+                return terms.vf(t, y, args)
+
+        else:
+
+            def increment(weights, stages):
+                return _weighted_sum(weights, stages)
+
+            def evaluate(t, y):
+                return terms.vf_prod(t, y, args, control)
+
+        def stage_value(i, weights, c_i, stages):
+            y_i = _add(y0, increment(weights, stages))
+            return evaluate(t0 + c_i * dt, y_i)
+
+        if use_fsal:
+            if made_jump is False:
+                f0 = solver_state
+            else:
+                f0 = lax.cond(
+                    made_jump,
+                    lambda: terms.vf(t0, y0, args),
+                    lambda: solver_state,
+                )
+        else:
+            f0 = evaluate(t0, y0)
+        stages = jtu.tree_map(
+            lambda x: jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x)).at[0].set(x),
+            f0,
+        )
+        a = tableau.a_matrix
+        c = tableau.c_full
+        if self.scan_stages:
+            a_jnp = jnp.asarray(a)
+            c_jnp = jnp.asarray(c)
+
+            def body(i, stages):
+                f_i = stage_value(i, a_jnp[i], c_jnp[i].astype(dt.dtype), stages)
+                return jtu.tree_map(lambda buf, x: buf.at[i].set(x), stages, f_i)
+
+            stages = lax.fori_loop(1, s, body, stages)
+        else:
+            for i in range(1, s):
+                f_i = stage_value(i, a[i], c[i], stages)
+                stages = jtu.tree_map(lambda buf, x: buf.at[i].set(x), stages, f_i)
+
+        y1 = _add(y0, increment(tableau.b_sol, stages))
+        if tableau.b_error is None:
+            y_error = None
+        else:
+            y_error = increment(tableau.b_error, stages)
+        if store_vf:
+            k = jax.vmap(lambda f: terms.prod(f, control))(stages)
+        else:
+            k = stages
+        dense_info = dict(y0=y0, y1=y1, k=k)
+        if use_fsal:
+            new_state = jtu.tree_map(lambda x: x[-1], stages)
+        else:
+            new_state = None
+        return y1, y_error, dense_info, new_state, RESULTS.successful
+
+
+def _unused(x: PyTree) -> None:
+    del x

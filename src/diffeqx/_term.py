@@ -1,0 +1,195 @@
+"""Terms: what is integrated.
+
+A term describes one piece of a differential equation in the form
+`dy = vf(t, y, args) · d(control)(t)`. For an ODE the control is time itself, so the
+increment over `[t0, t1]` is `vf(t, y, args) * (t1 - t0)`.
+"""
+
+import abc
+from collections.abc import Callable
+from typing import Any, final
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import PyTree
+
+
+class AbstractTerm(eqx.Module):
+    """Base class for every term.
+
+    Subclasses implement:
+
+    - `vf(t, y, args)`: the vector field at time `t` and state `y`;
+    - `contr(t0, t1)`: the control increment over `[t0, t1]`;
+    - `prod(vf, control)`: how a vector field acts on a control increment, giving a
+      change in `y`.
+
+    `vf_prod(t, y, args, control)` is `prod(vf(t, y, args), control)`; override it when
+    the product can be computed more cheaply without materialising `vf`.
+    """
+
+    @abc.abstractmethod
+    def vf(self, t, y: PyTree, args: PyTree) -> PyTree:
+        """The vector field evaluated at `(t, y, args)`."""
+
+    @abc.abstractmethod
+    def contr(self, t0, t1, **kwargs) -> PyTree:
+        """The control increment over the interval `[t0, t1]`."""
+
+    @abc.abstractmethod
+    def prod(self, vf: PyTree, control: PyTree) -> PyTree:
+        """The change in `y` produced by the vector field `vf` and control `control`."""
+
+    def vf_prod(self, t, y: PyTree, args: PyTree, control: PyTree) -> PyTree:
+        """`prod(vf(t, y, args), control)`."""
+        return self.prod(self.vf(t, y, args), control)
+
+    def is_vf_expensive(self, t0, t1, y, args) -> bool:
+        """Whether `vf` is much more expensive than `vf_prod` (e.g. it materialises a
+        large matrix). Solvers use this to decide whether to cache vector fields."""
+        return False
+
+
+def _check_vf_structure(y, out):
+    y_struct = jtu.tree_structure(y)
+    out_struct = jtu.tree_structure(out)
+    if y_struct != out_struct:
+        raise ValueError(
+            "The vector field of an `ODETerm` must return a PyTree with the same "
+            f"structure as `y`. `y` has structure {y_struct} but the vector field "
+            f"returned structure {out_struct}."
+        )
+
+
+@final
+class ODETerm(AbstractTerm):
+    """The term `f(t, y, args) dt` of an ordinary differential equation.
+
+    **Arguments:**
+
+    - `vector_field`: a callable `(t, y, args) -> dy/dt` returning a PyTree with the
+      same structure as `y`.
+
+    **Example:**
+
+    ```python
+    term = diffeqx.ODETerm(lambda t, y, args: -args * y)
+    ```
+    """
+
+    vector_field: Callable[..., PyTree]
+
+    def vf(self, t, y, args):
+        out = self.vector_field(t, y, args)
+        _check_vf_structure(y, out)
+
+        def _broadcast(o, yi):
+            o = jnp.asarray(o)
+            if o.shape != jnp.shape(yi):
+                try:
+                    o = jnp.broadcast_to(o, jnp.shape(yi))
+                except ValueError as e:
+                    raise ValueError(
+                        "The vector field of an `ODETerm` returned a leaf of shape "
+                        f"{o.shape} for a state leaf of shape {jnp.shape(yi)}; the "
+                        "shapes must match."
+                    ) from e
+            return o
+
+        return jtu.tree_map(_broadcast, out, y)
+
+    def contr(self, t0, t1, **kwargs):
+        return t1 - t0
+
+    def prod(self, vf, control):
+        return jtu.tree_map(lambda v: (control * v).astype(v.dtype), vf)
+
+
+@final
+class MultiTerm(AbstractTerm):
+    """The sum of several terms, e.g. drift and diffusion of an SDE.
+
+    `vf` and `contr` return tuples with one entry per term; `prod` sums the products.
+
+    **Arguments:**
+
+    - `*terms`: the terms to add together.
+    """
+
+    terms: tuple[AbstractTerm, ...]
+
+    def __init__(self, *terms: AbstractTerm):
+        for i, term in enumerate(terms):
+            if not isinstance(term, AbstractTerm):
+                raise TypeError(
+                    f"`MultiTerm` expects `AbstractTerm` instances, but argument {i} "
+                    f"is {term!r} of type {type(term).__name__}."
+                )
+        self.terms = tuple(terms)
+
+    def vf(self, t, y, args):
+        return tuple(term.vf(t, y, args) for term in self.terms)
+
+    def contr(self, t0, t1, **kwargs):
+        return tuple(term.contr(t0, t1, **kwargs) for term in self.terms)
+
+    def prod(self, vf, control):
+        outs = [term.prod(v, c) for term, v, c in zip(self.terms, vf, control)]
+        return jtu.tree_map(lambda *xs: sum(xs[1:], xs[0]), *outs)
+
+    def vf_prod(self, t, y, args, control):
+        outs = [
+            term.vf_prod(t, y, args, c) for term, c in zip(self.terms, control)
+        ]
+        return jtu.tree_map(lambda *xs: sum(xs[1:], xs[0]), *outs)
+
+    def is_vf_expensive(self, t0, t1, y, args) -> bool:
+        return any(term.is_vf_expensive(t0, t1, y, args) for term in self.terms)
+
+
+class _ForwardTimeTerm(AbstractTerm):
+    """Presents a term in the time variable `tau = direction * t`, so that the solve
+    loop always integrates forwards in `tau` even when `t1 < t0`."""
+
+    term: AbstractTerm
+    direction: Any
+
+    def vf(self, t, y, args):
+        return self.term.vf(self.direction * t, y, args)
+
+    def contr(self, t0, t1, **kwargs):
+        return self.term.contr(self.direction * t0, self.direction * t1, **kwargs)
+
+    def prod(self, vf, control):
+        return self.term.prod(vf, control)
+
+    def vf_prod(self, t, y, args, control):
+        return self.term.vf_prod(self.direction * t, y, args, control)
+
+    def is_vf_expensive(self, t0, t1, y, args) -> bool:
+        return self.term.is_vf_expensive(
+            self.direction * t0, self.direction * t1, y, args
+        )
+
+
+def is_term(x: Any) -> bool:
+    return isinstance(x, AbstractTerm)
+
+
+def forward_time_terms(terms: PyTree[AbstractTerm], direction) -> PyTree[AbstractTerm]:
+    """Wraps every term of a PyTree of terms so that time runs forwards."""
+    return jtu.tree_map(
+        lambda term: _ForwardTimeTerm(term, direction), terms, is_leaf=is_term
+    )
+
+
+def unwrap_is_ode(terms) -> bool:
+    """Whether `terms` is (a forward-time wrapper of) a single `ODETerm`."""
+    while isinstance(terms, _ForwardTimeTerm):
+        terms = terms.term
+    return isinstance(terms, ODETerm)
+
+
+del jax
