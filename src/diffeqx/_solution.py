@@ -28,6 +28,10 @@ class RESULTS(eqx.Enumeration):
         "The solution became non-finite (NaN or infinity): the solution may blow up, "
         "or the vector field may be undefined there."
     )
+    dt0_wrong_sign = (
+        "`dt0` has the opposite sign to `t1 - t0`. Pass a positive `dt0` when "
+        "t1 > t0 and a negative one when t1 < t0."
+    )
     event_occurred = "Terminating solve because an event occurred."
     implicit_divergence = "Implicit method diverged."
     implicit_nonconvergence = (

@@ -133,12 +133,6 @@ def diffeqsolve(
     t1 = jnp.asarray(t1, dtype=dtype)
     if dt0 is not None:
         dt0 = jnp.asarray(dt0, dtype=dtype)
-        # Runtime check for traced arguments (concrete ones were checked above).
-        dt0 = eqx.error_if(
-            dt0,
-            (t1 - t0) * dt0 < 0,
-            "`dt0` must have the same sign as `t1 - t0`.",
-        )
 
     # Integrate forwards in tau = direction * t.
     direction = jnp.where(t1 >= t0, 1, -1).astype(dtype)
@@ -200,7 +194,7 @@ def diffeqsolve(
         made_jump=made_jump,
         solver_state=solver_state,
         controller_state=controller_state,
-        result=RESULTS.successful,
+        result=_initial_result(t0, t1, dt0),
         num_steps=zero,
         num_accepted_steps=zero,
         num_rejected_steps=zero,
@@ -216,6 +210,15 @@ def diffeqsolve(
     return _build_solution(
         spec, saveat, subs, final, t0, t1, y0, args, throw, max_steps
     )
+
+
+def _initial_result(t0, t1, dt0):
+    # Traced arguments can only be checked at run time (concrete ones were checked
+    # before tracing); a bad sign stops the solve before its first step.
+    if dt0 is None:
+        return RESULTS.successful
+    wrong_sign = (t1 - t0) * dt0 < 0
+    return RESULTS.where(wrong_sign, RESULTS.dt0_wrong_sign, RESULTS.successful)
 
 
 def _build_solution(spec, saveat, subs, final, t0, t1, y0, args, throw, max_steps):

@@ -68,8 +68,15 @@ def save_ts_in_step(
         return ts_index + 1, save_index + 1, ts_buf, ys_buf
 
     init = (save_state.ts_index, save_state.save_index, save_state.ts, save_state.ys)
-    ts_index, save_index, ts_buf, ys_buf = inner_while_loop(
-        cond, body, init, max_steps=n, buffers=lambda c: (c[2], c[3])
+
+    def run(carry):
+        return inner_while_loop(
+            cond, body, carry, max_steps=n, buffers=lambda c: (c[2], c[3])
+        )
+
+    # Most steps contain no save time: skip the loop entirely for them.
+    ts_index, save_index, ts_buf, ys_buf = jax.lax.cond(
+        cond(init), run, lambda carry: carry, init
     )
     return SaveState(ts_index=ts_index, save_index=save_index, ts=ts_buf, ys=ys_buf)
 
