@@ -126,10 +126,31 @@ class AbstractRungeKutta(AbstractAdaptiveSolver):
     tableau: ClassVar[ButcherTableau]
 
 
+class _StageList:
+    """Stage values kept as a Python list (unrolled stages), not stacked."""
+
+    def __init__(self, values):
+        self.values = values
+
+
 def _weighted_sum(weights, stages):
     """`sum_i weights[i] * stages[i]` over the leading stage axis of every leaf.
 
-    `weights` is a static NumPy vector (zero entries are skipped) or a traced one."""
+    `weights` is a static NumPy vector (zero entries are skipped) or a traced one;
+    `stages` is stacked along a leading axis, or a `_StageList`."""
+    if isinstance(stages, _StageList):
+        nonzero = [(i, w) for i, w in enumerate(weights) if w != 0]
+        values = stages.values
+
+        def _combine(*leaves):
+            if not nonzero:
+                return jnp.zeros_like(leaves[0])
+            out = nonzero[0][1] * leaves[nonzero[0][0]]
+            for i, w in nonzero[1:]:
+                out = out + w * leaves[i]
+            return out.astype(leaves[0].dtype)
+
+        return jtu.tree_map(_combine, *values)
     if isinstance(weights, np.ndarray):
         nonzero = [(i, w) for i, w in enumerate(weights) if w != 0]
 
@@ -216,13 +237,15 @@ class AbstractERK(AbstractRungeKutta):
                 )
         else:
             f0 = evaluate(t0, y0)
-        stages = jtu.tree_map(
-            lambda x: jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x)).at[0].set(x),
-            f0,
-        )
         a = tableau.a_matrix
         c = tableau.c_full
         if self.scan_stages:
+            stages = jtu.tree_map(
+                lambda x: jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x))
+                .at[0]
+                .set(x),
+                f0,
+            )
             a_jnp = jnp.asarray(a)
             c_jnp = jnp.asarray(c)
 
@@ -231,23 +254,30 @@ class AbstractERK(AbstractRungeKutta):
                 return jtu.tree_map(lambda buf, x: buf.at[i].set(x), stages, f_i)
 
             stages = lax.fori_loop(1, s, body, stages)
+            combine = stages
+            last = jtu.tree_map(lambda x: x[-1], stages)
         else:
+            # Unrolled: each stage combines the previous ones with static weights,
+            # skipping the tableau's zeros, and nothing is written to a buffer.
+            values = [f0]
             for i in range(1, s):
-                f_i = stage_value(i, a[i], c[i], stages)
-                stages = jtu.tree_map(lambda buf, x: buf.at[i].set(x), stages, f_i)
-
-        y1 = _add(y0, increment(tableau.b_sol, stages))
+                stacked = _StageList(values)
+                values.append(stage_value(i, a[i, :i], c[i], stacked))
+            stages = jtu.tree_map(lambda *xs: jnp.stack(xs), *values)
+            combine = _StageList(values)
+            last = values[-1]
+        y1 = _add(y0, increment(tableau.b_sol, combine))
         if tableau.b_error is None:
             y_error = None
         else:
-            y_error = increment(tableau.b_error, stages)
+            y_error = increment(tableau.b_error, combine)
         if store_vf:
             k = jax.vmap(lambda f: terms.prod(f, control))(stages)
         else:
             k = stages
         dense_info = dict(y0=y0, y1=y1, k=k)
         if use_fsal:
-            new_state = jtu.tree_map(lambda x: x[-1], stages)
+            new_state = last
         else:
             new_state = None
         return y1, y_error, dense_info, new_state, RESULTS.successful
