@@ -17,7 +17,8 @@ def _fill(shape_dtype, size):
 
 
 def num_saves(sub: SubSaveAt, max_steps: int | None) -> int:
-    n = int(sub.t0) + int(sub.t1)
+    # With `steps=True` the last step already ends at t1, so t1 is not saved twice.
+    n = int(sub.t0) + int(sub.t1 and not sub.steps)
     if sub.ts is not None:
         n += sub.ts.shape[0]
     if sub.steps:
@@ -31,13 +32,23 @@ def init_save_state(sub: SubSaveAt, t0, y0, args, max_steps, direction) -> SaveS
     out_shape = eqx.filter_eval_shape(sub.fn, t0 * direction, y0, args)
     ts = jnp.full((size,), jnp.inf, dtype=jnp.result_type(t0))
     ys = jtu.tree_map(lambda s: _fill(s, size), out_shape)
-    save_index = jnp.asarray(0)
     if sub.t0:
         ts = ts.at[0].set(t0)
         value = sub.fn(t0 * direction, y0, args)
         ys = jtu.tree_map(lambda buf, v: buf.at[0].set(v), ys, value)
-        save_index = jnp.asarray(1)
+    # Layout: [t0] [ts ...] [steps ...] [t1]; `save_index` is the next slot after the
+    # `ts` block, for steps and then t1.
+    save_index = jnp.asarray(ts_offset(sub) + _num_ts(sub))
     return SaveState(ts_index=jnp.asarray(0), save_index=save_index, ts=ts, ys=ys)
+
+
+def ts_offset(sub: SubSaveAt) -> int:
+    """The slot of the first `SubSaveAt.ts` value."""
+    return int(sub.t0)
+
+
+def _num_ts(sub: SubSaveAt) -> int:
+    return 0 if sub.ts is None else sub.ts.shape[0]
 
 
 def save_ts_in_step(
@@ -60,37 +71,36 @@ def save_ts_in_step(
         next_t = ts_tau[jnp.minimum(ts_index, n - 1)]
         return keep & (ts_index < n) & (next_t <= t_end)
 
-    def save_one(carry, pred):
-        ts_index, save_index, ts_buf, ys_buf = carry
-        tau = ts_tau[jnp.minimum(ts_index, n - 1)]
-        value = sub.fn(tau * direction, interpolant.evaluate(tau), args)
-        ts_buf = ts_buf.at[save_index].set(tau, pred=pred)
-        # `value` leads so that buffers are matched whole, not descended into.
-        ys_buf = jtu.tree_map(
-            lambda v, b: b.at[save_index].set(v, pred=pred), value, ys_buf
-        )
-        step = jnp.where(pred, 1, 0)
-        return ts_index + step, save_index + step, ts_buf, ys_buf
-
-    carry = (save_state.ts_index, save_state.save_index, save_state.ts, save_state.ys)
+    offset = ts_offset(sub)
 
     def cond(carry):
         return pending(carry[0])
 
     def body(carry):
-        return save_one(carry, True)
+        ts_index, ts_buf, ys_buf = carry
+        tau = ts_tau[ts_index]
+        value = sub.fn(tau * direction, interpolant.evaluate(tau), args)
+        slot = offset + ts_index
+        ts_buf = ts_buf.at[slot].set(tau)
+        # `value` leads so that buffers are matched whole, not descended into.
+        ys_buf = jtu.tree_map(lambda v, b: b.at[slot].set(v), value, ys_buf)
+        return ts_index + 1, ts_buf, ys_buf
+
+    carry = (save_state.ts_index, save_state.ts, save_state.ys)
 
     def run(carry):
         return inner_while_loop(
-            cond, body, carry, max_steps=n, buffers=lambda c: (c[2], c[3])
+            cond, body, carry, max_steps=n, buffers=lambda c: (c[1], c[2])
         )
 
     # Most steps contain no save time, so the loop is skipped for them. The predicate
     # is reduced over any `vmap` batch, so that the `cond` stays a real branch rather
     # than becoming a select over the whole output buffer.
     carry = jax.lax.cond(eqxi.unvmap_any(cond(carry)), run, lambda carry: carry, carry)
-    ts_index, save_index, ts_buf, ys_buf = carry
-    return SaveState(ts_index=ts_index, save_index=save_index, ts=ts_buf, ys=ys_buf)
+    ts_index, ts_buf, ys_buf = carry
+    return SaveState(
+        ts_index=ts_index, save_index=save_state.save_index, ts=ts_buf, ys=ys_buf
+    )
 
 
 def save_step(save_state: SaveState, sub: SubSaveAt, t, y, keep, args, direction):
@@ -136,7 +146,7 @@ def finish_save_state(
         n = ts_tau.shape[0]
         positions = jnp.arange(n)
         pending = (positions >= save_state.ts_index) & (ts_tau <= t_final) & okay
-        slots = index + positions - save_state.ts_index
+        slots = ts_offset(sub) + positions
         value = sub.fn(t_final * direction, y_final, args)
         safe_slots = jnp.where(pending, slots, ts.shape[0])
         ts = ts.at[safe_slots].set(jnp.broadcast_to(t_final, (n,)), mode="drop")
@@ -147,8 +157,7 @@ def finish_save_state(
             ys,
             value,
         )
-        index = index + jnp.sum(pending)
-    if sub.t1:
+    if sub.t1 and not sub.steps:
         value = sub.fn(t_final * direction, y_final, args)
         slot = jnp.minimum(index, ts.shape[0] - 1)
         ts = ts.at[slot].set(jnp.where(okay, t_final, ts[slot]))
