@@ -53,3 +53,11 @@ from ._solver.runge_kutta import (
 from ._term import AbstractTerm as AbstractTerm, MultiTerm as MultiTerm, ODETerm as ODETerm
 
 __version__ = "0.1.0"
+
+
+_PUBLIC_NAMES = sorted(name for name in dir() if not name.startswith("_"))
+
+
+def __dir__():
+    # Only the public API: submodules imported above are implementation details.
+    return _PUBLIC_NAMES + ["__version__"]

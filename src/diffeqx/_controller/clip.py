@@ -1,6 +1,6 @@
 """`ClipStepSizeController`: steps that land on given times and respect jumps."""
 
-from typing import Any
+from typing import Any, final
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ def _next_time_after(ts, t):
     return jnp.where(index < ts.shape[0], candidate, jnp.inf)
 
 
+@final
 class ClipStepSizeController(AbstractStepSizeController):
     """Wraps another controller so that steps land exactly on `step_ts`, and end just
     before each of `jump_ts` (discontinuities of the vector field), the following

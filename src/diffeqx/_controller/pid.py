@@ -1,7 +1,7 @@
 """Adaptive step sizes: `PIDController`."""
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, final
 
 import equinox as eqx
 import jax
@@ -57,6 +57,7 @@ class _PIDMeta(type(eqx.Module)):
         return ClipStepSizeController(controller, step_ts=step_ts, jump_ts=jump_ts)
 
 
+@final
 class PIDController(AbstractAdaptiveStepSizeController, metaclass=_PIDMeta):
     """Adapts the step size to keep the local error estimate within tolerance.
 

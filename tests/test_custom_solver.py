@@ -1,0 +1,227 @@
+"""User-written solvers: subclasses of AbstractSolver / AbstractAdaptiveSolver plug into
+diffeqsolve unchanged, and may read the step size t1 - t0 inside `step`."""
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import diffeqx as dfx
+
+
+def _axpy(a, x, y):
+    """a * x + y, leafwise."""
+    return jax.tree_util.tree_map(lambda xi, yi: a * xi + yi, x, y)
+
+
+class HandWrittenEuler(dfx.AbstractSolver):
+    """Explicit Euler, written against the solver protocol by hand."""
+
+    term_structure: ClassVar = dfx.AbstractTerm
+    interpolation_cls: ClassVar = dfx.LocalLinearInterpolation
+
+    def order(self, terms):
+        return 1
+
+    def init(self, terms, t0, t1, y0, args):
+        return None
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        dt = t1 - t0
+        y1 = _axpy(dt, terms.vf(t0, y0, args), y0)
+        dense_info = dict(y0=y0, y1=y1)
+        return y1, None, dense_info, None, dfx.RESULTS.successful
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+
+class ExponentialEuler(dfx.AbstractSolver):
+    """Exponential Euler for y' = -rate * y + N(t, y): the linear part is integrated
+    exactly, so the step depends on the step size through exp(-rate * dt), not just
+    linearly. The term holds N; `rate` is configuration held by the solver."""
+
+    rate: float
+    term_structure: ClassVar = dfx.AbstractTerm
+    interpolation_cls: ClassVar = dfx.LocalLinearInterpolation
+
+    def order(self, terms):
+        return 1
+
+    def init(self, terms, t0, t1, y0, args):
+        return None
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        dt = t1 - t0
+        decay = jnp.exp(-self.rate * dt)
+        phi1 = (
+            -jnp.expm1(-self.rate * dt) / self.rate
+        )  # integral of exp(-rate s), 0..dt
+        nonlinear = terms.vf(t0, y0, args)
+        y1 = jax.tree_util.tree_map(lambda y, n: decay * y + phi1 * n, y0, nonlinear)
+        dense_info = dict(y0=y0, y1=y1)
+        return y1, None, dense_info, None, dfx.RESULTS.successful
+
+    def func(self, terms, t0, y0, args):
+        nonlinear = terms.vf(t0, y0, args)
+        return jax.tree_util.tree_map(lambda y, n: -self.rate * y + n, y0, nonlinear)
+
+
+class HeunEuler(dfx.AbstractAdaptiveSolver):
+    """Heun's method with an embedded Euler step for the error estimate."""
+
+    term_structure: ClassVar = dfx.AbstractTerm
+    interpolation_cls: ClassVar = dfx.LocalLinearInterpolation
+
+    def order(self, terms):
+        return 2
+
+    def init(self, terms, t0, t1, y0, args):
+        return None
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        dt = t1 - t0
+        k1 = terms.vf(t0, y0, args)
+        k2 = terms.vf(t1, _axpy(dt, k1, y0), args)
+        y1 = jax.tree_util.tree_map(lambda y, a, b: y + 0.5 * dt * (a + b), y0, k1, k2)
+        y_error = jax.tree_util.tree_map(lambda a, b: 0.5 * dt * (b - a), k1, k2)
+        dense_info = dict(y0=y0, y1=y1)
+        return y1, y_error, dense_info, None, dfx.RESULTS.successful
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+
+_DECAY = dfx.ODETerm(lambda t, y, args: -args * y)
+
+
+def test_hand_written_euler_reproduces_the_euler_recursion_exactly():
+    dt, rate = 0.05, 1.3
+    y0 = jnp.array([1.0, -2.0])
+    sol = dfx.diffeqsolve(
+        _DECAY,
+        HandWrittenEuler(),
+        0.0,
+        1.0,
+        dt,
+        y0,
+        rate,
+        saveat=dfx.SaveAt(steps=True),
+    )
+    num_steps = 20
+    assert int(sol.stats["num_steps"]) == num_steps
+    # y_{k+1} = (1 - rate * dt) y_k
+    expected = (1 - rate * dt) ** np.arange(1, num_steps + 1)[:, None] * np.asarray(y0)
+    np.testing.assert_allclose(sol.ys[:num_steps], expected, rtol=1e-12)
+
+
+def test_hand_written_euler_saves_between_steps_by_its_linear_interpolation():
+    dt, rate = 0.25, 1.0
+    ts = jnp.array([0.1, 0.3, 0.5, 0.9, 1.0])
+    sol = dfx.diffeqsolve(
+        _DECAY,
+        HandWrittenEuler(),
+        0.0,
+        1.0,
+        dt,
+        jnp.array([1.0]),
+        rate,
+        saveat=dfx.SaveAt(ts=ts),
+    )
+    grid = np.arange(5) * dt
+    grid_values = (1 - rate * dt) ** np.arange(5)
+    np.testing.assert_allclose(
+        sol.ys[:, 0], np.interp(ts, grid, grid_values), rtol=1e-12
+    )
+
+
+def test_hand_written_euler_converges_at_order_1():
+    errors = []
+    for dt in (0.02, 0.01):
+        sol = dfx.diffeqsolve(_DECAY, HandWrittenEuler(), 0.0, 1.0, dt, 1.0, 1.0)
+        errors.append(abs(float(sol.ys[0]) - np.exp(-1.0)))
+    order = np.log2(errors[0] / errors[1])
+    assert abs(order - 1) <= 0.2
+
+
+def test_step_size_dependent_solver_is_exact_for_constant_forcing():
+    # y' = -a y + b has y = b / a + (y0 - b / a) exp(-a t); exponential Euler is exact
+    # for constant b at any step size, so coarse steps must reproduce it to rounding.
+    rate, forcing = 3.0, jnp.array([0.5, -1.0])
+    y0 = jnp.array([2.0, 1.0])
+    ts = jnp.array([0.25, 1.0, 1.75, 3.0])
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, b: jnp.broadcast_to(b, y.shape)),
+        ExponentialEuler(rate=rate),
+        0.0,
+        3.0,
+        0.25,
+        y0,
+        forcing,
+        saveat=dfx.SaveAt(ts=ts),
+    )
+    steady = np.asarray(forcing) / rate
+    expected = (
+        steady + (np.asarray(y0) - steady) * np.exp(-rate * np.asarray(ts))[:, None]
+    )
+    np.testing.assert_allclose(sol.ys, expected, rtol=1e-12)
+
+
+def test_step_size_dependent_solver_handles_nonlinear_forcing_at_order_1():
+    # y' = -y + sin(y): not exact any more, but first order convergence must remain.
+    # Reference: the same problem solved by Tsit5 to tight tolerance.
+    term = dfx.ODETerm(lambda t, y, args: jnp.sin(y))
+    reference = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -y + jnp.sin(y)),
+        dfx.Tsit5(),
+        0.0,
+        2.0,
+        0.01,
+        jnp.array([1.5]),
+        stepsize_controller=dfx.PIDController(rtol=1e-12, atol=1e-12),
+    ).ys[0, 0]
+    errors = []
+    for dt in (0.04, 0.02):
+        sol = dfx.diffeqsolve(
+            term, ExponentialEuler(rate=1.0), 0.0, 2.0, dt, jnp.array([1.5])
+        )
+        errors.append(abs(float(sol.ys[0, 0] - reference)))
+    order = np.log2(errors[0] / errors[1])
+    assert abs(order - 1) <= 0.2
+
+
+def _solve_heun_euler(rtol, dt0=0.1):
+    return dfx.diffeqsolve(
+        _DECAY,
+        HeunEuler(),
+        0.0,
+        5.0,
+        dt0,
+        jnp.array([1.0, 3.0]),
+        0.7,
+        stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol * 1e-3),
+    )
+
+
+def test_adaptive_custom_solver_works_with_pid_controller():
+    exact = np.exp(-0.7 * 5.0) * np.array([1.0, 3.0])
+    errors, steps = [], []
+    for rtol in (1e-3, 1e-5):
+        sol = _solve_heun_euler(rtol)
+        assert dfx.is_successful(sol.result)
+        errors.append(np.max(np.abs(np.asarray(sol.ys[0]) - exact) / exact))
+        steps.append(int(sol.stats["num_steps"]))
+        # Global error of a controlled second-order method: a modest multiple of rtol.
+        assert errors[-1] <= 50 * rtol
+    assert errors[1] < errors[0]
+    assert steps[1] > steps[0]
+
+
+def test_adaptive_custom_solver_error_estimate_drives_rejections():
+    # A first step of 2.0 is far too large for rtol 1e-5: the embedded estimate must
+    # reject it, and the solve must still succeed accurately.
+    sol = _solve_heun_euler(1e-5, dt0=2.0)
+    assert int(sol.stats["num_rejected_steps"]) > 0
+    exact = np.exp(-0.7 * 5.0) * np.array([1.0, 3.0])
+    np.testing.assert_allclose(sol.ys[0], exact, rtol=5e-4)
