@@ -258,6 +258,9 @@ def _build_solution(spec, saveat, subs, final, t0, t1, y0, args, throw, max_step
     result = final.result
     if throw:
         failed = ~is_okay(result)
+        # The error is threaded through every output, so that it is raised whenever
+        # any of them is used. (A host callback in the program costs some run time on
+        # CPU; `throw=False` avoids it.)
         ts, ys, interpolation, stats = result.error_if(
             (ts, ys, interpolation, stats), failed
         )
@@ -276,4 +279,4 @@ def _build_solution(spec, saveat, subs, final, t0, t1, y0, args, throw, max_step
     )
 
 
-del jax
+
