@@ -170,6 +170,30 @@ def _weighted_sum(weights, stages):
     return jtu.tree_map(_leaf, stages)
 
 
+# A vector field counts as large (so that Runge–Kutta stages are scanned rather than
+# unrolled) when it contains a matrix product or this many primitive operations.
+_LARGE_FUNCTION_EQUATIONS = 64
+
+
+def _is_large_function(fn, *example_args) -> bool:
+    """Whether `fn` is expensive enough that tracing it once per stage would dominate
+    compile time. Decided from its jaxpr, which costs one extra trace."""
+    jaxpr = jax.make_jaxpr(fn)(*example_args).jaxpr
+    count = 0
+    stack = [jaxpr]
+    while stack:
+        current = stack.pop()
+        for eqn in current.eqns:
+            count += 1
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                return True
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", None)
+                if inner is not None:
+                    stack.append(getattr(inner, "jaxpr", inner))
+    return count >= _LARGE_FUNCTION_EQUATIONS
+
+
 def _add(y, dy):
     return jtu.tree_map(lambda a, b: (a + b).astype(a.dtype), y, dy)
 
@@ -179,16 +203,23 @@ class AbstractERK(AbstractRungeKutta):
     `interpolation_cls` and `order`; the engine does the rest (embedded error
     estimate, first-same-as-last reuse, dense output information).
 
-    Stages run as a `lax.fori_loop` over the stage index when `scan_stages` is true
-    (the vector field is traced once, which keeps compile times low), or unrolled in
-    Python with the tableau's zeros skipped.
+    Stages run either as a `lax.fori_loop` over the stage index (the vector field is
+    traced once, which keeps compile times low when it is large, e.g. a neural
+    network), or unrolled in Python with the tableau's zeros skipped (fastest at run
+    time for small vector fields). `scan_stages` picks one: `True`, `False`, or `None`
+    to decide from the size of the vector field.
     """
 
     term_structure: ClassVar[Any] = AbstractTerm
-    scan_stages: ClassVar[bool] = False
+    scan_stages: ClassVar[bool | None] = None
 
     def _store_vf(self, terms, t0, t1, y0, args) -> bool:
         return not terms.is_vf_expensive(t0, t1, y0, args)
+
+    def _use_scan(self, evaluate, t0, f0, y0) -> bool:
+        if self.scan_stages is not None:
+            return self.scan_stages
+        return _is_large_function(evaluate, t0, y0)
 
     def init(self, terms, t0, t1, y0, args):
         if self.tableau.fsal and self._store_vf(terms, t0, t1, y0, args):
@@ -239,7 +270,7 @@ class AbstractERK(AbstractRungeKutta):
             f0 = evaluate(t0, y0)
         a = tableau.a_matrix
         c = tableau.c_full
-        if self.scan_stages:
+        if self._use_scan(evaluate, t0, f0, y0):
             stages = jtu.tree_map(
                 lambda x: jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x))
                 .at[0]
