@@ -11,12 +11,23 @@ from ._controller.clip import ClipStepSizeController as ClipStepSizeController
 from ._controller.constant import ConstantStepSize as ConstantStepSize, StepTo as StepTo
 from ._controller.pid import PIDController as PIDController
 from ._path.base import AbstractPath as AbstractPath
+from ._path.cubic import CubicInterpolation as CubicInterpolation
 from ._path.dense import DenseInterpolation as DenseInterpolation
+from ._path.global_ import AbstractGlobalInterpolation as AbstractGlobalInterpolation
+from ._path.linear import LinearInterpolation as LinearInterpolation
 from ._path.local import (
     AbstractLocalInterpolation as AbstractLocalInterpolation,
     FourthOrderPolynomialInterpolation as FourthOrderPolynomialInterpolation,
     LocalLinearInterpolation as LocalLinearInterpolation,
     ThirdOrderHermitePolynomialInterpolation as ThirdOrderHermitePolynomialInterpolation,
+)
+from ._path.missing import (
+    linear_interpolation as linear_interpolation,
+    rectilinear_interpolation as rectilinear_interpolation,
+)
+from ._path.spline import (
+    backward_hermite_coefficients as backward_hermite_coefficients,
+    natural_cubic_spline_coefficients as natural_cubic_spline_coefficients,
 )
 from ._progress import (
     AbstractProgressMeter as AbstractProgressMeter,
@@ -50,7 +61,13 @@ from ._solver.runge_kutta import (
     AbstractRungeKutta as AbstractRungeKutta,
     ButcherTableau as ButcherTableau,
 )
-from ._term import AbstractTerm as AbstractTerm, MultiTerm as MultiTerm, ODETerm as ODETerm
+from ._term import (
+    AbstractTerm as AbstractTerm,
+    ControlTerm as ControlTerm,
+    MultiTerm as MultiTerm,
+    ODETerm as ODETerm,
+    WeaklyDiagonalControlTerm as WeaklyDiagonalControlTerm,
+)
 
 __version__ = "0.1.0"
 

@@ -13,18 +13,48 @@ from .base import AbstractStepSizeController
 @final
 class ConstantStepSize(AbstractStepSizeController):
     """Steps of constant size `dt0` (the last one is shortened to end at `t1`).
-    Every step is accepted."""
+    Every step is accepted.
+
+    Step `k` ends at `t0 + k * dt0`, computed directly rather than by summing step
+    sizes, so no rounding error accumulates over many steps.
+    """
 
     may_jump: ClassVar[bool] = False
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
-        return t0 + dt0, dt0
+        return t0 + dt0, (t0, dt0, jnp.asarray(1))
 
     def adapt_step_size(
         self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state
     ):
-        dt = controller_state
-        return True, t1, t1 + dt, False, dt, RESULTS.successful
+        start, dt, index = controller_state
+        index = index + 1
+        next_t1 = start + index.astype(jnp.result_type(dt)) * dt
+        return True, t1, next_t1, False, (start, dt, index), RESULTS.successful
+
+
+def constant_step_count(t0, t1, dt0, dtype) -> int:
+    """The number of steps `ConstantStepSize` takes from `t0` to `t1` (forward time),
+    reproducing the solve loop's arithmetic in `dtype`, including its snapping of a
+    negligible final step onto `t1`."""
+    t0, t1, dt0 = (np.asarray(x, dtype=dtype) for x in (t0, t1, dt0))
+    if not t1 > t0:
+        return 0
+    eps = np.finfo(dtype).eps
+
+    def reaches_end(k):
+        # Mirrors `clip_to_end`: the step ending at t0 + k dt0 is snapped onto t1.
+        end = t0 + np.asarray(k, dtype=dtype) * dt0
+        previous = t0 + np.asarray(k - 1, dtype=dtype) * dt0
+        tolerance = 100 * eps * max(abs(previous), abs(t1))
+        return end >= t1 - tolerance
+
+    k = max(1, int(np.ceil(float((t1 - t0) / dt0))))
+    while k > 1 and reaches_end(k - 1):
+        k -= 1
+    while not reaches_end(k):
+        k += 1
+    return k
 
 
 def _check_step_to_ts(ts):

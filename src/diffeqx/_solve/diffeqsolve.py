@@ -1,5 +1,6 @@
 """`diffeqsolve`: arguments -> checks -> initial state -> adjoint loop -> Solution."""
 
+import math
 from typing import Any
 
 import equinox as eqx
@@ -10,9 +11,10 @@ from jaxtyping import PyTree
 
 from .._adjoint.base import AbstractAdjoint
 from .._adjoint.checkpoint import RecursiveCheckpointAdjoint
+from .._adjoint.direct import DirectAdjoint, ForwardMode
 from .._controller.base import AbstractStepSizeController
 from .._controller.clip import unwrap_controller
-from .._controller.constant import ConstantStepSize, StepTo
+from .._controller.constant import ConstantStepSize, StepTo, constant_step_count
 from .._path.dense import DenseInterpolation
 from .._progress import AbstractProgressMeter, NoProgressMeter
 from .._saveat import SaveAt, is_subsaveat
@@ -20,7 +22,7 @@ from .._solution import RESULTS, Solution, is_okay
 from .._solver.base import AbstractSolver
 from .._term import forward_time_terms
 from . import checks
-from .loop import LoopSpec, clip_to_end, run_loop
+from .loop import LoopSpec, clip_to_end, run_fixed_steps, run_loop
 from .save import finish_save_state, init_dense_state, init_save_state
 from .state import DenseState, LoopState
 
@@ -202,14 +204,57 @@ def diffeqsolve(
         dense_state=dense_state,
         last_y_finite=jnp.asarray(True),
     )
-    final = adjoint.loop(
-        run_loop=lambda state, outer, inner_loop: run_loop(spec, state, outer, inner_loop),
-        init_state=init_state,
-        max_steps=max_steps,
+    fixed = _fixed_step_plan(
+        stepsize_controller, saveat, subs, adjoint, t0, t1, dt0, max_steps, dtype
     )
+    if fixed is not None:
+        num_fixed_steps, block = fixed
+        final = run_fixed_steps(spec, init_state, num_fixed_steps, block)
+    else:
+        final = adjoint.loop(
+            run_loop=lambda state, outer, inner_loop: run_loop(
+                spec, state, outer, inner_loop
+            ),
+            init_state=init_state,
+            max_steps=max_steps,
+        )
     return _build_solution(
         spec, saveat, subs, final, t0, t1, y0, args, throw, max_steps
     )
+
+
+def _fixed_step_plan(controller, saveat, subs, adjoint, t0, t1, dt0, max_steps, dtype):
+    """`(num_steps, block)` when the solve can run as a fixed-length scan: constant
+    steps, times known at trace time, and only `t0`/`t1` outputs. Otherwise None."""
+    if type(controller) is not ConstantStepSize or saveat.dense:
+        return None
+    if any(sub.steps or sub.ts is not None for sub in subs):
+        return None
+    if isinstance(adjoint, RecursiveCheckpointAdjoint):
+        checkpoints = adjoint.checkpoints
+    elif isinstance(adjoint, (DirectAdjoint, ForwardMode)):
+        checkpoints = 0
+    else:
+        return None
+    concrete = [checks._concrete(x) for x in (t0, t1, dt0)]
+    if any(x is None for x in concrete):
+        return None
+    t0_c, t1_c, dt0_c = concrete
+    direction = 1 if t1_c >= t0_c else -1
+    if dt0_c * direction <= 0 and t1_c != t0_c:
+        return None  # reported through the result code by the general path
+    num_steps = constant_step_count(
+        direction * t0_c, direction * t1_c, direction * dt0_c, dtype
+    )
+    if max_steps is not None and num_steps > max_steps:
+        return None
+    if checkpoints == 0:
+        block = 0
+    elif checkpoints is None:
+        block = max(1, math.isqrt(num_steps))
+    else:
+        block = max(1, -(-num_steps // checkpoints))
+    return num_steps, block
 
 
 def _initial_result(t0, t1, dt0):

@@ -4,6 +4,8 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
@@ -182,6 +184,45 @@ def run_loop(spec: LoopSpec, init_state: LoopState, outer_while_loop, inner_whil
         max_steps=spec.max_steps,
         buffers=buffers,
     )
+    unfinished = (final.tprev < spec.t1) & (final.result == RESULTS.successful)
+    result = RESULTS.where(unfinished, RESULTS.max_steps_reached, final.result)
+    return eqx.tree_at(lambda s: s.result, final, result)
+
+
+def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block: int):
+    """The fixed-step fast path: exactly `num_steps` steps as a `lax.scan`, with no
+    while-loop predicate to evaluate (on accelerators, a loop with a static trip count
+    also needs no host round trip per step).
+
+    `block > 0` groups the steps into rematerialised blocks of that many steps
+    (`jax.checkpoint`), so that reverse mode stores one state per block plus one
+    block's worth of steps; `block == 0` is a plain scan."""
+
+    def one_step(state):
+        return step_body(spec, state, inner_while_loop=None)
+
+    if num_steps == 0:
+        final = init_state
+    elif block == 0 or block >= num_steps:
+        final, _ = lax.scan(lambda s, _: (one_step(s), None), init_state, length=num_steps)
+    else:
+        num_blocks = -(-num_steps // block)
+        padded = num_blocks * block != num_steps
+
+        @jax.checkpoint
+        def run_block(state, block_index):
+            def inner(s, j):
+                new = one_step(s)
+                if padded:
+                    live = block_index * block + j < num_steps
+                    new = _tree_where(live, new, s)
+                return new, None
+
+            return lax.scan(inner, state, jnp.arange(block))[0]
+
+        final, _ = lax.scan(
+            lambda s, b: (run_block(s, b), None), init_state, jnp.arange(num_blocks)
+        )
     unfinished = (final.tprev < spec.t1) & (final.result == RESULTS.successful)
     result = RESULTS.where(unfinished, RESULTS.max_steps_reached, final.result)
     return eqx.tree_at(lambda s: s.result, final, result)
