@@ -1,10 +1,11 @@
 """Reverse-mode memory of the default adjoint is bounded by its checkpoints, not by the
 number of steps (read from XLA's compiled memory statistics)."""
 
-import diffeqx as dfx
 import jax
 import jax.numpy as jnp
 import pytest
+
+import diffeqx as dfx
 
 STATE_SIZE = 64
 

@@ -1,7 +1,9 @@
 """diffeqx: JAX-native solvers for differential equations, with Diffrax's API."""
 
 from ._adjoint.base import AbstractAdjoint as AbstractAdjoint
-from ._adjoint.checkpoint import RecursiveCheckpointAdjoint as RecursiveCheckpointAdjoint
+from ._adjoint.checkpoint import (
+    RecursiveCheckpointAdjoint as RecursiveCheckpointAdjoint,
+)
 from ._adjoint.direct import DirectAdjoint as DirectAdjoint, ForwardMode as ForwardMode
 from ._controller.base import (
     AbstractAdaptiveStepSizeController as AbstractAdaptiveStepSizeController,
@@ -10,6 +12,7 @@ from ._controller.base import (
 from ._controller.clip import ClipStepSizeController as ClipStepSizeController
 from ._controller.constant import ConstantStepSize as ConstantStepSize, StepTo as StepTo
 from ._controller.pid import PIDController as PIDController
+from ._event import Event as Event, steady_state_event as steady_state_event
 from ._path.base import AbstractPath as AbstractPath
 from ._path.cubic import CubicInterpolation as CubicInterpolation
 from ._path.dense import DenseInterpolation as DenseInterpolation
@@ -32,6 +35,8 @@ from ._path.spline import (
 from ._progress import (
     AbstractProgressMeter as AbstractProgressMeter,
     NoProgressMeter as NoProgressMeter,
+    TextProgressMeter as TextProgressMeter,
+    TqdmProgressMeter as TqdmProgressMeter,
 )
 from ._saveat import SaveAt as SaveAt, SubSaveAt as SubSaveAt
 from ._solution import (

@@ -70,7 +70,10 @@ class Solution(AbstractPath):
     - `result`: a `RESULTS` value saying how the solve ended.
     - `solver_state`, `controller_state`, `made_jump`: the final internal states, if
       `SaveAt(solver_state=True, controller_state=True, made_jump=True)`.
-    - `event_mask`: which events fired, when an event was given.
+    - `event_mask`: which conditions of the `Event` fired (the structure of its
+      `cond_fn`); for a non-terminating event, one row per recorded event.
+    - `event_ts`, `event_ys`: for a non-terminating event, the times and states of the
+      recorded events (padded with `inf`).
     """
 
     t0: Any
@@ -84,6 +87,8 @@ class Solution(AbstractPath):
     controller_state: PyTree | None
     made_jump: Any
     event_mask: PyTree | None = None
+    event_ts: Any = None
+    event_ys: PyTree | None = None
 
     def evaluate(self, t0, t1=None, left: bool = True) -> PyTree[Array]:
         """The dense solution at `t0`, or its increment from `t0` to `t1` when `t1`

@@ -29,7 +29,9 @@ class AbstractStepSizeController(eqx.Module):
         return self
 
     @abc.abstractmethod
-    def init(self, terms, t0, t1, y0, dt0, args, func, error_order) -> tuple[Any, PyTree]:
+    def init(
+        self, terms, t0, t1, y0, dt0, args, func, error_order
+    ) -> tuple[Any, PyTree]:
         """The end of the first step and the initial controller state."""
 
     @abc.abstractmethod

@@ -14,7 +14,9 @@ def _sorted_times(ts, name):
         return None
     ts = jnp.asarray(ts)
     if ts.ndim != 1:
-        raise ValueError(f"`{name}` must be a 1-D array of times, got shape {ts.shape}.")
+        raise ValueError(
+            f"`{name}` must be a 1-D array of times, got shape {ts.shape}."
+        )
     if not jnp.issubdtype(ts.dtype, jnp.floating):
         ts = ts.astype(jnp.result_type(float))
     try:
@@ -120,7 +122,14 @@ class ClipStepSizeController(AbstractStepSizeController):
         next_t1 = jnp.where(jumped, after_jump + dt_next, next_t1)
         next_t1, next_ends_at_jump = self._clip(next_t0, next_t1)
         made_jump = jnp.asarray(made_jump) | jumped
-        return keep, next_t0, next_t1, made_jump, (inner_state, next_ends_at_jump), result
+        return (
+            keep,
+            next_t0,
+            next_t1,
+            made_jump,
+            (inner_state, next_ends_at_jump),
+            result,
+        )
 
 
 def is_adaptive_controller(controller) -> bool:

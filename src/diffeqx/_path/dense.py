@@ -54,14 +54,10 @@ class DenseInterpolation(AbstractPath):
         index = jnp.where(use_left, index_left, index_right)
         index = jnp.clip(index, 0, num_steps - 1)
         info = jtu.tree_map(lambda x: x[index], self.infos)
-        return self.interpolation_cls(
-            t0=self.ts[index], t1=self.ts[index + 1], **info
-        )
+        return self.interpolation_cls(t0=self.ts[index], t1=self.ts[index + 1], **info)
 
     def _trivial(self, out, value):
-        return jtu.tree_map(
-            lambda o, v: jnp.where(self.ts_size <= 1, v, o), out, value
-        )
+        return jtu.tree_map(lambda o, v: jnp.where(self.ts_size <= 1, v, o), out, value)
 
     def evaluate(self, t0, t1=None, left: bool = True) -> PyTree:
         if t1 is not None:

@@ -44,25 +44,26 @@ def check_ts(ts, cls_name: str) -> Array:
         raise ValueError(
             f"`{cls_name}` needs at least two times, but `ts` has shape {ts.shape}."
         )
-    has_nan = jnp.any(jnp.isnan(ts))
-    not_increasing = jnp.any(ts[1:] <= ts[:-1])
     nan_message = f"`{cls_name}`: `ts` contains NaN; every time must be a number."
     order_message = (
         f"`{cls_name}`: `ts` must be strictly increasing (ts[i] < ts[i + 1]); "
         "sort the observations by time and merge repeated times."
     )
     if _is_traced(ts):
-        ts = eqx.error_if(ts, has_nan, nan_message)
-        ts = eqx.error_if(ts, not_increasing, order_message)
-    else:
-        if bool(has_nan):
-            raise ValueError(nan_message + f" Got ts = {np.asarray(ts)}.")
-        if bool(not_increasing):
-            bad = int(np.argmax(np.diff(np.asarray(ts)) <= 0))
-            raise ValueError(
-                order_message + f" Got ts[{bad}] = {float(ts[bad])} and "
-                f"ts[{bad + 1}] = {float(ts[bad + 1])}."
-            )
+        has_nan = jnp.any(jnp.isnan(ts))
+        bad = has_nan | jnp.any(ts[1:] <= ts[:-1])
+        which = jnp.where(has_nan, 0, 1)
+        return eqx.branched_error_if(ts, bad, which, [nan_message, order_message])
+    values = np.asarray(ts)
+    if np.any(np.isnan(values)):
+        raise ValueError(nan_message + f" Got ts = {values}.")
+    not_increasing = np.diff(values) <= 0
+    if np.any(not_increasing):
+        bad = int(np.argmax(not_increasing))
+        raise ValueError(
+            order_message + f" Got ts[{bad}] = {values[bad]} and "
+            f"ts[{bad + 1}] = {values[bad + 1]}."
+        )
     return ts
 
 

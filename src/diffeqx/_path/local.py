@@ -52,7 +52,9 @@ class LocalLinearInterpolation(AbstractLocalInterpolation):
 
     def derivative(self, t, left: bool = True):
         _, dt = self._theta(t)
-        return jtu.tree_map(lambda a, b: ((b - a) / dt).astype(a.dtype), self.y0, self.y1)
+        return jtu.tree_map(
+            lambda a, b: ((b - a) / dt).astype(a.dtype), self.y0, self.y1
+        )
 
 
 @final

@@ -7,6 +7,9 @@ it with cumulative max/min scans, so everything stays `O(times)`, jit-able,
 vmap-able and differentiable with respect to the observed values.
 """
 
+import functools
+
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -67,6 +70,7 @@ def gather(values: Array, index: Array) -> Array:
     return jnp.take_along_axis(values, clipped, axis=0)
 
 
+@functools.partial(jax.jit, static_argnames="fill_end")
 def fill_ends(y: Array, start_value, fill_end: bool) -> Array:
     """If `start_value` is given, it becomes the observation at the first time of
     each channel whose first entry is missing; if `fill_end`, the missing entries
@@ -137,6 +141,7 @@ def linear_interpolation(
     return jtu.tree_unflatten(structure, filled)
 
 
+@jax.jit
 def _fill_interior_linearly(ts: Array, y: Array) -> Array:
     observed = ~jnp.isnan(y)
     y_safe = jnp.where(observed, y, 0)
@@ -187,10 +192,15 @@ def rectilinear_interpolation(ts, ys: PyTree, replace_nans_at_start=None):
         if start is not None:
             start = channel_values(start, leaf, "replace_nans_at_start")
         y = fill_ends(as_channels(leaf), start, fill_end=False)
-        observed = ~jnp.isnan(y)
-        before, _ = neighbours(observed)
-        forward = gather(jnp.where(observed, y, 0), before)
-        forward = jnp.where(before >= 0, forward, jnp.nan).reshape(leaf.shape)
+        forward = _fill_forward(y).reshape(leaf.shape)
         new_leaves.append(jnp.repeat(forward, 2, axis=0)[:-1])
     new_ts = jnp.repeat(ts, 2)[1:]
     return new_ts, jtu.tree_unflatten(structure, new_leaves)
+
+
+@jax.jit
+def _fill_forward(y: Array) -> Array:
+    observed = ~jnp.isnan(y)
+    before, _ = neighbours(observed)
+    forward = gather(jnp.where(observed, y, 0), before)
+    return jnp.where(before >= 0, forward, jnp.nan)

@@ -5,6 +5,7 @@ Both functions return `(a, b, c, d)`: PyTrees like `ys` with leaves of shape
 the path is `a[i] s³ + b[i] s² + c[i] s + d[i]`.
 """
 
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.lax.linalg import tridiagonal_solve
@@ -91,6 +92,7 @@ def backward_hermite_coefficients(
     )
 
 
+@jax.jit
 def _backward_hermite(ts: Array, y: Array, slope0) -> tuple[Array, ...]:
     """`y` is `(times, channels)`; returns `(a, b, c, d)`, each `(times - 1, channels)`."""
     num_times = y.shape[0]
@@ -160,6 +162,7 @@ def natural_cubic_spline_coefficients(ts, ys: PyTree) -> tuple[PyTree, ...]:
     )
 
 
+@jax.jit
 def _natural_spline(ts: Array, y: Array) -> tuple[Array, ...]:
     """`y` is `(times, channels)`; returns `(a, b, c, d)`, each `(times - 1, channels)`."""
     widths = jnp.diff(ts)

@@ -81,7 +81,7 @@ def _matches(terms, structure) -> bool:
         return (
             isinstance(terms, (tuple, list))
             and len(terms) == len(structure)
-            and all(_matches(t, s) for t, s in zip(terms, structure))
+            and all(_matches(t, s) for t, s in zip(terms, structure, strict=True))
         )
     if isinstance(structure, dict):
         return (
@@ -99,7 +99,9 @@ def _structure_repr(x) -> str:
         inner = ", ".join(_structure_repr(v) for v in x)
         return f"({inner},)" if isinstance(x, tuple) and len(x) == 1 else f"({inner})"
     if isinstance(x, dict):
-        return "{" + ", ".join(f"{k!r}: {_structure_repr(v)}" for k, v in x.items()) + "}"
+        return (
+            "{" + ", ".join(f"{k!r}: {_structure_repr(v)}" for k, v in x.items()) + "}"
+        )
     return type(x).__name__
 
 
@@ -183,16 +185,22 @@ def _is_adaptive_solver(solver) -> bool:
 
 def check_times(t0, t1) -> None:
     for name, value in (("t0", t0), ("t1", t1)):
+        if isinstance(value, (list, tuple)):
+            raise TypeError(
+                f"`{name}` must be a scalar time, got {_describe(value)}. To solve "
+                "over several intervals, `jax.vmap` over an array of times."
+            )
         shape = jnp.shape(value)
         if shape != ():
-            raise ValueError(f"`{name}` must be a scalar, got shape {shape}.")
+            raise ValueError(
+                f"`{name}` must be a scalar time, got an array of shape {shape}. To "
+                "solve over several intervals, `jax.vmap` over the times."
+            )
 
 
 def check_saveat(saveat, t0, t1, max_steps, subs) -> None:
     if not isinstance(saveat, SaveAt):
-        raise TypeError(
-            f"`saveat` must be a `SaveAt(...)`, got {_describe(saveat)}."
-        )
+        raise TypeError(f"`saveat` must be a `SaveAt(...)`, got {_describe(saveat)}.")
     t0_c, t1_c = _concrete(t0), _concrete(t1)
     for sub in subs:
         if sub.steps and max_steps is None:

@@ -4,7 +4,6 @@ import math
 from typing import Any
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
@@ -15,13 +14,15 @@ from .._adjoint.direct import DirectAdjoint, ForwardMode
 from .._controller.base import AbstractStepSizeController
 from .._controller.clip import unwrap_controller
 from .._controller.constant import ConstantStepSize, StepTo, constant_step_count
+from .._event import Event
 from .._path.dense import DenseInterpolation
 from .._progress import AbstractProgressMeter, NoProgressMeter
 from .._saveat import SaveAt, is_subsaveat
-from .._solution import RESULTS, Solution, is_okay
+from .._solution import RESULTS, Solution, is_event, is_okay
 from .._solver.base import AbstractSolver
 from .._term import forward_time_terms
 from . import checks
+from .event import EventSpec, EventState, init_event_state
 from .loop import LoopSpec, clip_to_end, run_fixed_steps, run_loop
 from .save import finish_save_state, init_dense_state, init_save_state
 from .state import DenseState, LoopState
@@ -76,7 +77,8 @@ def diffeqsolve(
     - `stepsize_controller`: `ConstantStepSize()` (default), `PIDController(...)`,
       `StepTo(ts)` or `ClipStepSizeController(...)`.
     - `adjoint`: how to differentiate; `RecursiveCheckpointAdjoint()` by default.
-    - `event`: not yet supported; must be `None`.
+    - `event`: an `Event`: stop the solve when a condition is met (or record each
+      time it is met, with `Event(..., terminate=False)`).
     - `max_steps`: the most steps to take (accepted or rejected).
     - `throw`: raise a runtime error if the solve fails. With `throw=False` the
       failure is reported in `Solution.result` and everything saved before it is
@@ -107,10 +109,10 @@ def diffeqsolve(
     checks.check_times(t0, t1)
     checks.check_max_steps(max_steps)
     checks.check_controller(stepsize_controller, solver, dt0, t0, t1)
-    if event is not None:
-        raise ValueError(
-            "`event` is not supported yet: pass `event=None`. (Events arrive in a "
-            "later release.)"
+    if event is not None and not isinstance(event, Event):
+        raise TypeError(
+            "`event` must be an `Event(cond_fn, ...)` or None, got "
+            f"{checks._describe(event)}."
         )
     if not isinstance(adjoint, AbstractAdjoint):
         raise TypeError(
@@ -154,7 +156,9 @@ def diffeqsolve(
         solver_state = solver.init(fwd_terms, tau0, tnext, y0, args)
     made_jump = jnp.asarray(False) if made_jump is None else jnp.asarray(made_jump)
 
-    subs_ts = [None if sub.ts is None else sub.ts.astype(dtype) * direction for sub in subs]
+    subs_ts = [
+        None if sub.ts is None else sub.ts.astype(dtype) * direction for sub in subs
+    ]
     save_state = [
         init_save_state(sub, tau0, y0, args, max_steps, direction) for sub in subs
     ]
@@ -173,6 +177,18 @@ def diffeqsolve(
         dense_state = init_dense_state(tau0, dense_info_shape, max_steps)
 
     inner = unwrap_controller(controller)
+    event_spec = None
+    event_state = EventState(values=None, count=None, ts=None, ys=None, masks=None)
+    event_mask = None
+    if event is not None:
+        event_spec = EventSpec(
+            event=event,
+            terms=terms,
+            solver=solver,
+            stepsize_controller=stepsize_controller,
+        )
+        event_state = init_event_state(event_spec, t0, y0, args, dtype)
+        event_mask = jtu.tree_map(lambda v: jnp.zeros((), bool), event_state.values)
     spec = LoopSpec(
         terms=fwd_terms,
         solver=solver,
@@ -187,6 +203,11 @@ def diffeqsolve(
         dense=saveat.dense,
         always_accept=isinstance(inner, (ConstantStepSize, StepTo)),
         may_jump=controller.may_jump,
+        event_spec=event_spec,
+        t0=tau0,
+        progress_meter=(
+            None if isinstance(progress_meter, NoProgressMeter) else progress_meter
+        ),
     )
     zero = jnp.asarray(0)
     init_state = LoopState(
@@ -203,10 +224,15 @@ def diffeqsolve(
         save_state=save_state,
         dense_state=dense_state,
         last_y_finite=jnp.asarray(True),
+        event_state=event_state,
+        event_mask=event_mask,
+        progress_state=progress_meter.init(),
     )
-    fixed = _fixed_step_plan(
-        stepsize_controller, saveat, subs, adjoint, t0, t1, dt0, max_steps, dtype
-    )
+    fixed = None
+    if event is None and spec.progress_meter is None:
+        fixed = _fixed_step_plan(
+            stepsize_controller, saveat, subs, adjoint, t0, t1, dt0, max_steps, dtype
+        )
     if fixed is not None:
         num_fixed_steps, block = fixed
         final = run_fixed_steps(spec, init_state, num_fixed_steps, block)
@@ -218,8 +244,9 @@ def diffeqsolve(
             init_state=init_state,
             max_steps=max_steps,
         )
+    progress_meter.close(final.progress_state)
     return _build_solution(
-        spec, saveat, subs, final, t0, t1, y0, args, throw, max_steps
+        spec, saveat, subs, final, t0, t1, y0, args, throw, max_steps, event
     )
 
 
@@ -266,13 +293,15 @@ def _initial_result(t0, t1, dt0):
     return RESULTS.where(wrong_sign, RESULTS.dt0_wrong_sign, RESULTS.successful)
 
 
-def _build_solution(spec, saveat, subs, final, t0, t1, y0, args, throw, max_steps):
+def _build_solution(
+    spec, saveat, subs, final, t0, t1, y0, args, throw, max_steps, event
+):
     okay = is_okay(final.result)
     outputs = [
         finish_save_state(
             state, sub, ts_tau, final.tprev, final.y, okay, args, spec.direction
         )
-        for state, sub, ts_tau in zip(final.save_state, subs, spec.subs_ts)
+        for state, sub, ts_tau in zip(final.save_state, subs, spec.subs_ts, strict=True)
     ]
     if saveat.subs is None:
         ts = ys = None
@@ -301,6 +330,15 @@ def _build_solution(spec, saveat, subs, final, t0, t1, y0, args, throw, max_step
         max_steps=max_steps,
     )
     result = final.result
+    event_mask = event_ts = event_ys = None
+    if event is not None:
+        if event.terminate:
+            event_mask = final.event_mask
+            t1 = jnp.where(is_event(result), final.tprev * spec.direction, t1)
+        else:
+            event_mask = final.event_state.masks
+            event_ts = final.event_state.ts
+            event_ys = final.event_state.ys
     if throw:
         failed = ~is_okay(result)
         # The error is threaded through every output, so that it is raised whenever
@@ -320,8 +358,7 @@ def _build_solution(spec, saveat, subs, final, t0, t1, y0, args, throw, max_step
         solver_state=final.solver_state if saveat.solver_state else None,
         controller_state=final.controller_state if saveat.controller_state else None,
         made_jump=final.made_jump if saveat.made_jump else None,
-        event_mask=None,
+        event_mask=event_mask,
+        event_ts=event_ts,
+        event_ys=event_ys,
     )
-
-
-

@@ -12,6 +12,7 @@ import jax.tree_util as jtu
 
 from .._saveat import SubSaveAt
 from .._solution import RESULTS
+from .event import check_events, record_event
 from .save import save_dense, save_step, save_ts_in_step
 from .state import LoopState
 
@@ -33,6 +34,9 @@ class LoopSpec(eqx.Module):
     dense: bool = eqx.field(static=True)
     always_accept: bool = eqx.field(static=True)
     may_jump: bool = eqx.field(static=True)
+    event_spec: Any = None  # an `EventSpec`, or None
+    t0: Any = None
+    progress_meter: Any = None  # None when no progress is reported
 
 
 def _tree_where(pred, new, old):
@@ -90,16 +94,26 @@ def _adapt(spec: LoopSpec, state: LoopState, y1, y_error, step_ok):
     next_t1 = clip_to_end(next_t0, next_t1, spec.t1)
     stalled = (next_t1 <= next_t0) & (next_t0 < spec.t1)
     result = RESULTS.where(stalled, RESULTS.dt_min_reached, result)
-    result = RESULTS.where(accepted_bad_step | stalled & ~step_ok, RESULTS.non_finite_state, result)
+    result = RESULTS.where(
+        accepted_bad_step | stalled & ~step_ok, RESULTS.non_finite_state, result
+    )
     if not spec.may_jump:
         made_jump = jnp.asarray(False)
     return keep, next_t0, next_t1, jnp.asarray(made_jump), controller_state, result
 
 
-def _save(spec: LoopSpec, state: LoopState, save_state, interpolant, t_end, y1, keep,
-          inner_while_loop):
+def _save(
+    spec: LoopSpec,
+    state: LoopState,
+    save_state,
+    interpolant,
+    t_end,
+    y1,
+    keep,
+    inner_while_loop,
+):
     out = []
-    for sub, ts_tau, sub_state in zip(spec.subs, spec.subs_ts, save_state):
+    for sub, ts_tau, sub_state in zip(spec.subs, spec.subs_ts, save_state, strict=True):
         if ts_tau is not None:
             sub_state = save_ts_in_step(
                 sub_state,
@@ -120,7 +134,9 @@ def _save(spec: LoopSpec, state: LoopState, save_state, interpolant, t_end, y1, 
     return out
 
 
-def step_body(spec: LoopSpec, state: LoopState, inner_while_loop: Callable) -> LoopState:
+def step_body(
+    spec: LoopSpec, state: LoopState, inner_while_loop: Callable
+) -> LoopState:
     """One iteration: step, accept or reject, save, count."""
     y1, y_error, dense_info, solver_state, solver_result = _take_step(spec, state)
     step_ok = _all_finite(y1) & (solver_result == RESULTS.successful)
@@ -134,22 +150,34 @@ def step_body(spec: LoopSpec, state: LoopState, inner_while_loop: Callable) -> L
     else:
         y = _tree_where(keep, y1, state.y)
         new_solver_state = _tree_where(keep, solver_state, state.solver_state)
-    needs_interpolant = any(ts is not None for ts in spec.subs_ts)
+    needs_interpolant = spec.event_spec is not None or any(
+        ts is not None for ts in spec.subs_ts
+    )
     interpolant = (
         spec.solver.interpolation_cls(t0=state.tprev, t1=state.tnext, **dense_info)
         if needs_interpolant
         else None
     )
+    t_end, y_end = state.tnext, y1
+    event_state, event_mask = state.event_state, state.event_mask
+    if spec.event_spec is not None:
+        (t_end, y_end, y, next_t0, result, event_state, event_mask) = _events(
+            spec, state, y1, y, next_t0, result, interpolant, keep
+        )
     save_state = _save(
-        spec, state, state.save_state, interpolant, state.tnext, y1, keep,
+        spec,
+        state,
+        state.save_state,
+        interpolant,
+        t_end,
+        y_end,
+        keep,
         inner_while_loop,
     )
     dense_state = state.dense_state
     if spec.dense:
         dense_state = save_dense(dense_state, state.tnext, dense_info, keep)
-    result = RESULTS.where(
-        state.result == RESULTS.successful, result, state.result
-    )
+    result = RESULTS.where(state.result == RESULTS.successful, result, state.result)
     return LoopState(
         y=y,
         tprev=next_t0,
@@ -164,7 +192,51 @@ def step_body(spec: LoopSpec, state: LoopState, inner_while_loop: Callable) -> L
         save_state=save_state,
         dense_state=dense_state,
         last_y_finite=step_ok,
+        event_state=event_state,
+        event_mask=event_mask,
+        progress_state=_progress(spec, state.progress_state, next_t0),
     )
+
+
+def _progress(spec: LoopSpec, progress_state, tprev):
+    if spec.progress_meter is None:
+        return progress_state
+    span = spec.t1 - spec.t0
+    fraction = jnp.where(span > 0, (tprev - spec.t0) / jnp.where(span > 0, span, 1), 1)
+    return spec.progress_meter.step(progress_state, jnp.clip(fraction, 0, 1))
+
+
+def _events(
+    spec: LoopSpec, state: LoopState, y1, y, next_t0, result, interpolant, keep
+):
+    """Checks the event conditions after a step. A terminating event moves the end
+    of the solve to the event; a non-terminating one is recorded."""
+    espec = spec.event_spec
+    values, fired, t_event, y_event, mask = check_events(
+        espec,
+        state.event_state,
+        state.tprev,
+        state.tnext,
+        y1,
+        interpolant,
+        keep,
+        spec.args,
+        spec.direction,
+    )
+    if not espec.event.terminate:
+        event_state = record_event(
+            state.event_state, values, fired, t_event, y_event, mask, spec.direction
+        )
+        return state.tnext, y1, y, next_t0, result, event_state, state.event_mask
+    stop = fired & (result == RESULTS.successful)
+    t_end = jnp.where(stop, t_event, state.tnext)
+    y_end = _tree_where(stop, y_event, y1)
+    y = _tree_where(stop, y_event, y)
+    next_t0 = jnp.where(stop, t_event, next_t0)
+    result = RESULTS.where(stop, RESULTS.event_occurred, result)
+    event_mask = _tree_where(stop, mask, state.event_mask)
+    event_state = dataclasses.replace(state.event_state, values=values)
+    return t_end, y_end, y, next_t0, result, event_state, event_mask
 
 
 def cond_fun(spec: LoopSpec, state: LoopState):
@@ -205,7 +277,9 @@ def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block
     if num_steps == 0:
         final = init_state
     elif block == 0 or block >= num_steps:
-        final, _ = lax.scan(lambda s, _: (one_step(s), None), init_state, length=num_steps)
+        final, _ = lax.scan(
+            lambda s, _: (one_step(s), None), init_state, length=num_steps
+        )
     else:
         num_blocks = -(-num_steps // block)
         padded = num_blocks * block != num_steps
@@ -234,7 +308,10 @@ def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block
     )
     steps = jnp.asarray(num_steps)
     return dataclasses.replace(
-        final, result=result, num_steps=steps, num_accepted_steps=steps,
+        final,
+        result=result,
+        num_steps=steps,
+        num_accepted_steps=steps,
         last_y_finite=finite,
     )
 

@@ -129,13 +129,18 @@ def save_dense(dense_state: DenseState, t_end, dense_info, keep) -> DenseState:
     infos = jtu.tree_map(
         lambda v, b: b.at[index].set(v, pred=keep), dense_info, dense_state.infos
     )
-    return DenseState(
-        save_index=index + jnp.where(keep, 1, 0), ts=ts, infos=infos
-    )
+    return DenseState(save_index=index + jnp.where(keep, 1, 0), ts=ts, infos=infos)
 
 
 def finish_save_state(
-    save_state: SaveState, sub: SubSaveAt, ts_tau, t_final, y_final, okay, args, direction
+    save_state: SaveState,
+    sub: SubSaveAt,
+    ts_tau,
+    t_final,
+    y_final,
+    okay,
+    args,
+    direction,
 ):
     """After the loop: saves `t1`, fills save times equal to the final time that no
     step covered (a zero-length solve), and converts times back to `t`."""

@@ -43,6 +43,9 @@ class LoopState(eqx.Module):
     save_state: PyTree[SaveState]
     dense_state: DenseState
     last_y_finite: Bool[Array, ""]
+    event_state: Any  # an `EventState`; its fields are None without an event
+    event_mask: Any  # which conditions of a terminating event fired
+    progress_state: Any  # the progress meter's state
 
 
 def buffers(state: LoopState) -> Any:
@@ -50,7 +53,13 @@ def buffers(state: LoopState) -> Any:
     # No branching on the structure here: this is also called on wrapped copies of
     # the state whose leaves are not arrays.
     save_buffers = [(s.ts, s.ys) for s in _leaves(state.save_state)]
-    return save_buffers, state.dense_state.ts, state.dense_state.infos
+    events = state.event_state
+    return (
+        save_buffers,
+        state.dense_state.ts,
+        state.dense_state.infos,
+        (events.ts, events.ys, events.masks),
+    )
 
 
 def _leaves(save_state):

@@ -8,7 +8,6 @@ stored instead. Stage `i` evaluates at `y0 + sum_j a_ij k_j`.
 
 from typing import Any, ClassVar
 
-import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -24,7 +23,9 @@ from .base import AbstractAdaptiveSolver
 def _as_vector(x, name) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1:
-        raise ValueError(f"`ButcherTableau({name}=...)` must be 1-D, got shape {x.shape}.")
+        raise ValueError(
+            f"`ButcherTableau({name}=...)` must be 1-D, got shape {x.shape}."
+        )
     return x
 
 
@@ -272,9 +273,9 @@ class AbstractERK(AbstractRungeKutta):
         c = tableau.c_full
         if self._use_scan(evaluate, t0, f0, y0):
             stages = jtu.tree_map(
-                lambda x: jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x))
-                .at[0]
-                .set(x),
+                lambda x: (
+                    jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x)).at[0].set(x)
+                ),
                 f0,
             )
             a_jnp = jnp.asarray(a)

@@ -1,0 +1,327 @@
+"""Events: terminating and recorded, located by root finding, against closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+import pytest
+
+import diffeqx as dfx
+
+G = 9.81
+
+
+def _projectile(t, y, args):
+    return jnp.stack([y[1], -G])
+
+
+def _ground_time(height, speed):
+    return (speed + np.sqrt(speed**2 + 2 * G * height)) / G
+
+
+def _height(t, y, args, **kwargs):
+    return y[0]
+
+
+ROOT_FINDERS = {
+    "newton": optx.Newton(rtol=1e-12, atol=1e-12),
+    "bisection": optx.Bisection(rtol=1e-12, atol=1e-12),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROOT_FINDERS))
+def test_projectile_hits_ground_at_closed_form_time(name):
+    event = dfx.Event(_height, root_finder=ROOT_FINDERS[name])
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_projectile),
+        dfx.Tsit5(),
+        0.0,
+        10.0,
+        0.1,
+        jnp.array([10.0, 5.0]),
+        event=event,
+    )
+    t_star = _ground_time(10.0, 5.0)
+    assert sol.result == dfx.RESULTS.event_occurred
+    assert dfx.is_event(sol.result) and dfx.is_okay(sol.result)
+    assert not dfx.is_successful(sol.result)
+    np.testing.assert_allclose(sol.ts[-1], t_star, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(sol.t1, t_star, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(sol.ys[-1, 0], 0.0, atol=1e-9)
+    np.testing.assert_allclose(sol.ys[-1, 1], 5.0 - G * t_star, atol=1e-9)
+    assert bool(sol.event_mask)
+
+
+def test_event_without_root_finder_stops_at_end_of_step():
+    dt0 = 0.1
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_projectile),
+        dfx.Tsit5(),
+        0.0,
+        10.0,
+        dt0,
+        jnp.array([10.0, 5.0]),
+        event=dfx.Event(_height),
+    )
+    t_star = _ground_time(10.0, 5.0)
+    assert t_star <= float(sol.ts[-1]) < t_star + dt0 + 1e-12
+    # The state is the solver's state at that step end: just below ground.
+    assert float(sol.ys[-1, 0]) <= 0.0
+
+
+def test_boolean_event_fires_when_condition_becomes_true():
+    sol = jax.jit(
+        lambda y0: dfx.diffeqsolve(
+            dfx.ODETerm(_projectile),
+            dfx.Tsit5(),
+            0.0,
+            10.0,
+            0.05,
+            y0,
+            event=dfx.Event(lambda t, y, args, **kw: y[0] < 0),
+        )
+    )(jnp.array([10.0, 5.0]))
+    t_star = _ground_time(10.0, 5.0)
+    assert sol.result == dfx.RESULTS.event_occurred
+    assert t_star <= float(sol.ts[-1]) < t_star + 0.05 + 1e-12
+
+
+def test_pytree_of_conditions_reports_which_fired():
+    conds = {"ground": _height, "apex": lambda t, y, args, **kw: y[1]}
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_projectile),
+        dfx.Tsit5(),
+        0.0,
+        10.0,
+        0.1,
+        jnp.array([10.0, 5.0]),
+        event=dfx.Event(conds, root_finder=ROOT_FINDERS["newton"]),
+    )
+    np.testing.assert_allclose(sol.ts[-1], 5.0 / G, atol=1e-10)
+    assert bool(sol.event_mask["apex"]) and not bool(sol.event_mask["ground"])
+
+
+@pytest.mark.parametrize(
+    "direction, expected", [(True, 3 * np.pi / 2), (False, np.pi / 2)]
+)
+def test_event_direction_selects_crossings(direction, expected):
+    oscillator = dfx.ODETerm(lambda t, y, args: jnp.stack([y[1], -y[0]]))
+    event = dfx.Event(
+        lambda t, y, args, **kw: y[0],
+        root_finder=ROOT_FINDERS["newton"],
+        direction=direction,
+    )
+    sol = dfx.diffeqsolve(
+        oscillator,
+        dfx.Dopri5(),
+        0.0,
+        10.0,
+        0.05,
+        jnp.array([1.0, 0.0]),
+        event=event,
+        stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
+    )
+    np.testing.assert_allclose(sol.ts[-1], expected, atol=1e-8)
+
+
+def test_non_terminating_event_records_every_crossing():
+    oscillator = dfx.ODETerm(lambda t, y, args: jnp.stack([y[1], -y[0]]))
+    event = dfx.Event(
+        lambda t, y, args, **kw: y[0],
+        root_finder=ROOT_FINDERS["newton"],
+        terminate=False,
+        max_events=5,
+    )
+    sol = dfx.diffeqsolve(
+        oscillator,
+        dfx.Tsit5(),
+        0.0,
+        10.0,
+        0.05,
+        jnp.array([1.0, 0.0]),
+        event=event,
+        stepsize_controller=dfx.PIDController(rtol=1e-11, atol=1e-11),
+    )
+    # The solve is not stopped; zeros of cos(t) in [0, 10]: pi/2 + k pi, k = 0, 1, 2.
+    assert sol.result == dfx.RESULTS.successful
+    np.testing.assert_allclose(sol.ts[-1], 10.0)
+    expected = np.pi / 2 + np.pi * np.arange(3)
+    np.testing.assert_allclose(sol.event_ts[:3], expected, atol=1e-9)
+    assert np.all(np.isinf(np.asarray(sol.event_ts[3:])))
+    np.testing.assert_allclose(sol.event_ys[:3, 0], 0.0, atol=1e-9)
+    np.testing.assert_allclose(np.abs(sol.event_ys[:3, 1]), 1.0, atol=1e-9)
+    np.testing.assert_array_equal(sol.event_mask, [True, True, True, False, False])
+
+
+def test_non_terminating_event_keeps_at_most_max_events():
+    oscillator = dfx.ODETerm(lambda t, y, args: jnp.stack([y[1], -y[0]]))
+    event = dfx.Event(
+        lambda t, y, args, **kw: y[0],
+        root_finder=ROOT_FINDERS["newton"],
+        terminate=False,
+        max_events=2,
+    )
+    sol = dfx.diffeqsolve(
+        oscillator,
+        dfx.Tsit5(),
+        0.0,
+        20.0,
+        0.05,
+        jnp.array([1.0, 0.0]),
+        event=event,
+        stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
+    )
+    np.testing.assert_allclose(
+        sol.event_ts, np.pi / 2 + np.pi * np.arange(2), atol=1e-8
+    )
+
+
+def test_bouncing_ball_bounce_times_match_closed_form():
+    height, restitution, bounces = 5.0, 0.8, 4
+    event = dfx.Event(_height, root_finder=ROOT_FINDERS["newton"], direction=False)
+
+    @jax.jit
+    def fall(t0, y0):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(_projectile),
+            dfx.Tsit5(),
+            t0,
+            t0 + 100.0,
+            0.05,
+            y0,
+            event=event,
+        )
+
+    t, y = 0.0, jnp.array([height, 0.0])
+    times = []
+    for _ in range(bounces):
+        sol = fall(t, y)
+        t = sol.ts[-1]
+        times.append(float(t))
+        y = jnp.array([0.0, -restitution * sol.ys[-1, 1]])
+    first = np.sqrt(2 * height / G)
+    speed = G * first
+    expected = [first]
+    for k in range(1, bounces):
+        expected.append(expected[-1] + 2 * restitution**k * speed / G)
+    np.testing.assert_allclose(times, expected, rtol=0, atol=1e-10)
+
+
+def test_event_under_vmap_with_per_member_heights_and_t1():
+    heights = jnp.array([1.0, 10.0, 20.0])
+    t1s = jnp.array(
+        [10.0, 10.0, 0.5]
+    )  # the last member ends before reaching the ground
+
+    def solve(h, t1):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(_projectile),
+            dfx.Tsit5(),
+            0.0,
+            t1,
+            0.05,
+            jnp.stack([h, 5.0]),
+            event=dfx.Event(_height, root_finder=ROOT_FINDERS["newton"]),
+        )
+
+    sol = jax.vmap(solve)(heights, t1s)
+    expected = [_ground_time(1.0, 5.0), _ground_time(10.0, 5.0), 0.5]
+    np.testing.assert_allclose(sol.ts[:, -1], expected, atol=1e-10)
+    np.testing.assert_array_equal(
+        sol.result == dfx.RESULTS.event_occurred, [True, True, False]
+    )
+    np.testing.assert_array_equal(
+        sol.result == dfx.RESULTS.successful, [False, False, True]
+    )
+
+
+def test_event_time_gradient_matches_closed_form():
+    def event_time(height):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_projectile),
+            dfx.Tsit5(),
+            0.0,
+            10.0,
+            0.1,
+            jnp.stack([height, 5.0]),
+            event=dfx.Event(_height, root_finder=ROOT_FINDERS["newton"]),
+        )
+        return sol.ts[-1]
+
+    grad = jax.grad(event_time)(10.0)
+    np.testing.assert_allclose(grad, 1 / np.sqrt(25 + 2 * G * 10.0), rtol=1e-8)
+
+
+def test_save_times_after_event_are_inf():
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_projectile),
+        dfx.Tsit5(),
+        0.0,
+        10.0,
+        0.1,
+        jnp.array([10.0, 5.0]),
+        event=dfx.Event(_height, root_finder=ROOT_FINDERS["newton"]),
+        saveat=dfx.SaveAt(ts=jnp.linspace(0.0, 10.0, 11)),
+    )
+    t_star = _ground_time(10.0, 5.0)
+    ts = np.asarray(sol.ts)
+    assert np.all(np.isfinite(ts[ts <= t_star]))
+    np.testing.assert_array_equal(ts[:3], [0.0, 1.0, 2.0])
+    assert np.all(np.isinf(ts[3:]))
+    np.testing.assert_allclose(sol.ys[1, 0], 10.0 + 5.0 - G / 2)
+
+
+def test_steady_state_event_stops_at_steady_state():
+    controller = dfx.PIDController(rtol=1e-6, atol=1e-6)
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -(y - 2.0)),
+        dfx.Tsit5(),
+        0.0,
+        1000.0,
+        0.1,
+        jnp.array([1.0]),
+        event=dfx.Event(dfx.steady_state_event()),
+        stepsize_controller=controller,
+    )
+    assert sol.result == dfx.RESULTS.event_occurred
+    assert float(sol.ts[-1]) < 100.0
+    derivative = abs(float(sol.ys[-1, 0]) - 2.0)
+    assert derivative < 1e-6 + 1e-6 * 2.0 + 1e-12
+
+
+def test_steady_state_event_needs_tolerances_with_constant_steps():
+    with pytest.raises(ValueError, match="rtol"):
+        dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y),
+            dfx.Tsit5(),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array([1.0]),
+            event=dfx.Event(dfx.steady_state_event()),
+        )
+
+
+def test_event_argument_errors():
+    with pytest.raises(TypeError, match="event"):
+        dfx.diffeqsolve(
+            dfx.ODETerm(_projectile),
+            dfx.Tsit5(),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array([1.0, 0.0]),
+            event=_height,
+        )
+    with pytest.raises(TypeError, match="cond_fn"):
+        dfx.Event(3.0)
+    with pytest.raises(ValueError, match="scalar"):
+        dfx.diffeqsolve(
+            dfx.ODETerm(_projectile),
+            dfx.Tsit5(),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array([1.0, 0.0]),
+            event=dfx.Event(lambda t, y, args, **kw: y),
+        )
