@@ -139,11 +139,16 @@ class MultiTerm(AbstractTerm):
         return tuple(term.contr(t0, t1, **kwargs) for term in self.terms)
 
     def prod(self, vf, control):
-        outs = [term.prod(v, c) for term, v, c in zip(self.terms, vf, control, strict=True)]
+        outs = [
+            term.prod(v, c) for term, v, c in zip(self.terms, vf, control, strict=True)
+        ]
         return jtu.tree_map(lambda *xs: sum(xs[1:], xs[0]), *outs)
 
     def vf_prod(self, t, y, args, control):
-        outs = [term.vf_prod(t, y, args, c) for term, c in zip(self.terms, control, strict=True)]
+        outs = [
+            term.vf_prod(t, y, args, c)
+            for term, c in zip(self.terms, control, strict=True)
+        ]
         return jtu.tree_map(lambda *xs: sum(xs[1:], xs[0]), *outs)
 
     def is_vf_expensive(self, t0, t1, y, args) -> bool:

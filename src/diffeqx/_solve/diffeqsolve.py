@@ -1,5 +1,6 @@
 """`diffeqsolve`: arguments -> checks -> initial state -> adjoint loop -> Solution."""
 
+import dataclasses
 import math
 from typing import Any
 
@@ -22,9 +23,14 @@ from .._solution import RESULTS, Solution, is_event, is_okay
 from .._solver.base import AbstractSolver
 from .._term import forward_time_terms
 from . import checks
-from .event import EventSpec, EventState, init_event_state
+from .event import EventSpec, EventState, init_event_state, locate_terminal_event
 from .loop import LoopSpec, clip_to_end, run_fixed_steps, run_loop
-from .save import finish_save_state, init_dense_state, init_save_state
+from .save import (
+    finish_save_state,
+    init_dense_state,
+    init_save_state,
+    save_final_step,
+)
 from .state import DenseState, LoopState
 
 
@@ -163,7 +169,8 @@ def diffeqsolve(
         init_save_state(sub, tau0, y0, args, max_steps, direction) for sub in subs
     ]
     dense_state = DenseState(save_index=None, ts=None, infos=None)
-    if saveat.dense:
+    dense_info_shape = None
+    if saveat.dense or event is not None:
         if max_steps is None:
             raise ValueError(
                 "`SaveAt(dense=True)` needs a finite `max_steps` to size its output; "
@@ -174,6 +181,7 @@ def diffeqsolve(
                 fwd_terms, tau0, tnext, y0, args, solver_state, made_jump
             )[2]
         )
+    if saveat.dense:
         dense_state = init_dense_state(tau0, dense_info_shape, max_steps)
 
     inner = unwrap_controller(controller)
@@ -187,7 +195,9 @@ def diffeqsolve(
             solver=solver,
             stepsize_controller=stepsize_controller,
         )
-        event_state = init_event_state(event_spec, t0, y0, args, dtype)
+        event_state = init_event_state(
+            event_spec, t0, tau0, y0, args, dtype, dense_info_shape
+        )
         event_mask = jtu.tree_map(lambda v: jnp.zeros((), bool), event_state.values)
     spec = LoopSpec(
         terms=fwd_terms,
@@ -244,9 +254,49 @@ def diffeqsolve(
             init_state=init_state,
             max_steps=max_steps,
         )
+    if event is not None and event.terminate:
+        final = _finish_terminal_event(spec, final)
     progress_meter.close(final.progress_state)
     return _build_solution(
         spec, saveat, subs, final, t0, t1, y0, args, throw, max_steps, event
+    )
+
+
+def _finish_terminal_event(spec, final):
+    """Moves the end of a solve stopped by a terminating event onto the event, and
+    makes the saves that fall between the last step's start and the event."""
+    fired = is_event(final.result)
+    t_event, y_event, mask, interpolant = locate_terminal_event(
+        spec.event_spec,
+        final.event_state,
+        final.y,
+        spec.args,
+        spec.direction,
+        spec.solver.interpolation_cls,
+    )
+    t_end = jnp.where(fired, t_event, final.tprev)
+    y_end = jtu.tree_map(lambda a, b: jnp.where(fired, a, b), y_event, final.y)
+    save_state = [
+        save_final_step(
+            state,
+            sub,
+            ts_tau,
+            interpolant,
+            t_end,
+            y_end,
+            fired,
+            spec.args,
+            spec.direction,
+        )
+        for state, sub, ts_tau in zip(
+            final.save_state, spec.subs, spec.subs_ts, strict=True
+        )
+    ]
+    event_mask = jtu.tree_map(
+        lambda m, old: jnp.where(fired, m, old), mask, final.event_mask
+    )
+    return dataclasses.replace(
+        final, tprev=t_end, y=y_end, save_state=save_state, event_mask=event_mask
     )
 
 

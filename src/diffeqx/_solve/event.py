@@ -14,15 +14,28 @@ import optimistix as optx
 from .._event import Event
 
 
+class EventStep(eqx.Module):
+    """The step in which a terminating event fired, kept so that the event can be
+    located on its interpolant after the loop."""
+
+    tprev: Any
+    tnext: Any
+    dense_info: Any
+    old_values: Any  # condition values at `tprev`
+    fired: Any  # which conditions fired in the step
+
+
 class EventState(eqx.Module):
-    """Condition values at the start of the current step, and, for non-terminating
-    events, the record of events so far (write-once buffers)."""
+    """Condition values at the start of the current step; for a terminating event,
+    the step in which it fired; for a non-terminating one, the record of events so
+    far (write-once buffers)."""
 
     values: Any
     count: Any
     ts: Any
     ys: Any
     masks: Any
+    last: Any = None
 
 
 class EventSpec(eqx.Module):
@@ -59,10 +72,23 @@ def _fill(x, size):
     return jnp.full((size,) + x.shape, fill, dtype=x.dtype)
 
 
-def init_event_state(spec: EventSpec, t0_user, y0, args, tdtype) -> EventState:
+def init_event_state(
+    spec: EventSpec, t0_user, tau0, y0, args, tdtype, dense_info_shape
+) -> EventState:
     values = spec.values(t0_user, y0, args)
     if spec.event.terminate:
-        return EventState(values=values, count=None, ts=None, ys=None, masks=None)
+        last = EventStep(
+            tprev=tau0,
+            tnext=tau0,
+            dense_info=jtu.tree_map(
+                lambda s: jnp.zeros(s.shape, s.dtype), dense_info_shape
+            ),
+            old_values=values,
+            fired=jtu.tree_map(lambda v: jnp.zeros((), bool), values),
+        )
+        return EventState(
+            values=values, count=None, ts=None, ys=None, masks=None, last=last
+        )
     n = spec.event.max_events
     masks = jtu.tree_map(lambda _: jnp.zeros((n,), bool), values)
     return EventState(
@@ -110,6 +136,46 @@ def _locate(spec: EventSpec, fn, old, new, tprev, tnext, interpolant, args, sign
         throw=False,
     )
     return jnp.clip(sol.value, tprev, tnext)
+
+
+def detect_events(spec: EventSpec, state: EventState, tnext, y1, live, args, sign):
+    """Evaluates the conditions at the end of a step: `(values, fired_any, fired)`.
+    Only steps with `live` true can fire; the values are kept from before otherwise."""
+    new = spec.values(sign * tnext, y1, args)
+    fired = jtu.tree_map(
+        lambda o, n: _fired(o, n, spec.event.direction) & live, state.values, new
+    )
+    fired_any = jnp.any(jnp.stack([jnp.asarray(f) for f in jtu.tree_leaves(fired)]))
+    new = jtu.tree_map(lambda n, o: jnp.where(live, n, o), new, state.values)
+    return new, fired_any, fired
+
+
+def locate_terminal_event(
+    spec: EventSpec, state: EventState, y_end, args, sign, interpolation_cls
+):
+    """After the loop: the time, state and mask of a terminating event, from the step
+    in which it fired. Returns `(t_event, y_event, mask, interpolant)`."""
+    last = state.last
+    interpolant = interpolation_cls(t0=last.tprev, t1=last.tnext, **last.dense_info)
+    if spec.event.root_finder is None:
+        return last.tnext, y_end, last.fired, interpolant
+
+    def _time(fn, old, new, did_fire):
+        if jnp.issubdtype(new.dtype, jnp.bool_):
+            t = last.tnext
+        else:
+            t = _locate(
+                spec, fn, old, new, last.tprev, last.tnext, interpolant, args, sign
+            )
+        return jnp.where(did_fire, t, jnp.inf)
+
+    times = jtu.tree_map(
+        _time, spec.event.cond_fn, last.old_values, state.values, last.fired
+    )
+    t_event = jnp.min(jnp.stack(jtu.tree_leaves(times)))
+    t_event = jnp.where(jnp.isfinite(t_event), t_event, last.tnext)
+    mask = jtu.tree_map(lambda t, f: f & (t <= t_event), times, last.fired)
+    return t_event, interpolant.evaluate(t_event), mask, interpolant
 
 
 def check_events(

@@ -12,7 +12,7 @@ import jax.tree_util as jtu
 
 from .._saveat import SubSaveAt
 from .._solution import RESULTS
-from .event import check_events, record_event
+from .event import EventStep, check_events, detect_events, record_event
 from .save import save_dense, save_step, save_ts_in_step
 from .state import LoopState
 
@@ -158,20 +158,20 @@ def step_body(
         if needs_interpolant
         else None
     )
-    t_end, y_end = state.tnext, y1
-    event_state, event_mask = state.event_state, state.event_mask
+    event_state = state.event_state
+    save_keep = keep
     if spec.event_spec is not None:
-        (t_end, y_end, y, next_t0, result, event_state, event_mask) = _events(
-            spec, state, y1, y, next_t0, result, interpolant, keep
+        save_keep, y, next_t0, result, event_state = _events(
+            spec, state, y1, y, next_t0, result, interpolant, keep, dense_info
         )
     save_state = _save(
         spec,
         state,
         state.save_state,
         interpolant,
-        t_end,
-        y_end,
-        keep,
+        state.tnext,
+        y1,
+        save_keep,
         inner_while_loop,
     )
     dense_state = state.dense_state
@@ -193,7 +193,7 @@ def step_body(
         dense_state=dense_state,
         last_y_finite=step_ok,
         event_state=event_state,
-        event_mask=event_mask,
+        event_mask=state.event_mask,
         progress_state=_progress(spec, state.progress_state, next_t0),
     )
 
@@ -207,36 +207,57 @@ def _progress(spec: LoopSpec, progress_state, tprev):
 
 
 def _events(
-    spec: LoopSpec, state: LoopState, y1, y, next_t0, result, interpolant, keep
+    spec: LoopSpec,
+    state: LoopState,
+    y1,
+    y,
+    next_t0,
+    result,
+    interpolant,
+    keep,
+    dense_info,
 ):
-    """Checks the event conditions after a step. A terminating event moves the end
-    of the solve to the event; a non-terminating one is recorded."""
+    """Checks the event conditions after a step. A non-terminating event is located
+    and recorded now; a terminating one only stops the loop, and is located after it
+    (`locate_terminal_event`), so that root finding runs once per solve rather than in
+    every step in which some member of a `vmap` batch has an event."""
     espec = spec.event_spec
-    values, fired, t_event, y_event, mask = check_events(
-        espec,
-        state.event_state,
-        state.tprev,
-        state.tnext,
-        y1,
-        interpolant,
-        keep,
-        spec.args,
-        spec.direction,
-    )
     if not espec.event.terminate:
+        values, fired, t_event, y_event, mask = check_events(
+            espec,
+            state.event_state,
+            state.tprev,
+            state.tnext,
+            y1,
+            interpolant,
+            keep,
+            spec.args,
+            spec.direction,
+        )
         event_state = record_event(
             state.event_state, values, fired, t_event, y_event, mask, spec.direction
         )
-        return state.tnext, y1, y, next_t0, result, event_state, state.event_mask
+        return keep, y, next_t0, result, event_state
+    live = keep & (state.result == RESULTS.successful)
+    values, fired, mask = detect_events(
+        espec, state.event_state, state.tnext, y1, live, spec.args, spec.direction
+    )
     stop = fired & (result == RESULTS.successful)
-    t_end = jnp.where(stop, t_event, state.tnext)
-    y_end = _tree_where(stop, y_event, y1)
-    y = _tree_where(stop, y_event, y)
-    next_t0 = jnp.where(stop, t_event, next_t0)
+    last = EventStep(
+        tprev=state.tprev,
+        tnext=state.tnext,
+        dense_info=dense_info,
+        old_values=state.event_state.values,
+        fired=mask,
+    )
+    last = _tree_where(stop, last, state.event_state.last)
+    event_state = dataclasses.replace(state.event_state, values=values, last=last)
+    # The step that fired is accepted, but nothing is saved from it here: the event
+    # lies somewhere inside it, and the saves up to the event are made once it has
+    # been located.
+    next_t0 = jnp.where(stop, state.tnext, next_t0)
     result = RESULTS.where(stop, RESULTS.event_occurred, result)
-    event_mask = _tree_where(stop, mask, state.event_mask)
-    event_state = dataclasses.replace(state.event_state, values=values)
-    return t_end, y_end, y, next_t0, result, event_state, event_mask
+    return keep & ~stop, y, next_t0, result, event_state
 
 
 def cond_fun(spec: LoopSpec, state: LoopState):

@@ -132,6 +132,42 @@ def save_dense(dense_state: DenseState, t_end, dense_info, keep) -> DenseState:
     return DenseState(save_index=index + jnp.where(keep, 1, 0), ts=ts, infos=infos)
 
 
+def save_final_step(
+    save_state: SaveState,
+    sub: SubSaveAt,
+    ts_tau,
+    interpolant,
+    t_end,
+    y_end,
+    pred,
+    args,
+    direction,
+) -> SaveState:
+    """After the loop, saves what falls in a last step that ended early (at a
+    terminating event): save times up to `t_end`, from the step's interpolant, and
+    the step itself for `steps=True`. A no-op where `pred` is false."""
+    ts, ys = save_state.ts, save_state.ys
+    ts_index, index = save_state.ts_index, save_state.save_index
+    if ts_tau is not None:
+        n = ts_tau.shape[0]
+        positions = jnp.arange(n)
+        pending = (positions >= ts_index) & (ts_tau <= t_end) & pred
+        values = jax.vmap(
+            lambda tau: sub.fn(tau * direction, interpolant.evaluate(tau), args)
+        )(ts_tau)
+        slots = jnp.where(pending, ts_offset(sub) + positions, ts.shape[0])
+        ts = ts.at[slots].set(ts_tau, mode="drop")
+        ys = jtu.tree_map(lambda b, v: b.at[slots].set(v, mode="drop"), ys, values)
+        ts_index = ts_index + jnp.sum(pending)
+    if sub.steps:
+        value = sub.fn(t_end * direction, y_end, args)
+        slot = jnp.where(pred, index, ts.shape[0])
+        ts = ts.at[slot].set(t_end, mode="drop")
+        ys = jtu.tree_map(lambda b, v: b.at[slot].set(v, mode="drop"), ys, value)
+        index = index + jnp.where(pred, 1, 0)
+    return SaveState(ts_index=ts_index, save_index=index, ts=ts, ys=ys)
+
+
 def finish_save_state(
     save_state: SaveState,
     sub: SubSaveAt,
