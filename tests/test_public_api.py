@@ -45,6 +45,11 @@ PUBLIC_NAMES = [
     "ThirdOrderHermitePolynomialInterpolation",
     "FourthOrderPolynomialInterpolation",
     "NoProgressMeter",
+    "TextProgressMeter",
+    "TqdmProgressMeter",
+    "AbstractProgressMeter",
+    "Event",
+    "steady_state_event",
     "is_okay",
     "is_successful",
     "is_event",
@@ -52,6 +57,10 @@ PUBLIC_NAMES = [
 
 CONCRETE_CLASSES = [
     "ODETerm",
+    "Event",
+    "NoProgressMeter",
+    "TextProgressMeter",
+    "TqdmProgressMeter",
     "MultiTerm",
     "Euler",
     "Heun",
