@@ -19,7 +19,13 @@ def _convert_ts(ts):
     if ts is None:
         return None
     if isinstance(ts, (list, tuple)):
-        ts = np.asarray(ts)
+        try:
+            ts = np.asarray(ts, dtype=float)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "`SaveAt(ts=...)` must be a 1-D array of times, got a ragged or "
+                f"non-numeric sequence {ts!r}."
+            ) from e
     ts = jnp.asarray(ts)
     if ts.ndim != 1:
         raise ValueError(

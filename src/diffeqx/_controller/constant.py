@@ -58,6 +58,14 @@ def constant_step_count(t0, t1, dt0, dtype) -> int:
 
 
 def _check_step_to_ts(ts):
+    if isinstance(ts, (list, tuple)):
+        try:
+            ts = np.asarray(ts, dtype=float)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "`StepTo(ts=...)` must be a 1-D array of times, got a ragged or "
+                f"non-numeric sequence {ts!r}."
+            ) from e
     ts = jnp.asarray(ts)
     if ts.ndim != 1 or ts.shape[0] < 2:
         raise ValueError(

@@ -125,7 +125,7 @@ def _concrete(x) -> Any:
         return np.asarray(x)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
-    except TypeError:
+    except (TypeError, ValueError):
         return None
 
 
@@ -158,6 +158,11 @@ def check_controller(stepsize_controller, solver, dt0, t0, t1) -> None:
     if dt0 is not None and isinstance(inner, StepTo):
         raise ValueError(
             f"`StepTo` fixes every step itself, so `dt0` must be None; got dt0={dt0!r}."
+        )
+    if isinstance(dt0, (list, tuple)):
+        raise ValueError(
+            f"`dt0` must be a scalar step size or None, got {_describe(dt0)}. To use "
+            "different step sizes, `jax.vmap` over an array of them."
         )
     if dt0 is not None:
         dt0_c, t0_c, t1_c = _concrete(dt0), _concrete(t0), _concrete(t1)

@@ -72,7 +72,7 @@ def _take_step(spec: LoopSpec, state: LoopState):
     )
 
 
-def _adapt(spec: LoopSpec, state: LoopState, y1, y_error, step_ok):
+def _adapt(spec: LoopSpec, state: LoopState, y1, y_error, step_ok, solver_result):
     """Accept or reject the step, choose the next one and the new result code."""
     if y_error is not None:
         # A failed or non-finite step is rejected by giving it an infinite error.
@@ -94,9 +94,12 @@ def _adapt(spec: LoopSpec, state: LoopState, y1, y_error, step_ok):
     next_t1 = clip_to_end(next_t0, next_t1, spec.t1)
     stalled = (next_t1 <= next_t0) & (next_t0 < spec.t1)
     result = RESULTS.where(stalled, RESULTS.dt_min_reached, result)
-    result = RESULTS.where(
-        accepted_bad_step | stalled & ~step_ok, RESULTS.non_finite_state, result
+    # A bad step that could not be rejected ends the solve with the solver's own
+    # failure code if it gave one, else as non-finite.
+    failure = RESULTS.where(
+        solver_result == RESULTS.successful, RESULTS.non_finite_state, solver_result
     )
+    result = RESULTS.where(accepted_bad_step | stalled & ~step_ok, failure, result)
     if not spec.may_jump:
         made_jump = jnp.asarray(False)
     return keep, next_t0, next_t1, jnp.asarray(made_jump), controller_state, result
@@ -141,7 +144,7 @@ def step_body(
     y1, y_error, dense_info, solver_state, solver_result = _take_step(spec, state)
     step_ok = _all_finite(y1) & (solver_result == RESULTS.successful)
     keep, next_t0, next_t1, made_jump, controller_state, result = _adapt(
-        spec, state, y1, y_error, step_ok
+        spec, state, y1, y_error, step_ok, solver_result
     )
     if spec.always_accept:
         # Fixed steps: no step is ever rejected, so no selects are needed.
@@ -340,7 +343,7 @@ def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block
 def _fixed_step_body(spec: LoopSpec, state: LoopState) -> LoopState:
     """One step of the fixed-step fast path: no acceptance test, no per-step result
     bookkeeping (counts are known statically), only the step and the next times."""
-    y1, _, _, solver_state, _ = _take_step(spec, state)
+    y1, _, _, solver_state, solver_result = _take_step(spec, state)
     _, next_t0, next_t1, _, controller_state, _ = spec.controller.adapt_step_size(
         state.tprev,
         state.tnext,
@@ -352,9 +355,13 @@ def _fixed_step_body(spec: LoopSpec, state: LoopState) -> LoopState:
         state.controller_state,
     )
     next_t1 = clip_to_end(next_t0, next_t1, spec.t1)
+    result = RESULTS.where(
+        state.result == RESULTS.successful, solver_result, state.result
+    )
     return dataclasses.replace(
         state,
         y=y1,
+        result=result,
         tprev=next_t0,
         tnext=next_t1,
         solver_state=solver_state,

@@ -1,0 +1,433 @@
+"""Batching with `jax.vmap`: every argument a user batches over (`y0`, `args`, `t0`,
+`t1`, `dt0`, `SaveAt(ts)`) gives each member the answer of its own single solve, and
+a member that fails never disturbs the others. Lists where arrays belong are errors
+that name the argument."""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+
+import diffeqx as dfx
+
+# Batched arithmetic may round differently from unbatched arithmetic in the last bit,
+# so "equal to its own single solve" is checked to a few ulps.
+ULPS = 1e-13
+
+_DECAY = dfx.ODETerm(lambda t, y, rate: -rate * y)
+_TIGHT = dfx.PIDController(rtol=1e-10, atol=1e-12)
+
+
+def _decay_exact(t0, t, y0, rate):
+    return y0 * np.exp(-rate * (np.asarray(t) - t0))
+
+
+def _singles(solve, *batched_args):
+    """Each member solved on its own (compiled once, called once per member)."""
+    single = jax.jit(solve)
+    return [single(*args) for args in zip(*batched_args, strict=True)]
+
+
+def _member(batched_leaf, index):
+    return batched_leaf[index]
+
+
+def _assert_members_equal(batched, singles):
+    """`batched` (leading batch axis) against a list of single solves' outputs."""
+    for index, single in enumerate(singles):
+        member = jtu.tree_map(functools.partial(_member, index=index), batched)
+        jtu.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=ULPS, atol=0),
+            member,
+            single,
+        )
+
+
+# ---- what can be batched ---------------------------------------------------------
+
+
+def test_vmap_over_y0_matches_a_loop_of_single_solves():
+    ts = jnp.linspace(0.0, 2.0, 7)
+
+    def solve(y0):
+        sol = dfx.diffeqsolve(
+            _DECAY,
+            dfx.Tsit5(),
+            0.0,
+            2.0,
+            0.1,
+            y0,
+            0.8,
+            saveat=dfx.SaveAt(ts=ts),
+            stepsize_controller=_TIGHT,
+        )
+        return sol.ys
+
+    y0s = jnp.array([[1.0, -1.0], [2.0, 0.5], [0.0, 3.0]])
+    batched = jax.vmap(solve)(y0s)
+    assert batched.shape == (3, 7, 2)
+    _assert_members_equal(batched, _singles(solve, y0s))
+    exact = np.asarray(y0s)[:, None, :] * np.exp(-0.8 * np.asarray(ts))[None, :, None]
+    np.testing.assert_allclose(batched, exact, rtol=1e-8, atol=1e-12)
+
+
+def test_vmap_over_a_pytree_of_args_with_per_leaf_in_axes():
+    # y' = -k y + c has y = c/k + (y0 - c/k) exp(-k t); k is batched, c is shared.
+    term = dfx.ODETerm(lambda t, y, args: -args["k"] * y + args["c"])
+
+    def solve(y0, args):
+        return dfx.diffeqsolve(
+            term, dfx.Tsit5(), 0.0, 1.5, 0.1, y0, args, stepsize_controller=_TIGHT
+        ).ys[0]
+
+    rates = jnp.array([0.5, 1.0, 4.0])
+    batched = jax.vmap(solve, in_axes=(None, {"k": 0, "c": None}))(
+        2.0, {"k": rates, "c": 0.3}
+    )
+    steady = 0.3 / np.asarray(rates)
+    exact = steady + (2.0 - steady) * np.exp(-np.asarray(rates) * 1.5)
+    np.testing.assert_allclose(batched, exact, rtol=1e-9)
+
+
+def test_vmap_over_t0_and_t1_including_backward_and_empty_intervals():
+    # Members integrate forwards, backwards and over an empty interval in one batch.
+    def solve(t0, t1, dt0):
+        ts = t0 + (t1 - t0) * jnp.linspace(0.0, 1.0, 5)
+        sol = dfx.diffeqsolve(
+            _DECAY,
+            dfx.Tsit5(),
+            t0,
+            t1,
+            dt0,
+            1.0,
+            0.7,
+            saveat=dfx.SaveAt(t0=True, ts=ts),
+            stepsize_controller=_TIGHT,
+        )
+        return sol.ts, sol.ys, sol.stats["num_steps"]
+
+    t0s = jnp.array([0.0, 1.0, 0.5, 2.0])
+    t1s = jnp.array([1.0, 0.0, 0.5, 3.5])
+    dt0s = jnp.array([0.1, -0.1, 0.1, 0.2])
+    ts, ys, steps = jax.vmap(solve)(t0s, t1s, dt0s)
+    for i, (t0, t1) in enumerate(zip(t0s.tolist(), t1s.tolist(), strict=True)):
+        expected_ts = np.concatenate([[t0], t0 + (t1 - t0) * np.linspace(0, 1, 5)])
+        np.testing.assert_allclose(ts[i], expected_ts, rtol=1e-15, atol=1e-15)
+        np.testing.assert_allclose(
+            ys[i], _decay_exact(t0, expected_ts, 1.0, 0.7), rtol=1e-9
+        )
+    assert int(steps[2]) == 0  # t0 == t1: no step at all
+    _assert_members_equal((ts, ys, steps), _singles(solve, t0s, t1s, dt0s))
+
+
+def test_vmap_over_dt0_with_constant_steps_gives_each_members_euler_recursion():
+    def solve(dt0):
+        return dfx.diffeqsolve(_DECAY, dfx.Euler(), 0.0, 1.0, dt0, 1.0, 1.0).ys[0]
+
+    dt0s = jnp.array([0.5, 0.25, 0.125, 1 / 64])
+    batched = jax.vmap(solve)(dt0s)
+    exact = [(1 - dt) ** round(1 / dt) for dt in dt0s.tolist()]
+    np.testing.assert_allclose(batched, exact, rtol=1e-14)
+
+
+def test_vmap_over_t1_with_constant_steps_stops_each_member_at_its_own_end():
+    def solve(t1):
+        return dfx.diffeqsolve(_DECAY, dfx.Euler(), 0.0, t1, 0.25, 1.0, 1.0)
+
+    sol = jax.vmap(solve)(jnp.array([0.5, 1.0, 0.75]))
+    np.testing.assert_allclose(sol.ys[:, 0], [0.75**2, 0.75**4, 0.75**3], rtol=1e-15)
+    np.testing.assert_array_equal(sol.stats["num_steps"], [2, 4, 3])
+
+
+def test_vmap_over_saveat_ts_gives_each_member_its_own_save_times():
+    # A SaveAt holding a batch of times is built inside the vmapped function, so
+    # that each member sees a 1-D array of its own times.
+    def solve(ts, rate):
+        sol = dfx.diffeqsolve(
+            _DECAY,
+            dfx.Tsit5(),
+            0.0,
+            3.0,
+            0.1,
+            1.0,
+            rate,
+            saveat=dfx.SaveAt(ts=ts),
+            stepsize_controller=_TIGHT,
+        )
+        return sol.ts, sol.ys
+
+    ts = jnp.array([[0.0, 0.1, 0.2, 0.3], [0.5, 1.0, 2.0, 3.0], [2.9, 2.9, 3.0, 3.0]])
+    rates = jnp.array([1.0, 0.5, 2.0])
+    batched_ts, batched_ys = jax.vmap(solve)(ts, rates)
+    np.testing.assert_array_equal(batched_ts, ts)
+    exact = np.exp(-np.asarray(rates)[:, None] * np.asarray(ts))
+    np.testing.assert_allclose(batched_ys, exact, rtol=1e-9)
+    _assert_members_equal((batched_ts, batched_ys), _singles(solve, ts, rates))
+
+
+# Where the step-size control is beside the point, Euler with constant steps keeps
+# the compile cheap and the truth exact: y_n = (1 - rate dt)^n y0.
+
+
+def test_vmap_over_a_non_leading_axis_with_out_axes():
+    def solve(y0):
+        return dfx.diffeqsolve(_DECAY, dfx.Euler(), 0.0, 1.0, 0.25, y0, 2.0).ys[0]
+
+    y0s = jnp.arange(6.0).reshape(2, 3)  # three members along axis 1
+    batched = jax.vmap(solve, in_axes=1, out_axes=1)(y0s)
+    assert batched.shape == (2, 3)
+    np.testing.assert_allclose(batched, np.asarray(y0s) * 0.5**4, rtol=1e-15)
+
+
+def test_nested_vmap_over_y0_and_args_is_a_grid_of_single_solves():
+    def solve(y0, rate):
+        return dfx.diffeqsolve(_DECAY, dfx.Euler(), 0.0, 1.0, 0.25, y0, rate).ys[0]
+
+    y0s = jnp.array([1.0, -2.0, 3.0])
+    rates = jnp.array([0.5, 1.0])
+    grid = jax.vmap(jax.vmap(solve, in_axes=(None, 0)), in_axes=(0, None))(y0s, rates)
+    assert grid.shape == (3, 2)
+    exact = np.asarray(y0s)[:, None] * (1 - 0.25 * np.asarray(rates))[None, :] ** 4
+    np.testing.assert_allclose(grid, exact, rtol=1e-15)
+
+
+def test_vmap_over_a_list_y0_maps_each_list_entry():
+    # A list is a PyTree: each entry is a state leaf, batched along its own axis 0.
+    term = dfx.ODETerm(lambda t, y, args: [-y[0], -2.0 * y[1]])
+
+    def solve(y0):
+        return dfx.diffeqsolve(term, dfx.Euler(), 0.0, 1.0, 0.25, y0).ys
+
+    ys = jax.vmap(solve)([jnp.array([1.0, 2.0]), jnp.array([3.0, 4.0])])
+    assert isinstance(ys, list) and len(ys) == 2
+    np.testing.assert_allclose(ys[0][:, 0], 0.75**4 * np.array([1, 2]), rtol=1e-15)
+    np.testing.assert_allclose(ys[1][:, 0], 0.5**4 * np.array([3, 4]), rtol=1e-15)
+
+
+# ---- the jit(vmap(partial(diffeqsolve))) pattern -----------------------------------
+
+
+def test_filter_jit_of_vmap_of_partial_diffeqsolve_returns_a_batched_solution():
+    solve = eqx.filter_jit(
+        jax.vmap(
+            functools.partial(
+                dfx.diffeqsolve,
+                _DECAY,
+                dfx.Tsit5(),
+                0.0,
+                2.0,
+                0.1,
+                saveat=dfx.SaveAt(ts=jnp.linspace(0.0, 2.0, 5)),
+                stepsize_controller=_TIGHT,
+            ),
+            in_axes=(0, None),  # y0 batched, args shared
+        )
+    )
+    y0s = jnp.array([1.0, 2.0, 4.0])
+    sol = solve(y0s, 0.5)
+    assert isinstance(sol, dfx.Solution)
+    assert sol.ys.shape == (3, 5)
+    assert sol.ts.shape == (3, 5)
+    assert sol.stats["num_steps"].shape == (3,)
+    assert bool(jnp.all(dfx.is_successful(sol.result)))
+    exact = np.asarray(y0s)[:, None] * np.exp(-0.5 * np.linspace(0.0, 2.0, 5))
+    np.testing.assert_allclose(sol.ys, exact, rtol=1e-9)
+    # The compiled function is reused for a new batch of the same shape.
+    again = solve(2 * y0s, 0.5)
+    np.testing.assert_allclose(again.ys, 2 * exact, rtol=1e-9)
+
+
+# ---- failures stay per member ------------------------------------------------------
+
+
+def _solve_allowing_failure(y0, rate, t1, max_steps=25):
+    sol = dfx.diffeqsolve(
+        _DECAY,
+        dfx.Tsit5(),
+        0.0,
+        t1,
+        0.1,
+        y0,
+        rate,
+        saveat=dfx.SaveAt(t0=True, ts=t1 * jnp.linspace(0.1, 1.0, 4), steps=True),
+        stepsize_controller=_TIGHT,
+        max_steps=max_steps,
+        throw=False,
+    )
+    return sol.ts, sol.ys, sol.result, sol.stats
+
+
+# The middle member needs far more than 25 steps; the others need fewer.
+_FAILURE_BATCH = (
+    jnp.array([1.0, 2.0, 3.0]),  # y0
+    jnp.array([0.5, 1.0, 0.2]),  # rate
+    jnp.array([1.0, 500.0, 2.0]),  # t1
+)
+
+
+@functools.cache
+def _solve_failure_batch():
+    return jax.vmap(_solve_allowing_failure)(*_FAILURE_BATCH)
+
+
+def test_throw_false_under_vmap_gives_a_result_code_per_member():
+    _, _, result, stats = _solve_failure_batch()
+    okay = np.asarray(dfx.is_successful(result))
+    np.testing.assert_array_equal(okay, [True, False, True])
+    max_steps_reached = np.asarray(result == dfx.RESULTS.max_steps_reached)
+    np.testing.assert_array_equal(max_steps_reached, [False, True, False])
+    assert int(stats["num_steps"][1]) == 25
+    assert np.all(np.asarray(stats["num_steps"])[[0, 2]] < 25)
+
+
+def test_an_unfinished_member_never_corrupts_the_others():
+    y0s, rates, _ = _FAILURE_BATCH
+    ts, ys, _, stats = _solve_failure_batch()
+    singles = _singles(_solve_allowing_failure, *_FAILURE_BATCH)
+    for i, (single_ts, single_ys, _, single_stats) in enumerate(singles):
+        # Same values, and `inf` padding in the same places (unfilled `steps` slots,
+        # and the failed member's unreached save times).
+        np.testing.assert_allclose(ts[i], single_ts, rtol=ULPS)
+        np.testing.assert_allclose(ys[i], single_ys, rtol=ULPS)
+        for key in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
+            assert int(stats[key][i]) == int(single_stats[key])
+    # The finished members are also right in absolute terms.
+    for i in (0, 2):
+        saved = np.isfinite(np.asarray(ts[i]))
+        np.testing.assert_allclose(
+            ys[i][saved],
+            _decay_exact(0.0, ts[i][saved], float(y0s[i]), float(rates[i])),
+            rtol=1e-8,
+        )
+    # The failed member kept what it saved before stopping and padded the rest.
+    assert np.isinf(ts[1][-1]) and np.isinf(ys[1][1])
+
+
+def test_dense_output_under_vmap_is_per_member_even_when_one_fails():
+    def solve(y0, t1):
+        sol = dfx.diffeqsolve(
+            _DECAY,
+            dfx.Tsit5(),
+            0.0,
+            t1,
+            0.1,
+            y0,
+            0.7,
+            saveat=dfx.SaveAt(dense=True),
+            stepsize_controller=_TIGHT,
+            max_steps=20,
+            throw=False,
+        )
+        return sol.evaluate(0.5), sol.result
+
+    values, result = jax.vmap(solve)(jnp.array([1.0, 2.0]), jnp.array([1.0, 1e4]))
+    np.testing.assert_array_equal(dfx.is_successful(result), [True, False])
+    # Both members passed t = 0.5 before stopping, so both can be evaluated there.
+    np.testing.assert_allclose(values, np.exp(-0.35) * np.array([1.0, 2.0]), rtol=1e-8)
+
+
+def test_a_wrong_sign_dt0_in_one_member_fails_only_that_member():
+    def solve(dt0):
+        return dfx.diffeqsolve(
+            _DECAY, dfx.Euler(), 0.0, 1.0, dt0, 1.0, 0.5, throw=False
+        )
+
+    sol = jax.vmap(solve)(jnp.array([0.25, -0.25]))
+    np.testing.assert_array_equal(dfx.is_successful(sol.result), [True, False])
+    np.testing.assert_array_equal(
+        sol.result == dfx.RESULTS.dt0_wrong_sign, [False, True]
+    )
+    np.testing.assert_allclose(sol.ys[0, 0], 0.875**4, rtol=1e-15)
+
+
+def test_throw_true_under_vmap_raises_when_any_member_fails():
+    def solve(t1):
+        return dfx.diffeqsolve(
+            _DECAY, dfx.Euler(), 0.0, t1, 0.1, 1.0, 0.7, max_steps=20
+        ).ys
+
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        jax.block_until_ready(jax.vmap(solve)(jnp.array([1.0, 1e4])))
+
+
+# ---- lists where arrays belong ---------------------------------------------------
+
+
+def test_y0_as_a_list_of_scalars_is_a_valid_pytree():
+    term = dfx.ODETerm(lambda t, y, args: [-y[0], -3.0 * y[1]])
+    sol = dfx.diffeqsolve(term, dfx.Euler(), 0.0, 1.0, 0.25, [1.0, 2.0])
+    assert isinstance(sol.ys, list)
+    np.testing.assert_allclose(sol.ys[0], [0.75**4], rtol=1e-15)
+    np.testing.assert_allclose(sol.ys[1], [2.0 * 0.25**4], rtol=1e-15)
+
+
+def test_saveat_ts_given_as_a_flat_list_is_accepted():
+    saveat = dfx.SaveAt(ts=[0.0, 0.5, 1.0])
+    sol = dfx.diffeqsolve(_DECAY, dfx.Euler(), 0.0, 1.0, 0.25, 1.0, 1.0, saveat=saveat)
+    np.testing.assert_allclose(sol.ys, [1.0, 0.75**2, 0.75**4], rtol=1e-15)
+
+
+def test_step_to_given_as_a_flat_list_is_accepted():
+    sol = dfx.diffeqsolve(
+        _DECAY,
+        dfx.Euler(),
+        0.0,
+        1.0,
+        None,
+        1.0,
+        1.0,
+        stepsize_controller=dfx.StepTo(ts=[0.0, 0.5, 1.0]),
+    )
+    np.testing.assert_allclose(sol.ys, [0.25], rtol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["t0", "t1"])
+@pytest.mark.parametrize("value", [[0.0, 1.0], [0.5], (0.5,), [0.0, [1.0]]])
+def test_t0_or_t1_given_a_list_is_an_error_naming_the_argument(name, value):
+    times = {"t0": 0.0, "t1": 2.0, name: value}
+    with pytest.raises((TypeError, ValueError), match=f"`{name}` must be a scalar"):
+        dfx.diffeqsolve(_DECAY, dfx.Tsit5(), times["t0"], times["t1"], 0.1, 1.0, 1.0)
+
+
+def test_t0_given_an_array_of_times_is_an_error_naming_the_argument():
+    with pytest.raises(ValueError, match="`t0` must be a scalar"):
+        dfx.diffeqsolve(_DECAY, dfx.Tsit5(), jnp.zeros(3), 1.0, 0.1, 1.0, 1.0)
+
+
+def test_dt0_given_a_list_is_an_error_naming_the_argument():
+    with pytest.raises(ValueError, match="`dt0` must be a scalar"):
+        dfx.diffeqsolve(_DECAY, dfx.Tsit5(), 0.0, 1.0, [0.1, 0.2], 1.0, 1.0)
+
+
+def test_saveat_ts_given_a_nested_list_is_an_error_naming_the_argument():
+    with pytest.raises(ValueError, match=r"`SaveAt\(ts=...\)` must be a 1-D array"):
+        dfx.SaveAt(ts=[[0.0, 0.5], [0.5, 1.0]])
+
+
+def test_step_to_given_a_nested_list_is_an_error_naming_the_argument():
+    with pytest.raises(ValueError, match=r"`StepTo\(ts=...\)`"):
+        dfx.StepTo(ts=[[0.0, 0.5], [0.5, 1.0]])
+
+
+# Ragged sequences: the error names the argument rather than numpy's own message
+# about an inhomogeneous shape.
+_RAGGED = [0.0, [0.5, 1.0]]
+
+
+def test_saveat_ts_given_a_ragged_list_is_an_error_naming_the_argument():
+    with pytest.raises(ValueError, match=r"SaveAt\(ts=...\)"):
+        dfx.SaveAt(ts=_RAGGED)
+
+
+def test_step_to_given_a_ragged_list_is_an_error_naming_the_argument():
+    with pytest.raises(ValueError, match=r"StepTo\(ts=...\)"):
+        dfx.StepTo(ts=_RAGGED)
+
+
+def test_dt0_given_a_ragged_list_is_an_error_naming_the_argument():
+    with pytest.raises(ValueError, match="`dt0`"):
+        dfx.diffeqsolve(_DECAY, dfx.Tsit5(), 0.0, 1.0, _RAGGED, 1.0, 1.0)
