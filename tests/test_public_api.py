@@ -44,6 +44,15 @@ PUBLIC_NAMES = [
     "LocalLinearInterpolation",
     "ThirdOrderHermitePolynomialInterpolation",
     "FourthOrderPolynomialInterpolation",
+    "AbstractGlobalInterpolation",
+    "LinearInterpolation",
+    "CubicInterpolation",
+    "backward_hermite_coefficients",
+    "natural_cubic_spline_coefficients",
+    "linear_interpolation",
+    "rectilinear_interpolation",
+    "ControlTerm",
+    "WeaklyDiagonalControlTerm",
     "NoProgressMeter",
     "TextProgressMeter",
     "TqdmProgressMeter",
@@ -74,6 +83,10 @@ CONCRETE_CLASSES = [
     "StepTo",
     "PIDController",
     "ClipStepSizeController",
+    "ControlTerm",
+    "WeaklyDiagonalControlTerm",
+    "LinearInterpolation",
+    "CubicInterpolation",
 ]
 
 ABSTRACT_CLASSES = [
@@ -86,6 +99,7 @@ ABSTRACT_CLASSES = [
     "AbstractAdaptiveStepSizeController",
     "AbstractAdjoint",
     "AbstractPath",
+    "AbstractGlobalInterpolation",
 ]
 
 

@@ -233,6 +233,32 @@ def _check_vf_is_like_y(y, vf, cls_name: str) -> None:
         )
 
 
+def _check_control_vf_shapes(y, vf, control) -> None:
+    """A `ControlTerm`'s vector field must have shape (*y_shape, *control_shape) for
+    every state leaf; the error names all three shapes."""
+    _check_vf_is_like_y(y, vf, "ControlTerm")
+    vf_leaves, vf_structure = jtu.tree_flatten(vf)
+    control_leaves, control_structure = jtu.tree_flatten(control)
+    if control_structure != vf_structure and len(control_leaves) != 1:
+        _pair_with_control(vf, control, "ControlTerm")  # raises the structure error
+    if control_structure != vf_structure:
+        control_leaves = control_leaves * len(vf_leaves)
+    for y_leaf, v, c in zip(jtu.tree_leaves(y), vf_leaves, control_leaves, strict=True):
+        y_shape = jnp.shape(y_leaf)
+        v = jnp.asarray(v)
+        expected = y_shape + tuple(c.shape)
+        if v.shape != expected:
+            hint = ""
+            if v.shape == tuple(c.shape) + y_shape:
+                hint = " It looks transposed: put the state axes first."
+            raise ValueError(
+                f"`ControlTerm`: for a state leaf of shape {y_shape} and a control of "
+                f"shape {tuple(c.shape)}, the vector field must return shape "
+                f"{expected} (state axes, then control axes), but it returned shape "
+                f"{v.shape}.{hint}"
+            )
+
+
 class _AbstractControlTerm(AbstractTerm):
     vector_field: Callable[..., PyTree]
     control: AbstractPath
@@ -324,26 +350,21 @@ class ControlTerm(_AbstractControlTerm):
             outs.append(jnp.tensordot(v, c, axes=c.ndim).astype(v.dtype))
         return jtu.tree_unflatten(structure, outs)
 
+    def vf(self, t, y, args):
+        vf = self.vector_field(t, y, args)
+        if not _is_linear_operator(vf):
+            # Shapes only: the control is not evaluated.
+            control = jax.eval_shape(lambda: self.contr(t, t))
+            _check_control_vf_shapes(y, vf, control)
+        return vf
+
     def vf_prod(self, t, y, args, control):
         vf = self.vf(t, y, args)
         if _is_linear_operator(vf):
             return vf.mv(control)
-        _check_vf_is_like_y(y, vf, "ControlTerm")
         pairs, structure = _pair_with_control(vf, control, "ControlTerm")
         outs = []
         for y_leaf, (v, c) in zip(jtu.tree_leaves(y), pairs, strict=True):
-            y_shape = jnp.shape(y_leaf)
-            expected = y_shape + c.shape
-            if v.shape != expected:
-                hint = ""
-                if v.shape == c.shape + y_shape:
-                    hint = " It looks transposed: put the state axes first."
-                raise ValueError(
-                    f"`ControlTerm`: for a state leaf of shape {y_shape} and a "
-                    f"control of shape {c.shape}, the vector field must return "
-                    f"shape {expected} (state axes, then control axes), but it "
-                    f"returned shape {v.shape}.{hint}"
-                )
             out = jnp.tensordot(v, c, axes=c.ndim)
             outs.append(out.astype(jnp.result_type(y_leaf)))
         return jtu.tree_unflatten(structure, outs)
@@ -447,4 +468,3 @@ def unwrap_is_ode(terms) -> bool:
     return isinstance(terms, ODETerm)
 
 
-del jax

@@ -6,6 +6,7 @@ of series is handled with `jax.vmap`; a batched array passed where an unbatched 
 belongs is refused with a `ValueError` naming both shapes, never broadcast.
 """
 
+import weakref
 from typing import Any
 
 import equinox as eqx
@@ -25,6 +26,13 @@ _VMAP_HINT = (
 
 def _is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
+
+
+# Traced `ts` whose values are already checked in the computation being traced, by id.
+# `CubicInterpolation(ts, backward_hermite_coefficients(ts, ys))` then checks `ts` once,
+# not twice: each check is a runtime branch with a host callback, which costs compile
+# time. (The check made first lives on in the coefficients computed from it.)
+_CHECKED_TS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 
 
 def check_ts(ts, cls_name: str) -> Array:
@@ -50,10 +58,15 @@ def check_ts(ts, cls_name: str) -> Array:
         "sort the observations by time and merge repeated times."
     )
     if _is_traced(ts):
+        if _CHECKED_TS.get(id(ts)) is ts:
+            return ts
         has_nan = jnp.any(jnp.isnan(ts))
         bad = has_nan | jnp.any(ts[1:] <= ts[:-1])
         which = jnp.where(has_nan, 0, 1)
-        return eqx.branched_error_if(ts, bad, which, [nan_message, order_message])
+        checked = eqx.branched_error_if(ts, bad, which, [nan_message, order_message])
+        _CHECKED_TS[id(ts)] = ts
+        _CHECKED_TS[id(checked)] = checked
+        return checked
     values = np.asarray(ts)
     if np.any(np.isnan(values)):
         raise ValueError(nan_message + f" Got ts = {values}.")

@@ -328,10 +328,22 @@ def _fixed_step_plan(controller, saveat, subs, adjoint, t0, t1, dt0, max_steps, 
     if checkpoints == 0:
         block = 0
     elif checkpoints is None:
-        block = max(1, math.isqrt(num_steps))
+        block = _block_size(num_steps, math.isqrt(num_steps))
     else:
-        block = max(1, -(-num_steps // checkpoints))
+        block = _block_size(num_steps, -(-num_steps // checkpoints))
     return num_steps, block
+
+
+def _block_size(num_steps, target):
+    """A checkpointing block size near `target`: a divisor of `num_steps` within a
+    factor of two if there is one (so that no padded steps are computed), else
+    `target` itself."""
+    target = max(1, target)
+    for offset in range(target):
+        for candidate in (target - offset, target + offset):
+            if target // 2 <= candidate <= 2 * target and num_steps % candidate == 0:
+                return candidate
+    return target
 
 
 def _initial_result(t0, t1, dt0):

@@ -223,7 +223,10 @@ class AbstractERK(AbstractRungeKutta):
         return _is_large_function(evaluate, t0, y0)
 
     def init(self, terms, t0, t1, y0, args):
-        if self.tableau.fsal and self._store_vf(terms, t0, t1, y0, args):
+        # First-same-as-last methods carry the vector field at the end of the step
+        # (a full matrix for a control term), so that the next step's first stage
+        # is a product with the new control increment rather than a new evaluation.
+        if self.tableau.fsal:
             return terms.vf(t0, y0, args)
         return None
 
@@ -234,7 +237,10 @@ class AbstractERK(AbstractRungeKutta):
         tableau = self.tableau
         s = tableau.num_stages
         store_vf = self._store_vf(terms, t0, t1, y0, args)
-        use_fsal = tableau.fsal and store_vf
+        use_fsal = tableau.fsal
+        # Storing increments: the last stage of a first-same-as-last method is still
+        # evaluated as a full vector field, to be carried to the next step.
+        fsal_vf_last = use_fsal and not store_vf
         control = terms.contr(t0, t1)
         dt = t1 - t0
 
@@ -260,15 +266,24 @@ class AbstractERK(AbstractRungeKutta):
 
         if use_fsal:
             if made_jump is False:
-                f0 = solver_state
+                vf0 = solver_state
             else:
-                f0 = lax.cond(
+                vf0 = lax.cond(
                     made_jump,
                     lambda: terms.vf(t0, y0, args),
                     lambda: solver_state,
                 )
+            f0 = vf0 if store_vf else terms.prod(vf0, control)
         else:
             f0 = evaluate(t0, y0)
+        # Stages computed by the loop below; the last one may be done separately.
+        loop_end = s - 1 if fsal_vf_last else s
+
+        def last_stage(weights, stages):
+            y_last = _add(y0, increment(weights, stages))
+            vf_last = terms.vf(t0 + c[s - 1] * dt, y_last, args)
+            return vf_last, terms.prod(vf_last, control)
+
         a = tableau.a_matrix
         c = tableau.c_full
         if self._use_scan(evaluate, t0, f0, y0):
@@ -285,19 +300,27 @@ class AbstractERK(AbstractRungeKutta):
                 f_i = stage_value(i, a_jnp[i], c_jnp[i].astype(dt.dtype), stages)
                 return jtu.tree_map(lambda buf, x: buf.at[i].set(x), stages, f_i)
 
-            stages = lax.fori_loop(1, s, body, stages)
+            stages = lax.fori_loop(1, loop_end, body, stages)
+            if fsal_vf_last:
+                last, k_last = last_stage(a[s - 1], stages)
+                stages = jtu.tree_map(lambda b, x: b.at[s - 1].set(x), stages, k_last)
+            else:
+                last = jtu.tree_map(lambda x: x[-1], stages)
             combine = stages
-            last = jtu.tree_map(lambda x: x[-1], stages)
         else:
             # Unrolled: each stage combines the previous ones with static weights,
             # skipping the tableau's zeros, and nothing is written to a buffer.
             values = [f0]
-            for i in range(1, s):
+            for i in range(1, loop_end):
                 stacked = _StageList(values)
                 values.append(stage_value(i, a[i, :i], c[i], stacked))
+            if fsal_vf_last:
+                last, k_last = last_stage(a[s - 1, : s - 1], _StageList(values))
+                values.append(k_last)
+            else:
+                last = values[-1]
             stages = jtu.tree_map(lambda *xs: jnp.stack(xs), *values)
             combine = _StageList(values)
-            last = values[-1]
         y1 = _add(y0, increment(tableau.b_sol, combine))
         if tableau.b_error is None:
             y_error = None

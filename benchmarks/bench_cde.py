@@ -1,0 +1,356 @@
+"""CDE benchmarks: cubic-path construction and a batched neural CDE, forward and gradient.
+
+    python benchmarks/bench_cde.py [--quick] [--only NAME[,NAME...]] [--json PATH]
+
+Problems: (a) Hermite cubic coefficients with backward differences and the
+`CubicInterpolation` for a batch of series, under `jax.vmap`; (b) the forward pass of a
+neural CDE (`ControlTerm` with an `eqx.nn.MLP` vector field driven by that path, `Tsit5`,
+`PIDController(rtol=1e-3, atol=1e-6, dtmax=span/32)`) over the batch, path construction included; (c)
+the loss and its gradient with respect to the network (`RecursiveCheckpointAdjoint`).
+When diffrax is importable, every problem also runs with diffrax in the same process
+and the ratios diffeqx / diffrax are printed next to their targets. Timing, fairness and
+columns are as in `bench_core.py` (see README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+from _problems import Case  # noqa: E402
+from _report import print_report, ratio_rows  # noqa: E402
+from _timing import EvalCounter, compile_once, fastest, time_runs  # noqa: E402
+from bench_core import (  # noqa: E402
+    _describe,
+    environment,
+    load_libraries,
+    relative_difference,
+    step_counts,
+)
+
+NUM_TIMES = 64  # observations per series
+CHANNELS = 3  # time, x, y
+HIDDEN = 8
+WIDTH = 64
+DEPTH = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CDEConfig:
+    dtype: object
+    batch_size: int
+
+
+# ---- data and model (identical for both libraries) ------------------------------------
+
+
+def make_series(config: CDEConfig):
+    """Irregularly sampled noisy spirals, (batch, times) and (batch, times, 3)."""
+    key_gaps, key_phase, key_noise = jr.split(jr.key(0), 3)
+    shape = (config.batch_size, NUM_TIMES - 1)
+    gaps = jr.uniform(key_gaps, shape, config.dtype, minval=0.2, maxval=1.0)
+    zeros = jnp.zeros((config.batch_size, 1), config.dtype)
+    ts = jnp.concatenate([zeros, jnp.cumsum(gaps, axis=1)], axis=1)
+    ts = 4 * jnp.pi * ts / ts[:, -1:]
+    phase = jr.uniform(key_phase, (config.batch_size, 1), config.dtype) * 2 * jnp.pi
+    sign = jnp.where(jnp.arange(config.batch_size) % 2 == 0, 1.0, -1.0)[:, None]
+    angle = sign * 2 * ts + phase
+    radius = jnp.exp(-0.3 * ts)
+    xy = radius[..., None] * jnp.stack([jnp.cos(angle), jnp.sin(angle)], -1)
+    xy = xy + 0.05 * jr.normal(key_noise, xy.shape, config.dtype)
+    ys = jnp.concatenate([ts[..., None] / 4, xy], axis=-1).astype(config.dtype)
+    labels = (sign[:, 0] < 0).astype(config.dtype)
+    return ts, ys, labels
+
+
+class MatrixField(eqx.Module):
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, h, args):
+        return self.mlp(h).reshape(HIDDEN, CHANNELS)
+
+
+class Model(eqx.Module):
+    initial: eqx.nn.Linear
+    field: Callable
+    readout: eqx.nn.Linear
+
+
+def make_model(config: CDEConfig) -> Model:
+    key_initial, key_field, key_readout = jr.split(jr.key(1), 3)
+    mlp = eqx.nn.MLP(
+        HIDDEN,
+        HIDDEN * CHANNELS,
+        WIDTH,
+        DEPTH,
+        activation=jax.nn.softplus,
+        final_activation=jnp.tanh,
+        dtype=config.dtype,
+        key=key_field,
+    )
+    return Model(
+        eqx.nn.Linear(CHANNELS, HIDDEN, dtype=config.dtype, key=key_initial),
+        MatrixField(mlp),
+        eqx.nn.Linear(HIDDEN, "scalar", dtype=config.dtype, key=key_readout),
+    )
+
+
+def _logit(lib, model, field, ts, ys):
+    control = lib.CubicInterpolation(ts, lib.backward_hermite_coefficients(ts, ys))
+    sol = lib.diffeqsolve(
+        lib.ControlTerm(field, control),
+        lib.Tsit5(),
+        t0=ts[0],
+        t1=ts[-1],
+        dt0=(ts[-1] - ts[0]) / 32,
+        y0=model.initial(control.evaluate(ts[0])),
+        # Capped steps (as in examples/neural_cde.py): at least 32 per series.
+        stepsize_controller=lib.PIDController(
+            rtol=1e-3, atol=1e-6, dtmax=(ts[-1] - ts[0]) / 32
+        ),
+        adjoint=lib.RecursiveCheckpointAdjoint(),
+        max_steps=1024,
+    )
+    stats = {key: sol.stats[key] for key in ("num_steps", "num_accepted_steps")}
+    stats["num_rejected_steps"] = sol.stats["num_rejected_steps"]
+    return model.readout(sol.ys[-1]), stats
+
+
+def _batched_logits(lib, counter):
+    def logits(model, ts, ys):
+        field = model.field if counter is None else counter.wrap(model.field)
+        one = lambda t, y: _logit(lib, model, field, t, y)
+        return jax.vmap(one)(ts, ys)
+
+    return logits
+
+
+# ---- the problems ---------------------------------------------------------------------
+
+
+def build_cubic_path(lib, counter, config) -> Case:
+    ts, ys, _ = make_series(config)
+
+    def paths(ts, ys):
+        build = lambda t, y: lib.CubicInterpolation(
+            t, lib.backward_hermite_coefficients(t, y)
+        )
+        return jax.vmap(build)(ts, ys).coeffs
+
+    return Case(paths, (ts, ys), value=lambda output: output)
+
+
+def build_forward(lib, counter, config) -> Case:
+    ts, ys, _ = make_series(config)
+    logits = _batched_logits(lib, counter)
+    return Case(
+        logits,
+        (make_model(config), ts, ys),
+        value=lambda output: output[0],
+        stats=lambda output: output[1],
+    )
+
+
+def build_gradient(lib, counter, config) -> Case:
+    ts, ys, labels = make_series(config)
+    logits = _batched_logits(lib, counter)
+
+    def loss(model, ts, ys, labels):
+        values, stats = logits(model, ts, ys)
+        bce = jnp.mean(jax.nn.softplus(values) - labels * values)
+        return bce, stats
+
+    value_and_grad = eqx.filter_value_and_grad(loss, has_aux=True)
+    return Case(
+        value_and_grad,
+        (make_model(config), ts, ys, labels),
+        value=lambda output: (output[0][0], output[1]),
+        stats=lambda output: output[0][1],
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    key: str
+    letter: str
+    title: str
+    build: Callable[..., Case]
+    index: int = 0
+    with_scan: bool = False
+
+
+PROBLEMS = (
+    Problem("cubic_path", "a", "a: cubic path x B", build_cubic_path, 0),
+    Problem("neural_cde_forward", "b", "b: neural CDE fwd", build_forward, 1),
+    Problem("neural_cde_grad", "c", "c: neural CDE grad", build_gradient, 2),
+)
+
+
+# ---- measuring ------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller, faster run")
+    parser.add_argument("--only", action="append", default=[], help="a-c or names")
+    parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float32")
+    parser.add_argument("--batch-size", type=int, help="series per batch")
+    parser.add_argument("--compile-repeats", type=int)
+    parser.add_argument("--min-run-time", type=float, help="seconds of timed runs")
+    parser.add_argument("--no-diffrax", action="store_true", help="skip diffrax")
+    parser.add_argument(
+        "--fevals",
+        action=argparse.BooleanOptionalAction,
+        help="count vector-field evaluations in an extra, untimed run (default: on, "
+        "off with --quick)",
+    )
+    args = parser.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 32 if args.quick else 128
+    if args.compile_repeats is None:
+        args.compile_repeats = 1 if args.quick else 2
+    if args.min_run_time is None:
+        args.min_run_time = 0.2 if args.quick else 1.0
+    if args.fevals is None:
+        args.fevals = not args.quick
+    return args
+
+
+def select(only: list[str]):
+    wanted = {name.strip() for item in only for name in item.split(",") if name}
+    if not wanted:
+        return list(PROBLEMS)
+    known = {p.key for p in PROBLEMS} | {p.letter for p in PROBLEMS}
+    if wanted - known:
+        raise SystemExit(
+            f"--only: unknown {sorted(wanted - known)}; choose {sorted(known)}"
+        )
+    return [p for p in PROBLEMS if p.key in wanted or p.letter in wanted]
+
+
+def measure(problem: Problem, libraries: dict, options) -> list[dict]:
+    names = list(libraries)
+    records = {name: {"problem": problem.key, "library": name} for name in names}
+    cases, compiled, timings = {}, {}, {name: [] for name in names}
+    for round_index in range(options.compile_repeats):
+        shift = (round_index + problem.index) % len(names)
+        for name in names[shift:] + names[:shift]:
+            if "error" in records[name]:
+                continue
+            try:
+                cases[name] = problem.build(libraries[name], None, options.config)
+                compiled[name], timing = compile_once(cases[name].fn, cases[name].args)
+                timings[name].append(timing)
+            except Exception as error:
+                records[name]["error"] = _describe(error)
+                compiled.pop(name, None)
+    runners = {name: (compiled[name], cases[name].args) for name in compiled}
+    outputs, runs = time_runs(runners, min_time_s=options.min_run_time)
+    values = {}
+    for name, run in runs.items():
+        compile_timing = fastest(timings[name])
+        records[name].update(
+            lower_s=compile_timing.lower_s,
+            xla_s=compile_timing.xla_s,
+            compile_s=compile_timing.total_s,
+            compile_all_s=[round(t.total_s, 4) for t in timings[name]],
+            compile_cpu_s=min(t.cpu_s for t in timings[name]),
+            first_run_ms=1e3 * run.first_s,
+            run_ms=1e3 * run.median_s,
+            run_min_ms=1e3 * run.min_s,
+            run_repeats=run.repeats,
+            steps=None,
+            accepted="-",
+            rejected="-",
+            fevals=None,
+        )
+        values[name] = cases[name].value(outputs[name])
+        if cases[name].stats is not None:
+            _count(
+                problem,
+                libraries[name],
+                cases[name],
+                outputs[name],
+                records[name],
+                options,
+            )
+    if "diffrax" in values and "diffeqx" in values:
+        records["diffeqx"]["rel_diff"] = relative_difference(
+            values["diffeqx"], values["diffrax"]
+        )
+    return [records[name] for name in names]
+
+
+def _count(problem, lib, case, output, record, options) -> None:
+    if not options.fevals:
+        record.update(step_counts(case.stats(output)))
+        return
+    counter = EvalCounter()
+    counting = problem.build(lib, counter, options.config)
+    counted = counter.run(counting.fn, counting.args)
+    record.update(step_counts(counting.stats(counted)), fevals=counter.count)
+
+
+def main(argv=None) -> int:
+    options = parse_args(argv)
+    if options.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    problems = select(options.only)
+    libraries = load_libraries(options.no_diffrax)
+    dtype = getattr(jnp, options.dtype)
+    options.config = CDEConfig(dtype=dtype, batch_size=options.batch_size)
+    info = environment(libraries, options)
+    print(
+        f"jax {info['jax']} on {info['backend']} ({info['device']}); dtype "
+        f"{options.dtype}; batch {options.batch_size} series x {NUM_TIMES} times x "
+        f"{CHANNELS} channels; compile repeats {options.compile_repeats}"
+    )
+    started = time.perf_counter()
+    for name, lib in libraries.items():  # warm-up: backend start, lazy imports
+        case = build_cubic_path(lib, None, CDEConfig(dtype, 2))
+        jax.block_until_ready(jax.jit(case.fn)(*case.args))
+        del name
+    records = []
+    for problem in problems:
+        print(f"running {problem.key} ...", flush=True)
+        try:
+            records.extend(measure(problem, libraries, options))
+        except Exception as error:
+            records.append(
+                {
+                    "problem": problem.key,
+                    "library": "diffeqx",
+                    "error": _describe(error),
+                }
+            )
+    info["wall_s"] = time.perf_counter() - started
+    print_report(records, problems, info)
+    print(
+        "(a) returns the coefficients; (b) one logit per series; (c) the loss and its "
+        "gradient. steps/fevals: summed over the batch / batched evaluations."
+    )
+    if options.json:
+        payload = {"environment": info, "results": records}
+        payload["ratios"] = ratio_rows(records, problems)
+        with open(options.json, "w") as file:
+            json.dump(payload, file, indent=2, default=str)
+        print(f"wrote {options.json}")
+    failed = [r for r in records if "error" in r and r["library"] == "diffeqx"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
