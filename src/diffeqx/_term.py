@@ -466,5 +466,3 @@ def unwrap_is_ode(terms) -> bool:
     while isinstance(terms, _ForwardTimeTerm):
         terms = terms.term
     return isinstance(terms, ODETerm)
-
-

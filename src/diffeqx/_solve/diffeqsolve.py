@@ -233,7 +233,6 @@ def diffeqsolve(
         num_rejected_steps=zero,
         save_state=save_state,
         dense_state=dense_state,
-        last_y_finite=jnp.asarray(True),
         event_state=event_state,
         event_mask=event_mask,
         progress_state=progress_meter.init(),

@@ -194,7 +194,6 @@ def step_body(
         num_rejected_steps=state.num_rejected_steps + jnp.where(keep, 0, 1),
         save_state=save_state,
         dense_state=dense_state,
-        last_y_finite=step_ok,
         event_state=event_state,
         event_mask=state.event_mask,
         progress_state=_progress(spec, state.progress_state, next_t0),
@@ -332,11 +331,7 @@ def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block
     )
     steps = jnp.asarray(num_steps)
     return dataclasses.replace(
-        final,
-        result=result,
-        num_steps=steps,
-        num_accepted_steps=steps,
-        last_y_finite=finite,
+        final, result=result, num_steps=steps, num_accepted_steps=steps
     )
 
 

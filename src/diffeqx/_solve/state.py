@@ -42,7 +42,6 @@ class LoopState(eqx.Module):
     num_rejected_steps: Int[Array, ""]
     save_state: PyTree[SaveState]
     dense_state: DenseState
-    last_y_finite: Bool[Array, ""]
     event_state: Any  # an `EventState`; its fields are None without an event
     event_mask: Any  # which conditions of a terminating event fired
     progress_state: Any  # the progress meter's state

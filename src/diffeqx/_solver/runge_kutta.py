@@ -13,7 +13,6 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import PyTree
 
 from .._solution import RESULTS
 from .._term import AbstractTerm
@@ -336,7 +335,3 @@ class AbstractERK(AbstractRungeKutta):
         else:
             new_state = None
         return y1, y_error, dense_info, new_state, RESULTS.successful
-
-
-def _unused(x: PyTree) -> None:
-    del x
