@@ -5,6 +5,10 @@ from ._adjoint.checkpoint import (
     RecursiveCheckpointAdjoint as RecursiveCheckpointAdjoint,
 )
 from ._adjoint.direct import DirectAdjoint as DirectAdjoint, ForwardMode as ForwardMode
+from ._control_term import (
+    ControlTerm as ControlTerm,
+    WeaklyDiagonalControlTerm as WeaklyDiagonalControlTerm,
+)
 from ._controller.base import (
     AbstractAdaptiveStepSizeController as AbstractAdaptiveStepSizeController,
     AbstractStepSizeController as AbstractStepSizeController,
@@ -68,10 +72,8 @@ from ._solver.runge_kutta import (
 )
 from ._term import (
     AbstractTerm as AbstractTerm,
-    ControlTerm as ControlTerm,
     MultiTerm as MultiTerm,
     ODETerm as ODETerm,
-    WeaklyDiagonalControlTerm as WeaklyDiagonalControlTerm,
 )
 
 __version__ = "0.1.0"

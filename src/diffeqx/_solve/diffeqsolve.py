@@ -1,7 +1,6 @@
 """`diffeqsolve`: arguments -> checks -> initial state -> adjoint loop -> Solution."""
 
 import dataclasses
-import math
 from typing import Any
 
 import equinox as eqx
@@ -11,10 +10,9 @@ from jaxtyping import PyTree
 
 from .._adjoint.base import AbstractAdjoint
 from .._adjoint.checkpoint import RecursiveCheckpointAdjoint
-from .._adjoint.direct import DirectAdjoint, ForwardMode
 from .._controller.base import AbstractStepSizeController
 from .._controller.clip import unwrap_controller
-from .._controller.constant import ConstantStepSize, StepTo, constant_step_count
+from .._controller.constant import ConstantStepSize, StepTo
 from .._event import Event
 from .._path.dense import DenseInterpolation
 from .._progress import AbstractProgressMeter, NoProgressMeter
@@ -24,7 +22,8 @@ from .._solver.base import AbstractSolver
 from .._term import forward_time_terms
 from . import checks
 from .event import EventSpec, EventState, init_event_state, locate_terminal_event
-from .loop import LoopSpec, clip_to_end, run_fixed_steps, run_loop
+from .fixed import fixed_step_plan, run_fixed_steps
+from .loop import LoopSpec, clip_to_end, run_loop
 from .save import (
     finish_save_state,
     init_dense_state,
@@ -239,7 +238,7 @@ def diffeqsolve(
     )
     fixed = None
     if event is None and spec.progress_meter is None:
-        fixed = _fixed_step_plan(
+        fixed = fixed_step_plan(
             stepsize_controller, saveat, subs, adjoint, t0, t1, dt0, max_steps, dtype
         )
     if fixed is not None:
@@ -297,52 +296,6 @@ def _finish_terminal_event(spec, final):
     return dataclasses.replace(
         final, tprev=t_end, y=y_end, save_state=save_state, event_mask=event_mask
     )
-
-
-def _fixed_step_plan(controller, saveat, subs, adjoint, t0, t1, dt0, max_steps, dtype):
-    """`(num_steps, block)` when the solve can run as a fixed-length scan: constant
-    steps, times known at trace time, and only `t0`/`t1` outputs. Otherwise None."""
-    if type(controller) is not ConstantStepSize or saveat.dense:
-        return None
-    if any(sub.steps or sub.ts is not None for sub in subs):
-        return None
-    if isinstance(adjoint, RecursiveCheckpointAdjoint):
-        checkpoints = adjoint.checkpoints
-    elif isinstance(adjoint, (DirectAdjoint, ForwardMode)):
-        checkpoints = 0
-    else:
-        return None
-    concrete = [checks._concrete(x) for x in (t0, t1, dt0)]
-    if any(x is None for x in concrete):
-        return None
-    t0_c, t1_c, dt0_c = concrete
-    direction = 1 if t1_c >= t0_c else -1
-    if dt0_c * direction <= 0 and t1_c != t0_c:
-        return None  # reported through the result code by the general path
-    num_steps = constant_step_count(
-        direction * t0_c, direction * t1_c, direction * dt0_c, dtype
-    )
-    if max_steps is not None and num_steps > max_steps:
-        return None
-    if checkpoints == 0:
-        block = 0
-    elif checkpoints is None:
-        block = _block_size(num_steps, math.isqrt(num_steps))
-    else:
-        block = _block_size(num_steps, -(-num_steps // checkpoints))
-    return num_steps, block
-
-
-def _block_size(num_steps, target):
-    """A checkpointing block size near `target`: a divisor of `num_steps` within a
-    factor of two if there is one (so that no padded steps are computed), else
-    `target` itself."""
-    target = max(1, target)
-    for offset in range(target):
-        for candidate in (target - offset, target + offset):
-            if target // 2 <= candidate <= 2 * target and num_steps % candidate == 0:
-                return candidate
-    return target
 
 
 def _initial_result(t0, t1, dt0):

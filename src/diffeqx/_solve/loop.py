@@ -5,8 +5,6 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
@@ -39,11 +37,11 @@ class LoopSpec(eqx.Module):
     progress_meter: Any = None  # None when no progress is reported
 
 
-def _tree_where(pred, new, old):
+def tree_where(pred, new, old):
     return jtu.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
-def _all_finite(tree):
+def all_finite(tree):
     leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree)]
     out = jnp.asarray(True)
     for leaf in leaves:
@@ -59,7 +57,7 @@ def clip_to_end(tprev, tnext, t1):
     return jnp.where(tnext >= t1 - tolerance, t1, tnext)
 
 
-def _take_step(spec: LoopSpec, state: LoopState):
+def take_step(spec: LoopSpec, state: LoopState):
     made_jump = state.made_jump if spec.may_jump else False
     return spec.solver.step(
         spec.terms,
@@ -141,8 +139,8 @@ def step_body(
     spec: LoopSpec, state: LoopState, inner_while_loop: Callable
 ) -> LoopState:
     """One iteration: step, accept or reject, save, count."""
-    y1, y_error, dense_info, solver_state, solver_result = _take_step(spec, state)
-    step_ok = _all_finite(y1) & (solver_result == RESULTS.successful)
+    y1, y_error, dense_info, solver_state, solver_result = take_step(spec, state)
+    step_ok = all_finite(y1) & (solver_result == RESULTS.successful)
     keep, next_t0, next_t1, made_jump, controller_state, result = _adapt(
         spec, state, y1, y_error, step_ok, solver_result
     )
@@ -151,8 +149,8 @@ def step_body(
         y = y1
         new_solver_state = solver_state
     else:
-        y = _tree_where(keep, y1, state.y)
-        new_solver_state = _tree_where(keep, solver_state, state.solver_state)
+        y = tree_where(keep, y1, state.y)
+        new_solver_state = tree_where(keep, solver_state, state.solver_state)
     needs_interpolant = spec.event_spec is not None or any(
         ts is not None for ts in spec.subs_ts
     )
@@ -252,7 +250,7 @@ def _events(
         old_values=state.event_state.values,
         fired=mask,
     )
-    last = _tree_where(stop, last, state.event_state.last)
+    last = tree_where(stop, last, state.event_state.last)
     event_state = dataclasses.replace(state.event_state, values=values, last=last)
     # The step that fired is accepted, but nothing is saved from it here: the event
     # lies somewhere inside it, and the saves up to the event are made once it has
@@ -283,82 +281,3 @@ def run_loop(spec: LoopSpec, init_state: LoopState, outer_while_loop, inner_whil
     unfinished = (final.tprev < spec.t1) & (final.result == RESULTS.successful)
     result = RESULTS.where(unfinished, RESULTS.max_steps_reached, final.result)
     return eqx.tree_at(lambda s: s.result, final, result)
-
-
-def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block: int):
-    """The fixed-step fast path: exactly `num_steps` steps as a `lax.scan`, with no
-    while-loop predicate to evaluate (on accelerators, a loop with a static trip count
-    also needs no host round trip per step).
-
-    `block > 0` groups the steps into rematerialised blocks of that many steps
-    (`jax.checkpoint`), so that reverse mode stores one state per block plus one
-    block's worth of steps; `block == 0` is a plain scan."""
-
-    def one_step(state):
-        return _fixed_step_body(spec, state)
-
-    if num_steps == 0:
-        final = init_state
-    elif block == 0 or block >= num_steps:
-        final, _ = lax.scan(
-            lambda s, _: (one_step(s), None), init_state, length=num_steps
-        )
-    else:
-        num_blocks = -(-num_steps // block)
-        padded = num_blocks * block != num_steps
-
-        @jax.checkpoint
-        def run_block(state, block_index):
-            def inner(s, j):
-                new = one_step(s)
-                if padded:
-                    live = block_index * block + j < num_steps
-                    new = _tree_where(live, new, s)
-                return new, None
-
-            return lax.scan(inner, state, jnp.arange(block))[0]
-
-        final, _ = lax.scan(
-            lambda s, b: (run_block(s, b), None), init_state, jnp.arange(num_blocks)
-        )
-    # Non-finite values propagate to the end of a fixed-step solve, so one check of
-    # the final state stands in for a check after every step.
-    finite = _all_finite(final.y)
-    result = RESULTS.where(
-        (final.result == RESULTS.successful) & ~finite,
-        RESULTS.non_finite_state,
-        final.result,
-    )
-    steps = jnp.asarray(num_steps)
-    return dataclasses.replace(
-        final, result=result, num_steps=steps, num_accepted_steps=steps
-    )
-
-
-def _fixed_step_body(spec: LoopSpec, state: LoopState) -> LoopState:
-    """One step of the fixed-step fast path: no acceptance test, no per-step result
-    bookkeeping (counts are known statically), only the step and the next times."""
-    y1, _, _, solver_state, solver_result = _take_step(spec, state)
-    _, next_t0, next_t1, _, controller_state, _ = spec.controller.adapt_step_size(
-        state.tprev,
-        state.tnext,
-        state.y,
-        y1,
-        spec.args,
-        None,
-        spec.error_order,
-        state.controller_state,
-    )
-    next_t1 = clip_to_end(next_t0, next_t1, spec.t1)
-    result = RESULTS.where(
-        state.result == RESULTS.successful, solver_result, state.result
-    )
-    return dataclasses.replace(
-        state,
-        y=y1,
-        result=result,
-        tprev=next_t0,
-        tnext=next_t1,
-        solver_state=solver_state,
-        controller_state=controller_state,
-    )
