@@ -4,10 +4,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, final
 
 import equinox as eqx
-import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jaxtyping import PyTree
+
+from ._times import as_times
 
 
 def save_y(t, y, args):
@@ -16,24 +16,7 @@ def save_y(t, y, args):
 
 
 def _convert_ts(ts):
-    if ts is None:
-        return None
-    if isinstance(ts, (list, tuple)):
-        try:
-            ts = np.asarray(ts, dtype=float)
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                "`SaveAt(ts=...)` must be a 1-D array of times, got a ragged or "
-                f"non-numeric sequence {ts!r}."
-            ) from e
-    ts = jnp.asarray(ts)
-    if ts.ndim != 1:
-        raise ValueError(
-            f"`SaveAt(ts=...)` must be a 1-D array of times, but got shape {ts.shape}."
-        )
-    if not jnp.issubdtype(ts.dtype, jnp.floating):
-        ts = ts.astype(jnp.result_type(float))
-    return ts
+    return None if ts is None else as_times(ts, "`SaveAt(ts=...)`")
 
 
 @final

@@ -6,19 +6,14 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
+from .._times import as_times
 from .base import AbstractAdaptiveStepSizeController, AbstractStepSizeController
 
 
 def _sorted_times(ts, name):
     if ts is None:
         return None
-    ts = jnp.asarray(ts)
-    if ts.ndim != 1:
-        raise ValueError(
-            f"`{name}` must be a 1-D array of times, got shape {ts.shape}."
-        )
-    if not jnp.issubdtype(ts.dtype, jnp.floating):
-        ts = ts.astype(jnp.result_type(float))
+    ts = as_times(ts, f"`{name}`")
     try:
         concrete = np.asarray(ts)
     except Exception:

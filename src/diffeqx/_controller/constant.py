@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._solution import RESULTS
+from .._times import as_times
 from .base import AbstractStepSizeController
 
 
@@ -58,22 +59,11 @@ def constant_step_count(t0, t1, dt0, dtype) -> int:
 
 
 def _check_step_to_ts(ts):
-    if isinstance(ts, (list, tuple)):
-        try:
-            ts = np.asarray(ts, dtype=float)
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                "`StepTo(ts=...)` must be a 1-D array of times, got a ragged or "
-                f"non-numeric sequence {ts!r}."
-            ) from e
-    ts = jnp.asarray(ts)
-    if ts.ndim != 1 or ts.shape[0] < 2:
+    ts = as_times(ts, "`StepTo(ts=...)`")
+    if ts.shape[0] < 2:
         raise ValueError(
-            f"`StepTo(ts=...)` needs a 1-D array of at least two times, got shape "
-            f"{ts.shape}."
+            f"`StepTo(ts=...)` needs at least two times, got shape {ts.shape}."
         )
-    if not jnp.issubdtype(ts.dtype, jnp.floating):
-        ts = ts.astype(jnp.result_type(float))
     try:
         concrete = np.asarray(ts)
     except Exception:  # traced: checked at run time instead

@@ -1,0 +1,26 @@
+"""Arrays of times given by users (`SaveAt(ts=...)`, `StepTo(ts=...)`, step and
+jump times): converted once, with errors that name the argument."""
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def as_times(ts, argument: str):
+    """`ts` as a 1-D floating-point array. `argument` names it in errors, e.g.
+    "`SaveAt(ts=...)`"."""
+    if isinstance(ts, (list, tuple)):
+        try:
+            ts = np.asarray(ts, dtype=float)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"{argument} must be a 1-D array of times, got a ragged or "
+                f"non-numeric sequence {ts!r}."
+            ) from e
+    ts = jnp.asarray(ts)
+    if ts.ndim != 1:
+        raise ValueError(
+            f"{argument} must be a 1-D array of times, but got shape {ts.shape}."
+        )
+    if not jnp.issubdtype(ts.dtype, jnp.floating):
+        ts = ts.astype(jnp.result_type(float))
+    return ts
