@@ -29,6 +29,26 @@ ROOT_FINDERS = {
 }
 
 
+def _oscillator_solve(event, t1, tol, solver=None):
+    """x'' = -x from x = 1, v = 0 (so x = cos t), with the given event."""
+    return dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: jnp.stack([y[1], -y[0]])),
+        dfx.Tsit5() if solver is None else solver,
+        0.0,
+        t1,
+        0.05,
+        jnp.array([1.0, 0.0]),
+        event=event,
+        stepsize_controller=dfx.PIDController(rtol=tol, atol=tol),
+    )
+
+
+def _cos_zero(**kwargs):
+    return dfx.Event(
+        lambda t, y, args, **kw: y[0], root_finder=ROOT_FINDERS["newton"], **kwargs
+    )
+
+
 @pytest.mark.parametrize("name", sorted(ROOT_FINDERS))
 def test_projectile_hits_ground_at_closed_form_time(name):
     event = dfx.Event(_height, root_finder=ROOT_FINDERS[name])
@@ -105,43 +125,12 @@ def test_pytree_of_conditions_reports_which_fired():
     "direction, expected", [(True, 3 * np.pi / 2), (False, np.pi / 2)]
 )
 def test_event_direction_selects_crossings(direction, expected):
-    oscillator = dfx.ODETerm(lambda t, y, args: jnp.stack([y[1], -y[0]]))
-    event = dfx.Event(
-        lambda t, y, args, **kw: y[0],
-        root_finder=ROOT_FINDERS["newton"],
-        direction=direction,
-    )
-    sol = dfx.diffeqsolve(
-        oscillator,
-        dfx.Dopri5(),
-        0.0,
-        10.0,
-        0.05,
-        jnp.array([1.0, 0.0]),
-        event=event,
-        stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
-    )
+    sol = _oscillator_solve(_cos_zero(direction=direction), 10.0, 1e-10, dfx.Dopri5())
     np.testing.assert_allclose(sol.ts[-1], expected, atol=1e-8)
 
 
 def test_non_terminating_event_records_every_crossing():
-    oscillator = dfx.ODETerm(lambda t, y, args: jnp.stack([y[1], -y[0]]))
-    event = dfx.Event(
-        lambda t, y, args, **kw: y[0],
-        root_finder=ROOT_FINDERS["newton"],
-        terminate=False,
-        max_events=5,
-    )
-    sol = dfx.diffeqsolve(
-        oscillator,
-        dfx.Tsit5(),
-        0.0,
-        10.0,
-        0.05,
-        jnp.array([1.0, 0.0]),
-        event=event,
-        stepsize_controller=dfx.PIDController(rtol=1e-11, atol=1e-11),
-    )
+    sol = _oscillator_solve(_cos_zero(terminate=False, max_events=5), 10.0, 1e-11)
     # The solve is not stopped; zeros of cos(t) in [0, 10]: pi/2 + k pi, k = 0, 1, 2.
     assert sol.result == dfx.RESULTS.successful
     np.testing.assert_allclose(sol.ts[-1], 10.0)
@@ -154,23 +143,7 @@ def test_non_terminating_event_records_every_crossing():
 
 
 def test_non_terminating_event_keeps_at_most_max_events():
-    oscillator = dfx.ODETerm(lambda t, y, args: jnp.stack([y[1], -y[0]]))
-    event = dfx.Event(
-        lambda t, y, args, **kw: y[0],
-        root_finder=ROOT_FINDERS["newton"],
-        terminate=False,
-        max_events=2,
-    )
-    sol = dfx.diffeqsolve(
-        oscillator,
-        dfx.Tsit5(),
-        0.0,
-        20.0,
-        0.05,
-        jnp.array([1.0, 0.0]),
-        event=event,
-        stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
-    )
+    sol = _oscillator_solve(_cos_zero(terminate=False, max_events=2), 20.0, 1e-10)
     np.testing.assert_allclose(
         sol.event_ts, np.pi / 2 + np.pi * np.arange(2), atol=1e-8
     )
