@@ -1,10 +1,15 @@
 """diffeqx: JAX-native solvers for differential equations, with Diffrax's API."""
 
 from ._adjoint.base import AbstractAdjoint as AbstractAdjoint
+from ._adjoint.backsolve import (
+    adjoint_rms_seminorm as adjoint_rms_seminorm,
+    BacksolveAdjoint as BacksolveAdjoint,
+)
 from ._adjoint.checkpoint import (
     RecursiveCheckpointAdjoint as RecursiveCheckpointAdjoint,
 )
 from ._adjoint.direct import DirectAdjoint as DirectAdjoint, ForwardMode as ForwardMode
+from ._adjoint.implicit import ImplicitAdjoint as ImplicitAdjoint
 from ._control_term import (
     ControlTerm as ControlTerm,
     WeaklyDiagonalControlTerm as WeaklyDiagonalControlTerm,

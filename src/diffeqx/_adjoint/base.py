@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import equinox as eqx
 import equinox.internal as eqxi
+import jax.numpy as jnp
+import jax.tree_util as jtu
 
 
 class AbstractAdjoint(eqx.Module):
@@ -28,3 +30,59 @@ def while_loop_of_kind(kind: str, **kwargs) -> Callable:
     `"checkpointed"` (reverse-mode, with recursive checkpointing) or `"bounded"`
     (both modes, any order, cost growing with `max_steps`)."""
     return ft.partial(eqxi.while_loop, kind=kind, **kwargs)
+
+
+class AbstractCustomGradientAdjoint(AbstractAdjoint):
+    """An adjoint that defines the derivative of the whole solve itself (rather than
+    differentiating the loop). `diffeqsolve` hands it the checked problem through
+    `custom_solve(solve, problem)`, where `solve` is `diffeqsolve` and `problem` the
+    dict of its arguments."""
+
+    @abc.abstractmethod
+    def custom_solve(self, solve: Callable, problem: dict):
+        """Returns the `Solution`, with this adjoint's derivative rule attached."""
+
+
+def closure_convert_terms(terms, t0, y0, args):
+    """Makes the values that vector-field closures capture (e.g. parameters traced by
+    an outer `jax.grad`) explicit leaves of the terms, so that a custom derivative
+    rule can differentiate with respect to them."""
+    from .._control_term import _AbstractControlTerm
+    from .._term import MultiTerm, ODETerm, is_term
+
+    t0 = jnp.asarray(t0)
+
+    def convert(term):
+        if isinstance(term, MultiTerm):
+            return MultiTerm(*(convert(sub) for sub in term.terms))
+        if isinstance(term, (ODETerm, _AbstractControlTerm)):
+            converted = eqx.filter_closure_convert(term.vector_field, t0, y0, args)
+            return eqx.tree_at(lambda x: x.vector_field, term, converted)
+        return term
+
+    return jtu.tree_map(convert, terms, is_leaf=is_term)
+
+
+def differentiation_levels() -> list[str]:
+    """The automatic-differentiation transformations being applied to the current
+    computation, innermost first: `"reverse"` for `jax.grad`/`jax.vjp`, `"forward"`
+    for `jax.jvp`/`jax.jacfwd`. Read from JAX's trace context; an empty list where it
+    cannot be read."""
+    try:
+        from jax._src import core
+        from jax._src.interpreters import ad, partial_eval as pe
+
+        trace = core.trace_ctx.trace
+    except (ImportError, AttributeError):
+        return []
+    linearize = getattr(ad, "LinearizeTrace", ())
+    levels = []
+    while trace is not None:
+        if linearize and isinstance(trace, linearize):
+            levels.append("reverse")
+        elif isinstance(trace, ad.JVPTrace):
+            parent = getattr(trace, "parent_trace", None)
+            # Reverse mode by jvp-then-partial-evaluation (older JAX versions).
+            levels.append("reverse" if isinstance(parent, pe.JaxprTrace) else "forward")
+        trace = getattr(trace, "parent_trace", None)
+    return levels

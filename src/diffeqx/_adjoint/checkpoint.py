@@ -4,7 +4,7 @@ from typing import final
 
 import equinox as eqx
 
-from .base import AbstractAdjoint, while_loop_of_kind
+from .base import AbstractAdjoint, differentiation_levels, while_loop_of_kind
 
 
 @final
@@ -43,6 +43,27 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
                 "`RecursiveCheckpointAdjoint` needs a finite `max_steps` or an explicit "
                 "`checkpoints` count; got `max_steps=None` and `checkpoints=None`."
             )
+        levels = differentiation_levels()
+        if levels and levels[0] == "forward" and "reverse" not in levels:
+            # Forward mode only (`jax.jvp`, `jax.jacfwd`, any order): a plain loop,
+            # carrying tangents alongside the solution.
+            loop = while_loop_of_kind("lax")
+            return run_loop(init_state, loop, loop)
+        if "reverse" in levels[1:]:
+            # Reverse mode over another derivative (`jax.grad(jax.grad(...))`,
+            # `jax.grad(jax.jvp(...))`): the checkpointed loop's own backward pass is
+            # not reverse-differentiable, so use a loop bounded by `max_steps` that is
+            # differentiable to any order.
+            if max_steps is None:
+                raise ValueError(
+                    "Second derivatives in reverse mode through "
+                    "`RecursiveCheckpointAdjoint` need a finite `max_steps`; got "
+                    "`max_steps=None`."
+                )
+            loop = while_loop_of_kind("bounded")
+            return run_loop(init_state, loop, loop)
+        # No derivative, reverse mode, or forward mode over reverse mode (e.g.
+        # `jax.hessian`): recursive checkpointing.
         outer = while_loop_of_kind("checkpointed", checkpoints=self.checkpoints)
         inner = while_loop_of_kind("checkpointed")
         return run_loop(init_state, outer, inner)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
-from .._adjoint.base import AbstractAdjoint
+from .._adjoint.base import AbstractAdjoint, AbstractCustomGradientAdjoint
 from .._adjoint.checkpoint import RecursiveCheckpointAdjoint
 from .._controller.base import AbstractStepSizeController
 from .._controller.clip import unwrap_controller
@@ -135,6 +135,29 @@ def diffeqsolve(
         else jtu.tree_leaves(saveat.subs, is_leaf=is_subsaveat)
     )
     checks.check_saveat(saveat, t0, t1, max_steps, subs)
+    if isinstance(adjoint, AbstractCustomGradientAdjoint):
+        dtype = _time_dtype(t0, t1, dt0)
+        return adjoint.custom_solve(
+            diffeqsolve,
+            dict(
+                terms=terms,
+                solver=solver,
+                t0=jnp.asarray(t0, dtype=dtype),
+                t1=jnp.asarray(t1, dtype=dtype),
+                dt0=None if dt0 is None else jnp.asarray(dt0, dtype=dtype),
+                y0=jtu.tree_map(_to_array, y0),
+                args=args,
+                saveat=saveat,
+                stepsize_controller=stepsize_controller,
+                event=event,
+                max_steps=max_steps,
+                throw=throw,
+                progress_meter=progress_meter,
+                solver_state=solver_state,
+                controller_state=controller_state,
+                made_jump=made_jump,
+            ),
+        )
 
     y0 = jtu.tree_map(_to_array, y0)
     dtype = _time_dtype(t0, t1, dt0)
