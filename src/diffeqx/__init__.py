@@ -1,10 +1,10 @@
 """diffeqx: JAX-native solvers for differential equations, with Diffrax's API."""
 
-from ._adjoint.base import AbstractAdjoint as AbstractAdjoint
 from ._adjoint.backsolve import (
-    adjoint_rms_seminorm as adjoint_rms_seminorm,
     BacksolveAdjoint as BacksolveAdjoint,
+    adjoint_rms_seminorm as adjoint_rms_seminorm,
 )
+from ._adjoint.base import AbstractAdjoint as AbstractAdjoint
 from ._adjoint.checkpoint import (
     RecursiveCheckpointAdjoint as RecursiveCheckpointAdjoint,
 )

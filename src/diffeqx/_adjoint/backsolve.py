@@ -12,7 +12,11 @@ import optimistix as optx
 
 from .._saveat import SaveAt, is_subsaveat, save_y
 from .._term import AbstractTerm
-from .base import AbstractCustomGradientAdjoint, closure_convert_terms, while_loop_of_kind
+from .base import (
+    AbstractCustomGradientAdjoint,
+    closure_convert_terms,
+    while_loop_of_kind,
+)
 
 
 class AdjointState(eqx.Module):
@@ -61,7 +65,10 @@ def _neg(tree):
 
 def _dot(a, b):
     return sum(
-        (jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))),
+        (
+            jnp.sum(x * y)
+            for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b), strict=True)
+        ),
         start=jnp.asarray(0.0),
     )
 
@@ -186,7 +193,9 @@ class BacksolveAdjoint(AbstractCustomGradientAdjoint):
         problem["terms"] = closure_convert_terms(
             problem["terms"], problem["t0"], problem["y0"], problem["args"]
         )
-        diff = {k: problem.pop(k) for k in ("y0", "args", "terms", "t0", "t1", "saveat")}
+        diff = {
+            k: problem.pop(k) for k in ("y0", "args", "terms", "t0", "t1", "saveat")
+        }
         return _backsolve(diff, problem, solve, self)
 
 
@@ -210,9 +219,7 @@ def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
     out_ts, out_ys = residuals
     # Values being differentiated may arrive as Python scalars (e.g. `jax.grad` of a
     # float); make them arrays so that the vector-field derivatives below see them.
-    diff = jtu.tree_map(
-        lambda x, p: jnp.asarray(x) if p else x, diff, perturbed
-    )
+    diff = jtu.tree_map(lambda x, p: jnp.asarray(x) if p else x, diff, perturbed)
     y0, args, terms = diff["y0"], diff["args"], diff["terms"]
     t0, t1, saveat = diff["t0"], diff["t1"], diff["saveat"]
     sub = saveat.subs
@@ -227,12 +234,16 @@ def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
 
     ct_ys = grad_obj.ys
     ct_ts = grad_obj.ts
-    ct_ys = jtu.tree_map(
-        lambda c, y: jnp.zeros_like(y) if c is None else c,
-        ct_ys,
-        out_ys,
-        is_leaf=lambda x: x is None,
-    ) if ct_ys is not None else jtu.tree_map(jnp.zeros_like, out_ys)
+    ct_ys = (
+        jtu.tree_map(
+            lambda c, y: jnp.zeros_like(y) if c is None else c,
+            ct_ys,
+            out_ys,
+            is_leaf=lambda x: x is None,
+        )
+        if ct_ys is not None
+        else jtu.tree_map(jnp.zeros_like, out_ys)
+    )
     if ct_ts is None:
         ct_ts = jnp.zeros_like(out_ts)
 
@@ -248,7 +259,9 @@ def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
 
     # Walk the saved points from last to first; segment k runs from point k back to
     # point k-1 (or to t0 for the first point), restarting from the saved state.
-    prev_times = jnp.concatenate([jnp.reshape(t0, (1,)).astype(out_ts.dtype), out_ts[:-1]])
+    prev_times = jnp.concatenate(
+        [jnp.reshape(t0, (1,)).astype(out_ts.dtype), out_ts[:-1]]
+    )
 
     def segment(carry, x):
         a_y, a_args, a_terms = carry
@@ -294,12 +307,19 @@ def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
     g_ts = None if sub.ts is None else g_times[offset : offset + n_ts]
 
     def like(g, x):
-        return None if g is None else jnp.asarray(g, jnp.result_type(x)).reshape(jnp.shape(x))
+        return (
+            None
+            if g is None
+            else jnp.asarray(g, jnp.result_type(x)).reshape(jnp.shape(x))
+        )
 
     g_saveat = jtu.tree_map(lambda _: None, saveat)
     if sub.ts is not None:
         g_saveat = eqx.tree_at(
-            lambda s: s.subs.ts, g_saveat, like(g_ts, sub.ts), is_leaf=lambda x: x is None
+            lambda s: s.subs.ts,
+            g_saveat,
+            like(g_ts, sub.ts),
+            is_leaf=lambda x: x is None,
         )
     return dict(
         y0=a_y,

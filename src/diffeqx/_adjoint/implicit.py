@@ -90,8 +90,12 @@ class ImplicitAdjoint(AbstractCustomGradientAdjoint):
             (t_inputs,) = tangents
             sol = run(inputs)
             t_sol = _steady_state_tangent(
-                sol, inputs["terms"], inputs["args"], t_inputs["terms"],
-                t_inputs["args"], self,
+                sol,
+                inputs["terms"],
+                inputs["args"],
+                t_inputs["terms"],
+                t_inputs["args"],
+                self,
             )
             return sol, t_sol
 
