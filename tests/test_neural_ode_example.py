@@ -8,8 +8,6 @@ import pathlib
 
 import pytest
 
-import diffeqx as dfx
-
 EXAMPLE = pathlib.Path(__file__).parent.parent / "examples" / "neural_ode.py"
 
 SMALL = dict(
@@ -48,9 +46,6 @@ def test_small_neural_ode_fits_spiral_with_recursive_checkpointing():
     _check_learns(example.main(adjoint="recursive", **SMALL))
 
 
-@pytest.mark.skipif(
-    not hasattr(dfx, "BacksolveAdjoint"), reason="BacksolveAdjoint is not available"
-)
 def test_small_neural_ode_fits_spiral_with_backsolve_adjoint():
     example = _load_example()
     _check_learns(example.main(adjoint="backsolve", **SMALL))

@@ -8,7 +8,8 @@ from ._adjoint.base import AbstractAdjoint as AbstractAdjoint
 from ._adjoint.checkpoint import (
     RecursiveCheckpointAdjoint as RecursiveCheckpointAdjoint,
 )
-from ._adjoint.direct import DirectAdjoint as DirectAdjoint, ForwardMode as ForwardMode
+from ._adjoint.direct import DirectAdjoint as DirectAdjoint
+from ._adjoint.forward import ForwardMode as ForwardMode
 from ._adjoint.implicit import ImplicitAdjoint as ImplicitAdjoint
 from ._control_term import (
     ControlTerm as ControlTerm,

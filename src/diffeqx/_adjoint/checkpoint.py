@@ -22,8 +22,18 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
     - `checkpoints`: the number of stored states. `None` chooses it from `max_steps`
       (which must then be finite).
 
-    Supports reverse mode (`jax.grad`, `jax.vjp`); for forward mode use `ForwardMode`
-    or `DirectAdjoint`.
+    Supports every mode and order, choosing the loop from the derivatives being
+    taken (read from JAX's trace when the solve is traced):
+
+    - reverse mode (`jax.grad`, `jax.vjp`), and forward mode over it (`jax.hessian`,
+      `jax.jacfwd(jax.grad(...))`): recursive checkpointing as above;
+    - forward mode only (`jax.jvp`, `jax.jacfwd`): a plain loop carrying tangents, as
+      `ForwardMode`;
+    - reverse mode over another derivative (`jax.grad(jax.grad(...))`): a loop bounded
+      by `max_steps`, as `DirectAdjoint`, whose cost grows with `max_steps`.
+
+    The choice is made when the solve is traced, so apply `jax.jit` outside the
+    derivatives (`jax.jit(jax.hessian(loss))`), not between them.
     """
 
     checkpoints: int | None = eqx.field(static=True, default=None)

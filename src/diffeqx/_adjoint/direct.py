@@ -1,5 +1,4 @@
-"""Adjoints that differentiate straight through the loop: `DirectAdjoint` and
-`ForwardMode`."""
+"""`DirectAdjoint`: differentiates straight through a bounded loop, in any mode."""
 
 from typing import final
 
@@ -20,16 +19,4 @@ class DirectAdjoint(AbstractAdjoint):
                 "`DirectAdjoint` needs a finite `max_steps`; got `max_steps=None`."
             )
         loop = while_loop_of_kind("bounded")
-        return run_loop(init_state, loop, loop)
-
-
-@final
-class ForwardMode(AbstractAdjoint):
-    """Forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) through the solve: one
-    pass carries the tangents alongside the solution, with no stored history.
-    Efficient when there are fewer inputs than outputs. Does not support reverse
-    mode."""
-
-    def loop(self, *, run_loop, init_state, max_steps):
-        loop = while_loop_of_kind("lax")
         return run_loop(init_state, loop, loop)

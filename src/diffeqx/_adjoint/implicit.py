@@ -77,7 +77,7 @@ class ImplicitAdjoint(AbstractCustomGradientAdjoint):
 
         @eqx.filter_custom_jvp
         def run(inputs):
-            from .direct import ForwardMode
+            from .forward import ForwardMode
 
             sol = solve(**inputs, **problem, adjoint=ForwardMode())
             dynamic, static = eqx.partition(sol, eqx.is_array)

@@ -9,7 +9,8 @@ import jax.lax as lax
 import jax.numpy as jnp
 
 from .._adjoint.checkpoint import RecursiveCheckpointAdjoint
-from .._adjoint.direct import DirectAdjoint, ForwardMode
+from .._adjoint.direct import DirectAdjoint
+from .._adjoint.forward import ForwardMode
 from .._controller.constant import ConstantStepSize, constant_step_count
 from .._solution import RESULTS
 from . import checks
