@@ -75,5 +75,10 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
         # No derivative, reverse mode, or forward mode over reverse mode (e.g.
         # `jax.hessian`): recursive checkpointing.
         outer = while_loop_of_kind("checkpointed", checkpoints=self.checkpoints)
-        inner = while_loop_of_kind("checkpointed")
+        if len(levels) > 1:
+            # Forward over reverse: the backward pass re-runs each step, inner loops
+            # included, under forward mode, so those must support both modes.
+            inner = while_loop_of_kind("bounded")
+        else:
+            inner = while_loop_of_kind("checkpointed")
         return run_loop(init_state, outer, inner)
