@@ -42,7 +42,9 @@ def test_checkpointed_grad_memory_does_not_grow_with_steps():
     small = _grad_temp_bytes(max_steps=1_000, checkpoints=50, dt0=1e-3)
     large = _grad_temp_bytes(max_steps=10_000, checkpoints=50, dt0=1e-4)
     stored_every_step = 10_000 * STATE_SIZE * 8
-    assert large <= 1.1 * small
+    # (Constant steps run on the fixed-step path, whose memory is a few kilobytes: a
+    # little bookkeeping may differ between the two, hence the absolute slack.)
+    assert large <= 1.1 * small + 16 * 1024
     assert large < stored_every_step / 10
 
 
@@ -147,7 +149,9 @@ def test_adaptive_grad_memory_with_fixed_checkpoints_ignores_max_steps():
 def test_backsolve_grad_memory_ignores_max_steps():
     # (The backward solve takes more steps than the forward one: a budget of 1,024
     # would not do.)
-    small_budget, _, _ = _adaptive_grad(dfx.BacksolveAdjoint(), SHORT_T1, SMALL_MAX_STEPS)
+    small_budget, _, _ = _adaptive_grad(
+        dfx.BacksolveAdjoint(), SHORT_T1, SMALL_MAX_STEPS
+    )
     large_budget, _, _ = _adaptive_grad(dfx.BacksolveAdjoint(), SHORT_T1, MAX_STEPS)
     assert large_budget <= 1.05 * small_budget
 

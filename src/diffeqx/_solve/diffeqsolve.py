@@ -161,6 +161,9 @@ def diffeqsolve(
 
     y0 = jtu.tree_map(_to_array, y0)
     dtype = _time_dtype(t0, t1, dt0)
+    # The values as given: under `jax.jit` even a constant becomes a tracer once
+    # converted, and the fixed-step plan needs to read them at trace time.
+    given_times = (t0, t1, dt0)
     t0 = jnp.asarray(t0, dtype=dtype)
     t1 = jnp.asarray(t1, dtype=dtype)
     if dt0 is not None:
@@ -262,7 +265,7 @@ def diffeqsolve(
     fixed = None
     if event is None and spec.progress_meter is None:
         fixed = fixed_step_plan(
-            stepsize_controller, saveat, subs, adjoint, t0, t1, dt0, max_steps, dtype
+            stepsize_controller, saveat, subs, adjoint, *given_times, max_steps, dtype
         )
     if fixed is not None:
         num_fixed_steps, block = fixed

@@ -259,9 +259,14 @@ class AbstractERK(AbstractRungeKutta):
             def evaluate(t, y):
                 return terms.vf_prod(t, y, args, control)
 
+        def stage_time(c_i):
+            # Stage times keep the dtype of the step's times (the tableau's
+            # coefficients are float64 NumPy values).
+            return t0 + jnp.asarray(c_i, dtype=dt.dtype) * dt
+
         def stage_value(i, weights, c_i, stages):
             y_i = _add(y0, increment(weights, stages))
-            return evaluate(t0 + c_i * dt, y_i)
+            return evaluate(stage_time(c_i), y_i)
 
         if use_fsal:
             if made_jump is False:
@@ -280,7 +285,7 @@ class AbstractERK(AbstractRungeKutta):
 
         def last_stage(weights, stages):
             y_last = _add(y0, increment(weights, stages))
-            vf_last = terms.vf(t0 + c[s - 1] * dt, y_last, args)
+            vf_last = terms.vf(stage_time(c[s - 1]), y_last, args)
             return vf_last, terms.prod(vf_last, control)
 
         a = tableau.a_matrix
