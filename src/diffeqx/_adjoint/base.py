@@ -61,28 +61,3 @@ def closure_convert_terms(terms, t0, y0, args):
         return term
 
     return jtu.tree_map(convert, terms, is_leaf=is_term)
-
-
-def differentiation_levels() -> list[str]:
-    """The automatic-differentiation transformations being applied to the current
-    computation, innermost first: `"reverse"` for `jax.grad`/`jax.vjp`, `"forward"`
-    for `jax.jvp`/`jax.jacfwd`. Read from JAX's trace context; an empty list where it
-    cannot be read."""
-    try:
-        from jax._src import core
-        from jax._src.interpreters import ad, partial_eval as pe
-
-        trace = core.trace_ctx.trace
-    except (ImportError, AttributeError):
-        return []
-    linearize = getattr(ad, "LinearizeTrace", ())
-    levels = []
-    while trace is not None:
-        if linearize and isinstance(trace, linearize):
-            levels.append("reverse")
-        elif isinstance(trace, ad.JVPTrace):
-            parent = getattr(trace, "parent_trace", None)
-            # Reverse mode by jvp-then-partial-evaluation (older JAX versions).
-            levels.append("reverse" if isinstance(parent, pe.JaxprTrace) else "forward")
-        trace = getattr(trace, "parent_trace", None)
-    return levels

@@ -4,7 +4,8 @@ from typing import final
 
 import equinox as eqx
 
-from .base import AbstractAdjoint, differentiation_levels, while_loop_of_kind
+from .._transforms import differentiation_levels
+from .base import AbstractAdjoint, while_loop_of_kind
 
 
 @final

