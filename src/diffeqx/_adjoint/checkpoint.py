@@ -34,7 +34,9 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
       by `max_steps`, as `DirectAdjoint`, whose cost grows with `max_steps`.
 
     The choice is made when the solve is traced, so apply `jax.jit` outside the
-    derivatives (`jax.jit(jax.hessian(loss))`), not between them.
+    derivatives (`jax.jit(jax.hessian(loss))`), not between them: a jitted function
+    already traced without derivatives keeps the checkpointed loop, which supports
+    `jax.grad` and `jax.hessian` but not `jax.jvp` or reverse-over-reverse.
     """
 
     checkpoints: int | None = eqx.field(static=True, default=None)
