@@ -16,6 +16,7 @@ import numpy as np
 
 from .._solution import RESULTS
 from .._term import AbstractTerm
+from .._transforms import differentiation_levels
 from .base import AbstractAdaptiveSolver
 
 
@@ -219,6 +220,11 @@ class AbstractERK(AbstractRungeKutta):
     def _use_scan(self, evaluate, t0, f0, y0) -> bool:
         if self.scan_stages is not None:
             return self.scan_stages
+        if len(differentiation_levels()) >= 2:
+            # Second derivatives replicate the step many times over, so program size
+            # (compile time) matters more than the unrolled stages' speed (measured:
+            # a 4-parameter Hessian compiles 2x faster with the stages in a loop).
+            return True
         return _is_large_function(evaluate, t0, y0)
 
     def init(self, terms, t0, t1, y0, args):
