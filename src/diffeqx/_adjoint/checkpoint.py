@@ -37,6 +37,8 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
     derivatives (`jax.jit(jax.hessian(loss))`), not between them: a jitted function
     already traced without derivatives keeps the checkpointed loop, which supports
     `jax.grad` and `jax.hessian` but not `jax.jvp` or reverse-over-reverse.
+    `jax.linearize` is seen as reverse mode; use `jax.jvp`, `ForwardMode` or
+    `DirectAdjoint` for it.
     """
 
     checkpoints: int | None = eqx.field(static=True, default=None)
