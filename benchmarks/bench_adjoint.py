@@ -18,9 +18,7 @@ Timing, fairness and columns are as in `bench_core.py` (see README.md).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -33,6 +31,15 @@ import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
+from _harness import (  # noqa: E402
+    chosen,
+    make_parser,
+    measure,
+    parse_with_defaults,
+    problem_names,
+    wanted_names,
+    write_json,
+)
 from _problems import Case, NeuralField, lotka_volterra  # noqa: E402
 from _report import (  # noqa: E402
     _milliseconds,
@@ -42,7 +49,7 @@ from _report import (  # noqa: E402
     print_report,
     ratio_rows,
 )
-from _timing import EvalCounter, compile_once, fastest, time_runs  # noqa: E402
+from _timing import compile_once, fastest, time_runs  # noqa: E402
 from bench_core import (  # noqa: E402
     _describe,
     environment,
@@ -176,57 +183,6 @@ TRAINING_PROBLEMS = (
     ),
 )
 HESSIAN_KEY = "lv_hessian"
-
-
-def measure_training(problem: Problem, libraries: dict, options) -> list[dict]:
-    names = list(libraries)
-    records = {name: {"problem": problem.key, "library": name} for name in names}
-    cases, compiled, timings = {}, {}, {name: [] for name in names}
-    for round_index in range(options.compile_repeats):
-        shift = (round_index + problem.index) % len(names)
-        for name in names[shift:] + names[:shift]:
-            if "error" in records[name]:
-                continue
-            try:
-                cases[name] = problem.build(libraries[name], None, options.config)
-                compiled[name], timing = compile_once(cases[name].fn, cases[name].args)
-                timings[name].append(timing)
-            except Exception as error:  # report it and carry on with the rest
-                records[name]["error"] = _describe(error)
-                compiled.pop(name, None)
-    runners = {name: (compiled[name], cases[name].args) for name in compiled}
-    outputs, runs = time_runs(runners, min_time_s=options.min_run_time)
-    values = {}
-    for name, run in runs.items():
-        compile_timing = fastest(timings[name])
-        records[name].update(
-            lower_s=compile_timing.lower_s,
-            xla_s=compile_timing.xla_s,
-            compile_s=compile_timing.total_s,
-            compile_all_s=[round(t.total_s, 4) for t in timings[name]],
-            compile_cpu_s=min(t.cpu_s for t in timings[name]),
-            first_run_ms=1e3 * run.first_s,
-            run_ms=1e3 * run.median_s,
-            run_min_ms=1e3 * run.min_s,
-            run_repeats=run.repeats,
-            fevals=None,
-        )
-        values[name] = cases[name].value(outputs[name])
-        case = cases[name]
-        if options.fevals:  # a separate, untimed run with a counting field
-            counter = EvalCounter()
-            counting = problem.build(libraries[name], counter, options.config)
-            counted = counter.run(counting.fn, counting.args)
-            records[name].update(
-                step_counts(counting.stats(counted)), fevals=counter.count
-            )
-        else:
-            records[name].update(step_counts(case.stats(outputs[name])))
-    if "diffrax" in values and "diffeqx" in values:
-        records["diffeqx"]["rel_diff"] = relative_difference(
-            values["diffeqx"], values["diffrax"]
-        )
-    return [records[name] for name in names]
 
 
 # ---- (c): the Hessian of a Lotka–Volterra fitting loss -------------------------------
@@ -451,50 +407,22 @@ def print_hessians(records: list[dict]) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller, faster run")
-    parser.add_argument(
-        "--only",
-        action="append",
-        default=[],
-        help=f"letters (a-c) or names ({HESSIAN_KEY} for c), comma-separated",
+    parser = make_parser(
+        __doc__.splitlines()[0],
+        only_help=f"letters (a-c) or names ({HESSIAN_KEY} for c), comma-separated",
+        batch_help="initial conditions in (a), (b)",
+        dtype="float64",
+        fevals_help="count vector-field evaluations in (a), (b) in an extra, untimed "
+        "run (default: on, off with --quick)",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
-    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    parser.add_argument("--batch-size", type=int, help="initial conditions in (a), (b)")
-    parser.add_argument("--compile-repeats", type=int)
-    parser.add_argument("--min-run-time", type=float, help="seconds of timed runs")
-    parser.add_argument("--no-diffrax", action="store_true", help="skip diffrax")
-    parser.add_argument(
-        "--fevals",
-        action=argparse.BooleanOptionalAction,
-        help="count vector-field evaluations in (a), (b) in an extra, untimed run "
-        "(default: on, off with --quick)",
-    )
-    args = parser.parse_args(argv)
-    if args.batch_size is None:
-        args.batch_size = 8 if args.quick else 32
-    if args.compile_repeats is None:
-        args.compile_repeats = 1 if args.quick else 2
-    if args.min_run_time is None:
-        args.min_run_time = 0.2 if args.quick else 1.0
-    if args.fevals is None:
-        args.fevals = not args.quick
-    return args
+    return parse_with_defaults(parser, argv, batch_size=(8, 32))
 
 
 def select(only: list[str]):
-    wanted = {name.strip() for item in only for name in item.split(",") if name}
-    known = {p.key for p in TRAINING_PROBLEMS} | {p.letter for p in TRAINING_PROBLEMS}
-    known |= {"c", HESSIAN_KEY}
-    if wanted - known:
-        raise SystemExit(
-            f"--only: unknown {sorted(wanted - known)}; choose {sorted(known)}"
-        )
+    wanted = wanted_names(only, problem_names(TRAINING_PROBLEMS) | {"c", HESSIAN_KEY})
     if not wanted:
         return list(TRAINING_PROBLEMS), True
-    training = [p for p in TRAINING_PROBLEMS if p.key in wanted or p.letter in wanted]
-    return training, bool(wanted & {"c", HESSIAN_KEY})
+    return chosen(TRAINING_PROBLEMS, wanted), bool(wanted & {"c", HESSIAN_KEY})
 
 
 def main(argv=None) -> int:
@@ -524,7 +452,7 @@ def main(argv=None) -> int:
     for problem in training:
         print(f"running {problem.key} ...", flush=True)
         try:
-            records.extend(measure_training(problem, libraries, options))
+            records.extend(measure(problem, libraries, options))
         except Exception as error:
             records.append(
                 {
@@ -556,9 +484,7 @@ def main(argv=None) -> int:
         payload = {"environment": info, "results": records}
         payload["ratios"] = ratio_rows(records, training)
         payload["hessian"] = hessian_records
-        with open(options.json, "w") as file:
-            json.dump(payload, file, indent=2, default=str)
-        print(f"wrote {options.json}")
+        write_json(options.json, payload)
     failed = [
         r
         for r in records + hessian_records

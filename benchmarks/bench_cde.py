@@ -14,9 +14,7 @@ columns are as in `bench_core.py` (see README.md).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -29,15 +27,19 @@ import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
+from _harness import (  # noqa: E402
+    make_parser,
+    measure,
+    parse_with_defaults,
+    select_problems,
+    write_json,
+)
 from _problems import Case  # noqa: E402
 from _report import print_report, ratio_rows  # noqa: E402
-from _timing import EvalCounter, compile_once, fastest, time_runs  # noqa: E402
 from bench_core import (  # noqa: E402
     _describe,
     environment,
     load_libraries,
-    relative_difference,
-    step_counts,
 )
 
 NUM_TIMES = 64  # observations per series
@@ -202,113 +204,22 @@ PROBLEMS = (
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller, faster run")
-    parser.add_argument("--only", action="append", default=[], help="a-c or names")
-    parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
-    parser.add_argument("--dtype", choices=("float64", "float32"), default="float32")
-    parser.add_argument("--batch-size", type=int, help="series per batch")
-    parser.add_argument("--compile-repeats", type=int)
-    parser.add_argument("--min-run-time", type=float, help="seconds of timed runs")
-    parser.add_argument("--no-diffrax", action="store_true", help="skip diffrax")
-    parser.add_argument(
-        "--fevals",
-        action=argparse.BooleanOptionalAction,
-        help="count vector-field evaluations in an extra, untimed run (default: on, "
-        "off with --quick)",
+    parser = make_parser(
+        __doc__.splitlines()[0],
+        only_help="a-c or names",
+        batch_help="series per batch",
+        dtype="float32",
+        fevals_help="count vector-field evaluations in an extra, untimed run "
+        "(default: on, off with --quick)",
     )
-    args = parser.parse_args(argv)
-    if args.batch_size is None:
-        args.batch_size = 32 if args.quick else 128
-    if args.compile_repeats is None:
-        args.compile_repeats = 1 if args.quick else 2
-    if args.min_run_time is None:
-        args.min_run_time = 0.2 if args.quick else 1.0
-    if args.fevals is None:
-        args.fevals = not args.quick
-    return args
-
-
-def select(only: list[str]):
-    wanted = {name.strip() for item in only for name in item.split(",") if name}
-    if not wanted:
-        return list(PROBLEMS)
-    known = {p.key for p in PROBLEMS} | {p.letter for p in PROBLEMS}
-    if wanted - known:
-        raise SystemExit(
-            f"--only: unknown {sorted(wanted - known)}; choose {sorted(known)}"
-        )
-    return [p for p in PROBLEMS if p.key in wanted or p.letter in wanted]
-
-
-def measure(problem: Problem, libraries: dict, options) -> list[dict]:
-    names = list(libraries)
-    records = {name: {"problem": problem.key, "library": name} for name in names}
-    cases, compiled, timings = {}, {}, {name: [] for name in names}
-    for round_index in range(options.compile_repeats):
-        shift = (round_index + problem.index) % len(names)
-        for name in names[shift:] + names[:shift]:
-            if "error" in records[name]:
-                continue
-            try:
-                cases[name] = problem.build(libraries[name], None, options.config)
-                compiled[name], timing = compile_once(cases[name].fn, cases[name].args)
-                timings[name].append(timing)
-            except Exception as error:
-                records[name]["error"] = _describe(error)
-                compiled.pop(name, None)
-    runners = {name: (compiled[name], cases[name].args) for name in compiled}
-    outputs, runs = time_runs(runners, min_time_s=options.min_run_time)
-    values = {}
-    for name, run in runs.items():
-        compile_timing = fastest(timings[name])
-        records[name].update(
-            lower_s=compile_timing.lower_s,
-            xla_s=compile_timing.xla_s,
-            compile_s=compile_timing.total_s,
-            compile_all_s=[round(t.total_s, 4) for t in timings[name]],
-            compile_cpu_s=min(t.cpu_s for t in timings[name]),
-            first_run_ms=1e3 * run.first_s,
-            run_ms=1e3 * run.median_s,
-            run_min_ms=1e3 * run.min_s,
-            run_repeats=run.repeats,
-            steps=None,
-            accepted="-",
-            rejected="-",
-            fevals=None,
-        )
-        values[name] = cases[name].value(outputs[name])
-        if cases[name].stats is not None:
-            _count(
-                problem,
-                libraries[name],
-                cases[name],
-                outputs[name],
-                records[name],
-                options,
-            )
-    if "diffrax" in values and "diffeqx" in values:
-        records["diffeqx"]["rel_diff"] = relative_difference(
-            values["diffeqx"], values["diffrax"]
-        )
-    return [records[name] for name in names]
-
-
-def _count(problem, lib, case, output, record, options) -> None:
-    if not options.fevals:
-        record.update(step_counts(case.stats(output)))
-        return
-    counter = EvalCounter()
-    counting = problem.build(lib, counter, options.config)
-    counted = counter.run(counting.fn, counting.args)
-    record.update(step_counts(counting.stats(counted)), fevals=counter.count)
+    return parse_with_defaults(parser, argv, batch_size=(32, 128))
 
 
 def main(argv=None) -> int:
     options = parse_args(argv)
     if options.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    problems = select(options.only)
+    problems = select_problems(PROBLEMS, options.only)
     libraries = load_libraries(options.no_diffrax)
     dtype = getattr(jnp, options.dtype)
     options.config = CDEConfig(dtype=dtype, batch_size=options.batch_size)
@@ -345,9 +256,7 @@ def main(argv=None) -> int:
     if options.json:
         payload = {"environment": info, "results": records}
         payload["ratios"] = ratio_rows(records, problems)
-        with open(options.json, "w") as file:
-            json.dump(payload, file, indent=2, default=str)
-        print(f"wrote {options.json}")
+        write_json(options.json, payload)
     failed = [r for r in records if "error" in r and r["library"] == "diffeqx"]
     return 1 if failed else 0
 

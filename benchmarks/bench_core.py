@@ -11,9 +11,7 @@ and the ratios diffeqx / diffrax are printed next to their targets.
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import os
 import platform
 import sys
@@ -26,44 +24,27 @@ sys.path.insert(0, HERE)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _harness import (  # noqa: E402
+    make_parser,
+    parse_with_defaults,
+    select_problems,
+    write_json,
+)
 from _problems import PROBLEMS, Config, build_fixed_euler  # noqa: E402
 from _report import print_report, ratio_rows  # noqa: E402
 from _timing import EvalCounter, compile_once, fastest, time_runs  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller, faster run")
-    parser.add_argument(
-        "--only",
-        action="append",
-        default=[],
-        help="problem letters (a-e) or names, comma-separated; repeatable",
-    )
-    parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
-    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    parser.add_argument("--batch-size", type=int, help="initial conditions in (c)")
-    parser.add_argument(
-        "--compile-repeats", type=int, help="compile each case this often, keep the min"
-    )
-    parser.add_argument("--min-run-time", type=float, help="seconds of timed runs")
-    parser.add_argument("--no-diffrax", action="store_true", help="skip diffrax")
-    parser.add_argument(
-        "--fevals",
-        action=argparse.BooleanOptionalAction,
-        help="count vector-field evaluations in an extra, untimed run per case "
+    parser = make_parser(
+        __doc__.splitlines()[0],
+        only_help="problem letters (a-e) or names, comma-separated; repeatable",
+        batch_help="initial conditions in (c)",
+        dtype="float64",
+        fevals_help="count vector-field evaluations in an extra, untimed run per case "
         "(default: on, off with --quick; (d) always counts, as it needs that run)",
     )
-    args = parser.parse_args(argv)
-    if args.batch_size is None:
-        args.batch_size = 100 if args.quick else 1000
-    if args.compile_repeats is None:
-        args.compile_repeats = 1 if args.quick else 2
-    if args.fevals is None:
-        args.fevals = not args.quick
-    if args.min_run_time is None:
-        args.min_run_time = 0.2 if args.quick else 1.0
-    return args
+    return parse_with_defaults(parser, argv, batch_size=(100, 1000))
 
 
 def import_diffeqx():
@@ -82,19 +63,6 @@ def load_libraries(skip_diffrax: bool) -> dict:
         except ImportError:
             print("diffrax is not importable: running diffeqx alone.")
     return libraries
-
-
-def select_problems(problems, only: list[str]):
-    wanted = {name.strip() for item in only for name in item.split(",") if name}
-    if not wanted:
-        return list(problems)
-    known = {p.key for p in problems} | {p.letter for p in problems}
-    unknown = wanted - known
-    if unknown:
-        raise SystemExit(
-            f"--only: unknown {sorted(unknown)}; choose from {sorted(known)}"
-        )
-    return [p for p in problems if p.key in wanted or p.letter in wanted]
 
 
 def warm_up(libraries: dict, config) -> None:
@@ -273,9 +241,7 @@ def main(argv=None) -> int:
     if options.json:
         payload = {"environment": info, "results": records}
         payload["ratios"] = ratio_rows(records, problems)
-        with open(options.json, "w") as file:
-            json.dump(payload, file, indent=2)
-        print(f"wrote {options.json}")
+        write_json(options.json, payload)
     failed = [r for r in records if "error" in r and r["library"] == "diffeqx"]
     return 1 if failed else 0
 
