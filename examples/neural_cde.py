@@ -15,6 +15,8 @@ Run with:  python examples/neural_cde.py      (about half a minute on a laptop C
 """
 
 import argparse
+import os
+import sys
 import time
 
 import equinox as eqx
@@ -23,6 +25,9 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import diffeqx as dfx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _adam import adam  # noqa: E402
 
 DTYPE = jnp.float32  # explicit, so the example behaves alike with or without x64
 SPEED = 2.0  # angular speed of the spirals (radians per unit time)
@@ -134,27 +139,6 @@ def loss_and_accuracy(model, ts, coeffs, labels):
     loss = jnp.mean(jax.nn.softplus(logits) - labels * logits)
     accuracy = jnp.mean((logits > 0) == (labels > 0.5))
     return loss, accuracy
-
-
-def adam(learning_rate, beta1=0.9, beta2=0.999, eps=1e-8):
-    """A minimal Adam: `init(params) -> state`, `update(grads, state) -> steps, state`."""
-
-    def init(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return (zeros, zeros, jnp.zeros((), jnp.int32))
-
-    def update(grads, state):
-        m, v, count = state
-        count = count + 1
-        m = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, m, grads)
-        v = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, v, grads)
-        scale = learning_rate * jnp.sqrt(1 - beta2**count) / (1 - beta1**count)
-        steps = jax.tree.map(
-            lambda m, v: (-scale * m / (jnp.sqrt(v) + eps)).astype(m.dtype), m, v
-        )
-        return steps, (m, v, count)
-
-    return init, update
 
 
 def train(model, ts, coeffs, labels, *, steps, batch_size, learning_rate, key, log):
