@@ -60,6 +60,18 @@ def time_derivative(terms, t, y, args):
     return jax.jvp(increment, (zero,), (jnp.ones((), t.dtype),))[1]
 
 
+def _zeros_for_none(cotangent, like):
+    """Cotangents with zeros in place of `None` (outputs the loss does not use)."""
+    if cotangent is None:
+        return jtu.tree_map(jnp.zeros_like, like)
+    return jtu.tree_map(
+        lambda c, x: jnp.zeros_like(x) if c is None else c,
+        cotangent,
+        like,
+        is_leaf=lambda x: x is None,
+    )
+
+
 def _neg(tree):
     return jtu.tree_map(jnp.negative, tree)
 
@@ -236,20 +248,8 @@ def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
     else:
         dt0 = None if rest["dt0"] is None else -rest["dt0"]
 
-    ct_ys = grad_obj.ys
-    ct_ts = grad_obj.ts
-    ct_ys = (
-        jtu.tree_map(
-            lambda c, y: jnp.zeros_like(y) if c is None else c,
-            ct_ys,
-            out_ys,
-            is_leaf=lambda x: x is None,
-        )
-        if ct_ys is not None
-        else jtu.tree_map(jnp.zeros_like, out_ys)
-    )
-    if ct_ts is None:
-        ct_ts = jnp.zeros_like(out_ts)
+    ct_ys = _zeros_for_none(grad_obj.ys, out_ys)
+    ct_ts = _zeros_for_none(grad_obj.ts, out_ts)
 
     def rate(t, y):
         return time_derivative(terms, t, y, args)

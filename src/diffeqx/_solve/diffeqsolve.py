@@ -135,17 +135,26 @@ def diffeqsolve(
         else jtu.tree_leaves(saveat.subs, is_leaf=is_subsaveat)
     )
     checks.check_saveat(saveat, t0, t1, max_steps, subs)
+    y0 = jtu.tree_map(_to_array, y0)
+    dtype = _time_dtype(t0, t1, dt0)
+    # The values as given: under `jax.jit` even a constant becomes a tracer once
+    # converted, and the fixed-step plan needs to read them at trace time.
+    given_times = (t0, t1, dt0)
+    t0 = jnp.asarray(t0, dtype=dtype)
+    t1 = jnp.asarray(t1, dtype=dtype)
+    if dt0 is not None:
+        dt0 = jnp.asarray(dt0, dtype=dtype)
     if isinstance(adjoint, AbstractCustomGradientAdjoint):
-        dtype = _time_dtype(t0, t1, dt0)
+        # The adjoint wraps a whole solve in its own derivative rule.
         return adjoint.custom_solve(
             diffeqsolve,
             dict(
                 terms=terms,
                 solver=solver,
-                t0=jnp.asarray(t0, dtype=dtype),
-                t1=jnp.asarray(t1, dtype=dtype),
-                dt0=None if dt0 is None else jnp.asarray(dt0, dtype=dtype),
-                y0=jtu.tree_map(_to_array, y0),
+                t0=t0,
+                t1=t1,
+                dt0=dt0,
+                y0=y0,
                 args=args,
                 saveat=saveat,
                 stepsize_controller=stepsize_controller,
@@ -158,16 +167,6 @@ def diffeqsolve(
                 made_jump=made_jump,
             ),
         )
-
-    y0 = jtu.tree_map(_to_array, y0)
-    dtype = _time_dtype(t0, t1, dt0)
-    # The values as given: under `jax.jit` even a constant becomes a tracer once
-    # converted, and the fixed-step plan needs to read them at trace time.
-    given_times = (t0, t1, dt0)
-    t0 = jnp.asarray(t0, dtype=dtype)
-    t1 = jnp.asarray(t1, dtype=dtype)
-    if dt0 is not None:
-        dt0 = jnp.asarray(dt0, dtype=dtype)
 
     # Integrate forwards in tau = direction * t.
     direction = jnp.where(t1 >= t0, 1, -1).astype(dtype)
