@@ -59,7 +59,11 @@ from ._solution import (
 from ._solve.diffeqsolve import diffeqsolve as diffeqsolve
 from ._solver.base import (
     AbstractAdaptiveSolver as AbstractAdaptiveSolver,
+    AbstractImplicitSolver as AbstractImplicitSolver,
+    AbstractItoSolver as AbstractItoSolver,
     AbstractSolver as AbstractSolver,
+    AbstractStratonovichSolver as AbstractStratonovichSolver,
+    AbstractWrappedSolver as AbstractWrappedSolver,
 )
 from ._solver.explicit import (
     Bosh3 as Bosh3,

@@ -2,6 +2,7 @@
 differential equations `dy = f(t, y, args) dX(t)` driven by a path `X`."""
 
 import sys
+import warnings
 from collections.abc import Callable
 from typing import final
 
@@ -12,7 +13,7 @@ import jax.tree_util as jtu
 from jaxtyping import PyTree
 
 from ._path.base import AbstractPath
-from ._term import AbstractTerm, ODETerm
+from ._term import VFT, AbstractTerm, ControlT, ODETerm
 
 
 def _is_linear_operator(x) -> bool:
@@ -119,7 +120,7 @@ def _check_control_vf_shapes(y, vf, control) -> None:
             )
 
 
-class _AbstractControlTerm(AbstractTerm):
+class _AbstractControlTerm(AbstractTerm[VFT, ControlT]):
     vector_field: Callable[..., PyTree]
     control: AbstractPath
 
@@ -155,7 +156,7 @@ class _ControlledVectorField(eqx.Module):
 
 
 @final
-class ControlTerm(_AbstractControlTerm):
+class ControlTerm(_AbstractControlTerm[VFT, ControlT]):
     r"""The term `f(t, y, args) dX(t)` of a controlled differential equation, in
     which the vector field is a matrix and acts on the increments of the control `X`
     by a matrix-vector product.
@@ -257,7 +258,22 @@ class WeaklyDiagonalControlTerm(_AbstractControlTerm):
     control = diffeqx.LinearInterpolation(ts, xs)      # xs: (times, 3)
     term = diffeqx.WeaklyDiagonalControlTerm(lambda t, y, args: -y, control)
     ```
+
+    Deprecated, as in Diffrax: constructing one emits a `UserWarning` (the category
+    Diffrax uses). The replacement is a `ControlTerm` whose vector field returns
+    `lineax.DiagonalLinearOperator(diagonal)`.
     """
+
+    def __init__(self, vector_field: Callable[..., PyTree], control):
+        warnings.warn(
+            "`WeaklyDiagonalControlTerm` is deprecated (as it is in Diffrax). Use "
+            "`ControlTerm(vector_field, control)` with a vector field that returns "
+            "`lineax.DiagonalLinearOperator(diagonal)`, where `diagonal` is what "
+            "this vector field returns now.",
+            UserWarning,
+            stacklevel=4,
+        )
+        super().__init__(vector_field, control)
 
     def prod(self, vf, control):
         pairs, structure = _pair_with_control(vf, control, "WeaklyDiagonalControlTerm")

@@ -1,42 +1,61 @@
 """The result of a solve: `Solution` and the `RESULTS` enumeration."""
 
+import warnings
 from typing import Any, final
 
-import equinox as eqx
-import jax.numpy as jnp
+import optimistix as optx
 from jaxtyping import Array, PyTree
 
 from ._path.base import AbstractPath
 
+# `max_steps_reached` exists in Optimistix's enumeration too, with a shorter message;
+# diffeqx gives it a message that says what to try. Equinox warns about a redefined
+# message when the class is created; the redefinition is deliberate, so that one
+# warning is silenced.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Enumeration has duplicate")
 
-@final
-class RESULTS(eqx.Enumeration):
-    """How a solve ended. Travels through jitted code as a value; `throw=True` turns a
-    failure into a runtime error carrying the message below."""
+    @final
+    class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
+        """How a solve ended. Travels through jitted code as a value; `throw=True`
+        turns a failure into a runtime error carrying the message below.
 
-    successful = ""
-    max_steps_reached = (
-        "The maximum number of solver steps was reached before `t1`. Increase "
-        "`max_steps` (or pass `max_steps=None` with an adjoint that allows it), or "
-        "check whether the problem is stiff."
-    )
-    dt_min_reached = (
-        "The step size controller wanted a step smaller than `dtmin`. Decrease "
-        "`dtmin`, pass `force_dtmin=True`, or loosen `rtol`/`atol`."
-    )
-    non_finite_state = (
-        "The solution became non-finite (NaN or infinity): the solution may blow up, "
-        "or the vector field may be undefined there."
-    )
-    dt0_wrong_sign = (
-        "`dt0` has the opposite sign to `t1 - t0`. Pass a positive `dt0` when "
-        "t1 > t0 and a negative one when t1 < t0."
-    )
-    event_occurred = "Terminating solve because an event occurred."
-    implicit_divergence = "Implicit method diverged."
-    implicit_nonconvergence = (
-        "Implicit method did not converge within the required number of iterations."
-    )
+        It extends `optimistix.RESULTS` (and so `lineax.RESULTS`): the failure code of
+        a nonlinear or linear solve inside a step (`nonlinear_divergence`,
+        `nonlinear_max_steps_reached`, `singular`, ...) becomes a diffeqx result with
+        `RESULTS.promote(optx_result)`.
+        """
+
+        max_steps_reached = (
+            "The maximum number of solver steps was reached before `t1`. Increase "
+            "`max_steps` (or pass `max_steps=None` with an adjoint that allows it), "
+            "or check whether the problem is stiff."
+        )
+        dt_min_reached = (
+            "The step size controller wanted a step smaller than `dtmin`. Decrease "
+            "`dtmin`, pass `force_dtmin=True`, or loosen `rtol`/`atol`."
+        )
+        event_occurred = "Terminating solve because an event occurred."
+        max_steps_rejected = (
+            "More steps were rejected than `ClipStepSizeController` can store: "
+            "increase its `store_rejected_steps`."
+        )
+        internal_error = (
+            "An internal error occurred in diffeqx. This is a bug: please report it "
+            "with a short example that reproduces it."
+        )
+        non_finite_state = (
+            "The solution became non-finite (NaN or infinity): the solution may blow "
+            "up, or the vector field may be undefined there."
+        )
+        dt0_wrong_sign = (
+            "`dt0` has the opposite sign to `t1 - t0`. Pass a positive `dt0` when "
+            "t1 > t0 and a negative one when t1 < t0."
+        )
+        implicit_divergence = "Implicit method diverged."
+        implicit_nonconvergence = (
+            "Implicit method did not converge within the required number of iterations."
+        )
 
 
 def is_okay(result: RESULTS) -> Any:
@@ -110,6 +129,3 @@ class Solution(AbstractPath):
                 "`saveat=SaveAt(dense=True)` to `diffeqsolve`."
             )
         return self.interpolation.derivative(t, left)
-
-
-del jnp

@@ -7,15 +7,20 @@ increment over `[t0, t1]` is `vf(t, y, args) * (t1 - t0)`.
 
 import abc
 from collections.abc import Callable
-from typing import Any, final
+from typing import Any, Generic, TypeVar, final
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
+# Type parameters of the generic term classes (`AbstractTerm[VF, Control]`, ...).
+VFT = TypeVar("VFT")
+ControlT = TypeVar("ControlT")
+TermsT = TypeVar("TermsT")
 
-class AbstractTerm(eqx.Module):
+
+class AbstractTerm(eqx.Module, Generic[VFT, ControlT]):
     """Base class for every term.
 
     Subclasses implement:
@@ -27,6 +32,11 @@ class AbstractTerm(eqx.Module):
 
     `vf_prod(t, y, args, control)` is `prod(vf(t, y, args), control)`; override it when
     the product can be computed more cheaply without materialising `vf`.
+
+    `AbstractTerm[VF, Control]` may be written in annotations and in a solver's
+    `term_structure`; there, `diffeqsolve` checks that the term's vector field and
+    control have these types (e.g. `AbstractTerm[Any, Float[Array, ""]]` for a
+    scalar control).
     """
 
     @abc.abstractmethod
@@ -63,7 +73,7 @@ def _check_vf_structure(y, out):
 
 
 @final
-class ODETerm(AbstractTerm):
+class ODETerm(AbstractTerm[VFT, Any]):
     """The term `f(t, y, args) dt` of an ordinary differential equation.
 
     **Arguments:**
@@ -107,14 +117,19 @@ class ODETerm(AbstractTerm):
 
 
 @final
-class MultiTerm(AbstractTerm):
+class MultiTerm(AbstractTerm, Generic[TermsT]):
     """The sum of several terms, e.g. drift and diffusion of an SDE.
 
     `vf` and `contr` return tuples with one entry per term; `prod` sums the products.
+    The parts are `.terms`, a tuple.
 
     **Arguments:**
 
     - `*terms`: the terms to add together.
+
+    `MultiTerm[tuple[ODETerm, ControlTerm]]` may be written in annotations and in a
+    solver's `term_structure`, which then accepts a `MultiTerm` of exactly these
+    parts.
     """
 
     terms: tuple[AbstractTerm, ...]
@@ -181,14 +196,23 @@ def is_term(x: Any) -> bool:
 
 
 def forward_time_terms(terms: PyTree[AbstractTerm], direction) -> PyTree[AbstractTerm]:
-    """Wraps every term of a PyTree of terms so that time runs forwards."""
-    return jtu.tree_map(
-        lambda term: _ForwardTimeTerm(term, direction), terms, is_leaf=is_term
-    )
+    """Wraps every term of a PyTree of terms so that time runs forwards.
+
+    The structure is kept: a `MultiTerm` becomes a `MultiTerm` of wrapped parts (so
+    that solvers for split or stochastic equations still find `terms.terms`), and
+    tuples, lists and dicts keep their shape."""
+
+    def _wrap(term):
+        if isinstance(term, MultiTerm):
+            return MultiTerm(*(_wrap(part) for part in term.terms))
+        return _ForwardTimeTerm(term, direction)
+
+    return jtu.tree_map(_wrap, terms, is_leaf=is_term)
 
 
 def unwrap_is_ode(terms) -> bool:
-    """Whether `terms` is (a forward-time wrapper of) a single `ODETerm`."""
+    """Whether `terms` is (a forward-time wrapper of) a single `ODETerm`: not a
+    `MultiTerm`, even one of ODE terms."""
     while isinstance(terms, _ForwardTimeTerm):
         terms = terms.term
     return isinstance(terms, ODETerm)

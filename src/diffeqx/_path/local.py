@@ -41,9 +41,6 @@ class LocalLinearInterpolation(AbstractLocalInterpolation):
     y0: PyTree
     y1: PyTree
 
-    def __init__(self, *, t0, t1, y0, y1, **unused):
-        self.t0, self.t1, self.y0, self.y1 = t0, t1, y0, y1
-
     def _at(self, t):
         theta, _ = self._theta(t)
         return jtu.tree_map(

@@ -2,8 +2,10 @@
 received and what was expected, and is raised before any tracing of the loop."""
 
 import inspect
+import warnings
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -12,9 +14,16 @@ import numpy as np
 from .._controller.base import AbstractStepSizeController
 from .._controller.clip import is_adaptive_controller, unwrap_controller
 from .._controller.constant import ConstantStepSize, StepTo
+from .._event import Event
 from .._saveat import SaveAt
-from .._solver.base import AbstractAdaptiveSolver, AbstractSolver
+from .._solver.base import AbstractSolver
+from .._solver.explicit import Euler
 from .._solver.runge_kutta import AbstractRungeKutta
+from .._solver.term_structure import (
+    structure_repr,
+    term_structure_mismatch,
+    term_type_mismatch,
+)
 from .._term import AbstractTerm, is_term
 
 
@@ -67,42 +76,13 @@ def check_terms(terms, solver) -> None:
             f"but got {_describe(terms)}.{hint}"
         )
     structure = solver.term_structure
-    if not _matches(terms, structure):
+    mismatch = term_structure_mismatch(terms, structure)
+    if mismatch is not None:
         raise ValueError(
             f"`terms` do not match the term_structure of {type(solver).__name__}: "
-            f"expected {_structure_repr(structure)}, got {_structure_repr(terms)}."
+            f"{mismatch}. The solver expects {structure_repr(structure)}, and got "
+            f"{structure_repr(terms)}."
         )
-
-
-def _matches(terms, structure) -> bool:
-    if isinstance(structure, type):
-        return isinstance(terms, structure)
-    if isinstance(structure, (tuple, list)):
-        return (
-            isinstance(terms, (tuple, list))
-            and len(terms) == len(structure)
-            and all(_matches(t, s) for t, s in zip(terms, structure, strict=True))
-        )
-    if isinstance(structure, dict):
-        return (
-            isinstance(terms, dict)
-            and terms.keys() == structure.keys()
-            and all(_matches(terms[k], structure[k]) for k in structure)
-        )
-    return True
-
-
-def _structure_repr(x) -> str:
-    if isinstance(x, type):
-        return x.__name__
-    if isinstance(x, (tuple, list)):
-        inner = ", ".join(_structure_repr(v) for v in x)
-        return f"({inner},)" if isinstance(x, tuple) and len(x) == 1 else f"({inner})"
-    if isinstance(x, dict):
-        return (
-            "{" + ", ".join(f"{k!r}: {_structure_repr(v)}" for k, v in x.items()) + "}"
-        )
-    return type(x).__name__
 
 
 def check_y0(y0) -> None:
@@ -142,13 +122,11 @@ def check_controller(stepsize_controller, solver, dt0, t0, t1) -> None:
             f"`PIDController(rtol=1e-6, atol=1e-6)`), got {_describe(stepsize_controller)}."
         )
     inner = unwrap_controller(stepsize_controller)
-    if is_adaptive_controller(stepsize_controller) and not _is_adaptive_solver(solver):
-        raise ValueError(
-            f"The solver {type(solver).__name__} has no error estimate and is not "
-            f"adaptive, so it cannot be used with {type(inner).__name__}. Use "
-            "`ConstantStepSize()` with this solver, or an adaptive solver such as "
-            "`Tsit5()`."
-        )
+    if (
+        is_adaptive_controller(stepsize_controller)
+        and _known_error_estimate(solver) is False
+    ):
+        _raise_no_error_estimate(solver, inner)
     if dt0 is None and isinstance(inner, ConstantStepSize):
         raise ValueError(
             "`dt0=None` was passed with `ConstantStepSize`, which needs an explicit "
@@ -180,12 +158,92 @@ def check_controller(stepsize_controller, solver, dt0, t0, t1) -> None:
                 )
 
 
-def _is_adaptive_solver(solver) -> bool:
-    if not isinstance(solver, AbstractAdaptiveSolver):
+def _known_error_estimate(solver) -> bool | None:
+    """Whether `solver.step` returns an error estimate, when known without tracing
+    it (the built-in solvers); `None` for any other solver."""
+    if isinstance(solver, AbstractRungeKutta):
+        return solver.tableau.b_error is not None
+    if isinstance(solver, Euler):
         return False
-    if isinstance(solver, AbstractRungeKutta) and solver.tableau.b_error is None:
-        return False
-    return True
+    return None
+
+
+def _raise_no_error_estimate(solver, controller) -> None:
+    raise ValueError(
+        f"The solver {type(solver).__name__} returns no error estimate (its `step` "
+        f"gives `y_error=None`), so it cannot be used with the adaptive "
+        f"{type(controller).__name__}. Use `ConstantStepSize()` with this solver, a "
+        "solver with an error estimate such as `Tsit5()`, or return an error "
+        "estimate from `step`."
+    )
+
+
+def check_step_protocol(terms, solver, stepsize_controller, t0, t1, y0, args) -> None:
+    """Checks that need the solve's values, done by tracing (no computation):
+
+    - the vector-field and control types a subscripted `term_structure` asks for
+      (e.g. `AbstractTerm[Any, Float[Array, ""]]`);
+    - that a solver used with an adaptive controller returns an error estimate.
+      Adaptivity is decided by what `step` returns, as Diffrax does, so a subclass of
+      `AbstractSolver` that returns one runs adaptively.
+
+    `t0`, `t1` and `y0` are the converted arrays, in the user's time."""
+    mismatch = term_type_mismatch(terms, solver.term_structure, t0, y0, args)
+    if mismatch is not None:
+        raise ValueError(
+            f"`terms` do not match the term_structure of {type(solver).__name__} "
+            f"({structure_repr(solver.term_structure)}): {mismatch}."
+        )
+    if not is_adaptive_controller(stepsize_controller):
+        return
+    if _known_error_estimate(solver) is not None:
+        return
+
+    def _y_error_is_none():
+        state = solver.init(terms, t0, t1, y0, args)
+        step = solver.step(terms, t0, t1, y0, args, state, False)
+        return step[1] is None
+
+    if eqx.filter_eval_shape(_y_error_is_none):
+        _raise_no_error_estimate(solver, unwrap_controller(stepsize_controller))
+
+
+class _DiscreteEventState(eqx.Module):
+    """What a Diffrax-0.4-style discrete terminating event reads from the solve."""
+
+    tprev: Any
+    y: Any
+
+
+class _DiscreteEventCondition(eqx.Module):
+    """An old-style `event(state, **kwargs) -> bool` as an `Event` condition."""
+
+    event: Any
+
+    def __call__(self, t, y, args, **kwargs):
+        return self.event(_DiscreteEventState(tprev=t, y=y), args=args, **kwargs)
+
+
+def resolve_deprecated_event(event, discrete_terminating_event):
+    """`diffeqsolve(..., discrete_terminating_event=...)`, deprecated in Diffrax in
+    favour of `event=`: accepted as Diffrax does, with a `UserWarning`. The callable
+    `fn(state, *, args, **kwargs)` sees `state.tprev` (the time at the end of the
+    step) and `state.y`; the solve stops after the first step where it is True."""
+    if discrete_terminating_event is None:
+        return event
+    if event is not None:
+        raise ValueError(
+            "Pass either `event=` or the deprecated `discrete_terminating_event=`, "
+            "not both."
+        )
+    warnings.warn(
+        "`diffeqsolve(..., discrete_terminating_event=...)` is deprecated (as it is "
+        "in Diffrax): pass `event=Event(cond_fn)` with a boolean "
+        "`cond_fn(t, y, args, **kwargs)` instead.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return Event(cond_fn=_DiscreteEventCondition(discrete_terminating_event))
 
 
 def check_times(t0, t1) -> None:

@@ -64,6 +64,7 @@ def diffeqsolve(
     solver_state: PyTree = None,
     controller_state: PyTree = None,
     made_jump: Any = None,
+    discrete_terminating_event: Any = None,
 ) -> Solution:
     """Solves a differential equation from `t0` to `t1`.
 
@@ -91,6 +92,8 @@ def diffeqsolve(
     - `progress_meter`: reports progress; `NoProgressMeter()` by default.
     - `solver_state`, `controller_state`, `made_jump`: resume from a previous solve's
       final states (save them with `SaveAt(solver_state=True, ...)`).
+    - `discrete_terminating_event`: deprecated, as in Diffrax (use `event`); accepted
+      with a `UserWarning`.
 
     **Returns:** a `Solution`.
 
@@ -114,6 +117,7 @@ def diffeqsolve(
     checks.check_times(t0, t1)
     checks.check_max_steps(max_steps)
     checks.check_controller(stepsize_controller, solver, dt0, t0, t1)
+    event = checks.resolve_deprecated_event(event, discrete_terminating_event)
     if event is not None and not isinstance(event, Event):
         raise TypeError(
             "`event` must be an `Event(cond_fn, ...)` or None, got "
@@ -144,6 +148,7 @@ def diffeqsolve(
     t1 = jnp.asarray(t1, dtype=dtype)
     if dt0 is not None:
         dt0 = jnp.asarray(dt0, dtype=dtype)
+    checks.check_step_protocol(terms, solver, stepsize_controller, t0, t1, y0, args)
     if isinstance(adjoint, AbstractCustomGradientAdjoint):
         # The adjoint wraps a whole solve in its own derivative rule.
         return adjoint.custom_solve(

@@ -2,7 +2,7 @@
 
 import abc
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import equinox as eqx
 from jaxtyping import PyTree
@@ -16,7 +16,10 @@ def _is_sde(terms) -> bool:
     return False
 
 
-class AbstractSolver(eqx.Module):
+_SolverState = TypeVar("_SolverState")
+
+
+class AbstractSolver(eqx.Module, Generic[_SolverState]):
     """Base class for every solver. The protocol, which `diffeqsolve` drives:
 
     - `term_structure`: the PyTree structure of terms the solver accepts, e.g.
@@ -33,7 +36,12 @@ class AbstractSolver(eqx.Module):
     - `order(terms)`, `strong_order(terms)`, `error_order(terms)`.
 
     Time always runs forwards inside `step`: for `t1 < t0`, `diffeqsolve` presents the
-    terms in reversed time.
+    terms in reversed time. The wrapping keeps the structure of `terms`: a `MultiTerm`
+    stays a `MultiTerm` whose `.terms` are the (wrapped) parts, and a tuple stays a
+    tuple, so a solver can take the parts apart as its `term_structure` says.
+
+    `AbstractSolver[StateType]` may be written in annotations (the type parameter is
+    the solver state's type; it is not checked).
     """
 
     term_structure: ClassVar[Any]
@@ -60,7 +68,7 @@ class AbstractSolver(eqx.Module):
         return self.order(terms)
 
     @abc.abstractmethod
-    def init(self, terms, t0, t1, y0, args) -> PyTree:
+    def init(self, terms, t0, t1, y0, args) -> _SolverState:
         """The initial solver state."""
 
     @abc.abstractmethod
@@ -72,6 +80,37 @@ class AbstractSolver(eqx.Module):
         """The vector field at `(t0, y0)`."""
 
 
-class AbstractAdaptiveSolver(AbstractSolver):
+class AbstractAdaptiveSolver(AbstractSolver[_SolverState]):
     """A solver whose `step` returns a meaningful error estimate `y_error`, so that it
-    can be used with an adaptive step-size controller such as `PIDController`."""
+    can be used with an adaptive step-size controller such as `PIDController`.
+
+    Subclassing it is a statement about the solver, not a requirement: any
+    `AbstractSolver` whose `step` returns an error estimate (not `None`) runs with an
+    adaptive controller. `diffeqsolve` decides by tracing `step` once."""
+
+
+class AbstractItoSolver(AbstractSolver[_SolverState]):
+    """Marks a solver that, applied to an SDE, converges to the Itô solution
+    (e.g. `Euler`)."""
+
+
+class AbstractStratonovichSolver(AbstractSolver[_SolverState]):
+    """Marks a solver that, applied to an SDE, converges to the Stratonovich solution
+    (e.g. `Heun`, `Midpoint`, `Ralston`)."""
+
+
+class AbstractImplicitSolver(AbstractSolver[_SolverState]):
+    """An implicit solver: its steps solve nonlinear systems.
+
+    Subclasses provide `root_finder` (an `optimistix.AbstractRootFinder`) and
+    `root_find_max_steps` (an int), as fields or properties. `step` reports a failed
+    root find as `RESULTS.promote(optx_result)`, which keeps Optimistix's code."""
+
+    root_finder: eqx.AbstractVar[Any]
+    root_find_max_steps: eqx.AbstractVar[int]
+
+
+class AbstractWrappedSolver(AbstractSolver[_SolverState]):
+    """A solver that wraps another one, given as its field or property `solver`."""
+
+    solver: eqx.AbstractVar[AbstractSolver]

@@ -481,8 +481,6 @@ DOPRI8_DENSE = (
     ),
 )
 
-EULER_TABLEAU = ButcherTableau(c=(), b_sol=(1.0,), b_error=None, a_lower=())
-
 DOPRI5_C_MID = (
     6025192743 / 30085553152 / 2,
     0.0,

@@ -1,7 +1,9 @@
-"""Explicit Runge–Kutta solvers: each is a tableau, an interpolant and an order."""
+"""Explicit solvers: Euler, and Runge–Kutta methods that are each a tableau, an
+interpolant and an order."""
 
-from typing import ClassVar, final
+from typing import Any, ClassVar, final
 
+import jax.tree_util as jtu
 import numpy as np
 
 from .._path.local import (
@@ -10,24 +12,47 @@ from .._path.local import (
     PolynomialStageInterpolation,
     ThirdOrderHermitePolynomialInterpolation,
 )
+from .._solution import RESULTS
+from .._term import AbstractTerm
 from . import coefficients as co
+from .base import AbstractItoSolver, AbstractStratonovichSolver
 from .runge_kutta import AbstractERK, ButcherTableau
 
 
 @final
-class Euler(AbstractERK):
-    """Explicit Euler method: first order, one stage, no error estimate (so it is
-    used with fixed steps). Linear interpolation for dense output."""
+class Euler(AbstractItoSolver):
+    """Explicit Euler method: `y1 = y0 + vf(t0, y0) · control(t0, t1)`. First order
+    for ODEs. Driven by Brownian motion it is the Euler–Maruyama method, which
+    converges to the Itô solution with strong order 0.5 (`strong_order`). No error
+    estimate, so it is used with fixed steps. Linear interpolation for dense output.
 
-    tableau: ClassVar[ButcherTableau] = co.EULER_TABLEAU
+    As in Diffrax, it is an `AbstractItoSolver` and neither an `AbstractRungeKutta` nor
+    an `AbstractAdaptiveSolver`.
+    """
+
+    term_structure: ClassVar[Any] = AbstractTerm
     interpolation_cls: ClassVar = LocalLinearInterpolation
 
     def order(self, terms):
         return 1
 
+    def strong_order(self, terms):
+        return 0.5
+
+    def init(self, terms, t0, t1, y0, args):
+        return None
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        increment = terms.vf_prod(t0, y0, args, terms.contr(t0, t1))
+        y1 = jtu.tree_map(lambda y, dy: (y + dy).astype(y.dtype), y0, increment)
+        return y1, None, dict(y0=y0, y1=y1), None, RESULTS.successful
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
 
 @final
-class Heun(AbstractERK):
+class Heun(AbstractERK, AbstractStratonovichSolver):
     """Heun's method: second order, two stages, embedded Euler error estimate.
     Cubic Hermite dense output."""
 
@@ -39,7 +64,7 @@ class Heun(AbstractERK):
 
 
 @final
-class Midpoint(AbstractERK):
+class Midpoint(AbstractERK, AbstractStratonovichSolver):
     """Explicit midpoint method: second order, two stages, embedded Euler error
     estimate. Cubic Hermite dense output."""
 
@@ -51,7 +76,7 @@ class Midpoint(AbstractERK):
 
 
 @final
-class Ralston(AbstractERK):
+class Ralston(AbstractERK, AbstractStratonovichSolver):
     """Ralston's method: the second-order two-stage method with minimal truncation
     error; embedded Euler error estimate. Cubic Hermite dense output."""
 

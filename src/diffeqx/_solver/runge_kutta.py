@@ -6,8 +6,9 @@ materialise, in which case the increments `k_i = vf_prod(t_i, y_i, control)` are
 stored instead. Stage `i` evaluates at `y0 + sum_j a_ij k_j`.
 """
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -20,6 +21,18 @@ from .._transforms import differentiation_levels
 from .base import AbstractAdaptiveSolver
 
 
+def _as_rows(rows, name) -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(row, dtype=np.float64) for row in rows)
+
+
+def _check_rows(rows, name) -> None:
+    for i, row in enumerate(rows):
+        if row.shape != (i + 1,):
+            raise ValueError(
+                f"Row {i} of `{name}` must have length {i + 1}, got shape {row.shape}."
+            )
+
+
 def _as_vector(x, name) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1:
@@ -30,17 +43,30 @@ def _as_vector(x, name) -> np.ndarray:
 
 
 class ButcherTableau:
-    """The coefficients of an explicit Runge–Kutta method with `s` stages.
+    """The coefficients of a Runge–Kutta method with `s` stages: explicit, or diagonally
+    implicit when `a_diagonal` is given.
 
     **Arguments:**
 
-    - `c`: the nodes of stages `2, ..., s` (the first node is 0); shape `(s - 1,)`.
+    - `c`: the nodes of stages `2, ..., s`; shape `(s - 1,)`.
     - `b_sol`: the weights giving the solution; shape `(s,)`.
     - `b_error`: the weights giving the error estimate (difference between the
       solution and an embedded lower-order solution); shape `(s,)`, or `None` for a
       method without an error estimate.
     - `a_lower`: the strictly lower-triangular rows of the Runge–Kutta matrix: a tuple
       of `s - 1` arrays, the `i`-th of length `i + 1`.
+    - `a_diagonal`: the diagonal of the Runge–Kutta matrix, shape `(s,)`, for a
+      diagonally implicit method; `None` for an explicit one.
+    - `a_predictor`: for a diagonally implicit method, optional weights that predict
+      each implicit stage from the previous ones (the starting guess of its nonlinear
+      solve): a tuple of `s - 1` arrays, the `i`-th of length `i + 1`.
+    - `c1`: the node of the first stage (0 for an explicit method).
+
+    Each stage must be consistent: its node equals the sum of its row of the
+    Runge–Kutta matrix (including the diagonal entry).
+
+    The engine in this release runs explicit tableaus (`AbstractERK`); diagonally
+    implicit ones are data for implicit solvers.
 
     **Example** (the classical fourth-order method):
 
@@ -58,12 +84,24 @@ class ButcherTableau:
     b_sol: np.ndarray
     b_error: np.ndarray | None
     a_lower: tuple[np.ndarray, ...]
+    a_diagonal: np.ndarray | None
+    a_predictor: tuple[np.ndarray, ...] | None
+    c1: float
 
-    def __init__(self, *, c, b_sol, b_error=None, a_lower):
+    def __init__(
+        self, c, b_sol, b_error, a_lower, a_diagonal=None, a_predictor=None, c1=0.0
+    ):
         self.c = _as_vector(c, "c")
         self.b_sol = _as_vector(b_sol, "b_sol")
         self.b_error = None if b_error is None else _as_vector(b_error, "b_error")
-        self.a_lower = tuple(np.asarray(row, dtype=np.float64) for row in a_lower)
+        self.a_lower = _as_rows(a_lower, "a_lower")
+        self.a_diagonal = (
+            None if a_diagonal is None else _as_vector(a_diagonal, "a_diagonal")
+        )
+        self.a_predictor = (
+            None if a_predictor is None else _as_rows(a_predictor, "a_predictor")
+        )
+        self.c1 = float(c1)
         s = len(self.b_sol)
         if len(self.c) != s - 1 or len(self.a_lower) != s - 1:
             raise ValueError(
@@ -71,26 +109,42 @@ class ButcherTableau:
                 f"{s - 1} and {s - 1} rows in `a_lower`; got len(c)={len(self.c)} and "
                 f"{len(self.a_lower)} rows."
             )
-        for i, row in enumerate(self.a_lower):
-            if row.shape != (i + 1,):
-                raise ValueError(
-                    f"Row {i} of `a_lower` must have length {i + 1}, got shape "
-                    f"{row.shape}."
-                )
-            if not np.isclose(row.sum(), self.c[i], rtol=1e-10, atol=1e-10):
-                raise ValueError(
-                    f"Row {i} of `a_lower` sums to {row.sum()} but `c[{i}]` is "
-                    f"{self.c[i]}; a consistent method has `sum_j a_ij == c_i`."
-                )
         if self.b_error is not None and self.b_error.shape != (s,):
             raise ValueError(
                 f"`b_error` must have shape ({s},), got {self.b_error.shape}."
+            )
+        if self.a_diagonal is not None and self.a_diagonal.shape != (s,):
+            raise ValueError(
+                f"`a_diagonal` must have shape ({s},), got {self.a_diagonal.shape}."
+            )
+        _check_rows(self.a_lower, "a_lower")
+        if self.a_predictor is not None:
+            if len(self.a_predictor) != s - 1:
+                raise ValueError(
+                    f"`a_predictor` needs {s - 1} rows, got {len(self.a_predictor)}."
+                )
+            _check_rows(self.a_predictor, "a_predictor")
+        diagonal = np.zeros(s) if self.a_diagonal is None else self.a_diagonal
+        for i, row in enumerate(self.a_lower):
+            total = row.sum() + diagonal[i + 1]
+            if not np.isclose(total, self.c[i], rtol=1e-10, atol=1e-10):
+                raise ValueError(
+                    f"Row {i} of `a_lower` (plus the diagonal entry) sums to {total} "
+                    f"but `c[{i}]` is {self.c[i]}; a consistent method has "
+                    "`sum_j a_ij == c_i`."
+                )
+        if not np.isclose(diagonal[0], self.c1, rtol=1e-10, atol=1e-10):
+            raise ValueError(
+                f"The first stage's node `c1={self.c1}` must equal its diagonal entry "
+                f"{diagonal[0]} (0 for an explicit first stage)."
             )
 
     def __repr__(self) -> str:
         return (
             f"ButcherTableau(c={self.c!r}, b_sol={self.b_sol!r}, "
-            f"b_error={self.b_error!r}, a_lower={self.a_lower!r})"
+            f"b_error={self.b_error!r}, a_lower={self.a_lower!r}, "
+            f"a_diagonal={self.a_diagonal!r}, a_predictor={self.a_predictor!r}, "
+            f"c1={self.c1!r})"
         )
 
     @property
@@ -98,33 +152,67 @@ class ButcherTableau:
         return len(self.b_sol)
 
     @property
+    def is_explicit(self) -> bool:
+        return self.a_diagonal is None or not np.any(self.a_diagonal)
+
+    @property
     def a_matrix(self) -> np.ndarray:
         s = self.num_stages
         a = np.zeros((s, s))
         for i, row in enumerate(self.a_lower):
             a[i + 1, : i + 1] = row
+        if self.a_diagonal is not None:
+            a[np.arange(s), np.arange(s)] = self.a_diagonal
         return a
 
     @property
     def c_full(self) -> np.ndarray:
-        return np.concatenate([[0.0], self.c])
+        return np.concatenate([[self.c1], self.c])
 
     @property
     def fsal(self) -> bool:
         """First same as last: the last stage is the vector field at `(t1, y1)`."""
         s = self.num_stages
         return (
-            s > 1
+            self.is_explicit
+            and s > 1
             and self.c[-1] == 1
             and self.b_sol[-1] == 0
             and np.array_equal(self.a_lower[-1], self.b_sol[:-1])
         )
 
 
+# Diffrax's values of `scan_kind`. It chooses there how the stage loop is built for
+# reverse-mode differentiation; here the engine picks unrolled or looped stages
+# itself (see `AbstractERK`), so every value runs the same program.
+_SCAN_KINDS = (None, "lax", "checkpointed", "bounded")
+
+
 class AbstractRungeKutta(AbstractAdaptiveSolver):
-    """Base class for Runge–Kutta solvers defined by a tableau."""
+    """Base class for Runge–Kutta solvers defined by a tableau.
+
+    **Arguments:**
+
+    - `scan_kind`: accepted for compatibility with Diffrax: `None` (default), `"lax"`,
+      `"checkpointed"` or `"bounded"`. In Diffrax it selects the kind of loop over the
+      stages (a plain `lax.scan`, or one that checkpoints / bounds it for
+      reverse-mode differentiation). diffeqx chooses how the stages run by itself
+      (unrolled for small vector fields, one loop for large ones and under second
+      derivatives), and any loop it builds is differentiable in every mode, so every
+      value gives the same program and the same results.
+    """
 
     tableau: ClassVar[ButcherTableau]
+    scan_kind: None | Literal["lax", "checkpointed", "bounded"] = eqx.field(
+        default=None, static=True
+    )
+
+    def __check_init__(self):
+        if self.scan_kind not in _SCAN_KINDS:
+            raise ValueError(
+                f"`{type(self).__name__}(scan_kind=...)` must be one of None, 'lax', "
+                f"'checkpointed' or 'bounded'; got {self.scan_kind!r}."
+            )
 
 
 class _StageList:
@@ -213,6 +301,13 @@ class AbstractERK(AbstractRungeKutta):
 
     term_structure: ClassVar[Any] = AbstractTerm
     scan_stages: ClassVar[bool | None] = None
+
+    def __check_init__(self):
+        if not self.tableau.is_explicit:
+            raise NotImplementedError(
+                f"{type(self).__name__} is an `AbstractERK`, whose engine runs "
+                "explicit tableaus only, but its tableau has a non-zero `a_diagonal`."
+            )
 
     def _store_vf(self, terms, t0, t1, y0, args) -> bool:
         return not terms.is_vf_expensive(t0, t1, y0, args)
