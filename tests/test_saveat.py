@@ -78,7 +78,7 @@ _COMBINATIONS = [
 
 
 @pytest.mark.parametrize("combination", _COMBINATIONS, ids=_combination_id)
-def test_saveat_outputs_t0_then_ts_then_steps_then_t1(combination):
+def test_saveat_outputs_t0_then_ts_and_steps_in_time_order_then_t1(combination):
     save_t0, save_ts, save_steps, save_t1 = combination
     saveat = dfx.SaveAt(
         t0=save_t0,
@@ -87,20 +87,19 @@ def test_saveat_outputs_t0_then_ts_then_steps_then_t1(combination):
         t1=save_t1,
     )
     sol = _solve(saveat)
-    # The contract (DESIGN.md) groups the outputs: t0, then all of ts, then every
-    # step, then t1. (Diffrax instead interleaves ts and steps chronologically, so
-    # the ts+steps combinations fail against it.)
-    expected_ts = []
-    if save_t0:
-        expected_ts.append([T0])
+    # As Diffrax: t0, then the ts and the step ends merged in time order (a save time
+    # equal to a step's end first), then t1.
+    middle = []
     if save_ts:
-        expected_ts.append(SAVE_TS)
+        middle += [(t, 0) for t in SAVE_TS]
     if save_steps:
         # The last step ends at t1; it is not saved a second time for `t1=True`.
-        expected_ts.append(STEP_TIMES)
-    elif save_t1:
-        expected_ts.append([T1])
-    expected_ts = np.concatenate(expected_ts)
+        middle += [(t, 1) for t in STEP_TIMES]
+    expected_ts = [T0] if save_t0 else []
+    expected_ts += [t for t, _ in sorted(middle)]
+    if save_t1 and not save_steps:
+        expected_ts.append(T1)
+    expected_ts = np.asarray(expected_ts)
 
     num_saved = _finite_prefix_length(sol.ts)
     np.testing.assert_allclose(sol.ts[:num_saved], expected_ts, rtol=0, atol=1e-12)
@@ -330,3 +329,80 @@ def test_saveat_ts_not_monotonic_is_rejected():
     with pytest.raises(ValueError, match="ts") as error:
         _solve(dfx.SaveAt(ts=[0.5, 0.2, 0.8]))
     assert "increasing" in str(error.value)
+
+
+def _euler_decay(saveat, dt0=0.25, max_steps=8, **kwargs):
+    # Euler on dy/dt = -y from y(0) = 1 has the exact discrete solution (1 - dt)^k.
+    return dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -y),
+        dfx.Euler(),
+        0.0,
+        1.0,
+        dt0,
+        jnp.asarray(1.0),
+        saveat=saveat,
+        max_steps=max_steps,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    "n, dt0, t1, expected",
+    [
+        # (every n-th step, step size, SaveAt(t1=...), expected saved times)
+        (2, 0.25, True, [0.5, 1.0]),
+        (2, 0.2, True, [0.4, 0.8, 1.0]),
+        (2, 0.2, False, [0.4, 0.8]),
+        (3, 0.25, False, [0.75]),
+        (3, 0.25, True, [0.75, 1.0]),
+        (4, 0.25, True, [1.0]),
+    ],
+)
+def test_saveat_steps_n_saves_every_nth_step_and_t1_once(n, dt0, t1, expected):
+    sol = _euler_decay(dfx.SaveAt(steps=n, t1=t1), dt0=dt0)
+    # Buffer: max_steps // n step slots, plus one for t1 when that does not divide.
+    size = -(-8 // n) if t1 else 8 // n
+    assert sol.ts.shape == (size,)
+    count = len(expected)
+    np.testing.assert_allclose(sol.ts[:count], expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        sol.ys[:count], (1 - dt0) ** np.round(np.asarray(expected) / dt0), rtol=1e-12
+    )
+    assert np.all(np.isinf(sol.ts[count:])) and np.all(np.isinf(sol.ys[count:]))
+
+
+def test_saveat_steps_rejects_negative_or_fractional_n():
+    with pytest.raises(ValueError, match="steps"):
+        dfx.SaveAt(steps=-1)
+    with pytest.raises(ValueError, match="steps"):
+        dfx.SaveAt(steps=2.5)
+
+
+def test_saveat_nothing_returns_no_outputs():
+    sol = _euler_decay(dfx.SaveAt(solver_state=True))
+    assert sol.ts is None and sol.ys is None
+    sol = _euler_decay(dfx.SaveAt())
+    assert sol.ts is None and sol.ys is None and int(sol.stats["num_steps"]) == 4
+
+
+@pytest.mark.parametrize(
+    "saveat, expected_ts",
+    [
+        # The t1 slot holds where the solve stopped, right after what was saved.
+        (dfx.SaveAt(t1=True), [0.5]),
+        (dfx.SaveAt(t1=True, ts=[0.1, 0.6, 0.9]), [0.1, 0.5]),
+        (dfx.SaveAt(t0=True, t1=True, ts=[0.1, 0.6, 0.9]), [0.0, 0.1, 0.5]),
+        # With `steps=True` the last step is already saved.
+        (dfx.SaveAt(t1=True, steps=True, ts=[0.1]), [0.1, 0.25, 0.5]),
+        (dfx.SaveAt(t1=True, steps=2, ts=[0.3]), [0.3, 0.5]),
+        (dfx.SaveAt(t1=True, steps=3), [0.5]),
+    ],
+)
+def test_saveat_t1_of_early_stopped_solve_holds_the_stop(saveat, expected_ts):
+    sol = _euler_decay(saveat, max_steps=2, throw=False)
+    assert sol.result == dfx.RESULTS.max_steps_reached
+    count = len(expected_ts)
+    np.testing.assert_allclose(sol.ts[:count], expected_ts, rtol=0, atol=1e-12)
+    assert np.all(np.isinf(sol.ts[count:]))
+    # The saved state at the stop is the state after two Euler steps.
+    assert float(sol.ys[count - 1]) == pytest.approx(0.75**2, rel=1e-12)

@@ -5,6 +5,7 @@ from typing import Any, final
 
 import equinox as eqx
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import PyTree
 
 from ._times import as_times
@@ -19,6 +20,16 @@ def _convert_ts(ts):
     return None if ts is None else as_times(ts, "`SaveAt(ts=...)`")
 
 
+def _check_steps(steps):
+    # `bool` is an `int`: `steps=True` means every step, `steps=n` every n-th step.
+    if isinstance(steps, (bool, int, np.integer)) and steps >= 0:
+        return steps
+    raise ValueError(
+        "`SaveAt(steps=...)` must be a bool (save every accepted step) or a "
+        f"non-negative int n (save every n-th accepted step), got {steps!r}."
+    )
+
+
 @final
 class SubSaveAt(eqx.Module):
     """One output of a solve. Several can be combined with `SaveAt(subs=...)`.
@@ -26,20 +37,32 @@ class SubSaveAt(eqx.Module):
     **Arguments:**
 
     - `t0`: save the initial time and state.
-    - `t1`: save the final time and state.
+    - `t1`: save the final time and state. A solve that stops early (with
+      `throw=False`) saves where it stopped instead.
     - `ts`: save at these times (1-D, monotonic in the direction of integration,
       inside `[t0, t1]`).
-    - `steps`: save after every accepted step.
+    - `steps`: `True` saves after every accepted step; an int `n` saves after every
+      `n`-th accepted step.
     - `fn`: `fn(t, y, args)` is saved instead of `y`.
 
-    Within one output the order is: `t0`, then `ts`, then `steps`, then `t1`.
+    Within one output the order is chronological, as the solve reaches each time:
+    `t0`, then the `ts` and the step ends merged in time order (a time in `ts` equal
+    to a step's end comes first), then `t1` unless the last step was already saved.
+    Unused slots at the end are `inf`.
     """
 
     t0: bool = eqx.field(static=True, default=False)
     t1: bool = eqx.field(static=True, default=False)
     ts: Any = eqx.field(default=None, converter=_convert_ts)
-    steps: bool = eqx.field(static=True, default=False)
+    steps: bool | int = eqx.field(static=True, default=0, converter=_check_steps)
     fn: Callable = save_y
+
+    def __init__(self, *, t0=False, t1=False, ts=None, steps=0, fn=save_y):
+        self.t0 = t0
+        self.t1 = t1
+        self.ts = ts
+        self.steps = steps
+        self.fn = fn
 
     def __check_init__(self):
         if not (self.t0 or self.t1 or self.ts is not None or self.steps):
@@ -86,7 +109,7 @@ class SaveAt(eqx.Module):
         t0: bool = False,
         t1: bool = False,
         ts: Sequence[float] | Any = None,
-        steps: bool = False,
+        steps: bool | int = False,
         fn: Callable = save_y,
         subs: PyTree[SubSaveAt] = None,
         dense: bool = False,
@@ -100,14 +123,9 @@ class SaveAt(eqx.Module):
                     "Pass either `subs` or `t0`/`t1`/`ts`/`steps` to `SaveAt`, not both."
                 )
             subs = SubSaveAt(t0=t0, t1=t1, ts=ts, steps=steps, fn=fn)
-        elif subs is None and not dense:
-            # Saving nothing at all is allowed only with dense output or internal
-            # states; otherwise the user almost certainly meant `t1=True`.
-            if not (solver_state or controller_state or made_jump):
-                raise ValueError(
-                    "`SaveAt` was asked to save nothing. Pass e.g. `t1=True`, "
-                    "`ts=...`, `steps=True` or `dense=True`."
-                )
+        # With nothing asked (`SaveAt()`), nothing is saved: `Solution.ts` and `ys`
+        # are None, as in Diffrax. Useful when only an event or a final solver state
+        # matters.
         if subs is not None:
             for leaf in jtu.tree_leaves(subs, is_leaf=_is_subsaveat):
                 if not isinstance(leaf, SubSaveAt):

@@ -1,131 +1,237 @@
-"""Saving: filling the output buffers of each `SubSaveAt` and of dense output."""
+"""Saving: filling the output buffers of each `SubSaveAt` and of dense output.
+
+Each output is one buffer filled in time order through a single write index, as
+Diffrax does: `t0` (if asked), then the `ts` and the step ends merged in the order in
+which the solve reaches them, then `t1`. Unused slots stay `inf`.
+"""
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from .._adjoint.base import while_loop_of_kind
 from .._saveat import SubSaveAt
 from .._transforms import is_batched
 from .state import DenseState, SaveState
 
 
-def _fill(shape_dtype, size):
+def fill_like(shape_dtype, size):
+    """A buffer of `size` copies of `shape_dtype`'s shape, filled with `inf` (`0` for
+    non-floating dtypes): the value of every slot that is never written."""
     dtype = shape_dtype.dtype
     fill = jnp.inf if jnp.issubdtype(dtype, jnp.inexact) else 0
     return jnp.full((size,) + shape_dtype.shape, fill, dtype=dtype)
 
 
+def step_stride(sub: SubSaveAt) -> int:
+    """Every how many accepted steps `sub` saves: 0 for never, 1 for `steps=True`,
+    `n` for `steps=n`."""
+    return int(sub.steps)
+
+
 def num_saves(sub: SubSaveAt, max_steps: int | None) -> int:
-    # With `steps=True` the last step already ends at t1, so t1 is not saved twice.
-    n = int(sub.t0) + int(sub.t1 and not sub.steps)
+    """The length of the output buffers of `sub`."""
+    n = int(sub.t0)
     if sub.ts is not None:
         n += sub.ts.shape[0]
-    if sub.steps:
-        n += max_steps
+    stride = step_stride(sub)
+    if stride:
+        # With `t1=True`, `t1` is saved only when the last step was not itself saved,
+        # so it needs a slot of its own only when `max_steps` is not a multiple.
+        n += -(-max_steps // stride) if sub.t1 else max_steps // stride
+    elif sub.t1:
+        n += 1
     return n
+
+
+def _set(buffer, slot, value, pred):
+    if pred is True:
+        return buffer.at[slot].set(value)
+    if isinstance(buffer, jax.Array):
+        # A plain array (outside a loop): a write to an out-of-range slot is dropped.
+        return buffer.at[jnp.where(pred, slot, buffer.shape[0])].set(value, mode="drop")
+    # A loop's write-once buffer, which takes the predicate itself.
+    return buffer.at[slot].set(value, pred=pred)
+
+
+def _write(save_state: SaveState, slot, t, value, pred) -> SaveState:
+    """Writes `(t, value)` into `slot` where `pred`, and advances the write index."""
+    ts = _set(save_state.ts, slot, t, pred)
+    # `value` leads so that buffers are matched whole, not descended into.
+    ys = jtu.tree_map(lambda v, b: _set(b, slot, v, pred), value, save_state.ys)
+    return SaveState(
+        ts_index=save_state.ts_index,
+        save_index=save_state.save_index + jnp.where(pred, 1, 0),
+        ts=ts,
+        ys=ys,
+    )
 
 
 def init_save_state(sub: SubSaveAt, t0, y0, args, max_steps, direction) -> SaveState:
     """Allocates the buffers for one output and saves `t0` if asked."""
     size = num_saves(sub, max_steps)
     out_shape = eqx.filter_eval_shape(sub.fn, t0 * direction, y0, args)
-    ts = jnp.full((size,), jnp.inf, dtype=jnp.result_type(t0))
-    ys = jtu.tree_map(lambda s: _fill(s, size), out_shape)
+    state = SaveState(
+        ts_index=jnp.asarray(0),
+        save_index=jnp.asarray(0),
+        ts=jnp.full((size,), jnp.inf, dtype=jnp.result_type(t0)),
+        ys=jtu.tree_map(lambda s: fill_like(s, size), out_shape),
+    )
     if sub.t0:
-        ts = ts.at[0].set(t0)
-        value = sub.fn(t0 * direction, y0, args)
-        ys = jtu.tree_map(lambda buf, v: buf.at[0].set(v), ys, value)
-    # Layout: [t0] [ts ...] [steps ...] [t1]; `save_index` is the next slot after the
-    # `ts` block, for steps and then t1.
-    save_index = jnp.asarray(ts_offset(sub) + _num_ts(sub))
-    return SaveState(ts_index=jnp.asarray(0), save_index=save_index, ts=ts, ys=ys)
+        state = _write(state, 0, t0, sub.fn(t0 * direction, y0, args), True)
+    return state
 
 
-def ts_offset(sub: SubSaveAt) -> int:
-    """The slot of the first `SubSaveAt.ts` value."""
-    return int(sub.t0)
-
-
-def _num_ts(sub: SubSaveAt) -> int:
-    return 0 if sub.ts is None else sub.ts.shape[0]
-
-
-def save_ts_in_step(
+def save_pending_ts(
     save_state: SaveState,
     sub: SubSaveAt,
     ts_tau,
-    interpolant,
     t_end,
-    keep,
+    state_at,
+    pred,
     args,
     direction,
-    inner_while_loop,
+    while_loop,
 ) -> SaveState:
-    """Saves every requested time in `(t_start, t_end]` from the step's interpolant,
-    with a small while loop that runs once per save time inside the step. (Measured:
-    masked writes outside a loop cost more than this loop, especially under `vmap`.)"""
+    """Saves every requested time not yet saved and at most `t_end`, in order, with
+    the state `state_at(tau)` (a step's interpolant, or a constant state). A no-op
+    where `pred` is false. A small while loop runs once per time saved. (Measured:
+    masked writes of every time outside a loop cost more, especially under `vmap`.)"""
     n = ts_tau.shape[0]
 
     def pending(ts_index):
         next_t = ts_tau[jnp.minimum(ts_index, n - 1)]
-        return keep & (ts_index < n) & (next_t <= t_end)
+        return pred & (ts_index < n) & (next_t <= t_end)
 
-    offset = ts_offset(sub)
+    def body(state):
+        tau = ts_tau[state.ts_index]
+        state = _write(
+            state,
+            state.save_index,
+            tau,
+            sub.fn(tau * direction, state_at(tau), args),
+            True,
+        )
+        return eqx.tree_at(lambda s: s.ts_index, state, state.ts_index + 1)
 
-    def cond(carry):
-        return pending(carry[0])
-
-    def body(carry):
-        ts_index, ts_buf, ys_buf = carry
-        tau = ts_tau[ts_index]
-        value = sub.fn(tau * direction, interpolant.evaluate(tau), args)
-        slot = offset + ts_index
-        ts_buf = ts_buf.at[slot].set(tau)
-        # `value` leads so that buffers are matched whole, not descended into.
-        ys_buf = jtu.tree_map(lambda v, b: b.at[slot].set(v), value, ys_buf)
-        return ts_index + 1, ts_buf, ys_buf
-
-    carry = (save_state.ts_index, save_state.ts, save_state.ys)
-
-    def run(carry):
-        return inner_while_loop(
-            cond, body, carry, max_steps=n, buffers=lambda c: (c[1], c[2])
+    def run(state):
+        return while_loop(
+            lambda s: pending(s.ts_index),
+            body,
+            state,
+            max_steps=n,
+            buffers=lambda s: (s.ts, s.ys),
         )
 
     if is_batched():
         # Under `vmap` some member usually has something to save, so a branch around
         # the loop costs more than it saves (measured: 2.4x slower for a batch of
         # 1,000); a loop with nothing to save costs one test.
-        carry = run(carry)
-    else:
-        # A single solve saves in few of its steps: skipping the loop in the others
-        # is cheaper than entering it (measured: 1.6x faster, 100 saves over 2,700
-        # steps).
-        carry = jax.lax.cond(pending(save_state.ts_index), run, lambda c: c, carry)
-    ts_index, ts_buf, ys_buf = carry
-    return SaveState(
-        ts_index=ts_index, save_index=save_state.save_index, ts=ts_buf, ys=ys_buf
-    )
+        return run(save_state)
+    # A single solve saves in few of its steps: skipping the loop in the others is
+    # cheaper than entering it (measured: 1.6x faster, 100 saves over 2,700 steps).
+    return jax.lax.cond(pending(save_state.ts_index), run, lambda s: s, save_state)
 
 
-def save_step(save_state: SaveState, sub: SubSaveAt, t, y, keep, args, direction):
-    """Saves the state after an accepted step (`SubSaveAt(steps=True)`)."""
-    index = save_state.save_index
+def save_step(
+    save_state: SaveState, sub: SubSaveAt, t, y, keep, num_accepted, args, direction
+) -> SaveState:
+    """Saves the state after an accepted step, if it is one that `sub.steps` asks
+    for. `num_accepted` counts the accepted steps before this one."""
+    stride = step_stride(sub)
+    pred = keep
+    if stride > 1:
+        pred = pred & ((num_accepted + 1) % stride == 0)
     value = sub.fn(t * direction, y, args)
-    ts = save_state.ts.at[index].set(t, pred=keep)
-    ys = jtu.tree_map(lambda v, b: b.at[index].set(v, pred=keep), value, save_state.ys)
-    return SaveState(
-        ts_index=save_state.ts_index,
-        save_index=index + jnp.where(keep, 1, 0),
-        ts=ts,
-        ys=ys,
-    )
+    return _write(save_state, save_state.save_index, t, value, pred)
+
+
+def save_in_step(
+    save_state: SaveState,
+    sub: SubSaveAt,
+    ts_tau,
+    interpolant,
+    t_end,
+    y_end,
+    keep,
+    num_accepted,
+    args,
+    direction,
+    while_loop,
+) -> SaveState:
+    """Everything one accepted step `[., t_end]` saves into `sub`: the requested times
+    inside it, then (for `steps`) its end."""
+    if ts_tau is not None:
+        save_state = save_pending_ts(
+            save_state,
+            sub,
+            ts_tau,
+            t_end,
+            interpolant.evaluate,
+            keep,
+            args,
+            direction,
+            while_loop,
+        )
+    if sub.steps:
+        save_state = save_step(
+            save_state, sub, t_end, y_end, keep, num_accepted, args, direction
+        )
+    return save_state
+
+
+def after_loop_while_loop():
+    """The while loop for saves made after the solve loop (at a terminating event,
+    or at the end of a solve that took no step): bounded, so that it is
+    differentiable in both modes."""
+    return while_loop_of_kind("bounded")
+
+
+def finish_save_state(
+    save_state: SaveState,
+    sub: SubSaveAt,
+    ts_tau,
+    t_final,
+    y_final,
+    num_accepted,
+    args,
+    direction,
+):
+    """After the loop: fills save times equal to the final time that no step covered
+    (a solve that took no step), saves `t1`, and converts times back to `t`.
+
+    `t1` is saved unless the last step was already saved through `steps`; a solve
+    that stopped early (`throw=False`) saves where it stopped, so that the failure
+    can be inspected."""
+    if ts_tau is not None:
+        save_state = save_pending_ts(
+            save_state,
+            sub,
+            ts_tau,
+            t_final,
+            lambda tau: y_final,
+            num_accepted == 0,
+            args,
+            direction,
+            after_loop_while_loop(),
+        )
+    if sub.t1:
+        stride = step_stride(sub)
+        pred = True if not stride else num_accepted % stride != 0
+        slot = jnp.minimum(save_state.save_index, save_state.ts.shape[0] - 1)
+        save_state = _write(
+            save_state, slot, t_final, sub.fn(t_final * direction, y_final, args), pred
+        )
+    ts = save_state.ts
+    # Times back to the user's direction; unfilled slots stay +inf.
+    ts = jnp.where(jnp.isfinite(ts), ts * direction, ts)
+    return ts, save_state.ys
 
 
 def init_dense_state(t0, dense_info_shape, max_steps) -> DenseState:
     ts = jnp.full((max_steps + 1,), jnp.inf, dtype=jnp.result_type(t0)).at[0].set(t0)
-    infos = jtu.tree_map(lambda s: _fill(s, max_steps), dense_info_shape)
+    infos = jtu.tree_map(lambda s: fill_like(s, max_steps), dense_info_shape)
     return DenseState(save_index=jnp.asarray(0), ts=ts, infos=infos)
 
 
@@ -136,81 +242,3 @@ def save_dense(dense_state: DenseState, t_end, dense_info, keep) -> DenseState:
         lambda v, b: b.at[index].set(v, pred=keep), dense_info, dense_state.infos
     )
     return DenseState(save_index=index + jnp.where(keep, 1, 0), ts=ts, infos=infos)
-
-
-def save_final_step(
-    save_state: SaveState,
-    sub: SubSaveAt,
-    ts_tau,
-    interpolant,
-    t_end,
-    y_end,
-    pred,
-    args,
-    direction,
-) -> SaveState:
-    """After the loop, saves what falls in a last step that ended early (at a
-    terminating event): save times up to `t_end`, from the step's interpolant, and
-    the step itself for `steps=True`. A no-op where `pred` is false."""
-    ts, ys = save_state.ts, save_state.ys
-    ts_index, index = save_state.ts_index, save_state.save_index
-    if ts_tau is not None:
-        n = ts_tau.shape[0]
-        positions = jnp.arange(n)
-        pending = (positions >= ts_index) & (ts_tau <= t_end) & pred
-        values = jax.vmap(
-            lambda tau: sub.fn(tau * direction, interpolant.evaluate(tau), args)
-        )(ts_tau)
-        slots = jnp.where(pending, ts_offset(sub) + positions, ts.shape[0])
-        ts = ts.at[slots].set(ts_tau, mode="drop")
-        ys = jtu.tree_map(lambda b, v: b.at[slots].set(v, mode="drop"), ys, values)
-        ts_index = ts_index + jnp.sum(pending)
-    if sub.steps:
-        value = sub.fn(t_end * direction, y_end, args)
-        slot = jnp.where(pred, index, ts.shape[0])
-        ts = ts.at[slot].set(t_end, mode="drop")
-        ys = jtu.tree_map(lambda b, v: b.at[slot].set(v, mode="drop"), ys, value)
-        index = index + jnp.where(pred, 1, 0)
-    return SaveState(ts_index=ts_index, save_index=index, ts=ts, ys=ys)
-
-
-def finish_save_state(
-    save_state: SaveState,
-    sub: SubSaveAt,
-    ts_tau,
-    t_final,
-    y_final,
-    okay,
-    args,
-    direction,
-):
-    """After the loop: saves `t1`, fills save times equal to the final time that no
-    step covered (a zero-length solve), and converts times back to `t`."""
-    ts, ys = save_state.ts, save_state.ys
-    index = save_state.save_index
-    if ts_tau is not None:
-        # Only a solve that took no step can leave save times at the final time.
-        n = ts_tau.shape[0]
-        positions = jnp.arange(n)
-        pending = (positions >= save_state.ts_index) & (ts_tau <= t_final) & okay
-        slots = ts_offset(sub) + positions
-        value = sub.fn(t_final * direction, y_final, args)
-        safe_slots = jnp.where(pending, slots, ts.shape[0])
-        ts = ts.at[safe_slots].set(jnp.broadcast_to(t_final, (n,)), mode="drop")
-        ys = jtu.tree_map(
-            lambda b, v: b.at[safe_slots].set(
-                jnp.broadcast_to(v, (n,) + v.shape), mode="drop"
-            ),
-            ys,
-            value,
-        )
-    if sub.t1 and not sub.steps:
-        value = sub.fn(t_final * direction, y_final, args)
-        slot = jnp.minimum(index, ts.shape[0] - 1)
-        ts = ts.at[slot].set(jnp.where(okay, t_final, ts[slot]))
-        ys = jtu.tree_map(
-            lambda b, v: b.at[slot].set(jnp.where(okay, v, b[slot])), ys, value
-        )
-    # Times back to the user's direction; unfilled slots stay +inf.
-    ts = jnp.where(jnp.isfinite(ts), ts * direction, ts)
-    return ts, ys
