@@ -1,38 +1,140 @@
-"""What JAX transformations the current computation is being traced under."""
+"""What JAX transformations the current computation is being traced under.
+
+JAX has no public API for this, so it is read from JAX's trace context: the current
+trace and the chain of its `parent_trace`s (outer transformations stay visible inside
+`jax.jit`, `lax.scan`, `lax.cond` and `jax.checkpoint` while those are being traced).
+Each trace is classified by its type:
+
+- `LinearizeTrace` built for `jax.grad`/`jax.vjp` (`is_vjp`): `"reverse"`;
+  built for `jax.linearize`: `"linearize"` (forward mode whose linear part may later be
+  transposed, so either mode may follow);
+- `JVPTrace` (`jax.jvp`, `jax.jacfwd`): `"forward"`, or `"reverse"` when it is staged
+  for partial evaluation (how JAX versions before direct linearisation took reverse
+  mode);
+- `BatchTrace` (`jax.vmap`): `"batch"`;
+- traces that stage or evaluate without transforming (`jax.jit`, control flow,
+  `jax.checkpoint`, `shard_map`, plain evaluation): nothing.
+
+The default adjoint chooses its loop from this (`strict=True`), so it must never guess:
+a trace type it does not know, or a JAX that no longer has what it reads, raises
+`TransformDetectionError` naming the JAX version and the adjoints that do not depend
+on it. Performance heuristics use `strict=False`, which skips what it does not know.
+"""
+
+import importlib
+
+import jax
+
+_ADVICE = (
+    "The default adjoint, `RecursiveCheckpointAdjoint`, chooses how to run the solve "
+    "from the derivatives being taken. Pass an adjoint that does not need to know: "
+    "`adjoint=diffeqx.DirectAdjoint()` (any mode and order; its cost grows with "
+    "`max_steps`), `adjoint=diffeqx.ForwardMode()` (forward mode only) or "
+    "`adjoint=diffeqx.BacksolveAdjoint()` (reverse mode only). Please also report "
+    "this with your JAX version."
+)
 
 
-def active_transforms() -> list[str]:
-    """The transformations applied to the computation being traced, innermost first:
-    `"reverse"` (`jax.grad`, `jax.vjp`), `"forward"` (`jax.jvp`, `jax.jacfwd`) or
-    `"batch"` (`jax.vmap`). Read from JAX's trace context (outer transformations stay
-    visible inside `jax.jit`); an empty list where it cannot be read."""
+class TransformDetectionError(RuntimeError):
+    """diffeqx could not read which JAX transformations a solve is traced under."""
+
+
+def _fail(what: str):
+    raise TransformDetectionError(
+        f"diffeqx cannot tell which JAX transformations this solve is being traced "
+        f"under (JAX {jax.__version__}): {what}. {_ADVICE}"
+    )
+
+
+def _first_class(class_name, module_names) -> tuple:
+    """`(cls,)` for the first of the modules that defines the class, else `()`."""
+    for module_name in module_names:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type):
+            return (cls,)
+    return ()
+
+
+def _trace_kinds():
+    """`(current trace, classify)`: where `classify(trace)` is one of the level names,
+    `None` (a trace that transforms nothing) or `"unknown"`. Raises `LookupError`
+    naming what is missing from JAX."""
     try:
         from jax._src import core
         from jax._src.interpreters import ad, batching, partial_eval as pe
-
+    except ImportError as error:
+        raise LookupError(f"a JAX module it reads is missing ({error})") from None
+    try:
         trace = core.trace_ctx.trace
-    except (ImportError, AttributeError):
+        jvp_trace, batch_trace = ad.JVPTrace, batching.BatchTrace
+        staging = (core.EvalTrace, pe.DynamicJaxprTrace, pe.JaxprTrace)
+    except AttributeError as error:
+        raise LookupError(f"an attribute it reads is missing ({error})") from None
+    # Optional: LinearizeTrace exists from JAX 0.4.36 (direct linearisation);
+    # ShardMapTrace and RematTrace only in some versions.
+    linearize_trace = getattr(ad, "LinearizeTrace", None)
+    for class_name, module_names in (
+        # `shard_map` moved from `jax.experimental` into `jax._src` in JAX 0.6.
+        ("ShardMapTrace", ("jax._src.shard_map", "jax.experimental.shard_map")),
+        ("RematTrace", ("jax._src.interpreters.remat",)),
+    ):
+        staging = staging + _first_class(class_name, module_names)
+
+    def classify(t):
+        if linearize_trace is not None and isinstance(t, linearize_trace):
+            # Without `is_vjp` (older JAX) it cannot be told apart from
+            # `jax.linearize`; reverse mode is by far the commoner.
+            return "reverse" if getattr(t, "is_vjp", True) else "linearize"
+        if isinstance(t, jvp_trace):
+            parent = getattr(t, "parent_trace", None)
+            return "reverse" if isinstance(parent, pe.JaxprTrace) else "forward"
+        if isinstance(t, batch_trace):
+            return "batch"
+        if isinstance(t, staging):
+            return None
+        return "unknown"
+
+    return trace, classify
+
+
+def active_transforms(*, strict: bool = False) -> list[str]:
+    """The transformations applied to the computation being traced, innermost first:
+    `"reverse"` (`jax.grad`, `jax.vjp`), `"forward"` (`jax.jvp`, `jax.jacfwd`),
+    `"linearize"` (`jax.linearize`) or `"batch"` (`jax.vmap`).
+
+    With `strict=True`, raises `TransformDetectionError` where it cannot tell (a trace
+    type it does not know, or JAX internals it reads that are missing). With
+    `strict=False`, skips what it does not know (an empty list if nothing can be
+    read): for decisions that only affect speed."""
+    try:
+        trace, classify = _trace_kinds()
+    except LookupError as error:
+        if strict:
+            _fail(str(error))
         return []
-    linearize = getattr(ad, "LinearizeTrace", ())
     levels = []
     while trace is not None:
-        if linearize and isinstance(trace, linearize):
-            levels.append("reverse")
-        elif isinstance(trace, ad.JVPTrace):
-            parent = getattr(trace, "parent_trace", None)
-            # Reverse mode by jvp-then-partial-evaluation (older JAX versions).
-            levels.append("reverse" if isinstance(parent, pe.JaxprTrace) else "forward")
-        elif isinstance(trace, batching.BatchTrace):
-            levels.append("batch")
+        kind = classify(trace)
+        if kind == "unknown":
+            if strict:
+                _fail(f"it does not know the trace type `{type(trace).__qualname__}`")
+        elif kind is not None:
+            levels.append(kind)
+            if strict and not hasattr(trace, "parent_trace"):
+                _fail(f"`{type(trace).__qualname__}` has no `parent_trace`")
         trace = getattr(trace, "parent_trace", None)
     return levels
 
 
-def differentiation_levels() -> list[str]:
-    """`active_transforms()` without the batching levels."""
-    return [level for level in active_transforms() if level != "batch"]
+def differentiation_levels(*, strict: bool = False) -> list[str]:
+    """`active_transforms()` without the batching levels, innermost first."""
+    return [level for level in active_transforms(strict=strict) if level != "batch"]
 
 
 def is_batched() -> bool:
-    """Whether the computation is being traced under `jax.vmap`."""
+    """Whether the computation is being traced under `jax.vmap` (a speed heuristic:
+    unknown traces are skipped)."""
     return "batch" in active_transforms()

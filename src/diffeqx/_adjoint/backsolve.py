@@ -10,8 +10,17 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
 
-from .._saveat import SaveAt, is_subsaveat, save_y
+from .._saveat import SaveAt
 from .._term import AbstractTerm
+from .backsolve_saves import (
+    convert_save_fns,
+    merged_save_points,
+    pull_back,
+    saving_states,
+    split_states,
+    subs_of,
+    tree_dot,
+)
 from .base import (
     AbstractCustomGradientAdjoint,
     closure_convert_terms,
@@ -74,16 +83,6 @@ def _zeros_for_none(cotangent, like):
 
 def _neg(tree):
     return jtu.tree_map(jnp.negative, tree)
-
-
-def _dot(a, b):
-    return sum(
-        (
-            jnp.sum(x * y)
-            for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b), strict=True)
-        ),
-        start=jnp.asarray(0.0),
-    )
 
 
 class _AdjointTerm(AbstractTerm):
@@ -174,24 +173,11 @@ class BacksolveAdjoint(AbstractCustomGradientAdjoint):
                 f"{where} does not support `SaveAt(dense=True)`; use "
                 "`RecursiveCheckpointAdjoint()` (the default) for dense output."
             )
-        sub = saveat.subs
-        if not is_subsaveat(sub):
+        if any(sub.steps for sub in subs_of(saveat)[0]):
             raise ValueError(
-                f"{where} supports a single `SaveAt(t0=..., t1=..., ts=...)`, not a "
-                f"PyTree of `SubSaveAt`s; got subs={sub!r}. Use "
-                "`RecursiveCheckpointAdjoint()` for several save specifications."
-            )
-        if sub.steps:
-            raise ValueError(
-                f"{where} does not support `SaveAt(steps=True)`; use "
-                "`RecursiveCheckpointAdjoint()` (the default), or save at given times "
-                "with `SaveAt(ts=...)`."
-            )
-        if sub.fn is not save_y:
-            raise ValueError(
-                f"{where} does not support `SaveAt(fn=...)` (the adjoint needs the "
-                "saved states themselves); use `RecursiveCheckpointAdjoint()`, or "
-                "apply the function to `sol.ys` after the solve."
+                f"{where} does not support `SaveAt(steps=True)` (in `SaveAt` or any "
+                "`SubSaveAt`); use `RecursiveCheckpointAdjoint()` (the default), or "
+                "save at given times with `SaveAt(ts=...)`."
             )
         if (
             isinstance(unwrap_controller(stepsize_controller), StepTo)
@@ -206,9 +192,9 @@ class BacksolveAdjoint(AbstractCustomGradientAdjoint):
     def custom_solve(self, solve, problem):
         self.check(problem["saveat"], problem["event"], problem["stepsize_controller"])
         problem = dict(problem)
-        problem["terms"] = closure_convert_terms(
-            problem["terms"], problem["t0"], problem["y0"], problem["args"]
-        )
+        t0, y0, args = problem["t0"], problem["y0"], problem["args"]
+        problem["terms"] = closure_convert_terms(problem["terms"], t0, y0, args)
+        problem["saveat"] = convert_save_fns(problem["saveat"], t0, y0, args)
         diff = {
             k: problem.pop(k) for k in ("y0", "args", "terms", "t0", "t1", "saveat")
         }
@@ -224,21 +210,28 @@ def _backsolve(diff, rest, solve, adjoint):
 
 @_backsolve.def_fwd
 def _backsolve_fwd(perturbed, diff, rest, solve, adjoint):
-    sol = _backsolve(diff, rest, solve, adjoint)
-    return sol, (sol.ts, sol.ys)
+    from .checkpoint import RecursiveCheckpointAdjoint
+
+    saveat = diff["saveat"]
+    # Solve saving the states beside any `fn` outputs: the backward solve restarts
+    # from the state at each save time, and pulls cotangents back through `fn` there.
+    forward = dict(diff, saveat=saving_states(saveat))
+    sol = solve(**forward, **rest, adjoint=RecursiveCheckpointAdjoint())
+    sol, states = split_states(saveat, sol)
+    return sol, (sol.ts, sol.ys, states)
 
 
 @_backsolve.def_bwd
 def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
     from .checkpoint import RecursiveCheckpointAdjoint
 
-    out_ts, out_ys = residuals
+    out_ts, out_ys, states = residuals
     # Values being differentiated may arrive as Python scalars (e.g. `jax.grad` of a
     # float); make them arrays so that the vector-field derivatives below see them.
     diff = jtu.tree_map(lambda x, p: jnp.asarray(x) if p else x, diff, perturbed)
     y0, args, terms = diff["y0"], diff["args"], diff["terms"]
     t0, t1, saveat = diff["t0"], diff["t1"], diff["saveat"]
-    sub = saveat.subs
+    subs, structure = subs_of(saveat)
     options = adjoint.kwargs
     solver = options.get("solver", rest["solver"])
     controller = options.get("stepsize_controller", rest["stepsize_controller"])
@@ -247,89 +240,114 @@ def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
         dt0 = options["dt0"]
     else:
         dt0 = None if rest["dt0"] is None else -rest["dt0"]
-
-    ct_ys = _zeros_for_none(grad_obj.ys, out_ys)
-    ct_ts = _zeros_for_none(grad_obj.ts, out_ts)
+    time_dtype = jnp.result_type(t0)
 
     def rate(t, y):
         return time_derivative(terms, t, y, args)
 
-    diff_args = eqx.filter(args, eqx.is_inexact_array)
-    diff_terms = eqx.filter(terms, eqx.is_inexact_array)
-    a_y0 = jtu.tree_map(lambda y: jnp.zeros(jnp.shape(y)[1:], y.dtype), out_ys)
-    a_args0 = jtu.tree_map(jnp.zeros_like, diff_args)
-    a_terms0 = jtu.tree_map(jnp.zeros_like, diff_terms)
-    adj_term = _AdjointTerm(terms)
-
-    # Walk the saved points from last to first; segment k runs from point k back to
-    # point k-1 (or to t0 for the first point), restarting from the saved state.
-    prev_times = jnp.concatenate(
-        [jnp.reshape(t0, (1,)).astype(out_ts.dtype), out_ts[:-1]]
+    # Each output's cotangents, pulled back through its `fn`.
+    pulled = []
+    if subs:
+        ct_ys = structure.flatten_up_to(_zeros_for_none(grad_obj.ys, out_ys))
+        ct_ts = structure.flatten_up_to(_zeros_for_none(grad_obj.ts, out_ts))
+        ts_list = structure.flatten_up_to(out_ts)
+        for sub, ts, y, c, c_ts in zip(
+            subs, ts_list, states, ct_ys, ct_ts, strict=True
+        ):
+            pulled.append(pull_back(sub, ts, y, c, c_ts, args, rate))
+    points = merged_save_points(
+        t0,
+        t1,
+        structure.flatten_up_to(out_ts) if subs else [],
+        states,
+        [p.a_y for p in pulled],
     )
 
-    def segment(carry, x):
-        a_y, a_args, a_terms = carry
-        t_k, t_prev, y_k, c_k = x
-        a_y = jtu.tree_map(jnp.add, a_y, c_k)
-        g_time = _dot(c_k, rate(t_k, y_k))
-        sol = solve(
-            adj_term,
-            solver,
-            t_k,
-            t_prev,
-            dt0,
-            AdjointState(y_k, a_y, a_args, a_terms),
-            args,
-            saveat=SaveAt(t1=True),
-            stepsize_controller=controller,
-            adjoint=RecursiveCheckpointAdjoint(),
-            max_steps=max_steps,
-            throw=rest["throw"],
+    a_y = jtu.tree_map(jnp.zeros_like, y0)
+    a_args = jtu.tree_map(jnp.zeros_like, eqx.filter(args, eqx.is_inexact_array))
+    a_terms = jtu.tree_map(jnp.zeros_like, eqx.filter(terms, eqx.is_inexact_array))
+    if points is not None:
+        point_ts, point_ys, point_a_y = points
+        adj_term = _AdjointTerm(terms)
+        # Walk the save points from last to first; segment k runs from point k back
+        # to point k-1 (or to t0 for the first), restarting from the saved state.
+        prev_ts = jnp.concatenate(
+            [jnp.reshape(t0, (1,)).astype(point_ts.dtype), point_ts[:-1]]
         )
-        end = jtu.tree_map(lambda v: v[-1], sol.ys)
-        a_y, a_args, a_terms = end.a_y, end.a_args, end.a_terms
-        return (a_y, a_args, a_terms), g_time
 
-    (a_y, a_args, a_terms), g_times = lax.scan(
-        segment,
-        (a_y0, a_args0, a_terms0),
-        (out_ts, prev_times, out_ys, ct_ys),
-        reverse=True,
-    )
-    g_times = g_times + ct_ts
+        def segment(carry, x):
+            a_y, a_args, a_terms = carry
+            t_k, t_prev, y_k, c_k = x
+            a_y = jtu.tree_map(jnp.add, a_y, c_k)
+            sol = solve(
+                adj_term,
+                solver,
+                t_k,
+                t_prev,
+                dt0,
+                AdjointState(y_k, a_y, a_args, a_terms),
+                args,
+                saveat=SaveAt(t1=True),
+                stepsize_controller=controller,
+                adjoint=RecursiveCheckpointAdjoint(),
+                max_steps=max_steps,
+                throw=rest["throw"],
+            )
+            end = jtu.tree_map(lambda v: v[-1], sol.ys)
+            return (end.a_y, end.a_args, end.a_terms), None
 
-    n_ts = 0 if sub.ts is None else sub.ts.shape[0]
-    offset = 1 if sub.t0 else 0
-    g_t0 = -_dot(a_y, rate(t0, y0))
-    if sub.t0:
-        g_t0 = g_t0 + g_times[0]
-    g_t1 = g_times[-1] if sub.t1 else jnp.zeros_like(g_t0)
+        (a_y, a_args, a_terms), _ = lax.scan(
+            segment,
+            (a_y, a_args, a_terms),
+            (point_ts, prev_ts, point_ys, point_a_y),
+            reverse=True,
+        )
+
+    # The times: t0 moves the start of the trajectory; every save time moves its
+    # output; the solution's own `t0`/`t1` fields may have cotangents too.
+    g_t0 = -tree_dot(a_y, rate(t0, y0), time_dtype)
+    g_t1 = jnp.zeros((), time_dtype)
+    g_subs = []
+    for sub, p in zip(subs, pulled, strict=True):
+        if sub.t0:
+            g_t0 = g_t0 + p.g_t[0]
+        if sub.t1:
+            g_t1 = g_t1 + p.g_t[-1]
+        if p.g_args is not None:
+            a_args = jtu.tree_map(jnp.add, a_args, p.g_args)
+        g_sub = jtu.tree_map(lambda _: None, sub)
+        if sub.ts is not None:
+            offset = int(sub.t0)
+            g_ts = p.g_t[offset : offset + sub.ts.shape[0]]
+            g_sub = eqx.tree_at(
+                lambda s: s.ts, g_sub, _like(g_ts, sub.ts), is_leaf=_is_none
+            )
+        if p.g_fn is not None:
+            g_sub = eqx.tree_at(lambda s: s.fn, g_sub, p.g_fn, is_leaf=_is_none)
+        g_subs.append(g_sub)
     if grad_obj.t0 is not None:
         g_t0 = g_t0 + grad_obj.t0
     if grad_obj.t1 is not None:
         g_t1 = g_t1 + grad_obj.t1
-    g_ts = None if sub.ts is None else g_times[offset : offset + n_ts]
-
-    def like(g, x):
-        return (
-            None
-            if g is None
-            else jnp.asarray(g, jnp.result_type(x)).reshape(jnp.shape(x))
-        )
-
     g_saveat = jtu.tree_map(lambda _: None, saveat)
-    if sub.ts is not None:
+    if subs:
         g_saveat = eqx.tree_at(
-            lambda s: s.subs.ts,
-            g_saveat,
-            like(g_ts, sub.ts),
-            is_leaf=lambda x: x is None,
+            lambda s: s.subs, g_saveat, structure.unflatten(g_subs), is_leaf=_is_none
         )
     return dict(
         y0=a_y,
         args=a_args,
         terms=a_terms,
-        t0=like(g_t0, t0),
-        t1=like(g_t1, t1),
+        t0=_like(g_t0, t0),
+        t1=_like(g_t1, t1),
         saveat=g_saveat,
     )
+
+
+def _is_none(x):
+    return x is None
+
+
+def _like(g, x):
+    """The gradient `g` in the dtype and shape of the value `x`."""
+    return jnp.asarray(g, jnp.result_type(x)).reshape(jnp.shape(x))
