@@ -6,6 +6,21 @@ import equinox as eqx
 
 from .._transforms import differentiation_levels
 from .base import AbstractAdjoint, while_loop_of_kind
+from .reverse_only import mark_reverse_only
+
+# Raised when a forward-mode derivative reaches the checkpointed loop: the solve was
+# traced without forward mode in sight, so the loop chosen supports reverse mode only.
+FORWARD_MODE_MESSAGE = (
+    "A forward-mode derivative (`jax.jvp`, `jax.jacfwd`, or the linear function "
+    "returned by `jax.linearize`) reached the checkpointed loop of "
+    "`RecursiveCheckpointAdjoint` (the default adjoint), which supports reverse mode "
+    "only. The loop is chosen when the solve is traced, and this solve was traced "
+    "without forward mode: typically a `jax.jit`-compiled function that was called "
+    "before being differentiated. Apply `jax.jit` outside the derivative "
+    "(`jax.jit(lambda x, v: jax.jvp(f, (x,), (v,)))` with `f` not jitted), or pass "
+    "`adjoint=diffeqx.ForwardMode()` (forward mode only) or "
+    "`adjoint=diffeqx.DirectAdjoint()` (any mode) to `diffeqsolve`."
+)
 
 
 @final
@@ -58,11 +73,17 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
                 "`RecursiveCheckpointAdjoint` needs a finite `max_steps` or an explicit "
                 "`checkpoints` count; got `max_steps=None` and `checkpoints=None`."
             )
-        levels = differentiation_levels()
+        levels = differentiation_levels(strict=True)
         if levels and levels[0] == "forward" and "reverse" not in levels:
             # Forward mode only (`jax.jvp`, `jax.jacfwd`, any order): a plain loop,
             # carrying tangents alongside the solution.
             loop = while_loop_of_kind("lax")
+            return run_loop(init_state, loop, loop)
+        if "linearize" in levels and "reverse" not in levels:
+            # `jax.linearize`: forward mode whose linear function may also be
+            # transposed (`jax.linear_transpose`, lineax's operators), so a loop that
+            # supports both modes where `max_steps` bounds it.
+            loop = while_loop_of_kind("lax" if max_steps is None else "bounded")
             return run_loop(init_state, loop, loop)
         if "reverse" in levels[1:]:
             # Reverse mode over another derivative (`jax.grad(jax.grad(...))`,
@@ -78,7 +99,9 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
             loop = while_loop_of_kind("bounded")
             return run_loop(init_state, loop, loop)
         # No derivative, reverse mode, or forward mode over reverse mode (e.g.
-        # `jax.hessian`): recursive checkpointing.
+        # `jax.hessian`): recursive checkpointing. Forward mode alone cannot pass this
+        # loop; the marks make it say so if it is applied later.
+        init_state = mark_reverse_only(init_state, FORWARD_MODE_MESSAGE)
         outer = while_loop_of_kind("checkpointed", checkpoints=self.checkpoints)
         if len(levels) > 1:
             # Forward over reverse: the backward pass re-runs each step, inner loops
