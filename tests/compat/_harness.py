@@ -1,0 +1,384 @@
+"""Run the same `diffeqsolve` call through Diffrax and diffeqx and compare the answers.
+
+A `Case` is a small frozen record of choices (problem, solver, controller, what to save,
+time direction, dtype, vmap, event, resume). `solve(lib, case)` builds the call from
+those choices with `lib` being either the `diffrax` or the `diffeqx` module (their
+public APIs are the same) and returns everything a user can observe as NumPy arrays.
+`compare(case)` runs both and returns a list of readable differences (empty when the
+two agree); `python -c "from tests.compat._harness import *; compare(Case(...),
+verbose=True)"` prints them.
+
+Tolerances: both libraries implement the same mathematics, but not with the same
+sequence of floating-point operations, so values are compared to a few hundred ULP
+(`TOLERANCE`), while step counts, results, array shapes and dtypes and the positions of
+the `inf` padding must match exactly.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+
+import diffeqx
+
+# (rtol, atol) per dtype; see the module docstring.
+TOLERANCE = {"float64": (1e-11, 1e-12), "float32": (2e-5, 2e-6)}
+MAX_STEPS = 128
+RESULT_NAMES = ("successful", "max_steps_reached", "dt_min_reached", "event_occurred")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    problem: str = "lin1"  # lin1 | lin2 | tree | lv
+    solver: str = "Tsit5"
+    controller: str = (
+        "const"  # const | pid | pid_tight | clip_step | clip_jump | stepto
+    )
+    saveat: str = "t1"  # t1 | t0t1 | ts | steps | steps_n | mixed | dense | fn | subs
+    backwards: bool = False
+    dtype: str = "float64"
+    vmap: bool = False
+    event: str = "none"  # none | bool | real | tree | at_t0
+    resume: bool = False
+
+    def __str__(self):
+        return (
+            f"{self.problem}-{self.solver}-{self.controller}-{self.saveat}-"
+            f"{'bwd' if self.backwards else 'fwd'}-{self.dtype}-"
+            f"{'vmap' if self.vmap else 'single'}-{self.event}-"
+            f"{'resumed' if self.resume else 'fresh'}"
+        )
+
+
+# ---------------------------------------------------------------------------- problems
+def _first(y):
+    return jax.tree.leaves(y)[0][0]
+
+
+def _lin1(t, y, args):
+    return -args * y + jnp.sin(t)
+
+
+def _lin2(t, y, args):
+    matrix, forcing = args
+    return -(matrix @ y) + jnp.sin(t) * forcing
+
+
+def _tree(t, y, args):
+    return {"x": y["v"], "v": -args["k"] * y["x"] - args["c"] * y["v"] + jnp.sin(t)}
+
+
+def _lotka_volterra(t, y, args):
+    alpha, beta, gamma, delta = args[0], args[1], args[2], args[3]
+    prey, predator = y[0], y[1]
+    return jnp.stack(
+        [
+            alpha * prey - beta * prey * predator,
+            delta * prey * predator - gamma * predator,
+        ]
+    )
+
+
+def problem(name: str, dtype) -> tuple[Any, Any, Any]:
+    """The vector field, y0 and args of a named problem, built in `dtype`."""
+
+    def arr(x):
+        return jnp.asarray(x, dtype=dtype)
+
+    if name == "lin1":
+        return _lin1, arr([1.0]), arr(0.7)
+    if name == "lin2":
+        args = (arr([[0.7, 0.3], [-0.2, 0.5]]), arr([1.0, 0.5]))
+        return _lin2, arr([1.0, -0.5]), args
+    if name == "tree":
+        y0 = {"x": arr([1.0, 0.2]), "v": arr([0.0, -0.3])}
+        return _tree, y0, {"k": arr(2.0), "c": arr(0.3)}
+    if name == "lv":
+        return _lotka_volterra, arr([1.0, 0.5]), arr([1.5, 1.0, 3.0, 1.0])
+    raise ValueError(name)
+
+
+# --------------------------------------------------------------------------- the call
+class Span:
+    """Times as fractions of the interval [start, end] (either direction)."""
+
+    def __init__(self, start, end, dtype):
+        self.start, self.end, self.dtype = start, end, dtype
+
+    def at(self, *fracs):
+        times = [self.start + f * (self.end - self.start) for f in fracs]
+        return jnp.asarray(times, dtype=self.dtype)
+
+    def scalar(self, frac):
+        return jnp.asarray(self.start + frac * (self.end - self.start), self.dtype)
+
+
+def make_controller(lib, name, span, full):
+    if name == "const":
+        return lib.ConstantStepSize(), 0.1
+    if name == "pid":
+        return lib.PIDController(rtol=1e-3, atol=1e-6), 0.1
+    if name == "pid_tight":
+        return lib.PIDController(rtol=1e-5, atol=1e-7), None
+    pid = lib.PIDController(rtol=1e-3, atol=1e-6)
+    if name == "clip_step":  # includes the whole solve's t0 and t1
+        step_ts = full.at(0.0, 0.275, 0.65, 1.0)
+        return lib.ClipStepSizeController(pid, step_ts=step_ts), 0.1
+    if name == "clip_jump":
+        jump_ts = full.at(0.0, 0.15, 0.6, 1.0)
+        return lib.ClipStepSizeController(pid, jump_ts=jump_ts), 0.1
+    if name == "stepto":
+        return lib.StepTo(ts=span.at(0.0, 0.05, 0.2, 0.45, 0.6, 0.8, 0.9, 1.0)), None
+    raise ValueError(name)
+
+
+def _save_fn(t, y, args):
+    total = sum(jnp.sum(leaf * leaf) for leaf in jax.tree.leaves(y))
+    return jnp.stack([t, total])
+
+
+def make_saveat(lib, name, span):
+    ts = span.at(0.0, 0.175, 0.55, 0.8, 1.0)
+    if name == "t1":
+        return lib.SaveAt(t1=True)
+    if name == "t0t1":
+        return lib.SaveAt(t0=True, t1=True)
+    if name == "ts":
+        return lib.SaveAt(ts=ts)
+    if name == "steps":
+        return lib.SaveAt(steps=True)
+    if name == "steps_n":
+        return lib.SaveAt(steps=3)
+    if name == "mixed":
+        return lib.SaveAt(t0=True, ts=span.at(0.05, 0.3), steps=True, t1=True)
+    if name == "dense":
+        return lib.SaveAt(dense=True, t1=True)
+    if name == "fn":
+        return lib.SaveAt(ts=ts, fn=_save_fn)
+    if name == "subs":
+        subs = [
+            lib.SubSaveAt(ts=span.at(0.1, 0.7), fn=_save_fn),
+            lib.SubSaveAt(steps=True),
+            lib.SubSaveAt(t0=True, t1=True),
+        ]
+        return lib.SaveAt(subs=subs)
+    raise ValueError(name)
+
+
+def make_event(lib, name, full, dtype):
+    # Time-driven conditions (plus a little of the state, so root finding goes through
+    # the interpolation) that cross once in either direction of integration.
+    sign = 1.0 if float(full.end) > float(full.start) else -1.0
+    tol = 1e-8 if dtype == jnp.float64 else 1e-5
+    newton = optx.Newton(rtol=tol, atol=tol)
+    t_event = full.scalar(0.62)
+    if name == "none":
+        return None
+    if name == "bool":
+        return lib.Event(lambda t, y, args, **kw: sign * (t - t_event) > 0)
+    if name == "real":
+
+        def cond(t, y, args, **kw):
+            return sign * (t - t_event) + 0.05 * _first(y)
+
+        return lib.Event(cond, root_finder=newton)
+    if name == "tree":
+        t_a, t_b = full.scalar(0.45), full.scalar(0.7)
+        conds = (
+            lambda t, y, args, **kw: t_a - t + 0.01 * _first(y),
+            lambda t, y, args, **kw: t_b - t + 0.01 * _first(y),
+        )
+        return lib.Event(conds, root_finder=newton, direction=(True, False))
+    if name == "at_t0":
+        return lib.Event(lambda t, y, args, **kw: _first(y) > -100.0)
+    raise ValueError(name)
+
+
+def _result_name(lib, result):
+    flags = [result == getattr(lib.RESULTS, name) for name in RESULT_NAMES]
+    return jnp.stack(flags)
+
+
+def solve(lib, case: Case) -> dict[str, Any]:
+    """Run `case` through `lib` (the `diffrax` or `diffeqx` module); return NumPy
+    arrays of what a user observes."""
+    dtype = jnp.float32 if case.dtype == "float32" else jnp.float64
+    vector_field, y0, args = problem(case.problem, dtype)
+    t0, t1 = (2.0, 0.0) if case.backwards else (0.0, 2.0)
+    full = Span(t0, t1, dtype)
+    t_mid = 0.425 * (t1 - t0) + t0 if case.resume else t0
+    span = Span(t_mid, t1, dtype)
+    solver = getattr(lib, case.solver)()
+    term = lib.ODETerm(vector_field)
+    static: dict[str, Any] = {}
+
+    def run(y0):
+        out = {}
+        kwargs = {}
+        start = jnp.asarray(t0, dtype)
+        if case.resume:
+            first_span = Span(t0, t_mid, dtype)
+            controller, dt0 = make_controller(lib, case.controller, first_span, full)
+            first = lib.diffeqsolve(
+                term,
+                solver,
+                start,
+                jnp.asarray(t_mid, dtype),
+                None
+                if dt0 is None
+                else jnp.asarray(math.copysign(dt0, t1 - t0), dtype),
+                y0,
+                args,
+                saveat=lib.SaveAt(
+                    t1=True, solver_state=True, controller_state=True, made_jump=True
+                ),
+                stepsize_controller=controller,
+                max_steps=MAX_STEPS,
+                throw=False,
+            )
+            out["first_ys"] = first.ys
+            out["first_ts"] = first.ts
+            kwargs = dict(
+                solver_state=first.solver_state,
+                controller_state=first.controller_state,
+                made_jump=first.made_jump,
+            )
+            start = jnp.asarray(t_mid, dtype)
+            y0 = jax.tree.map(lambda leaf: leaf[-1], first.ys)
+        controller, dt0 = make_controller(lib, case.controller, span, full)
+        if dt0 is not None:
+            dt0 = jnp.asarray(math.copysign(dt0, t1 - t0), dtype)
+        sol = lib.diffeqsolve(
+            term,
+            solver,
+            start,
+            jnp.asarray(t1, dtype),
+            dt0,
+            y0,
+            args,
+            saveat=make_saveat(lib, case.saveat, span),
+            stepsize_controller=controller,
+            event=make_event(lib, case.event, full, dtype),
+            max_steps=MAX_STEPS,
+            throw=False,
+            **kwargs,
+        )
+        static["max_steps"] = sol.stats["max_steps"]
+        out["ts"] = sol.ts
+        out["ys"] = sol.ys
+        out["stats"] = {
+            k: sol.stats[k]
+            for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")
+        }
+        out["result"] = _result_name(lib, sol.result)
+        if case.event in ("tree",):
+            out["event_mask"] = sol.event_mask
+        if case.saveat == "dense":
+            if case.event == "at_t0":
+                points = span.at(0.0)
+            elif case.event != "none":
+                points = span.at(0.0, 0.1, 0.2, 0.3)
+            else:
+                points = span.at(0.0, 0.13, 0.5, 0.77, 1.0)
+            out["dense"] = jax.vmap(sol.evaluate)(points)
+        return out
+
+    if case.vmap:
+        scales = jnp.asarray([1.0, 0.8, 1.3], dtype)
+        y0s = jax.tree.map(
+            lambda leaf: scales.reshape((3,) + (1,) * leaf.ndim) * leaf, y0
+        )
+        out = jax.vmap(run)(y0s)
+    else:
+        out = run(y0)
+    out = jax.tree.map(np.asarray, out)
+    out["max_steps"] = static["max_steps"]
+    return out
+
+
+# ------------------------------------------------------------------------- comparison
+def _compare_arrays(path, expected, actual, rtol, atol):
+    if expected.shape != actual.shape:
+        return [f"{path}: shape diffrax {expected.shape} vs diffeqx {actual.shape}"]
+    if expected.dtype != actual.dtype:
+        return [f"{path}: dtype diffrax {expected.dtype} vs diffeqx {actual.dtype}"]
+    if expected.dtype == bool or np.issubdtype(expected.dtype, np.integer):
+        bad = expected != actual
+    else:
+        finite = np.isfinite(expected) & np.isfinite(actual)
+        same_special = ~finite & (
+            (expected == actual) | (np.isnan(expected) & np.isnan(actual))
+        )
+        close = np.isclose(expected, actual, rtol=rtol, atol=atol)
+        bad = ~np.where(finite, close, same_special)
+    if not bad.any():
+        return []
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    return [
+        f"{path}: {int(bad.sum())}/{bad.size} differ; first at index {index}: "
+        f"diffrax {expected[index]!r} vs diffeqx {actual[index]!r}"
+        + (
+            f"\n    diffrax {expected.ravel()[:12]}\n    diffeqx {actual.ravel()[:12]}"
+            if expected.ndim
+            else ""
+        )
+    ]
+
+
+def diff_outputs(expected, actual, dtype: str) -> list[str]:
+    """Readable differences between two outputs of `solve` (empty list: they agree)."""
+    rtol, atol = TOLERANCE[dtype]
+    problems = []
+    expected = dict(expected)
+    actual = dict(actual)
+    if expected.pop("max_steps", None) != actual.pop("max_steps", None):
+        problems.append("stats['max_steps'] differs")
+    for key in sorted(expected, key=lambda k: (k != "result", k != "stats", k)):
+        if key not in actual:
+            problems.append(f"{key}: missing from diffeqx's output")
+            continue
+        e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected[key])
+        a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual[key])
+        if e_def != a_def:
+            problems.append(
+                f"{key}: PyTree structure diffrax {e_def} vs diffeqx {a_def}"
+            )
+            continue
+        if key == "result":
+            e_name, a_name = _describe(e_leaves[0][1]), _describe(a_leaves[0][1])
+            if e_name != a_name:
+                problems.append(f"result: diffrax {e_name} vs diffeqx {a_name}")
+            continue
+        for (path, e), (_, a) in zip(e_leaves, a_leaves, strict=True):
+            name = key + jax.tree_util.keystr(path)
+            problems += _compare_arrays(name, np.asarray(e), np.asarray(a), rtol, atol)
+    return problems
+
+
+def _describe(flags):
+    flags = np.asarray(flags).reshape(-1, len(RESULT_NAMES))
+    names = [
+        RESULT_NAMES[int(np.argmax(row))] if row.any() else "other" for row in flags
+    ]
+    return names[0] if len(set(names)) == 1 else names
+
+
+def compare(case: Case, verbose: bool = False) -> list[str]:
+    """Run `case` through both libraries; return (and with `verbose`, print) the
+    differences. An exception in diffeqx is reported as a difference."""
+    expected = solve(diffrax, case)
+    try:
+        actual = solve(diffeqx, case)
+    except Exception as error:  # noqa: BLE001 - any refusal is a difference
+        problems = [f"diffeqx raised {type(error).__name__}: {str(error)[:300]}"]
+    else:
+        problems = diff_outputs(expected, actual, case.dtype)
+    if verbose:
+        print(case)
+        print("\n".join(problems) if problems else "  same answer")
+    return problems

@@ -1,0 +1,125 @@
+"""`jax.grad` through the same solve gives the same gradients in Diffrax and diffeqx.
+
+A scalar loss (the sum of squares of everything saved) is differentiated with respect
+to `y0` and `args`, for cases drawn deterministically from solver x step size
+controller x SaveAt x adjoint x time direction x dtype x problem. The first
+`DEFAULT_CASES` run by default, the rest carry the `slow` marker. Tolerances are those
+of `_harness.TOLERANCE`: the two libraries differentiate the same arithmetic.
+"""
+
+import dataclasses
+import itertools
+import math
+import random
+from typing import Any
+
+import pytest
+
+diffrax = pytest.importorskip("diffrax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import diffeqx  # noqa: E402
+
+from ._harness import MAX_STEPS, Span, diff_outputs, make_controller, problem  # noqa: E402
+
+AXES = dict(
+    problem=("lin1", "lin2", "tree", "lv"),
+    solver=(
+        "Euler",
+        "Heun",
+        "Midpoint",
+        "Ralston",
+        "Bosh3",
+        "Tsit5",
+        "Dopri5",
+        "Dopri8",
+    ),
+    controller=("const", "pid", "clip_jump"),
+    saveat=("t1", "ts"),
+    adjoint=("RecursiveCheckpointAdjoint", "DirectAdjoint", "BacksolveAdjoint"),
+    backwards=(False, True),
+    dtype=("float64", "float32"),
+)
+NUM_CASES = 40
+DEFAULT_CASES = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCase:
+    problem: str
+    solver: str
+    controller: str
+    saveat: str
+    adjoint: str
+    backwards: bool
+    dtype: str
+
+    def __str__(self):
+        direction = "bwd" if self.backwards else "fwd"
+        return "-".join(
+            [self.problem, self.solver, self.controller, self.saveat, self.adjoint]
+            + [direction, self.dtype]
+        )
+
+
+def loss_and_gradients(lib, case: GradCase) -> dict[str, Any]:
+    """The loss and its gradient with respect to (y0, args), through `lib`."""
+    dtype = jnp.float32 if case.dtype == "float32" else jnp.float64
+    vector_field, y0, args = problem(case.problem, dtype)
+    t0, t1 = (2.0, 0.0) if case.backwards else (0.0, 2.0)
+    span = Span(t0, t1, dtype)
+    controller, dt0 = make_controller(lib, case.controller, span, span)
+    if case.saveat == "ts":
+        saveat = lib.SaveAt(ts=span.at(0.0, 0.3, 0.75, 1.0))
+    else:
+        saveat = lib.SaveAt(t1=True)
+
+    def loss(y0, args):
+        sol = lib.diffeqsolve(
+            lib.ODETerm(vector_field),
+            getattr(lib, case.solver)(),
+            jnp.asarray(t0, dtype),
+            jnp.asarray(t1, dtype),
+            jnp.asarray(math.copysign(dt0, t1 - t0), dtype),
+            y0,
+            args,
+            saveat=saveat,
+            stepsize_controller=controller,
+            adjoint=getattr(lib, case.adjoint)(),
+            max_steps=MAX_STEPS,
+        )
+        return sum(jnp.sum(leaf * leaf) for leaf in jax.tree.leaves(sol.ys))
+
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1))(y0, args)
+    return jax.tree.map(
+        np.asarray, {"loss": value, "grad_y0": grads[0], "grad_args": grads[1]}
+    )
+
+
+def _cases() -> list[GradCase]:
+    product = [GradCase(*values) for values in itertools.product(*AXES.values())]
+    sampled = random.Random(0).sample(product, 3 * NUM_CASES)
+    # Euler gives no error estimate: Diffrax refuses to adapt its step size.
+    valid = [
+        c for c in sampled if not (c.solver == "Euler" and c.controller != "const")
+    ]
+    return valid[:NUM_CASES]
+
+
+CASES = _cases()
+
+
+def _param(index: int, case: GradCase):
+    marks = () if index < DEFAULT_CASES else (pytest.mark.slow,)
+    return pytest.param(case, id=str(case), marks=marks)
+
+
+@pytest.mark.parametrize("case", [_param(i, c) for i, c in enumerate(CASES)])
+def test_same_gradients_as_diffrax(case):
+    expected = loss_and_gradients(diffrax, case)
+    actual = loss_and_gradients(diffeqx, case)
+    problems = diff_outputs(expected, actual, case.dtype)
+    assert not problems, f"{case}\n" + "\n".join(problems)
