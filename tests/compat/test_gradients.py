@@ -71,7 +71,7 @@ def loss_and_gradients(lib, case: GradCase) -> dict[str, Any]:
     vector_field, y0, args = problem(case.problem, dtype)
     t0, t1 = (2.0, 0.0) if case.backwards else (0.0, 2.0)
     span = Span(t0, t1, dtype)
-    controller, dt0 = make_controller(lib, case.controller, span, span)
+    controller, dt0 = make_controller(lib, case.controller, span, span, case.problem)
     if case.saveat == "ts":
         saveat = lib.SaveAt(ts=span.at(0.0, 0.3, 0.75, 1.0))
     else:

@@ -38,7 +38,7 @@ AXES = dict(
     resume=(False, True),
 )
 NUM_CASES = 360
-DEFAULT_CASES = 100
+DEFAULT_CASES = 40
 
 
 def diffrax_accepts(case: Case) -> bool:
