@@ -274,6 +274,7 @@ def solve(lib, case: Case) -> dict[str, Any]:
             **kwargs,
         )
         static["max_steps"] = sol.stats["max_steps"]
+        out["t0_t1"] = jnp.stack([sol.t0, sol.t1])
         out["ts"] = sol.ts
         out["ys"] = sol.ys
         out["stats"] = {
