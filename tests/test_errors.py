@@ -94,20 +94,6 @@ _CASES = [
         ("dt0", "ConstantStepSize"),
     ),
     (
-        "y0-integer",
-        dict(y0=jnp.array([1, 2], dtype=jnp.int32)),
-        dict(y0=jnp.array([1.0, 2.0])),
-        TypeError,
-        ("y0", "floating", "int32"),
-    ),
-    (
-        "y0-pytree-with-integer-leaf",
-        dict(y0={"x": _Y0, "n": jnp.array([3], dtype=jnp.int32)}),
-        dict(y0={"x": _Y0, "n": jnp.array([3.0])}),
-        TypeError,
-        ("y0", "floating", "int32"),
-    ),
-    (
         "non-adaptive-solver-with-pid",
         dict(
             solver=dfx.Euler(),

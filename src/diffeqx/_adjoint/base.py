@@ -24,6 +24,14 @@ class AbstractAdjoint(eqx.Module):
     def loop(self, *, run_loop: Callable, init_state, max_steps: int | None):
         """Runs the solve loop and returns the final state."""
 
+    def fixed_step_block(self, num_steps: int) -> int | None:
+        """Whether (and how) a solve whose `num_steps` constant steps are known at
+        trace time may run as a fixed-length scan instead of a while loop: `None`
+        for no (the default, e.g. for adjoints with their own derivative rule), `0`
+        for a plain scan, or `k > 0` to group the steps into rematerialised blocks
+        of `k` steps for reverse mode."""
+        return None
+
 
 def while_loop_of_kind(kind: str, **kwargs) -> Callable:
     """A while loop with write-once buffers: `"lax"` (forward-mode differentiable),

@@ -15,3 +15,6 @@ class ForwardMode(AbstractAdjoint):
     def loop(self, *, run_loop, init_state, max_steps):
         loop = while_loop_of_kind("lax")
         return run_loop(init_state, loop, loop)
+
+    def fixed_step_block(self, num_steps):
+        return 0

@@ -14,6 +14,12 @@ from jaxtyping import PyTree
 from .base import AbstractPath
 
 
+def _like(x, leaf):
+    """`x` (a time-like real scalar) in the dtype of `leaf`: states may be wider
+    than times (float64 states with float32 times), or complex. Exact."""
+    return jnp.asarray(x).astype(leaf.dtype)
+
+
 class AbstractLocalInterpolation(AbstractPath):
     """An interpolant over one step `[t0, t1]`."""
 
@@ -44,13 +50,15 @@ class LocalLinearInterpolation(AbstractLocalInterpolation):
     def _at(self, t):
         theta, _ = self._theta(t)
         return jtu.tree_map(
-            lambda a, b: a + (theta * (b - a)).astype(a.dtype), self.y0, self.y1
+            lambda a, b: a + (_like(theta, a) * (b - a)).astype(a.dtype),
+            self.y0,
+            self.y1,
         )
 
     def derivative(self, t, left: bool = True):
         _, dt = self._theta(t)
         return jtu.tree_map(
-            lambda a, b: ((b - a) / dt).astype(a.dtype), self.y0, self.y1
+            lambda a, b: ((b - a) / _like(dt, a)).astype(a.dtype), self.y0, self.y1
         )
 
 
@@ -92,7 +100,8 @@ class ThirdOrderHermitePolynomialInterpolation(AbstractLocalInterpolation):
         h11 = t3 - t2
 
         def _leaf(y0, y1, k0, k1):
-            return (h00 * y0 + h10 * k0 + h01 * y1 + h11 * k1).astype(y0.dtype)
+            c00, c10, c01, c11 = (_like(h, y0) for h in (h00, h10, h01, h11))
+            return (c00 * y0 + c10 * k0 + c01 * y1 + c11 * k1).astype(y0.dtype)
 
         return jtu.tree_map(_leaf, self.y0, self.y1, self.k0, self.k1)
 
@@ -105,7 +114,8 @@ class ThirdOrderHermitePolynomialInterpolation(AbstractLocalInterpolation):
         d11 = 3 * t2 - 2 * theta
 
         def _leaf(y0, y1, k0, k1):
-            return ((d00 * y0 + d10 * k0 + d01 * y1 + d11 * k1) / dt).astype(y0.dtype)
+            c00, c10, c01, c11, h = (_like(x, y0) for x in (d00, d10, d01, d11, dt))
+            return ((c00 * y0 + c10 * k0 + c01 * y1 + c11 * k1) / h).astype(y0.dtype)
 
         return jtu.tree_map(_leaf, self.y0, self.y1, self.k0, self.k1)
 
@@ -144,9 +154,8 @@ class FourthOrderPolynomialInterpolation(AbstractLocalInterpolation):
 
         def _leaf(y0, y1, k):
             k0, a, b, c = self._coefficients(y0, y1, k)
-            return (y0 + theta * (k0 + theta * (a + theta * (b + theta * c)))).astype(
-                y0.dtype
-            )
+            th = _like(theta, y0)
+            return (y0 + th * (k0 + th * (a + th * (b + th * c)))).astype(y0.dtype)
 
         return jtu.tree_map(_leaf, self.y0, self.y1, self.k)
 
@@ -155,8 +164,9 @@ class FourthOrderPolynomialInterpolation(AbstractLocalInterpolation):
 
         def _leaf(y0, y1, k):
             k0, a, b, c = self._coefficients(y0, y1, k)
-            out = k0 + theta * (2 * a + theta * (3 * b + theta * 4 * c))
-            return (out / dt).astype(y0.dtype)
+            th = _like(theta, y0)
+            out = k0 + th * (2 * a + th * (3 * b + th * 4 * c))
+            return (out / _like(dt, y0)).astype(y0.dtype)
 
         return jtu.tree_map(_leaf, self.y0, self.y1, self.k)
 
@@ -185,10 +195,11 @@ class PolynomialStageInterpolation(AbstractLocalInterpolation):
 
         def _leaf(y0, k):
             coeffs = self._coefficients(k)
+            th = _like(theta, y0)
             acc = coeffs[-1]
             for d in range(coeffs.shape[0] - 2, -1, -1):
-                acc = coeffs[d] + theta * acc
-            return (y0 + theta * acc).astype(y0.dtype)
+                acc = coeffs[d] + th * acc
+            return (y0 + th * acc).astype(y0.dtype)
 
         return jtu.tree_map(_leaf, self.y0, self.k)
 
@@ -198,9 +209,10 @@ class PolynomialStageInterpolation(AbstractLocalInterpolation):
         def _leaf(y0, k):
             coeffs = self._coefficients(k)
             degree = coeffs.shape[0]
+            th = _like(theta, y0)
             acc = degree * coeffs[-1]
             for d in range(degree - 2, -1, -1):
-                acc = (d + 1) * coeffs[d] + theta * acc
-            return (acc / dt).astype(y0.dtype)
+                acc = (d + 1) * coeffs[d] + th * acc
+            return (acc / _like(dt, y0)).astype(y0.dtype)
 
         return jtu.tree_map(_leaf, self.y0, self.k)

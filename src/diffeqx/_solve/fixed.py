@@ -1,80 +1,93 @@
 """The fixed-step fast path: constant steps whose times are known at trace time run
-as a fixed-length scan instead of a while loop."""
+as a fixed-length scan instead of a while loop.
 
-import dataclasses
-import math
+Each iteration runs the while loop's own step body, guarded by the while loop's own
+condition, so the two paths give identical results by construction: the same steps,
+the same end exactly at `t1`, the same result code and counts for a solve that
+stalls or becomes non-finite. What the scan saves is the loop itself: a static trip
+count (no predicate to evaluate and, on accelerators, no host round trip per step)
+and, for reverse mode, checkpointing by blocks instead of the recursive scheme."""
 
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import numpy as np
 
-from .._adjoint.checkpoint import RecursiveCheckpointAdjoint
-from .._adjoint.direct import DirectAdjoint
-from .._adjoint.forward import ForwardMode
-from .._controller.constant import ConstantStepSize, constant_step_count
-from .._solution import RESULTS
+from .._adjoint.base import while_loop_of_kind
+from .._controller.constant import ConstantStepSize
 from . import checks
-from .loop import LoopSpec, all_finite, clip_to_end, take_step, tree_where
+from .loop import LoopSpec, clip_to_end, cond_fun, finish_loop, step_body, tree_where
 from .state import LoopState
 
 
-def fixed_step_plan(controller, saveat, subs, adjoint, t0, t1, dt0, max_steps, dtype):
+def fixed_step_plan(
+    controller, saveat, subs, adjoint, t0, t1, dt0, max_steps, dtype, resumed
+):
     """`(num_steps, block)` when the solve can run as a fixed-length scan: constant
-    steps, times known at trace time, and only `t0`/`t1` outputs. Otherwise None."""
-    if type(controller) is not ConstantStepSize or saveat.dense:
+    steps from a fresh controller, times known at trace time, only `t0`/`t1`
+    outputs, and an adjoint that allows it (`AbstractAdjoint.fixed_step_block`).
+    Otherwise None."""
+    if type(controller) is not ConstantStepSize or saveat.dense or resumed:
         return None
     if any(sub.steps or sub.ts is not None for sub in subs):
         return None
-    if isinstance(adjoint, RecursiveCheckpointAdjoint):
-        checkpoints = adjoint.checkpoints
-    elif isinstance(adjoint, (DirectAdjoint, ForwardMode)):
-        checkpoints = 0
-    else:
-        return None
-    concrete = [checks._concrete(x) for x in (t0, t1, dt0)]
+    concrete = [checks.concrete(x) for x in (t0, t1, dt0)]
     if any(x is None for x in concrete):
         return None
     t0_c, t1_c, dt0_c = concrete
     direction = 1 if t1_c >= t0_c else -1
     if dt0_c * direction <= 0 and t1_c != t0_c:
         return None  # reported through the result code by the general path
-    num_steps = constant_step_count(
-        direction * t0_c, direction * t1_c, direction * dt0_c, dtype
+    num_steps = _constant_step_count(
+        direction * t0_c, direction * t1_c, direction * dt0_c, dtype, max_steps
     )
-    if max_steps is not None and num_steps > max_steps:
+    if num_steps is None:
         return None
-    if checkpoints == 0:
-        block = 0
-    elif checkpoints is None:
-        block = _block_size(num_steps, math.isqrt(num_steps))
-    else:
-        block = _block_size(num_steps, -(-num_steps // checkpoints))
+    block = adjoint.fixed_step_block(num_steps)
+    if block is None:
+        return None
     return num_steps, block
 
 
-def _block_size(num_steps, target):
-    """A checkpointing block size near `target`: a divisor of `num_steps` within a
-    factor of two if there is one (so that no padded steps are computed), else
-    `target` itself."""
-    target = max(1, target)
-    for offset in range(target):
-        for candidate in (target - offset, target + offset):
-            if target // 2 <= candidate <= 2 * target and num_steps % candidate == 0:
-                return candidate
-    return target
+def _constant_step_count(t0, t1, dt0, dtype, max_steps) -> int | None:
+    """The number of steps `ConstantStepSize` takes from `t0` to `t1` (forward time),
+    worked out at trace time with the loop's own rule for ending on `t1`
+    (`clip_to_end`): step `k` ends at `t0 + k * dt0`. None if that is more than
+    `max_steps`, or if some step would have zero length (the while loop then
+    reports the stall)."""
+    if not t1 > t0:
+        return 0
+    estimate = int(np.ceil(float((t1 - t0) / dt0)))
+    if estimate > (10**7 if max_steps is None else max_steps + 1):
+        return None
+    limit = estimate + 2 if max_steps is None else min(estimate + 2, max_steps)
+    with jax.ensure_compile_time_eval():
+        t0, t1, dt0 = (jnp.asarray(x, dtype=dtype) for x in (t0, t1, dt0))
+        k = jnp.arange(limit + 1)
+        ends = t0 + k.astype(dtype) * dt0
+        ends = clip_to_end(jnp.concatenate([t0[None], ends[:-1]]), ends, t1)
+        ends = np.asarray(ends.at[0].set(t0))
+    reached = np.flatnonzero(ends >= t1)
+    if reached.size == 0:
+        return None  # more than `max_steps`
+    num_steps = int(reached[0])
+    if not np.all(np.diff(ends[: num_steps + 1]) > 0):
+        return None
+    return num_steps
 
 
 def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block: int):
-    """The fixed-step fast path: exactly `num_steps` steps as a `lax.scan`, with no
-    while-loop predicate to evaluate (on accelerators, a loop with a static trip count
-    also needs no host round trip per step).
+    """Exactly `num_steps` iterations of the while loop's body as a `lax.scan`.
 
     `block > 0` groups the steps into rematerialised blocks of that many steps
     (`jax.checkpoint`), so that reverse mode stores one state per block plus one
     block's worth of steps; `block == 0` is a plain scan."""
+    # Only t0/t1 outputs take this path, so the inner save loop is never traced.
+    inner = while_loop_of_kind("lax")
 
     def one_step(state):
-        return _fixed_step_body(spec, state)
+        going = cond_fun(spec, state)
+        return tree_where(going, step_body(spec, state, inner), state)
 
     if num_steps == 0:
         final = init_state
@@ -84,60 +97,14 @@ def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block
         )
     else:
         num_blocks = -(-num_steps // block)
-        padded = num_blocks * block != num_steps
 
+        # A padded last block costs nothing extra: past the end the guard keeps the
+        # state as it is.
         @jax.checkpoint
-        def run_block(state, block_index):
-            def inner(s, j):
-                new = one_step(s)
-                if padded:
-                    live = block_index * block + j < num_steps
-                    new = tree_where(live, new, s)
-                return new, None
-
-            return lax.scan(inner, state, jnp.arange(block))[0]
+        def run_block(state, _):
+            return lax.scan(lambda s, _: (one_step(s), None), state, length=block)[0]
 
         final, _ = lax.scan(
             lambda s, b: (run_block(s, b), None), init_state, jnp.arange(num_blocks)
         )
-    # Non-finite values propagate to the end of a fixed-step solve, so one check of
-    # the final state stands in for a check after every step.
-    finite = all_finite(final.y)
-    result = RESULTS.where(
-        (final.result == RESULTS.successful) & ~finite,
-        RESULTS.non_finite_state,
-        final.result,
-    )
-    steps = jnp.asarray(num_steps)
-    return dataclasses.replace(
-        final, result=result, num_steps=steps, num_accepted_steps=steps
-    )
-
-
-def _fixed_step_body(spec: LoopSpec, state: LoopState) -> LoopState:
-    """One step of the fixed-step fast path: no acceptance test, no per-step result
-    bookkeeping (counts are known statically), only the step and the next times."""
-    y1, _, _, solver_state, solver_result = take_step(spec, state)
-    _, next_t0, next_t1, _, controller_state, _ = spec.controller.adapt_step_size(
-        state.tprev,
-        state.tnext,
-        state.y,
-        y1,
-        spec.args,
-        None,
-        spec.error_order,
-        state.controller_state,
-    )
-    next_t1 = clip_to_end(next_t0, next_t1, spec.t1)
-    result = RESULTS.where(
-        state.result == RESULTS.successful, solver_result, state.result
-    )
-    return dataclasses.replace(
-        state,
-        y=y1,
-        result=result,
-        tprev=next_t0,
-        tnext=next_t1,
-        solver_state=solver_state,
-        controller_state=controller_state,
-    )
+    return finish_loop(spec, final)

@@ -10,8 +10,8 @@ import jax.tree_util as jtu
 
 from .._saveat import SubSaveAt
 from .._solution import RESULTS
-from .event import EventStep, check_events, detect_events, record_event
-from .save import save_dense, save_step, save_ts_in_step
+from .event import EventStep, check_events, locate_event, record_event
+from .save import save_dense, save_in_step
 from .state import LoopState
 
 
@@ -103,36 +103,26 @@ def _adapt(spec: LoopSpec, state: LoopState, y1, y_error, step_ok, solver_result
     return keep, next_t0, next_t1, jnp.asarray(made_jump), controller_state, result
 
 
-def _save(
-    spec: LoopSpec,
-    state: LoopState,
-    save_state,
-    interpolant,
-    t_end,
-    y1,
-    keep,
-    inner_while_loop,
-):
-    out = []
-    for sub, ts_tau, sub_state in zip(spec.subs, spec.subs_ts, save_state, strict=True):
-        if ts_tau is not None:
-            sub_state = save_ts_in_step(
-                sub_state,
-                sub,
-                ts_tau,
-                interpolant,
-                t_end,
-                keep,
-                spec.args,
-                spec.direction,
-                inner_while_loop,
-            )
-        if sub.steps:
-            sub_state = save_step(
-                sub_state, sub, t_end, y1, keep, spec.args, spec.direction
-            )
-        out.append(sub_state)
-    return out
+def _save(spec: LoopSpec, state: LoopState, interpolant, y1, keep, inner_while_loop):
+    """The saves of the step `[state.tprev, state.tnext]`, for every output."""
+    return [
+        save_in_step(
+            sub_state,
+            sub,
+            ts_tau,
+            interpolant,
+            state.tnext,
+            y1,
+            keep,
+            state.num_accepted_steps,
+            spec.args,
+            spec.direction,
+            inner_while_loop,
+        )
+        for sub, ts_tau, sub_state in zip(
+            spec.subs, spec.subs_ts, state.save_state, strict=True
+        )
+    ]
 
 
 def step_body(
@@ -162,19 +152,10 @@ def step_body(
     event_state = state.event_state
     save_keep = keep
     if spec.event_spec is not None:
-        save_keep, y, next_t0, result, event_state = _events(
-            spec, state, y1, y, next_t0, result, interpolant, keep, dense_info
-        )
-    save_state = _save(
-        spec,
-        state,
-        state.save_state,
-        interpolant,
-        state.tnext,
-        y1,
-        save_keep,
-        inner_while_loop,
-    )
+        events = _events(spec, state, y1, next_t0, result, keep, dense_info)
+        save_keep, next_t0, result = events.save_keep, events.next_t0, events.result
+        event_state = events.event_state
+    save_state = _save(spec, state, interpolant, y1, save_keep, inner_while_loop)
     dense_state = state.dense_state
     if spec.dense:
         dense_state = save_dense(dense_state, state.tnext, dense_info, keep)
@@ -206,58 +187,55 @@ def _progress(spec: LoopSpec, progress_state, tprev):
     return spec.progress_meter.step(progress_state, jnp.clip(fraction, 0, 1))
 
 
-def _events(
-    spec: LoopSpec,
-    state: LoopState,
-    y1,
-    y,
-    next_t0,
-    result,
-    interpolant,
-    keep,
-    dense_info,
-):
-    """Checks the event conditions after a step. A non-terminating event is located
-    and recorded now; a terminating one only stops the loop, and is located after it
-    (`locate_terminal_event`), so that root finding runs once per solve rather than in
-    every step in which some member of a `vmap` batch has an event."""
+class StepEvents(eqx.Module):
+    """What the events of one step change in the loop."""
+
+    save_keep: Any  # whether the step's saves are made in the loop
+    next_t0: Any
+    result: Any
+    event_state: Any
+
+
+def _events(spec: LoopSpec, state: LoopState, y1, next_t0, result, keep, dense_info):
+    """Checks the event conditions after a step (`check_events`). A non-terminating
+    event is located and recorded now. A terminating one stops the loop at the end of
+    the step, which is kept; it is located after the loop (`locate_event`, in
+    `diffeqsolve`), so that root finding runs once per solve rather than in every step
+    in which some member of a `vmap` batch has an event."""
     espec = spec.event_spec
-    if not espec.event.terminate:
-        values, fired, t_event, y_event, mask = check_events(
-            espec,
-            state.event_state,
-            state.tprev,
-            state.tnext,
-            y1,
-            interpolant,
-            keep,
-            spec.args,
-            spec.direction,
-        )
-        event_state = record_event(
-            state.event_state, values, fired, t_event, y_event, mask, spec.direction
-        )
-        return keep, y, next_t0, result, event_state
     live = keep & (state.result == RESULTS.successful)
-    values, fired, mask = detect_events(
-        espec, state.event_state, state.tnext, y1, live, spec.args, spec.direction
+    check = check_events(
+        espec,
+        state.event_state.values,
+        spec.direction * state.tnext,
+        y1,
+        spec.args,
+        live,
     )
-    stop = fired & (result == RESULTS.successful)
-    last = EventStep(
-        tprev=state.tprev,
-        tnext=state.tnext,
-        dense_info=dense_info,
-        old_values=state.event_state.values,
-        fired=mask,
+    step = EventStep(
+        tprev=state.tprev, tnext=state.tnext, dense_info=dense_info, mask=check.mask
     )
-    last = tree_where(stop, last, state.event_state.last)
-    event_state = dataclasses.replace(state.event_state, values=values, last=last)
-    # The step that fired is accepted, but nothing is saved from it here: the event
-    # lies somewhere inside it, and the saves up to the event are made once it has
-    # been located.
-    next_t0 = jnp.where(stop, state.tnext, next_t0)
-    result = RESULTS.where(stop, RESULTS.event_occurred, result)
-    return keep & ~stop, y, next_t0, result, event_state
+    if not espec.event.terminate:
+        location = locate_event(
+            espec, step, y1, spec.solver.interpolation_cls, spec.args, spec.direction
+        )
+        event_state = record_event(state.event_state, check, location, spec.direction)
+        return StepEvents(
+            save_keep=keep, next_t0=next_t0, result=result, event_state=event_state
+        )
+    stop = check.fired & (result == RESULTS.successful)
+    last = tree_where(stop, step, state.event_state.last)
+    event_state = dataclasses.replace(state.event_state, values=check.values, last=last)
+    # With a root finder the event lies somewhere inside the step: its saves are made
+    # once the event has been located, up to the event. Without one the solve ends at
+    # the step's end, and the step is saved as usual.
+    save_keep = keep & ~stop if espec.event.root_finder is not None else keep
+    return StepEvents(
+        save_keep=save_keep,
+        next_t0=jnp.where(stop, state.tnext, next_t0),
+        result=RESULTS.where(stop, RESULTS.event_occurred, result),
+        event_state=event_state,
+    )
 
 
 def cond_fun(spec: LoopSpec, state: LoopState):
@@ -278,6 +256,11 @@ def run_loop(spec: LoopSpec, init_state: LoopState, outer_while_loop, inner_whil
         max_steps=spec.max_steps,
         buffers=buffers,
     )
+    return finish_loop(spec, final)
+
+
+def finish_loop(spec: LoopSpec, final: LoopState) -> LoopState:
+    """A loop that ended before `t1` without a failure ran out of steps."""
     unfinished = (final.tprev < spec.t1) & (final.result == RESULTS.successful)
     result = RESULTS.where(unfinished, RESULTS.max_steps_reached, final.result)
     return eqx.tree_at(lambda s: s.result, final, result)

@@ -1,0 +1,179 @@
+"""Setting up a solve: the inputs' dtypes, and the loop's specification and initial
+state."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._controller.clip import unwrap_controller
+from .._controller.constant import ConstantStepSize, StepTo
+from .._progress import NoProgressMeter
+from .._solution import RESULTS
+from .._term import forward_time_terms
+from .event import EventSpec, EventState, init_event_state
+from .loop import LoopSpec, clip_to_end
+from .save import init_dense_state, init_save_state
+from .state import DenseState, LoopState
+
+
+def promote_inputs(t0, t1, dt0, y0, subs):
+    """`(t0, t1, dt0, y0)` as arrays, in the dtypes Diffrax uses.
+
+    Times take the type of `t0`, `t1`, `dt0` and every `SaveAt` `ts` together
+    (Python numbers are weakly typed, so `t0=0` with float32 `ts` is float32);
+    integer times become the default floating dtype. Each leaf of `y0` is promoted
+    with the time dtype, so integer or boolean leaves become floating point. The
+    dtypes are worked out with JAX's standard promotion rules, and every conversion
+    is an explicit cast, so this also holds under `jax_numpy_dtype_promotion=strict`.
+    """
+    times = [t0, t1] + ([] if dt0 is None else [dt0])
+    times += [sub.ts for sub in subs if sub.ts is not None]
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = jnp.result_type(*times)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            raise ValueError(
+                "Times (`t0`, `t1`, `dt0`, `SaveAt(ts=...)`) must be real, got the "
+                f"complex dtype {dtype}."
+            )
+        if not jnp.issubdtype(dtype, jnp.floating):
+            dtype = jnp.result_type(float)
+        y0 = jtu.tree_map(
+            lambda leaf: jnp.asarray(leaf, dtype=jnp.result_type(leaf, dtype)), y0
+        )
+    t0 = jnp.asarray(t0, dtype=dtype)
+    t1 = jnp.asarray(t1, dtype=dtype)
+    dt0 = None if dt0 is None else jnp.asarray(dt0, dtype=dtype)
+    return t0, t1, dt0, y0
+
+
+def initial_state(
+    *,
+    terms,
+    solver,
+    t0,
+    t1,
+    dt0,
+    y0,
+    args,
+    saveat,
+    subs,
+    stepsize_controller,
+    event,
+    max_steps,
+    progress_meter,
+    solver_state,
+    controller_state,
+    made_jump,
+) -> tuple[LoopSpec, LoopState]:
+    """The loop's specification (what stays fixed) and its initial state. The loop
+    integrates forwards in `tau = direction * t`."""
+    dtype = t0.dtype
+    direction = jnp.where(t1 >= t0, 1, -1).astype(dtype)
+    tau0, tau1 = t0 * direction, t1 * direction
+    dtau0 = None if dt0 is None else dt0 * direction
+    fwd_terms = forward_time_terms(terms, direction)
+    controller = stepsize_controller.wrap(direction)
+    error_order = solver.error_order(terms)
+
+    tnext, init_controller_state = controller.init(
+        fwd_terms, tau0, tau1, y0, dtau0, args, solver.func, error_order
+    )
+    tnext = clip_to_end(tau0, jnp.asarray(tnext, dtype=dtype), tau1)
+    if controller_state is None:
+        controller_state = init_controller_state
+    if solver_state is None:
+        solver_state = solver.init(fwd_terms, tau0, tnext, y0, args)
+    made_jump = jnp.asarray(False) if made_jump is None else jnp.asarray(made_jump)
+
+    subs_ts = [
+        None if sub.ts is None else sub.ts.astype(dtype) * direction for sub in subs
+    ]
+    save_state = [
+        init_save_state(sub, tau0, y0, args, max_steps, direction) for sub in subs
+    ]
+    dense_state = DenseState(save_index=None, ts=None, infos=None)
+    dense_info_shape = None
+    if saveat.dense or event is not None:
+        dense_info_shape = eqx.filter_eval_shape(
+            lambda: solver.step(
+                fwd_terms, tau0, tnext, y0, args, solver_state, made_jump
+            )[2]
+        )
+    if saveat.dense:
+        dense_state = init_dense_state(tau0, dense_info_shape, max_steps)
+
+    event_spec = None
+    event_state = EventState(values=None, count=None, ts=None, ys=None, masks=None)
+    event_mask = None
+    event_start = None
+    if event is not None:
+        event_spec = EventSpec(
+            event=event,
+            terms=terms,
+            solver=solver,
+            stepsize_controller=stepsize_controller,
+            t0=t0,
+            t1=t1,
+            dt0=dt0,
+            saveat=saveat,
+            max_steps=max_steps,
+        )
+        event_start = init_event_state(
+            event_spec, t0, tau0, y0, args, dtype, dense_info_shape
+        )
+        event_state, event_mask = event_start.state, event_start.mask
+    spec = LoopSpec(
+        terms=fwd_terms,
+        solver=solver,
+        controller=controller,
+        args=args,
+        t1=tau1,
+        direction=direction,
+        subs=subs,
+        subs_ts=subs_ts,
+        error_order=error_order,
+        max_steps=max_steps,
+        dense=saveat.dense,
+        always_accept=isinstance(
+            unwrap_controller(controller), (ConstantStepSize, StepTo)
+        ),
+        may_jump=controller.may_jump,
+        event_spec=event_spec,
+        t0=tau0,
+        progress_meter=(
+            None if isinstance(progress_meter, NoProgressMeter) else progress_meter
+        ),
+    )
+    zero = jnp.asarray(0)
+    init_state = LoopState(
+        y=y0,
+        tprev=tau0,
+        tnext=tnext,
+        made_jump=made_jump,
+        solver_state=solver_state,
+        controller_state=controller_state,
+        result=_initial_result(t0, t1, dt0, event_start),
+        num_steps=zero,
+        num_accepted_steps=zero,
+        num_rejected_steps=zero,
+        save_state=save_state,
+        dense_state=dense_state,
+        event_state=event_state,
+        event_mask=event_mask,
+        progress_state=progress_meter.init(),
+    )
+    return spec, init_state
+
+
+def _initial_result(t0, t1, dt0, event_start):
+    # Traced arguments can only be checked at run time (concrete ones were checked
+    # before tracing); a bad sign stops the solve before its first step. So does a
+    # terminating event that fires at `t0`.
+    result = RESULTS.successful
+    if event_start is not None:
+        result = RESULTS.where(event_start.stop, RESULTS.event_occurred, result)
+    if dt0 is None:
+        return result
+    wrong_sign = (t1 - t0) * dt0 < 0
+    return RESULTS.where(wrong_sign, RESULTS.dt0_wrong_sign, result)

@@ -1,0 +1,93 @@
+"""What `diffeqsolve` accepts as `y0` and as times, and the dtypes it solves in: as
+Diffrax does, with explicit casts only (the suite runs under strict promotion)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffeqx as dfx
+
+
+def _decay(t, y, args):
+    return jax.tree.map(lambda x: -x, y)
+
+
+def _solve(y0, t0=0.0, t1=1.0, dt0=0.1, **kwargs):
+    kwargs.setdefault("saveat", dfx.SaveAt(t1=True))
+    return dfx.diffeqsolve(dfx.ODETerm(_decay), dfx.Tsit5(), t0, t1, dt0, y0, **kwargs)
+
+
+def test_integer_and_boolean_leaves_are_promoted_to_floating_point():
+    sol = _solve((1.5, 0, jnp.array([2, 3], dtype=jnp.int32), True))
+    position, velocity, pair, flag = sol.ys
+    for leaf in sol.ys:
+        assert leaf.dtype == jnp.float64
+    np.testing.assert_allclose(position, [1.5 * np.exp(-1)], rtol=1e-6)
+    np.testing.assert_allclose(velocity, [0.0])
+    np.testing.assert_allclose(pair, [[2 * np.exp(-1), 3 * np.exp(-1)]], rtol=1e-6)
+    np.testing.assert_allclose(flag, [np.exp(-1)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("y0", [None, {}, ()], ids=["None", "dict", "tuple"])
+def test_empty_state_solves_and_saves_fn(y0):
+    sol = _solve(y0, saveat=dfx.SaveAt(ts=[0.5, 1.0], fn=lambda t, y, args: t))
+    np.testing.assert_allclose(sol.ts, [0.5, 1.0])
+    np.testing.assert_allclose(sol.ys, [0.5, 1.0])
+    assert int(sol.stats["num_steps"]) == 10
+
+
+def test_integer_times_solve_in_the_default_floating_dtype():
+    sol = _solve(jnp.array(1.0), t0=0, t1=1, dt0=1)
+    assert sol.ts.dtype == jnp.float64
+    sol = _solve(jnp.array(1.0), t0=0, t1=1, dt0=0.01)
+    np.testing.assert_allclose(sol.ys, [np.exp(-1)], rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "y_dtype, t_dtype, expected_y, expected_t",
+    [
+        (jnp.int32, jnp.float32, jnp.float32, jnp.float32),
+        (jnp.float32, jnp.float32, jnp.float32, jnp.float32),
+        (jnp.float32, jnp.float64, jnp.float64, jnp.float64),
+        (jnp.float64, jnp.float32, jnp.float64, jnp.float32),
+        (jnp.complex64, jnp.float32, jnp.complex64, jnp.float32),
+        (jnp.complex128, jnp.float64, jnp.complex128, jnp.float64),
+    ],
+)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["constant", "pid"])
+def test_mixed_dtypes_solve_without_implicit_promotion(
+    y_dtype, t_dtype, expected_y, expected_t, adaptive
+):
+    y0 = jnp.asarray(1, dtype=y_dtype)
+    t0, t1, dt0 = (jnp.asarray(x, dtype=t_dtype) for x in (0.0, 1.0, 0.1))
+    controller = (
+        dfx.PIDController(rtol=1e-5, atol=1e-5) if adaptive else dfx.ConstantStepSize()
+    )
+    saveat = dfx.SaveAt(t1=True, ts=jnp.asarray([0.5], dtype=t_dtype), dense=True)
+    sol = _solve(y0, t0, t1, dt0, saveat=saveat, stepsize_controller=controller)
+    assert sol.ys.dtype == expected_y and sol.ts.dtype == expected_t
+    rtol = 1e-4 if jnp.finfo(expected_y).bits <= 64 else 1e-6
+    np.testing.assert_allclose(sol.ys, [np.exp(-0.5), np.exp(-1)], rtol=rtol)
+    dense = sol.evaluate(jnp.asarray(0.25, dtype=t_dtype))
+    assert dense.dtype == expected_y
+    np.testing.assert_allclose(dense, np.exp(-0.25), rtol=rtol)
+
+
+def test_float32_save_times_make_python_float_times_float32():
+    # Python numbers are weakly typed: the save times decide the time dtype.
+    sol = _solve(
+        jnp.asarray(1.0, dtype=jnp.float32),
+        saveat=dfx.SaveAt(ts=jnp.asarray([0.5, 1.0], dtype=jnp.float32)),
+    )
+    assert sol.ts.dtype == jnp.float32 and sol.ys.dtype == jnp.float32
+
+
+def test_non_numeric_state_leaf_is_refused_naming_it():
+    with pytest.raises(TypeError, match=r"y0.*\['name'\]"):
+        _solve({"x": jnp.array(1.0), "name": "decay"})
+
+
+def test_complex_times_are_refused():
+    with pytest.raises(ValueError, match="complex"):
+        _solve(jnp.array(1.0), t1=1.0 + 0j)
