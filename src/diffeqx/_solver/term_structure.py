@@ -51,8 +51,6 @@ def structure_repr(x) -> str:
         name = getattr(origin, "__name__", repr(origin))
         inner = ", ".join(structure_repr(a) for a in typing.get_args(x))
         return f"{name}[{inner}]"
-    if isinstance(x, type):
-        return x.__name__
     if isinstance(x, MultiTerm):
         return "MultiTerm(" + ", ".join(structure_repr(t) for t in x.terms) + ")"
     if isinstance(x, AbstractTerm):
@@ -64,7 +62,8 @@ def structure_repr(x) -> str:
         return (
             "{" + ", ".join(f"{k!r}: {structure_repr(v)}" for k, v in x.items()) + "}"
         )
-    return getattr(x, "__name__", repr(x))
+    # jaxtyping annotations name `jax.Array` by its implementation's module path.
+    return getattr(x, "__name__", repr(x)).replace("jaxlib._jax.Array", "Array")
 
 
 def _multiterm_parts(structure) -> tuple:

@@ -1,0 +1,474 @@
+"""The solver protocol against Diffrax's: the same class relationships, result codes,
+term structures (and the same refusals), the same deprecation warnings, and user
+solvers that give the same steps in both libraries."""
+
+import typing
+import warnings
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+import pytest
+from jaxtyping import Array, Float
+
+import diffeqx
+
+diffrax = pytest.importorskip("diffrax")
+
+LIBS = {"diffeqx": diffeqx, "diffrax": diffrax}
+
+BASES = [
+    "AbstractSolver",
+    "AbstractAdaptiveSolver",
+    "AbstractItoSolver",
+    "AbstractStratonovichSolver",
+    "AbstractImplicitSolver",
+    "AbstractWrappedSolver",
+    "AbstractRungeKutta",
+    "AbstractERK",
+]
+SOLVERS = ["Euler", "Heun", "Midpoint", "Ralston", "Bosh3", "Tsit5", "Dopri5", "Dopri8"]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_solver_has_diffrax_class_relationships(solver):
+    ours = {b: issubclass(getattr(diffeqx, solver), getattr(diffeqx, b)) for b in BASES}
+    theirs = {
+        b: issubclass(getattr(diffrax, solver), getattr(diffrax, b)) for b in BASES
+    }
+    assert ours == theirs
+
+
+def test_euler_is_an_ito_solver_and_not_adaptive():
+    assert isinstance(diffeqx.Euler(), diffeqx.AbstractItoSolver)
+    assert not isinstance(diffeqx.Euler(), diffeqx.AbstractAdaptiveSolver)
+    assert diffeqx.Euler().strong_order(None) == diffrax.Euler().strong_order(None)
+
+
+def _names(enum) -> list[str]:
+    return list(enum._name_to_item)
+
+
+def test_results_has_every_diffrax_code_at_the_same_index():
+    ours, theirs = _names(diffeqx.RESULTS), _names(diffrax.RESULTS)
+    assert ours[: len(theirs)] == theirs
+    assert {"non_finite_state", "dt0_wrong_sign"} <= set(ours)
+
+
+@pytest.mark.parametrize("name", _names(optx.RESULTS))
+def test_optimistix_result_promotes_into_results(name):
+    promoted = diffeqx.RESULTS.promote(getattr(optx.RESULTS, name))
+    assert bool(promoted == getattr(diffeqx.RESULTS, name))
+    jitted = jax.jit(diffeqx.RESULTS.promote)(getattr(optx.RESULTS, name))
+    assert bool(jitted == getattr(diffeqx.RESULTS, name))
+
+
+def _failing_solver(lib):
+    class FailsAfterHalf(lib.AbstractSolver):
+        """Euler whose steps past t = 0.5 report a diverged nonlinear solve."""
+
+        term_structure: ClassVar = lib.AbstractTerm
+        interpolation_cls: ClassVar = lib.LocalLinearInterpolation
+
+        def init(self, terms, t0, t1, y0, args):
+            return None
+
+        def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+            y1 = y0 + (t1 - t0) * terms.vf(t0, y0, args)
+            failed = lib.RESULTS.promote(optx.RESULTS.nonlinear_divergence)
+            result = lib.RESULTS.where(t1 > 0.55, failed, lib.RESULTS.successful)
+            return y1, None, dict(y0=y0, y1=y1), None, result
+
+        def func(self, terms, t0, y0, args):
+            return terms.vf(t0, y0, args)
+
+    return FailsAfterHalf()
+
+
+@pytest.mark.parametrize("lib", ["diffeqx", "diffrax"])
+def test_promoted_solver_failure_ends_the_solve_with_its_code(lib):
+    dfx = LIBS[lib]
+    term = dfx.ODETerm(lambda t, y, args: -y)
+    sol = dfx.diffeqsolve(
+        term, _failing_solver(dfx), 0.0, 1.0, 0.1, jnp.array(1.0), throw=False
+    )
+    assert bool(sol.result == dfx.RESULTS.nonlinear_divergence)
+    with pytest.raises(Exception, match="Nonlinear solve diverged"):
+        dfx.diffeqsolve(term, _failing_solver(dfx), 0.0, 1.0, 0.1, jnp.array(1.0))
+
+
+def _split_solver(lib, structure):
+    class SplitEuler(lib.AbstractSolver):
+        """Euler on a MultiTerm, taking its parts apart as an IMEX or SDE solver
+        does: `terms.terms[0]` and `terms.terms[1]` separately."""
+
+        term_structure: ClassVar = structure
+        interpolation_cls: ClassVar = lib.LocalLinearInterpolation
+
+        def init(self, terms, t0, t1, y0, args):
+            return None
+
+        def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+            first, second = terms.terms
+            dy0 = first.vf_prod(t0, y0, args, first.contr(t0, t1))
+            y_mid = y0 + dy0
+            y1 = y_mid + second.vf_prod(t1, y_mid, args, second.contr(t0, t1))
+            return y1, None, dict(y0=y0, y1=y1), None, lib.RESULTS.successful
+
+        def func(self, terms, t0, y0, args):
+            return terms.vf(t0, y0, args)
+
+    return SplitEuler()
+
+
+def _split_terms(lib):
+    ts = jnp.linspace(-1.0, 1.0, 9)
+    control = lib.LinearInterpolation(ts, jnp.stack([ts, ts**2], axis=-1))
+    drift = lib.ODETerm(lambda t, y, args: -0.5 * y)
+    driven = lib.ControlTerm(
+        lambda t, y, args: jnp.stack([y, jnp.sin(t) * y], -1), control
+    )
+    return lib.MultiTerm(drift, driven)
+
+
+@pytest.mark.parametrize("backwards", [False, True])
+def test_multiterm_parts_reach_the_solver_in_both_time_directions(backwards):
+    t0, t1, dt0 = (0.9, -0.7, -0.2) if backwards else (-0.7, 0.9, 0.2)
+    results = {}
+    for name, lib in LIBS.items():
+        structure = lib.MultiTerm[tuple[lib.ODETerm, lib.ControlTerm]]
+        sol = lib.diffeqsolve(
+            _split_terms(lib),
+            _split_solver(lib, structure),
+            t0,
+            t1,
+            dt0,
+            jnp.array([1.0, -2.0]),
+            saveat=lib.SaveAt(steps=True),
+            max_steps=16,
+        )
+        results[name] = (np.asarray(sol.ts), np.asarray(sol.ys))
+    np.testing.assert_allclose(results["diffeqx"][0], results["diffrax"][0], rtol=1e-15)
+    np.testing.assert_allclose(results["diffeqx"][1], results["diffrax"][1], rtol=1e-14)
+
+
+def _structure_cases(lib):
+    ode = lib.ODETerm(lambda t, y, args: -y)
+    ts = jnp.linspace(0.0, 1.0, 5)
+    ctrl = lib.ControlTerm(lambda t, y, args: y, lib.LinearInterpolation(ts, ts))
+    MultiTerm, ODETerm, ControlTerm = lib.MultiTerm, lib.ODETerm, lib.ControlTerm
+    AbstractTerm = lib.AbstractTerm
+    scalar_control = AbstractTerm[Any, Float[Array, ""]]
+    vector_control = lib.ControlTerm(
+        lambda t, y, args: jnp.stack([y, y], -1),
+        lib.LinearInterpolation(ts, jnp.stack([ts, ts], -1)),
+    )
+    # (id, terms, term_structure, fits, fragments of diffeqx's message)
+    return [
+        (
+            "fits",
+            MultiTerm(ode, ctrl),
+            MultiTerm[tuple[ODETerm, ControlTerm]],
+            True,
+            (),
+        ),
+        (
+            "nested-part",
+            MultiTerm(ode, ode),
+            MultiTerm[tuple[ODETerm, ControlTerm]],
+            False,
+            ("terms.terms[1]", "expected ControlTerm", "got ODETerm"),
+        ),
+        (
+            "too-many-parts",
+            MultiTerm(ode, ctrl, ode),
+            MultiTerm[tuple[ODETerm, ControlTerm]],
+            False,
+            ("expected a MultiTerm of 2 terms", "of 3"),
+        ),
+        (
+            "not-a-multiterm",
+            ode,
+            MultiTerm[tuple[AbstractTerm, AbstractTerm]],
+            False,
+            ("at `terms`", "MultiTerm[tuple[AbstractTerm, AbstractTerm]]", "ODETerm"),
+        ),
+        (
+            "tuple-for-single-term",
+            (ode, ode),
+            AbstractTerm,
+            False,
+            ("at `terms`", "expected AbstractTerm", "a tuple of 2"),
+        ),
+        ("scalar-control-fits", ode, scalar_control, True, ()),
+        (
+            "vector-control-for-scalar",
+            vector_control,
+            scalar_control,
+            False,
+            ("control of `terms`", "Float[Array, '']"),
+        ),
+        (
+            "nested-vector-control",
+            MultiTerm(ode, vector_control),
+            MultiTerm[tuple[scalar_control, AbstractTerm]],
+            True,
+            (),
+        ),
+        (
+            "nested-control-type",
+            MultiTerm(vector_control, ode),
+            MultiTerm[tuple[scalar_control, AbstractTerm]],
+            False,
+            ("terms.terms[0]", "control"),
+        ),
+    ]
+
+
+def _solver_for(lib, structure):
+    class AnyStructureEuler(lib.AbstractSolver):
+        term_structure: ClassVar = structure
+        interpolation_cls: ClassVar = lib.LocalLinearInterpolation
+
+        def init(self, terms, t0, t1, y0, args):
+            return None
+
+        def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+            y1 = y0 + terms.vf_prod(t0, y0, args, terms.contr(t0, t1))
+            return y1, None, dict(y0=y0, y1=y1), None, lib.RESULTS.successful
+
+        def func(self, terms, t0, y0, args):
+            return terms.vf(t0, y0, args)
+
+    return AnyStructureEuler()
+
+
+@pytest.mark.parametrize("index", range(len(_structure_cases(diffeqx))))
+def test_term_structure_check_agrees_with_diffrax_and_names_the_mismatch(index):
+    outcomes = {}
+    for name, lib in LIBS.items():
+        case_id, terms, structure, fits, fragments = _structure_cases(lib)[index]
+        solver = _solver_for(lib, structure)
+        try:
+            lib.diffeqsolve(terms, solver, 0.0, 1.0, 0.5, jnp.array(1.0))
+        except (ValueError, AssertionError) as error:
+            # Diffrax refuses a MultiTerm with the wrong number of parts by a failed
+            # assertion; diffeqx always with a ValueError.
+            if name == "diffeqx":
+                assert isinstance(error, ValueError)
+            outcomes[name] = str(error)
+        else:
+            outcomes[name] = None
+        if name == "diffeqx":
+            expected_fits, expected_fragments = fits, fragments
+    assert (outcomes["diffeqx"] is None) == expected_fits, outcomes["diffeqx"]
+    assert (outcomes["diffrax"] is None) == expected_fits, outcomes["diffrax"]
+    for fragment in expected_fragments:
+        assert fragment in outcomes["diffeqx"], (fragment, outcomes["diffeqx"])
+
+
+def test_subscripted_classes_are_generic_aliases_of_the_classes():
+    for lib in LIBS.values():
+        for alias, origin in [
+            (lib.AbstractPath[Array], lib.AbstractPath),
+            (lib.MultiTerm[tuple[lib.ODETerm, lib.ControlTerm]], lib.MultiTerm),
+            (lib.AbstractTerm[Array, Array], lib.AbstractTerm),
+            (lib.ControlTerm[Array, Array], lib.ControlTerm),
+            (lib.ODETerm[Array], lib.ODETerm),
+            (lib.AbstractSolver[Any], lib.AbstractSolver),
+        ]:
+            assert typing.get_origin(alias) is origin
+
+
+def _adaptive_user_solver(lib):
+    class HeunEuler(lib.AbstractSolver):
+        """Heun with an embedded Euler estimate, subclassing only AbstractSolver."""
+
+        term_structure: ClassVar = lib.AbstractTerm
+        interpolation_cls: ClassVar = lib.LocalLinearInterpolation
+
+        def order(self, terms):
+            return 1
+
+        def init(self, terms, t0, t1, y0, args):
+            return None
+
+        def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+            f0 = terms.vf(t0, y0, args)
+            euler = y0 + (t1 - t0) * f0
+            f1 = terms.vf(t1, euler, args)
+            y1 = y0 + (t1 - t0) * (f0 + f1) / 2
+            return y1, y1 - euler, dict(y0=y0, y1=y1), None, lib.RESULTS.successful
+
+        def func(self, terms, t0, y0, args):
+            return terms.vf(t0, y0, args)
+
+    return HeunEuler()
+
+
+@pytest.mark.parametrize("rtol", [1e-2, 1e-3, 1e-5])
+def test_abstract_solver_with_error_estimate_steps_as_in_diffrax(rtol):
+    results = {}
+    for name, lib in LIBS.items():
+        sol = lib.diffeqsolve(
+            lib.ODETerm(lambda t, y, args: -y + jnp.sin(3 * t)),
+            _adaptive_user_solver(lib),
+            0.0,
+            2.0,
+            0.1,
+            jnp.array([1.0, 0.5]),
+            saveat=lib.SaveAt(steps=True),
+            stepsize_controller=lib.PIDController(rtol=rtol, atol=rtol),
+            max_steps=4096,
+        )
+        results[name] = sol
+    ours, theirs = results["diffeqx"], results["diffrax"]
+    for key in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
+        assert int(ours.stats[key]) == int(theirs.stats[key]), key
+    # The same accept/reject decisions; the step sizes agree to the controller's
+    # arithmetic (rounding differences in PIDController are the controller's tests').
+    np.testing.assert_allclose(ours.ts, theirs.ts, rtol=1e-7)
+    np.testing.assert_allclose(ours.ys, theirs.ys, rtol=1e-4)
+
+
+def _recorded_warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [w.category for w in caught]
+
+
+def test_weakly_diagonal_control_term_warns_as_in_diffrax_and_solves_the_same():
+    ts = jnp.linspace(0.0, 1.0, 11)
+    ys = {}
+    categories = {}
+    for name, lib in LIBS.items():
+        control = lib.LinearInterpolation(ts, jnp.stack([ts, ts**2], -1))
+        term, categories[name] = _recorded_warnings(
+            lambda lib=lib, control=control: lib.WeaklyDiagonalControlTerm(
+                lambda t, y, args: -y, control
+            )
+        )
+        sol = lib.diffeqsolve(term, lib.Heun(), 0.0, 1.0, 0.1, jnp.array([1.0, 2.0]))
+        ys[name] = np.asarray(sol.ys)
+    assert categories["diffeqx"] == categories["diffrax"] == [UserWarning]
+    np.testing.assert_allclose(ys["diffeqx"], ys["diffrax"], rtol=1e-14)
+
+
+def _discrete_event(state, *, args, **kwargs):
+    return state.y[0] < args
+
+
+def test_discrete_terminating_event_warns_and_stops_as_in_diffrax():
+    results = {}
+    for name, lib in LIBS.items():
+        event = (
+            diffrax.DiscreteTerminatingEvent(_discrete_event)
+            if lib is diffrax
+            else _discrete_event
+        )
+        sol, categories = _recorded_warnings(
+            lambda lib=lib, event=event: lib.diffeqsolve(
+                lib.ODETerm(lambda t, y, args: -y),
+                lib.Tsit5(),
+                0.0,
+                5.0,
+                0.1,
+                jnp.array([1.0, 3.0]),
+                args=0.3,
+                saveat=lib.SaveAt(t1=True),
+                discrete_terminating_event=event,
+            )
+        )
+        assert UserWarning in categories, name
+        results[name] = sol
+    ours, theirs = results["diffeqx"], results["diffrax"]
+    assert bool(ours.result == diffeqx.RESULTS.event_occurred)
+    assert bool(theirs.result == diffrax.RESULTS.event_occurred)
+    np.testing.assert_allclose(ours.ts, theirs.ts, rtol=1e-14)
+    np.testing.assert_allclose(ours.ys, theirs.ys, rtol=1e-14)
+    assert int(ours.stats["num_steps"]) == int(theirs.stats["num_steps"])
+
+
+@pytest.mark.parametrize("lib", ["diffeqx", "diffrax"])
+def test_event_and_discrete_terminating_event_together_are_refused(lib):
+    dfx = LIBS[lib]
+    with pytest.raises(ValueError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y),
+            dfx.Tsit5(),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array(1.0),
+            event=dfx.Event(lambda t, y, args, **kwargs: y < 0.5),
+            discrete_terminating_event=_discrete_event,
+        )
+
+
+SCAN_KINDS = [None, "lax", "checkpointed", "bounded"]
+
+
+def test_scan_kind_is_accepted_with_diffrax_values_and_changes_nothing():
+    def solve(solver):
+        return diffeqx.diffeqsolve(
+            diffeqx.ODETerm(lambda t, y, args: -y + jnp.cos(t)),
+            solver,
+            0.0,
+            1.0,
+            0.1,
+            jnp.array([1.0, -1.0]),
+            saveat=diffeqx.SaveAt(steps=True),
+            max_steps=16,
+        )
+
+    # Tsit5's stages run unrolled here, Dopri8's in a loop.
+    for cls, kinds in [("Tsit5", SCAN_KINDS), ("Dopri8", ["bounded"])]:
+        default = solve(getattr(diffeqx, cls)())
+        for scan_kind in kinds:
+            chosen = solve(getattr(diffeqx, cls)(scan_kind=scan_kind))
+            np.testing.assert_array_equal(chosen.ts, default.ts)
+            np.testing.assert_array_equal(chosen.ys, default.ys)
+    for scan_kind in SCAN_KINDS:
+        assert diffrax.Tsit5(scan_kind=scan_kind).scan_kind == scan_kind
+        assert diffeqx.Tsit5(scan_kind=scan_kind).scan_kind == scan_kind
+
+
+def test_scan_kind_outside_diffrax_values_is_refused():
+    with pytest.raises(ValueError, match="scan_kind"):
+        diffeqx.Tsit5(scan_kind="unrolled")
+
+
+def test_butcher_tableau_takes_diffrax_positional_arguments():
+    arguments = (
+        np.array([0.5, 0.5, 1.0]),
+        np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+        np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]) - np.array([0.0, 0.0, 1.0, 0.0]),
+        (np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
+    )
+    finals = {}
+    for name, lib in LIBS.items():
+        user_tableau = lib.ButcherTableau(*arguments)
+
+        class RK4(lib.AbstractERK):
+            tableau: ClassVar = user_tableau
+            interpolation_cls: ClassVar = (
+                lib.ThirdOrderHermitePolynomialInterpolation.from_k
+            )
+
+            def order(self, terms):
+                return 4
+
+        sol = lib.diffeqsolve(
+            lib.ODETerm(lambda t, y, args: -y * t),
+            RK4(),
+            0.0,
+            1.0,
+            0.05,
+            jnp.array([1.0, 2.0]),
+        )
+        finals[name] = np.asarray(sol.ys)
+    np.testing.assert_allclose(finals["diffeqx"], finals["diffrax"], rtol=1e-14)
