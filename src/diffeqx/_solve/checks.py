@@ -215,15 +215,6 @@ class _DiscreteEventState(eqx.Module):
     y: Any
 
 
-class _DiscreteEventCondition(eqx.Module):
-    """An old-style `event(state, **kwargs) -> bool` as an `Event` condition."""
-
-    event: Any
-
-    def __call__(self, t, y, args, **kwargs):
-        return self.event(_DiscreteEventState(tprev=t, y=y), args=args, **kwargs)
-
-
 def resolve_deprecated_event(event, discrete_terminating_event):
     """`diffeqsolve(..., discrete_terminating_event=...)`, deprecated in Diffrax in
     favour of `event=`: accepted as Diffrax does, with a `UserWarning`. The callable
@@ -243,7 +234,13 @@ def resolve_deprecated_event(event, discrete_terminating_event):
         UserWarning,
         stacklevel=3,
     )
-    return Event(cond_fn=_DiscreteEventCondition(discrete_terminating_event))
+    # A closure, not a Module: `Event` maps over a PyTree of conditions, and must see
+    # this one as a single condition.
+    def cond_fn(t, y, args, **kwargs):
+        state = _DiscreteEventState(tprev=t, y=y)
+        return discrete_terminating_event(state, args=args, **kwargs)
+
+    return Event(cond_fn=cond_fn)
 
 
 def check_times(t0, t1) -> None:
