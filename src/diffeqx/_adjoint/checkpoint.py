@@ -1,5 +1,6 @@
 """The default adjoint: reverse mode through the loop with recursive checkpointing."""
 
+import math
 from typing import final
 
 import equinox as eqx
@@ -36,7 +37,11 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
     **Arguments:**
 
     - `checkpoints`: the number of stored states. `None` chooses it from `max_steps`
-      (which must then be finite).
+      (which must then be finite for reverse mode). On the fixed-step path
+      (constant steps known at trace time, see `diffeqsolve`), the steps are instead
+      grouped into `checkpoints` blocks of equal length (about the square root of the
+      number of steps by default), each storing one state and recomputing its steps
+      on the backward pass.
 
     Supports every mode and order, choosing the loop from the derivatives being
     taken (read from JAX's trace when the solve is traced):
@@ -68,12 +73,18 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
             )
 
     def loop(self, *, run_loop, init_state, max_steps):
-        if max_steps is None and self.checkpoints is None:
-            raise ValueError(
-                "`RecursiveCheckpointAdjoint` needs a finite `max_steps` or an explicit "
-                "`checkpoints` count; got `max_steps=None` and `checkpoints=None`."
-            )
         levels = differentiation_levels(strict=True)
+        if max_steps is None and self.checkpoints is None:
+            if "reverse" in levels:
+                raise ValueError(
+                    "Reverse-mode differentiation (`jax.grad`, `jax.vjp`) of a solve "
+                    "with `max_steps=None` needs a bound on the number of stored "
+                    "states: pass a finite `max_steps`, or "
+                    "`RecursiveCheckpointAdjoint(checkpoints=...)`."
+                )
+            # No reverse mode: an unbounded loop, differentiable in forward mode.
+            loop = while_loop_of_kind("lax")
+            return run_loop(init_state, loop, loop)
         if levels and levels[0] == "forward" and "reverse" not in levels:
             # Forward mode only (`jax.jvp`, `jax.jacfwd`, any order): a plain loop,
             # carrying tangents alongside the solution.
@@ -110,3 +121,22 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
         else:
             inner = while_loop_of_kind("checkpointed")
         return run_loop(init_state, outer, inner)
+
+    def fixed_step_block(self, num_steps):
+        # Constant steps known at trace time run as a scan of rematerialised blocks:
+        # `checkpoints` blocks (about sqrt(num_steps) of them by default), each storing
+        # one state for the backward pass and recomputing its steps.
+        if self.checkpoints is None:
+            return _block_size(num_steps, math.isqrt(num_steps))
+        return _block_size(num_steps, -(-num_steps // self.checkpoints))
+
+
+def _block_size(num_steps, target):
+    """A block size near `target`: a divisor of `num_steps` within a factor of two
+    if there is one (so that no padded steps are computed), else `target` itself."""
+    target = max(1, target)
+    for offset in range(target):
+        for candidate in (target - offset, target + offset):
+            if target // 2 <= candidate <= 2 * target and num_steps % candidate == 0:
+                return candidate
+    return target

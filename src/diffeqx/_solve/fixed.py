@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._adjoint.base import while_loop_of_kind
-from .._controller.constant import ConstantStepSize
+from .._controller.constant import ConstantStepSize, constant_step_count
 from . import checks
-from .loop import LoopSpec, clip_to_end, cond_fun, finish_loop, step_body, tree_where
+from .loop import LoopSpec, cond_fun, finish_loop, step_body, tree_where
 from .state import LoopState
 
 
@@ -50,28 +50,13 @@ def fixed_step_plan(
 
 
 def _constant_step_count(t0, t1, dt0, dtype, max_steps) -> int | None:
-    """The number of steps `ConstantStepSize` takes from `t0` to `t1` (forward time),
-    worked out at trace time with the loop's own rule for ending on `t1`
-    (`clip_to_end`): step `k` ends at `t0 + k * dt0`. None if that is more than
-    `max_steps`, or if some step would have zero length (the while loop then
-    reports the stall)."""
-    if not t1 > t0:
-        return 0
-    estimate = int(np.ceil(float((t1 - t0) / dt0)))
-    if estimate > (10**7 if max_steps is None else max_steps + 1):
+    """An upper bound on the steps `ConstantStepSize` takes from `t0` to a finite
+    `t1` (forward time); the guarded body makes any extra iterations no-ops. None
+    if that is more than `max_steps`."""
+    if not np.isfinite(t1):
         return None
-    limit = estimate + 2 if max_steps is None else min(estimate + 2, max_steps)
-    with jax.ensure_compile_time_eval():
-        t0, t1, dt0 = (jnp.asarray(x, dtype=dtype) for x in (t0, t1, dt0))
-        k = jnp.arange(limit + 1)
-        ends = t0 + k.astype(dtype) * dt0
-        ends = clip_to_end(jnp.concatenate([t0[None], ends[:-1]]), ends, t1)
-        ends = np.asarray(ends.at[0].set(t0))
-    reached = np.flatnonzero(ends >= t1)
-    if reached.size == 0:
-        return None  # more than `max_steps`
-    num_steps = int(reached[0])
-    if not np.all(np.diff(ends[: num_steps + 1]) > 0):
+    num_steps = constant_step_count(t0, t1, dt0, dtype)
+    if num_steps > (10**7 if max_steps is None else max_steps):
         return None
     return num_steps
 

@@ -8,6 +8,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from .._controller.ulp import ulps_below
 from .._saveat import SubSaveAt
 from .._solution import RESULTS
 from .event import EventStep, check_events, locate_event, record_event
@@ -49,12 +50,14 @@ def all_finite(tree):
     return out
 
 
-def clip_to_end(tprev, tnext, t1):
-    """`min(tnext, t1)`, also snapping to `t1` when the remaining step would be
-    negligibly small (it would only add a step of rounding error)."""
-    eps = jnp.finfo(jnp.result_type(tnext)).eps
-    tolerance = 100 * eps * jnp.maximum(jnp.abs(tprev), jnp.abs(t1))
-    return jnp.where(tnext >= t1 - tolerance, t1, tnext)
+def clip_to_end(tprev, tnext, t1, keep=True):
+    """The one rule for ending on `t1` (as Diffrax 0.7.2): a proposed step end
+    beyond, or within 100 ULPs below, `t1` becomes `t1` itself (so no step of a
+    few rounding errors is left over) -- or, when the step just tried was rejected,
+    halfway from `tprev` to `t1`. The first step is not snapped, only cut at `t1`."""
+    near_end = tnext > ulps_below(t1, 100)
+    snapped = jnp.where(keep, t1, tprev + 0.5 * (t1 - tprev))
+    return jnp.where(near_end, snapped, tnext)
 
 
 def take_step(spec: LoopSpec, state: LoopState):
@@ -73,8 +76,11 @@ def take_step(spec: LoopSpec, state: LoopState):
 def _adapt(spec: LoopSpec, state: LoopState, y1, y_error, step_ok, solver_result):
     """Accept or reject the step, choose the next one and the new result code."""
     if y_error is not None:
-        # A failed or non-finite step is rejected by giving it an infinite error.
-        y_error = jtu.tree_map(lambda e: jnp.where(step_ok, e, jnp.inf), y_error)
+        # A failed or non-finite step is rejected by giving it an infinite error
+        # (and, as Diffrax, a NaN error estimate counts as infinite).
+        y_error = jtu.tree_map(
+            lambda e: jnp.where(step_ok & ~jnp.isnan(e), e, jnp.inf), y_error
+        )
     keep, next_t0, next_t1, made_jump, controller_state, result = (
         spec.controller.adapt_step_size(
             state.tprev,
@@ -89,7 +95,11 @@ def _adapt(spec: LoopSpec, state: LoopState, y1, y_error, step_ok, solver_result
     )
     accepted_bad_step = jnp.asarray(keep) & ~step_ok
     keep = jnp.asarray(keep) & step_ok
-    next_t1 = clip_to_end(next_t0, next_t1, spec.t1)
+    # A step may start one ULP past a jump at `t1`; the solve still ends at `t1`.
+    next_t0 = jnp.minimum(next_t0, spec.t1)
+    next_t1 = clip_to_end(next_t0, next_t1, spec.t1, keep)
+    # A zero-length next step would repeat forever (Diffrax runs into `max_steps`
+    # then); it is reported at once instead.
     stalled = (next_t1 <= next_t0) & (next_t0 < spec.t1)
     result = RESULTS.where(stalled, RESULTS.dt_min_reached, result)
     # A bad step that could not be rejected ends the solve with the solver's own

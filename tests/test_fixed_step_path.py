@@ -1,0 +1,182 @@
+"""The fixed-step fast path (constant steps known at trace time, run as a scan) gives
+exactly what the general while loop gives: same steps, same end at t1, same result
+code and counts when a solve fails."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffeqx as dfx
+
+
+def _field(t, y, args):
+    return {"x": -args * y["x"] + jnp.sin(t), "v": y["x"] - y["v"]}
+
+
+def _blow_up(t, y, args):
+    # Finite until y passes 1, then infinite: the solve fails part-way.
+    return jnp.where(y < 1, 10.0 * y + 1, jnp.inf).astype(y.dtype)
+
+
+def _uses_scan(fn, *args):
+    text = str(jax.make_jaxpr(fn)(*args))
+    return "scan[" in text and "while[" not in text
+
+
+def _both_paths(solve_from_times, t0, t1, dt0):
+    """Runs a solve with its times known at trace time (fast path) and with traced
+    times (while loop), checking which path each took."""
+    fast = solve_from_times(t0, t1, dt0)
+    assert _uses_scan(lambda: solve_from_times(t0, t1, dt0))
+    traced = jax.jit(solve_from_times)
+    general = traced(jnp.asarray(t0), jnp.asarray(t1), jnp.asarray(dt0))
+    assert not _uses_scan(
+        solve_from_times, jnp.asarray(t0), jnp.asarray(t1), jnp.asarray(dt0)
+    )
+    return fast, general
+
+
+def _assert_identical(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+_SAVEATS = {
+    "t1": dfx.SaveAt(t1=True),
+    "t0+t1": dfx.SaveAt(t0=True, t1=True),
+    "fn": dfx.SaveAt(t1=True, fn=lambda t, y, args: y["x"] * t),
+    "subs": dfx.SaveAt(subs=[dfx.SubSaveAt(t0=True), dfx.SubSaveAt(t1=True)]),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("backwards", [False, True], ids=["forwards", "backwards"])
+@pytest.mark.parametrize("saveat", list(_SAVEATS), ids=list(_SAVEATS))
+@pytest.mark.parametrize("solver", [dfx.Euler(), dfx.Tsit5()], ids=["Euler", "Tsit5"])
+def test_fixed_step_path_matches_while_loop(dtype, backwards, saveat, solver):
+    y0 = {"x": jnp.ones(3, dtype), "v": jnp.zeros(3, dtype)}
+    t0, t1, dt0 = (1.0, 0.0, -0.03) if backwards else (0.0, 1.0, 0.03)
+
+    def solve(t0, t1, dt0):
+        # NumPy scalars stay concrete under tracing (JAX arrays made inside a traced
+        # function do not), so the fast path sees them.
+        cast = np.float32 if dtype == jnp.float32 else None
+        times = (t0, t1, dt0)
+        if cast is not None and not isinstance(t0, jax.Array):
+            times = tuple(map(cast, times))
+        elif cast is not None:
+            times = tuple(x.astype(dtype) for x in times)
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_field),
+            solver,
+            *times,
+            y0,
+            args=jnp.asarray(0.7, dtype),
+            saveat=_SAVEATS[saveat],
+        )
+        return sol.ts, sol.ys, sol.stats, sol.result
+
+    fast, general = _both_paths(solve, t0, t1, dt0)
+    _assert_identical(fast, general)
+    ts = fast[0] if saveat != "subs" else fast[0][1]
+    # Ends exactly at t1 (34 steps of 0.03: the last one is shortened).
+    assert ts[-1] == t1
+    assert int(fast[2]["num_steps"]) == 34
+
+
+def test_fixed_step_path_matches_while_loop_when_solve_becomes_non_finite():
+    def solve(t0, t1, dt0):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_blow_up),
+            dfx.Euler(),
+            t0,
+            t1,
+            dt0,
+            jnp.asarray(0.0),
+            saveat=dfx.SaveAt(t0=True, t1=True),
+            throw=False,
+        )
+        return sol.ts, sol.ys, sol.stats, sol.result
+
+    fast, general = _both_paths(solve, 0.0, 1.0, 0.01)
+    _assert_identical(fast, general)
+    assert fast[3] == dfx.RESULTS.non_finite_state
+    # It stopped part-way, not after all 100 steps.
+    assert int(fast[2]["num_steps"]) < 100
+
+
+def test_fixed_step_path_with_resumed_solver_state_matches_while_loop():
+    term = dfx.ODETerm(lambda t, y, args: -y)
+    first = dfx.diffeqsolve(
+        term,
+        dfx.Tsit5(),
+        0.0,
+        0.5,
+        0.05,
+        jnp.ones(2),
+        saveat=dfx.SaveAt(t1=True, solver_state=True),
+    )
+
+    def solve(t0, t1, dt0):
+        sol = dfx.diffeqsolve(
+            term,
+            dfx.Tsit5(),
+            t0,
+            t1,
+            dt0,
+            first.ys[-1],
+            solver_state=first.solver_state,
+        )
+        return sol.ys, sol.stats
+
+    fast, general = _both_paths(solve, 0.5, 1.0, 0.05)
+    _assert_identical(fast, general)
+    np.testing.assert_allclose(fast[0][-1], np.exp(-1.0) * np.ones(2), rtol=1e-6)
+
+
+def test_resumed_controller_state_takes_the_while_loop():
+    term = dfx.ODETerm(lambda t, y, args: -y)
+    first = dfx.diffeqsolve(
+        term,
+        dfx.Euler(),
+        0.0,
+        0.5,
+        0.1,
+        jnp.ones(()),
+        saveat=dfx.SaveAt(t1=True, controller_state=True),
+    )
+
+    def solve():
+        return dfx.diffeqsolve(
+            term,
+            dfx.Euler(),
+            0.5,
+            1.0,
+            0.1,
+            first.ys[-1],
+            controller_state=first.controller_state,
+        ).ys
+
+    assert not _uses_scan(solve)
+    np.testing.assert_allclose(solve(), [0.9**10], rtol=1e-12)
+
+
+def test_fixed_step_path_gradients_match_while_loop():
+    def loss(args, t0, t1, dt0):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_field),
+            dfx.Tsit5(),
+            t0,
+            t1,
+            dt0,
+            {"x": jnp.ones(3), "v": jnp.zeros(3)},
+            args=args,
+        )
+        return jnp.sum(sol.ys["x"] ** 2) + jnp.sum(sol.ys["v"])
+
+    fast = jax.grad(loss)(0.7, 0.0, 1.0, 0.01)
+    general = jax.jit(jax.grad(loss))(
+        0.7, jnp.asarray(0.0), jnp.asarray(1.0), jnp.asarray(0.01)
+    )
+    np.testing.assert_allclose(fast, general, rtol=1e-12)
