@@ -6,6 +6,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import diffeqx as dfx
 
@@ -225,3 +226,119 @@ def test_adaptive_custom_solver_error_estimate_drives_rejections():
     assert int(sol.stats["num_rejected_steps"]) > 0
     exact = np.exp(-0.7 * 5.0) * np.array([1.0, 3.0])
     np.testing.assert_allclose(sol.ys[0], exact, rtol=5e-4)
+
+
+class PlainHeunEuler(dfx.AbstractSolver):
+    """The same method as `HeunEuler`, subclassing only `AbstractSolver`: adaptivity
+    comes from returning an error estimate, not from the base class."""
+
+    term_structure: ClassVar = dfx.AbstractTerm
+    interpolation_cls: ClassVar = dfx.LocalLinearInterpolation
+
+    def order(self, terms):
+        return 2
+
+    def init(self, terms, t0, t1, y0, args):
+        return None
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        return HeunEuler().step(terms, t0, t1, y0, args, solver_state, made_jump)
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+
+def test_abstract_solver_returning_an_error_estimate_runs_adaptively():
+    assert not isinstance(PlainHeunEuler(), dfx.AbstractAdaptiveSolver)
+    exact = np.exp(-0.7 * 5.0) * np.array([1.0, 3.0])
+    sol = dfx.diffeqsolve(
+        _DECAY,
+        PlainHeunEuler(),
+        0.0,
+        5.0,
+        2.0,
+        jnp.array([1.0, 3.0]),
+        0.7,
+        stepsize_controller=dfx.PIDController(rtol=1e-5, atol=1e-8),
+    )
+    assert dfx.is_successful(sol.result)
+    assert int(sol.stats["num_rejected_steps"]) > 0
+    np.testing.assert_allclose(sol.ys[0], exact, rtol=5e-4)
+    # The same steps as the AbstractAdaptiveSolver subclass: only the base differs.
+    reference = _solve_heun_euler(1e-5, dt0=2.0)
+    assert int(sol.stats["num_steps"]) == int(reference.stats["num_steps"])
+
+
+def test_abstract_solver_without_error_estimate_is_refused_by_pid():
+    with pytest.raises(ValueError, match="HandWrittenEuler returns no error estimate"):
+        dfx.diffeqsolve(
+            _DECAY,
+            HandWrittenEuler(),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array(1.0),
+            1.0,
+            stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-6),
+        )
+
+
+class LieSplitEuler(dfx.AbstractSolver):
+    """Lie splitting for `y' = f(t, y) + g(t, y)` given as `MultiTerm(F, G)`: an Euler
+    step with `F` at the start, then one with `G` at the end. Reads the two parts as
+    `terms.terms`, as IMEX and SDE solvers do."""
+
+    term_structure: ClassVar = dfx.MultiTerm[tuple[dfx.ODETerm, dfx.AbstractTerm]]
+    interpolation_cls: ClassVar = dfx.LocalLinearInterpolation
+
+    def init(self, terms, t0, t1, y0, args):
+        return None
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        assert isinstance(terms, dfx.MultiTerm) and len(terms.terms) == 2
+        first, second = terms.terms
+        y_mid = y0 + first.vf_prod(t0, y0, args, first.contr(t0, t1))
+        y1 = y_mid + second.vf_prod(t1, y_mid, args, second.contr(t0, t1))
+        return y1, None, dict(y0=y0, y1=y1), None, dfx.RESULTS.successful
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+
+@pytest.mark.parametrize("t0, t1, dt", [(0.0, 1.0, 0.25), (1.0, 0.0, -0.25)])
+def test_multiterm_solver_reads_its_parts_in_both_time_directions(t0, t1, dt):
+    terms = dfx.MultiTerm(
+        dfx.ODETerm(lambda t, y, args: -y), dfx.ODETerm(lambda t, y, args: jnp.cos(t))
+    )
+    sol = dfx.diffeqsolve(
+        terms,
+        LieSplitEuler(),
+        t0,
+        t1,
+        dt,
+        jnp.array(2.0),
+        saveat=dfx.SaveAt(steps=True),
+    )
+    # The splitting recursion in the user's time, dt negative when backwards.
+    y, expected = 2.0, []
+    for n in range(4):
+        t_next = t0 + (n + 1) * dt
+        y = y + dt * (-y)
+        y = y + dt * np.cos(t_next)
+        expected.append(y)
+    np.testing.assert_allclose(sol.ys[:4], expected, rtol=1e-14)
+
+
+def test_multiterm_solver_names_the_part_that_does_not_fit():
+    ode = dfx.ODETerm(lambda t, y, args: -y)
+    with pytest.raises(ValueError, match=r"`terms.terms\[0\]` expected ODETerm"):
+        dfx.diffeqsolve(
+            dfx.MultiTerm(
+                dfx.ControlTerm(lambda t, y, args: y, lambda a, b: b - a), ode
+            ),
+            LieSplitEuler(),
+            0.0,
+            1.0,
+            0.25,
+            jnp.array(2.0),
+        )

@@ -1,5 +1,6 @@
 """The public API: the names Diffrax users import exist, nothing private leaks, concrete
-classes are final, and diffeqsolve's signature is Diffrax's."""
+classes are final and abstract ones are not. (Signatures against Diffrax's are in
+tests/compat/test_signatures.py.)"""
 
 import inspect
 
@@ -18,6 +19,10 @@ PUBLIC_NAMES = [
     "MultiTerm",
     "AbstractSolver",
     "AbstractAdaptiveSolver",
+    "AbstractItoSolver",
+    "AbstractStratonovichSolver",
+    "AbstractImplicitSolver",
+    "AbstractWrappedSolver",
     "AbstractRungeKutta",
     "AbstractERK",
     "ButcherTableau",
@@ -87,12 +92,20 @@ CONCRETE_CLASSES = [
     "WeaklyDiagonalControlTerm",
     "LinearInterpolation",
     "CubicInterpolation",
+    "ButcherTableau",
+    "LocalLinearInterpolation",
+    "RESULTS",
 ]
 
 ABSTRACT_CLASSES = [
     "AbstractTerm",
     "AbstractSolver",
     "AbstractAdaptiveSolver",
+    "AbstractItoSolver",
+    "AbstractStratonovichSolver",
+    "AbstractImplicitSolver",
+    "AbstractWrappedSolver",
+    "FourthOrderPolynomialInterpolation",
     "AbstractRungeKutta",
     "AbstractERK",
     "AbstractStepSizeController",
@@ -131,29 +144,32 @@ def test_abstract_class_is_not_final(name):
     assert not getattr(cls, "__final__", False), f"diffeqx.{name} is marked final"
 
 
-def test_diffeqsolve_signature_matches_diffrax():
-    diffrax = pytest.importorskip("diffrax")
-    # Diffrax's `discrete_terminating_event` is deprecated (superseded by `event`);
-    # diffeqx need not accept it, so it is left out of the comparison on both sides.
-    deprecated = {"discrete_terminating_event"}
+def _is_abstract(cls) -> bool:
+    return any(
+        getattr(cls, attribute, None)
+        for attribute in (
+            "__abstractmethods__",
+            "__abstractvars__",
+            "__abstractclassvars__",
+        )
+    )
 
-    def parameters(fn):
-        return {
-            name: param
-            for name, param in inspect.signature(fn).parameters.items()
-            if name not in deprecated
-        }
 
-    ours = parameters(diffeqx.diffeqsolve)
-    theirs = parameters(diffrax.diffeqsolve)
-    assert list(ours) == list(theirs)
-    for name, param in theirs.items():
-        assert ours[name].kind == param.kind, name
-        # Defaults that are plain values must agree (object defaults such as SaveAt()
-        # differ in identity and are covered by behaviour tests).
-        if isinstance(param.default, (int, float, bool, type(None))):
-            assert ours[name].default == param.default, name
-        else:
-            assert (ours[name].default is inspect.Parameter.empty) == (
-                param.default is inspect.Parameter.empty
-            ), name
+_PUBLIC_CLASSES = sorted(
+    name for name in dir(diffeqx) if inspect.isclass(getattr(diffeqx, name))
+)
+
+
+@pytest.mark.parametrize("name", _PUBLIC_CLASSES)
+def test_every_public_class_is_final_exactly_when_it_is_concrete(name):
+    # Walks the whole public API: users subclass the abstract bases (which have
+    # abstract methods or attributes), never a concrete class.
+    cls = getattr(diffeqx, name)
+    is_final = getattr(cls, "__final__", False)
+    assert is_final != _is_abstract(cls), (
+        f"diffeqx.{name}: final={is_final}, abstract={_is_abstract(cls)}"
+    )
+
+
+def test_the_walk_covers_the_listed_classes():
+    assert set(CONCRETE_CLASSES) | set(ABSTRACT_CLASSES) <= set(_PUBLIC_CLASSES)

@@ -6,6 +6,7 @@ field times `t1 - t0`), and `evaluate(t0, t1)` returns an increment.
 
 from typing import Any, ClassVar, final
 
+import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -125,7 +126,7 @@ class FourthOrderPolynomialInterpolation(AbstractLocalInterpolation):
     of the step. Subclasses set `c_mid`: the weights such that the midpoint value is
     `y0 + sum_i c_mid[i] k[i]` for the step's stage increments `k`."""
 
-    c_mid: ClassVar[np.ndarray]
+    c_mid: eqx.AbstractClassVar[np.ndarray]
     t0: Any
     t1: Any
     y0: PyTree

@@ -2,7 +2,7 @@
 
 import abc
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import equinox as eqx
 from jaxtyping import PyTree
@@ -44,8 +44,8 @@ class AbstractSolver(eqx.Module, Generic[_SolverState]):
     the solver state's type; it is not checked).
     """
 
-    term_structure: ClassVar[Any]
-    interpolation_cls: ClassVar[Callable[..., Any]]
+    term_structure: eqx.AbstractClassVar[Any]
+    interpolation_cls: eqx.AbstractClassVar[Callable[..., Any]]
 
     def order(self, terms: PyTree[AbstractTerm]) -> int | None:
         """Order of convergence for ODEs, or `None` if not known."""

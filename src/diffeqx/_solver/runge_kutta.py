@@ -6,7 +6,7 @@ materialise, in which case the increments `k_i = vf_prod(t_i, y_i, control)` are
 stored instead. Stage `i` evaluates at `y0 + sum_j a_ij k_j`.
 """
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, final
 
 import equinox as eqx
 import jax
@@ -42,6 +42,7 @@ def _as_vector(x, name) -> np.ndarray:
     return x
 
 
+@final
 class ButcherTableau:
     """The coefficients of a Runge–Kutta method with `s` stages: explicit, or diagonally
     implicit when `a_diagonal` is given.
@@ -202,7 +203,7 @@ class AbstractRungeKutta(AbstractAdaptiveSolver):
       value gives the same program and the same results.
     """
 
-    tableau: ClassVar[ButcherTableau]
+    tableau: eqx.AbstractClassVar[ButcherTableau]
     scan_kind: None | Literal["lax", "checkpointed", "bounded"] = eqx.field(
         default=None, static=True
     )
@@ -228,7 +229,8 @@ def _weighted_sum(weights, stages):
     `weights` is a static NumPy vector (zero entries are skipped) or a traced one;
     `stages` is stacked along a leading axis, or a `_StageList`."""
     if isinstance(stages, _StageList):
-        nonzero = [(i, w) for i, w in enumerate(weights) if w != 0]
+        # Python floats (weakly typed) take the dtype of the stages they multiply.
+        nonzero = [(i, float(w)) for i, w in enumerate(weights) if w != 0]
         values = stages.values
 
         def _combine(*leaves):
@@ -241,7 +243,7 @@ def _weighted_sum(weights, stages):
 
         return jtu.tree_map(_combine, *values)
     if isinstance(weights, np.ndarray):
-        nonzero = [(i, w) for i, w in enumerate(weights) if w != 0]
+        nonzero = [(i, float(w)) for i, w in enumerate(weights) if w != 0]
 
         def _leaf(x):
             if not nonzero:
@@ -432,7 +434,10 @@ class AbstractERK(AbstractRungeKutta):
         else:
             y_error = increment(tableau.b_error, combine)
         if store_vf:
-            k = jax.vmap(lambda f: terms.prod(f, control))(stages)
+            # (`axis_size` given, so that an empty state is accepted too.)
+            k = jax.vmap(
+                lambda f: terms.prod(f, control), axis_size=tableau.num_stages
+            )(stages)
         else:
             k = stages
         dense_info = dict(y0=y0, y1=y1, k=k)
