@@ -406,3 +406,42 @@ def test_saveat_t1_of_early_stopped_solve_holds_the_stop(saveat, expected_ts):
     assert np.all(np.isinf(sol.ts[count:]))
     # The saved state at the stop is the state after two Euler steps.
     assert float(sol.ys[count - 1]) == pytest.approx(0.75**2, rel=1e-12)
+
+
+@pytest.mark.parametrize("backwards", [False, True], ids=["forwards", "backwards"])
+def test_dense_output_is_nan_outside_the_solved_interval(backwards):
+    t0, t1, dt0 = (1.0, 0.0, -0.25) if backwards else (0.0, 1.0, 0.25)
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -y),
+        dfx.Tsit5(),
+        t0,
+        t1,
+        dt0,
+        jnp.array([1.0]),
+        saveat=dfx.SaveAt(dense=True),
+    )
+    y_t0 = 1.0
+    for t in (-0.5, 1.5):
+        assert np.isnan(sol.evaluate(t)).all() and np.isnan(sol.derivative(t)).all()
+    for t in (0.0, 0.5, 1.0):
+        np.testing.assert_allclose(
+            sol.evaluate(t), y_t0 * np.exp(-(t - t0)) * np.ones(1), rtol=1e-3
+        )
+
+
+def test_dense_output_is_nan_after_a_terminating_event():
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -y),
+        dfx.Tsit5(),
+        0.0,
+        1.0,
+        0.25,
+        jnp.array([1.0]),
+        saveat=dfx.SaveAt(dense=True),
+        event=dfx.Event(lambda t, y, args, **kwargs: t > 0.6),
+    )
+    # A boolean condition stops the solve at the end of the step where it became
+    # true; `Solution.t1` stays the requested end.
+    assert float(sol.t1) == 1.0
+    np.testing.assert_allclose(sol.evaluate(0.7), np.exp(-0.7) * np.ones(1), rtol=1e-3)
+    assert np.isnan(sol.evaluate(0.8)).all()

@@ -16,7 +16,8 @@ class DenseInterpolation(AbstractPath):
     """Dense output of a solve: one local interpolant per accepted step.
 
     Built by `diffeqsolve` when `SaveAt(dense=True)`; read it through
-    `Solution.evaluate` and `Solution.derivative`.
+    `Solution.evaluate` and `Solution.derivative`. Outside the solved interval (from
+    `t0` to `t1`, or to the event that stopped the solve) both return NaN.
 
     **Fields:**
 
@@ -59,6 +60,15 @@ class DenseInterpolation(AbstractPath):
     def _trivial(self, out, value):
         return jtu.tree_map(lambda o, v: jnp.where(self.ts_size <= 1, v, o), out, value)
 
+    def _nan_outside(self, tau, out):
+        """NaN outside the solved interval `[t0, t1]` (which ends at a terminating
+        event if one stopped the solve), as Diffrax: no silent extrapolation."""
+        last = self.ts[jnp.maximum(self.ts_size - 1, 0)]
+        inside = (tau >= self.ts[0]) & (tau <= last)
+        return jtu.tree_map(
+            lambda o: jnp.where(inside, o, jnp.nan).astype(o.dtype), out
+        )
+
     def evaluate(self, t0, t1=None, left: bool = True) -> PyTree:
         if t1 is not None:
             start = self.evaluate(t0, left=left)
@@ -66,11 +76,11 @@ class DenseInterpolation(AbstractPath):
             return jtu.tree_map(lambda a, b: b - a, start, end)
         tau = jnp.asarray(t0) * self.direction
         out = self._local(tau, left).evaluate(tau)
-        return self._trivial(out, self.y0_if_trivial)
+        return self._nan_outside(tau, self._trivial(out, self.y0_if_trivial))
 
     def derivative(self, t, left: bool = True) -> PyTree:
         tau = jnp.asarray(t) * self.direction
         out = self._local(tau, left).derivative(tau)
         out = jtu.tree_map(lambda x: (x * self.direction).astype(x.dtype), out)
         zeros = jtu.tree_map(jnp.zeros_like, self.y0_if_trivial)
-        return self._trivial(out, zeros)
+        return self._nan_outside(tau, self._trivial(out, zeros))
