@@ -299,3 +299,8 @@ class WeaklyDiagonalControlTerm(_AbstractControlTerm):
                     f"{jnp.shape(v)} (use `ControlTerm` for a full matrix)."
                 )
         return self.prod(vf, control)
+
+
+def is_control_term(x) -> bool:
+    """Whether `x` is a control term (`ControlTerm`, `WeaklyDiagonalControlTerm`)."""
+    return isinstance(x, _AbstractControlTerm)

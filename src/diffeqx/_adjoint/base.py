@@ -55,7 +55,7 @@ def closure_convert_terms(terms, t0, y0, args):
     """Makes the values that vector-field closures capture (e.g. parameters traced by
     an outer `jax.grad`) explicit leaves of the terms, so that a custom derivative
     rule can differentiate with respect to them."""
-    from .._control_term import _AbstractControlTerm
+    from .._control_term import is_control_term
     from .._term import MultiTerm, ODETerm, is_term
 
     t0 = jnp.asarray(t0)
@@ -63,7 +63,7 @@ def closure_convert_terms(terms, t0, y0, args):
     def convert(term):
         if isinstance(term, MultiTerm):
             return MultiTerm(*(convert(sub) for sub in term.terms))
-        if isinstance(term, (ODETerm, _AbstractControlTerm)):
+        if isinstance(term, ODETerm) or is_control_term(term):
             converted = eqx.filter_closure_convert(term.vector_field, t0, y0, args)
             return eqx.tree_at(lambda x: x.vector_field, term, converted)
         return term
