@@ -209,7 +209,7 @@ def check_step_protocol(terms, solver, stepsize_controller, t0, t1, y0, args) ->
 
 
 class _DiscreteEventState(eqx.Module):
-    """What a Diffrax-0.4-style discrete terminating event reads from the solve."""
+    """What an old-style (pre-`Event`) discrete terminating event reads."""
 
     tprev: Any
     y: Any
