@@ -3,6 +3,7 @@ interpolant and an order."""
 
 from typing import Any, ClassVar, final
 
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
@@ -44,7 +45,11 @@ class Euler(AbstractItoSolver):
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         increment = terms.vf_prod(t0, y0, args, terms.contr(t0, t1))
-        y1 = jtu.tree_map(lambda y, dy: (y + dy).astype(y.dtype), y0, increment)
+        # The increment is cast to the state's dtype before adding: no implicit
+        # promotion (the state's dtype is the solve's).
+        y1 = jtu.tree_map(
+            lambda y, dy: y + jnp.asarray(dy, dtype=jnp.result_type(y)), y0, increment
+        )
         return y1, None, dict(y0=y0, y1=y1), None, RESULTS.successful
 
     def func(self, terms, t0, y0, args):
