@@ -149,12 +149,12 @@ def _dense_errors(case_index):
 
     @jax.jit
     def dense_errors(n):
-        dt0 = T_END / n
+        dt0 = T_END / n.astype(jnp.float64)
         sol = dfx.diffeqsolve(
             term, case.solver, 0.0, T_END, dt0, _Y0, saveat=dfx.SaveAt(dense=True)
         )
         # Every step is visited (indices repeat when n < num_queries).
-        step_index = jnp.arange(num_queries) % n
+        step_index = (jnp.arange(num_queries) % n).astype(jnp.float64)
         ts = jnp.concatenate([(step_index + theta) * dt0 for theta in _THETAS])
         value_error = jnp.max(
             jnp.abs(jax.vmap(sol.evaluate)(ts) - jax.vmap(_exact_solution)(ts))

@@ -105,7 +105,7 @@ class Solution(AbstractPath):
     solver_state: PyTree | None
     controller_state: PyTree | None
     made_jump: Any
-    event_mask: PyTree | None = None
+    event_mask: PyTree | None
     event_ts: Any = None
     event_ys: PyTree | None = None
 
