@@ -20,7 +20,8 @@ One comparison rule serves every test, `assert_close`: see its docstring.
 Sections: 1. every adjoint x every differentiable argument x two controllers;
 2. the derivative in t1; 3. closure-captured and eqx.Module parameters; 4. higher
 order through RecursiveCheckpointAdjoint; 5. a neural-ODE Hessian; 6. ImplicitAdjoint;
-7. BacksolveAdjoint misuse; 8. BacksolveAdjoint under vmap and in float32. Each
+7. BacksolveAdjoint misuse; 8. BacksolveAdjoint under vmap and in float32;
+9. BacksolveAdjoint with `SaveAt(fn=...)` and `SaveAt(subs=...)`. Each
 section has tests in the default run; combinations that only repeat a covered code
 path at the cost of another multi-second compilation are marked slow.
 """
@@ -664,18 +665,13 @@ def _backsolve_solve(dt0=0.1, **kwargs):
             dict(saveat=dfx.SaveAt(dense=True)), r"SaveAt\(dense=True\)", id="dense"
         ),
         pytest.param(
-            dict(saveat=dfx.SaveAt(t1=True, fn=lambda t, y, args: 2 * y)),
-            r"SaveAt\(fn=\.\.\.\)",
-            id="fn",
-        ),
-        pytest.param(
             dict(
                 saveat=dfx.SaveAt(
-                    subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(ts=jnp.array([0.5]))]
+                    subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(steps=True)]
                 )
             ),
-            r"PyTree of `SubSaveAt`s",
-            id="subs",
+            r"SaveAt\(steps=True\).*any `SubSaveAt`",
+            id="steps-in-subs",
         ),
         pytest.param(
             dict(event=dfx.Event(lambda t, y, args, **kw: y[0] - 0.5)),
@@ -781,3 +777,131 @@ def test_backsolve_float32_is_finite_and_close_to_float64(times, field):
     g64 = _derivatives(*VMAP_CONFIG)[:2]
     # float32 rounding and the 1e-6 solver tolerance: agreement to about 1e-5.
     assert_close(g32, g64, rtol=1e-4, label=f"float32/{times}/{field.__name__}")
+
+
+# ---------------------------------------------------------------------------------------
+# 9. BacksolveAdjoint with SaveAt(fn=...) and SaveAt(subs=...) (section 1's problem):
+#    each output's cotangent is pulled back through its `fn` at its save times
+# ---------------------------------------------------------------------------------------
+
+
+def _save_fn(t, y, args):
+    # Depends on the time, the state and `args`, and returns a PyTree, so that every
+    # part of the pullback through `fn` is exercised.
+    return {"u": jnp.sin(y) * t, "v": y[0] * y[1] * args["b"]}
+
+
+def _fn_saveat(kind, ts, weight):
+    def fn(t, y, args):
+        # `weight` is captured by the closure: its gradient comes through `fn` alone.
+        out = _save_fn(t, y, args)
+        return {"u": out["u"] * weight, "v": out["v"]}
+
+    if kind == "fn":
+        return dfx.SaveAt(t0=True, ts=ts, t1=True, fn=fn)
+    # Two outputs whose save times interleave: the states at t1 and at t0, and `fn`
+    # at ts (and at a time in between, from a second `fn` output).
+    return dfx.SaveAt(
+        subs={
+            "state": dfx.SubSaveAt(t0=True, t1=True),
+            "fn": dfx.SubSaveAt(ts=ts, fn=fn),
+            "mid": dfx.SubSaveAt(ts=ts[1:2] + 0.1, fn=lambda t, y, args: y * t),
+        }
+    )
+
+
+def _fn_loss(kind, adjoint, y0, args, t0, t1, ts, weight):
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_field),
+        dfx.Tsit5(),
+        t0,
+        t1,
+        None,
+        y0,
+        args,
+        saveat=_fn_saveat(kind, ts, weight),
+        stepsize_controller=dfx.PIDController(rtol=TOL, atol=TOL),
+        adjoint=adjoint,
+        max_steps=MAX_STEPS,
+    )
+    total = jnp.zeros(())
+    for i, leaf in enumerate(jax.tree.leaves(sol.ys)):
+        weights = jnp.arange(1.0, leaf.size + 1.0).reshape(leaf.shape) / leaf.size
+        total = total + jnp.sum(weights * (leaf + 0.3 * i) ** 2)
+    # The saved times are outputs too.
+    return total + 0.1 * sum(jnp.sum(t**2) for t in jax.tree.leaves(sol.ts))
+
+
+FN_KINDS = [
+    pytest.param("fn", False, id="fn", marks=pytest.mark.slow),
+    pytest.param("subs", False, id="subs"),
+    pytest.param("subs", True, id="subs-backwards", marks=pytest.mark.slow),
+]
+
+
+def _fn_inputs(backwards):
+    if backwards:  # from T1 back to T0, saving at the same times in reverse order
+        return (Y0, ARGS, jnp.asarray(T1), jnp.asarray(T0), TS[::-1], jnp.asarray(1.5))
+    return (Y0, ARGS, jnp.asarray(T0), jnp.asarray(T1), TS, jnp.asarray(1.5))
+
+
+@pytest.mark.parametrize("kind, backwards", FN_KINDS)
+def test_backsolve_fn_and_subs_gradients_match_finite_differences(kind, backwards):
+    inputs = _fn_inputs(backwards)
+    argnums = tuple(range(len(inputs)))
+    backsolve = dfx.BacksolveAdjoint(
+        stepsize_controller=dfx.PIDController(rtol=TOL, atol=TOL)
+    )
+
+    def loss(adjoint):
+        return lambda *x: _fn_loss(kind, adjoint, *x)
+
+    got = jax.jit(jax.grad(loss(backsolve), argnums))(*inputs)
+    exact = jax.jit(jax.grad(loss(dfx.RecursiveCheckpointAdjoint()), argnums))(*inputs)
+    primal = jax.jit(loss(dfx.RecursiveCheckpointAdjoint()))
+    names = ("y0", "args", "t0", "t1", "ts", "weight")
+    for i, name in enumerate(names):
+
+        def loss_in(x, i=i):
+            return primal(*inputs[:i], x, *inputs[i + 1 :])
+
+        fd = fd_gradient(loss_in, inputs[i])
+        label = f"{kind}/{'bwd' if backwards else 'fwd'}/{name}"
+        assert_close(got[i], fd, rtol=1e-6, label=label)
+        assert_close(got[i], exact[i], rtol=1e-6, label=label + " vs default")
+
+
+def test_backsolve_fn_output_structure_and_values_are_unchanged():
+    # The forward solve saves the states beside `fn`'s outputs; the solution holds
+    # only what was asked for, with the values the default adjoint gives.
+    inputs = _fn_inputs(False)
+    saveat = _fn_saveat("subs", TS, 1.5)
+
+    def solve(adjoint, y0):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(_field),
+            dfx.Tsit5(),
+            T0,
+            T1,
+            None,
+            y0,
+            ARGS,
+            saveat=saveat,
+            stepsize_controller=dfx.PIDController(rtol=TOL, atol=TOL),
+            adjoint=adjoint,
+            max_steps=MAX_STEPS,
+        )
+
+    def outputs(y0):
+        sol = solve(dfx.BacksolveAdjoint(), y0)
+        return sol.ys, sol.ts
+
+    # Under `jax.vjp`, so that the forward rule (which saves the states) runs.
+    ys, ts = jax.jit(lambda y0: jax.vjp(outputs, y0)[0])(inputs[0])
+    expected = solve(dfx.RecursiveCheckpointAdjoint(), inputs[0])
+    assert jax.tree.structure(ys) == jax.tree.structure(expected.ys)
+    for a, b in zip(jax.tree.leaves(ys), jax.tree.leaves(expected.ys), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(ts), jax.tree.leaves(expected.ts), strict=True):
+        np.testing.assert_array_equal(a, b)
