@@ -1,4 +1,21 @@
-"""Adaptive step sizes: `PIDController`."""
+"""Adaptive step sizes: `PIDController`.
+
+The controller is a digital filter on the sequence of scaled local errors
+(Söderlind, "Digital filters in adaptive time-stepping", ACM TOMS 29, 2003; and
+"Automatic control and adaptive time-stepping", Numer. Algorithms 31, 2002). With
+`e_n` the scaled error of the step just taken and `k` the order of the error
+estimate, the ratio of the next step to the current one is
+
+    rho = safety * (1/e_n)^(b1/k) * (1/e_{n-1})^(b2/k) * (1/e_{n-2})^(b3/k),
+
+the classical PID gains in filter form:
+
+    b1 = kP + kI + kD,    b2 = -(kP + 2 kD),    b3 = kD.
+
+`kI = 1` alone is the elementary integral controller `h * (1/e)^(1/k)`. The ratio is
+then limited. Where this departs from the textbook controller it is to take the same
+steps as Diffrax 0.7.2; each such choice is marked "As Diffrax" below.
+"""
 
 from collections.abc import Callable
 from typing import Any, ClassVar, final
@@ -11,43 +28,47 @@ import jax.tree_util as jtu
 import optimistix as optx
 
 from .._solution import RESULTS
-from .._term import unwrap_is_ode
 from .base import AbstractAdaptiveStepSizeController
+from .initial_step import first_step
 
 
-def _scaled(x, y, rtol, atol):
-    """`x / (atol + rtol * |y|)`, leaf by leaf."""
-    return jtu.tree_map(lambda xi, yi: xi / (atol + rtol * jnp.abs(yi)), x, y)
+def error_dtype(y0):
+    """The real floating dtype in which errors and step ratios are computed: that of
+    the state (as Diffrax), so that a float32 problem makes float32 decisions."""
+    leaves = jtu.tree_leaves(y0)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        dtype = jnp.finfo(dtype).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(float)
+    return dtype
 
 
-def initial_step_size(terms, t0, y0, args, func, error_order, rtol, atol, norm):
-    """The first step size, by the error-based algorithm of Hairer, Nørsett & Wanner
-    (Solving ODEs I, §II.4): a trial explicit Euler step sized from the magnitudes of
-    `y0` and `f(t0, y0)`, then a step sized from the estimated second derivative."""
-    if not unwrap_is_ode(terms):
-        return jnp.asarray(0.01, dtype=jnp.result_type(t0))
-    f0 = func(terms, t0, y0, args)
-    d0 = norm(_scaled(y0, y0, rtol, atol))
-    d1 = norm(_scaled(f0, y0, rtol, atol))
-    small = (d0 < 1e-5) | (d1 < 1e-5)
-    h0 = jnp.where(small, 1e-6, 0.01 * d0 / jnp.where(small, 1, d1))
-    h0 = h0.astype(jnp.result_type(t0))
-    y1 = jtu.tree_map(lambda y, f: (y + h0 * f).astype(y.dtype), y0, f0)
-    f1 = func(terms, t0 + h0, y1, args)
-    df = jtu.tree_map(lambda a, b: b - a, f0, f1)
-    d2 = norm(_scaled(df, y0, rtol, atol)) / h0
-    max_d = jnp.maximum(d1, d2)
-    h1 = jnp.where(
-        max_d <= 1e-15,
-        jnp.maximum(1e-6, h0 * 1e-3),
-        (0.01 / jnp.where(max_d <= 1e-15, 1, max_d)) ** (1 / error_order),
-    )
-    return lax.stop_gradient(jnp.minimum(100 * h0, h1).astype(jnp.result_type(t0)))
+def _as(value, dtype):
+    # Python numbers stay weakly typed (they take the dtype of what they meet, as in
+    # Diffrax); arrays are cast explicitly.
+    return value if isinstance(value, (int, float)) else jnp.asarray(value, dtype)
+
+
+def scaled_error_norm(controller, y0, y1_candidate, y_error):
+    """`norm(y_error / (atol + rtol * max(|y0|, |y1|)))`. As Diffrax, a leaf of the
+    candidate containing NaN is replaced by the same leaf of `y0`."""
+
+    def scale(y0_leaf, y1_leaf, error_leaf):
+        y1_leaf = jnp.where(jnp.any(jnp.isnan(y1_leaf)), y0_leaf, y1_leaf)
+        dtype = error_leaf.real.dtype
+        magnitude = jnp.maximum(jnp.abs(y0_leaf), jnp.abs(y1_leaf))
+        tolerance = _as(controller.atol, dtype) + _as(controller.rtol, dtype) * (
+            magnitude
+        )
+        return error_leaf / tolerance
+
+    return controller.norm(jtu.tree_map(scale, y0, y1_candidate, y_error))
 
 
 class _PIDMeta(type(eqx.Module)):
     # `PIDController(..., step_ts=..., jump_ts=...)` returns the clipped wrapper, as
-    # older code expects.
+    # in Diffrax (which does so silently).
     def __call__(cls, *args, step_ts=None, jump_ts=None, **kwargs):
         controller = super().__call__(*args, **kwargs)
         if step_ts is None and jump_ts is None:
@@ -61,43 +82,49 @@ class _PIDMeta(type(eqx.Module)):
 class PIDController(AbstractAdaptiveStepSizeController, metaclass=_PIDMeta):
     """Adapts the step size to keep the local error estimate within tolerance.
 
-    A step is accepted when the RMS norm of `y_error / (atol + rtol * max(|y0|, |y1|))`
-    is at most 1. The next step is the last one times
-    `safety * e_n^(-b1) * e_{n-1}^(-b2) * e_{n-2}^(-b3)`, clipped to
-    `[factormin, factormax]`, with `b1 = (pcoeff + icoeff + dcoeff) / k`,
-    `b2 = -(pcoeff + 2 dcoeff) / k`, `b3 = dcoeff / k` and `k` the solver's
-    `error_order`. The defaults (`icoeff=1`, others 0) give the classical integral
-    controller; `pcoeff=0.4, icoeff=0.3` is a good PI choice.
+    A step is accepted when the norm of `y_error / (atol + rtol * max(|y0|, |y1|))`
+    is below 1. The next step is the current one times
+    `safety * e_n^(-b1/k) * e_{n-1}^(-b2/k) * e_{n-2}^(-b3/k)` (the e's being the
+    scaled errors of the last three accepted steps, `k` the solver's `error_order`,
+    `b1 = pcoeff + icoeff + dcoeff`, `b2 = -(pcoeff + 2 dcoeff)`, `b3 = dcoeff`):
+    Söderlind's digital-filter form of PID control. After an accepted step the
+    factor lies in `[1, factormax]`; after a rejected one in `[factormin, safety]`.
+    The defaults (`icoeff=1`, others 0) give the classical integral controller;
+    `pcoeff=0.4, icoeff=0.3` is a good PI choice.
+
+    The error norm and the step ratio are computed in the dtype of the state, so a
+    float32 problem makes float32 decisions (as Diffrax).
 
     **Arguments:**
 
     - `rtol`, `atol`: relative and absolute tolerances.
+    - `norm`: the norm of the scaled error (RMS by default).
     - `pcoeff`, `icoeff`, `dcoeff`: proportional, integral and derivative gains.
     - `dtmin`, `dtmax`: bounds on the step size. Below `dtmin` the solve fails with
-      `RESULTS.dt_min_reached`, unless `force_dtmin=True`, when steps of size `dtmin`
-      are accepted regardless of their error.
+      `RESULTS.dt_min_reached`, unless `force_dtmin=True` (the default), when the
+      step of size `dtmin` that follows is accepted regardless of its error.
     - `factormin`, `factormax`: bounds on the change of step size per step.
-    - `norm`: the norm of the scaled error (RMS by default).
     - `safety`: the safety factor.
     - `error_order`: overrides the solver's `error_order`.
     - `step_ts`, `jump_ts`: if given, returns
       `ClipStepSizeController(PIDController(...), step_ts, jump_ts)`.
 
-    With `dt0=None`, the first step is chosen by the algorithm of Hairer, Nørsett &
-    Wanner from the tolerances and two evaluations of the vector field.
+    With `dt0=None` inside `diffeqsolve` the first step is 0.01, as in Diffrax 0.7.2
+    (whose Hairer–Nørsett–Wanner rule only applies when `init` is called directly
+    with a bare `ODETerm`; so does ours).
     """
 
     rtol: Any
     atol: Any
-    pcoeff: Any = 0.0
-    icoeff: Any = 1.0
-    dcoeff: Any = 0.0
+    norm: Callable = optx.rms_norm
+    pcoeff: Any = 0
+    icoeff: Any = 1
+    dcoeff: Any = 0
     dtmin: Any = None
     dtmax: Any = None
     force_dtmin: bool = eqx.field(static=True, default=True)
     factormin: Any = 0.2
     factormax: Any = 10.0
-    norm: Callable = optx.rms_norm
     safety: Any = 0.9
     error_order: Any = None
     may_jump: ClassVar[bool] = False
@@ -123,9 +150,23 @@ class PIDController(AbstractAdaptiveStepSizeController, metaclass=_PIDMeta):
             )
         return order
 
+    def _filter_exponents(self, error_order):
+        """`(b1/k, b2/k, b3/k)`: the exponents of the last three inverse errors."""
+        k = self._error_order(error_order)
+        p, i, d = self.pcoeff, self.icoeff, self.dcoeff
+        return (p + i + d) / k, -(p + 2 * d) / k, d / k
+
+    def _limit_dt(self, dt):
+        if self.dtmax is not None:
+            dt = jnp.minimum(dt, _as(self.dtmax, dt.dtype))
+        if self.dtmin is not None:
+            dt = jnp.maximum(dt, _as(self.dtmin, dt.dtype))
+        return dt
+
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        time_dtype = jnp.result_type(t0)
         if dt0 is None:
-            dt0 = initial_step_size(
+            dt0 = first_step(
                 terms,
                 t0,
                 y0,
@@ -136,64 +177,68 @@ class PIDController(AbstractAdaptiveStepSizeController, metaclass=_PIDMeta):
                 self.atol,
                 self.norm,
             )
-        dt0 = jnp.asarray(dt0, dtype=jnp.result_type(t0))
-        if self.dtmax is not None:
-            dt0 = jnp.minimum(dt0, self.dtmax)
-        if self.dtmin is not None:
-            dt0 = jnp.maximum(dt0, self.dtmin)
-        one = jnp.ones((), dtype=jnp.result_type(float))
-        at_dtmin = jnp.asarray(False) if self.dtmin is None else dt0 <= self.dtmin
-        return t0 + dt0, (one, one, at_dtmin)
+        dt0 = self._limit_dt(jnp.asarray(dt0, dtype=time_dtype))
+        one = jnp.ones((), error_dtype(y0))
+        # As Diffrax, the first step is never marked as taken at `dtmin`.
+        return t0 + dt0, (one, one, jnp.asarray(False))
 
     def adapt_step_size(
         self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state
     ):
-        prev_inv_error, prev_prev_inv_error, at_dtmin = controller_state
-        order = self._error_order(error_order)
-
-        def _scale(y0_i, y1_i, err_i):
-            # A NaN candidate is compared against y0 only, so that it yields an infinite
-            # (not NaN) error and the step is rejected and shrunk.
-            y1_i = jnp.where(jnp.isnan(y1_i), y0_i, y1_i)
-            magnitude = jnp.maximum(jnp.abs(y0_i), jnp.abs(y1_i))
-            return err_i / (self.atol + self.rtol * magnitude)
-
-        scaled = jtu.tree_map(_scale, y0, y1_candidate, y_error)
-        scaled_error = self.norm(scaled)
-        scaled_error = jnp.where(jnp.isnan(scaled_error), jnp.inf, scaled_error)
-        keep_step = scaled_error <= 1
-        if self.dtmin is not None and self.force_dtmin:
+        if y_error is None:
+            raise RuntimeError(
+                "`PIDController` needs an error estimate, but the solver's `step` "
+                "returned `y_error=None`. Use a solver that estimates its error."
+            )
+        inverse_errors, at_dtmin = controller_state[:2], controller_state[2]
+        scaled_error = scaled_error_norm(self, y0, y1_candidate, y_error)
+        dtype = scaled_error.dtype
+        # As Diffrax: strictly below 1 (the textbook test is `<= 1`), and with a
+        # `dtmin`, a step taken at `dtmin` is always kept.
+        keep_step = scaled_error < 1
+        if self.dtmin is not None:
             keep_step = keep_step | at_dtmin
-        inv_error = lax.stop_gradient(1 / scaled_error)
+        inverse_error = lax.stop_gradient(1 / scaled_error)
+        ratio = self._ratio(inverse_error, inverse_errors, error_order, keep_step)
+        dt = (t1 - t0) * ratio.astype(jnp.result_type(t1))
+        dt, at_dtmin, result = self._apply_dt_bounds(dt, ratio, at_dtmin)
+        next_t0 = jnp.where(keep_step, t1, t0)
+        # A zero or infinite error says nothing about the next step, so the
+        # filter remembers a neutral 1 instead.
+        neutral = (inverse_error == 0) | jnp.isinf(inverse_error)
+        remembered = jnp.where(neutral, jnp.ones((), dtype), inverse_error)
+        previous, before_previous = inverse_errors
+        state = (
+            jnp.where(keep_step, remembered, previous),
+            jnp.where(keep_step, previous, before_previous),
+            at_dtmin,
+        )
+        next_t1 = next_t0 + dt.astype(jnp.result_type(next_t0))
+        return keep_step, next_t0, next_t1, False, state, result
 
-        b1 = (self.pcoeff + self.icoeff + self.dcoeff) / order
-        b2 = -(self.pcoeff + 2 * self.dcoeff) / order
-        b3 = self.dcoeff / order
-        factor = self.safety * inv_error**b1
-        if not (isinstance(b2, (int, float)) and b2 == 0):
-            factor = factor * prev_inv_error**b2
-        if not (isinstance(b3, (int, float)) and b3 == 0):
-            factor = factor * prev_prev_inv_error**b3
-        factormin = jnp.where(keep_step, 1, self.factormin)
-        factormax = jnp.where(keep_step, self.factormax, self.safety)
-        factor = lax.stop_gradient(jnp.clip(factor, factormin, factormax))
-        dt = (t1 - t0) * factor.astype(jnp.result_type(t1))
+    def _ratio(self, inverse_error, inverse_errors, error_order, keep_step):
+        """The step-size ratio from the filter, then limited: to `[1, factormax]`
+        after an accepted step (as Diffrax: a kept step never shrinks the next one)
+        and to `[factormin, safety]` after a rejected one."""
+        dtype = inverse_error.dtype
+        exponents = self._filter_exponents(error_order)
+        ratio = _as(self.safety, dtype) * inverse_error ** _as(exponents[0], dtype)
+        for history, exponent in zip(inverse_errors, exponents[1:], strict=True):
+            if not (isinstance(exponent, (int, float)) and exponent == 0):
+                ratio = ratio * history ** _as(exponent, dtype)
+        lower = jnp.where(keep_step, 1, _as(self.factormin, dtype)).astype(dtype)
+        upper = jnp.where(keep_step, self.factormax, self.safety).astype(dtype)
+        return lax.stop_gradient(jnp.minimum(upper, jnp.maximum(lower, ratio)))
 
+    def _apply_dt_bounds(self, dt, ratio, at_dtmin):
         result = RESULTS.successful
         if self.dtmax is not None:
-            dt = jnp.minimum(dt, self.dtmax)
-        if self.dtmin is not None:
-            if not self.force_dtmin:
-                result = RESULTS.where(dt < self.dtmin, RESULTS.dt_min_reached, result)
-            at_dtmin = dt <= self.dtmin
-            dt = jnp.maximum(dt, self.dtmin)
-
-        next_t0 = jnp.where(keep_step, t1, t0)
-        next_t1 = next_t0 + dt
-        # Zero or infinite errors carry no information for the next step's history.
-        usable = jnp.isfinite(inv_error) & (inv_error > 0)
-        inv_error = jnp.where(usable, inv_error, 1)
-        new_prev = jnp.where(keep_step, inv_error, prev_inv_error)
-        new_prev_prev = jnp.where(keep_step, prev_inv_error, prev_prev_inv_error)
-        state = (new_prev, new_prev_prev, at_dtmin)
-        return keep_step, next_t0, next_t1, False, state, result
+            dt = jnp.minimum(dt, _as(self.dtmax, dt.dtype))
+        if self.dtmin is None:
+            return dt, at_dtmin, result
+        dtmin = _as(self.dtmin, dt.dtype)
+        if not self.force_dtmin:
+            result = RESULTS.where(dt < dtmin, RESULTS.dt_min_reached, result)
+        # As Diffrax: once at `dtmin`, a ratio limited to exactly 1 keeps `dtmin`.
+        dt = jnp.where(at_dtmin & (ratio == 1), dtmin, dt)
+        return jnp.maximum(dt, dtmin), dt <= dtmin, result

@@ -113,15 +113,17 @@ def _adapt(spec: LoopSpec, state: LoopState, y1, y_error, step_ok, solver_result
     return keep, next_t0, next_t1, jnp.asarray(made_jump), controller_state, result
 
 
-def _save(spec: LoopSpec, state: LoopState, interpolant, y1, keep, inner_while_loop):
-    """The saves of the step `[state.tprev, state.tnext]`, for every output."""
+def _save(
+    spec: LoopSpec, state: LoopState, interpolant, y1, keep, inner_while_loop, t_end
+):
+    """The saves of the step `[state.tprev, t_end]`, for every output."""
     return [
         save_in_step(
             sub_state,
             sub,
             ts_tau,
             interpolant,
-            state.tnext,
+            t_end,
             y1,
             keep,
             state.num_accepted_steps,
@@ -159,13 +161,18 @@ def step_body(
         if needs_interpolant
         else None
     )
+    # As Diffrax, a kept step's saves run up to where the next step starts: one
+    # ULP past a jump rather than one before it.
+    step_end = jnp.where(keep, next_t0, state.tnext)
     event_state = state.event_state
     save_keep = keep
     if spec.event_spec is not None:
         events = _events(spec, state, y1, next_t0, result, keep, dense_info)
         save_keep, next_t0, result = events.save_keep, events.next_t0, events.result
         event_state = events.event_state
-    save_state = _save(spec, state, interpolant, y1, save_keep, inner_while_loop)
+    save_state = _save(
+        spec, state, interpolant, y1, save_keep, inner_while_loop, step_end
+    )
     dense_state = state.dense_state
     if spec.dense:
         dense_state = save_dense(dense_state, state.tnext, dense_info, keep)

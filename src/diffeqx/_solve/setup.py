@@ -12,7 +12,7 @@ from .._progress import NoProgressMeter
 from .._solution import RESULTS
 from .._term import forward_time_terms
 from .event import EventSpec, EventState, init_event_state
-from .loop import LoopSpec, clip_to_end
+from .loop import LoopSpec
 from .save import init_dense_state, init_save_state
 from .state import DenseState, LoopState
 
@@ -79,7 +79,7 @@ def initial_state(
     tnext, init_controller_state = controller.init(
         fwd_terms, tau0, tau1, y0, dtau0, args, solver.func, error_order
     )
-    tnext = clip_to_end(tau0, jnp.asarray(tnext, dtype=dtype), tau1)
+    tnext = jnp.minimum(jnp.asarray(tnext, dtype=dtype), tau1)
     if controller_state is None:
         controller_state = init_controller_state
     if solver_state is None:

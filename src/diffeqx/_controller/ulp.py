@@ -1,0 +1,48 @@
+"""Moving a time by units in the last place (ULPs).
+
+Steps that end next to a special time (a jump, the end of the interval) are placed
+a fixed number of representable numbers away from it, so that these rules give the
+same steps in every precision. One convention throughout, shared with Diffrax: the
+neighbour of zero is the smallest *normal* number of that sign (never a subnormal,
+which some hardware flushes to zero)."""
+
+import jax.lax as lax
+import jax.numpy as jnp
+
+
+def next_up(t):
+    """The representable number just above `t`."""
+    t = jnp.asarray(t)
+    tiny = jnp.finfo(t.dtype).tiny
+    return jnp.where(t == 0, tiny, jnp.nextafter(t, jnp.asarray(jnp.inf, t.dtype)))
+
+
+def next_down(t):
+    """The representable number just below `t`."""
+    t = jnp.asarray(t)
+    tiny = jnp.finfo(t.dtype).tiny
+    return jnp.where(t == 0, -tiny, jnp.nextafter(t, jnp.asarray(-jnp.inf, t.dtype)))
+
+
+def ulps_below(t, count: int):
+    """`next_down` applied `count` times, in constant time: on the integer image of
+    a float (sign and magnitude), one step down is one unit off the magnitude (away
+    from zero for negative numbers)."""
+    t = jnp.asarray(t)
+    int_dtype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[t.dtype.itemsize]
+    magnitude_bits = lax.bitcast_convert_type(jnp.abs(t), int_dtype)
+    tiny_bits = lax.bitcast_convert_type(
+        jnp.asarray(jnp.finfo(t.dtype).tiny), int_dtype
+    )
+    count_bits = jnp.asarray(count, int_dtype)
+    positive = t > 0
+    # Positive: the magnitude shrinks, but not past zero (that would need the
+    # zero rule below; it only matters within `count` ULPs of zero).
+    down = jnp.maximum(magnitude_bits - count_bits, 0)
+    # Zero or negative: the magnitude grows; from zero the first step lands on
+    # -tiny and the remaining ones move on from there.
+    from_zero = tiny_bits + count_bits - 1
+    up = jnp.where(t == 0, from_zero, magnitude_bits + count_bits)
+    bits = jnp.where(positive, down, up)
+    value = lax.bitcast_convert_type(bits, t.dtype)
+    return jnp.where(positive, value, -value)
