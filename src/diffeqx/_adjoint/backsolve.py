@@ -119,16 +119,21 @@ class BacksolveAdjoint(AbstractCustomGradientAdjoint):
     """Differentiates by solving the continuous adjoint equations backwards in time
     ("optimise-then-discretise"), as in neural ODEs.
 
-    The forward solve stores nothing but its saved outputs. The backward pass solves
-    the state, its adjoint and the parameter gradients together from the last saved
-    time back to `t0`, adding each saved output's cotangent as it passes that output's
-    time. Memory is therefore independent of the number of steps. The gradients are
-    those of the exact solution, up to the accuracy of the backward solve, rather
-    than the exact derivative of the forward computation.
+    The forward solve stores nothing but its saved outputs (and, for outputs saved
+    through `SaveAt(fn=...)`, the states at their save times). The backward pass
+    solves the state, its adjoint and the parameter gradients together from the last
+    save time back to `t0`, stopping at every save time of every output: there the
+    cotangent of the saved value `fn(t, y, args)` is pulled back through `fn` (a
+    vector-Jacobian product) and added to the adjoint of the state. Memory is
+    therefore independent of the number of steps. The gradients are those of the
+    exact solution, up to the accuracy of the backward solve, rather than the exact
+    derivative of the forward computation.
 
     Gradients are available with respect to `y0`, `args` (any PyTree, including the
     parameters of an `eqx.Module` vector field or values a vector-field closure
-    captures), `t0`, `t1` and the save times `SaveAt(ts=...)`.
+    captures), `t0`, `t1`, the save times `SaveAt(ts=...)` and values a save
+    function `fn` captures. (Diffrax's `BacksolveAdjoint` differentiates with respect
+    to `y0` and `args` only, and refuses `fn` and `subs`.)
 
     **Arguments:**
 
@@ -137,9 +142,10 @@ class BacksolveAdjoint(AbstractCustomGradientAdjoint):
     sign reversed). `stepsize_controller=PIDController(..., norm=adjoint_rms_seminorm)`
     controls the error of the state and adjoint only.
 
-    Supports `SaveAt(t0=..., t1=..., ts=...)` with the default `fn`, and reverse mode
-    only. Not supported: `SaveAt(steps=True)`, `SaveAt(dense=True)`, `SaveAt(fn=...)`,
-    `subs`, and events; use `RecursiveCheckpointAdjoint` for those.
+    Supports `SaveAt(t0=..., t1=..., ts=..., fn=...)` and several such outputs with
+    `SaveAt(subs=...)`, in reverse mode only. Not supported (a `ValueError` when the
+    solve is traced): `steps=True` in any output, `SaveAt(dense=True)`, and events;
+    use `RecursiveCheckpointAdjoint` for those.
     """
 
     kwargs: dict

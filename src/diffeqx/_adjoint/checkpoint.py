@@ -50,15 +50,17 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
       `jax.jacfwd(jax.grad(...))`): recursive checkpointing as above;
     - forward mode only (`jax.jvp`, `jax.jacfwd`): a plain loop carrying tangents, as
       `ForwardMode`;
-    - reverse mode over another derivative (`jax.grad(jax.grad(...))`): a loop bounded
-      by `max_steps`, as `DirectAdjoint`, whose cost grows with `max_steps`.
+    - reverse mode over another derivative (`jax.grad(jax.grad(...))`), and
+      `jax.linearize` (whose linear function may be evaluated or transposed): a loop
+      bounded by `max_steps`, as `DirectAdjoint`, whose cost grows with `max_steps`.
 
     The choice is made when the solve is traced, so apply `jax.jit` outside the
     derivatives (`jax.jit(jax.hessian(loss))`), not between them: a jitted function
     already traced without derivatives keeps the checkpointed loop, which supports
-    `jax.grad` and `jax.hessian` but not `jax.jvp` or reverse-over-reverse.
-    `jax.linearize` is seen as reverse mode; use `jax.jvp`, `ForwardMode` or
-    `DirectAdjoint` for it.
+    `jax.grad` and `jax.hessian` but not `jax.jvp` or reverse-over-reverse; forward
+    mode then raises an error saying so. Where the transformations cannot be read
+    from JAX (a transformation it does not know, or a JAX whose internals changed),
+    it raises rather than guess; pass `DirectAdjoint()` or `ForwardMode()` then.
     """
 
     checkpoints: int | None = eqx.field(static=True, default=None)
