@@ -25,6 +25,20 @@ import importlib
 
 import jax
 
+# JAX's internal modules, read when a solve is traced. (Module attributes, so that
+# tests can stand in for a JAX whose internals have changed.)
+_import_error = "jax._src.core"
+try:
+    from jax._src import core as _core
+    from jax._src.interpreters import (
+        ad as _ad,
+        batching as _batching,
+        partial_eval as _pe,
+    )
+except ImportError as error:  # pragma: no cover - depends on the JAX version
+    _core = _ad = _batching = _pe = None
+    _import_error = str(error)
+
 _ADVICE = (
     "The default adjoint, `RecursiveCheckpointAdjoint`, chooses how to run the solve "
     "from the derivatives being taken. Pass an adjoint that does not need to know: "
@@ -62,11 +76,9 @@ def _trace_kinds():
     """`(current trace, classify)`: where `classify(trace)` is one of the level names,
     `None` (a trace that transforms nothing) or `"unknown"`. Raises `LookupError`
     naming what is missing from JAX."""
-    try:
-        from jax._src import core
-        from jax._src.interpreters import ad, batching, partial_eval as pe
-    except ImportError as error:
-        raise LookupError(f"a JAX module it reads is missing ({error})") from None
+    core, ad, batching, pe = _core, _ad, _batching, _pe
+    if core is None:
+        raise LookupError(f"a JAX module it reads is missing: {_import_error}")
     try:
         trace = core.trace_ctx.trace
         jvp_trace, batch_trace = ad.JVPTrace, batching.BatchTrace
