@@ -236,3 +236,192 @@ def test_dt0_none_with_pid_controller_is_accurate_and_not_wasteful():
     sensible = solve(0.1)
     np.testing.assert_allclose(automatic.ys[0, 0], np.exp(-5.0), rtol=1e-7)
     assert int(automatic.stats["num_steps"]) <= int(sensible.stats["num_steps"]) + 2
+
+
+# ---------------------------------------------------------------------------------------
+# The automatic first step (Hairer, Nørsett & Wanner) and the PID filter
+# ---------------------------------------------------------------------------------------
+
+
+def test_hairer_first_step_on_a_bare_ode_term_follows_the_book():
+    # y' = -50 y, y0 = 1, rtol = 1e-3, atol = 0: d0 = 1000, d1 = 50000, so
+    # h0 = 0.01 * d0 / d1 = 2e-4; the Euler trial step gives d2 = 50 * d1 * ... and
+    # h1 = (0.01 / max(d1, d2))^(1/k). Worked out here in float64 by hand.
+    lam, rtol, k = 50.0, 1e-3, 5
+    w = rtol * 1.0
+    d0, d1 = 1.0 / w, lam / w
+    h0 = 0.01 * d0 / d1
+    f1 = -lam * (1.0 - h0 * lam)
+    d2 = abs(f1 + lam) / w / h0
+    expected = min(100 * h0, (0.01 / max(d1, d2)) ** (1 / k))
+    controller = dfx.PIDController(rtol=rtol, atol=0.0)
+    t1, _ = controller.init(
+        dfx.ODETerm(lambda t, y, args: -lam * y),
+        0.0,
+        1.0,
+        jnp.array([1.0]),
+        None,
+        None,
+        dfx.Tsit5().func,
+        k,
+    )
+    assert float(t1) == pytest.approx(expected, rel=1e-12)
+
+
+def test_automatic_first_step_inside_diffeqsolve_is_0_01_as_diffrax():
+    sol = dfx.diffeqsolve(
+        _DECAY,
+        dfx.Tsit5(),
+        0.0,
+        1.0,
+        None,
+        jnp.array([1.0]),
+        saveat=dfx.SaveAt(steps=True),
+        stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-6),
+    )
+    assert float(sol.ts[0]) == 0.01
+
+
+def test_pid_step_ratio_is_the_digital_filter():
+    # Accepted step of size 0.1 with scaled error e = 0.05 after errors 0.25, 0.8:
+    # ratio = 0.9 * (1/e)^(b1/k) (1/e1)^(b2/k) (1/e2)^(b3/k) with b1 = p + i + d,
+    # b2 = -(p + 2d), b3 = d.
+    p, i, d, k = 0.3, 0.4, 0.1, 4
+    controller = dfx.PIDController(rtol=1.0, atol=0.0, pcoeff=p, icoeff=i, dcoeff=d)
+    history = (jnp.asarray(1 / 0.25), jnp.asarray(1 / 0.8), jnp.asarray(False))
+    keep, t0, t1, _, state, _ = controller.adapt_step_size(
+        0.0,
+        0.1,
+        jnp.array([1.0]),
+        jnp.array([1.0]),
+        None,
+        jnp.array([0.05]),
+        k,
+        history,
+    )
+    ratio = (
+        0.9 * 20.0 ** ((p + i + d) / k) * 4.0 ** (-(p + 2 * d) / k) * 1.25 ** (d / k)
+    )
+    assert 1 < ratio < 10  # inside [1, factormax], so not limited
+    assert bool(keep) and float(t0) == 0.1
+    assert float(t1) == pytest.approx(0.1 + 0.1 * ratio, rel=1e-14)
+    assert float(state[0]) == pytest.approx(20.0) and float(state[1]) == 4.0
+
+
+def test_pid_decides_in_float32_for_a_float32_state():
+    controller = dfx.PIDController(rtol=1e-3, atol=1e-6)
+    _, state = controller.init(
+        _DECAY, 0.0, 1.0, jnp.ones((1,), jnp.float32), 0.1, None, None, 5
+    )
+    assert state[0].dtype == jnp.float32
+    out = controller.adapt_step_size(
+        0.0,
+        0.1,
+        jnp.ones((1,), jnp.float32),
+        jnp.ones((1,), jnp.float32),
+        None,
+        jnp.full((1,), 1e-4, jnp.float32),
+        5,
+        state,
+    )
+    assert out[4][0].dtype == jnp.float32
+
+
+def test_pid_controller_positional_arguments_bind_as_in_diffrax():
+    # rtol, atol, norm, pcoeff, icoeff, dcoeff, dtmin, dtmax, force_dtmin, ...
+    controller = dfx.PIDController(1e-3, 1e-6, None, 0.1, 0.2, 0.3, 1e-4, 0.5, False)
+    assert controller.norm is None
+    assert (controller.pcoeff, controller.icoeff, controller.dcoeff) == (0.1, 0.2, 0.3)
+    assert (controller.dtmin, controller.dtmax, controller.force_dtmin) == (
+        1e-4,
+        0.5,
+        False,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# ClipStepSizeController
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_jump_ts_containing_t1_ends_exactly_at_t1(dtype):
+    sol = dfx.diffeqsolve(
+        _DECAY,
+        dfx.Tsit5(),
+        jnp.asarray(0.0, dtype),
+        jnp.asarray(1.0, dtype),
+        jnp.asarray(0.1, dtype),
+        jnp.ones((1,), dtype),
+        saveat=dfx.SaveAt(steps=True),
+        stepsize_controller=dfx.ClipStepSizeController(
+            dfx.PIDController(rtol=1e-4, atol=1e-7),
+            jump_ts=jnp.asarray([0.0, 0.5, 1.0], dtype),
+        ),
+    )
+    steps = _step_times(sol)
+    assert steps[-1] == 1.0 and float(sol.t1) == 1.0
+    # A step ends one ULP before the jump at 0.5, the next starts one ULP after it.
+    half = np.asarray(0.5, dtype)
+    assert np.nextafter(half, np.asarray(1.0, dtype)) in steps
+
+
+def test_clipped_constant_step_size_never_exceeds_dt0_and_resumes_its_grid():
+    # Extension over Diffrax (which refuses to clip a constant step size).
+    sol = dfx.diffeqsolve(
+        _DECAY,
+        dfx.Euler(),
+        0.0,
+        1.0,
+        0.1,
+        jnp.array([1.0]),
+        saveat=dfx.SaveAt(steps=True),
+        stepsize_controller=dfx.ClipStepSizeController(
+            dfx.ConstantStepSize(), step_ts=[0.05, 0.42]
+        ),
+    )
+    steps = _step_times(sol)
+    expected = np.sort(np.concatenate([[0.05, 0.42], 0.1 * np.arange(1, 11)]))
+    np.testing.assert_allclose(steps, expected, atol=1e-15)
+    assert np.all(np.diff(np.concatenate([[0.0], steps])) <= 0.1 + 1e-15)
+
+
+def _rejecting_solve(store):
+    # Stiff decay from a step far too long: several rejections in a row.
+    return dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -200.0 * y),
+        dfx.Tsit5(),
+        0.0,
+        0.2,
+        0.1,
+        jnp.array([1.0]),
+        saveat=dfx.SaveAt(steps=True),
+        stepsize_controller=dfx.ClipStepSizeController(
+            dfx.PIDController(rtol=1e-6, atol=1e-9), store_rejected_steps=store
+        ),
+        throw=False,
+    )
+
+
+def test_store_rejected_steps_later_steps_land_on_every_rejected_end():
+    plain = _rejecting_solve(None)
+    stored = _rejecting_solve(10)
+    assert plain.result == dfx.RESULTS.successful
+    assert stored.result == dfx.RESULTS.successful
+    # The ends of the rejected steps of the plain solve: the first tries, from 0.
+    first_accepted = _step_times(plain)[0]
+    steps = _step_times(stored)
+    tried, t = [], 0.1
+    while t > first_accepted:
+        tried.append(t)
+        t *= 0.2  # factormin: each retry is a fifth of the last
+    assert len(tried) >= 3
+    for end in tried:
+        assert np.min(np.abs(steps - end)) == 0, f"no step ends at {end}"
+
+
+def test_store_rejected_steps_overflow_ends_the_solve():
+    sol = _rejecting_solve(1)
+    assert sol.result == dfx.RESULTS.max_steps_rejected
+    with pytest.raises(Exception, match="store_rejected_steps"):
+        dfx.ClipStepSizeController(dfx.ConstantStepSize(), store_rejected_steps=0)
