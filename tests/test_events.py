@@ -66,7 +66,8 @@ def test_projectile_hits_ground_at_closed_form_time(name):
     assert dfx.is_event(sol.result) and dfx.is_okay(sol.result)
     assert not dfx.is_successful(sol.result)
     np.testing.assert_allclose(sol.ts[-1], t_star, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(sol.t1, t_star, rtol=0, atol=1e-10)
+    # As in Diffrax, `Solution.t1` stays the `t1` asked for.
+    assert float(sol.t1) == 10.0
     np.testing.assert_allclose(sol.ys[-1, 0], 0.0, atol=1e-9)
     np.testing.assert_allclose(sol.ys[-1, 1], 5.0 - G * t_star, atol=1e-9)
     assert bool(sol.event_mask)
@@ -129,7 +130,7 @@ def test_event_direction_selects_crossings(direction, expected):
     np.testing.assert_allclose(sol.ts[-1], expected, atol=1e-8)
 
 
-def test_non_terminating_event_records_every_crossing():
+def test_non_terminating_event_records_each_crossing_in_its_step():
     sol = _oscillator_solve(_cos_zero(terminate=False, max_events=5), 10.0, 1e-11)
     # The solve is not stopped; zeros of cos(t) in [0, 10]: pi/2 + k pi, k = 0, 1, 2.
     assert sol.result == dfx.RESULTS.successful
@@ -298,3 +299,249 @@ def test_event_argument_errors():
             jnp.array([1.0, 0.0]),
             event=dfx.Event(lambda t, y, args, **kw: y),
         )
+
+
+# --------------------------------------------------------------- directions per condition
+def _cos_conditions():
+    # On x = cos t: `a` falls through zero at pi/2 and rises at 3 pi/2; `b` falls
+    # through zero at pi/3 and rises at 5 pi/3.
+    return (
+        lambda t, y, args, **kw: y[0],
+        lambda t, y, args, **kw: y[0] - 0.5,
+    )
+
+
+@pytest.mark.parametrize(
+    "direction, expected_time, expected_mask",
+    [
+        ((False, False), np.pi / 3, (False, True)),
+        ((True, False), np.pi / 3, (False, True)),
+        ((False, True), np.pi / 2, (True, False)),
+        ((True, True), 3 * np.pi / 2, (True, False)),
+        ((None, True), np.pi / 2, (True, False)),
+        (None, np.pi / 3, (False, True)),
+        (True, 3 * np.pi / 2, (True, False)),
+    ],
+)
+def test_pytree_of_directions_applies_one_per_condition(
+    direction, expected_time, expected_mask
+):
+    event = dfx.Event(
+        _cos_conditions(), root_finder=ROOT_FINDERS["newton"], direction=direction
+    )
+    sol = _oscillator_solve(event, 10.0, 1e-10)
+    assert sol.result == dfx.RESULTS.event_occurred
+    np.testing.assert_allclose(sol.ts[-1], expected_time, atol=1e-8)
+    assert tuple(bool(m) for m in sol.event_mask) == expected_mask
+
+
+def test_direction_must_match_the_conditions():
+    with pytest.raises(ValueError, match="structure of `cond_fn`"):
+        dfx.Event(_cos_conditions(), direction=(True, False, None))
+    with pytest.raises(ValueError, match="None | bool"):
+        dfx.Event(_cos_conditions(), direction=(True, "up"))
+    event = dfx.Event(_cos_conditions(), direction=True)
+    assert event.direction == (True, True)
+
+
+def test_first_condition_in_order_wins_when_several_fire_in_one_step():
+    # Both fall through zero inside the single step [0, 1]: the second one earlier.
+    conds = (
+        lambda t, y, args, **kw: 0.8 - t,
+        lambda t, y, args, **kw: 0.3 - t,
+    )
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -y),
+        dfx.Euler(),
+        0.0,
+        2.0,
+        1.0,
+        jnp.array([1.0]),
+        event=dfx.Event(conds, root_finder=ROOT_FINDERS["newton"]),
+    )
+    assert tuple(bool(m) for m in sol.event_mask) == (True, False)
+    np.testing.assert_allclose(sol.ts[-1], 0.8, atol=1e-10)
+
+
+# ------------------------------------------------------------------- events at t0
+@pytest.mark.parametrize("root_finder", [None, "newton"])
+def test_boolean_condition_true_at_t0_stops_before_the_first_step(root_finder):
+    y0 = jnp.array([1.0, 0.0])
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: jnp.stack([y[1], -y[0]])),
+        dfx.Tsit5(),
+        0.0,
+        10.0,
+        0.1,
+        y0,
+        event=dfx.Event(
+            lambda t, y, args, **kw: y[0] > 0.5,
+            root_finder=None if root_finder is None else ROOT_FINDERS[root_finder],
+        ),
+        saveat=dfx.SaveAt(t0=True, ts=jnp.array([0.0, 0.5]), t1=True),
+    )
+    assert sol.result == dfx.RESULTS.event_occurred
+    assert bool(sol.event_mask)
+    assert int(sol.stats["num_steps"]) == 0
+    # t0, then where it stopped; the save times are not saved (as in Diffrax).
+    np.testing.assert_array_equal(sol.ts, [0.0, 0.0, np.inf, np.inf])
+    np.testing.assert_array_equal(sol.ys[0], y0)
+    np.testing.assert_array_equal(sol.ys[1], y0)
+
+
+def test_steady_state_event_started_at_equilibrium_stops_at_t0():
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -(y - 2.0)),
+        dfx.Tsit5(),
+        0.0,
+        1000.0,
+        0.1,
+        jnp.array([2.0]),
+        event=dfx.Event(dfx.steady_state_event()),
+        stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-6),
+    )
+    assert sol.result == dfx.RESULTS.event_occurred
+    assert int(sol.stats["num_steps"]) == 0
+    np.testing.assert_array_equal(sol.ts, [0.0])
+    np.testing.assert_array_equal(sol.ys, [[2.0]])
+
+
+@pytest.mark.parametrize(
+    "direction, expected", [(None, 0.0), (True, np.pi), (False, 2 * np.pi)]
+)
+def test_real_condition_zero_at_t0_fires_when_it_leaves_zero(direction, expected):
+    # -sin t is zero at t0 and negative just after: a change of sign for `None`, not
+    # an upward one (that is at pi) and not a downward one from positive (2 pi).
+    event = dfx.Event(
+        lambda t, y, args, **kw: y[1],
+        root_finder=ROOT_FINDERS["newton"],
+        direction=direction,
+    )
+    sol = _oscillator_solve(event, 10.0, 1e-10)
+    assert sol.result == dfx.RESULTS.event_occurred
+    np.testing.assert_allclose(sol.ts[-1], expected, atol=1e-8)
+    assert int(sol.stats["num_steps"]) >= 1
+
+
+# ------------------------------------------------------------------ other behaviour
+@pytest.mark.parametrize("terminate", [True, False])
+def test_event_runs_without_a_step_bound(terminate):
+    event = dfx.Event(
+        _height, root_finder=ROOT_FINDERS["newton"], terminate=terminate, max_events=2
+    )
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_projectile),
+        dfx.Tsit5(),
+        0.0,
+        3.0,
+        0.1,
+        jnp.array([10.0, 5.0]),
+        event=event,
+        max_steps=None,
+    )
+    t_star = _ground_time(10.0, 5.0)
+    assert sol.stats["max_steps"] is None
+    if terminate:
+        np.testing.assert_allclose(sol.ts[-1], t_star, atol=1e-10)
+    else:
+        np.testing.assert_allclose(sol.event_ts, [t_star, np.inf], atol=1e-10)
+        np.testing.assert_allclose(sol.ts[-1], 3.0)
+
+
+def test_conditions_receive_the_solve_arguments_as_keywords():
+    seen = {}
+
+    def cond(t, y, args, *, t0, t1, dt0, saveat, max_steps, **kwargs):
+        seen.update(t0=t0, t1=t1, dt0=dt0, saveat=saveat, max_steps=max_steps)
+        seen.update(kwargs)
+        return y[0]
+
+    saveat = dfx.SaveAt(t1=True)
+    dfx.diffeqsolve(
+        dfx.ODETerm(_projectile),
+        dfx.Tsit5(),
+        0.0,
+        10.0,
+        0.1,
+        jnp.array([10.0, 5.0]),
+        event=dfx.Event(cond),
+        saveat=saveat,
+        max_steps=1000,
+    )
+    assert float(seen["t0"]) == 0.0 and float(seen["t1"]) == 10.0
+    assert float(seen["dt0"]) == 0.1 and seen["max_steps"] == 1000
+    assert seen["saveat"] is saveat
+    assert {"terms", "solver", "stepsize_controller"} <= set(seen)
+
+
+def test_boolean_event_with_root_finder_saves_its_step_once():
+    # The event is at the end of the step in which it became true; with
+    # `SaveAt(steps=True)` that step is saved once (Diffrax 0.7.2 saves it twice).
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -y),
+        dfx.Euler(),
+        0.0,
+        1.0,
+        0.25,
+        jnp.array([1.0]),
+        event=dfx.Event(
+            lambda t, y, args, **kw: t > 0.3, root_finder=ROOT_FINDERS["newton"]
+        ),
+        saveat=dfx.SaveAt(steps=True),
+        max_steps=4,
+    )
+    np.testing.assert_array_equal(sol.ts, [0.25, 0.5, np.inf, np.inf])
+    np.testing.assert_allclose(sol.ys[:2, 0], [0.75, 0.5625])
+
+
+def test_bisection_root_finder_under_vmap_with_members_without_event():
+    def solve(height):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(_projectile),
+            dfx.Tsit5(),
+            0.0,
+            2.0,
+            0.1,
+            jnp.stack([height, 5.0]),
+            event=dfx.Event(_height, root_finder=ROOT_FINDERS["bisection"]),
+        )
+
+    sol = jax.vmap(solve)(jnp.array([1.0, 50.0]))
+    np.testing.assert_allclose(sol.ts[:, -1], [_ground_time(1.0, 5.0), 2.0], atol=1e-10)
+    np.testing.assert_array_equal(
+        sol.result == dfx.RESULTS.event_occurred, [True, False]
+    )
+
+
+def test_non_terminating_boolean_event_records_each_time_it_becomes_true():
+    # cos t > 0.5 is true at t0 (recorded there) and becomes true again near 5 pi/3.
+    event = dfx.Event(
+        lambda t, y, args, **kw: y[0] > 0.5, terminate=False, max_events=3
+    )
+    sol = _oscillator_solve(event, 6.0, 1e-8)
+    assert sol.result == dfx.RESULTS.successful
+    assert float(sol.event_ts[0]) == 0.0
+    assert 5 * np.pi / 3 <= float(sol.event_ts[1]) < 5 * np.pi / 3 + 0.5
+    assert np.isinf(float(sol.event_ts[2]))
+    np.testing.assert_array_equal(sol.event_mask, [True, True, False])
+
+
+def test_non_terminating_event_records_one_crossing_per_step():
+    # (t - 0.2)(t - 0.5)(t - 0.8) crosses zero three times inside the one step
+    # [0, 1], and changes sign over it: one event is recorded, at the step's end.
+    event = dfx.Event(
+        lambda t, y, args, **kw: (t - 0.2) * (t - 0.5) * (t - 0.8),
+        terminate=False,
+        max_events=4,
+    )
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -y),
+        dfx.Euler(),
+        0.0,
+        2.0,
+        1.0,
+        jnp.array([1.0]),
+        event=event,
+    )
+    np.testing.assert_array_equal(sol.event_ts, [1.0, np.inf, np.inf, np.inf])
+    np.testing.assert_array_equal(sol.event_mask, [True, False, False, False])

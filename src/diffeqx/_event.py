@@ -4,7 +4,6 @@ from collections.abc import Callable
 from typing import Any, final
 
 import equinox as eqx
-import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import PyTree
@@ -12,52 +11,96 @@ from jaxtyping import PyTree
 from ._controller.clip import unwrap_controller
 
 
+def _is_direction_leaf(x) -> bool:
+    return x is None or isinstance(x, bool)
+
+
+def _broadcast_direction(cond_fn, direction):
+    """`direction` as a PyTree of `None | bool` with the structure of `cond_fn`."""
+    if direction is None or isinstance(direction, bool):
+        return jtu.tree_map(lambda _: direction, cond_fn, is_leaf=callable)
+    leaves, structure = jtu.tree_flatten(direction, is_leaf=_is_direction_leaf)
+    if not all(_is_direction_leaf(x) for x in leaves):
+        raise ValueError(
+            "`Event(direction=...)` must be None, a bool, or a PyTree of `None | bool` "
+            f"with the structure of `cond_fn`; got {direction!r}."
+        )
+    expected = jtu.tree_structure(cond_fn, is_leaf=callable)
+    if structure != expected:
+        raise ValueError(
+            "`Event(direction=...)` must have the structure of `cond_fn` (one direction "
+            f"per condition): `cond_fn` has structure {expected}, `direction` has "
+            f"{structure}."
+        )
+    return direction
+
+
 @final
 class Event(eqx.Module):
-    """A condition checked after every accepted step.
+    """A condition checked at the start of the solve and after every accepted step.
 
     **Arguments:**
 
     - `cond_fn`: a function `cond_fn(t, y, args, **kwargs)`, or a PyTree of them,
-      returning a scalar. A boolean condition fires when it changes from `False` to
-      `True`; a real-valued one fires when it crosses zero. The keyword arguments
-      `terms`, `solver` and `stepsize_controller` are passed as well (accept
-      `**kwargs`).
-    - `root_finder`: an `optimistix` root finder (e.g. `optx.Newton(rtol, atol)` or
-      `optx.Bisection(rtol, atol)`). If given, the time at which a real-valued
-      condition crosses zero is located on the step's dense interpolant to the root
-      finder's tolerance, and the solve stops exactly there. Otherwise it stops at the
-      end of the step in which the condition fired.
-    - `direction`: for real-valued conditions: `None` fires on any crossing, `True`
-      only on upward crossings (negative to positive), `False` only on downward ones.
-    - `terminate`: `True` (the default) stops the solve at the first event, with
-      `RESULTS.event_occurred`. `False` lets the solve run on and records up to
-      `max_events` events instead, in `Solution.event_ts`, `Solution.event_ys` and
-      `Solution.event_mask` (one row per recorded event).
-    - `max_events`: how many events a non-terminating `Event` records (at most one per
-      step: the earliest).
+      each returning a scalar: a boolean or a floating-point number. A boolean
+      condition fires when it is `True` (at `t0`, or at the end of a step); a
+      real-valued one fires when its sign changes over a step (from or to zero
+      included). The keyword arguments `terms`, `solver`, `t0`, `t1`, `dt0`,
+      `saveat`, `stepsize_controller` and `max_steps` (those given to
+      `diffeqsolve`) are passed as well: accept `**kwargs`.
+    - `root_finder`: an `optimistix` root finder (e.g. `optx.Newton(rtol, atol)`).
+      If given, the time at which a real-valued condition that fired crosses zero is
+      located on the step's interpolant, started from the step's end, and the solve
+      stops exactly there. Otherwise (and for a boolean condition) it stops at the end
+      of the step in which the condition fired.
+    - `direction`: `None` (the default: fire on a sign change either way), `True`
+      (only upward: from negative or zero to positive) or `False` (only downward:
+      from positive to zero or negative); or a PyTree of these with the structure of
+      `cond_fn`, one per condition. Boolean conditions ignore it.
+    - `terminate` (an extension over Diffrax): `True` (the default) stops the solve at
+      the first event, with `RESULTS.event_occurred`. `False` lets the solve run on and
+      records events instead, in `Solution.event_ts`, `Solution.event_ys` and
+      `Solution.event_mask`: at most one per step, up to `max_events`.
+    - `max_events` (an extension): how many events a non-terminating `Event` records.
 
-    After a terminating event, `Solution.event_mask` has the structure of `cond_fn`
-    and says which conditions fired.
+    If several conditions fire at once, the first of them in the order of
+    `jax.tree_util.tree_leaves(cond_fn)` is the event. `Solution.event_mask` has the
+    structure of `cond_fn` and says which condition it was.
     """
 
     cond_fn: PyTree[Callable[..., Any]]
-    root_finder: Any = None
-    direction: bool | None = eqx.field(static=True, default=None)
-    terminate: bool = eqx.field(static=True, default=True)
-    max_events: int = eqx.field(static=True, default=16)
+    root_finder: Any
+    direction: PyTree[bool | None]
+    terminate: bool = eqx.field(static=True)
+    max_events: int = eqx.field(static=True)
 
-    def __check_init__(self):
-        leaves = jtu.tree_leaves(self.cond_fn)
+    def __init__(
+        self,
+        cond_fn: PyTree[Callable[..., Any]],
+        root_finder: optx.AbstractRootFinder | None = None,
+        direction: bool | None | PyTree[bool | None] = None,
+        terminate: bool = True,
+        max_events: int = 16,
+    ):
+        leaves = jtu.tree_leaves(cond_fn, is_leaf=callable)
         if not leaves or not all(callable(fn) for fn in leaves):
             raise TypeError(
                 "`Event(cond_fn=...)` must be a function `cond_fn(t, y, args, **kwargs)` "
-                f"or a PyTree of them, got {self.cond_fn!r}."
+                f"or a PyTree of them, got {cond_fn!r}."
             )
-        if not isinstance(self.max_events, int) or self.max_events < 1:
+        if not isinstance(max_events, int) or max_events < 1:
             raise ValueError(
-                f"`Event(max_events=...)` must be a positive int, got {self.max_events!r}."
+                f"`Event(max_events=...)` must be a positive int, got {max_events!r}."
             )
+        self.cond_fn = cond_fn
+        self.root_finder = root_finder
+        self.direction = _broadcast_direction(cond_fn, direction)
+        self.terminate = terminate
+        self.max_events = max_events
+
+    def directions(self) -> list[bool | None]:
+        """One direction per condition, in the order of `tree_leaves(cond_fn)`."""
+        return jtu.tree_leaves(self.direction, is_leaf=_is_direction_leaf)
 
 
 def steady_state_event(
@@ -70,6 +113,7 @@ def steady_state_event(
 
     `rtol`, `atol` and `norm` default to those of the step-size controller (which
     must then be adaptive, e.g. `PIDController`); `norm` falls back to the RMS norm.
+    A solve that starts at steady state stops at `t0`, without taking a step.
 
     **Example:**
 
@@ -96,6 +140,3 @@ def steady_state_event(
         return _norm(vf) < _atol + _rtol * _norm(y)
 
     return cond_fn
-
-
-del jnp

@@ -137,7 +137,11 @@ def diffeqsolve(
     if isinstance(adjoint, AbstractCustomGradientAdjoint):
         # The adjoint wraps a whole solve in its own derivative rule.
         return adjoint.custom_solve(diffeqsolve, dict(problem, throw=throw))
-    spec, init_state = initial_state(subs=subs, **problem)
+    spec, init_state = initial_state(
+        subs=subs,
+        times_are_numbers=all(isinstance(t, (int, float)) for t in given_times[:2]),
+        **problem,
+    )
     resumed = controller_state is not None
     final = _run(
         spec, init_state, adjoint, stepsize_controller, saveat, given_times, resumed

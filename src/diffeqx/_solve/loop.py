@@ -36,6 +36,9 @@ class LoopSpec(eqx.Module):
     event_spec: Any = None  # an `EventSpec`, or None
     t0: Any = None
     progress_meter: Any = None  # None when no progress is reported
+    # `1 / (t1 - t0)` when the progress fraction is computed by multiplying by it (see
+    # `progress_scale` in setup.py), else None.
+    progress_scale: Any = None
 
 
 def tree_where(pred, new, old):
@@ -199,8 +202,11 @@ def step_body(
 def _progress(spec: LoopSpec, progress_state, tprev):
     if spec.progress_meter is None:
         return progress_state
-    span = spec.t1 - spec.t0
-    fraction = jnp.where(span > 0, (tprev - spec.t0) / jnp.where(span > 0, span, 1), 1)
+    if spec.progress_scale is not None:
+        fraction = (tprev - spec.t0) * spec.progress_scale
+    else:
+        span = spec.t1 - spec.t0
+        fraction = (tprev - spec.t0) / jnp.where(span > 0, span, 1)
     return spec.progress_meter.step(progress_state, jnp.clip(fraction, 0, 1))
 
 
@@ -236,7 +242,9 @@ def _events(spec: LoopSpec, state: LoopState, y1, next_t0, result, keep, dense_i
         location = locate_event(
             espec, step, y1, spec.solver.interpolation_cls, spec.args, spec.direction
         )
-        event_state = record_event(state.event_state, check, location, spec.direction)
+        event_state = record_event(
+            espec, state.event_state, check, location, spec.direction
+        )
         return StepEvents(
             save_keep=keep, next_t0=next_t0, result=result, event_state=event_state
         )

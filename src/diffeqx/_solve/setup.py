@@ -65,6 +65,7 @@ def initial_state(
     solver_state,
     controller_state,
     made_jump,
+    times_are_numbers: bool = False,
 ) -> tuple[LoopSpec, LoopState]:
     """The loop's specification (what stays fixed) and its initial state. The loop
     integrates forwards in `tau = direction * t`."""
@@ -144,6 +145,7 @@ def initial_state(
         progress_meter=(
             None if isinstance(progress_meter, NoProgressMeter) else progress_meter
         ),
+        progress_scale=progress_scale(tau0, tau1, times_are_numbers),
     )
     zero = jnp.asarray(0)
     init_state = LoopState(
@@ -177,3 +179,17 @@ def _initial_result(t0, t1, dt0, event_start):
         return result
     wrong_sign = (t1 - t0) * dt0 < 0
     return RESULTS.where(wrong_sign, RESULTS.dt0_wrong_sign, result)
+
+
+def progress_scale(tau0, tau1, times_are_numbers):
+    """`1 / (t1 - t0)`, by which the progress fraction is multiplied, when `t0` and
+    `t1` were given as Python numbers; else None (the fraction is then a division).
+
+    This is how Diffrax's progress comes out: it compiles Python-number times as
+    constants, and XLA turns a division by a constant into a multiplication by its
+    reciprocal, so progress meters print e.g. 2.00% rather than nothing for the
+    first step of 0.1 on [0, 5]."""
+    if not times_are_numbers:
+        return None
+    span = tau1 - tau0
+    return jnp.where(span > 0, jnp.reciprocal(jnp.where(span > 0, span, 1)), 0)
