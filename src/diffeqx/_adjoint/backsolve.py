@@ -143,9 +143,10 @@ class BacksolveAdjoint(AbstractCustomGradientAdjoint):
     controls the error of the state and adjoint only.
 
     Supports `SaveAt(t0=..., t1=..., ts=..., fn=...)` and several such outputs with
-    `SaveAt(subs=...)`, in reverse mode only. Not supported (a `ValueError` when the
-    solve is traced): `steps=True` in any output, `SaveAt(dense=True)`, and events;
-    use `RecursiveCheckpointAdjoint` for those.
+    `SaveAt(subs=...)`, in reverse mode (also under `jax.hessian` or reverse over
+    reverse, which differentiate the backward solve; not forward mode alone). Not
+    supported (a `ValueError` when the solve is traced): `steps=True` in any output,
+    `SaveAt(dense=True)`, and events; use `RecursiveCheckpointAdjoint` for those.
     """
 
     kwargs: dict
