@@ -474,9 +474,10 @@ def test_conditions_receive_the_solve_arguments_as_keywords():
     assert {"terms", "solver", "stepsize_controller"} <= set(seen)
 
 
-def test_boolean_event_with_root_finder_saves_its_step_once():
-    # The event is at the end of the step in which it became true; with
-    # `SaveAt(steps=True)` that step is saved once (Diffrax 0.7.2 saves it twice).
+def test_event_at_a_step_end_with_root_finder_saves_that_step_twice():
+    # A boolean condition's event is at the end of the step in which it became true.
+    # With a root finder and `SaveAt(steps=True)`, Diffrax 0.7.2 saves that step as
+    # the solver reached it, then again as the event: diffeqx does the same.
     sol = dfx.diffeqsolve(
         dfx.ODETerm(lambda t, y, args: -y),
         dfx.Euler(),
@@ -490,8 +491,8 @@ def test_boolean_event_with_root_finder_saves_its_step_once():
         saveat=dfx.SaveAt(steps=True),
         max_steps=4,
     )
-    np.testing.assert_array_equal(sol.ts, [0.25, 0.5, np.inf, np.inf])
-    np.testing.assert_allclose(sol.ys[:2, 0], [0.75, 0.5625])
+    np.testing.assert_array_equal(sol.ts, [0.25, 0.5, 0.5, np.inf])
+    np.testing.assert_allclose(sol.ys[:3, 0], [0.75, 0.5625, 0.5625])
 
 
 def test_bisection_root_finder_under_vmap_with_members_without_event():

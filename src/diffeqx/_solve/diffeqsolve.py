@@ -255,25 +255,34 @@ def _finish_terminal_event(spec, final):
         # At `t0` there is no step to interpolate on: the state is `y0`.
         y_end = tree_where(fired & ~at_t0, location.y, final.y)
         interpolant = interpolation_cls(t0=last.tprev, t1=last.tnext, **last.dense_info)
-        save_state = [
-            save_in_step(
-                state,
-                sub,
-                ts_tau,
-                interpolant,
-                t_end,
-                y_end,
-                fired,
-                # The event's step was counted as accepted but not saved in the loop.
-                final.num_accepted_steps - 1,
-                spec.args,
-                spec.direction,
-                after_loop_while_loop(),
-            )
-            for state, sub, ts_tau in zip(
-                save_state, spec.subs, spec.subs_ts, strict=True
-            )
-        ]
+        # An event located exactly at the step's end (always so for a boolean
+        # condition) saves that step twice under `SaveAt(steps=...)`: first its end
+        # as the solver reached it, then the event. This is what Diffrax 0.7.2 does.
+        at_step_end = fired & ~at_t0 & (t_end == last.tnext)
+        for end_time, end_state, pred in (
+            (last.tnext, final.y, at_step_end),
+            (t_end, y_end, fired),
+        ):
+            save_state = [
+                save_in_step(
+                    state,
+                    sub,
+                    ts_tau,
+                    interpolant,
+                    end_time,
+                    end_state,
+                    pred,
+                    # The event's step was counted as accepted but not saved in the
+                    # loop.
+                    final.num_accepted_steps - 1,
+                    spec.args,
+                    spec.direction,
+                    after_loop_while_loop(),
+                )
+                for state, sub, ts_tau in zip(
+                    save_state, spec.subs, spec.subs_ts, strict=True
+                )
+            ]
     return dataclasses.replace(
         final,
         tprev=t_end,
