@@ -546,3 +546,24 @@ def test_non_terminating_event_records_one_crossing_per_step():
     )
     np.testing.assert_array_equal(sol.event_ts, [1.0, np.inf, np.inf, np.inf])
     np.testing.assert_array_equal(sol.event_mask, [True, False, False, False])
+
+
+def test_root_finder_failure_is_the_result():
+    # The cube root has an infinite slope at its zero: Newton's iterates oscillate
+    # around it and never converge.
+    event = dfx.Event(
+        lambda t, y, args, **kw: jnp.cbrt(y[0]),
+        root_finder=optx.Newton(rtol=1e-12, atol=1e-12),
+    )
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: jnp.stack([y[1], -y[0]])),
+        dfx.Tsit5(),
+        0.0,
+        10.0,
+        0.1,
+        jnp.array([1.0, 0.0]),
+        event=event,
+        throw=False,
+    )
+    assert sol.result == dfx.RESULTS.nonlinear_max_steps_reached
+    assert not dfx.is_okay(sol.result)
