@@ -58,7 +58,8 @@ def diffeqsolve(
     - `t0`, `t1`: start and end times. `t1 < t0` integrates backwards in time;
       `t0 == t1` returns `y0`.
     - `dt0`: the first step size (same sign as `t1 - t0`). With an adaptive
-      controller, `None` chooses it automatically (Hairer–Nørsett–Wanner).
+      controller it may be `None`: as in Diffrax, the first step is then 0.01 and
+      the controller adapts from there.
     - `y0`: the initial state: any PyTree of arrays (possibly empty). Integer and
       boolean leaves are promoted to floating point, as in Diffrax.
     - `args`: any PyTree passed to the vector field.
