@@ -18,7 +18,7 @@ diffrax = pytest.importorskip("diffrax")
 # has a default, so no Diffrax call binds differently.
 EXTENSIONS = {
     ("Event", "terminate"): (
-        "non-terminating events that record each crossing (docs/events.md)"
+        "non-terminating events that record crossings, at most one per step (docs/events.md)"
     ),
     ("Event", "max_events"): "how many crossings a non-terminating event records",
     ("Solution", "event_ts"): "times of the crossings a non-terminating event records",

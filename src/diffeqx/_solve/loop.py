@@ -76,7 +76,20 @@ def take_step(spec: LoopSpec, state: LoopState):
     )
 
 
-def _adapt(spec: LoopSpec, state: LoopState, y1, y_error, step_ok, solver_result):
+class StepDecision(eqx.Module):
+    """What `_adapt` decides about the step just taken."""
+
+    keep: Any  # whether the step is accepted
+    next_t0: Any  # where the next step starts
+    next_t1: Any  # where it ends
+    made_jump: Any  # whether the next step starts past a discontinuity
+    controller_state: Any
+    result: Any
+
+
+def _adapt(
+    spec: LoopSpec, state: LoopState, y1, y_error, step_ok, solver_result
+) -> StepDecision:
     """Accept or reject the step, choose the next one and the new result code."""
     if y_error is not None:
         # A failed or non-finite step is rejected by giving it an infinite error
@@ -113,7 +126,14 @@ def _adapt(spec: LoopSpec, state: LoopState, y1, y_error, step_ok, solver_result
     result = RESULTS.where(accepted_bad_step | stalled & ~step_ok, failure, result)
     if not spec.may_jump:
         made_jump = jnp.asarray(False)
-    return keep, next_t0, next_t1, jnp.asarray(made_jump), controller_state, result
+    return StepDecision(
+        keep=keep,
+        next_t0=next_t0,
+        next_t1=next_t1,
+        made_jump=jnp.asarray(made_jump),
+        controller_state=controller_state,
+        result=result,
+    )
 
 
 def _save(
@@ -146,9 +166,9 @@ def step_body(
     """One iteration: step, accept or reject, save, count."""
     y1, y_error, dense_info, solver_state, solver_result = take_step(spec, state)
     step_ok = all_finite(y1) & (solver_result == RESULTS.successful)
-    keep, next_t0, next_t1, made_jump, controller_state, result = _adapt(
-        spec, state, y1, y_error, step_ok, solver_result
-    )
+    decision = _adapt(spec, state, y1, y_error, step_ok, solver_result)
+    keep, next_t0, next_t1 = decision.keep, decision.next_t0, decision.next_t1
+    result = decision.result
     if spec.always_accept:
         # Fixed steps: no step is ever rejected, so no selects are needed.
         y = y1
@@ -184,9 +204,9 @@ def step_body(
         y=y,
         tprev=next_t0,
         tnext=next_t1,
-        made_jump=made_jump if spec.may_jump else state.made_jump,
+        made_jump=decision.made_jump if spec.may_jump else state.made_jump,
         solver_state=new_solver_state,
-        controller_state=controller_state,
+        controller_state=decision.controller_state,
         result=result,
         num_steps=state.num_steps + 1,
         num_accepted_steps=state.num_accepted_steps + jnp.where(keep, 1, 0),
