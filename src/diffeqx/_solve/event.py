@@ -18,6 +18,7 @@ import optimistix as optx
 
 from .._event import Event
 from .._solution import RESULTS
+from .save import fill_like
 
 
 class EventSpec(eqx.Module):
@@ -34,7 +35,9 @@ class EventSpec(eqx.Module):
     saveat: Any = None
     max_steps: Any = None
 
-    def _call(self, fn, t, y, args):
+    def call(self, fn, t, y, args):
+        """`fn(t, y, args, **kwargs)` with the keyword arguments Diffrax passes to an
+        event condition."""
         return fn(
             t,
             y,
@@ -57,7 +60,7 @@ class EventSpec(eqx.Module):
         floating-point scalar."""
         out = []
         for fn in self.functions():
-            value = jnp.asarray(self._call(fn, t, y, args))
+            value = jnp.asarray(self.call(fn, t, y, args))
             if value.shape != ():
                 raise ValueError(
                     "An event condition must return a scalar, but returned shape "
@@ -190,7 +193,7 @@ def locate_event(
         value = tau - jnp.asarray(0.5, dtype)
         for fn, is_real, m in zip(functions, real, step.mask, strict=True):
             if is_real:
-                this = jnp.asarray(spec._call(fn, sign * tau, y, args), dtype=dtype)
+                this = jnp.asarray(spec.call(fn, sign * tau, y, args), dtype=dtype)
                 value = jnp.where(m, this, value)
         return value
 
@@ -240,11 +243,6 @@ class EventStart(eqx.Module):
     mask: Any
 
 
-def _fill(x, size):
-    fill = jnp.inf if jnp.issubdtype(x.dtype, jnp.inexact) else 0
-    return jnp.full((size,) + x.shape, fill, dtype=x.dtype)
-
-
 def init_event_state(
     spec: EventSpec, t0_user, tau0, y0, args, tdtype, dense_info_shape
 ) -> EventStart:
@@ -271,7 +269,7 @@ def init_event_state(
         values=values,
         count=jnp.asarray(0),
         ts=jnp.full((n,), jnp.inf, dtype=tdtype),
-        ys=jtu.tree_map(lambda y: _fill(jnp.asarray(y), n), y0),
+        ys=jtu.tree_map(lambda y: fill_like(jnp.asarray(y), n), y0),
         masks=spec.tree([jnp.zeros((n,), bool) for _ in values]),
     )
     # A boolean condition already true at `t0` is the first event recorded.
