@@ -27,13 +27,13 @@ from .._solver.term_structure import (
 from .._term import AbstractTerm, is_term
 
 
-def _describe(x) -> str:
+def describe(x) -> str:
     if inspect.isfunction(x) or inspect.ismethod(x):
         return f"the function {getattr(x, '__qualname__', x)!r}"
     if isinstance(x, type):
         return f"the class {x.__name__}"
     if isinstance(x, (list, tuple)):
-        inner = ", ".join(_describe(v) for v in list(x)[:4])
+        inner = ", ".join(describe(v) for v in list(x)[:4])
         more = ", ..." if len(x) > 4 else ""
         return f"a Python {type(x).__name__} of [{inner}{more}]"
     text = repr(x)
@@ -50,12 +50,12 @@ def check_solver(solver) -> None:
                 f"{solver.__name__}. Did you mean `{solver.__name__}()`?"
             )
         raise TypeError(
-            f"`solver` must be an instance of AbstractSolver, got {_describe(solver)}."
+            f"`solver` must be an instance of AbstractSolver, got {describe(solver)}."
         )
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
             "`solver` must be an instance of AbstractSolver (e.g. `Tsit5()`), got "
-            f"{_describe(solver)}."
+            f"{describe(solver)}."
         )
 
 
@@ -73,7 +73,7 @@ def check_terms(terms, solver) -> None:
             )
         raise TypeError(
             "`terms` must be a PyTree of AbstractTerm instances (e.g. `ODETerm(f)`), "
-            f"but got {_describe(terms)}.{hint}"
+            f"but got {describe(terms)}.{hint}"
         )
     structure = solver.term_structure
     mismatch = term_structure_mismatch(terms, structure)
@@ -86,21 +86,24 @@ def check_terms(terms, solver) -> None:
 
 
 def check_y0(y0) -> None:
-    leaves = jtu.tree_leaves(y0)
-    if not leaves:
-        raise ValueError("`y0` must contain at least one array, got an empty PyTree.")
+    """`y0` may be any PyTree (even an empty one) of numbers or arrays: boolean and
+    integer leaves are promoted to floating point later, as Diffrax does."""
     for path, leaf in jtu.tree_flatten_with_path(y0)[0]:
-        dtype = jnp.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype
-        if isinstance(leaf, bool) or not jnp.issubdtype(dtype, jnp.inexact):
+        try:
+            dtype = jnp.result_type(leaf)
+        except TypeError:
+            dtype = None
+        if dtype is None or not (
+            jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)
+        ):
             where = jtu.keystr(path) or "y0"
             raise TypeError(
-                f"`y0` must contain floating-point arrays, but the leaf at {where} "
-                f"has dtype {dtype} (value {_describe(leaf)}). Use e.g. "
-                "`jnp.asarray(y0, dtype=float)`."
+                f"`y0` must be a PyTree of numeric arrays, but the leaf at {where} is "
+                f"{describe(leaf)}."
             )
 
 
-def _concrete(x) -> Any:
+def concrete(x) -> Any:
     try:
         return np.asarray(x)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -119,7 +122,7 @@ def check_controller(stepsize_controller, solver, dt0, t0, t1) -> None:
     if not isinstance(stepsize_controller, AbstractStepSizeController):
         raise TypeError(
             "`stepsize_controller` must be an AbstractStepSizeController (e.g. "
-            f"`PIDController(rtol=1e-6, atol=1e-6)`), got {_describe(stepsize_controller)}."
+            f"`PIDController(rtol=1e-6, atol=1e-6)`), got {describe(stepsize_controller)}."
         )
     inner = unwrap_controller(stepsize_controller)
     if (
@@ -139,11 +142,11 @@ def check_controller(stepsize_controller, solver, dt0, t0, t1) -> None:
         )
     if isinstance(dt0, (list, tuple)):
         raise ValueError(
-            f"`dt0` must be a scalar step size or None, got {_describe(dt0)}. To use "
+            f"`dt0` must be a scalar step size or None, got {describe(dt0)}. To use "
             "different step sizes, `jax.vmap` over an array of them."
         )
     if dt0 is not None:
-        dt0_c, t0_c, t1_c = _concrete(dt0), _concrete(t0), _concrete(t1)
+        dt0_c, t0_c, t1_c = concrete(dt0), concrete(t0), concrete(t1)
         if dt0_c is not None and dt0_c.shape != ():
             raise ValueError(f"`dt0` must be a scalar, got shape {dt0_c.shape}.")
         if dt0_c is not None and t0_c is not None and t1_c is not None:
@@ -234,6 +237,7 @@ def resolve_deprecated_event(event, discrete_terminating_event):
         UserWarning,
         stacklevel=3,
     )
+
     # A closure, not a Module: `Event` maps over a PyTree of conditions, and must see
     # this one as a single condition.
     def cond_fn(t, y, args, **kwargs):
@@ -247,7 +251,7 @@ def check_times(t0, t1) -> None:
     for name, value in (("t0", t0), ("t1", t1)):
         if isinstance(value, (list, tuple)):
             raise TypeError(
-                f"`{name}` must be a scalar time, got {_describe(value)}. To solve "
+                f"`{name}` must be a scalar time, got {describe(value)}. To solve "
                 "over several intervals, `jax.vmap` over an array of times."
             )
         shape = jnp.shape(value)
@@ -260,8 +264,8 @@ def check_times(t0, t1) -> None:
 
 def check_saveat(saveat, t0, t1, max_steps, subs) -> None:
     if not isinstance(saveat, SaveAt):
-        raise TypeError(f"`saveat` must be a `SaveAt(...)`, got {_describe(saveat)}.")
-    t0_c, t1_c = _concrete(t0), _concrete(t1)
+        raise TypeError(f"`saveat` must be a `SaveAt(...)`, got {describe(saveat)}.")
+    t0_c, t1_c = concrete(t0), concrete(t1)
     for sub in subs:
         if sub.steps and max_steps is None:
             raise ValueError(
@@ -270,7 +274,7 @@ def check_saveat(saveat, t0, t1, max_steps, subs) -> None:
             )
         if sub.ts is None:
             continue
-        ts = _concrete(sub.ts)
+        ts = concrete(sub.ts)
         if ts is None:
             continue
         if np.any(np.isnan(ts)):
@@ -297,7 +301,7 @@ def check_max_steps(max_steps) -> None:
         return
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)):
         raise TypeError(
-            f"`max_steps` must be a positive int or None, got {_describe(max_steps)}."
+            f"`max_steps` must be a positive int or None, got {describe(max_steps)}."
         )
     if max_steps < 1:
         raise ValueError(f"`max_steps` must be at least 1, got {max_steps}.")
