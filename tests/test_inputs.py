@@ -91,3 +91,64 @@ def test_non_numeric_state_leaf_is_refused_naming_it():
 def test_complex_times_are_refused():
     with pytest.raises(ValueError, match="complex"):
         _solve(jnp.array(1.0), t1=1.0 + 0j)
+
+
+def _rotate(t, y, args):
+    return jax.tree.map(lambda x: 1j * x if jnp.iscomplexobj(x) else -x, y)
+
+
+def _rotation_steps(z0):
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_rotate),
+        dfx.Tsit5(),
+        0.0,
+        3.0,
+        0.1,
+        z0,
+        saveat=dfx.SaveAt(steps=True),
+        stepsize_controller=dfx.PIDController(rtol=1e-4, atol=1e-7),
+        max_steps=64,
+    )
+    n = int(sol.stats["num_steps"])
+    return sol, np.asarray(sol.ts[:n])
+
+
+def test_pid_measures_a_complex_error_by_its_magnitude():
+    # z' = iz: a magnitude-based error norm is invariant under a phase of z0, so the
+    # accepted steps do not depend on it (they would with only the real part counted).
+    sol, ts = _rotation_steps(jnp.asarray(1.0 + 0j, dtype=jnp.complex128))
+    phase = np.exp(1.3j)
+    rotated, rotated_ts = _rotation_steps(jnp.asarray(phase, dtype=jnp.complex128))
+    assert rotated.stats["num_steps"] == sol.stats["num_steps"]
+    assert rotated.stats["num_rejected_steps"] == sol.stats["num_rejected_steps"]
+    np.testing.assert_allclose(rotated_ts, ts, rtol=1e-9)
+    np.testing.assert_allclose(sol.ys[len(ts) - 1], np.exp(3j), rtol=1e-4)
+
+
+@pytest.mark.parametrize("t_dtype", [jnp.float32, jnp.float64])
+def test_pid_on_a_state_of_complex_and_real_leaves_of_several_widths(t_dtype):
+    y0 = {
+        "z": jnp.asarray(1.0 + 0j, dtype=jnp.complex64),
+        "x": jnp.asarray([1.0, 2.0], dtype=jnp.float64),
+        "w": jnp.asarray(0.5, dtype=jnp.float32),
+    }
+    t0, t1, dt0 = (jnp.asarray(x, dtype=t_dtype) for x in (0.0, 1.0, 0.1))
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_rotate),
+        dfx.Tsit5(),
+        t0,
+        t1,
+        dt0,
+        y0,
+        saveat=dfx.SaveAt(t1=True),
+        stepsize_controller=dfx.PIDController(rtol=1e-5, atol=1e-7),
+    )
+    wide = t_dtype == jnp.float64
+    assert sol.ys["z"].dtype == (jnp.complex128 if wide else jnp.complex64)
+    assert sol.ys["x"].dtype == jnp.float64
+    assert sol.ys["w"].dtype == (jnp.float64 if wide else jnp.float32)
+    np.testing.assert_allclose(np.asarray(sol.ys["z"]), [np.exp(1j)], rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(sol.ys["x"]), [[np.exp(-1), 2 * np.exp(-1)]], rtol=1e-4
+    )
+    np.testing.assert_allclose(np.asarray(sol.ys["w"]), [0.5 * np.exp(-1)], rtol=1e-4)

@@ -34,14 +34,21 @@ from .initial_step import first_step
 
 def error_dtype(y0):
     """The real floating dtype in which errors and step ratios are computed: that of
-    the state (as Diffrax), so that a float32 problem makes float32 decisions."""
-    leaves = jtu.tree_leaves(y0)
-    dtype = jnp.result_type(*leaves) if leaves else jnp.result_type(float)
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        dtype = jnp.finfo(dtype).dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.result_type(float)
-    return dtype
+    the state (as Diffrax), so that a float32 problem makes float32 decisions. A
+    complex leaf counts as its real part's dtype (its error is measured by magnitude);
+    leaves of several widths give the widest, as standard promotion would (worked out
+    here, so that strict promotion is never needed)."""
+    dtypes = set()
+    for leaf in jtu.tree_leaves(y0):
+        dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.inexact):
+            dtypes.add(jnp.finfo(dtype).dtype)
+    if not dtypes:
+        return jnp.result_type(float)
+    widest = max(jnp.finfo(d).bits for d in dtypes)
+    candidates = [d for d in dtypes if jnp.finfo(d).bits == widest]
+    # Two different formats of one width (float16 and bfloat16) promote to float32.
+    return candidates[0] if len(candidates) == 1 else jnp.dtype(jnp.float32)
 
 
 def _as(value, dtype):
@@ -61,9 +68,23 @@ def scaled_error_norm(controller, y0, y1_candidate, y_error):
         tolerance = _as(controller.atol, dtype) + _as(controller.rtol, dtype) * (
             magnitude
         )
-        return error_leaf / tolerance
+        # A complex error divided by its real tolerance: the cast to the error's
+        # dtype is exact, and the norm then measures the error by magnitude.
+        return error_leaf / tolerance.astype(error_leaf.dtype)
 
-    return controller.norm(jtu.tree_map(scale, y0, y1_candidate, y_error))
+    scaled = jtu.tree_map(scale, y0, y1_candidate, y_error)
+    real = error_dtype(y0)
+    leaves = jtu.tree_leaves(scaled)
+    if len({leaf.dtype for leaf in leaves}) > 1:
+        # Leaves of several dtypes: the norm sums across them, so bring them to one
+        # (the widest; complex if any leaf is, which keeps each magnitude exact).
+        if any(jnp.issubdtype(leaf.dtype, jnp.complexfloating) for leaf in leaves):
+            common = jnp.complex128 if real == jnp.float64 else jnp.complex64
+        else:
+            common = real
+        scaled = jtu.tree_map(lambda leaf: leaf.astype(common), scaled)
+    # A norm returning another dtype must not change the controller's state dtype.
+    return jnp.asarray(controller.norm(scaled)).astype(real)
 
 
 class _PIDMeta(type(eqx.Module)):
