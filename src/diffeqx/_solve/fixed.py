@@ -15,6 +15,7 @@ import numpy as np
 
 from .._adjoint.base import while_loop_of_kind
 from .._controller.constant import ConstantStepSize, constant_step_count
+from .._transforms import is_batched
 from . import checks
 from .loop import LoopSpec, cond_fun, finish_loop, step_body, tree_where
 from .state import LoopState
@@ -61,35 +62,60 @@ def _constant_step_count(t0, t1, dt0, dtype, max_steps) -> int | None:
     return num_steps
 
 
+def _scan_steps(one_step, carry, num_steps: int, block: int):
+    """`num_steps` applications of `one_step` as a scan; `block > 0` groups them into
+    rematerialised blocks (`jax.checkpoint`) of `block` steps, plus one shorter block
+    for the remainder."""
+    if num_steps == 0:
+        return carry
+
+    def steps(carry, length):
+        return lax.scan(lambda c, _: (one_step(c), None), carry, length=length)[0]
+
+    if block == 0 or block >= num_steps:
+        return steps(carry, num_steps)
+    num_blocks, remainder = divmod(num_steps, block)
+    run_block = jax.checkpoint(lambda c: steps(c, block))
+    carry = lax.scan(lambda c, _: (run_block(c), None), carry, length=num_blocks)[0]
+    if remainder:
+        carry = jax.checkpoint(lambda c: steps(c, remainder))(carry)
+    return carry
+
+
 def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block: int):
-    """Exactly `num_steps` iterations of the while loop's body as a `lax.scan`.
+    """`num_steps` iterations of the while loop's body as a `lax.scan`.
 
     `block > 0` groups the steps into rematerialised blocks of that many steps
     (`jax.checkpoint`), so that reverse mode stores one state per block plus one
-    block's worth of steps; `block == 0` is a plain scan."""
+    block's worth of steps; `block == 0` is a plain scan.
+
+    Each iteration is the while loop's body guarded by the while loop's condition,
+    so the result is the while loop's. As selecting the whole state every step is
+    costly (measured: 10-20x the run time of 10,000 small RK4 steps on CPU), a
+    single solve first runs the steps unguarded, noting only whether any of them
+    started where the while loop would have stopped (a failure, or a step count
+    that overshot); only then is the solve redone with the guard."""
     # Only t0/t1 outputs take this path, so the inner save loop is never traced.
     inner = while_loop_of_kind("lax")
 
-    def one_step(state):
+    def guarded_step(state):
         going = cond_fun(spec, state)
         return tree_where(going, step_body(spec, state, inner), state)
 
-    if num_steps == 0:
-        final = init_state
-    elif block == 0 or block >= num_steps:
-        final, _ = lax.scan(
-            lambda s, _: (one_step(s), None), init_state, length=num_steps
-        )
-    else:
-        num_blocks = -(-num_steps // block)
+    def guarded():
+        return _scan_steps(guarded_step, init_state, num_steps, block)
 
-        # A padded last block costs nothing extra: past the end the guard keeps the
-        # state as it is.
-        @jax.checkpoint
-        def run_block(state, _):
-            return lax.scan(lambda s, _: (one_step(s), None), state, length=block)[0]
+    if is_batched():
+        # Under `vmap` a branch would run both sides anyway.
+        return finish_loop(spec, guarded())
 
-        final, _ = lax.scan(
-            lambda s, b: (run_block(s, b), None), init_state, jnp.arange(num_blocks)
-        )
+    def unguarded_step(carry):
+        state, overshot = carry
+        overshot = overshot | ~cond_fun(spec, state)
+        return step_body(spec, state, inner), overshot
+
+    fast, overshot = _scan_steps(
+        unguarded_step, (init_state, jnp.asarray(False)), num_steps, block
+    )
+    final = lax.cond(overshot, guarded, lambda: fast)
     return finish_loop(spec, final)
