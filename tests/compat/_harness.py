@@ -174,6 +174,10 @@ def make_saveat(lib, name, span):
 def make_event(lib, name, full, dtype):
     # Time-driven conditions (plus a little of the state, so root finding goes through
     # the interpolation) that cross once in either direction of integration.
+    # They read `|t|`, not `t`: in a backward solve Diffrax passes the condition its
+    # internal time `-t`, while diffeqx passes the real time `t` (a documented,
+    # deliberate difference); every time here is >= 0, so `|t|` is the real time in
+    # both libraries and the same call can be compared exactly.
     sign = 1.0 if float(full.end) > float(full.start) else -1.0
     tol = 1e-8 if dtype == jnp.float64 else 1e-5
     newton = optx.Newton(rtol=tol, atol=tol)
@@ -181,18 +185,18 @@ def make_event(lib, name, full, dtype):
     if name == "none":
         return None
     if name == "bool":
-        return lib.Event(lambda t, y, args, **kw: sign * (t - t_event) > 0)
+        return lib.Event(lambda t, y, args, **kw: sign * (jnp.abs(t) - t_event) > 0)
     if name == "real":
 
         def cond(t, y, args, **kw):
-            return sign * (t - t_event) + 0.05 * _first(y)
+            return sign * (jnp.abs(t) - t_event) + 0.05 * _first(y)
 
         return lib.Event(cond, root_finder=newton)
     if name == "tree":
         t_a, t_b = full.scalar(0.45), full.scalar(0.7)
         conds = (
-            lambda t, y, args, **kw: t_a - t + 0.01 * _first(y),
-            lambda t, y, args, **kw: t_b - t + 0.01 * _first(y),
+            lambda t, y, args, **kw: t_a - jnp.abs(t) + 0.01 * _first(y),
+            lambda t, y, args, **kw: t_b - jnp.abs(t) + 0.01 * _first(y),
         )
         return lib.Event(conds, root_finder=newton, direction=(True, False))
     if name == "at_t0":

@@ -1,9 +1,11 @@
 """Runge–Kutta methods as data: a `ButcherTableau` and one engine that runs it.
 
-Stages are stored as vector-field values `f_i` (cheap to combine and reusable for
-first-same-as-last), unless the term says its vector field is expensive to
-materialise, in which case the increments `k_i = vf_prod(t_i, y_i, control)` are
-stored instead. Stage `i` evaluates at `y0 + sum_j a_ij k_j`.
+Stages are stored as increments `k_i = vf_prod(t_i, y_i, control)` (the vector field
+times the control, `dt * f` for an ODE) in one buffer with a leading stage axis.
+Stage `i` evaluates at `y_i = y0 + sum_j a_ij k_j`, the solution is
+`y0 + sum_i b_i k_i` and the error estimate is `sum_i b_error_i k_i`, each one dot
+product of a coefficient row with the buffer, in the state's dtype. A
+first-same-as-last method also carries the full vector field at the step's end.
 """
 
 from typing import Any, ClassVar, Literal, final
@@ -216,47 +218,17 @@ class AbstractRungeKutta(AbstractAdaptiveSolver):
             )
 
 
-class _StageList:
-    """Stage values kept as a Python list (unrolled stages), not stacked."""
+def _combine(weights, stages):
+    """`sum_i weights[i] * stages[i]` over the leading (stage) axis of every leaf.
 
-    def __init__(self, values):
-        self.values = values
+    Always one dot product of the full weight row (zeros included, cast to the
+    stages' dtype) with the full stage buffer: the arithmetic, and so the rounding,
+    is then the same whether the stages run unrolled or in a loop, and equals
+    Diffrax's bit for bit (checked by tests/compat)."""
 
-
-def _weighted_sum(weights, stages):
-    """`sum_i weights[i] * stages[i]` over the leading stage axis of every leaf.
-
-    `weights` is a static NumPy vector (zero entries are skipped) or a traced one;
-    `stages` is stacked along a leading axis, or a `_StageList`."""
-    if isinstance(stages, _StageList):
-        # Python floats (weakly typed) take the dtype of the stages they multiply.
-        nonzero = [(i, float(w)) for i, w in enumerate(weights) if w != 0]
-        values = stages.values
-
-        def _combine(*leaves):
-            if not nonzero:
-                return jnp.zeros_like(leaves[0])
-            out = nonzero[0][1] * leaves[nonzero[0][0]]
-            for i, w in nonzero[1:]:
-                out = out + w * leaves[i]
-            return out.astype(leaves[0].dtype)
-
-        return jtu.tree_map(_combine, *values)
-    if isinstance(weights, np.ndarray):
-        nonzero = [(i, float(w)) for i, w in enumerate(weights) if w != 0]
-
-        def _leaf(x):
-            if not nonzero:
-                return jnp.zeros(x.shape[1:], x.dtype)
-            out = nonzero[0][1] * x[nonzero[0][0]]
-            for i, w in nonzero[1:]:
-                out = out + w * x[i]
-            return out.astype(x.dtype)
-
-    else:
-
-        def _leaf(x):
-            return jnp.tensordot(weights.astype(x.dtype), x, axes=1)
+    def _leaf(x):
+        w = jnp.asarray(weights).astype(x.dtype)
+        return jnp.tensordot(w, x, axes=1, precision=lax.Precision.HIGHEST)
 
     return jtu.tree_map(_leaf, stages)
 
@@ -296,9 +268,9 @@ class AbstractERK(AbstractRungeKutta):
 
     Stages run either as a `lax.fori_loop` over the stage index (the vector field is
     traced once, which keeps compile times low when it is large, e.g. a neural
-    network), or unrolled in Python with the tableau's zeros skipped (fastest at run
-    time for small vector fields). `scan_stages` picks one: `True`, `False`, or `None`
-    to decide from the size of the vector field.
+    network), or unrolled in Python (fastest at run time for small vector fields).
+    `scan_stages` picks one: `True`, `False`, or `None` to decide from the size of the
+    vector field. Both do the same arithmetic, so they give the same bits.
     """
 
     term_structure: ClassVar[Any] = AbstractTerm
@@ -311,10 +283,7 @@ class AbstractERK(AbstractRungeKutta):
                 "explicit tableaus only, but its tableau has a non-zero `a_diagonal`."
             )
 
-    def _store_vf(self, terms, t0, t1, y0, args) -> bool:
-        return not terms.is_vf_expensive(t0, t1, y0, args)
-
-    def _use_scan(self, evaluate, t0, f0, y0) -> bool:
+    def _use_scan(self, evaluate, t0, k0, y0) -> bool:
         if self.scan_stages is not None:
             return self.scan_stages
         if len(differentiation_levels()) >= 2:
@@ -338,40 +307,19 @@ class AbstractERK(AbstractRungeKutta):
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         tableau = self.tableau
         s = tableau.num_stages
-        store_vf = self._store_vf(terms, t0, t1, y0, args)
-        use_fsal = tableau.fsal
-        # Storing increments: the last stage of a first-same-as-last method is still
-        # evaluated as a full vector field, to be carried to the next step.
-        fsal_vf_last = use_fsal and not store_vf
+        a = tableau.a_matrix
+        c = tableau.c_full
         control = terms.contr(t0, t1)
         dt = t1 - t0
 
-        if store_vf:
+        def stage_time(i):
+            # A node of 1 is the step's end exactly (t0 + 1 * (t1 - t0) need not
+            # round to t1); others keep the dtype of the step's times.
+            if c[i] == 1:
+                return t1
+            return t0 + jnp.asarray(c[i], dtype=dt.dtype) * dt
 
-            def increment(weights, stages):
-                return terms.prod(_weighted_sum(weights, stages), control)
-
-            def evaluate(t, y):
-                return terms.vf(t, y, args)
-
-        else:
-
-            def increment(weights, stages):
-                return _weighted_sum(weights, stages)
-
-            def evaluate(t, y):
-                return terms.vf_prod(t, y, args, control)
-
-        def stage_time(c_i):
-            # Stage times keep the dtype of the step's times (the tableau's
-            # coefficients are float64 NumPy values).
-            return t0 + jnp.asarray(c_i, dtype=dt.dtype) * dt
-
-        def stage_value(i, weights, c_i, stages):
-            y_i = _add(y0, increment(weights, stages))
-            return evaluate(stage_time(c_i), y_i)
-
-        if use_fsal:
+        if tableau.fsal:
             if made_jump is False:
                 vf0 = solver_state
             else:
@@ -380,69 +328,51 @@ class AbstractERK(AbstractRungeKutta):
                     lambda: terms.vf(t0, y0, args),
                     lambda: solver_state,
                 )
-            f0 = vf0 if store_vf else terms.prod(vf0, control)
+            k0 = terms.prod(vf0, control)
         else:
-            f0 = evaluate(t0, y0)
-        # Stages computed by the loop below; the last one may be done separately.
-        loop_end = s - 1 if fsal_vf_last else s
+            k0 = terms.vf_prod(t0, y0, args, control)
+        # The increments k_i (vector field times control) of all stages, stacked;
+        # stages not yet computed are zero, so each stage's state is one dot product
+        # of its full row of the Runge–Kutta matrix with this buffer.
+        ks = jtu.tree_map(
+            lambda x: jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x)).at[0].set(x),
+            k0,
+        )
 
-        def last_stage(weights, stages):
-            y_last = _add(y0, increment(weights, stages))
-            vf_last = terms.vf(stage_time(c[s - 1]), y_last, args)
-            return vf_last, terms.prod(vf_last, control)
+        def stage_state(row, ks):
+            return _add(y0, _combine(row, ks))
 
-        a = tableau.a_matrix
-        c = tableau.c_full
-        if self._use_scan(evaluate, t0, f0, y0):
-            stages = jtu.tree_map(
-                lambda x: (
-                    jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x)).at[0].set(x)
-                ),
-                f0,
-            )
+        def set_stage(ks, i, k_i):
+            return jtu.tree_map(lambda buf, x: buf.at[i].set(x), ks, k_i)
+
+        # First-same-as-last: the last stage is the vector field at the step's end
+        # (its state is the solution), evaluated in full and carried to the next step.
+        loop_end = s - 1 if tableau.fsal else s
+        if self._use_scan(lambda t, y: terms.vf_prod(t, y, args, control), t0, k0, y0):
             a_jnp = jnp.asarray(a)
-            c_jnp = jnp.asarray(c)
+            t_nodes = jnp.stack([stage_time(i) for i in range(s)])
 
-            def body(i, stages):
-                f_i = stage_value(i, a_jnp[i], c_jnp[i].astype(dt.dtype), stages)
-                return jtu.tree_map(lambda buf, x: buf.at[i].set(x), stages, f_i)
+            def body(i, ks):
+                y_i = stage_state(a_jnp[i], ks)
+                return set_stage(ks, i, terms.vf_prod(t_nodes[i], y_i, args, control))
 
-            stages = lax.fori_loop(1, loop_end, body, stages)
-            if fsal_vf_last:
-                last, k_last = last_stage(a[s - 1], stages)
-                stages = jtu.tree_map(lambda b, x: b.at[s - 1].set(x), stages, k_last)
-            else:
-                last = jtu.tree_map(lambda x: x[-1], stages)
-            combine = stages
+            ks = lax.fori_loop(1, loop_end, body, ks)
         else:
-            # Unrolled: each stage combines the previous ones with static weights,
-            # skipping the tableau's zeros, and nothing is written to a buffer.
-            values = [f0]
             for i in range(1, loop_end):
-                stacked = _StageList(values)
-                values.append(stage_value(i, a[i, :i], c[i], stacked))
-            if fsal_vf_last:
-                last, k_last = last_stage(a[s - 1, : s - 1], _StageList(values))
-                values.append(k_last)
-            else:
-                last = values[-1]
-            stages = jtu.tree_map(lambda *xs: jnp.stack(xs), *values)
-            combine = _StageList(values)
-        y1 = _add(y0, increment(tableau.b_sol, combine))
+                y_i = stage_state(a[i], ks)
+                ks = set_stage(ks, i, terms.vf_prod(stage_time(i), y_i, args, control))
+        if tableau.fsal:
+            y1 = stage_state(a[s - 1], ks)
+            new_state = terms.vf(t1, y1, args)
+            ks = set_stage(ks, s - 1, terms.prod(new_state, control))
+        else:
+            y1 = stage_state(tableau.b_sol, ks)
+            new_state = None
         if tableau.b_error is None:
             y_error = None
         else:
-            y_error = increment(tableau.b_error, combine)
-        if store_vf:
-            # (`axis_size` given, so that an empty state is accepted too.)
-            k = jax.vmap(
-                lambda f: terms.prod(f, control), axis_size=tableau.num_stages
-            )(stages)
-        else:
-            k = stages
-        dense_info = dict(y0=y0, y1=y1, k=k)
-        if use_fsal:
-            new_state = last
-        else:
-            new_state = None
+            # The embedded error estimate, sum_i b_error[i] k_i, taken directly from
+            # the stages (not as the difference of two solutions, which loses bits).
+            y_error = _combine(tableau.b_error, ks)
+        dense_info = dict(y0=y0, y1=y1, k=ks)
         return y1, y_error, dense_info, new_state, RESULTS.successful
