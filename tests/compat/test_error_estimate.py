@@ -42,8 +42,21 @@ def _one_step(lib, solver, dtype, scale, t0, dt):
     return [np.asarray(x) for x in run(t0, t0 + jnp.asarray(dt, dtype), y0, args)]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("name", SOLVERS)
+# Tsit5 and Dopri5 in the default run; the other methods (a few seconds each, mostly
+# compilation) carry the `slow` marker.
+CASES = [
+    pytest.param(
+        name,
+        dtype,
+        marks=() if name in ("Tsit5", "Dopri5") else (pytest.mark.slow,),
+        id=f"{name}-{dtype}",
+    )
+    for name in SOLVERS
+    for dtype in ("float32", "float64")
+]
+
+
+@pytest.mark.parametrize("name,dtype", CASES)
 def test_step_and_error_estimate_bit_for_bit(name, dtype):
     for scale, t0, dt in STEPS:
         expected = _one_step(diffrax, getattr(diffrax, name)(), dtype, scale, t0, dt)
@@ -52,8 +65,15 @@ def test_step_and_error_estimate_bit_for_bit(name, dtype):
         np.testing.assert_array_equal(actual[1], expected[1], err_msg="y_error")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("name", ["Bosh3", "Tsit5", "Dopri5"])
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("Tsit5", "float32"),
+        pytest.param("Tsit5", "float64", marks=pytest.mark.slow),
+        pytest.param("Bosh3", "float32", marks=pytest.mark.slow),
+        pytest.param("Dopri5", "float64", marks=pytest.mark.slow),
+    ],
+)
 def test_stages_in_a_loop_give_the_same_bits(name, dtype):
     class Looped(getattr(diffeqx, name)):
         scan_stages = True
