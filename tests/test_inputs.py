@@ -72,6 +72,9 @@ def test_mixed_dtypes_solve_without_implicit_promotion(
     dense = sol.evaluate(jnp.asarray(0.25, dtype=t_dtype))
     assert dense.dtype == expected_y
     np.testing.assert_allclose(dense, np.exp(-0.25), rtol=rtol)
+    slope = sol.derivative(jnp.asarray(0.25, dtype=t_dtype))
+    assert slope.dtype == expected_y
+    np.testing.assert_allclose(slope, -np.exp(-0.25), rtol=1e-2)
 
 
 def test_float32_save_times_make_python_float_times_float32():

@@ -81,6 +81,8 @@ class DenseInterpolation(AbstractPath):
     def derivative(self, t, left: bool = True) -> PyTree:
         tau = jnp.asarray(t) * self.direction
         out = self._local(tau, left).derivative(tau)
-        out = jtu.tree_map(lambda x: (x * self.direction).astype(x.dtype), out)
+        # `direction` (+-1, in the times' dtype) is cast to each leaf's dtype: exact,
+        # also for a state wider than the times or complex.
+        out = jtu.tree_map(lambda x: x * jnp.asarray(self.direction, x.dtype), out)
         zeros = jtu.tree_map(jnp.zeros_like, self.y0_if_trivial)
         return self._nan_outside(tau, self._trivial(out, zeros))
