@@ -113,7 +113,9 @@ class ODETerm(AbstractTerm[VFT, Any]):
         return t1 - t0
 
     def prod(self, vf, control):
-        return jtu.tree_map(lambda v: (control * v).astype(v.dtype), vf)
+        # The state's dtype is at least as wide as the time's (see `diffeqsolve`), so
+        # casting the control to it is exact.
+        return jtu.tree_map(lambda v: jnp.asarray(control, dtype=v.dtype) * v, vf)
 
 
 @final
