@@ -50,10 +50,26 @@ _SAVEATS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("backwards", [False, True], ids=["forwards", "backwards"])
-@pytest.mark.parametrize("saveat", list(_SAVEATS), ids=list(_SAVEATS))
-@pytest.mark.parametrize("solver", [dfx.Euler(), dfx.Tsit5()], ids=["Euler", "Tsit5"])
+def _fixed_path_cases():
+    # Every output with float64 forwards, and every dtype and direction with
+    # `SaveAt(t1=True)`, by default; the rest of the product is `slow`.
+    for solver, name in ((dfx.Euler(), "Euler"), (dfx.Tsit5(), "Tsit5")):
+        for saveat in _SAVEATS:
+            for backwards in (False, True):
+                for dtype in (jnp.float32, jnp.float64):
+                    default = saveat == "t1" or (not backwards and dtype == jnp.float64)
+                    yield pytest.param(
+                        dtype,
+                        backwards,
+                        saveat,
+                        solver,
+                        id=f"{name}-{saveat}-{'backwards' if backwards else 'forwards'}"
+                        f"-{jnp.dtype(dtype).name}",
+                        marks=() if default else (pytest.mark.slow,),
+                    )
+
+
+@pytest.mark.parametrize("dtype, backwards, saveat, solver", list(_fixed_path_cases()))
 def test_fixed_step_path_matches_while_loop(dtype, backwards, saveat, solver):
     y0 = {"x": jnp.ones(3, dtype), "v": jnp.zeros(3, dtype)}
     t0, t1, dt0 = (1.0, 0.0, -0.03) if backwards else (0.0, 1.0, 0.03)

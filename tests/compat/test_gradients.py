@@ -44,7 +44,7 @@ AXES = dict(
     dtype=("float64", "float32"),
 )
 NUM_CASES = 40
-DEFAULT_CASES = 10
+DEFAULT_CASES = 5
 
 
 @dataclasses.dataclass(frozen=True)
