@@ -155,3 +155,19 @@ def test_pid_on_a_state_of_complex_and_real_leaves_of_several_widths(t_dtype):
         np.asarray(sol.ys["x"]), [[np.exp(-1), 2 * np.exp(-1)]], rtol=1e-4
     )
     np.testing.assert_allclose(np.asarray(sol.ys["w"]), [0.5 * np.exp(-1)], rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "t", [0.5, np.float64(0.5), jnp.float64(0.5), jnp.float32(0.5)]
+)
+def test_dense_output_of_a_float32_solve_accepts_a_time_of_any_float_dtype(t):
+    y0 = jnp.array([1.0], jnp.float32)
+    f32 = jnp.float32
+    sol = _solve(y0, f32(0), f32(1), f32(0.1), saveat=dfx.SaveAt(dense=True))
+    value, slope = sol.evaluate(t), sol.derivative(t)
+    assert value.dtype == slope.dtype == jnp.float32
+    np.testing.assert_allclose(value, np.exp([-0.5]), rtol=1e-4)
+    np.testing.assert_allclose(slope, -np.exp([-0.5]), rtol=1e-3)
+    np.testing.assert_allclose(
+        sol.evaluate(0.2, t), np.exp([-0.5]) - np.exp([-0.2]), rtol=1e-4
+    )

@@ -197,6 +197,46 @@ def test_forward_mode_after_jit_says_what_to_do(name):
         np.testing.assert_allclose(grad, -np.exp(-float(X)), rtol=1e-7)
 
 
+def _solve_with_tangent_in(which, solver, controller):
+    """A solve whose only differentiated input is `which` (args, t1 or save times):
+    the initial state does not depend on it (Euler has no solver state)."""
+
+    def solve(x):
+        a = x if which == "args" else X
+        t1 = x + 0.3 if which == "t1" else 1.0
+        ts = jnp.stack([0.5 * x, t1]) if which == "ts" else jnp.array([0.35, 1.0])
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, a: -a * y),
+            solver,
+            0.0,
+            t1,
+            0.1,
+            jnp.ones(()),
+            a,
+            saveat=dfx.SaveAt(ts=ts),
+            stepsize_controller=controller,
+            max_steps=64,
+        )
+        return sol.ys[0]
+
+    return solve
+
+
+@pytest.mark.parametrize("which", ["args", "t1", "ts"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["euler", "tsit5-pid"])
+def test_forward_mode_error_when_only_a_closed_over_input_carries_a_tangent(
+    which, adaptive
+):
+    if adaptive:
+        method = (dfx.Tsit5(), dfx.PIDController(rtol=1e-8, atol=1e-8))
+    else:
+        method = (dfx.Euler(), dfx.ConstantStepSize())
+    solve = jax.jit(_solve_with_tangent_in(which, *method))
+    solve(X)
+    with pytest.raises(ForwardModeError, match="RecursiveCheckpointAdjoint"):
+        _jvp(solve)(X)
+
+
 def test_forward_mode_after_jit_works_the_ways_the_message_gives():
     expected = -np.exp(-float(X))
     # jit outside the derivative

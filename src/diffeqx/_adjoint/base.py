@@ -17,7 +17,9 @@ class AbstractAdjoint(eqx.Module):
     `loop(run_loop, init_state, max_steps)` must return the final loop state;
     `run_loop(init_state, outer_while_loop, inner_while_loop)` runs the solve with the
     given while-loop implementations (each with the signature
-    `(cond_fun, body_fun, init_val, *, max_steps, buffers) -> final_val`).
+    `(cond_fun, body_fun, init_val, *, max_steps, buffers) -> final_val`); its
+    optional keyword `mark` is a function applied to every input the loop reads (the
+    initial state and the fixed inputs it closes over) before it runs.
     """
 
     @abc.abstractmethod

@@ -111,10 +111,13 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
                 )
             loop = while_loop_of_kind("bounded")
             return run_loop(init_state, loop, loop)
+
         # No derivative, reverse mode, or forward mode over reverse mode (e.g.
         # `jax.hessian`): recursive checkpointing. Forward mode alone cannot pass this
         # loop; the marks make it say so if it is applied later.
-        init_state = mark_reverse_only(init_state, FORWARD_MODE_MESSAGE)
+        def mark(tree):
+            return mark_reverse_only(tree, FORWARD_MODE_MESSAGE)
+
         outer = while_loop_of_kind("checkpointed", checkpoints=self.checkpoints)
         if len(levels) > 1:
             # Forward over reverse: the backward pass re-runs each step, inner loops
@@ -122,7 +125,7 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
             inner = while_loop_of_kind("bounded")
         else:
             inner = while_loop_of_kind("checkpointed")
-        return run_loop(init_state, outer, inner)
+        return run_loop(init_state, outer, inner, mark=mark)
 
     def fixed_step_block(self, num_steps):
         # Constant steps known at trace time run as a scan of rematerialised blocks:

@@ -57,6 +57,13 @@ class DenseInterpolation(AbstractPath):
         info = jtu.tree_map(lambda x: x[index], self.infos)
         return self.interpolation_cls(t0=self.ts[index], t1=self.ts[index + 1], **info)
 
+    def _integration_time(self, t):
+        # A time of another dtype (a float64 `t` on a solve whose times are float32)
+        # is cast to the solve's time dtype rather than promoted: the interpolation is
+        # no more precise than the times it was built on, and this also works under
+        # strict dtype promotion.
+        return jnp.asarray(t).astype(self.ts.dtype) * self.direction
+
     def _trivial(self, out, value):
         return jtu.tree_map(lambda o, v: jnp.where(self.ts_size <= 1, v, o), out, value)
 
@@ -74,12 +81,12 @@ class DenseInterpolation(AbstractPath):
             start = self.evaluate(t0, left=left)
             end = self.evaluate(t1, left=left)
             return jtu.tree_map(lambda a, b: b - a, start, end)
-        tau = jnp.asarray(t0) * self.direction
+        tau = self._integration_time(t0)
         out = self._local(tau, left).evaluate(tau)
         return self._nan_outside(tau, self._trivial(out, self.y0_if_trivial))
 
     def derivative(self, t, left: bool = True) -> PyTree:
-        tau = jnp.asarray(t) * self.direction
+        tau = self._integration_time(t)
         out = self._local(tau, left).derivative(tau)
         # `direction` (+-1, in the times' dtype) is cast to each leaf's dtype: exact,
         # also for a state wider than the times or complex.

@@ -216,8 +216,16 @@ def _run(spec, init_state, adjoint, stepsize_controller, saveat, given_times, re
     if fixed is not None:
         num_fixed_steps, block = fixed
         return run_fixed_steps(spec, init_state, num_fixed_steps, block)
+
+    def run(state, outer, inner, mark=None):
+        # `mark` (if given) is applied to everything the loop reads: its initial state
+        # and the fixed inputs it closes over (terms, args, t1, save times, ...).
+        if mark is None:
+            return run_loop(spec, state, outer, inner)
+        return run_loop(mark(spec), mark(state), outer, inner)
+
     return adjoint.loop(
-        run_loop=lambda state, outer, inner: run_loop(spec, state, outer, inner),
+        run_loop=run,
         init_state=init_state,
         max_steps=spec.max_steps,
     )
