@@ -9,33 +9,7 @@ import numpy as np
 import pytest
 
 import diffeqx as dfx
-
-
-def _axpy(a, x, y):
-    """a * x + y, leafwise."""
-    return jax.tree_util.tree_map(lambda xi, yi: a * xi + yi, x, y)
-
-
-class HandWrittenEuler(dfx.AbstractSolver):
-    """Explicit Euler, written against the solver protocol by hand."""
-
-    term_structure: ClassVar = dfx.AbstractTerm
-    interpolation_cls: ClassVar = dfx.LocalLinearInterpolation
-
-    def order(self, terms):
-        return 1
-
-    def init(self, terms, t0, t1, y0, args):
-        return None
-
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        dt = t1 - t0
-        y1 = _axpy(dt, terms.vf(t0, y0, args), y0)
-        dense_info = dict(y0=y0, y1=y1)
-        return y1, None, dense_info, None, dfx.RESULTS.successful
-
-    def func(self, terms, t0, y0, args):
-        return terms.vf(t0, y0, args)
+from _user_solvers import HandWrittenEuler, heun_euler
 
 
 class ExponentialEuler(dfx.AbstractSolver):
@@ -67,31 +41,6 @@ class ExponentialEuler(dfx.AbstractSolver):
     def func(self, terms, t0, y0, args):
         nonlinear = terms.vf(t0, y0, args)
         return jax.tree_util.tree_map(lambda y, n: -self.rate * y + n, y0, nonlinear)
-
-
-class HeunEuler(dfx.AbstractAdaptiveSolver):
-    """Heun's method with an embedded Euler step for the error estimate."""
-
-    term_structure: ClassVar = dfx.AbstractTerm
-    interpolation_cls: ClassVar = dfx.LocalLinearInterpolation
-
-    def order(self, terms):
-        return 2
-
-    def init(self, terms, t0, t1, y0, args):
-        return None
-
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        dt = t1 - t0
-        k1 = terms.vf(t0, y0, args)
-        k2 = terms.vf(t1, _axpy(dt, k1, y0), args)
-        y1 = jax.tree_util.tree_map(lambda y, a, b: y + 0.5 * dt * (a + b), y0, k1, k2)
-        y_error = jax.tree_util.tree_map(lambda a, b: 0.5 * dt * (b - a), k1, k2)
-        dense_info = dict(y0=y0, y1=y1)
-        return y1, y_error, dense_info, None, dfx.RESULTS.successful
-
-    def func(self, terms, t0, y0, args):
-        return terms.vf(t0, y0, args)
 
 
 _DECAY = dfx.ODETerm(lambda t, y, args: -args * y)
@@ -195,7 +144,7 @@ def test_step_size_dependent_solver_handles_nonlinear_forcing_at_order_1():
 def _solve_heun_euler(rtol, dt0=0.1):
     return dfx.diffeqsolve(
         _DECAY,
-        HeunEuler(),
+        heun_euler(),
         0.0,
         5.0,
         dt0,
@@ -228,32 +177,12 @@ def test_adaptive_custom_solver_error_estimate_drives_rejections():
     np.testing.assert_allclose(sol.ys[0], exact, rtol=5e-4)
 
 
-class PlainHeunEuler(dfx.AbstractSolver):
-    """The same method as `HeunEuler`, subclassing only `AbstractSolver`: adaptivity
-    comes from returning an error estimate, not from the base class."""
-
-    term_structure: ClassVar = dfx.AbstractTerm
-    interpolation_cls: ClassVar = dfx.LocalLinearInterpolation
-
-    def order(self, terms):
-        return 2
-
-    def init(self, terms, t0, t1, y0, args):
-        return None
-
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        return HeunEuler().step(terms, t0, t1, y0, args, solver_state, made_jump)
-
-    def func(self, terms, t0, y0, args):
-        return terms.vf(t0, y0, args)
-
-
 def test_abstract_solver_returning_an_error_estimate_runs_adaptively():
-    assert not isinstance(PlainHeunEuler(), dfx.AbstractAdaptiveSolver)
+    assert not isinstance(heun_euler(base="AbstractSolver"), dfx.AbstractAdaptiveSolver)
     exact = np.exp(-0.7 * 5.0) * np.array([1.0, 3.0])
     sol = dfx.diffeqsolve(
         _DECAY,
-        PlainHeunEuler(),
+        heun_euler(base="AbstractSolver"),
         0.0,
         5.0,
         2.0,

@@ -7,7 +7,6 @@ isolates exactly one mistake.
 """
 
 import re
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 import diffeqx as dfx
+from _user_solvers import HandWrittenEuler
 
 
 def _decay(t, y, args):
@@ -41,29 +41,6 @@ def _base_call():
 def _all_of(*fragments):
     """A regex matching a message that contains every fragment, in any order."""
     return "(?s)" + "".join(f"(?=.*{re.escape(fragment)})" for fragment in fragments)
-
-
-class _EulerWithoutEstimate(dfx.AbstractSolver):
-    """A user's solver whose `step` returns no error estimate (`y_error=None`)."""
-
-    term_structure: ClassVar = dfx.AbstractTerm
-    interpolation_cls: ClassVar = dfx.LocalLinearInterpolation
-
-    def order(self, terms):
-        return 1
-
-    def init(self, terms, t0, t1, y0, args):
-        return None
-
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        control = terms.contr(t0, t1)
-        y1 = jax.tree_util.tree_map(
-            lambda y, dy: y + dy, y0, terms.vf_prod(t0, y0, args, control)
-        )
-        return y1, None, dict(y0=y0, y1=y1), None, dfx.RESULTS.successful
-
-    def func(self, terms, t0, y0, args):
-        return terms.vf(t0, y0, args)
 
 
 # (id, mistaken arguments, the same arguments fixed, exception, message fragments)
@@ -130,14 +107,12 @@ _CASES = [
     (
         "user-solver-without-error-estimate-with-pid",
         dict(
-            solver=_EulerWithoutEstimate(),
+            solver=HandWrittenEuler(),
             stepsize_controller=dfx.PIDController(rtol=1e-4, atol=1e-6),
         ),
-        dict(
-            solver=_EulerWithoutEstimate(), stepsize_controller=dfx.ConstantStepSize()
-        ),
+        dict(solver=HandWrittenEuler(), stepsize_controller=dfx.ConstantStepSize()),
         ValueError,
-        ("_EulerWithoutEstimate", "error estimate", "PIDController"),
+        ("HandWrittenEuler", "error estimate", "PIDController"),
     ),
     (
         "saveat-ts-outside-interval",

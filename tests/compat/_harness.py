@@ -30,6 +30,18 @@ import diffeqx
 TOLERANCE = {"float64": (1e-11, 1e-12), "float32": (2e-5, 2e-6)}
 MAX_STEPS = 128
 RESULT_NAMES = ("successful", "max_steps_reached", "dt_min_reached", "event_occurred")
+# The choices of problem and solver a `Case` may make (the sampled axes of the tests).
+PROBLEMS = ("lin1", "lin2", "tree", "lv")
+EXPLICIT_SOLVERS = (
+    "Euler",
+    "Heun",
+    "Midpoint",
+    "Ralston",
+    "Bosh3",
+    "Tsit5",
+    "Dopri5",
+    "Dopri8",
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,20 +23,18 @@ import numpy as np  # noqa: E402
 
 import diffeqx  # noqa: E402
 
-from ._harness import Span, diff_outputs, make_controller, problem  # noqa: E402
+from ._harness import (  # noqa: E402
+    EXPLICIT_SOLVERS,
+    PROBLEMS,
+    Span,
+    diff_outputs,
+    make_controller,
+    problem,
+)
 
 AXES = dict(
-    problem=("lin1", "lin2", "tree", "lv"),
-    solver=(
-        "Euler",
-        "Heun",
-        "Midpoint",
-        "Ralston",
-        "Bosh3",
-        "Tsit5",
-        "Dopri5",
-        "Dopri8",
-    ),
+    problem=PROBLEMS,
+    solver=EXPLICIT_SOLVERS,
     controller=("const", "pid", "clip_jump"),
     saveat=("t1", "ts"),
     adjoint=("RecursiveCheckpointAdjoint", "DirectAdjoint", "BacksolveAdjoint"),

@@ -14,6 +14,7 @@ import pytest
 from jaxtyping import Array, Float
 
 import diffeqx
+from _user_solvers import heun_euler
 
 diffrax = pytest.importorskip("diffrax")
 
@@ -282,39 +283,13 @@ def test_subscripted_classes_are_generic_aliases_of_the_classes():
             assert typing.get_origin(alias) is origin
 
 
-def _adaptive_user_solver(lib):
-    class HeunEuler(lib.AbstractSolver):
-        """Heun with an embedded Euler estimate, subclassing only AbstractSolver."""
-
-        term_structure: ClassVar = lib.AbstractTerm
-        interpolation_cls: ClassVar = lib.LocalLinearInterpolation
-
-        def order(self, terms):
-            return 1
-
-        def init(self, terms, t0, t1, y0, args):
-            return None
-
-        def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-            f0 = terms.vf(t0, y0, args)
-            euler = y0 + (t1 - t0) * f0
-            f1 = terms.vf(t1, euler, args)
-            y1 = y0 + (t1 - t0) * (f0 + f1) / 2
-            return y1, y1 - euler, dict(y0=y0, y1=y1), None, lib.RESULTS.successful
-
-        def func(self, terms, t0, y0, args):
-            return terms.vf(t0, y0, args)
-
-    return HeunEuler()
-
-
 @pytest.mark.parametrize("rtol", [1e-2, 1e-3, 1e-5])
 def test_abstract_solver_with_error_estimate_steps_as_in_diffrax(rtol):
     results = {}
     for name, lib in LIBS.items():
         sol = lib.diffeqsolve(
             lib.ODETerm(lambda t, y, args: -y + jnp.sin(3 * t)),
-            _adaptive_user_solver(lib),
+            heun_euler(lib, base="AbstractSolver", order=1),
             0.0,
             2.0,
             0.1,

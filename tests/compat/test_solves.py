@@ -15,20 +15,11 @@ import pytest
 
 diffrax = pytest.importorskip("diffrax")
 
-from ._harness import Case, compare  # noqa: E402
+from ._harness import EXPLICIT_SOLVERS, PROBLEMS, Case, compare  # noqa: E402
 
 AXES = dict(
-    problem=("lin1", "lin2", "tree", "lv"),
-    solver=(
-        "Euler",
-        "Heun",
-        "Midpoint",
-        "Ralston",
-        "Bosh3",
-        "Tsit5",
-        "Dopri5",
-        "Dopri8",
-    ),
+    problem=PROBLEMS,
+    solver=EXPLICIT_SOLVERS,
     controller=("const", "pid", "pid_tight", "clip_step", "clip_jump", "stepto"),
     saveat=("t1", "t0t1", "ts", "steps", "steps_n", "mixed", "dense", "fn", "subs"),
     backwards=(False, True),

@@ -99,25 +99,6 @@ def diffeqsolve(
     ```
     """
     event = checks.resolve_deprecated_event(event, discrete_terminating_event)
-    subs = _check_arguments(
-        terms,
-        solver,
-        t0,
-        t1,
-        dt0,
-        y0,
-        saveat,
-        stepsize_controller,
-        adjoint,
-        event,
-        max_steps,
-        progress_meter,
-    )
-    # The values as given: under `jax.jit` even a constant becomes a tracer once
-    # converted, and the fixed-step plan needs to read them at trace time.
-    given_times = (t0, t1, dt0)
-    t0, t1, dt0, y0 = promote_inputs(t0, t1, dt0, y0, subs)
-    checks.check_step_protocol(terms, solver, stepsize_controller, t0, t1, y0, args)
     problem = dict(
         terms=terms,
         solver=solver,
@@ -135,6 +116,13 @@ def diffeqsolve(
         controller_state=controller_state,
         made_jump=made_jump,
     )
+    subs = _check_arguments(adjoint=adjoint, **problem)
+    # The values as given: under `jax.jit` even a constant becomes a tracer once
+    # converted, and the fixed-step plan needs to read them at trace time.
+    given_times = (t0, t1, dt0)
+    t0, t1, dt0, y0 = promote_inputs(t0, t1, dt0, y0, subs)
+    problem.update(t0=t0, t1=t1, dt0=dt0, y0=y0)
+    checks.check_step_protocol(terms, solver, stepsize_controller, t0, t1, y0, args)
     if isinstance(adjoint, AbstractCustomGradientAdjoint):
         # The adjoint wraps a whole solve in its own derivative rule.
         return adjoint.custom_solve(diffeqsolve, dict(problem, throw=throw))
@@ -154,6 +142,7 @@ def diffeqsolve(
 
 
 def _check_arguments(
+    *,
     terms,
     solver,
     t0,
@@ -166,8 +155,10 @@ def _check_arguments(
     event,
     max_steps,
     progress_meter,
+    **_checked_later,
 ):
-    """Every check that needs no tracing; returns the `SubSaveAt`s as a list."""
+    """Every check that needs no tracing; returns the `SubSaveAt`s as a list. (`args`
+    and the states to resume from are checked when the first step is traced.)"""
     checks.check_solver(solver)
     checks.check_terms(terms, solver)
     checks.check_y0(y0)
