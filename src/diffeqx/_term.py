@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
+from ._profile import scope
+
 # Type parameters of the generic term classes (`AbstractTerm[VF, Control]`, ...).
 VFT = TypeVar("VFT")
 ControlT = TypeVar("ControlT")
@@ -176,7 +178,8 @@ class _ForwardTimeTerm(AbstractTerm):
     direction: Any
 
     def vf(self, t, y, args):
-        return self.term.vf(self.direction * t, y, args)
+        with scope("vector_field"):
+            return self.term.vf(self.direction * t, y, args)
 
     def contr(self, t0, t1, **kwargs):
         return self.term.contr(self.direction * t0, self.direction * t1, **kwargs)
@@ -185,7 +188,8 @@ class _ForwardTimeTerm(AbstractTerm):
         return self.term.prod(vf, control)
 
     def vf_prod(self, t, y, args, control):
-        return self.term.vf_prod(self.direction * t, y, args, control)
+        with scope("vector_field"):
+            return self.term.vf_prod(self.direction * t, y, args, control)
 
     def is_vf_expensive(self, t0, t1, y, args) -> bool:
         return self.term.is_vf_expensive(

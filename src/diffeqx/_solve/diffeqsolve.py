@@ -14,6 +14,7 @@ from .._adjoint.checkpoint import RecursiveCheckpointAdjoint
 from .._controller.base import AbstractStepSizeController
 from .._controller.constant import ConstantStepSize
 from .._event import Event
+from .._profile import scope
 from .._progress import AbstractProgressMeter, NoProgressMeter
 from .._saveat import SaveAt, is_subsaveat
 from .._solution import RESULTS, Solution, is_event
@@ -120,25 +121,32 @@ def diffeqsolve(
     # The values as given: under `jax.jit` even a constant becomes a tracer once
     # converted, and the fixed-step plan needs to read them at trace time.
     given_times = (t0, t1, dt0)
-    t0, t1, dt0, y0 = promote_inputs(t0, t1, dt0, y0, subs)
-    problem.update(t0=t0, t1=t1, dt0=dt0, y0=y0)
-    checks.check_step_protocol(terms, solver, stepsize_controller, t0, t1, y0, args)
+    with scope("setup"):
+        t0, t1, dt0, y0 = promote_inputs(t0, t1, dt0, y0, subs)
+        problem.update(t0=t0, t1=t1, dt0=dt0, y0=y0)
+        checks.check_step_protocol(terms, solver, stepsize_controller, t0, t1, y0, args)
     if isinstance(adjoint, AbstractCustomGradientAdjoint):
         # The adjoint wraps a whole solve in its own derivative rule.
-        return adjoint.custom_solve(diffeqsolve, dict(problem, throw=throw))
-    spec, init_state = initial_state(
-        subs=subs,
-        times_are_numbers=all(isinstance(t, (int, float)) for t in given_times[:2]),
-        **problem,
-    )
+        with scope("adjoint"):
+            return adjoint.custom_solve(diffeqsolve, dict(problem, throw=throw))
+    with scope("setup"):
+        spec, init_state = initial_state(
+            subs=subs,
+            times_are_numbers=all(isinstance(t, (int, float)) for t in given_times[:2]),
+            **problem,
+        )
     resumed = controller_state is not None
-    final = _run(
-        spec, init_state, adjoint, stepsize_controller, saveat, given_times, resumed
-    )
+    with scope("adjoint"):
+        final = _run(
+            spec, init_state, adjoint, stepsize_controller, saveat, given_times, resumed
+        )
     if event is not None and event.terminate:
-        final = _finish_terminal_event(spec, final)
-    progress_meter.close(final.progress_state)
-    return build_solution(spec, saveat, final, t0, t1, y0, throw, max_steps, event)
+        with scope("events"):
+            final = _finish_terminal_event(spec, final)
+    with scope("progress"):
+        progress_meter.close(final.progress_state)
+    with scope("solution"):
+        return build_solution(spec, saveat, final, t0, t1, y0, throw, max_steps, event)
 
 
 def _check_arguments(

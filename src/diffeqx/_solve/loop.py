@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._controller.ulp import ulps_below
+from .._profile import scope
 from .._saveat import SubSaveAt
 from .._solution import RESULTS
 from .event import EventStep, check_events, locate_event, record_event
@@ -160,13 +161,16 @@ def _save(
     ]
 
 
+@scope("loop")
 def step_body(
     spec: LoopSpec, state: LoopState, inner_while_loop: Callable
 ) -> LoopState:
     """One iteration: step, accept or reject, save, count."""
-    y1, y_error, dense_info, solver_state, solver_result = take_step(spec, state)
+    with scope("step"):
+        y1, y_error, dense_info, solver_state, solver_result = take_step(spec, state)
     step_ok = all_finite(y1) & (solver_result == RESULTS.successful)
-    decision = _adapt(spec, state, y1, y_error, step_ok, solver_result)
+    with scope("controller"):
+        decision = _adapt(spec, state, y1, y_error, step_ok, solver_result)
     keep, next_t0, next_t1 = decision.keep, decision.next_t0, decision.next_t1
     result = decision.result
     if spec.always_accept:
@@ -190,15 +194,17 @@ def step_body(
     event_state = state.event_state
     save_keep = keep
     if spec.event_spec is not None:
-        events = _events(spec, state, y1, next_t0, result, keep, dense_info)
+        with scope("events"):
+            events = _events(spec, state, y1, next_t0, result, keep, dense_info)
         save_keep, next_t0, result = events.save_keep, events.next_t0, events.result
         event_state = events.event_state
-    save_state = _save(
-        spec, state, interpolant, y1, save_keep, inner_while_loop, step_end
-    )
-    dense_state = state.dense_state
-    if spec.dense:
-        dense_state = save_dense(dense_state, state.tnext, dense_info, keep)
+    with scope("save"):
+        save_state = _save(
+            spec, state, interpolant, y1, save_keep, inner_while_loop, step_end
+        )
+        dense_state = state.dense_state
+        if spec.dense:
+            dense_state = save_dense(dense_state, state.tnext, dense_info, keep)
     result = RESULTS.where(state.result == RESULTS.successful, result, state.result)
     return LoopState(
         y=y,
@@ -219,6 +225,7 @@ def step_body(
     )
 
 
+@scope("progress")
 def _progress(spec: LoopSpec, progress_state, tprev):
     if spec.progress_meter is None:
         return progress_state
@@ -283,6 +290,7 @@ def _events(spec: LoopSpec, state: LoopState, y1, next_t0, result, keep, dense_i
     )
 
 
+@scope("loop")
 def cond_fun(spec: LoopSpec, state: LoopState):
     going = (state.tprev < spec.t1) & (state.result == RESULTS.successful)
     if spec.max_steps is not None:

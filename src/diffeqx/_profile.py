@@ -1,0 +1,81 @@
+"""Where a program's size comes from: the solve's parts are traced inside named
+scopes (`jax.named_scope("diffeqx.<part>")`), and `count_equations` attributes every
+equation of a jaxpr, nested loops and branches included, to the innermost part it was
+traced in. Names cost nothing at run time; they are kept by JAX's transformations, so
+the backward pass of a `jax.grad` is attributed too.
+
+The parts:
+
+- `setup`: checks, dtype promotion and the initial state (first step size, solver and
+  controller initialisation, output buffers);
+- `step`: the solver's step, without the vector field;
+- `vector_field`: the user's vector field (and control) evaluations;
+- `controller`: accepting or rejecting the step and choosing the next one;
+- `save`: writing outputs (`SaveAt`) and dense output;
+- `events`: checking, locating and recording events;
+- `progress`: the progress meter;
+- `loop`: the loop's own bookkeeping (state selects, counters, termination test);
+- `adjoint`: the adjoint's machinery around the loop (checkpointing, backsolve);
+- `solution`: building the `Solution`;
+- `outside`: everything not traced inside `diffeqsolve` (the user's loss, optimiser).
+"""
+
+import collections
+import re
+
+import jax
+
+try:
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+except ImportError:  # pragma: no cover - an older JAX
+    from jax.core import ClosedJaxpr, Jaxpr
+
+PARTS = (
+    "setup",
+    "step",
+    "vector_field",
+    "controller",
+    "save",
+    "events",
+    "progress",
+    "loop",
+    "adjoint",
+    "solution",
+    "outside",
+)
+_SCOPE = re.compile(r"diffeqx\.([a-z_]+)")
+
+
+def scope(part: str):
+    """A context manager tracing what runs inside it as part `part` of the solve."""
+    assert part in PARTS, part
+    return jax.named_scope(f"diffeqx.{part}")
+
+
+def _sub_jaxprs(params):
+    for value in params.values():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, Jaxpr):
+                yield item
+
+
+def count_equations(jaxpr) -> dict[str, int]:
+    """The number of equations of `jaxpr` (a `Jaxpr` or `ClosedJaxpr`, e.g. from
+    `jax.make_jaxpr`) per part of the solve, counting the equations of nested jaxprs
+    (loop bodies, branches, inner jitted functions, custom derivative rules) each time
+    they appear. An equation that holds others (a loop) counts once itself."""
+    counts = collections.Counter({part: 0 for part in PARTS})
+
+    def walk(jaxpr, inherited):
+        for eqn in jaxpr.eqns:
+            # Inner jaxprs carry name stacks relative to the equation holding them.
+            found = _SCOPE.findall(str(eqn.source_info.name_stack))
+            part = found[-1] if found and found[-1] in PARTS else inherited
+            counts[part] += 1
+            for sub in _sub_jaxprs(eqn.params):
+                walk(sub, part)
+
+    walk(jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr, "outside")
+    return dict(counts)
