@@ -218,10 +218,20 @@ def _run(spec, init_state, adjoint, stepsize_controller, saveat, given_times, re
 
     def run(state, outer, inner, mark=None):
         # `mark` (if given) is applied to everything the loop reads: its initial state
-        # and the fixed inputs it closes over (terms, args, t1, save times, ...).
+        # and the fixed inputs it closes over. (Field by field: the event's condition
+        # receives the user's own objects, e.g. `saveat`, not copies.)
         if mark is None:
             return run_loop(spec, state, outer, inner)
-        return run_loop(mark(spec), mark(state), outer, inner)
+        marked = dataclasses.replace(
+            spec,
+            terms=mark(spec.terms),
+            solver=mark(spec.solver),
+            controller=mark(spec.controller),
+            args=mark(spec.args),
+            t1=mark(spec.t1),
+            subs_ts=mark(spec.subs_ts),
+        )
+        return run_loop(marked, mark(state), outer, inner)
 
     return adjoint.loop(
         run_loop=run,

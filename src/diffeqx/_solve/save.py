@@ -188,6 +188,32 @@ def after_loop_while_loop():
     return while_loop_of_kind("bounded")
 
 
+def _save_ts_at_start(
+    save_state: SaveState, sub, ts_tau, t_final, y_final, no_step, args, direction
+) -> SaveState:
+    """After a solve that accepted no step, and so ends where it started: the
+    requested times still pending are those equal to that time (times lie in
+    `[t0, t1]`), and all get its one state. A masked fill of the buffers rather than
+    a loop, which would be compiled into every program for this edge case."""
+    index = jnp.arange(ts_tau.shape[0])
+    pending = no_step & (index >= save_state.ts_index) & (ts_tau <= t_final)
+    count = jnp.sum(pending).astype(save_state.save_index.dtype)
+    slots = jnp.arange(save_state.ts.shape[0])
+    fill = (slots >= save_state.save_index) & (slots < save_state.save_index + count)
+    value = sub.fn(t_final * direction, y_final, args)
+
+    def _fill(v, buffer):
+        mask = fill.reshape(fill.shape + (1,) * jnp.ndim(v))
+        return jnp.where(mask, jnp.asarray(v, buffer.dtype), buffer)
+
+    return SaveState(
+        ts_index=save_state.ts_index + count,
+        save_index=save_state.save_index + count,
+        ts=jnp.where(fill, t_final, save_state.ts),
+        ys=jtu.tree_map(_fill, value, save_state.ys),
+    )
+
+
 def finish_save_state(
     save_state: SaveState,
     sub: SubSaveAt,
@@ -205,16 +231,15 @@ def finish_save_state(
     that stopped early (`throw=False`) saves where it stopped, so that the failure
     can be inspected."""
     if ts_tau is not None:
-        save_state = save_pending_ts(
+        save_state = _save_ts_at_start(
             save_state,
             sub,
             ts_tau,
             t_final,
-            lambda tau: y_final,
+            y_final,
             num_accepted == 0,
             args,
             direction,
-            after_loop_while_loop(),
         )
     if sub.t1:
         stride = step_stride(sub)

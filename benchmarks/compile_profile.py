@@ -1,0 +1,282 @@
+"""Where compile time goes: program size per part of the solve, and trace, lowering
+and XLA compile times, for every benchmark row (and for any function of yours).
+
+    python benchmarks/compile_profile.py [--only KEY[,KEY...]] [--json PATH]
+        [--no-diffrax] [--repeats N]
+
+For each row it reports
+
+- the jaxpr's equation count: in total, and per part of the solve (`setup`, `step`,
+  `vector_field`, `controller`, `save`, `events`, `progress`, `loop`, `adjoint`,
+  `solution`, and `outside` for the user's own code around the solve), counted by
+  `diffeqx._profile.count_equations` from the named scopes diffeqx traces its parts
+  in (nested loop bodies and branches included, backward passes attributed too);
+- the trace time (`jax.make_jaxpr`), the lowering time (trace + lowering to
+  StableHLO) and the XLA compile time, each from cold caches, minimum over repeats;
+- the program's size: StableHLO operations, and instructions of the optimised HLO
+  XLA produces.
+
+When diffrax is importable the same rows are profiled with it (totals only: its
+equations are not attributed to parts) and the ratios are printed.
+
+Your own function: `from compile_profile import profile, print_profile` (with
+`benchmarks/` on `sys.path`), then `print_profile(profile(fn, args))`; `fn(*args)` must
+be traceable by `eqx.filter_jit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import bench_adjoint  # noqa: E402
+import bench_cde  # noqa: E402
+import bench_events  # noqa: E402
+from _problems import PROBLEMS as CORE_PROBLEMS, Config  # noqa: E402
+from bench_core import environment, import_diffeqx, load_libraries  # noqa: E402
+
+diffeqx = import_diffeqx()
+from diffeqx._profile import PARTS, count_equations  # noqa: E402
+
+# Short column names for the parts, in `PARTS` order.
+SHORT = dict(
+    setup="setup",
+    step="step",
+    vector_field="vf",
+    controller="ctrl",
+    save="save",
+    events="event",
+    progress="prog",
+    loop="loop",
+    adjoint="adj",
+    solution="sol",
+    outside="user",
+)
+
+
+def _count_hlo_instructions(text: str) -> int:
+    return sum(1 for line in text.splitlines() if " = " in line and "ENTRY" not in line)
+
+
+def _count_stablehlo_ops(text: str) -> int:
+    return sum(1 for line in text.splitlines() if " = " in line)
+
+
+def profile(fn: Callable, args: tuple, *, repeats: int = 1) -> dict:
+    """Equation counts per part, trace/lower/compile times (from cold caches, min over
+    `repeats`) and program sizes of `fn(*args)`."""
+    best: dict = {}
+    for _ in range(repeats):
+        jax.clear_caches()
+        start = time.perf_counter()
+        closed, *_ = eqx.filter_make_jaxpr(fn)(*args)
+        trace_s = time.perf_counter() - start
+        jax.clear_caches()
+        start = time.perf_counter()
+        lowered = eqx.filter_jit(fn).lower(*args)
+        lower_s = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        xla_s = time.perf_counter() - start
+        for key, value in dict(trace_s=trace_s, lower_s=lower_s, xla_s=xla_s).items():
+            best[key] = min(best.get(key, value), value)
+    parts = count_equations(closed)
+    return dict(
+        equations=sum(parts.values()),
+        parts=parts,
+        **best,
+        compile_s=best["lower_s"] + best["xla_s"],
+        stablehlo_ops=_count_stablehlo_ops(lowered.as_text()),
+        hlo_instructions=_count_hlo_instructions(compiled.compiled.as_text()),
+    )
+
+
+def print_profile(result: dict) -> None:
+    """One function's profile, readably."""
+    print(
+        f"{result['equations']} equations; trace {result['trace_s']:.2f} s, lower "
+        f"{result['lower_s']:.2f} s, XLA {result['xla_s']:.2f} s; "
+        f"{result['stablehlo_ops']} StableHLO ops, "
+        f"{result['hlo_instructions']} optimised HLO instructions"
+    )
+    print("  " + ", ".join(f"{p}: {n}" for p, n in result["parts"].items() if n))
+
+
+# ---- the benchmark rows -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    key: str
+    title: str
+    build: Callable  # build(lib) -> (fn, args)
+
+
+def _from_case(builder, config):
+    def build(lib):
+        case = builder(lib, None, config)
+        return case.fn, case.args
+
+    return build
+
+
+def _hessian(saveat_kind):
+    def build(lib):
+        loss, _ = bench_adjoint._lotka_volterra_loss(
+            lib, lib.RecursiveCheckpointAdjoint(), saveat_kind
+        )
+        args = bench_adjoint._hessian_args(lib, saveat_kind, jnp.float64)
+        return jax.hessian(loss), (args[0],) + tuple(args[1:])
+
+    return build
+
+
+def _event_row(batch):
+    return lambda lib: bench_events.build(lib, batch)
+
+
+def rows(batch_size: int) -> list[Row]:
+    core = Config(dtype=jnp.float64, batch_size=batch_size)
+    cde = bench_cde.CDEConfig(dtype=jnp.float32, batch_size=32)
+    adjoint = bench_adjoint.AdjointConfig(dtype=jnp.float32, batch_size=32)
+    out = [
+        Row(f"core_{p.key}", f"core {p.title}", _from_case(p.build, core))
+        for p in CORE_PROBLEMS
+    ]
+    out += [
+        Row(f"cde_{p.key}", f"cde {p.title}", _from_case(p.build, cde))
+        for p in bench_cde.PROBLEMS
+    ]
+    out += [
+        Row("events_one", "events: one flight", _event_row(0)),
+        Row("events_vmap", f"events: vmap x{batch_size}", _event_row(batch_size)),
+    ]
+    out += [
+        Row(f"adjoint_{p.key}", f"adjoint {p.title}", _from_case(p.build, adjoint))
+        for p in bench_adjoint.TRAINING_PROBLEMS
+    ]
+    out += [
+        Row("hessian_t1", "hessian LV SaveAt(t1)", _hessian("t1")),
+        Row("hessian_ts", "hessian LV SaveAt(ts)", _hessian("ts")),
+    ]
+    return out
+
+
+def _print_table(records: list[dict]) -> None:
+    parts = [SHORT[p] for p in PARTS]
+    header = (
+        f"{'row':34s} {'library':8s} {'eqns':>6s} "
+        + " ".join(f"{p:>5s}" for p in parts)
+        + f" {'trace':>6s} {'lower':>6s} {'xla':>6s} {'shlo':>6s} {'hlo':>6s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in records:
+        if "error" in r:
+            print(f"{r['title']:34s} {r['library']:8s} error: {r['error']}")
+            continue
+        counts = (
+            " ".join(f"{r['parts'][p]:5d}" for p in PARTS)
+            if r["library"] == "diffeqx"
+            else " ".join(f"{'':>5s}" for _ in PARTS)
+        )
+        print(
+            f"{r['title']:34s} {r['library']:8s} {r['equations']:6d} {counts} "
+            f"{r['trace_s']:6.2f} {r['lower_s']:6.2f} {r['xla_s']:6.2f} "
+            f"{r['stablehlo_ops']:6d} {r['hlo_instructions']:6d}"
+        )
+    print(
+        "eqns: jaxpr equations (nested bodies included), then per part (diffeqx only: "
+        f"{', '.join(f'{SHORT[p]}={p}' for p in PARTS)}); trace: make_jaxpr s; "
+        "lower: trace + lower s; xla: XLA compile s; shlo: StableHLO ops; hlo: "
+        "optimised HLO instructions."
+    )
+
+
+def _print_ratios(records: list[dict]) -> None:
+    by = {(r["key"], r["library"]): r for r in records if "error" not in r}
+    keys = [r["key"] for r in records if r["library"] == "diffeqx"]
+    if not any((k, "diffrax") in by for k in keys):
+        return
+    print("\nRatios diffeqx / diffrax (compile = lower + xla; target compile <= 0.50x)")
+    print(
+        f"{'row':34s} {'eqns':>6s} {'hlo':>6s} {'lower':>6s} {'xla':>6s} {'compile':>8s}"
+    )
+    for key in keys:
+        if (key, "diffeqx") not in by or (key, "diffrax") not in by:
+            continue
+        a, b = by[(key, "diffeqx")], by[(key, "diffrax")]
+        compile_ratio = a["compile_s"] / b["compile_s"]
+        print(
+            f"{a['title']:34s} {a['equations'] / b['equations']:5.2f}x "
+            f"{a['hlo_instructions'] / b['hlo_instructions']:5.2f}x "
+            f"{a['lower_s'] / b['lower_s']:5.2f}x {a['xla_s'] / b['xla_s']:5.2f}x "
+            f"{compile_ratio:6.2f}x {'ok' if compile_ratio <= 0.5 else 'MISS'}"
+        )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="row keys, comma-separated")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--no-diffrax", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    options = parser.parse_args(argv)
+    libraries = load_libraries(options.no_diffrax)
+    all_rows = rows(options.batch_size)
+    wanted = {k for k in options.only.split(",") if k}
+    unknown = wanted - {r.key for r in all_rows}
+    if unknown:
+        raise SystemExit(
+            f"unknown rows {sorted(unknown)}; choose from {[r.key for r in all_rows]}"
+        )
+    chosen = [r for r in all_rows if not wanted or r.key in wanted]
+    info = environment(
+        libraries,
+        argparse.Namespace(
+            dtype="float64",
+            quick=False,
+            batch_size=options.batch_size,
+            compile_repeats=options.repeats,
+        ),
+    )
+    print(f"jax {info['jax']} on {info['backend']} ({info['device']})")
+    records = []
+    for row in chosen:
+        print(f"profiling {row.key} ...", flush=True)
+        for name, lib in libraries.items():
+            record = dict(key=row.key, title=row.title, library=name)
+            try:
+                fn, args = row.build(lib)
+                record.update(profile(fn, args, repeats=options.repeats))
+            except Exception as error:  # report it and carry on
+                record["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+            records.append(record)
+    print()
+    _print_table(records)
+    _print_ratios(records)
+    if options.json:
+        import json
+
+        with open(options.json, "w") as file:
+            json.dump(dict(environment=info, results=records), file, indent=1)
+        print(f"wrote {options.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
