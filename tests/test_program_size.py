@@ -1,0 +1,152 @@
+"""Program-size budgets: the jaxpr equation counts of a handful of standard solves are
+pinned just above their current values, so that a change that bloats the compiled
+program (and so its compile time) fails here, naming the solve, the counts and the
+part of the solve that grew. Equation counts are deterministic for a given JAX and
+Equinox; times are not, so nothing here is timed (see benchmarks/compile_profile.py).
+
+A deliberate increase: raise the budget in `BUDGETS` in the same change, saying why.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import diffeqx as dfx
+from diffeqx._profile import count_equations
+
+# Each budget is the count when it was set plus about 5 %, measured with JAX 0.10.2 and Equinox
+# 0.13 (x64 on, as in the test suite).
+BUDGETS = {
+    "tsit5_pid_ts": 780,
+    "tsit5_pid_ts_grad": 4010,
+    "tsit5_pid_ts_vmap": 850,
+    "dopri8_pid": 490,
+    "cde_linear_path": 805,
+    "neural_ode_training_step": 3670,
+}
+
+
+def _lotka_volterra(t, y, args):
+    alpha, beta, gamma, delta = args
+    return jnp.stack(
+        [alpha * y[0] - beta * y[0] * y[1], -gamma * y[1] + delta * y[0] * y[1]]
+    )
+
+
+_LV_ARGS = jnp.array([0.5, 0.02, 0.4, 0.02])
+_TS = jnp.linspace(0.0, 20.0, 100)
+
+
+def _tsit5_pid_ts(y0, args=_LV_ARGS):
+    return dfx.diffeqsolve(
+        dfx.ODETerm(_lotka_volterra),
+        dfx.Tsit5(),
+        0.0,
+        20.0,
+        0.1,
+        y0,
+        args,
+        saveat=dfx.SaveAt(ts=_TS),
+        stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-6),
+    ).ys
+
+
+def _dopri8_pid(y0):
+    def lorenz(t, y, args):
+        return jnp.stack(
+            [10 * (y[1] - y[0]), y[0] * (28 - y[2]) - y[1], y[0] * y[1] - 8 / 3 * y[2]]
+        )
+
+    return dfx.diffeqsolve(
+        dfx.ODETerm(lorenz),
+        dfx.Dopri8(),
+        0.0,
+        1.0,
+        0.01,
+        y0,
+        stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-8),
+    ).ys
+
+
+def _cde(xs):
+    ts = jnp.linspace(0.0, 1.0, xs.shape[0])
+    control = dfx.LinearInterpolation(ts, xs)
+    matrix = jnp.ones((4, xs.shape[1])) * 0.1
+    term = dfx.ControlTerm(lambda t, y, args: jnp.tanh(y)[:, None] * matrix, control)
+    return dfx.diffeqsolve(
+        term.to_ode(),
+        dfx.Tsit5(),
+        0.0,
+        1.0,
+        None,
+        jnp.zeros(4),
+        stepsize_controller=dfx.ClipStepSizeController(
+            dfx.PIDController(rtol=1e-3, atol=1e-6), jump_ts=ts
+        ),
+    ).ys
+
+
+class _Field(eqx.Module):
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        return self.mlp(y)
+
+
+def _training_step():
+    """Loss and gradient of a batched neural ODE (MLP 64 x 2, batch 32, 50 saves)."""
+    field = _Field(eqx.nn.MLP(2, 2, 64, 2, activation=jnp.tanh, key=jr.key(0)))
+    ts = jnp.linspace(0.0, 5.0, 50)
+    y0s = jr.normal(jr.key(1), (32, 2))
+    targets = jnp.zeros((32, 50, 2))
+
+    @eqx.filter_value_and_grad
+    def loss(field, y0s, targets):
+        def one(y0, target):
+            ys = dfx.diffeqsolve(
+                dfx.ODETerm(field),
+                dfx.Tsit5(),
+                0.0,
+                5.0,
+                0.1,
+                y0,
+                saveat=dfx.SaveAt(ts=ts),
+                stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-6),
+            ).ys
+            return jnp.mean((ys - target) ** 2)
+
+        return jnp.mean(jax.vmap(one)(y0s, targets))
+
+    return loss, (field, y0s, targets)
+
+
+def _programs():
+    y0 = jnp.array([10.0, 10.0])
+    return {
+        "tsit5_pid_ts": (_tsit5_pid_ts, (y0,)),
+        "tsit5_pid_ts_grad": (
+            jax.grad(lambda y0, args: jnp.sum(_tsit5_pid_ts(y0, args)), (0, 1)),
+            (y0, _LV_ARGS),
+        ),
+        "tsit5_pid_ts_vmap": (jax.vmap(_tsit5_pid_ts), (jnp.ones((8, 2)) * 10,)),
+        "dopri8_pid": (_dopri8_pid, (jnp.array([1.0, 1.0, 1.0]),)),
+        "cde_linear_path": (_cde, (jnp.cumsum(jnp.ones((20, 3)), axis=0) / 20,)),
+        "neural_ode_training_step": _training_step(),
+    }
+
+
+@pytest.mark.parametrize("name", list(BUDGETS))
+def test_program_stays_within_its_equation_budget(name):
+    fn, args = _programs()[name]
+    closed, *_ = eqx.filter_make_jaxpr(fn)(*args)
+    parts = count_equations(closed)
+    total = sum(parts.values())
+    breakdown = ", ".join(f"{part} {count}" for part, count in parts.items() if count)
+    assert total <= BUDGETS[name], (
+        f"The program of `{name}` has {total} jaxpr equations, over its budget of "
+        f"{BUDGETS[name]} (JAX {jax.__version__}, Equinox {eqx.__version__}). By part: "
+        f"{breakdown}. If the growth is deliberate, raise the budget in "
+        "tests/test_program_size.py and say why."
+    )
