@@ -2,7 +2,7 @@
 
 A scalar loss (the sum of squares of everything saved) is differentiated with respect
 to `y0` and `args`, for cases drawn deterministically from solver x step size
-controller x SaveAt x adjoint x time direction x dtype x problem. The first
+controller x SaveAt x adjoint x time direction x dtype x problem. The cases listed in
 `DEFAULT_CASES` run by default, the rest carry the `slow` marker. Tolerances are those
 of `_harness.TOLERANCE`: the two libraries differentiate the same arithmetic.
 """
@@ -42,7 +42,9 @@ AXES = dict(
     dtype=("float64", "float32"),
 )
 NUM_CASES = 40
-DEFAULT_CASES = 5
+# Run by default: one case per adjoint, together covering both SaveAt kinds, every
+# controller, both directions and both dtypes.
+DEFAULT_CASES = (2, 3, 9)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +113,7 @@ CASES = _cases()
 
 
 def _param(index: int, case: GradCase):
-    marks = () if index < DEFAULT_CASES else (pytest.mark.slow,)
+    marks = () if index in DEFAULT_CASES else (pytest.mark.slow,)
     return pytest.param(case, id=str(case), marks=marks)
 
 
@@ -121,3 +123,9 @@ def test_same_gradients_as_diffrax(case):
     actual = loss_and_gradients(diffeqx, case)
     problems = diff_outputs(expected, actual, case.dtype)
     assert not problems, f"{case}\n" + "\n".join(problems)
+
+
+def test_default_cases_cover_every_adjoint_saveat_controller_direction_and_dtype():
+    default = [CASES[i] for i in DEFAULT_CASES]
+    for axis in ("adjoint", "saveat", "controller", "backwards", "dtype"):
+        assert {getattr(c, axis) for c in default} == set(AXES[axis]), axis
