@@ -206,6 +206,82 @@ def build_neural_ode_grad(lib, counter, config) -> Case:
     )
 
 
+# ---- (f): Lotka–Volterra, Tsit5, rtol = atol = 1e-6, 100 saves over ~100 steps -----
+
+
+def build_lotka_volterra_dense_saves(lib, counter, config) -> Case:
+    """A small adaptive solve that saves at about every step (100 saves, ~100 steps):
+    where the cost of saving, not of stepping, decides the run time."""
+    field = _maybe_counted(lotka_volterra, counter)
+
+    def solve(y0, params, ts):
+        sol = lib.diffeqsolve(
+            lib.ODETerm(field),
+            lib.Tsit5(),
+            t0=0.0,
+            t1=ts[-1],
+            dt0=0.1,
+            y0=y0,
+            args=params,
+            saveat=lib.SaveAt(ts=ts),
+            stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
+            max_steps=MAX_STEPS,
+        )
+        return sol.ys, _stats(sol)
+
+    params = jnp.array([0.5, 0.02, 0.4, 0.02], dtype=config.dtype)
+    ts = jnp.linspace(0.0, 45.0, 100, dtype=config.dtype)
+    y0 = jnp.array([10.0, 10.0], dtype=config.dtype)
+    return Case(solve, (y0, params, ts), _solve_output, _solve_stats)
+
+
+# ---- (g): gradient of a batched neural-ODE loss: one solve over 256 trajectories ---
+
+
+class BatchedField(eqx.Module):
+    """`NeuralField` applied to every row of a (batch, 2) state."""
+
+    field: NeuralField
+
+    def __call__(self, t, y, args):
+        return jax.vmap(lambda row: self.field(t, row, args))(y)
+
+
+def build_neural_ode_batch_grad(lib, counter, config) -> Case:
+    field, _, ts, _ = _neural_ode_data(config)
+    y0s = jax.random.uniform(
+        jax.random.key(1), (256, 2), config.dtype, minval=-1.0, maxval=1.0
+    )
+    targets = jnp.exp(-0.1 * ts)[:, None, None] * y0s[None]
+
+    def loss_and_stats(field, y0s, ts, targets):
+        sol = lib.diffeqsolve(
+            lib.ODETerm(_maybe_counted(BatchedField(field), counter)),
+            lib.Tsit5(),
+            t0=ts[0],
+            t1=ts[-1],
+            dt0=0.1,
+            y0=y0s,
+            saveat=lib.SaveAt(ts=ts),
+            stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
+            adjoint=lib.RecursiveCheckpointAdjoint(),
+            max_steps=4096,
+        )
+        return jnp.mean((sol.ys - targets) ** 2), _stats(sol)
+
+    args = (field, y0s, ts, targets)
+    if counter is None:
+        value_and_grad = eqx.filter_value_and_grad(lambda *a: loss_and_stats(*a)[0])
+        return Case(value_and_grad, args, value=lambda output: output)
+    value_and_grad = eqx.filter_value_and_grad(loss_and_stats, has_aux=True)
+    return Case(
+        value_and_grad,
+        args,
+        value=lambda output: (output[0][0], output[1]),
+        stats=lambda output: output[0][1],
+    )
+
+
 # ---- (e): 10,000 fixed steps: classic RK4 (as a tableau) and Euler, vs lax.scan ------
 
 
@@ -323,6 +399,18 @@ PROBLEMS = tuple(
             ),
             Problem("fixed_rk4", "e", "e: RK4 10k fixed", build_fixed_rk4, True),
             Problem("fixed_euler", "e", "e: Euler 10k fixed", build_fixed_euler, True),
+            Problem(
+                "lotka_volterra_dense_saves",
+                "f",
+                "f: LV 100 saves 1e-6",
+                build_lotka_volterra_dense_saves,
+            ),
+            Problem(
+                "neural_ode_batch_grad",
+                "g",
+                "g: NODE grad batch 256",
+                build_neural_ode_batch_grad,
+            ),
         ]
     )
 )
