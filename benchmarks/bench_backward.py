@@ -1,0 +1,108 @@
+"""The cost of the backward pass relative to the forward pass, with the default adjoint.
+
+    python benchmarks/bench_backward.py [--no-diffrax]
+
+For each neural-ODE loss below, the forward pass alone (`loss`) and the loss with its
+gradient (`eqx.filter_value_and_grad(loss)`) are compiled and timed (median of repeated
+runs, libraries taking turns); backward / forward is `(t_grad - t_loss) / t_loss`.
+The losses (float64, Tsit5, `PIDController(rtol=1e-6, atol=1e-6)`,
+`RecursiveCheckpointAdjoint()`, an MLP of width 64 and depth 2):
+
+- `single`: one trajectory, 50 saves (bench_core.py's (d));
+- `batch256`: 256 trajectories as one (256, 2) state, 50 saves (bench_core.py's (g));
+- `vmap32`: 32 trajectories under `jax.vmap`, 50 saves (bench_adjoint.py's (a)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+from _problems import BatchedField, Config, _neural_ode_data  # noqa: E402
+from _timing import time_runs  # noqa: E402
+from bench_core import load_libraries  # noqa: E402
+
+
+def _solve_ys(lib, field, y0, ts):
+    return lib.diffeqsolve(
+        lib.ODETerm(field),
+        lib.Tsit5(),
+        t0=ts[0],
+        t1=ts[-1],
+        dt0=0.1,
+        y0=y0,
+        saveat=lib.SaveAt(ts=ts),
+        stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
+        adjoint=lib.RecursiveCheckpointAdjoint(),
+        max_steps=4096,
+    ).ys
+
+
+def losses(lib, config):
+    field, y0, ts, target = _neural_ode_data(config)
+    y0s = jax.random.uniform(
+        jax.random.key(1), (256, 2), config.dtype, minval=-1.0, maxval=1.0
+    )
+    decay = jnp.exp(-0.1 * ts)[:, None, None]
+
+    def single(field, y0, ts, target):
+        return jnp.mean((_solve_ys(lib, field, y0, ts) - target) ** 2)
+
+    def batch256(field, y0s, ts):
+        ys = _solve_ys(lib, BatchedField(field), y0s, ts)
+        return jnp.mean((ys - decay * y0s[None]) ** 2)
+
+    def vmap32(field, y0s, ts):
+        ys = jax.vmap(lambda y0: _solve_ys(lib, field, y0, ts))(y0s)
+        return jnp.mean((ys - jnp.moveaxis(decay * y0s[None], 1, 0)) ** 2)
+
+    return {
+        "single": (single, (field, y0, ts, target)),
+        "batch256": (batch256, (field, y0s, ts)),
+        "vmap32": (vmap32, (field, y0s[:32], ts)),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-diffrax", action="store_true")
+    parser.add_argument("--min-run-time", type=float, default=1.0)
+    options = parser.parse_args(argv)
+    libraries = load_libraries(options.no_diffrax)
+    config = Config(dtype=jnp.float64, batch_size=1)
+    print(f"jax {jax.__version__} on {jax.default_backend()}; float64")
+    print(
+        f"{'loss':10s} {'library':8s} {'forward ms':>11s} {'fwd+bwd ms':>11s} "
+        f"{'bwd/fwd':>8s}"
+    )
+    for name in ("single", "batch256", "vmap32"):
+        runners = {}
+        for lib_name, lib in libraries.items():
+            loss, args = losses(lib, config)[name]
+            runners[f"{lib_name}/forward"] = (eqx.filter_jit(loss), args)
+            grad = eqx.filter_jit(eqx.filter_value_and_grad(loss))
+            runners[f"{lib_name}/grad"] = (grad, args)
+        _, runs = time_runs(runners, min_time_s=options.min_run_time)
+        for lib_name in libraries:
+            forward = runs[f"{lib_name}/forward"].median_s
+            both = runs[f"{lib_name}/grad"].median_s
+            print(
+                f"{name:10s} {lib_name:8s} {1e3 * forward:11.3f} {1e3 * both:11.3f} "
+                f"{(both - forward) / forward:7.2f}x"
+            )
+    print("target: backward <= 3x forward with the default adjoint")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
