@@ -357,9 +357,10 @@ def _compare_arrays(path, expected, actual, rtol, atol):
     ]
 
 
-def diff_outputs(expected, actual, dtype: str) -> list[str]:
-    """Readable differences between two outputs of `solve` (empty list: they agree)."""
-    rtol, atol = TOLERANCE[dtype]
+def diff_outputs(expected, actual, dtype: str, tolerance=None) -> list[str]:
+    """Readable differences between two outputs of `solve` (empty list: they agree),
+    to `tolerance` (`(rtol, atol)`; by default `TOLERANCE[dtype]`)."""
+    rtol, atol = TOLERANCE[dtype] if tolerance is None else tolerance
     problems = []
     expected = dict(expected)
     actual = dict(actual)

@@ -121,7 +121,14 @@ def _param(index: int, case: GradCase):
 def test_same_gradients_as_diffrax(case):
     expected = loss_and_gradients(diffrax, case)
     actual = loss_and_gradients(diffeqx, case)
-    problems = diff_outputs(expected, actual, case.dtype)
+    tolerance = None
+    if case.adjoint == "BacksolveAdjoint" and case.dtype == "float32":
+        # The adjoint is solved with its own adaptive steps, and in float32 a rounding
+        # difference can flip one of its accept/reject decisions: the gradients then
+        # differ at the adjoint solve's own accuracy. Measured on the sampled case
+        # that shows it: 2e-4 apart, while each is 2-5 % from the exact gradient.
+        tolerance = (1e-3, 1e-4)
+    problems = diff_outputs(expected, actual, case.dtype, tolerance)
     assert not problems, f"{case}\n" + "\n".join(problems)
 
 
