@@ -176,33 +176,45 @@ def _neural_ode_data(config):
     return NeuralField(linear, mlp), target[0], ts, target
 
 
+def neural_ode_solve(lib, field, y0, ts):
+    """The neural-ODE solve of (d), (g) and bench_backward.py: Tsit5, PID 1e-6, saves at
+    `ts`, the default adjoint."""
+    return lib.diffeqsolve(
+        lib.ODETerm(field),
+        lib.Tsit5(),
+        t0=ts[0],
+        t1=ts[-1],
+        dt0=0.1,
+        y0=y0,
+        saveat=lib.SaveAt(ts=ts),
+        stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
+        adjoint=lib.RecursiveCheckpointAdjoint(),
+        max_steps=4096,
+    )
+
+
+def _value_and_grad_case(loss_and_stats, args, counted: bool) -> Case:
+    """The loss and its gradient; when the field is `counted`, the step statistics
+    too."""
+    if counted:
+        value_and_grad = eqx.filter_value_and_grad(loss_and_stats, has_aux=True)
+        return Case(
+            value_and_grad,
+            args,
+            value=lambda output: (output[0][0], output[1]),
+            stats=lambda output: output[0][1],
+        )
+    value_and_grad = eqx.filter_value_and_grad(lambda *a: loss_and_stats(*a)[0])
+    return Case(value_and_grad, args, value=lambda output: output)
+
+
 def build_neural_ode_grad(lib, counter, config) -> Case:
     def loss_and_stats(field, y0, ts, target):
-        sol = lib.diffeqsolve(
-            lib.ODETerm(_maybe_counted(field, counter)),
-            lib.Tsit5(),
-            t0=ts[0],
-            t1=ts[-1],
-            dt0=0.1,
-            y0=y0,
-            saveat=lib.SaveAt(ts=ts),
-            stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
-            adjoint=lib.RecursiveCheckpointAdjoint(),
-            max_steps=4096,
-        )
+        sol = neural_ode_solve(lib, _maybe_counted(field, counter), y0, ts)
         return jnp.mean((sol.ys - target) ** 2), _stats(sol)
 
-    args = _neural_ode_data(config)
-    if counter is None:
-        loss = lambda *a: loss_and_stats(*a)[0]
-        value_and_grad = eqx.filter_value_and_grad(loss)
-        return Case(value_and_grad, args, value=lambda output: output)
-    value_and_grad = eqx.filter_value_and_grad(loss_and_stats, has_aux=True)
-    return Case(
-        value_and_grad,
-        args,
-        value=lambda output: (output[0][0], output[1]),
-        stats=lambda output: output[0][1],
+    return _value_and_grad_case(
+        loss_and_stats, _neural_ode_data(config), counted=counter is not None
     )
 
 
@@ -255,30 +267,12 @@ def build_neural_ode_batch_grad(lib, counter, config) -> Case:
     targets = jnp.exp(-0.1 * ts)[:, None, None] * y0s[None]
 
     def loss_and_stats(field, y0s, ts, targets):
-        sol = lib.diffeqsolve(
-            lib.ODETerm(_maybe_counted(BatchedField(field), counter)),
-            lib.Tsit5(),
-            t0=ts[0],
-            t1=ts[-1],
-            dt0=0.1,
-            y0=y0s,
-            saveat=lib.SaveAt(ts=ts),
-            stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
-            adjoint=lib.RecursiveCheckpointAdjoint(),
-            max_steps=4096,
-        )
+        field = _maybe_counted(BatchedField(field), counter)
+        sol = neural_ode_solve(lib, field, y0s, ts)
         return jnp.mean((sol.ys - targets) ** 2), _stats(sol)
 
-    args = (field, y0s, ts, targets)
-    if counter is None:
-        value_and_grad = eqx.filter_value_and_grad(lambda *a: loss_and_stats(*a)[0])
-        return Case(value_and_grad, args, value=lambda output: output)
-    value_and_grad = eqx.filter_value_and_grad(loss_and_stats, has_aux=True)
-    return Case(
-        value_and_grad,
-        args,
-        value=lambda output: (output[0][0], output[1]),
-        stats=lambda output: output[0][1],
+    return _value_and_grad_case(
+        loss_and_stats, (field, y0s, ts, targets), counted=counter is not None
     )
 
 

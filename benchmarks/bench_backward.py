@@ -28,24 +28,18 @@ import jax.numpy as jnp  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-from _problems import BatchedField, Config, _neural_ode_data  # noqa: E402
+from _problems import (  # noqa: E402
+    BatchedField,
+    Config,
+    _neural_ode_data,
+    neural_ode_solve,
+)
 from _timing import time_runs  # noqa: E402
 from bench_core import load_libraries  # noqa: E402
 
 
 def _solve_ys(lib, field, y0, ts):
-    return lib.diffeqsolve(
-        lib.ODETerm(field),
-        lib.Tsit5(),
-        t0=ts[0],
-        t1=ts[-1],
-        dt0=0.1,
-        y0=y0,
-        saveat=lib.SaveAt(ts=ts),
-        stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
-        adjoint=lib.RecursiveCheckpointAdjoint(),
-        max_steps=4096,
-    ).ys
+    return neural_ode_solve(lib, field, y0, ts).ys
 
 
 def losses(lib, config):
