@@ -539,7 +539,9 @@ def _neural_loss_fn(controller, saveat):
     [
         # Saving along the trajectory (the inner save loop): constant steps, so that
         # the comparison is not blurred by the adaptive steps (see section 4).
-        pytest.param("constant", dfx.SaveAt(ts=NODE_TS), id="constant-ts"),
+        pytest.param(
+            "constant", dfx.SaveAt(ts=NODE_TS), id="constant-ts", marks=pytest.mark.slow
+        ),
         # Adaptive steps, final state only: the steps move with the parameters, but
         # at these tolerances that changes the gradient by far less than 1e-6.
         pytest.param("pid", dfx.SaveAt(t1=True), id="pid-t1", marks=pytest.mark.slow),

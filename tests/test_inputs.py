@@ -55,7 +55,15 @@ def test_integer_times_solve_in_the_default_floating_dtype():
         (jnp.complex128, jnp.float64, jnp.complex128, jnp.float64),
     ],
 )
-@pytest.mark.parametrize("adaptive", [False, True], ids=["constant", "pid"])
+@pytest.mark.parametrize(
+    "adaptive",
+    [
+        pytest.param(False, id="constant"),
+        # PID on mixed widths and complex leaves runs by default in
+        # test_pid_on_a_state_of_complex_and_real_leaves_of_several_widths.
+        pytest.param(True, id="pid", marks=pytest.mark.slow),
+    ],
+)
 def test_mixed_dtypes_solve_without_implicit_promotion(
     y_dtype, t_dtype, expected_y, expected_t, adaptive
 ):

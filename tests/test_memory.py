@@ -121,8 +121,12 @@ def _check_steps(short_steps, long_steps):
 
 @pytest.mark.parametrize(
     "adjoint",
-    [dfx.RecursiveCheckpointAdjoint(), dfx.BacksolveAdjoint()],
-    ids=["RecursiveCheckpointAdjoint", "BacksolveAdjoint"],
+    [
+        pytest.param(dfx.RecursiveCheckpointAdjoint(), id="RecursiveCheckpointAdjoint"),
+        pytest.param(
+            dfx.BacksolveAdjoint(), id="BacksolveAdjoint", marks=pytest.mark.slow
+        ),
+    ],
 )
 def test_adaptive_grad_memory_does_not_grow_with_steps(adjoint):
     short, short_steps, short_error = _adaptive_grad(adjoint, SHORT_T1, MAX_STEPS)

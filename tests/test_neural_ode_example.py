@@ -46,6 +46,7 @@ def test_small_neural_ode_fits_spiral_with_recursive_checkpointing():
     _check_learns(example.main(adjoint="recursive", **SMALL))
 
 
+@pytest.mark.slow
 def test_small_neural_ode_fits_spiral_with_backsolve_adjoint():
     example = _load_example()
     _check_learns(example.main(adjoint="backsolve", **SMALL))

@@ -22,7 +22,11 @@ MAX_STEPS = 256  # small bound keeps DirectAdjoint's compile cheap.
 
 ADJOINTS = [
     pytest.param(dfx.RecursiveCheckpointAdjoint(), id="recursive"),
-    pytest.param(dfx.RecursiveCheckpointAdjoint(checkpoints=3), id="recursive-3-ckpts"),
+    pytest.param(
+        dfx.RecursiveCheckpointAdjoint(checkpoints=3),
+        id="recursive-3-ckpts",
+        marks=pytest.mark.slow,  # checkpoints are the memory tests' subject
+    ),
     pytest.param(dfx.DirectAdjoint(), id="direct"),
 ]
 

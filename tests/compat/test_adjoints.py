@@ -73,8 +73,22 @@ SAVES = {
 }
 
 
-@pytest.mark.parametrize("backwards", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("save", SAVES)
+@pytest.mark.parametrize(
+    "save, backwards",
+    [
+        # By default the case with every kind of save, backwards; the rest are slow.
+        pytest.param(
+            save,
+            backwards,
+            id=f"{save}-{'bwd' if backwards else 'fwd'}",
+            marks=()
+            if (save, backwards) == ("t0-ts-t1", True)
+            else (pytest.mark.slow,),
+        )
+        for save in SAVES
+        for backwards in (False, True)
+    ],
+)
 def test_backsolve_same_gradients_as_diffrax(save, backwards):
     ts = _save_times(backwards, save)
 
