@@ -176,9 +176,11 @@ def _neural_ode_data(config):
     return NeuralField(linear, mlp), target[0], ts, target
 
 
-def neural_ode_solve(lib, field, y0, ts):
-    """The neural-ODE solve of (d), (g) and bench_backward.py: Tsit5, PID 1e-6, saves at
-    `ts`, the default adjoint."""
+def neural_ode_solve(lib, field, y0, ts, adjoint=None):
+    """The neural-ODE solve of (d), (g), bench_backward.py and bench_adjoint.py:
+    Tsit5, PID 1e-6, saves at `ts`; the default adjoint unless `adjoint` is given."""
+    if adjoint is None:
+        adjoint = lib.RecursiveCheckpointAdjoint()
     return lib.diffeqsolve(
         lib.ODETerm(field),
         lib.Tsit5(),
@@ -188,7 +190,7 @@ def neural_ode_solve(lib, field, y0, ts):
         y0=y0,
         saveat=lib.SaveAt(ts=ts),
         stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
-        adjoint=lib.RecursiveCheckpointAdjoint(),
+        adjoint=adjoint,
         max_steps=4096,
     )
 

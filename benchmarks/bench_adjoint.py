@@ -40,7 +40,12 @@ from _harness import (  # noqa: E402
     wanted_names,
     write_json,
 )
-from _problems import Case, NeuralField, lotka_volterra  # noqa: E402
+from _problems import (  # noqa: E402
+    Case,
+    NeuralField,
+    lotka_volterra,
+    neural_ode_solve,
+)
 from _report import (  # noqa: E402
     _milliseconds,
     _print_table,
@@ -110,21 +115,10 @@ def _build_training_step(kind: str):
         adjoint = _adjoint(lib, kind)
 
         def loss_and_stats(field, y0s, ts, targets):
-            term = lib.ODETerm(field if counter is None else counter.wrap(field))
+            field = field if counter is None else counter.wrap(field)
 
             def one(y0, target):
-                sol = lib.diffeqsolve(
-                    term,
-                    lib.Tsit5(),
-                    t0=ts[0],
-                    t1=ts[-1],
-                    dt0=0.1,
-                    y0=y0,
-                    saveat=lib.SaveAt(ts=ts),
-                    stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
-                    adjoint=adjoint,
-                    max_steps=4096,
-                )
+                sol = neural_ode_solve(lib, field, y0, ts, adjoint)
                 stats = {
                     key: sol.stats[key]
                     for key in (
