@@ -10,6 +10,7 @@ import jax.tree_util as jtu
 
 from .._controller.ulp import ulps_below
 from .._profile import scope
+from .._solver.base import tracing_step
 from .._saveat import SubSaveAt
 from .._solution import RESULTS
 from .event import EventStep, check_events, locate_event, record_event
@@ -66,15 +67,16 @@ def clip_to_end(tprev, tnext, t1, keep=True):
 
 def take_step(spec: LoopSpec, state: LoopState):
     made_jump = state.made_jump if spec.may_jump else False
-    return spec.solver.step(
-        spec.terms,
-        state.tprev,
-        state.tnext,
-        state.y,
-        spec.args,
-        state.solver_state,
-        made_jump,
-    )
+    with tracing_step(spec.always_accept):
+        return spec.solver.step(
+            spec.terms,
+            state.tprev,
+            state.tnext,
+            state.y,
+            spec.args,
+            state.solver_state,
+            made_jump,
+        )
 
 
 class StepDecision(eqx.Module):

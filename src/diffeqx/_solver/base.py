@@ -1,6 +1,7 @@
 """The solver protocol: `AbstractSolver` and its families."""
 
 import abc
+import contextlib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -17,6 +18,28 @@ def _is_sde(terms) -> bool:
 
 
 _SolverState = TypeVar("_SolverState")
+
+# Whether the step being traced is accepted whatever its error estimate (constant
+# step sizes): set by the solve loop around each `step` it traces.
+_always_accepted: list[bool] = []
+
+
+@contextlib.contextmanager
+def tracing_step(always_accepted: bool):
+    """Traces the solver steps inside it as steps that are accepted whatever their
+    error estimate (`always_accepted=True`: a constant-step solve) or not."""
+    _always_accepted.append(bool(always_accepted))
+    try:
+        yield
+    finally:
+        _always_accepted.pop()
+
+
+def step_always_accepted() -> bool:
+    """Whether the step being traced is accepted whatever its error estimate. Then no
+    accept/reject decision can hang on the last bit of the arithmetic, and a solver
+    may round differently from Diffrax for speed. False outside a solve."""
+    return bool(_always_accepted) and _always_accepted[-1]
 
 
 class AbstractSolver(eqx.Module, Generic[_SolverState]):
