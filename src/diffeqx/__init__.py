@@ -48,6 +48,10 @@ from ._progress import (
     TextProgressMeter as TextProgressMeter,
     TqdmProgressMeter as TqdmProgressMeter,
 )
+from ._root_finder import (
+    VeryChord as VeryChord,
+    with_stepsize_controller_tols as with_stepsize_controller_tols,
+)
 from ._saveat import SaveAt as SaveAt, SubSaveAt as SubSaveAt
 from ._solution import (
     RESULTS as RESULTS,
@@ -74,6 +78,15 @@ from ._solver.explicit import (
     Midpoint as Midpoint,
     Ralston as Ralston,
     Tsit5 as Tsit5,
+)
+from ._solver.implicit import (
+    AbstractDIRK as AbstractDIRK,
+    AbstractESDIRK as AbstractESDIRK,
+    AbstractSDIRK as AbstractSDIRK,
+    ImplicitEuler as ImplicitEuler,
+    Kvaerno3 as Kvaerno3,
+    Kvaerno4 as Kvaerno4,
+    Kvaerno5 as Kvaerno5,
 )
 from ._solver.runge_kutta import (
     AbstractERK as AbstractERK,

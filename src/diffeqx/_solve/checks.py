@@ -16,7 +16,7 @@ from .._controller.clip import is_adaptive_controller, unwrap_controller
 from .._controller.constant import ConstantStepSize, StepTo
 from .._event import Event
 from .._saveat import SaveAt
-from .._solver.base import AbstractSolver
+from .._solver.base import AbstractImplicitSolver, AbstractSolver
 from .._solver.explicit import Euler
 from .._solver.runge_kutta import AbstractRungeKutta
 from .._solver.term_structure import (
@@ -165,7 +165,10 @@ def _known_error_estimate(solver) -> bool | None:
     """Whether `solver.step` returns an error estimate, when known without tracing
     it (the built-in solvers); `None` for any other solver."""
     if isinstance(solver, AbstractRungeKutta):
-        return solver.tableau.b_error is not None
+        if solver.tableau.b_error is not None:
+            return True
+        # An implicit method may estimate its error otherwise (`ImplicitEuler`).
+        return None if isinstance(solver, AbstractImplicitSolver) else False
     if isinstance(solver, Euler):
         return False
     return None

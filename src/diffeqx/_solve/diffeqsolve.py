@@ -15,6 +15,7 @@ from .._controller.base import AbstractStepSizeController
 from .._controller.constant import ConstantStepSize
 from .._event import Event
 from .._profile import scope
+from .._root_finder import resolve_root_finder_tols
 from .._progress import AbstractProgressMeter, NoProgressMeter
 from .._saveat import SaveAt, is_subsaveat
 from .._solution import RESULTS, Solution, is_event
@@ -100,6 +101,7 @@ def diffeqsolve(
     ```
     """
     event = checks.resolve_deprecated_event(event, discrete_terminating_event)
+    solver = resolve_root_finder_tols(solver, stepsize_controller)
     problem = dict(
         terms=terms,
         solver=solver,
