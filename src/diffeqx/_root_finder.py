@@ -5,6 +5,8 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 
@@ -26,22 +28,40 @@ class _FromController:
 FROM_CONTROLLER = _FromController()
 
 
+class _ChordState(eqx.Module):
+    linear_state: Any  # the factorised Jacobian at the initial guess
+    aux: Any
+    num_steps: Any
+    diffsize: Any  # the last correction, tolerance-scaled
+    diffsize_prev: Any
+    at_precision: Any  # the last correction is at the rounding level of the iterate
+    result: Any
+
+
+def _without_aux(fn):
+    return lambda y, args: fn(y, args)[0]
+
+
 class VeryChord(optx.AbstractRootFinder):
     """The chord method as implicit Runge–Kutta solvers use it: Newton's method with
-    the Jacobian taken once, at the initial guess, and reused for every iteration.
-    Iteration stops when the predicted distance to the root, estimated from the rate
-    of convergence of successive corrections (Hairer & Wanner, *Solving ODEs II*,
-    IV.8), is below `kappa` in the tolerance-scaled `norm`; a rate of 1 or more
-    stops it as diverged.
+    the Jacobian computed and factorised once, at the initial guess, and reused for
+    every iteration.
+
+    Stopping (Hairer & Wanner, *Solving ODEs II*, IV.8): with `theta` the ratio of
+    two successive tolerance-scaled corrections, iteration stops as converged when
+    the predicted remaining error `theta / (1 - theta) * |correction|` is below
+    `kappa`, or as soon as a correction is at the rounding level of the iterate (a
+    linear problem is then solved in one iteration); it stops as diverged when
+    `theta >= 1` short of that, or when an iterate is not finite. Corrections are
+    scaled by `atol + rtol * |y|` and measured with `norm`.
 
     **Arguments:**
 
-    - `rtol`, `atol`: relative and absolute tolerances, scaling each correction as
-      `atol + rtol * |y|`.
+    - `rtol`, `atol`: relative and absolute tolerances.
     - `norm`: the norm of the scaled corrections (`optimistix.max_norm` by default).
     - `kappa`: the fraction of the tolerance the predicted error must reach.
-    - `linear_solver`: the `lineax` solver for the linear systems (a dense LU
-      factorisation by default for square systems).
+    - `linear_solver`: the `lineax` solver for the linear systems (for a square
+      system, by default, a dense LU factorisation).
 
     Inside implicit solvers it is usually created by
     `with_stepsize_controller_tols(VeryChord)()`, which takes `rtol`, `atol` and
@@ -54,29 +74,73 @@ class VeryChord(optx.AbstractRootFinder):
     kappa: float = 1e-2
     linear_solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=None)
 
-    def _chord(self) -> optx.Chord:
-        return optx.Chord(
-            rtol=self.rtol,
-            atol=self.atol,
-            norm=self.norm,
-            kappa=self.kappa,
-            linear_solver=self.linear_solver,
-            cauchy_termination=False,
-        )
-
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
-        return self._chord().init(fn, y, args, options, f_struct, aux_struct, tags)
+        jacobian = lx.JacobianLinearOperator(_without_aux(fn), y, args, tags=tags)
+        linear_state = self.linear_solver.init(jacobian, {})
+        dtype = jnp.result_type(*jtu.tree_leaves(y)) if jtu.tree_leaves(y) else float
+        inf = jnp.asarray(jnp.inf, dtype)
+        return _ChordState(
+            linear_state=linear_state,
+            aux=jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct),
+            num_steps=jnp.asarray(0),
+            diffsize=inf,
+            diffsize_prev=inf,
+            at_precision=jnp.asarray(False),
+            result=optx.RESULTS.successful,
+        )
 
     def step(self, fn, y, args, options, state, tags):
-        return self._chord().step(fn, y, args, options, state, tags)
+        residual, aux = fn(y, args)
+        correction, linear_result, _ = self.linear_solver.compute(
+            state.linear_state, residual, {}
+        )
+        new_y = jtu.tree_map(lambda a, b: (a - b).astype(a.dtype), y, correction)
+        scale = jtu.tree_map(lambda x: self.atol + self.rtol * jnp.abs(x), new_y)
+        diffsize = self.norm(jtu.tree_map(lambda d, w: d / w, correction, scale))
+        noise = self.norm(
+            jtu.tree_map(
+                lambda x, w: jnp.finfo(x.dtype).eps * jnp.abs(x) / w, new_y, scale
+            )
+        )
+        result = optx.RESULTS.where(
+            linear_result == lx.RESULTS.successful,
+            optx.RESULTS.successful,
+            optx.RESULTS.promote(linear_result),
+        )
+        new_state = _ChordState(
+            linear_state=state.linear_state,
+            aux=aux,
+            num_steps=state.num_steps + 1,
+            diffsize=diffsize.astype(state.diffsize.dtype),
+            diffsize_prev=state.diffsize,
+            at_precision=diffsize <= 10 * noise,
+            result=result,
+        )
+        return new_y, new_state, aux
 
     def terminate(self, fn, y, args, options, state, tags):
-        return self._chord().terminate(fn, y, args, options, state, tags)
+        rate = state.diffsize / state.diffsize_prev
+        converged = (
+            (state.num_steps >= 2)
+            & (rate < 1)
+            & (state.diffsize * rate / (1 - rate) < self.kappa)
+        )
+        converged = converged | ((state.num_steps >= 1) & state.at_precision)
+        diverged = ((state.num_steps >= 2) & (rate >= 1) & ~converged) | ~jnp.isfinite(
+            state.diffsize
+        ) & (state.num_steps >= 1)
+        failed = state.result != optx.RESULTS.successful
+        result = optx.RESULTS.where(
+            failed,
+            state.result,
+            optx.RESULTS.where(
+                diverged, optx.RESULTS.nonlinear_divergence, optx.RESULTS.successful
+            ),
+        )
+        return converged | diverged | failed, result
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
-        return self._chord().postprocess(
-            fn, y, aux, args, options, state, tags, result
-        )
+        return y, aux, {"num_steps": state.num_steps}
 
 
 def with_stepsize_controller_tols(cls: type) -> Callable[..., Any]:

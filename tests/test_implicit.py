@@ -1,0 +1,386 @@
+"""Implicit solvers (`ImplicitEuler`, `Kvaerno3/4/5`): convergence order, stiff
+problems against SciPy's Radau at tight tolerances, nonlinear failures rejecting the
+step, tolerances taken from the controller, and `jit`/`vmap`/`grad`."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+import pytest
+
+import diffeqx as dfx
+
+scipy_integrate = pytest.importorskip("scipy.integrate")
+
+IMPLICIT = {
+    "ImplicitEuler": (dfx.ImplicitEuler, 1),
+    "Kvaerno3": (dfx.Kvaerno3, 3),
+    "Kvaerno4": (dfx.Kvaerno4, 4),
+    "Kvaerno5": (dfx.Kvaerno5, 5),
+}
+_TIGHT = dfx.VeryChord(rtol=1e-13, atol=1e-13)
+
+
+def _oscillator(t, y, args):
+    # x'' = -x + cos(2t) as a first-order system.
+    return jnp.stack([y[1], -y[0] + jnp.cos(2 * t)])
+
+
+def _oscillator_exact(t):
+    return np.array(
+        [
+            np.cos(t) + (np.cos(t) - np.cos(2 * t)) / 3,
+            -np.sin(t) + (-np.sin(t) + 2 * np.sin(2 * t)) / 3,
+        ]
+    )
+
+
+def _prothero_robinson(t, y, args):
+    # Stiff (eigenvalue -1e4), with solution cos(t) from y(0) = 1.
+    return -1e4 * (y - jnp.cos(t)) - jnp.sin(t)
+
+
+def _slope(hs, errors):
+    return np.polyfit(np.log(hs), np.log(errors), 1)[0]
+
+
+def _final_errors(solver, field, y0, exact, hs, t1=4.0):
+    # One compilation for every step size: `dt0` is traced.
+    @jax.jit
+    def solve(dt0):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(field), solver, 0.0, t1, dt0, y0, max_steps=1000
+        ).ys[-1]
+
+    return [
+        np.max(np.abs(np.asarray(solve(jnp.asarray(h))) - exact(t1))) for h in hs
+    ]
+
+
+@pytest.mark.parametrize("name", list(IMPLICIT))
+def test_convergence_order(name):
+    cls, order = IMPLICIT[name]
+    hs = [0.05, 0.025, 0.0125] if order == 1 else [0.2, 0.1, 0.05, 0.025]
+    errors = _final_errors(
+        cls(root_finder=_TIGHT),
+        _oscillator,
+        jnp.array([1.0, 0.0]),
+        _oscillator_exact,
+        hs,
+    )
+    assert abs(_slope(hs, errors) - order) < 0.2, errors
+
+
+@pytest.mark.parametrize("name", ["Kvaerno3", "Kvaerno4", "Kvaerno5"])
+def test_stiff_linear_problem_with_steps_far_beyond_the_stiff_scale(name):
+    # h * |lambda| from 250 to 2000: explicit methods would blow up. These methods are
+    # L-stable and stiffly accurate, so the error stays small; in this regime their
+    # order drops to 2 (their stage order plus one), as the theory predicts.
+    cls, _ = IMPLICIT[name]
+    hs = [0.2, 0.1, 0.05, 0.025]
+    errors = _final_errors(
+        cls(root_finder=_TIGHT),
+        _prothero_robinson,
+        jnp.array([1.0]),
+        lambda t: np.array([np.cos(t)]),
+        hs,
+    )
+    assert max(errors) < 1e-6, errors
+    assert _slope(hs, errors) > 1.8, errors
+
+
+def _robertson(t, y, args):
+    y1, y2, y3 = y[0], y[1], y[2]
+    return jnp.stack(
+        [
+            -0.04 * y1 + 1e4 * y2 * y3,
+            0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2**2,
+            3e7 * y2**2,
+        ]
+    )
+
+
+_ROBERTSON_TS = (1e-2, 1.0, 1e2, 1e4, 1e5)
+
+
+@functools.cache
+def _robertson_reference():
+    def jacobian(t, y):
+        _, y2, y3 = y
+        return [
+            [-0.04, 1e4 * y3, 1e4 * y2],
+            [0.04, -1e4 * y3 - 6e7 * y2, -1e4 * y2],
+            [0.0, 6e7 * y2, 0.0],
+        ]
+
+    sol = scipy_integrate.solve_ivp(
+        lambda t, y: [
+            -0.04 * y[0] + 1e4 * y[1] * y[2],
+            0.04 * y[0] - 1e4 * y[1] * y[2] - 3e7 * y[1] ** 2,
+            3e7 * y[1] ** 2,
+        ],
+        (0.0, 1e5),
+        [1.0, 0.0, 0.0],
+        method="Radau",
+        rtol=1e-12,
+        atol=1e-16,
+        jac=jacobian,
+        t_eval=_ROBERTSON_TS,
+    )
+    return sol.y.T
+
+
+@pytest.mark.parametrize("name", ["Kvaerno3", "Kvaerno4", "Kvaerno5"])
+def test_robertson_against_radau(name):
+    cls, _ = IMPLICIT[name]
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_robertson),
+        cls(),
+        0.0,
+        1e5,
+        1e-6,
+        jnp.array([1.0, 0.0, 0.0]),
+        saveat=dfx.SaveAt(ts=jnp.array(_ROBERTSON_TS)),
+        stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-12),
+        max_steps=20_000,
+    )
+    ys = np.asarray(sol.ys)
+    reference = _robertson_reference()
+    # Each species to a relative 1e-5 of its own size (y2 is ~1e-5 of the others).
+    np.testing.assert_allclose(ys, reference, rtol=1e-5, atol=1e-13)
+    # Mass is conserved to rounding: every Newton correction keeps sum(y) (the rows
+    # of the field's Jacobian sum to zero).
+    np.testing.assert_allclose(ys.sum(axis=1), 1.0, rtol=0, atol=1e-10)
+
+
+_MU = 1000.0
+
+
+def _van_der_pol(t, y, args):
+    return jnp.stack([y[1], args * (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+@functools.cache
+def _van_der_pol_reference(ts):
+    sol = scipy_integrate.solve_ivp(
+        lambda t, y: [y[1], _MU * (1 - y[0] ** 2) * y[1] - y[0]],
+        (0.0, ts[-1]),
+        [2.0, 0.0],
+        method="Radau",
+        rtol=1e-12,
+        atol=1e-12,
+        jac=lambda t, y: [
+            [0.0, 1.0],
+            [-2 * _MU * y[0] * y[1] - 1.0, _MU * (1 - y[0] ** 2)],
+        ],
+        t_eval=ts,
+    )
+    return sol.y.T
+
+
+def test_van_der_pol_stiff_against_radau():
+    ts = (1.0, 100.0, 500.0, 1000.0)
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_van_der_pol),
+        dfx.Kvaerno5(),
+        0.0,
+        ts[-1],
+        1e-4,
+        jnp.array([2.0, 0.0]),
+        args=jnp.asarray(_MU),
+        saveat=dfx.SaveAt(ts=jnp.array(ts)),
+        stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-8),
+        max_steps=20_000,
+    )
+    reference = _van_der_pol_reference(ts)
+    np.testing.assert_allclose(np.asarray(sol.ys), reference, rtol=1e-4, atol=1e-6)
+    # Stiff: the stability limit of an explicit method would need about a million
+    # steps here.
+    assert int(sol.stats["num_steps"]) < 5_000
+
+
+def _cubic_decay(t, y, args):
+    # y' = -y^3: y = 1 / sqrt(1 + 2 t) from y(0) = 1. Strongly nonlinear for large y.
+    return -args * y**3
+
+
+def test_failed_nonlinear_solve_rejects_the_step_and_shrinks_it():
+    # From y0 = 30 a first step of 1 is far too long for the chord iteration
+    # (the Jacobian at the start is -2700 and changes fast), and one iteration is
+    # allowed: the root find fails, the step is rejected, and smaller steps succeed.
+    y0 = jnp.array([30.0])
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_cubic_decay),
+        dfx.Kvaerno3(root_find_max_steps=2),
+        0.0,
+        2.0,
+        1.0,
+        y0,
+        args=jnp.asarray(1.0),
+        stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
+    )
+    assert dfx.is_successful(sol.result)
+    assert int(sol.stats["num_rejected_steps"]) > 0
+    exact = 30.0 / np.sqrt(1 + 2 * 900.0 * 2.0)
+    np.testing.assert_allclose(float(sol.ys[-1, 0]), exact, rtol=1e-4)
+
+
+def test_failed_nonlinear_solve_with_constant_steps_ends_the_solve():
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_cubic_decay),
+        dfx.Kvaerno3(root_finder=dfx.VeryChord(rtol=1e-8, atol=1e-8)),
+        0.0,
+        2.0,
+        1.0,
+        jnp.array([30.0]),
+        args=jnp.asarray(1.0),
+        throw=False,
+    )
+    assert int(sol.result._value) in (
+        int(dfx.RESULTS.nonlinear_divergence._value),
+        int(dfx.RESULTS.nonlinear_max_steps_reached._value),
+    )
+    with pytest.raises(Exception, match="(?i)nonlinear|diverge|converge"):
+        dfx.diffeqsolve(
+            dfx.ODETerm(_cubic_decay),
+            dfx.Kvaerno3(root_finder=dfx.VeryChord(rtol=1e-8, atol=1e-8)),
+            0.0,
+            2.0,
+            1.0,
+            jnp.array([30.0]),
+            args=jnp.asarray(1.0),
+        ).ys.block_until_ready()
+
+
+def test_root_finder_tolerances_come_from_the_controller():
+    controller = dfx.PIDController(rtol=1e-5, atol=1e-7)
+    from diffeqx._root_finder import resolve_root_finder_tols
+
+    resolved = resolve_root_finder_tols(dfx.Kvaerno5(), controller)
+    assert resolved.root_finder.rtol == 1e-5
+    assert resolved.root_finder.atol == 1e-7
+    assert resolved.root_finder.norm is controller.norm
+    # A root finder with its own tolerances keeps them.
+    own = dfx.Kvaerno5(root_finder=dfx.VeryChord(rtol=1e-3, atol=1e-4))
+    assert resolve_root_finder_tols(own, controller).root_finder.rtol == 1e-3
+    # With `ConstantStepSize` there are no tolerances to take: a clear error.
+    with pytest.raises(ValueError, match="VeryChord"):
+        dfx.diffeqsolve(
+            dfx.ODETerm(_cubic_decay),
+            dfx.Kvaerno5(),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array([1.0]),
+            args=jnp.asarray(1.0),
+        )
+
+
+def test_any_optimistix_root_finder():
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_prothero_robinson),
+        dfx.Kvaerno4(root_finder=optx.Newton(rtol=1e-10, atol=1e-10)),
+        0.0,
+        1.0,
+        0.05,
+        jnp.array([1.0]),
+    )
+    np.testing.assert_allclose(float(sol.ys[-1, 0]), np.cos(1.0), rtol=1e-6)
+
+
+def _decay_solve(solver, adjoint=dfx.RecursiveCheckpointAdjoint()):
+    def solve(rate, y0):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, a: -a * y + jnp.sin(t)),
+            solver,
+            0.0,
+            1.0,
+            0.05,
+            y0,
+            args=rate,
+            stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
+            adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys[-1] ** 2)
+
+    return solve
+
+
+@pytest.mark.parametrize(
+    "adjoint",
+    [dfx.RecursiveCheckpointAdjoint(), dfx.DirectAdjoint(), dfx.BacksolveAdjoint()],
+    ids=["checkpoint", "direct", "backsolve"],
+)
+def test_gradients_match_finite_differences(adjoint):
+    solve = jax.jit(_decay_solve(dfx.Kvaerno5(), adjoint))
+    # A stiffish rate (the field's Jacobian is -5), with y(1) still sensitive to y0.
+    rate, y0 = jnp.asarray(5.0), jnp.array([1.0, -2.0])
+    grads = jax.jit(jax.grad(solve, argnums=(0, 1)))(rate, y0)
+    eps = 1e-5
+    fd_rate = (solve(rate + eps, y0) - solve(rate - eps, y0)) / (2 * eps)
+    fd_y0 = [
+        (solve(rate, y0.at[i].add(eps)) - solve(rate, y0.at[i].add(-eps))) / (2 * eps)
+        for i in range(2)
+    ]
+    np.testing.assert_allclose(float(grads[0]), float(fd_rate), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(fd_y0), rtol=1e-4)
+
+
+def test_vmap_over_parameters_equals_a_loop():
+    solve = jax.jit(_decay_solve(dfx.Kvaerno3()))
+    rates = jnp.array([1.0, 30.0, 1000.0])
+    y0 = jnp.array([1.0, 0.5])
+    batched = jax.vmap(solve, in_axes=(0, None))(rates, y0)
+    looped = jnp.stack([solve(r, y0) for r in rates])
+    np.testing.assert_allclose(np.asarray(batched), np.asarray(looped), rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", list(IMPLICIT))
+def test_float32(name):
+    cls, _ = IMPLICIT[name]
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_prothero_robinson),
+        cls(),
+        jnp.float32(0.0),
+        jnp.float32(1.0),
+        jnp.float32(0.01),
+        jnp.array([1.0], jnp.float32),
+        stepsize_controller=dfx.PIDController(rtol=1e-4, atol=1e-6),
+    )
+    assert sol.ys.dtype == jnp.float32
+    np.testing.assert_allclose(float(sol.ys[-1, 0]), np.cos(1.0), rtol=1e-3)
+
+
+def test_pytree_state_and_dense_output():
+    def field(t, y, args):
+        return {"a": -100.0 * (y["a"] - jnp.cos(t)), "b": y["a"] - y["b"]}
+
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(field),
+        dfx.Kvaerno4(),
+        0.0,
+        2.0,
+        0.01,
+        {"a": jnp.asarray(1.0), "b": jnp.asarray(0.0)},
+        saveat=dfx.SaveAt(dense=True, t1=True),
+        stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-8),
+    )
+    reference = dfx.diffeqsolve(
+        dfx.ODETerm(field),
+        dfx.Tsit5(),
+        0.0,
+        2.0,
+        0.001,
+        {"a": jnp.asarray(1.0), "b": jnp.asarray(0.0)},
+        saveat=dfx.SaveAt(ts=jnp.linspace(0.1, 1.9, 7)),
+        stepsize_controller=dfx.PIDController(rtol=1e-11, atol=1e-11),
+        max_steps=100_000,
+    )
+    for i, t in enumerate(np.linspace(0.1, 1.9, 7)):
+        value = sol.evaluate(t)
+        for key in ("a", "b"):
+            np.testing.assert_allclose(
+                float(value[key]), float(reference.ys[key][i]), rtol=1e-5, atol=1e-7
+            )
