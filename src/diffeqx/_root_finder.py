@@ -2,7 +2,7 @@
 take from the step-size controller."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ class _FromController:
     step-size controller."""
 
     def __repr__(self) -> str:
-        return "<taken from `diffeqsolve(..., stepsize_controller=...)` argument>"
+        return "<the solve's stepsize_controller's>"
 
     def __eq__(self, other) -> bool:
         return isinstance(other, _FromController)
@@ -42,6 +42,7 @@ def _without_aux(fn):
     return lambda y, args: fn(y, args)[0]
 
 
+@final
 class VeryChord(optx.AbstractRootFinder):
     """The chord method as implicit Runge–Kutta solvers use it: Newton's method with
     the Jacobian computed and factorised once, at the initial guess, and reused for

@@ -69,6 +69,10 @@ def _same_value(ours, theirs, depth=0) -> bool:
                 )
             )
         )
+    if "stepsize_controller" in repr(theirs):
+        # A root finder's tolerance taken from the step-size controller
+        # (`with_stepsize_controller_tols`): each library has its own marker.
+        return "stepsize_controller" in repr(ours)
     if inspect.isfunction(theirs) or inspect.isbuiltin(theirs):
         # A default function (e.g. `rms_norm`, `save_y`): the same function by name.
         return callable(ours) and ours.__name__ == theirs.__name__

@@ -17,7 +17,7 @@ rejects the step and shrinks it; with constant steps the solve ends with that co
 """
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, final
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -48,6 +48,31 @@ def _sub(a, b):
 def _all_finite(tree):
     leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def implicit_stage(
+    root_finder, max_steps, terms, t, base, diagonal, args, control, guess
+):
+    """The increment `k` of an implicit stage `z = base + diagonal * k`,
+    `k = vf_prod(t, z, control)`, and the root find's result as a diffeqx result."""
+
+    def residual(z, _):
+        k = terms.vf_prod(t, z, args, control)
+        return _sub(_sub(z, base), _scale(diagonal, k))
+
+    solution = optx.root_find(
+        residual, root_finder, guess, max_steps=max_steps, throw=False
+    )
+    z = solution.value
+    k = _scale(1.0 / diagonal, _sub(z, base))
+    result = RESULTS.promote(solution.result)
+    # A root find that "succeeds" on a non-finite iterate has failed.
+    result = RESULTS.where(
+        (result == RESULTS.successful) & ~_all_finite(z),
+        RESULTS.nonlinear_divergence,
+        result,
+    )
+    return k, result
 
 
 class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
@@ -102,8 +127,15 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
             if diagonal == 0:
                 k_i = terms.vf_prod(stage_time(i), base, args, control)
             else:
-                k_i, stage_result = self._implicit_stage(
-                    terms, stage_time(i), base, diagonal, args, control,
+                k_i, stage_result = implicit_stage(
+                    self.root_finder,
+                    self.root_find_max_steps,
+                    terms,
+                    stage_time(i),
+                    base,
+                    diagonal,
+                    args,
+                    control,
                     self._guess(i, y0, ks, base),
                 )
                 result = RESULTS.where(
@@ -125,29 +157,6 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
         row[:i] = predictor[i - 1]
         return _add(y0, _combine(row, ks))
 
-    def _implicit_stage(self, terms, t, base, diagonal, args, control, guess):
-        def residual(z, _):
-            k = terms.vf_prod(t, z, args, control)
-            return _sub(_sub(z, base), _scale(diagonal, k))
-
-        solution = optx.root_find(
-            residual,
-            self.root_finder,
-            guess,
-            max_steps=self.root_find_max_steps,
-            throw=False,
-        )
-        z = solution.value
-        k = _scale(1.0 / diagonal, _sub(z, base))
-        result = RESULTS.promote(solution.result)
-        # A root find that "succeeds" on a non-finite iterate has failed.
-        result = RESULTS.where(
-            (result == RESULTS.successful) & ~_all_finite(z),
-            RESULTS.nonlinear_divergence,
-            result,
-        )
-        return k, result
-
 
 class AbstractSDIRK(AbstractDIRK):
     """Singly diagonally implicit Runge–Kutta method: every diagonal entry equal."""
@@ -162,7 +171,8 @@ def _default_root_finder():
     return with_stepsize_controller_tols(VeryChord)()
 
 
-class ImplicitEuler(AbstractDIRK, AbstractAdaptiveSolver):
+@final
+class ImplicitEuler(AbstractImplicitSolver, AbstractAdaptiveSolver):
     """The implicit (backward) Euler method, `y1 = y0 + h f(t1, y1)`: first order,
     L-stable, for stiff problems at loose tolerances. Its error estimate is the
     difference from the trapezoidal rule, `(h f(t1, y1) - h f(t0, y0)) / 2`, so that
@@ -180,7 +190,7 @@ class ImplicitEuler(AbstractDIRK, AbstractAdaptiveSolver):
       rejects it and retries with a smaller step.
     """
 
-    tableau: ClassVar[ButcherTableau] = ico.IMPLICIT_EULER_TABLEAU
+    term_structure: ClassVar[Any] = AbstractTerm
     interpolation_cls: ClassVar[Callable[..., Any]] = LocalLinearInterpolation
     root_finder: optx.AbstractRootFinder = eqx.field(
         default_factory=lambda: with_stepsize_controller_tols(optx.Chord)()
@@ -189,6 +199,12 @@ class ImplicitEuler(AbstractDIRK, AbstractAdaptiveSolver):
 
     def order(self, terms):
         return 1
+
+    def init(self, terms, t0, t1, y0, args):
+        return None
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
 
     def error_order(self, terms):
         # The error estimate compares with the trapezoidal rule (second order), so
@@ -199,8 +215,16 @@ class ImplicitEuler(AbstractDIRK, AbstractAdaptiveSolver):
         control = terms.contr(t0, t1)
         k0 = terms.vf_prod(t0, y0, args, control)
         # Started from the explicit Euler step.
-        k1, result = self._implicit_stage(
-            terms, t1, y0, 1.0, args, control, _add(y0, k0)
+        k1, result = implicit_stage(
+            self.root_finder,
+            self.root_find_max_steps,
+            terms,
+            t1,
+            y0,
+            1.0,
+            args,
+            control,
+            _add(y0, k0),
         )
         y1 = _add(y0, k1)
         # y1 minus the trapezoidal rule's y0 + (k0 + k1) / 2.
@@ -236,6 +260,7 @@ class _AbstractKvaerno(AbstractESDIRK, AbstractAdaptiveSolver):
     root_find_max_steps: int = eqx.field(default=10, static=True)
 
 
+@final
 class Kvaerno3(_AbstractKvaerno):
     __doc__ = (
         "Kværnø's third-order method, with a second-order embedded one: 4 stages, "
@@ -247,6 +272,7 @@ class Kvaerno3(_AbstractKvaerno):
         return 3
 
 
+@final
 class Kvaerno4(_AbstractKvaerno):
     __doc__ = (
         "Kværnø's fourth-order method, with a third-order embedded one: 5 stages, "
@@ -258,6 +284,7 @@ class Kvaerno4(_AbstractKvaerno):
         return 4
 
 
+@final
 class Kvaerno5(_AbstractKvaerno):
     __doc__ = (
         "Kværnø's fifth-order method, with a fourth-order embedded one: 7 stages, "

@@ -1,6 +1,6 @@
 """Coefficients of the diagonally implicit Runge–Kutta methods.
 
-Sources: the implicit (backward) Euler method; A. Kværnø, "Singly diagonally implicit
+Source: A. Kværnø, "Singly diagonally implicit
 Runge–Kutta methods with an explicit first stage", BIT Numerical Mathematics 44
 (2004) 489–502, for the ESDIRK methods of orders 3, 4 and 5 (each stiffly accurate,
 with an embedded method of one order lower; `b_error` is the difference of the two
@@ -11,15 +11,6 @@ nonlinear solve from a combination of the stages before it.
 import numpy as np
 
 from .runge_kutta import ButcherTableau
-
-IMPLICIT_EULER_TABLEAU = ButcherTableau(
-    c=np.zeros(0),
-    b_sol=np.array([1.0]),
-    b_error=None,
-    a_lower=(),
-    a_diagonal=np.array([1.0]),
-    c1=1.0,
-)
 
 KVAERNO_TABLEAUS = {
     "Kvaerno3": ButcherTableau(
