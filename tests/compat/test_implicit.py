@@ -1,0 +1,101 @@
+"""Implicit solvers through both libraries: the same call gives the same answer.
+
+`ImplicitEuler` iterates exactly as Diffrax does (the same chord iteration from the
+same starting guess), so it takes the same steps. The Kværnø methods solve their
+stage equations with diffeqx's `VeryChord`, whose stopping test differs from
+Diffrax's (a correction at rounding level counts as converged), so accept/reject
+decisions, and so the steps, may differ: both solutions are compared with an
+independent reference to the accuracy the tolerance gives, and diffeqx must not take
+more steps (docs/migration.md).
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffeqx
+
+diffrax = pytest.importorskip("diffrax")
+
+
+def _robertson(t, y, args):
+    y1, y2, y3 = y[0], y[1], y[2]
+    return jnp.stack(
+        [
+            -0.04 * y1 + 1e4 * y2 * y3,
+            0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2**2,
+            3e7 * y2**2,
+        ]
+    )
+
+
+def _solve(lib, name, **solver_kwargs):
+    return lib.diffeqsolve(
+        lib.ODETerm(_robertson),
+        getattr(lib, name)(**solver_kwargs),
+        0.0,
+        1e3,
+        1e-4,
+        jnp.array([1.0, 0.0, 0.0]),
+        saveat=lib.SaveAt(ts=jnp.array([1e-2, 1.0, 1e2, 1e3])),
+        stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-10),
+        max_steps=20_000,
+    )
+
+
+def test_implicit_euler_takes_diffraxs_steps():
+    ours, theirs = _solve(diffeqx, "ImplicitEuler"), _solve(diffrax, "ImplicitEuler")
+    for key in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
+        assert int(ours.stats[key]) == int(theirs.stats[key]), key
+    np.testing.assert_allclose(
+        np.asarray(ours.ys), np.asarray(theirs.ys), rtol=1e-9, atol=1e-15
+    )
+
+
+# Robertson's problem at the save times, from SciPy's Radau at rtol 1e-12 (see
+# tests/test_implicit.py, which computes it at test time).
+_REFERENCE = np.array(
+    [
+        [9.9960068268829338e-01, 3.6450478878446674e-05, 3.6286683282835266e-04],
+        [9.6645973733300816e-01, 3.0746265785787313e-05, 3.3509516401205822e-02],
+        [6.1723488239606450e-01, 6.1535912746379854e-06, 3.8275896401266002e-01],
+    ]
+)
+
+
+@pytest.mark.parametrize("name", ["Kvaerno3", "Kvaerno4", "Kvaerno5"])
+def test_kvaerno_as_accurate_in_no_more_steps(name):
+    ours, theirs = _solve(diffeqx, name), _solve(diffrax, name)
+    assert diffeqx.is_successful(ours.result) and bool(
+        theirs.result == diffrax.RESULTS.successful
+    )
+    # Both solutions within the accuracy an rtol of 1e-6 gives here (global error a
+    # few tens of rtol), of the reference and so of each other.
+    for ys in (ours.ys, theirs.ys):
+        np.testing.assert_allclose(
+            np.asarray(ys)[:3], _REFERENCE, rtol=1e-4, atol=1e-12
+        )
+    assert int(ours.stats["num_steps"]) <= int(theirs.stats["num_steps"])
+
+
+def _prothero_robinson(t, y, args):
+    return -1e4 * (y - jnp.cos(t)) - jnp.sin(t)
+
+
+@pytest.mark.parametrize("name", ["Kvaerno3", "Kvaerno5"])
+def test_explicit_root_finder_tolerances_with_constant_steps(name):
+    def solve(lib):
+        return lib.diffeqsolve(
+            lib.ODETerm(_prothero_robinson),
+            getattr(lib, name)(root_finder=lib.VeryChord(rtol=1e-10, atol=1e-10)),
+            0.0,
+            1.0,
+            0.05,
+            jnp.array([1.0]),
+        )
+
+    ours, theirs = solve(diffeqx), solve(diffrax)
+    assert int(ours.stats["num_steps"]) == int(theirs.stats["num_steps"]) == 20
+    np.testing.assert_allclose(
+        np.asarray(ours.ys), np.asarray(theirs.ys), rtol=1e-9, atol=1e-14
+    )
