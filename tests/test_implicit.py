@@ -310,7 +310,11 @@ def _decay_solve(solver, adjoint=dfx.RecursiveCheckpointAdjoint()):
 
 @pytest.mark.parametrize(
     "adjoint",
-    [dfx.RecursiveCheckpointAdjoint(), dfx.DirectAdjoint(), dfx.BacksolveAdjoint()],
+    [
+        dfx.RecursiveCheckpointAdjoint(),
+        pytest.param(dfx.DirectAdjoint(), marks=pytest.mark.slow),
+        pytest.param(dfx.BacksolveAdjoint(), marks=pytest.mark.slow),
+    ],
     ids=["checkpoint", "direct", "backsolve"],
 )
 def test_gradients_match_finite_differences(adjoint):

@@ -63,7 +63,14 @@ _REFERENCE = np.array(
 )
 
 
-@pytest.mark.parametrize("name", ["Kvaerno3", "Kvaerno4", "Kvaerno5"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("Kvaerno3", marks=pytest.mark.slow),
+        pytest.param("Kvaerno4", marks=pytest.mark.slow),
+        "Kvaerno5",
+    ],
+)
 def test_kvaerno_as_accurate_in_no_more_steps(name):
     ours, theirs = _solve(diffeqx, name), _solve(diffrax, name)
     assert diffeqx.is_successful(ours.result) and bool(
@@ -82,7 +89,9 @@ def _prothero_robinson(t, y, args):
     return -1e4 * (y - jnp.cos(t)) - jnp.sin(t)
 
 
-@pytest.mark.parametrize("name", ["Kvaerno3", "Kvaerno5"])
+@pytest.mark.parametrize(
+    "name", [pytest.param("Kvaerno3", marks=pytest.mark.slow), "Kvaerno5"]
+)
 def test_explicit_root_finder_tolerances_with_constant_steps(name):
     def solve(lib):
         return lib.diffeqsolve(
