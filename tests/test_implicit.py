@@ -388,3 +388,71 @@ def test_pytree_state_and_dense_output():
             np.testing.assert_allclose(
                 float(value[key]), float(reference.ys[key][i]), rtol=1e-5, atol=1e-7
             )
+
+
+def _reaction_diffusion(n):
+    # u_t = 0.1 Laplacian(u) + u (1 - u) on an n x n grid, zero boundary values.
+    h = 1.0 / (n + 1)
+
+    def field(t, u, args):
+        padded = jnp.pad(u, 1)
+        laplacian = (
+            padded[:-2, 1:-1]
+            + padded[2:, 1:-1]
+            + padded[1:-1, :-2]
+            + padded[1:-1, 2:]
+            - 4 * u
+        ) / h**2
+        return 0.1 * laplacian + u * (1 - u)
+
+    x = jnp.linspace(h, 1 - h, n)
+    u0 = jnp.exp(-50 * ((x[:, None] - 0.5) ** 2 + (x[None, :] - 0.5) ** 2))
+    return field, u0
+
+
+def _shapes(fn, *args):
+    shapes = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+            for value in eqn.params.values():
+                for item in value if isinstance(value, (list, tuple)) else (value,):
+                    inner = getattr(item, "jaxpr", None)
+                    if inner is not None:
+                        walk(getattr(inner, "jaxpr", inner))
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes
+
+
+def test_matrix_free_newton_krylov_with_an_iterative_linear_solver():
+    import lineax as lx
+
+    n = 8  # 64 unknowns
+    field, u0 = _reaction_diffusion(n)
+
+    def solve(linear_solver):
+        root_finder = dfx.VeryChord(rtol=1e-8, atol=1e-8, linear_solver=linear_solver)
+
+        def run(u0):
+            return dfx.diffeqsolve(
+                dfx.ODETerm(field),
+                dfx.Kvaerno3(root_finder=root_finder),
+                0.0,
+                0.5,
+                0.01,
+                u0,
+                stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
+            ).ys[-1]
+
+        return run
+
+    dense = solve(lx.AutoLinearSolver(well_posed=None))
+    krylov = solve(lx.GMRES(rtol=1e-10, atol=1e-10))
+    np.testing.assert_allclose(
+        np.asarray(krylov(u0)), np.asarray(dense(u0)), rtol=1e-6, atol=1e-8
+    )
+    # GMRES uses Jacobian-vector products only: no n^2 x n^2 matrix is formed.
+    assert (n * n, n * n) in _shapes(dense, u0)
+    assert not any(len(s) == 2 and s[0] == s[1] == n * n for s in _shapes(krylov, u0))
