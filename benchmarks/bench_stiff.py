@@ -3,7 +3,7 @@
     python benchmarks/bench_stiff.py [--only robertson,vdp,hires] [--rtols 1e-6,1e-8]
         [--solvers Kvaerno5,...] [--no-diffrax] [--no-scipy] [--json PATH]
 
-For each problem and tolerance it runs diffeqx's implicit solvers, Diffrax's
+For each problem and tolerance it runs diffeqx's implicit and Rosenbrock solvers, Diffrax's
 `Kvaerno5` (when installed) and SciPy's `solve_ivp` with `LSODA`, `BDF` and `Radau`
 (when installed; its field is the same formula in NumPy, and it estimates Jacobians
 by finite differences, its default), and
@@ -163,7 +163,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="robertson,vdp,hires")
     parser.add_argument("--rtols", default="1e-6,1e-8")
-    parser.add_argument("--solvers", default="Kvaerno3,Kvaerno4,Kvaerno5")
+    parser.add_argument(
+        "--solvers", default="Kvaerno3,Kvaerno4,Kvaerno5,Rosenbrock23,Rodas4,Rodas5P"
+    )
     parser.add_argument("--no-diffrax", action="store_true")
     parser.add_argument("--no-scipy", action="store_true")
     parser.add_argument("--min-run-time", type=float, default=1.0)

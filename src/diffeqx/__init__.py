@@ -88,6 +88,11 @@ from ._solver.implicit import (
     Kvaerno4 as Kvaerno4,
     Kvaerno5 as Kvaerno5,
 )
+from ._solver.rosenbrock import (
+    Rodas4 as Rodas4,
+    Rodas5P as Rodas5P,
+    Rosenbrock23 as Rosenbrock23,
+)
 from ._solver.runge_kutta import (
     AbstractERK as AbstractERK,
     AbstractRungeKutta as AbstractRungeKutta,
