@@ -82,9 +82,33 @@ class Problem:
 
 
 PROBLEMS = (
-    Problem("robertson", "Robertson, t in [0, 1e5]", robertson, (1.0, 0.0, 0.0), 1e5, 1e-6, 1e-4),
-    Problem("vdp", "Van der Pol mu=1000, t in [0, 1000]", van_der_pol, (2.0, 0.0), 1000.0, 1e-6, 1.0),
-    Problem("hires", "HIRES, t in [0, 321.8122]", hires, (1.0, 0, 0, 0, 0, 0, 0, 0.0057), 321.8122, 1e-6, 1e-4),
+    Problem(
+        "robertson",
+        "Robertson, t in [0, 1e5]",
+        robertson,
+        (1.0, 0.0, 0.0),
+        1e5,
+        1e-6,
+        1e-4,
+    ),
+    Problem(
+        "vdp",
+        "Van der Pol mu=1000, t in [0, 1000]",
+        van_der_pol,
+        (2.0, 0.0),
+        1000.0,
+        1e-6,
+        1.0,
+    ),
+    Problem(
+        "hires",
+        "HIRES, t in [0, 321.8122]",
+        hires,
+        (1.0, 0, 0, 0, 0, 0, 0, 0.0057),
+        321.8122,
+        1e-6,
+        1e-4,
+    ),
 )
 
 
@@ -155,8 +179,13 @@ def run_scipy(method, problem, rtol) -> dict:
         )
         elapsed = time.perf_counter() - start
         best = elapsed if best is None else min(best, elapsed)
-    return dict(run_ms=1e3 * best, steps=int(sol.t.shape[0] - 1), y=sol.y[:, -1],
-                nfev=int(sol.nfev), success=bool(sol.success))
+    return dict(
+        run_ms=1e3 * best,
+        steps=int(sol.t.shape[0] - 1),
+        y=sol.y[:, -1],
+        nfev=int(sol.nfev),
+        success=bool(sol.success),
+    )
 
 
 def parse_args(argv=None):

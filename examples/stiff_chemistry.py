@@ -77,10 +77,12 @@ def main(argv=None):
     options = parser.parse_args(argv)
     sol = solve()
     ys = sol.ys
-    print(f"steps: {int(sol.stats['num_steps'])} "
-          f"(rejected: {int(sol.stats['num_rejected_steps'])})")
+    print(
+        f"steps: {int(sol.stats['num_steps'])} "
+        f"(rejected: {int(sol.stats['num_rejected_steps'])})"
+    )
     print("      t            A            B            C      A+B+C-1")
-    for t, y in list(zip(sol.ts.tolist(), ys.tolist()))[::10]:
+    for t, y in list(zip(sol.ts.tolist(), ys.tolist(), strict=True))[::10]:
         print(f"{t:9.2e}  {y[0]:.5e}  {y[1]:.5e}  {y[2]:.5e}  {sum(y) - 1:+.1e}")
     if options.plot:
         try:

@@ -11,6 +11,8 @@ import optimistix as optx
 import pytest
 
 import diffeqx as dfx
+from _jaxpr import equations
+from _stiff_problems import robertson, robertson_reference
 
 scipy_integrate = pytest.importorskip("scipy.integrate")
 
@@ -54,9 +56,7 @@ def _final_errors(solver, field, y0, exact, hs, t1=4.0):
             dfx.ODETerm(field), solver, 0.0, t1, dt0, y0, max_steps=1000
         ).ys[-1]
 
-    return [
-        np.max(np.abs(np.asarray(solve(jnp.asarray(h))) - exact(t1))) for h in hs
-    ]
+    return [np.max(np.abs(np.asarray(solve(jnp.asarray(h))) - exact(t1))) for h in hs]
 
 
 @pytest.mark.parametrize("name", list(IMPLICIT))
@@ -91,52 +91,14 @@ def test_stiff_linear_problem_with_steps_far_beyond_the_stiff_scale(name):
     assert _slope(hs, errors) > 1.8, errors
 
 
-def _robertson(t, y, args):
-    y1, y2, y3 = y[0], y[1], y[2]
-    return jnp.stack(
-        [
-            -0.04 * y1 + 1e4 * y2 * y3,
-            0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2**2,
-            3e7 * y2**2,
-        ]
-    )
-
-
 _ROBERTSON_TS = (1e-2, 1.0, 1e2, 1e4, 1e5)
-
-
-@functools.cache
-def _robertson_reference():
-    def jacobian(t, y):
-        _, y2, y3 = y
-        return [
-            [-0.04, 1e4 * y3, 1e4 * y2],
-            [0.04, -1e4 * y3 - 6e7 * y2, -1e4 * y2],
-            [0.0, 6e7 * y2, 0.0],
-        ]
-
-    sol = scipy_integrate.solve_ivp(
-        lambda t, y: [
-            -0.04 * y[0] + 1e4 * y[1] * y[2],
-            0.04 * y[0] - 1e4 * y[1] * y[2] - 3e7 * y[1] ** 2,
-            3e7 * y[1] ** 2,
-        ],
-        (0.0, 1e5),
-        [1.0, 0.0, 0.0],
-        method="Radau",
-        rtol=1e-12,
-        atol=1e-16,
-        jac=jacobian,
-        t_eval=_ROBERTSON_TS,
-    )
-    return sol.y.T
 
 
 @pytest.mark.parametrize("name", ["Kvaerno3", "Kvaerno4", "Kvaerno5"])
 def test_robertson_against_radau(name):
     cls, _ = IMPLICIT[name]
     sol = dfx.diffeqsolve(
-        dfx.ODETerm(_robertson),
+        dfx.ODETerm(robertson),
         cls(),
         0.0,
         1e5,
@@ -147,7 +109,7 @@ def test_robertson_against_radau(name):
         max_steps=20_000,
     )
     ys = np.asarray(sol.ys)
-    reference = _robertson_reference()
+    reference = robertson_reference(_ROBERTSON_TS)
     # Each species to a relative 1e-5 of its own size (y2 is ~1e-5 of the others).
     np.testing.assert_allclose(ys, reference, rtol=1e-5, atol=1e-13)
     # Mass is conserved to rounding: every Newton correction keeps sum(y) (the rows
@@ -411,19 +373,7 @@ def _reaction_diffusion(n):
 
 
 def _shapes(fn, *args):
-    shapes = set()
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
-            for value in eqn.params.values():
-                for item in value if isinstance(value, (list, tuple)) else (value,):
-                    inner = getattr(item, "jaxpr", None)
-                    if inner is not None:
-                        walk(getattr(inner, "jaxpr", inner))
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return shapes
+    return {tuple(v.aval.shape) for eqn in equations(fn, *args) for v in eqn.outvars}
 
 
 def test_matrix_free_newton_krylov_with_an_iterative_linear_solver():

@@ -21,6 +21,7 @@ import pytest
 from scipy.integrate import solve_ivp
 
 import diffeqx as dfx
+from _stiff_problems import robertson, robertson_reference
 from diffeqx._solver.rosenbrock import Rodas4, Rodas5P, Rosenbrock23
 
 SOLVERS = {"Rosenbrock23": Rosenbrock23(), "Rodas4": Rodas4(), "Rodas5P": Rodas5P()}
@@ -232,52 +233,7 @@ def test_dense_output_order(name):
 # --- Robertson and Van der Pol against SciPy Radau ----------------------------------
 
 
-def _robertson(t, y, args):
-    y1, y2, y3 = y[0], y[1], y[2]
-    return jnp.stack(
-        [
-            -0.04 * y1 + 1e4 * y2 * y3,
-            0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2**2,
-            3e7 * y2**2,
-        ]
-    )
-
-
-def _robertson_np(t, y):
-    y1, y2, y3 = y
-    return [
-        -0.04 * y1 + 1e4 * y2 * y3,
-        0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2**2,
-        3e7 * y2**2,
-    ]
-
-
-def _robertson_jac_np(t, y):
-    _, y2, y3 = y
-    return [
-        [-0.04, 1e4 * y3, 1e4 * y2],
-        [0.04, -1e4 * y3 - 6e7 * y2, -1e4 * y2],
-        [0.0, 6e7 * y2, 0.0],
-    ]
-
-
-_ROBERTSON_TS = np.array([1e-3, 1.0, 1e2, 1e4, 1e5])
-
-
-@functools.cache
-def _robertson_reference():
-    ref = solve_ivp(
-        _robertson_np,
-        (0.0, 1e5),
-        [1.0, 0.0, 0.0],
-        method="Radau",
-        rtol=1e-12,
-        atol=1e-14,
-        t_eval=_ROBERTSON_TS,
-        jac=_robertson_jac_np,
-    )
-    assert ref.success
-    return ref.y.T
+_ROBERTSON_TS = (1e-3, 1.0, 1e2, 1e4, 1e5)
 
 
 # (rtol, atol, bound on the relative error of every component at every save time).
@@ -293,19 +249,19 @@ _ROBERTSON_TOLS = {
 def test_robertson(name):
     rtol, atol, bound = _ROBERTSON_TOLS[name]
     sol = dfx.diffeqsolve(
-        dfx.ODETerm(_robertson),
+        dfx.ODETerm(robertson),
         SOLVERS[name],
         0.0,
         1e5,
         1e-6,
         jnp.array([1.0, 0.0, 0.0]),
-        saveat=dfx.SaveAt(ts=_ROBERTSON_TS),
+        saveat=dfx.SaveAt(ts=jnp.array(_ROBERTSON_TS)),
         stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
         max_steps=20_000,
     )
     assert sol.result == dfx.RESULTS.successful
     ys = np.asarray(sol.ys)
-    ref = _robertson_reference()
+    ref = robertson_reference(_ROBERTSON_TS)
     relative = np.max(np.abs(ys - ref) / np.abs(ref))
     assert relative < bound, relative
     # Rosenbrock methods keep linear invariants: each stage solve maps a vector

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import diffeqx as dfx
+from _jaxpr import equations
 from diffeqx._solver.base import step_always_accepted, tracing_step
 
 
@@ -24,19 +25,7 @@ def _field(t, y, args):
 
 
 def _primitives(fn, *args) -> set[str]:
-    names = set()
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            names.add(eqn.primitive.name)
-            for value in eqn.params.values():
-                for item in value if isinstance(value, (list, tuple)) else (value,):
-                    inner = getattr(item, "jaxpr", None)
-                    if inner is not None:
-                        walk(getattr(inner, "jaxpr", inner))
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return names
+    return {eqn.primitive.name for eqn in equations(fn, *args)}
 
 
 def _solve(solver, controller, dt0=0.01):
@@ -90,7 +79,9 @@ def test_both_stage_arithmetics_agree_to_rounding(solver):
 
     exact = step(False)
     fused = step(True)
-    for a, b in zip(jax.tree.leaves(exact[:3]), jax.tree.leaves(fused[:3]), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(exact[:3]), jax.tree.leaves(fused[:3]), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-13, atol=1e-13)
 
 

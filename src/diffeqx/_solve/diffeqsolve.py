@@ -15,8 +15,8 @@ from .._controller.base import AbstractStepSizeController
 from .._controller.constant import ConstantStepSize
 from .._event import Event
 from .._profile import scope
-from .._root_finder import resolve_root_finder_tols
 from .._progress import AbstractProgressMeter, NoProgressMeter
+from .._root_finder import resolve_root_finder_tols
 from .._saveat import SaveAt, is_subsaveat
 from .._solution import RESULTS, Solution, is_event
 from .._solver.base import AbstractSolver

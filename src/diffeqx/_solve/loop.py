@@ -10,9 +10,9 @@ import jax.tree_util as jtu
 
 from .._controller.ulp import ulps_below
 from .._profile import scope
-from .._solver.base import tracing_step
 from .._saveat import SubSaveAt
 from .._solution import RESULTS
+from .._solver.base import tracing_step
 from .event import EventStep, check_events, locate_event, record_event
 from .save import save_dense, save_in_step
 from .state import LoopState

@@ -34,7 +34,13 @@ from .._solution import RESULTS
 from .._term import AbstractTerm
 from . import implicit_coefficients as ico
 from .base import AbstractAdaptiveSolver, AbstractImplicitSolver
-from .runge_kutta import AbstractRungeKutta, ButcherTableau, _add, _combine
+from .runge_kutta import (
+    AbstractRungeKutta,
+    ButcherTableau,
+    _add,
+    _combine,
+    node_time,
+)
 
 
 def _scale(weight, tree):
@@ -109,12 +115,9 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
         a = tableau.a_matrix
         c = tableau.c_full
         control = terms.contr(t0, t1)
-        dt = t1 - t0
 
         def stage_time(i):
-            if c[i] == 1:
-                return t1
-            return t0 + jnp.asarray(c[i], dtype=dt.dtype) * dt
+            return node_time(c[i], t0, t1)
 
         zeros = jtu.tree_map(
             lambda x: jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x)), y0
@@ -141,11 +144,9 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
                 result = RESULTS.where(
                     result == RESULTS.successful, stage_result, result
                 )
-            ks = jtu.tree_map(lambda buf, x: buf.at[i].set(x), ks, k_i)
+            ks = jtu.tree_map(lambda buf, x, i=i: buf.at[i].set(x), ks, k_i)
         y1 = _add(y0, _combine(tableau.b_sol, ks))
-        y_error = (
-            None if tableau.b_error is None else _combine(tableau.b_error, ks)
-        )
+        y_error = None if tableau.b_error is None else _combine(tableau.b_error, ks)
         dense_info = dict(y0=y0, y1=y1, k=ks)
         return y1, y_error, dense_info, None, result
 

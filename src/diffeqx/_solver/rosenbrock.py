@@ -30,6 +30,7 @@ from .._path.local import AbstractLocalInterpolation, _like
 from .._solution import RESULTS
 from .._term import AbstractTerm
 from .base import AbstractAdaptiveSolver
+from .runge_kutta import node_time
 
 
 def _lincomb(pairs, dtype):
@@ -109,14 +110,6 @@ def _linearise(terms, t0, t1, y0, args, gamma, solver) -> _Linearisation:
 
 def _first_failure(result, new):
     return RESULTS.where(result == RESULTS.successful, new, result)
-
-
-def _stage_time(c, t0, t1):
-    if c == 0:
-        return t0
-    if c == 1:
-        return t1
-    return t0 + jnp.asarray(c, dtype=jnp.result_type(t0)) * (t1 - t0)
 
 
 class AbstractRosenbrock(AbstractAdaptiveSolver):
@@ -222,7 +215,7 @@ class _AbstractRodas(AbstractRosenbrock):
                 hf_i = lin.hf0
             else:
                 z = lin.y0 + _lincomb(zip(tab.a[i, :i], us, strict=True), dtype)
-                hf_i = lin.hf(_stage_time(tab.c[i], t0, t1), z)
+                hf_i = lin.hf(node_time(tab.c[i], t0, t1), z)
             pairs = [(1.0, hf_i), (tab.d[i], lin.h_hf_t)]
             pairs += list(zip(tab.C[i, :i], us, strict=True))
             u, stage_result = lin.solve(_lincomb(pairs, dtype))
@@ -564,7 +557,7 @@ class Rosenbrock23(AbstractRosenbrock):
         inv_d = 1.0 / _R23_D
         hf0 = lin.hf0
         k1, r1 = lin.solve(_lincomb([(inv_d, hf0), (1.0, lin.h_hf_t)], dtype))
-        t_half = _stage_time(0.5, t0, t1)
+        t_half = node_time(0.5, t0, t1)
         hf1 = lin.hf(t_half, lin.y0 + jnp.asarray(0.5, dtype) * k1)
         w2, r2 = lin.solve(_lincomb([(inv_d, hf1), (-inv_d, k1)], dtype))
         k2 = w2 + k1

@@ -222,13 +222,13 @@ def _weighted_sum(weights, stages: list):
     """`sum_i weights[i] * stages[i]` over a list of stage PyTrees, skipping the zero
     weights: elementwise operations that XLA fuses with the stages around them (a
     dot product stays a separate operation). Rounds differently from `_combine`."""
-    terms = [(float(w), k) for w, k in zip(weights, stages) if w != 0]
+    terms = [(float(w), k) for w, k in zip(weights, stages, strict=True) if w != 0]
 
     def _leaf(*xs):
         if not terms:
             return jnp.zeros_like(xs[0])
         out = None
-        for (w, _), x in zip(terms, xs):
+        for (w, _), x in zip(terms, xs, strict=True):
             term = jnp.asarray(w, x.dtype) * x
             out = term if out is None else out + term
         return out
@@ -275,6 +275,17 @@ def _is_large_function(fn, *example_args) -> bool:
                 if inner is not None:
                     stack.append(getattr(inner, "jaxpr", inner))
     return count >= _LARGE_FUNCTION_EQUATIONS
+
+
+def node_time(c_i: float, t0, t1):
+    """The time of a stage with node `c_i` in the step `[t0, t1]`: exactly `t0` for a
+    node of 0 and `t1` for a node of 1 (`t0 + 1 * (t1 - t0)` need not round to `t1`),
+    else `t0 + c_i * (t1 - t0)` in the dtype of the step's times."""
+    if c_i == 0:
+        return t0
+    if c_i == 1:
+        return t1
+    return t0 + jnp.asarray(c_i, dtype=jnp.result_type(t0)) * (t1 - t0)
 
 
 def _add(y, dy):
@@ -330,14 +341,9 @@ class AbstractERK(AbstractRungeKutta):
         a = tableau.a_matrix
         c = tableau.c_full
         control = terms.contr(t0, t1)
-        dt = t1 - t0
 
         def stage_time(i):
-            # A node of 1 is the step's end exactly (t0 + 1 * (t1 - t0) need not
-            # round to t1); others keep the dtype of the step's times.
-            if c[i] == 1:
-                return t1
-            return t0 + jnp.asarray(c[i], dtype=dt.dtype) * dt
+            return node_time(c[i], t0, t1)
 
         if tableau.fsal:
             if made_jump is False:
