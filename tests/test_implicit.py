@@ -406,3 +406,24 @@ def test_matrix_free_newton_krylov_with_an_iterative_linear_solver():
     # GMRES uses Jacobian-vector products only: no n^2 x n^2 matrix is formed.
     assert (n * n, n * n) in _shapes(dense, u0)
     assert not any(len(s) == 2 and s[0] == s[1] == n * n for s in _shapes(krylov, u0))
+
+
+@pytest.mark.parametrize("name", ["Kvaerno5", "Rodas5P"])
+def test_hires_against_radau(name):
+    from _stiff_problems import HIRES_T1, HIRES_Y0, hires, hires_reference
+
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(hires),
+        getattr(dfx, name)(),
+        0.0,
+        HIRES_T1,
+        1e-6,
+        jnp.asarray(HIRES_Y0),
+        stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-12),
+        max_steps=20_000,
+    )
+    reference = hires_reference()
+    # Published values at t = 321.8122 (Hairer & Wanner's test set) agree with this
+    # reference; each species to a relative 1e-6.
+    np.testing.assert_allclose(np.asarray(sol.ys[-1]), reference, rtol=1e-6)
+    np.testing.assert_allclose(reference[0], 0.7371312573325668e-3, rtol=1e-8)
