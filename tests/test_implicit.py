@@ -94,7 +94,14 @@ def test_stiff_linear_problem_with_steps_far_beyond_the_stiff_scale(name):
 _ROBERTSON_TS = (1e-2, 1.0, 1e2, 1e4, 1e5)
 
 
-@pytest.mark.parametrize("name", ["Kvaerno3", "Kvaerno4", "Kvaerno5"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("Kvaerno3", marks=pytest.mark.slow),
+        pytest.param("Kvaerno4", marks=pytest.mark.slow),
+        "Kvaerno5",
+    ],
+)
 def test_robertson_against_radau(name):
     cls, _ = IMPLICIT[name]
     sol = dfx.diffeqsolve(
@@ -280,7 +287,8 @@ def _decay_solve(solver, adjoint=dfx.RecursiveCheckpointAdjoint()):
     ids=["checkpoint", "direct", "backsolve"],
 )
 def test_gradients_match_finite_differences(adjoint):
-    solve = jax.jit(_decay_solve(dfx.Kvaerno5(), adjoint))
+    # Kvaerno3 compiles in about half the time of Kvaerno5 (same engine).
+    solve = jax.jit(_decay_solve(dfx.Kvaerno3(), adjoint))
     # A stiffish rate (the field's Jacobian is -5), with y(1) still sensitive to y0.
     rate, y0 = jnp.asarray(5.0), jnp.array([1.0, -2.0])
     grads = jax.jit(jax.grad(solve, argnums=(0, 1)))(rate, y0)
@@ -319,6 +327,7 @@ def test_float32(name):
     np.testing.assert_allclose(float(sol.ys[-1, 0]), np.cos(1.0), rtol=1e-3)
 
 
+@pytest.mark.slow  # ~9 s; Rosenbrock's PyTree and dense-output tests stay
 def test_pytree_state_and_dense_output():
     def field(t, y, args):
         return {"a": -100.0 * (y["a"] - jnp.cos(t)), "b": y["a"] - y["b"]}
@@ -408,7 +417,9 @@ def test_matrix_free_newton_krylov_with_an_iterative_linear_solver():
     assert not any(len(s) == 2 and s[0] == s[1] == n * n for s in _shapes(krylov, u0))
 
 
-@pytest.mark.parametrize("name", ["Kvaerno5", "Rodas5P"])
+@pytest.mark.parametrize(
+    "name", [pytest.param("Kvaerno5", marks=pytest.mark.slow), "Rodas5P"]
+)
 def test_hires_against_radau(name):
     from _stiff_problems import HIRES_T1, HIRES_Y0, hires, hires_reference
 

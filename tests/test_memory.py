@@ -122,7 +122,11 @@ def _check_steps(short_steps, long_steps):
 @pytest.mark.parametrize(
     "adjoint",
     [
-        pytest.param(dfx.RecursiveCheckpointAdjoint(), id="RecursiveCheckpointAdjoint"),
+        pytest.param(
+            dfx.RecursiveCheckpointAdjoint(),
+            id="RecursiveCheckpointAdjoint",
+            marks=pytest.mark.slow,  # ~15 s; the checkpointed-loop memory test stays
+        ),
         pytest.param(
             dfx.BacksolveAdjoint(), id="BacksolveAdjoint", marks=pytest.mark.slow
         ),

@@ -245,7 +245,14 @@ _ROBERTSON_TOLS = {
 }
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("Rosenbrock23", marks=pytest.mark.slow),  # ~4 s, 663 steps
+        "Rodas4",
+        "Rodas5P",
+    ],
+)
 def test_robertson(name):
     rtol, atol, bound = _ROBERTSON_TOLS[name]
     sol = dfx.diffeqsolve(

@@ -319,6 +319,7 @@ def test_pytree_state_matches_closed_form_leafwise():
         np.testing.assert_allclose(y_leaf, decay * y0_leaf[None], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow  # ~11 s; the other finite-difference gradient tests cover y0
 def test_grad_wrt_pytree_y0_matches_finite_differences():
     def loss(y0):
         ys = _solve_fixed(_pytree_field, y0, None).ys

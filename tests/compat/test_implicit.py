@@ -48,9 +48,9 @@ _SAVE_TS = (1e-2, 1.0, 1e2, 1e3)
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("Kvaerno3", marks=pytest.mark.slow),
+        "Kvaerno3",
         pytest.param("Kvaerno4", marks=pytest.mark.slow),
-        "Kvaerno5",
+        pytest.param("Kvaerno5", marks=pytest.mark.slow),
     ],
 )
 def test_kvaerno_as_accurate_in_no_more_steps(name):
@@ -71,7 +71,7 @@ def _prothero_robinson(t, y, args):
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param("Kvaerno3", marks=pytest.mark.slow), "Kvaerno5"]
+    "name", ["Kvaerno3", pytest.param("Kvaerno5", marks=pytest.mark.slow)]
 )
 def test_explicit_root_finder_tolerances_with_constant_steps(name):
     def solve(lib):
