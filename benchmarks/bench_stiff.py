@@ -2,6 +2,7 @@
 
     python benchmarks/bench_stiff.py [--only robertson,vdp,hires] [--rtols 1e-6,1e-8]
         [--solvers Kvaerno5,...] [--no-diffrax] [--no-scipy] [--json PATH]
+        [--plot PNG] [--from-json PATH]
 
 For each problem and tolerance it runs diffeqx's implicit and Rosenbrock solvers, Diffrax's
 `Kvaerno5` (when installed) and SciPy's `solve_ivp` with `LSODA`, `BDF` and `Radau`
@@ -11,7 +12,8 @@ reports compile time (diffeqx and Diffrax: trace + lower + XLA, cold caches), th
 steady run time (median; SciPy: one call, which includes its Python overhead, as a
 user sees it), steps, and the relative error at the final time against a reference
 from SciPy's `Radau` at `rtol=1e-13` with the exact Jacobian. Float64 on the default
-device. Ratios: diffeqx / Diffrax for the methods both have, and best diffeqx / LSODA
+device. `--plot` saves a work-precision plot (error against run time, every method
+through its tolerances) when matplotlib is installed. Ratios: diffeqx / Diffrax for the methods both have, and best diffeqx / LSODA
 (target: faster than LSODA at the same accuracy).
 """
 
@@ -199,11 +201,64 @@ def parse_args(argv=None):
     parser.add_argument("--no-scipy", action="store_true")
     parser.add_argument("--min-run-time", type=float, default=1.0)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="save a work-precision plot (error against run time) as this PNG, "
+        "when matplotlib is installed",
+    )
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="plot (and print) the records of an earlier --json run without running",
+    )
     return parser.parse_args(argv)
+
+
+def work_precision_plot(records, path) -> None:
+    """Error against run time, one panel per problem, one line per solver through
+    its tolerances."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = list(dict.fromkeys(r["problem"] for r in records))
+    fig, axes = plt.subplots(1, len(problems), figsize=(5 * len(problems), 4))
+    axes = np.atleast_1d(axes)
+    for ax, problem in zip(axes, problems, strict=True):
+        rows = [r for r in records if r["problem"] == problem]
+        for key in dict.fromkeys((r["library"], r["solver"]) for r in rows):
+            line = sorted(
+                (r for r in rows if (r["library"], r["solver"]) == key),
+                key=lambda r: r["rtol"],
+                reverse=True,
+            )
+            style = {"diffeqx": "-o", "diffrax": "--s", "scipy": ":^"}[key[0]]
+            ax.loglog(
+                [r["run_ms"] for r in line],
+                [max(r["error"], 1e-16) for r in line],
+                style,
+                label=f"{key[0]} {key[1]}",
+            )
+        ax.set_title(problem)
+        ax.set_xlabel("run time (ms)")
+        ax.set_ylabel("relative error at the final time")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main(argv=None) -> int:
     options = parse_args(argv)
+    if options.from_json:
+        with open(options.from_json) as file:
+            records = json.load(file)
+        _print(records)
+        if options.plot:
+            work_precision_plot(records, options.plot)
+        return 0
     try:
         import diffrax
     except ImportError:
@@ -272,6 +327,11 @@ def main(argv=None) -> int:
         with open(options.json, "w") as file:
             json.dump(records, file, indent=1)
         print(f"wrote {options.json}")
+    if options.plot:
+        try:
+            work_precision_plot(records, options.plot)
+        except ImportError:
+            print("matplotlib is not installed: no plot")
     return 0
 
 
