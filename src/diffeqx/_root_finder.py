@@ -64,6 +64,11 @@ class VeryChord(optx.AbstractRootFinder):
     - `linear_solver`: the `lineax` solver for the linear systems (for a square
       system, by default, a dense LU factorisation).
 
+    Passing `options=dict(init_state=state)`, with `state` the result of an earlier
+    `init`, reuses that factorised Jacobian instead of computing a new one: the
+    diagonally implicit solvers do this across the stages of a step (see
+    `CalculateJacobian`).
+
     Inside implicit solvers it is usually created by
     `with_stepsize_controller_tols(VeryChord)()`, which takes `rtol`, `atol` and
     `norm` from the step-size controller.
@@ -76,8 +81,14 @@ class VeryChord(optx.AbstractRootFinder):
     linear_solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=None)
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
-        jacobian = lx.JacobianLinearOperator(_without_aux(fn), y, args, tags=tags)
-        linear_state = self.linear_solver.init(jacobian, {})
+        reused = options.get("init_state") if options else None
+        if isinstance(reused, _ChordState):
+            # The factorised Jacobian of an earlier, related system (an earlier
+            # stage of the same step), reused as the chord matrix.
+            linear_state = reused.linear_state
+        else:
+            jacobian = lx.JacobianLinearOperator(_without_aux(fn), y, args, tags=tags)
+            linear_state = self.linear_solver.init(jacobian, {})
         dtype = jnp.result_type(*jtu.tree_leaves(y)) if jtu.tree_leaves(y) else float
         inf = jnp.asarray(jnp.inf, dtype)
         return _ChordState(

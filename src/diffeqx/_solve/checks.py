@@ -165,7 +165,8 @@ def _known_error_estimate(solver) -> bool | None:
     """Whether `solver.step` returns an error estimate, when known without tracing
     it (the built-in solvers); `None` for any other solver."""
     if isinstance(solver, AbstractRungeKutta):
-        if solver.tableau.b_error is not None:
+        tableaus = getattr(solver.tableau, "tableaus", (solver.tableau,))
+        if all(tab.b_error is not None for tab in tableaus):
             return True
         # An implicit method may estimate its error otherwise (`ImplicitEuler`).
         return None if isinstance(solver, AbstractImplicitSolver) else False

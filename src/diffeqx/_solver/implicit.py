@@ -20,8 +20,11 @@ from collections.abc import Callable
 from typing import Any, ClassVar, final
 
 import equinox as eqx
+import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import lineax as lx
 import numpy as np
 import optimistix as optx
 
@@ -37,6 +40,8 @@ from .base import AbstractAdaptiveSolver, AbstractImplicitSolver
 from .runge_kutta import (
     AbstractRungeKutta,
     ButcherTableau,
+    CalculateJacobian,
+    MultiButcherTableau,
     _add,
     _combine,
     node_time,
@@ -56,18 +61,38 @@ def _all_finite(tree):
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def implicit_stage(
-    root_finder, max_steps, terms, t, base, diagonal, args, control, guess
-):
-    """The increment `k` of an implicit stage `z = base + diagonal * k`,
-    `k = vf_prod(t, z, control)`, and the root find's result as a diffeqx result."""
-
+def _stage_residual(terms, t, base, diagonal, args, control):
     def residual(z, _):
         k = terms.vf_prod(t, z, args, control)
         return _sub(_sub(z, base), _scale(diagonal, k))
 
+    return residual
+
+
+def implicit_stage(
+    root_finder,
+    max_steps,
+    terms,
+    t,
+    base,
+    diagonal,
+    args,
+    control,
+    guess,
+    jacobian_state=None,
+):
+    """The increment `k` and value `z` of an implicit stage `z = base + diagonal * k`,
+    `k = vf_prod(t, z, control)`, and the root find's result as a diffeqx result.
+    `jacobian_state`, from `stage_jacobian`, is a factorised Jacobian to reuse."""
+    residual = _stage_residual(terms, t, base, diagonal, args, control)
+    options = {} if jacobian_state is None else {"init_state": jacobian_state}
     solution = optx.root_find(
-        residual, root_finder, guess, max_steps=max_steps, throw=False
+        residual,
+        root_finder,
+        guess,
+        options=options,
+        max_steps=max_steps,
+        throw=False,
     )
     z = solution.value
     k = _scale(1.0 / diagonal, _sub(z, base))
@@ -78,30 +103,116 @@ def implicit_stage(
         RESULTS.nonlinear_divergence,
         result,
     )
-    return k, result
+    return k, z, result
+
+
+def _holds_operator(tree) -> bool:
+    def is_operator(x):
+        return isinstance(x, lx.AbstractLinearOperator)
+
+    return any(is_operator(x) for x in jtu.tree_leaves(tree, is_leaf=is_operator))
+
+
+def stage_jacobian(root_finder, terms, t, base, diagonal, args, control, guess):
+    """The factorised Jacobian of an implicit stage's equation at `guess`, for reuse
+    by later stages with the same diagonal entry; `None` when `root_finder` cannot
+    reuse one (only `VeryChord` can) or when its linear solver keeps no
+    factorisation (an iterative one recomputes Jacobian–vector products anyway)."""
+    if not isinstance(root_finder, VeryChord):
+        return None
+    residual = _stage_residual(terms, t, base, diagonal, args, control)
+    state = root_finder.init(
+        lambda z, a: (residual(z, a), None),
+        guess,
+        None,
+        {},
+        jax.eval_shape(lambda: guess),
+        None,
+        frozenset(),
+    )
+    if _holds_operator(state.linear_state):
+        return None
+    # The chord matrix only steers the iteration (its solution solves the stage
+    # equation whatever matrix was used), so it carries no derivative.
+    return jtu.tree_map(lambda x: lax.stop_gradient(x) if eqx.is_array(x) else x, state)
+
+
+def _parts(tableau, terms):
+    """The tableaus, the terms they apply to, and the position of the implicit one."""
+    if isinstance(tableau, MultiButcherTableau):
+        return tableau.tableaus, tuple(terms.terms), tableau.implicit_index
+    return (tableau,), (terms,), 0
+
+
+def _sum(trees):
+    out = trees[0]
+    for tree in trees[1:]:
+        out = _add(out, tree)
+    return out
+
+
+def _combine_parts(rows, ks):
+    """`sum_m sum_j rows[m][j] ks[m][j]`: one weight row per part's stage buffer."""
+    return _sum([_combine(row, k) for row, k in zip(rows, ks, strict=True)])
 
 
 class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
-    """Diagonally implicit Runge–Kutta method: a `ButcherTableau` with `a_diagonal`.
-    Every stage with a non-zero diagonal entry is a nonlinear solve by `root_finder`
-    (at most `root_find_max_steps` iterations), started from the tableau's stage
-    predictor (`a_predictor`) when it has one, else from the step's initial state.
+    """Diagonally implicit Runge–Kutta method: a `ButcherTableau` with `a_diagonal`,
+    or an additive (IMEX) method: a `MultiButcherTableau` with one diagonally
+    implicit tableau and explicit ones, applied to the parts of a `MultiTerm`.
 
-    A concrete method sets `tableau`, `interpolation_cls` and `order`, and declares
-    the fields `root_finder` and `root_find_max_steps` with their defaults.
+    Every stage with a non-zero diagonal entry is a nonlinear solve by `root_finder`
+    (at most `root_find_max_steps` iterations) for the stage value, started from the
+    tableau's stage predictor (`a_predictor`, whose rows combine the earlier stages'
+    increments into a guess of this stage's increment) when it has one, else from
+    the stage's explicit part. Explicit terms are evaluated at the solved stage
+    value. With `VeryChord`, `calculate_jacobian` says when the stage equations'
+    Jacobian is computed and factorised (see `CalculateJacobian`).
+
+    A concrete method sets `tableau`, `calculate_jacobian`, `interpolation_cls` and
+    `order`, and declares the fields `root_finder` and `root_find_max_steps` with
+    their defaults.
     """
 
     term_structure: ClassVar[Any] = AbstractTerm
+    calculate_jacobian: ClassVar[CalculateJacobian] = CalculateJacobian.every_stage
     root_finder: eqx.AbstractVar[optx.AbstractRootFinder]
     root_find_max_steps: eqx.AbstractVar[int]
 
     def __check_init__(self):
-        diagonal = self.tableau.a_diagonal
+        tableau = self.tableau
+        name = type(self).__name__
+        if isinstance(tableau, MultiButcherTableau):
+            index = tableau.implicit_index
+            if index is None:
+                raise ValueError(
+                    f"{name} is an `AbstractDIRK`, whose `MultiButcherTableau` needs "
+                    "one implicit tableau."
+                )
+            implicit = tableau.tableaus[index]
+        else:
+            implicit = tableau
+        diagonal = implicit.a_diagonal
         if diagonal is None or not np.any(diagonal):
             raise ValueError(
-                f"{type(self).__name__} is an `AbstractDIRK`, whose tableau needs a "
-                "non-zero `a_diagonal`."
+                f"{name} is an `AbstractDIRK`, whose tableau needs a non-zero "
+                "`a_diagonal`."
             )
+        mode = self.calculate_jacobian
+        if mode == CalculateJacobian.never:
+            raise ValueError(
+                f"{name} has implicit stages, so its `calculate_jacobian` cannot be "
+                "`CalculateJacobian.never`."
+            )
+        if mode in (CalculateJacobian.first_stage, CalculateJacobian.second_stage):
+            first = 0 if mode == CalculateJacobian.first_stage else 1
+            entries = set(diagonal[first:].tolist())
+            if len(entries) != 1 or 0.0 in entries:
+                raise ValueError(
+                    f"{name} reuses one Jacobian from stage {first + 1} on "
+                    f"(`CalculateJacobian.{mode.name}`), which needs every diagonal "
+                    f"entry from there on equal and non-zero; got {diagonal}."
+                )
 
     def init(self, terms, t0, t1, y0, args):
         return None
@@ -110,53 +221,83 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
         return terms.vf(t0, y0, args)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        tableau = self.tableau
-        s = tableau.num_stages
-        a = tableau.a_matrix
-        c = tableau.c_full
-        control = terms.contr(t0, t1)
-
-        def stage_time(i):
-            return node_time(c[i], t0, t1)
-
-        zeros = jtu.tree_map(
-            lambda x: jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x)), y0
+        tableaus, parts, implicit = _parts(self.tableau, terms)
+        s = tableaus[0].num_stages
+        c = tableaus[0].c_full
+        a = [tab.a_matrix for tab in tableaus]
+        controls = [part.contr(t0, t1) for part in parts]
+        reuse = self.calculate_jacobian in (
+            CalculateJacobian.first_stage,
+            CalculateJacobian.second_stage,
         )
-        ks = zeros
+
+        ks = [
+            jtu.tree_map(
+                lambda x: jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x)), y0
+            )
+            for _ in parts
+        ]
         result = RESULTS.successful
+        jacobian_state = None
         for i in range(s):
-            base = _add(y0, _combine(a[i], ks)) if i > 0 else y0
-            diagonal = float(a[i, i])
-            if diagonal == 0:
-                k_i = terms.vf_prod(stage_time(i), base, args, control)
+            t_i = node_time(c[i], t0, t1)
+            if i == 0:
+                base = y0
             else:
-                k_i, stage_result = implicit_stage(
-                    self.root_finder,
-                    self.root_find_max_steps,
-                    terms,
-                    stage_time(i),
+                base = _add(y0, _combine_parts([a_m[i] for a_m in a], ks))
+            diagonal = float(a[implicit][i, i])
+            if diagonal == 0:
+                z = base
+            else:
+                guess = self._guess(i, ks[implicit], base, diagonal)
+                stage_args = (
+                    parts[implicit],
+                    t_i,
                     base,
                     diagonal,
                     args,
-                    control,
-                    self._guess(i, y0, ks, base),
+                    controls[implicit],
+                )
+                if reuse and jacobian_state is None:
+                    jacobian_state = stage_jacobian(
+                        self.root_finder, *stage_args, guess
+                    )
+                k_i, z, stage_result = implicit_stage(
+                    self.root_finder,
+                    self.root_find_max_steps,
+                    *stage_args,
+                    guess,
+                    jacobian_state,
                 )
                 result = RESULTS.where(
                     result == RESULTS.successful, stage_result, result
                 )
-            ks = jtu.tree_map(lambda buf, x, i=i: buf.at[i].set(x), ks, k_i)
-        y1 = _add(y0, _combine(tableau.b_sol, ks))
-        y_error = None if tableau.b_error is None else _combine(tableau.b_error, ks)
-        dense_info = dict(y0=y0, y1=y1, k=ks)
+            for m, part in enumerate(parts):
+                if m == implicit and diagonal != 0:
+                    k_m = k_i
+                else:
+                    k_m = part.vf_prod(t_i, z, args, controls[m])
+                ks[m] = jtu.tree_map(lambda buf, x, i=i: buf.at[i].set(x), ks[m], k_m)
+        y1 = _add(y0, _combine_parts([tab.b_sol for tab in tableaus], ks))
+        if any(tab.b_error is None for tab in tableaus):
+            y_error = None
+        else:
+            y_error = _combine_parts([tab.b_error for tab in tableaus], ks)
+        dense_info = dict(y0=y0, y1=y1, k=_sum(ks))
         return y1, y_error, dense_info, None, result
 
-    def _guess(self, i, y0, ks, base):
-        predictor = self.tableau.a_predictor
+    def _guess(self, i, ks, base, diagonal):
+        """The starting value of stage `i`'s solve: its explicit part plus the
+        diagonal entry times the predicted increment."""
+        tableau = self.tableau
+        if isinstance(tableau, MultiButcherTableau):
+            tableau = tableau.tableaus[tableau.implicit_index]
+        predictor = tableau.a_predictor
         if predictor is None or i == 0:
             return base
-        row = np.zeros(self.tableau.num_stages)
+        row = np.zeros(tableau.num_stages)
         row[:i] = predictor[i - 1]
-        return _add(y0, _combine(row, ks))
+        return _add(base, _scale(diagonal, _combine(row, ks)))
 
 
 class AbstractSDIRK(AbstractDIRK):
@@ -216,7 +357,7 @@ class ImplicitEuler(AbstractImplicitSolver, AbstractAdaptiveSolver):
         control = terms.contr(t0, t1)
         k0 = terms.vf_prod(t0, y0, args, control)
         # Started from the explicit Euler step.
-        k1, result = implicit_stage(
+        k1, _, result = implicit_stage(
             self.root_finder,
             self.root_find_max_steps,
             terms,
@@ -252,6 +393,7 @@ class _AbstractKvaerno(AbstractESDIRK, AbstractAdaptiveSolver):
       rejects it and retries with a smaller step.
     """
 
+    calculate_jacobian: ClassVar[CalculateJacobian] = CalculateJacobian.second_stage
     interpolation_cls: ClassVar[Callable[..., Any]] = (
         ThirdOrderHermitePolynomialInterpolation.from_k
     )

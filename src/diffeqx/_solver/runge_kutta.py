@@ -8,6 +8,7 @@ product of a coefficient row with the buffer, in the state's dtype. A
 first-same-as-last method also carries the full vector field at the step's end.
 """
 
+import enum
 from typing import Any, ClassVar, Literal, final
 
 import equinox as eqx
@@ -159,6 +160,11 @@ class ButcherTableau:
         return self.a_diagonal is None or not np.any(self.a_diagonal)
 
     @property
+    def implicit(self) -> bool:
+        """Whether any stage is implicit (a non-zero diagonal entry)."""
+        return not self.is_explicit
+
+    @property
     def a_matrix(self) -> np.ndarray:
         s = self.num_stages
         a = np.zeros((s, s))
@@ -185,6 +191,91 @@ class ButcherTableau:
         )
 
 
+@final
+class MultiButcherTableau:
+    """The tableaus of an additive Runge–Kutta method: one `ButcherTableau` per term
+    of a `MultiTerm`, all with the same number of stages and the same nodes. Stage
+    `i` evaluates every term at the one stage value
+    `y_i = y0 + sum_m sum_j a^(m)_ij k^(m)_j`, where `k^(m)_j` is term `m`'s
+    increment at stage `j`. At most one tableau may be implicit: with one explicit
+    and one diagonally implicit tableau this is an implicit–explicit (IMEX) method,
+    as used by `KenCarp3`, `KenCarp4`, `KenCarp5` and `Sil3`.
+
+    **Arguments:**
+
+    - `*tableaus`: the tableaus, in the order of the `MultiTerm`'s terms.
+    """
+
+    tableaus: tuple[ButcherTableau, ...]
+
+    def __init__(self, *tableaus: ButcherTableau):
+        if not tableaus:
+            raise ValueError("`MultiButcherTableau` needs at least one tableau.")
+        for i, tab in enumerate(tableaus):
+            if not isinstance(tab, ButcherTableau):
+                raise TypeError(
+                    f"`MultiButcherTableau` expects `ButcherTableau`s; argument {i} "
+                    f"is {type(tab).__name__}."
+                )
+        stages = [tab.num_stages for tab in tableaus]
+        if len(set(stages)) > 1:
+            raise ValueError(
+                "The tableaus of a `MultiButcherTableau` must have the same number "
+                f"of stages; got {stages}."
+            )
+        implicit = [i for i, tab in enumerate(tableaus) if tab.implicit]
+        if len(implicit) > 1:
+            raise ValueError(
+                "At most one tableau of a `MultiButcherTableau` may be implicit; "
+                f"tableaus {implicit} are."
+            )
+        nodes = tableaus[0].c_full
+        for i, tab in enumerate(tableaus[1:], start=1):
+            if not np.allclose(tab.c_full, nodes, rtol=1e-12, atol=1e-12):
+                raise ValueError(
+                    "The tableaus of a `MultiButcherTableau` must share their nodes "
+                    f"(every term is evaluated at the same stage times); tableau 0 "
+                    f"has {nodes} and tableau {i} has {tab.c_full}."
+                )
+        self.tableaus = tuple(tableaus)
+
+    def __repr__(self) -> str:
+        return f"MultiButcherTableau{self.tableaus!r}"
+
+    @property
+    def num_stages(self) -> int:
+        return self.tableaus[0].num_stages
+
+    @property
+    def implicit_index(self) -> int | None:
+        """The position of the implicit tableau, or `None` if all are explicit."""
+        for i, tab in enumerate(self.tableaus):
+            if tab.implicit:
+                return i
+        return None
+
+
+@final
+class CalculateJacobian(enum.IntEnum):
+    """When a diagonally implicit Runge–Kutta method computes (and factorises) the
+    Jacobian of its stage equations, with a root finder that can reuse it
+    (`VeryChord`; other `optimistix` root finders compute their own):
+
+    - `never`: no implicit stage (explicit methods).
+    - `every_stage`: afresh for every implicit stage (needed when the diagonal
+      entries differ, as the stage matrices `I - a_ii h J` then differ).
+    - `first_stage`: once per step, at the first stage, and reused for every
+      other stage of the step (singly diagonally implicit methods).
+    - `second_stage`: once per step, at the second stage (the first implicit stage
+      of a method whose first stage is explicit), and reused for the later stages.
+    """
+
+    never = 0
+    every_stage = 1
+    first_stage = 2
+    second_stage = 3
+
+
 # Diffrax's values of `scan_kind`. It chooses there how the stage loop is built for
 # reverse-mode differentiation; here the engine picks unrolled or looped stages
 # itself (see `AbstractERK`), so every value runs the same program.
@@ -205,7 +296,7 @@ class AbstractRungeKutta(AbstractAdaptiveSolver):
       value gives the same program and the same results.
     """
 
-    tableau: eqx.AbstractClassVar[ButcherTableau]
+    tableau: eqx.AbstractClassVar[ButcherTableau | MultiButcherTableau]
     scan_kind: None | Literal["lax", "checkpointed", "bounded"] = eqx.field(
         default=None, static=True
     )
@@ -305,6 +396,7 @@ class AbstractERK(AbstractRungeKutta):
     """
 
     term_structure: ClassVar[Any] = AbstractTerm
+    calculate_jacobian: ClassVar[CalculateJacobian] = CalculateJacobian.never
     scan_stages: ClassVar[bool | None] = None
 
     def __check_init__(self):
