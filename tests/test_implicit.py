@@ -439,3 +439,85 @@ def test_hires_against_radau(name):
     # reference; each species to a relative 1e-6.
     np.testing.assert_allclose(np.asarray(sol.ys[-1]), reference, rtol=1e-6)
     np.testing.assert_allclose(reference[0], 0.7371312573325668e-3, rtol=1e-8)
+
+
+def test_rosenbrock_matrix_free_with_an_iterative_linear_solver():
+    import lineax as lx
+
+    n = 8  # 64 unknowns
+    field, u0 = _reaction_diffusion(n)
+
+    def solve(linear_solver):
+        def run(u0):
+            return dfx.diffeqsolve(
+                dfx.ODETerm(field),
+                dfx.Rodas5P(linear_solver=linear_solver),
+                0.0,
+                0.5,
+                0.01,
+                u0,
+                stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
+            ).ys[-1]
+
+        return run
+
+    dense = solve(lx.LU())
+    krylov = solve(lx.GMRES(rtol=1e-12, atol=1e-12))
+    np.testing.assert_allclose(
+        np.asarray(krylov(u0)), np.asarray(dense(u0)), rtol=1e-6, atol=1e-8
+    )
+    assert (n * n, n * n) in _shapes(dense, u0)
+    assert not any(len(s) == 2 and s[0] == s[1] == n * n for s in _shapes(krylov, u0))
+
+
+def _diffusion_1d(t, u, args):
+    # Stiff 1-D diffusion with logistic growth: a tridiagonal Jacobian.
+    padded = jnp.pad(u, 1)
+    return 0.1 * (padded[:-2] - 2 * u + padded[2:]) * (u.shape[0] + 1) ** 2 + u * (
+        1 - u
+    )
+
+
+@pytest.mark.parametrize("family", ["Kvaerno5", "Rodas5P"])
+def test_structured_tridiagonal_jacobian(family):
+    import lineax as lx
+
+    n = 40
+    u0 = jnp.sin(jnp.pi * jnp.linspace(0.0, 1.0, n + 2)[1:-1])
+
+    def solver(structured):
+        if family == "Rodas5P":
+            if structured:
+                return dfx.Rodas5P(
+                    linear_solver=lx.Tridiagonal(), tags=lx.tridiagonal_tag
+                )
+            return dfx.Rodas5P()
+        if structured:
+            return dfx.Kvaerno5(
+                root_finder=dfx.with_stepsize_controller_tols(dfx.VeryChord)(
+                    linear_solver=lx.Tridiagonal(), tags=lx.tridiagonal_tag
+                )
+            )
+        return dfx.Kvaerno5()
+
+    def run(structured):
+        def fn(u0):
+            return dfx.diffeqsolve(
+                dfx.ODETerm(_diffusion_1d),
+                solver(structured),
+                0.0,
+                0.5,
+                1e-3,
+                u0,
+                stepsize_controller=dfx.PIDController(rtol=1e-7, atol=1e-9),
+            ).ys[-1]
+
+        return fn
+
+    dense, banded = run(False), run(True)
+    np.testing.assert_allclose(
+        np.asarray(banded(u0)), np.asarray(dense(u0)), rtol=1e-6, atol=1e-8
+    )
+    # Three diagonals from three Jacobian-vector products: no n x n matrix.
+    assert (n, n) in _shapes(dense, u0)
+    assert (n, n) not in _shapes(banded, u0)

@@ -38,6 +38,27 @@ class _ChordState(eqx.Module):
     result: Any
 
 
+# lineax's Krylov solvers: they apply the operator by matrix-vector products only.
+# (`lineax.NormalCG` is a function returning a `CG`.)
+_MATRIX_FREE = tuple(
+    cls for cls in (lx.GMRES, lx.BiCGStab, lx.CG) if isinstance(cls, type)
+)
+
+
+def is_matrix_free(solver) -> bool:
+    """Whether the `lineax` solver needs only products with the operator (no matrix,
+    no diagonals)."""
+    return isinstance(solver, _MATRIX_FREE)
+
+
+def _as_tags(tags) -> frozenset:
+    if isinstance(tags, frozenset):
+        return tags
+    if isinstance(tags, (set, tuple, list)):
+        return frozenset(tags)
+    return frozenset([tags])
+
+
 def _without_aux(fn):
     return lambda y, args: fn(y, args)[0]
 
@@ -62,7 +83,15 @@ class VeryChord(optx.AbstractRootFinder):
     - `norm`: the norm of the scaled corrections (`optimistix.max_norm` by default).
     - `kappa`: the fraction of the tolerance the predicted error must reach.
     - `linear_solver`: the `lineax` solver for the linear systems (for a square
-      system, by default, a dense LU factorisation).
+      system, by default, a dense LU factorisation). A Krylov solver
+      (`lineax.GMRES`, `lineax.BiCGStab`, ...) uses Jacobian–vector products only,
+      from one linearisation per solve: no matrix is formed.
+    - `tags`: `lineax` structure tags of the Jacobian of the system (for implicit
+      Runge–Kutta stages, `I - a_ii h J`), e.g. `lineax.tridiagonal_tag` or
+      `lineax.diagonal_tag`, with a matching `linear_solver` (`lineax.Tridiagonal()`,
+      `lineax.Diagonal()`): the Jacobian's diagonals are then built from three or
+      one Jacobian–vector products, not from a full matrix. The structure must
+      hold; it is not checked.
 
     Passing `options=dict(init_state=state)`, with `state` the result of an earlier
     `init`, reuses that factorised Jacobian instead of computing a new one: the
@@ -79,6 +108,7 @@ class VeryChord(optx.AbstractRootFinder):
     norm: Callable = optx.max_norm
     kappa: float = 1e-2
     linear_solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=None)
+    tags: Any = eqx.field(default=frozenset(), static=True)
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         reused = options.get("init_state") if options else None
@@ -87,7 +117,12 @@ class VeryChord(optx.AbstractRootFinder):
             # stage of the same step), reused as the chord matrix.
             linear_state = reused.linear_state
         else:
+            tags = frozenset(tags) | _as_tags(self.tags)
             jacobian = lx.JacobianLinearOperator(_without_aux(fn), y, args, tags=tags)
+            if is_matrix_free(self.linear_solver):
+                # Linearised once: every Krylov iteration is then one
+                # Jacobian-vector product without re-evaluating the function.
+                jacobian = lx.linearise(jacobian)
             linear_state = self.linear_solver.init(jacobian, {})
         dtype = jnp.result_type(*jtu.tree_leaves(y)) if jtu.tree_leaves(y) else float
         inf = jnp.asarray(jnp.inf, dtype)

@@ -27,6 +27,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from .._path.local import AbstractLocalInterpolation, _like
+from .._root_finder import is_matrix_free
 from .._solution import RESULTS
 from .._term import AbstractTerm
 from .base import AbstractAdaptiveSolver
@@ -73,7 +74,7 @@ class _Linearisation:
         return solution.value, RESULTS.promote(solution.result)
 
 
-def _linearise(terms, t0, t1, y0, args, gamma, solver) -> _Linearisation:
+def _linearise(terms, t0, t1, y0, args, gamma, solver, tags) -> _Linearisation:
     flat, unravel = ravel_pytree(y0)
     dtype = flat.dtype
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -86,16 +87,33 @@ def _linearise(terms, t0, t1, y0, args, gamma, solver) -> _Linearisation:
         out, _ = ravel_pytree(terms.vf_prod(t, unravel(z), args, control))
         return out.astype(dtype)
 
-    def hf_twice(t, z):
-        out = hf(t, z)
-        return out, out
-
-    # One forward-mode pass gives the Jacobian in y, the derivative in t (zero for
-    # an autonomous vector field) and, as its primal, the first stage.
-    (hf_t, hj), hf0 = jax.jacfwd(hf_twice, argnums=(0, 1), has_aux=True)(t0, flat)
     n = flat.shape[0]
-    matrix = jnp.eye(n, dtype=dtype) / jnp.asarray(gamma, dtype) - hj
-    operator = lx.MatrixLinearOperator(matrix)
+    if tags or is_matrix_free(solver):
+        # The matrix `I / gamma - hJ` as the Jacobian of `z / gamma - hf(t0, z)`:
+        # an iterative solver applies it by Jacobian-vector products (linearised
+        # once per step), a structured one (e.g. `lineax.Tridiagonal` with
+        # `lineax.tridiagonal_tag`) builds its few diagonals from as many products.
+        # No n x n matrix is formed.
+        hf0, hf_t = jax.jvp(
+            lambda t: hf(t, flat), (t0,), (jnp.ones_like(t0),), has_aux=False
+        )
+        inv_gamma = jnp.asarray(1 / gamma, dtype)
+        operator = lx.JacobianLinearOperator(
+            lambda z, _: inv_gamma * z - hf(t0, z), flat, tags=tags
+        )
+        if is_matrix_free(solver):
+            operator = lx.linearise(operator)
+    else:
+
+        def hf_twice(t, z):
+            out = hf(t, z)
+            return out, out
+
+        # One forward-mode pass gives the Jacobian in y, the derivative in t (zero
+        # for an autonomous vector field) and, as its primal, the first stage.
+        (hf_t, hj), hf0 = jax.jacfwd(hf_twice, argnums=(0, 1), has_aux=True)(t0, flat)
+        matrix = jnp.eye(n, dtype=dtype) / jnp.asarray(gamma, dtype) - hj
+        operator = lx.MatrixLinearOperator(matrix)
     return _Linearisation(
         y0=flat,
         unravel=unravel,
@@ -117,16 +135,22 @@ class AbstractRosenbrock(AbstractAdaptiveSolver):
 
     **Arguments:**
 
-    - `linear_solver`: the `lineax` solver of the stages' linear systems, given the
-      matrix `I / gamma - h J` of the flattened state (a `lineax.MatrixLinearOperator`).
-      It is initialised (e.g. LU-factored) once per step and reused by every stage.
-      Defaults to `lineax.LU()`. (Not `lineax.AutoLinearSolver(well_posed=None)`:
-      that treats a 1 x 1 matrix as diagonal and pseudo-inverts it, so a singular
-      matrix would give a zero stage instead of a failed step.)
+    - `linear_solver`: the `lineax` solver of the stages' linear systems, with the
+      matrix `I / gamma - h J` of the flattened state. It is initialised (e.g.
+      LU-factored) once per step and reused by every stage. Defaults to
+      `lineax.LU()`. (Not `lineax.AutoLinearSolver(well_posed=None)`: that treats a
+      1 x 1 matrix as diagonal and pseudo-inverts it, so a singular matrix would
+      give a zero stage instead of a failed step.) A Krylov solver (`lineax.GMRES`,
+      ...) uses Jacobian–vector products only: no matrix is formed.
+    - `tags`: `lineax` structure tags of that matrix (the Jacobian's structure),
+      e.g. `lineax.tridiagonal_tag` with `linear_solver=lineax.Tridiagonal()`: its
+      diagonals are then built from three Jacobian–vector products rather than a
+      full Jacobian. The structure must hold; it is not checked.
     """
 
     term_structure: ClassVar[Any] = AbstractTerm
     linear_solver: lx.AbstractLinearSolver = lx.LU()
+    tags: Any = eqx.field(default=frozenset(), static=True)
 
     def init(self, terms, t0, t1, y0, args):
         return None
@@ -206,7 +230,9 @@ class _AbstractRodas(AbstractRosenbrock):
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         tab = self.tableau
         s = len(tab.c)
-        lin = _linearise(terms, t0, t1, y0, args, tab.gamma, self.linear_solver)
+        lin = _linearise(
+            terms, t0, t1, y0, args, tab.gamma, self.linear_solver, self.tags
+        )
         dtype = lin.y0.dtype
         us = []
         result = RESULTS.successful
@@ -439,7 +465,12 @@ class Rodas4(_AbstractRodas):
 
     - `linear_solver`: the `lineax` solver of the stages' linear systems (matrix
       `I / gamma - h J` of the flattened state), initialised once per step and
-      reused by every stage. Default `lineax.LU()`.
+      reused by every stage. Default `lineax.LU()`. A Krylov solver (`lineax.GMRES`,
+      ...) uses Jacobian–vector products only: no matrix is formed.
+    - `tags`: `lineax` structure tags of that matrix (the Jacobian's structure),
+      e.g. `lineax.tridiagonal_tag` with `linear_solver=lineax.Tridiagonal()`: its
+      diagonals are then built from three Jacobian–vector products rather than a
+      full Jacobian. The structure must hold; it is not checked.
     """
 
     tableau: ClassVar[_RodasTableau] = _RODAS4_TABLEAU
@@ -468,7 +499,12 @@ class Rodas5P(_AbstractRodas):
 
     - `linear_solver`: the `lineax` solver of the stages' linear systems (matrix
       `I / gamma - h J` of the flattened state), initialised once per step and
-      reused by every stage. Default `lineax.LU()`.
+      reused by every stage. Default `lineax.LU()`. A Krylov solver (`lineax.GMRES`,
+      ...) uses Jacobian–vector products only: no matrix is formed.
+    - `tags`: `lineax` structure tags of that matrix (the Jacobian's structure),
+      e.g. `lineax.tridiagonal_tag` with `linear_solver=lineax.Tridiagonal()`: its
+      diagonals are then built from three Jacobian–vector products rather than a
+      full Jacobian. The structure must hold; it is not checked.
     """
 
     tableau: ClassVar[_RodasTableau] = _RODAS5P_TABLEAU
@@ -536,7 +572,12 @@ class Rosenbrock23(AbstractRosenbrock):
 
     - `linear_solver`: the `lineax` solver of the stages' linear systems (matrix
       `I / d - h J` of the flattened state), initialised once per step and reused by
-      every stage. Default `lineax.LU()`.
+      every stage. Default `lineax.LU()`. A Krylov solver (`lineax.GMRES`,
+      ...) uses Jacobian–vector products only: no matrix is formed.
+    - `tags`: `lineax` structure tags of that matrix (the Jacobian's structure),
+      e.g. `lineax.tridiagonal_tag` with `linear_solver=lineax.Tridiagonal()`: its
+      diagonals are then built from three Jacobian–vector products rather than a
+      full Jacobian. The structure must hold; it is not checked.
     """
 
     interpolation_cls: ClassVar = _Rosenbrock23Interpolation
@@ -552,7 +593,7 @@ class Rosenbrock23(AbstractRosenbrock):
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         # The solver's matrix is I/d - hJ = W/d with Shampine & Reichelt's
         # W = I - d hJ, so W^{-1} v is a solve against v/d.
-        lin = _linearise(terms, t0, t1, y0, args, _R23_D, self.linear_solver)
+        lin = _linearise(terms, t0, t1, y0, args, _R23_D, self.linear_solver, self.tags)
         dtype = lin.y0.dtype
         inv_d = 1.0 / _R23_D
         hf0 = lin.hf0
