@@ -1,11 +1,12 @@
 """Stiff benchmark: Robertson, Van der Pol (mu = 1000) and HIRES, at two tolerances.
 
     python benchmarks/bench_stiff.py [--only robertson,vdp,hires] [--rtols 1e-6,1e-8]
-        [--solvers Kvaerno5,...] [--no-diffrax] [--no-scipy] [--json PATH]
+        [--solvers Kvaerno5,...] [--diffrax-solvers Kvaerno5,KenCarp4] [--no-diffrax] [--no-scipy] [--json PATH]
         [--plot PNG] [--from-json PATH]
 
-For each problem and tolerance it runs diffeqx's implicit and Rosenbrock solvers, Diffrax's
-`Kvaerno5` (when installed) and SciPy's `solve_ivp` with `LSODA`, `BDF` and `Radau`
+For each problem and tolerance it runs diffeqx's implicit, IMEX and Rosenbrock solvers
+(the IMEX `KenCarp4` with the whole field as its implicit term), Diffrax's `Kvaerno5` and
+`KenCarp4` (when installed) and SciPy's `solve_ivp` with `LSODA`, `BDF` and `Radau`
 (when installed; its field is the same formula in NumPy, and it estimates Jacobians
 by finite differences, its default), and
 reports compile time (diffeqx and Diffrax: trace + lower + XLA, cold caches), the
@@ -145,10 +146,24 @@ def _error(y, ref) -> float:
     return float(np.max(np.abs(np.asarray(y) - ref) / scale))
 
 
+def _zero(t, y, args):
+    return jnp.zeros_like(y)
+
+
+def _terms(lib, solver, problem):
+    """IMEX methods get the whole field as their implicit term (a zero explicit
+    term): these problems are stiff throughout."""
+    if type(solver).__name__.startswith(("KenCarp", "Sil")):
+        return lib.MultiTerm(lib.ODETerm(_zero), lib.ODETerm(problem.field))
+    return lib.ODETerm(problem.field)
+
+
 def library_case(lib, solver, problem, rtol):
+    terms = _terms(lib, solver, problem)
+
     def solve(y0):
         sol = lib.diffeqsolve(
-            lib.ODETerm(problem.field),
+            terms,
             solver,
             0.0,
             problem.t1,
@@ -158,10 +173,46 @@ def library_case(lib, solver, problem, rtol):
                 rtol=rtol, atol=rtol * problem.atol_scale
             ),
             max_steps=100_000,
+            throw=False,
         )
-        return sol.ys[-1], sol.stats["num_steps"], sol.stats["num_rejected_steps"]
+        return (
+            sol.ys[-1],
+            sol.stats["num_steps"],
+            sol.stats["num_rejected_steps"],
+            sol.result == lib.RESULTS.successful,
+        )
 
     return solve, (jnp.asarray(problem.y0, dtype=jnp.float64),)
+
+
+def factorisations_per_step(lib, name, problem) -> int:
+    """LU factorisations in one step attempt of `name` (each follows one Jacobian):
+    counted in the step's program, with a root finder given its own tolerances."""
+    cls = getattr(lib, name)
+    if hasattr(cls, "root_finder") or name.startswith(("Kvaerno", "KenCarp", "Sil")):
+        solver = cls(root_finder=lib.VeryChord(rtol=1e-6, atol=1e-6))
+    else:
+        solver = cls()
+    terms = _terms(lib, solver, problem)
+    y0 = jnp.asarray(problem.y0, dtype=jnp.float64)
+    t0, t1 = jnp.asarray(0.0), jnp.asarray(1e-3)
+
+    def step(y):
+        state = solver.init(terms, t0, t1, y, None)
+        return solver.step(terms, t0, t1, y, None, state, False)[0]
+
+    count = 0
+    stack = [jax.make_jaxpr(step)(y0).jaxpr]
+    while stack:
+        jaxpr = stack.pop()
+        for eqn in jaxpr.eqns:
+            count += eqn.primitive.name == "lu"
+            for value in eqn.params.values():
+                for item in value if isinstance(value, (list, tuple)) else (value,):
+                    inner = getattr(item, "jaxpr", None)
+                    if inner is not None:
+                        stack.append(getattr(inner, "jaxpr", inner))
+    return count
 
 
 def run_scipy(method, problem, rtol) -> dict:
@@ -186,6 +237,8 @@ def run_scipy(method, problem, rtol) -> dict:
         steps=int(sol.t.shape[0] - 1),
         y=sol.y[:, -1],
         nfev=int(sol.nfev),
+        njev=int(sol.njev),
+        nlu=int(sol.nlu),
         success=bool(sol.success),
     )
 
@@ -195,7 +248,13 @@ def parse_args(argv=None):
     parser.add_argument("--only", default="robertson,vdp,hires")
     parser.add_argument("--rtols", default="1e-6,1e-8")
     parser.add_argument(
-        "--solvers", default="Kvaerno3,Kvaerno4,Kvaerno5,Rosenbrock23,Rodas4,Rodas5P"
+        "--solvers",
+        default="Kvaerno3,Kvaerno4,Kvaerno5,KenCarp4,Rosenbrock23,Rodas4,Rodas5P",
+    )
+    parser.add_argument(
+        "--diffrax-solvers",
+        default="Kvaerno5,KenCarp4",
+        help="Diffrax's solvers to run alongside (those it shares with diffeqx)",
     )
     parser.add_argument("--no-diffrax", action="store_true")
     parser.add_argument("--no-scipy", action="store_true")
@@ -283,7 +342,10 @@ def main(argv=None) -> int:
             runners, meta = {}, {}
             cases = [("diffeqx", name, getattr(diffeqx, name)()) for name in names]
             if diffrax is not None:
-                cases.append(("diffrax", "Kvaerno5", diffrax.Kvaerno5()))
+                cases += [
+                    ("diffrax", name, getattr(diffrax, name)())
+                    for name in options.diffrax_solvers.split(",")
+                ]
             for lib_name, name, solver in cases:
                 lib = diffeqx if lib_name == "diffeqx" else diffrax
                 fn, args = library_case(lib, solver, problem, rtol)
@@ -292,7 +354,9 @@ def main(argv=None) -> int:
                 meta[(lib_name, name)] = timing
             outputs, runs = time_runs(runners, min_time_s=options.min_run_time)
             for (lib_name, name), output in outputs.items():
-                y, steps, rejected = output
+                y, steps, rejected, success = output
+                lib = diffeqx if lib_name == "diffeqx" else diffrax
+                lu = factorisations_per_step(lib, name, problem) * int(steps)
                 records.append(
                     dict(
                         problem=problem.key,
@@ -303,7 +367,8 @@ def main(argv=None) -> int:
                         run_ms=1e3 * runs[(lib_name, name)].median_s,
                         steps=int(steps),
                         rejected=int(rejected),
-                        error=_error(y, ref),
+                        lu=lu,
+                        error=_error(y, ref) if bool(success) else float("inf"),
                     )
                 )
             if have_scipy:
@@ -319,6 +384,8 @@ def main(argv=None) -> int:
                             run_ms=out["run_ms"],
                             steps=out["steps"],
                             rejected=None,
+                            lu=out["nlu"],
+                            jac=out["njev"],
                             error=_error(out["y"], ref),
                         )
                     )
@@ -338,22 +405,27 @@ def main(argv=None) -> int:
 def _print(records) -> None:
     header = (
         f"{'problem':10s} {'rtol':>6s} {'library':8s} {'solver':10s} {'compile s':>9s} "
-        f"{'run ms':>9s} {'steps':>6s} {'rej':>5s} {'rel error':>9s}"
+        f"{'run ms':>9s} {'steps':>6s} {'rej':>5s} {'LU':>6s} {'rel error':>9s}"
     )
     print(header)
     print("-" * len(header))
     for r in records:
         compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
         rejected = "-" if r["rejected"] is None else str(r["rejected"])
+        lu = "-" if r.get("lu") is None else str(r["lu"])
+        error = "FAILED" if r["error"] == float("inf") else f"{r['error']:9.1e}"
         print(
             f"{r['problem']:10s} {r['rtol']:6.0e} {r['library']:8s} {r['solver']:10s} "
             f"{compile_s:>9s} {r['run_ms']:9.2f} {r['steps']:6d} {rejected:>5s} "
-            f"{r['error']:9.1e}"
+            f"{lu:>6s} {error:>9s}"
         )
     print(
         "compile: trace + lower + XLA, cold caches; run: median steady run (SciPy: best "
         "of 3 calls, Python overhead included); rel error: max over components of "
-        "|y - ref| / |ref| at the final time, ref from SciPy Radau at rtol 1e-13."
+        "|y - ref| / |ref| at the final time, ref from SciPy Radau at rtol 1e-13; LU: "
+        "LU factorisations (each after one Jacobian; diffeqx and Diffrax: per step "
+        "attempt, counted in the step's program, times the steps; SciPy: its nlu); "
+        "FAILED: the solve did not succeed (throw=False)."
     )
     print("\nRatios")
     groups = {}
@@ -362,10 +434,15 @@ def _print(records) -> None:
     for (problem, rtol), rows in groups.items():
         by = {(r["library"], r["solver"]): r for r in rows}
         parts = []
-        ours, theirs = by.get(("diffeqx", "Kvaerno5")), by.get(("diffrax", "Kvaerno5"))
-        if ours and theirs:
+        for name in dict.fromkeys(r["solver"] for r in rows):
+            ours, theirs = by.get(("diffeqx", name)), by.get(("diffrax", name))
+            if not (ours and theirs):
+                continue
+            if theirs["error"] == float("inf"):
+                parts.append(f"{name}: Diffrax's solve FAILED")
+                continue
             parts.append(
-                f"Kvaerno5 vs Diffrax: run {ours['run_ms'] / theirs['run_ms']:.2f}x, "
+                f"{name} vs Diffrax: run {ours['run_ms'] / theirs['run_ms']:.2f}x, "
                 f"compile {ours['compile_s'] / theirs['compile_s']:.2f}x, steps "
                 f"{ours['steps']}/{theirs['steps']}"
             )
