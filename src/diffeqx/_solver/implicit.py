@@ -237,47 +237,94 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
             )
             for _ in parts
         ]
-        result = RESULTS.successful
-        jacobian_state = None
-        for i in range(s):
-            t_i = node_time(c[i], t0, t1)
-            if i == 0:
-                base = y0
-            else:
-                base = _add(y0, _combine_parts([a_m[i] for a_m in a], ks))
-            diagonal = float(a[implicit][i, i])
-            if diagonal == 0:
-                z = base
-            else:
-                guess = self._guess(i, ks[implicit], base, diagonal)
-                stage_args = (
-                    parts[implicit],
-                    t_i,
-                    base,
-                    diagonal,
-                    args,
-                    controls[implicit],
-                )
-                if reuse and jacobian_state is None:
-                    jacobian_state = stage_jacobian(
-                        self.root_finder, *stage_args, guess
-                    )
-                k_i, z, stage_result = implicit_stage(
-                    self.root_finder,
-                    self.root_find_max_steps,
-                    *stage_args,
-                    guess,
-                    jacobian_state,
-                )
-                result = RESULTS.where(
-                    result == RESULTS.successful, stage_result, result
-                )
+        diagonals = a[implicit].diagonal()
+        predictor = self._predictor_matrix()
+
+        def stage_time(c_i):
+            if isinstance(c_i, float):
+                return node_time(c_i, t0, t1)
+            # A traced node (stage loop): exactly t1 for a node of 1, as node_time.
+            dtype = jnp.result_type(t0)
+            return jnp.where(c_i == 1, t1, t0 + c_i.astype(dtype) * (t1 - t0))
+
+        def stage_setup(i, ks, diagonal):
+            rows = [a_m[i] for a_m in a]
+            base = _add(y0, _combine_parts(rows, ks))
+            guess = _add(base, _scale(diagonal, _combine(predictor[i], ks[implicit])))
+            stage_args = (
+                parts[implicit],
+                stage_time(c[i]),
+                base,
+                diagonal,
+                args,
+                controls[implicit],
+            )
+            return stage_args, guess
+
+        def set_stage(ks, i, t_i, z, k_implicit):
+            new = []
             for m, part in enumerate(parts):
-                if m == implicit and diagonal != 0:
-                    k_m = k_i
+                if m == implicit and k_implicit is not None:
+                    k_m = k_implicit
                 else:
                     k_m = part.vf_prod(t_i, z, args, controls[m])
-                ks[m] = jtu.tree_map(lambda buf, x, i=i: buf.at[i].set(x), ks[m], k_m)
+                new.append(jtu.tree_map(lambda buf, x: buf.at[i].set(x), ks[m], k_m))
+            return new
+
+        def implicit_step(i, ks, diagonal, jacobian_state):
+            stage_args, guess = stage_setup(i, ks, diagonal)
+            k_i, z, stage_result = implicit_stage(
+                self.root_finder,
+                self.root_find_max_steps,
+                *stage_args,
+                guess,
+                jacobian_state,
+            )
+            return set_stage(ks, i, stage_args[1], z, k_i), stage_result
+
+        def first_failure(result, new):
+            return RESULTS.where(result == RESULTS.successful, new, result)
+
+        implicit_stages = [i for i in range(s) if diagonals[i] != 0]
+        first = implicit_stages[0]
+        # The implicit stages run in one loop when they are contiguous (traced once:
+        # the root find is the bulk of a step's program), else unrolled.
+        loop = self._loop_stages() and implicit_stages == list(range(first, s))
+        result = RESULTS.successful
+        for i in range(first):
+            t_i = stage_time(float(c[i]))
+            base = y0 if i == 0 else _add(y0, _combine_parts([a_m[i] for a_m in a], ks))
+            ks = set_stage(ks, i, t_i, base, None)
+        jacobian_state = None
+        if reuse:
+            # One factorisation per step, at the first implicit stage's guess.
+            stage_args, guess = stage_setup(first, ks, float(diagonals[first]))
+            jacobian_state = stage_jacobian(self.root_finder, *stage_args, guess)
+        if loop:
+            a = [jnp.asarray(a_m) for a_m in a]
+            c = jnp.asarray(c)
+            predictor = jnp.asarray(predictor)
+            diagonal_array = jnp.asarray(diagonals)
+
+            def body(i, carry):
+                ks, result = carry
+                ks, stage_result = implicit_step(
+                    i, ks, diagonal_array[i], jacobian_state
+                )
+                return ks, first_failure(result, stage_result)
+
+            ks, result = lax.fori_loop(first, s, body, (ks, result))
+        else:
+            for i in range(first, s):
+                if diagonals[i] == 0:
+                    t_i = stage_time(float(c[i]))
+                    base = _add(y0, _combine_parts([a_m[i] for a_m in a], ks))
+                    ks = set_stage(ks, i, t_i, base, None)
+                    continue
+                ks, stage_result = implicit_step(
+                    i, ks, float(diagonals[i]), jacobian_state
+                )
+                result = first_failure(result, stage_result)
         y1 = _add(y0, _combine_parts([tab.b_sol for tab in tableaus], ks))
         if any(tab.b_error is None for tab in tableaus):
             y_error = None
@@ -286,18 +333,24 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
         dense_info = dict(y0=y0, y1=y1, k=_sum(ks))
         return y1, y_error, dense_info, None, result
 
-    def _guess(self, i, ks, base, diagonal):
-        """The starting value of stage `i`'s solve: its explicit part plus the
-        diagonal entry times the predicted increment."""
+    def _predictor_matrix(self) -> np.ndarray:
+        """Row `i`: the weights of the earlier stages' increments that predict stage
+        `i`'s increment (zero without a predictor: the guess is then the stage's
+        explicit part)."""
         tableau = self.tableau
         if isinstance(tableau, MultiButcherTableau):
             tableau = tableau.tableaus[tableau.implicit_index]
-        predictor = tableau.a_predictor
-        if predictor is None or i == 0:
-            return base
-        row = np.zeros(tableau.num_stages)
-        row[:i] = predictor[i - 1]
-        return _add(base, _scale(diagonal, _combine(row, ks)))
+        s = tableau.num_stages
+        matrix = np.zeros((s, s))
+        if tableau.a_predictor is not None:
+            for i, row in enumerate(tableau.a_predictor, start=1):
+                matrix[i, :i] = row
+        return matrix
+
+    def _loop_stages(self) -> bool:
+        # Measured on Robertson and HIRES: compile 1.2-1.7 s instead of 2.0-3.3 s
+        # for Kvaerno5 and KenCarp4, with run times within noise of unrolled stages.
+        return True
 
 
 class AbstractSDIRK(AbstractDIRK):
