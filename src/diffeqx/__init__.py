@@ -11,6 +11,17 @@ from ._adjoint.checkpoint import (
 from ._adjoint.direct import DirectAdjoint as DirectAdjoint
 from ._adjoint.forward import ForwardMode as ForwardMode
 from ._adjoint.implicit import ImplicitAdjoint as ImplicitAdjoint
+from ._brownian.base import AbstractBrownianPath as AbstractBrownianPath
+from ._brownian.levy import (
+    AbstractBrownianIncrement as AbstractBrownianIncrement,
+    AbstractSpaceTimeLevyArea as AbstractSpaceTimeLevyArea,
+    AbstractSpaceTimeTimeLevyArea as AbstractSpaceTimeTimeLevyArea,
+    BrownianIncrement as BrownianIncrement,
+    SpaceTimeLevyArea as SpaceTimeLevyArea,
+    SpaceTimeTimeLevyArea as SpaceTimeTimeLevyArea,
+)
+from ._brownian.tree import VirtualBrownianTree as VirtualBrownianTree
+from ._brownian.unsafe import UnsafeBrownianPath as UnsafeBrownianPath
 from ._control_term import (
     ControlTerm as ControlTerm,
     WeaklyDiagonalControlTerm as WeaklyDiagonalControlTerm,

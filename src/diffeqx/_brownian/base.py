@@ -1,0 +1,237 @@
+"""`AbstractBrownianPath`, and what the Brownian paths share: checking `shape` and
+`key`, and standard normal samples addressed by integer counters.
+
+Counter-based sampling: a normal sample is a pure function of `(key words, counter
+words)`, computed by the Threefry-2x32 hash (the one behind `jax.random`'s default
+keys) and an exact map from its bits to a uniform number in `(-1, 1)`, then the
+inverse error function. Many samples at arbitrary counters come from one vectorised
+hash, so a path can address "the sample belonging to this cell of this tree" or
+"to this interval" directly, without sequential key splitting.
+"""
+
+import abc
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import PyTree
+
+from .._path.base import AbstractPath
+from .levy import AbstractBrownianIncrement
+
+
+class AbstractBrownianPath(AbstractPath):
+    """Base class of Brownian motions: a path whose increments over disjoint
+    intervals are independent Gaussians with variance the interval's length.
+
+    Subclasses have a `shape` (a PyTree of `jax.ShapeDtypeStruct`), a `levy_area`
+    (one of [`diffeqx.BrownianIncrement`][], [`diffeqx.SpaceTimeLevyArea`][],
+    [`diffeqx.SpaceTimeTimeLevyArea`][]) and implement `evaluate`.
+    """
+
+    levy_area: eqx.AbstractVar[type[AbstractBrownianIncrement]]
+
+    @abc.abstractmethod
+    def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
+        """The increment `W(t1) - W(t0)` of the Brownian motion.
+
+        **Arguments:**
+
+        - `t0`, `t1`: times. If `t1` is `None`, the value `W(t0)` (as an increment
+          from the start of the path, where the path has one) is returned instead.
+        - `left`: ignored: Brownian motion is continuous.
+        - `use_levy`: if `True`, return an instance of the path's `levy_area` type
+          (`dt`, `W`, and `H`, `K` where it has them) instead of `W` alone.
+
+        **Returns:** a PyTree with the structure of `shape` (or a `levy_area`
+        instance of such PyTrees).
+        """
+
+
+def normalise_shape(shape, owner: str) -> PyTree[jax.ShapeDtypeStruct]:
+    """`shape` as a PyTree of `jax.ShapeDtypeStruct`s of real floating dtypes: a tuple
+    of integers becomes one struct of the default floating dtype."""
+    if isinstance(shape, tuple) and all(
+        isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in shape
+    ):
+        if any(n < 0 for n in shape):
+            raise ValueError(
+                f"`{owner}(shape=...)`: dimensions must be non-negative, got {shape}."
+            )
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+        return jax.ShapeDtypeStruct(tuple(int(n) for n in shape), dtype)
+    leaves = jtu.tree_leaves(shape)
+    if not leaves or not all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+        raise ValueError(
+            f"`{owner}(shape=...)` must be a tuple of integers (e.g. `(3,)`, or `()` "
+            "for a scalar Brownian motion) or a PyTree of `jax.ShapeDtypeStruct`s "
+            f"(one per leaf, with its own dtype), but got {shape!r}."
+        )
+    for leaf in leaves:
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(
+                f"`{owner}(shape=...)`: every leaf must have a real floating dtype "
+                f"(e.g. float32, float64), but got {leaf}."
+            )
+    return shape
+
+
+def check_key(key, owner: str):
+    """`key` if it is a JAX PRNG key: a typed key (`jax.random.key`) of shape `()` or
+    a legacy `uint32` key (`jax.random.PRNGKey`) of shape `(2,)` or `(4,)`."""
+    dtype = getattr(key, "dtype", None)
+    shape = getattr(key, "shape", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape == ():
+            return key
+    elif dtype == jnp.uint32 and shape in ((2,), (4,)):
+        return key
+    raise ValueError(
+        f"`{owner}(key=...)` must be a single JAX PRNG key (`jax.random.key(seed)`, "
+        "or a legacy `jax.random.PRNGKey(seed)`), but got "
+        f"{_describe(key)}. For a batch of Brownian motions, build one per key "
+        "under `jax.vmap`."
+    )
+
+
+def _describe(x) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"an array of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return repr(x)
+
+
+def key_words(key, *shape: int):
+    """Independent Threefry keys derived from `key` (of any PRNG implementation):
+    `uint32` words of shape `(*shape, 2)`."""
+    return jax.random.bits(key, (*shape, 2), jnp.uint32)
+
+
+# Threefry-2x32 with 20 rounds (Salmon, Moraes, Dror & Shaw, "Parallel random numbers:
+# as easy as 1, 2, 3", SC 2011): the rotation constants and key-schedule parity of that
+# paper. Written out in elementwise operations so that XLA fuses the whole hash, and
+# the samples it feeds, into one loop (JAX's own CPU lowering of the hash is a rolled
+# loop, a sequence of separate kernels per call). It computes the same function as
+# `jax.extend.random.threefry_2x32` (tested).
+_ROTATIONS = (13, 15, 26, 6, 17, 29, 16, 24)
+_PARITY = 0x1BD11BDA
+
+
+def _rotate_left(x, r: int):
+    return jnp.left_shift(x, jnp.uint32(r)) | jnp.right_shift(x, jnp.uint32(32 - r))
+
+
+def threefry2x32(key1, key2, x1, x2):
+    """The Threefry-2x32 hash of the counters `(x1, x2)` under the key `(key1,
+    key2)`: two `uint32` words per counter. All arguments broadcast."""
+    schedule = (key1, key2, key1 ^ key2 ^ jnp.uint32(_PARITY))
+    x1, x2 = x1 + key1, x2 + key2
+    for block in range(5):
+        for r in range(4):
+            x1 = x1 + x2
+            x2 = _rotate_left(x2, _ROTATIONS[(4 * block + r) % 8]) ^ x1
+        injection = block + 1
+        x1 = x1 + schedule[injection % 3]
+        x2 = x2 + schedule[(injection + 1) % 3] + jnp.uint32(injection)
+    return x1, x2
+
+
+def normals(words, counter1, counter2, dtype):
+    """Standard normal samples in `dtype`, one per counter pair, hashed with the keys
+    `words` (`uint32`, last axis the two key words). All of `words[..., 0]`,
+    `counter1` and `counter2` broadcast against each other."""
+    hi, lo = threefry2x32(words[..., 0], words[..., 1], counter1, counter2)
+    return bits_to_normal(hi, lo, dtype)
+
+
+# Wichura's algorithm AS 241 (Applied Statistics 37(3), 1988, "The percentage points
+# of the normal distribution"), PPND16: rational approximations of the normal quantile
+# function, accurate to about 1e-16. Coefficients in increasing powers.
+_CENTRAL = (
+    (3.3871328727963666080, 1.3314166789178437745e2, 1.9715909503065514427e3,
+     1.3731693765509461125e4, 4.5921953931549871457e4, 6.7265770927008700853e4,
+     3.3430575583588128105e4, 2.5090809287301226727e3),
+    (1.0, 4.2313330701600911252e1, 6.8718700749205790830e2, 5.3941960214247511077e3,
+     2.1213794301586595867e4, 3.9307895800092710610e4, 2.8729085735721942674e4,
+     5.2264952788528545610e3),
+)  # fmt: skip
+_NEAR_TAIL = (
+    (1.42343711074968357734, 4.63033784615654529590, 5.76949722146069140550,
+     3.64784832476320460504, 1.27045825245236838258, 2.41780725177450611770e-1,
+     2.27238449892691845833e-2, 7.74545014278341407640e-4),
+    (1.0, 2.05319162663775882187, 1.67638483018380384940, 6.89767334985100004550e-1,
+     1.48103976427480074590e-1, 1.51986665636164571966e-2, 5.47593808499534494600e-4,
+     1.05075007164441684324e-9),
+)  # fmt: skip
+_FAR_TAIL = (
+    (6.65790464350110377720, 5.46378491116411436990, 1.78482653991729133580,
+     2.96560571828504891230e-1, 2.65321895265761230930e-2, 1.24266094738807843860e-3,
+     2.71155556874348757815e-5, 2.01033439929228813265e-7),
+    (1.0, 5.99832206555887937690e-1, 1.36929880922735805310e-1,
+     1.48753612908506148525e-2, 7.86869131145613259100e-4, 1.84631831751005468180e-5,
+     1.42151175831644588870e-7, 2.04426310338993978564e-15),
+)  # fmt: skip
+
+
+def _horner(coefficients, x):
+    total = coefficients[-1]
+    for c in reversed(coefficients[:-1]):
+        total = total * x + c
+    return total
+
+
+def _normal_quantile(q):
+    """The standard normal quantile at probability `0.5 + q`, for `|q| < 0.5`.
+
+    Every branch is computed and the right one selected; the result is one
+    division, so XLA keeps it in one buffer rather than recomputing it in each of
+    its readers."""
+    r = 0.180625 - q * q
+    central = (q * _horner(_CENTRAL[0], r), _horner(_CENTRAL[1], r))
+    s = jnp.sqrt(-jnp.log(0.5 - jnp.abs(q)))  # exact argument where it is used
+    far = s > 5.0
+    s = s - jnp.where(far, 5.0, 1.6)
+    tail = [
+        _horner([jnp.where(far, f, n) for n, f in zip(near, far_, strict=True)], s)
+        for near, far_ in zip(_NEAR_TAIL, _FAR_TAIL, strict=True)
+    ]
+    is_central = jnp.abs(q) <= 0.425
+    numerator = jnp.where(is_central, central[0], jnp.sign(q) * tail[0])
+    return numerator / jnp.where(is_central, central[1], tail[1])
+
+
+def bits_to_normal(hi, lo, dtype):
+    """A standard normal in `dtype` from 64 random bits (two `uint32` words): the
+    bits give an odd multiple `q` of `2^-(n+1)` in `(-1/2, 1/2)` (n = 52 for float64,
+    24 otherwise), exactly; the sample is the normal quantile at `1/2 + q`."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64:
+        top = jnp.right_shift(hi, jnp.uint32(12)).astype(jnp.float64)  # 20 bits
+        count = top * 2.0**32 + lo.astype(jnp.float64)  # 52 bits, exact
+        return _normal_quantile((2.0 * count + 1.0 - 2.0**52) * 2.0**-53)
+    top = jnp.right_shift(hi, jnp.uint32(8)).astype(jnp.int32)  # 24 bits
+    odd = 2 * top + 1 - 2**24  # |odd| < 2^24: exact in float32
+    q = odd.astype(jnp.float32) * jnp.float32(2.0**-25)
+    return _normal_quantile(q).astype(dtype)
+
+
+def time_dtype(*times: Any):
+    """The floating dtype that times are computed in: that of the array-valued
+    `times` (promoted), or the default floating dtype when all are Python numbers."""
+    dtypes = [
+        jnp.result_type(t)
+        for t in times
+        if hasattr(t, "dtype") and jnp.issubdtype(t.dtype, jnp.floating)
+    ]
+    if not dtypes:
+        return jax.dtypes.canonicalize_dtype(jnp.float64)
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = jnp.promote_types(out, d)
+    return out
+
+
+def is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)

@@ -1,0 +1,349 @@
+r"""`VirtualBrownianTree`: a Brownian motion on `[t0, t1]` that can be queried at any
+time, in any order, reproducibly, at a cost independent of earlier queries.
+
+**The path.** The interval `[t0, t1]` is bisected `D` times, `D` the least depth at
+which the cells (of width `(t1 - t0) / 2^D`) are no wider than `tol`. Each cell of the
+binary tree has an address (its heap number: `2^level + index`). The root's moments
+(`W`, and `H`, `K` when the `levy_area` asks for them) are sampled from their
+Gaussian law; each cell's moments are split into its halves' moments by the exact
+conditional law (Lévy's Brownian-bridge construction, extended to the space-time and
+space-time-time Lévy areas as in Foster's thesis, Theorem 6.1.6: the halves'
+standardised moments are an orthogonal transform of the parent's and of fresh
+normals, see `levy.py`). Inside a leaf cell, a query point at fraction `λ` of the
+cell splits it once more, by the same exact conditional law at `λ`, using normals
+that belong to the leaf. The path is therefore a pure function of `(key, t)`:
+
+- *reproducible*: the same query gives the same bits, whatever was asked before;
+- *consistent*: `W(s, u) = W(s, t) + W(t, u)` (to rounding), the value at a point
+  does not depend on the interval that asked for it, and the Lévy areas of adjacent
+  intervals combine into the Lévy areas of their union (the exact concatenation
+  formulas of `levy.py`, to rounding);
+- *exact in law at resolution `tol`*: for any query times with at most one strictly
+  inside each leaf cell, the increments and Lévy areas between them have exactly the
+  joint law of Brownian motion (up to the sampling of the normals). Inside a cell,
+  a single random split stands in for the whole Brownian bridge: every point has the
+  exact law, but two points in one cell are more strongly correlated than Brownian
+  motion's (with `BrownianIncrement`, `W(t) = W(a) + λ(W(b) - W(a)) +
+  sqrt(λ(1 - λ)(b - a)) ξ` with one normal `ξ` per cell).
+
+**Why it is fast.** The randomness a query needs is addressed by cell, and a point's
+cells (one per level) follow from its position alone, not from sampled values. So
+all of a query's normals come from one vectorised counter-based hash (Threefry, see
+`base.py`), with no sequential key splitting, and the bisection itself is a short
+chain of elementwise arithmetic (`D` steps of a fixed orthogonal transform) that XLA
+fuses. Bisection (branching factor 2) needs the fewest normals per level of depth
+(`m` per level for `m` moments, against `m (B - 1)` for `log_B 2` as many levels of
+a `B`-ary tree), and the work is small enough that the hash dominates.
+A query `evaluate(s, t)` walks the tree for both ends. Lévy areas over `[s, t]` are
+assembled from the part of `s`'s cell after `s` and the part of `t`'s cell before
+`t`, below the deepest cell holding both, so no small quantity is computed as the
+difference of large ones.
+"""
+
+import math
+from typing import final
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import PyTree
+
+from . import bridge
+from .base import (
+    AbstractBrownianPath,
+    check_key,
+    is_concrete,
+    key_words,
+    normalise_shape,
+    time_dtype,
+)
+from .levy import (
+    BrownianIncrement,
+    check_levy_area,
+    make_levy,
+    num_moments,
+    reverse,
+)
+
+# Cell indices are uint32: at most 2^31 leaves (heap numbers below 2^32).
+_MAX_DEPTH = 31
+
+
+def _static_depth(span: float, tol: float) -> int:
+    depth = 0
+    while span * 2.0**-depth > tol:
+        depth += 1
+        if depth > _MAX_DEPTH:
+            raise ValueError(
+                f"`VirtualBrownianTree`: tol={tol} is finer than this tree supports "
+                f"on an interval of length {span}: the cells would be narrower than "
+                f"(t1 - t0) / 2^{_MAX_DEPTH} = {span * 2.0**-_MAX_DEPTH:.3g}. Use a "
+                "larger tol."
+            )
+    return depth
+
+
+def _dynamic_depth(span, tol):
+    depth = jnp.ceil(jnp.log2(span / tol))
+    depth = jnp.where(jnp.ldexp(span, -depth.astype(jnp.int32)) > tol, depth + 1, depth)
+    depth = jnp.clip(depth, 0, _MAX_DEPTH + 1).astype(jnp.int32)
+    coarser = jnp.maximum(depth - 1, 0)
+    return jnp.where((depth > 0) & (jnp.ldexp(span, -coarser) <= tol), coarser, depth)
+
+
+class _Grid(eqx.Module):
+    """The tree's cells: `depth` bisections of `[start, start + span]`, walked over
+    `levels` static steps (`levels == depth` when the depth is known at trace
+    time; otherwise `depth` is traced and the levels below it are skipped)."""
+
+    start: jax.Array
+    span: jax.Array
+    depth: int | jax.Array
+    levels: int = eqx.field(static=True)
+
+    def active(self, level: int):
+        return True if isinstance(self.depth, int) else level < self.depth
+
+    def _shift(self, amount):
+        if isinstance(self.depth, int):
+            return np.uint32(min(max(amount, 0), _MAX_DEPTH))
+        return jnp.clip(amount, 0, _MAX_DEPTH).astype(jnp.uint32)
+
+    def locate(self, times):
+        """The leaf cell (`uint32`) holding each time, and the fraction of that cell
+        before the time. The end of the interval is the end of the last cell."""
+        u = jnp.clip((times - self.start) / self.span, 0, 1)
+        if isinstance(self.depth, int):
+            x = u * 2.0**self.depth
+            cells, last = 2.0**self.depth, np.uint32(2**self.depth - 1)
+        else:
+            x = jnp.ldexp(u, self.depth)
+            cells = jnp.ldexp(jnp.ones_like(u), self.depth)
+            last = jnp.left_shift(jnp.uint32(1), self._shift(self.depth)) - 1
+        floor = jnp.floor(x)
+        at_end = floor >= cells
+        leaf = jnp.where(at_end, last, jnp.where(at_end, 0, floor).astype(jnp.uint32))
+        lam = jnp.where(at_end, jnp.ones_like(x), x - floor)
+        return leaf, lam
+
+    def addresses(self, leaf):
+        """Heap numbers (`2^level + index`) of the cells split on the way to each
+        leaf, shape `(times, levels + 2)`: 0 for the root's own sample, each level's
+        cell, then the leaf cell. (Elementwise in the slot index, so that XLA fuses
+        it into the hash that reads it.)"""
+        slot = np.arange(self.levels + 2, dtype=np.int32)
+        if isinstance(self.depth, int):
+            level = np.minimum(np.maximum(slot - 1, 0), self.depth).astype(np.uint32)
+            shift = (np.uint32(self.depth) - level).astype(np.uint32)
+        else:
+            level = jnp.where(slot == self.levels + 1, self.depth, slot - 1)
+            level = jnp.clip(level, 0, self.depth)
+            shift = (self.depth - level).astype(jnp.uint32)
+            level = level.astype(jnp.uint32)
+        cell = jnp.left_shift(jnp.uint32(1), level) + jnp.right_shift(
+            leaf[:, None], shift
+        )
+        return jnp.where(slot == 0, jnp.uint32(0), cell)
+
+    def in_right_half(self, leaf, level: int):
+        shift = self._shift(self.depth - 1 - level)
+        return jnp.right_shift(leaf, shift) & 1 == 1
+
+    def half_width(self, level: int, dtype):
+        return (self.span * 2.0 ** -(level + 1)).astype(dtype)
+
+    def leaf_width(self, dtype):
+        if isinstance(self.depth, int):
+            return (self.span * 2.0**-self.depth).astype(dtype)
+        return jnp.ldexp(self.span, -self.depth).astype(dtype)
+
+
+@final
+class VirtualBrownianTree(AbstractBrownianPath):
+    r"""Brownian motion on `[t0, t1]`, sampled to resolution `tol`, that can be
+    evaluated at any times in any order, with reproducible and consistent answers.
+
+    **Arguments:**
+
+    - `t0`, `t1`: the interval, `t0 < t1`.
+    - `tol`: the resolution: the tree bisects `[t0, t1]` until its cells are no wider
+      than `tol`. Steps of at least `tol` see exact Brownian increments; steps
+      within one cell see a smoothed path (see below).
+    - `shape`: the shape of `W`: a tuple of integers (the default floating dtype),
+      or a PyTree of `jax.ShapeDtypeStruct`s, one per leaf, each with its own real
+      floating dtype.
+    - `key`: a JAX PRNG key (`jax.random.key(seed)`). For a batch of Brownian
+      motions, build the tree under `jax.vmap` over keys.
+    - `levy_area`: [`diffeqx.BrownianIncrement`][] (the default: `W` only),
+      [`diffeqx.SpaceTimeLevyArea`][] (also `H`) or
+      [`diffeqx.SpaceTimeTimeLevyArea`][] (also `H` and `K`), as needed by the
+      solver. The choice changes the path: the same key gives a different `W`.
+
+    **Guarantees.** The path is a pure function of `key` and the query time: the same
+    query always returns the same bits, whatever was queried before; increments add
+    up (`W(a, c) = W(a, b) + W(b, c)` to rounding); `evaluate(t)` is the value at
+    `t`, whichever interval asked for it; the Lévy areas of adjacent intervals combine
+    exactly into those of their union; `evaluate(t1, t0)` is the time-reversal of
+    `evaluate(t0, t1)` (`W` and `K` negated, `H` unchanged). For query times with at
+    most one strictly inside each cell of width `<= tol` (the cells split `[t0, t1]`
+    into `2^D` equal parts), the increments and Lévy areas between them have exactly
+    the joint law of Brownian motion. Each single time has the exact law too, but
+    within a cell the path is a single random interpolation of the cell's
+    endpoints: two times closer than `tol` are more correlated than under Brownian
+    motion.
+
+    Gradients do not flow through the path: it is a random control, treated as a
+    constant (`jax.lax.stop_gradient` on its inputs), so `jax.grad` of a solve
+    driven by it gets zero cotangents for the path and its times.
+
+    Querying outside `[t0, t1]` is a `ValueError` when the times are known at trace
+    time. When they are only known at run time, the result is NaN (Diffrax raises a
+    runtime error there; the check that needs costs about as much as a query).
+
+    **Example:**
+
+    ```python
+    bm = diffeqx.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=(2,),
+                                     key=jax.random.key(0))
+    dw = bm.evaluate(0.25, 0.5)   # W(0.5) - W(0.25), shape (2,)
+    terms = diffeqx.MultiTerm(diffeqx.ODETerm(drift),
+                              diffeqx.ControlTerm(diffusion, bm))
+    sol = diffeqx.diffeqsolve(terms, diffeqx.Euler(), 0.0, 1.0, 1e-3, y0)
+    ```
+    """
+
+    t0: float | jax.Array
+    t1: float | jax.Array
+    tol: float | jax.Array
+    shape: PyTree[jax.ShapeDtypeStruct] = eqx.field(static=True)
+    levy_area: type = eqx.field(static=True)
+    key: jax.Array
+    _depth: int | None = eqx.field(static=True)
+
+    def __init__(self, t0, t1, tol, shape, key, levy_area=BrownianIncrement):
+        self.t0, self.t1, self.tol = t0, t1, tol
+        self.shape = normalise_shape(shape, "VirtualBrownianTree")
+        self.key = check_key(key, "VirtualBrownianTree")
+        self.levy_area = check_levy_area(levy_area, "VirtualBrownianTree")
+        if is_concrete(t0, t1, tol):
+            t0_, t1_, tol_ = (float(np.asarray(x)) for x in (t0, t1, tol))
+            if not (math.isfinite(t0_) and math.isfinite(t1_) and t0_ < t1_):
+                raise ValueError(
+                    "`VirtualBrownianTree(t0, t1, ...)` needs finite t0 < t1, but got "
+                    f"t0={t0_} and t1={t1_}. (It can still be queried backwards in "
+                    "time: `evaluate(s, t)` with s > t.)"
+                )
+            if not (math.isfinite(tol_) and tol_ > 0):
+                raise ValueError(
+                    f"`VirtualBrownianTree(tol=...)` must be finite and positive, but "
+                    f"got tol={tol_}."
+                )
+            self._depth = _static_depth(t1_ - t0_, tol_)
+        else:
+            self._depth = None
+
+    # ---- evaluation ----------------------------------------------------------------
+
+    def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
+        """The increment `W(t1) - W(t0)`, or with `t1=None` the value `W(t0)` (the
+        increment from the tree's `t0`). With `use_levy=True`, an instance of
+        `levy_area` over `[t0, t1]` (`[self.t0, t0]` if `t1` is `None`): `dt` and
+        `W`, plus `H` and `K` where the type has them. `t1 < t0` gives the
+        time-reversed increment. `left` is ignored."""
+        del left
+        grid, dtype = self._grid()
+        pair = t1 is not None
+        if pair:
+            (first, second), outside = self._check_times([t0, t1], dtype)
+            lo, hi = jnp.minimum(first, second), jnp.maximum(first, second)
+            leaf, lam = grid.locate(jnp.stack([lo, hi]))
+        else:
+            (hi,), outside = self._check_times([t0], dtype)
+            lo = grid.start
+            leaf, lam = grid.locate(hi[None])
+        shape_leaves, structure = jtu.tree_flatten(self.shape)
+        m = num_moments(self.levy_area)
+        words = key_words(self.key, len(shape_leaves), 2 * m)
+        dts, per_leaf = [], []
+        for j, leaf_shape in enumerate(shape_leaves):
+            hasher = bridge._Hasher(words[j], leaf_shape.dtype, leaf_shape.shape)
+            noise = bridge.noise_separate(grid, leaf, hasher)
+            path = bridge.walk(grid, leaf, lam, noise)
+            dts.append((hi - lo).astype(leaf_shape.dtype))
+            if use_levy and pair:
+                per_leaf.append(bridge.moments_between(grid, path, leaf, lam))
+            elif use_levy:
+                per_leaf.append(bridge.moments_from_start(grid, path, leaf, lam))
+            else:
+                at = bridge.values(grid, path, leaf, lam)
+                per_leaf.append([at[1] - at[0]] if pair else [at[0]])
+        moments = [
+            lax.stop_gradient(jtu.tree_unflatten(structure, list(x)))
+            for x in zip(*per_leaf, strict=True)
+        ]
+        dt = jtu.tree_unflatten(structure, dts)
+        if t1 is not None:
+            backwards = second < first
+            dt = jtu.tree_map(lambda x: jnp.where(backwards, -x, x), dt)
+            moments = [
+                jtu.tree_map(lambda a, b: jnp.where(backwards, a, b), flipped, x)
+                for flipped, x in zip(reverse(tuple(moments)), moments, strict=True)
+            ]
+        if outside is not None:
+            moments = [
+                jtu.tree_map(lambda x: jnp.where(outside, jnp.nan, x), x)
+                for x in moments
+            ]
+        # Divided by a 1 known only at run time (from the key): XLA does not copy a
+        # division into each of the several computations that read its result (a
+        # solver's step reads it in many), so neither is the walk that produced it.
+        nonzero = (words[0, 0, 0] | jnp.uint32(1)).astype(jnp.float32)
+        moments = [
+            jtu.tree_map(
+                lambda x: x / (nonzero.astype(x.dtype) / nonzero.astype(x.dtype)), x
+            )
+            for x in moments
+        ]
+        if not use_levy:
+            return moments[0]
+        return make_levy(self.levy_area, dt, moments)
+
+    def _grid(self):
+        dtype = time_dtype(self.t0, self.t1)
+        start, end, tol = (
+            lax.stop_gradient(jnp.asarray(x).astype(dtype))
+            for x in (self.t0, self.t1, self.tol)
+        )
+        span = end - start
+        if self._depth is not None:
+            return _Grid(start, span, self._depth, self._depth), dtype
+        depth = _dynamic_depth(span, tol)
+        depth = eqx.error_if(
+            depth,
+            (depth > _MAX_DEPTH) | ~(tol > 0) | ~(span > 0),
+            "VirtualBrownianTree needs t0 < t1 and 0 < tol, with tol no finer than "
+            f"(t1 - t0) / 2^{_MAX_DEPTH}.",
+        )
+        return _Grid(start, span, depth, _MAX_DEPTH), dtype
+
+    def _check_times(self, times, dtype):
+        for t in times:
+            if is_concrete(t, self.t0, self.t1):
+                t_, t0_, t1_ = (float(np.asarray(x)) for x in (t, self.t0, self.t1))
+                if not t0_ <= t_ <= t1_:
+                    raise ValueError(
+                        f"VirtualBrownianTree.evaluate: time {t_} is outside the "
+                        f"tree's interval [t0, t1] = [{t0_}, {t1_}]."
+                    )
+        times = [lax.stop_gradient(jnp.asarray(t).astype(dtype)) for t in times]
+        if is_concrete(*times, self.t0, self.t1):
+            return times, None
+        # Known only at run time: NaN marks the result (a select, nearly free),
+        # where a runtime error (`eqx.error_if`) would cost as much as the query.
+        start = jnp.asarray(self.t0).astype(dtype)
+        end = jnp.asarray(self.t1).astype(dtype)
+        stacked = jnp.stack(times)
+        return times, jnp.any((stacked < start) | (stacked > end))

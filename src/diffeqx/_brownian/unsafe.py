@@ -1,0 +1,156 @@
+"""`UnsafeBrownianPath`: a fresh Gaussian sample for every interval asked about."""
+
+from typing import final
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import PyTree
+
+from .base import (
+    AbstractBrownianPath,
+    check_key,
+    key_words,
+    normalise_shape,
+    normals,
+    threefry2x32,
+    time_dtype,
+)
+from .levy import (
+    UNIT_SCALES,
+    BrownianIncrement,
+    check_levy_area,
+    make_levy,
+    num_moments,
+    reverse,
+)
+
+
+def _words(t):
+    """The bits of a floating time as two `uint32` words (the high one zero below
+    64 bits)."""
+    if t.dtype.itemsize == 8:
+        words = lax.bitcast_convert_type(t, jnp.uint32)
+        return words[..., 1], words[..., 0]
+    bits = lax.bitcast_convert_type(t.astype(jnp.float32), jnp.uint32)
+    return jnp.zeros_like(bits), bits
+
+
+@final
+class UnsafeBrownianPath(AbstractBrownianPath):
+    """Brownian increments sampled directly from the interval's endpoints: the
+    fastest Brownian motion, valid only where each interval is used once.
+
+    `evaluate(t0, t1)` hashes the key with the bits of `t0` and `t1` into a fresh
+    Gaussian sample with the law of a Brownian increment over `[t0, t1]` (and of its
+    Lévy areas, if `levy_area` asks for them). Nothing ties samples of different
+    intervals together.
+
+    **Arguments:**
+
+    - `shape`: the shape of `W`: a tuple of integers (the default floating dtype),
+      or a PyTree of `jax.ShapeDtypeStruct`s with per-leaf real floating dtypes.
+    - `key`: a JAX PRNG key (`jax.random.key(seed)`).
+    - `levy_area`: [`diffeqx.BrownianIncrement`][] (the default),
+      [`diffeqx.SpaceTimeLevyArea`][] or [`diffeqx.SpaceTimeTimeLevyArea`][].
+
+    **What is guaranteed:** the same key and the same endpoints (to the bit) give
+    the same sample; `evaluate(t1, t0)` is the time-reversal of `evaluate(t0, t1)`
+    (`W` and `K` negated, `H` unchanged); each sample has exactly the law of the
+    Brownian increment (and Lévy areas) over its interval; samples for different
+    pairs of endpoints are independent. So queries over non-overlapping intervals,
+    e.g. the steps of a fixed-step solve, have exactly Brownian motion's law.
+
+    **What is not:** consistency between intervals. `W(a, c)` is not
+    `W(a, b) + W(b, c)`, and overlapping intervals get independent samples. So do
+    not use it with adaptive step sizes (rejected steps are re-sampled over
+    overlapping intervals), with `SaveAt(dense=True)` or `SaveAt(ts=...)` between
+    steps, for a backward-in-time solve meant to retrace a forward one
+    (`BacksolveAdjoint`), or whenever two runs must see the same path but step to
+    slightly different times (the samples depend on the last bit of the times).
+    `evaluate(t)` (a value rather than an increment) is an error: the path has no
+    values. Use [`diffeqx.VirtualBrownianTree`][] for any of these.
+
+    Gradients do not flow through the samples (`jax.lax.stop_gradient`).
+
+    **Example:**
+
+    ```python
+    bm = diffeqx.UnsafeBrownianPath(shape=(3,), key=jax.random.key(0))
+    terms = diffeqx.MultiTerm(diffeqx.ODETerm(drift),
+                              diffeqx.ControlTerm(diffusion, bm))
+    sol = diffeqx.diffeqsolve(terms, diffeqx.Euler(), 0.0, 1.0, 1e-3, y0)
+    ```
+    """
+
+    shape: PyTree[jax.ShapeDtypeStruct] = eqx.field(static=True)
+    levy_area: type = eqx.field(static=True)
+    key: jax.Array
+
+    def __init__(self, shape, key, levy_area=BrownianIncrement):
+        self.shape = normalise_shape(shape, "UnsafeBrownianPath")
+        self.key = check_key(key, "UnsafeBrownianPath")
+        self.levy_area = check_levy_area(levy_area, "UnsafeBrownianPath")
+
+    @property
+    def t0(self):
+        return -jnp.inf
+
+    @property
+    def t1(self):
+        return jnp.inf
+
+    def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
+        """A sample of the increment `W(t1) - W(t0)` (or, with `use_levy=True`, of
+        the `levy_area` over `[t0, t1]`). `t1 < t0` gives the time-reversed
+        sample of `[t1, t0]`. `left` is ignored."""
+        del left
+        if t1 is None:
+            raise ValueError(
+                "`UnsafeBrownianPath.evaluate(t0)` was called without `t1`: this "
+                "path samples increments over intervals and has no values at "
+                "single times. Call `evaluate(t0, t1)`, or use "
+                "`VirtualBrownianTree`, whose values are consistent."
+            )
+        dtype = time_dtype(t0, t1)
+        first, second = (
+            lax.stop_gradient(jnp.asarray(t).astype(dtype)) for t in (t0, t1)
+        )
+        lo, hi = jnp.minimum(first, second), jnp.maximum(first, second)
+        shape_leaves, structure = jtu.tree_flatten(self.shape)
+        m = num_moments(self.levy_area)
+        # One key per query, from the key and the bits of both endpoints.
+        key = key_words(self.key, 1)[0]
+        key = jnp.stack(threefry2x32(key[0], key[1], *_words(lo)))
+        key = jnp.stack(threefry2x32(key[0], key[1], *_words(hi)))
+        dts, per_leaf = [], []
+        for j, leaf in enumerate(shape_leaves):
+            size = int(np.prod(leaf.shape, dtype=np.int64))
+            element = jnp.arange(size, dtype=jnp.uint32).reshape((1,) + leaf.shape)
+            slot = (np.uint32(3 * j) + np.arange(m, dtype=np.uint32)).reshape(
+                (m,) + (1,) * len(leaf.shape)
+            )
+            z = normals(key, element, slot, leaf.dtype)
+            width = (hi - lo).astype(leaf.dtype)
+            dts.append(width)
+            root = jnp.sqrt(width)
+            per_leaf.append(
+                [root * scale * z[c] for c, scale in enumerate(UNIT_SCALES[:m])]
+            )
+        moments = [
+            jtu.tree_unflatten(structure, list(x)) for x in zip(*per_leaf, strict=True)
+        ]
+        backwards = second < first
+        moments = [
+            jtu.tree_map(lambda a, b: jnp.where(backwards, a, b), flipped, x)
+            for flipped, x in zip(reverse(tuple(moments)), moments, strict=True)
+        ]
+        moments = [lax.stop_gradient(x) for x in moments]
+        if not use_levy:
+            return moments[0]
+        dt = jtu.tree_unflatten(structure, dts)
+        dt = jtu.tree_map(lambda x: jnp.where(backwards, -x, x), dt)
+        return make_levy(self.levy_area, dt, moments)
