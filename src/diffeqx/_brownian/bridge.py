@@ -12,7 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .base import normals
-from .levy import UNIT_SCALES, concat, remainder, split_at, split_midpoint
+from .levy import (
+    UNIT_SCALES,
+    concat,
+    remainder,
+    split_at,
+    split_midpoint,
+    unscale,
+)
 
 
 def pick(cond, a: list, b: list) -> list:
@@ -34,12 +41,13 @@ def common_level(grid, leaf):
 
 
 class Noise(eqx.Module):
-    """The standard normals a walk consumes: the root's sample, each level's split
-    and the leaf's split, each a list over moments of `(P, *dims)` arrays."""
+    """The standard normals a walk consumes: `z`, shape `(m, P, levels + 2, *dims)`,
+    for the root's sample, each level's split and the leaf's split; `extra`, shape
+    `(m, P, *dims)`, the leaf split's further normals when there are `m > 1`
+    moments."""
 
-    root: list
-    levels: list
-    leaf: list
+    z: jax.Array
+    extra: jax.Array | None
 
 
 class _Hasher(eqx.Module):
@@ -60,21 +68,7 @@ class _Hasher(eqx.Module):
         cells = addresses.reshape((1,) + addresses.shape + (1,) * ndim)
         words = self.words[m:] if extra else self.words[:m]
         keys = words.reshape((m,) + (1,) * (addresses.ndim + ndim) + (2,))
-        # A barrier, so that XLA computes the hash once into a buffer rather than
-        # fusing it (and so recomputing it) into each of its many readers.
-        return lax.optimization_barrier(normals(keys, element, cells, self.dtype))
-
-
-def _as_noise(z, extra) -> Noise:
-    """`z`: normals `(m, P, levels + 2, *dims)` for the root, each level and the leaf
-    cell; `extra`: the leaf cell's extra normals `(m, P, *dims)` (or `None`)."""
-    m, levels = z.shape[0], z.shape[2] - 2
-    root = [z[c, :, 0] for c in range(m)]
-    splits = [[z[c, :, 1 + lv] for c in range(m)] for lv in range(levels)]
-    tips = [z[c, :, levels + 1] for c in range(m)]
-    if extra is not None:
-        tips += list(extra)
-    return Noise(root, splits, tips)
+        return normals(keys, element, cells, self.dtype)
 
 
 def noise_separate(grid, leaf, hasher) -> Noise:
@@ -82,39 +76,76 @@ def noise_separate(grid, leaf, hasher) -> Noise:
     addresses = grid.addresses(leaf)
     z = hasher(addresses)  # (m, P, levels + 2, *dims)
     extra = hasher(addresses[:, -1], extra=True) if z.shape[0] > 1 else None
-    return _as_noise(z, extra)
+    return Noise(z, extra)
 
 
 class Walk(eqx.Module):
-    """Standardised moments met walking down to each time: both halves of the cell
-    holding it at each level, and the parts of its leaf cell before and after it."""
+    """Standardised moments met walking down to each time: the left and right halves
+    of the cell holding it at each level, shape `(levels, m, P, *dims)`, and the
+    parts of its leaf cell before and after it (lists over moments)."""
 
-    halves: list
+    left: jax.Array
+    right: jax.Array
     before: list
     after: list
 
 
 def walk(grid, leaf, lam, noise: Noise) -> Walk:
-    ndim = noise.root[0].ndim - 1
+    """Down the tree to each located time. Unrolled with one moment (`W` alone:
+    the fast path); a `lax.scan` over the levels with Lévy areas, which keeps
+    compilation short."""
+    m, levels = noise.z.shape[0], grid.levels
+    ndim = noise.z.ndim - 3
 
     def per_time(x):
         return x.reshape(x.shape + (1,) * ndim)
 
-    eta = noise.root
-    halves = []
-    for level in range(grid.levels):
-        left, right = split_midpoint(eta, noise.levels[level])
-        halves.append((left, right))
-        go_right = per_time(grid.in_right_half(leaf, level))
-        eta = pick(grid.active(level), pick(go_right, right, left), eta)
-    before, after = split_at(per_time(lam.astype(eta[0].dtype)), eta, noise.leaf)
-    return Walk(halves, before, after)
+    eta = [noise.z[c, :, 0] for c in range(m)]
+    level = np.arange(levels, dtype=np.int32)
+    go_right = [grid.in_right_half(leaf, lv) for lv in range(levels)]
+    go_right = jnp.stack(go_right) if levels else jnp.zeros((0,) + leaf.shape, bool)
+    if isinstance(grid.depth, int):
+        active = np.ones(levels, bool)
+    else:
+        active = level < grid.depth
+
+    def down(eta, inputs):
+        xi, right_half, active = inputs
+        left, right = split_midpoint(list(eta), list(xi))
+        chosen = pick(per_time(right_half), right, left)
+        return tuple(pick(active, chosen, list(eta))), (
+            jnp.stack(left),
+            jnp.stack(right),
+        )
+
+    xis = jnp.moveaxis(noise.z[:, :, 1 : levels + 1], 2, 0)  # (levels, m, P, *dims)
+    if m == 1 or levels == 0:
+        lefts, rights = [], []
+        for lv in range(levels):
+            act = True if isinstance(grid.depth, int) else active[lv]
+            eta, (left, right) = down(eta, (xis[lv], go_right[lv], act))
+            lefts.append(left)
+            rights.append(right)
+        shape = (0, m) + noise.z.shape[1:2] + noise.z.shape[3:]
+        stack = lambda xs: jnp.stack(xs) if xs else jnp.zeros(shape, noise.z.dtype)  # noqa: E731
+        lefts, rights = stack(lefts), stack(rights)
+    else:
+        eta, (lefts, rights) = lax.scan(down, tuple(eta), (xis, go_right, active))
+    tips = [noise.z[c, :, levels + 1] for c in range(m)]
+    if noise.extra is not None:
+        tips += list(noise.extra)
+    before, after = split_at(per_time(lam.astype(eta[0].dtype)), list(eta), tips)
+    return Walk(lefts, rights, before, after)
 
 
-def _raw(width, zeta):
-    """Moments of an interval of `width` from its standardised moments."""
+def _scaled(width, zeta):
+    """Scaled moments `(W, hH, h^2 K)` of an interval of `width` from its
+    standardised moments."""
     root = jnp.sqrt(width)
-    return tuple(root * scale * z for scale, z in zip(UNIT_SCALES, zeta, strict=False))
+    return tuple(
+        root * width**i * scale * z
+        for i, (scale, z) in enumerate(zip(UNIT_SCALES, zeta, strict=False))
+    )
 
 
 def _expand(x, like):
@@ -126,7 +157,8 @@ def values(grid, path: Walk, leaf, lam):
     first = path.before[0]
     width = _expand(lam.astype(first.dtype), first) * grid.leaf_width(first.dtype)
     value = jnp.sqrt(width) * first
-    for level, (left, _) in enumerate(path.halves):
+    for level in range(grid.levels):
+        left = path.left[level]
         take = grid.in_right_half(leaf, level)
         if grid.active(level) is not True:
             take = take & grid.active(level)
@@ -135,63 +167,63 @@ def values(grid, path: Walk, leaf, lam):
     return value
 
 
-def _chain(grid, path: Walk, leaf, lam, i: int, forwards: bool) -> list:
-    """For time `i`, `(width, moments)` of the part of its cell at each level (index =
-    level; the last is its leaf cell) before the time (`forwards`) or after it."""
+def _part(grid, path: Walk, leaf, lam, i: int, below, forwards: bool):
+    """For time `i`: `(width, scaled moments)` of the part of its cell at level
+    `below + 1` before the time (`forwards`) or after it. `below` (traced) is a
+    level above which nothing is taken; -1 for the whole interval.
 
-    def at(xs):
-        return [x[i] for x in xs]
-
+    A `lax.scan` up the levels: unrolled, this chain of concatenations is what
+    made compiling a query with Lévy areas slow (seconds)."""
     dtype = path.before[0].dtype
     lam_i = lam[i].astype(dtype)
-    fraction = lam_i if forwards else 1 - lam_i
-    width = fraction * grid.leaf_width(dtype)
-    moments = _raw(width, at(path.before if forwards else path.after))
-    out = [(width, moments)]
-    for level in reversed(range(grid.levels)):
-        right = grid.in_right_half(leaf[i], level)
-        take = right if forwards else ~right
-        if grid.active(level) is not True:
-            take = take & grid.active(level)
-        g = grid.half_width(level, dtype)
-        sibling = _raw(g, at(path.halves[level][0 if forwards else 1]))
+    width = (lam_i if forwards else 1 - lam_i) * grid.leaf_width(dtype)
+    moments = _scaled(width, [x[i] for x in (path.before if forwards else path.after)])
+    if grid.levels == 0:
+        return width, moments
+    level = np.arange(grid.levels, dtype=np.int32)
+    right = jnp.stack([grid.in_right_half(leaf[i], lv) for lv in range(grid.levels)])
+    take = (right if forwards else ~right) & (level > below)
+    if not isinstance(grid.depth, int):
+        take = take & (level < grid.depth)
+    halves = (path.left if forwards else path.right)[:, :, i]  # (levels, m, *dims)
+    widths = jnp.stack([grid.half_width(lv, dtype) for lv in range(grid.levels)])
+
+    def up(carry, level_inputs):
+        width, moments = carry
+        take, g, sibling = level_inputs
+        sibling = _scaled(g, list(sibling))
         if forwards:
             joined = concat(g, sibling, width, moments)
         else:
             joined = concat(width, moments, g, sibling)
         moments = tuple(pick(take, list(joined), list(moments)))
-        width = jnp.where(take, g + width, width)
-        out.append((width, moments))
-    return out[::-1]
+        return (jnp.where(take, g + width, width), moments), None
+
+    (width, moments), _ = lax.scan(
+        up, (width, moments), (take, widths, halves), reverse=True
+    )
+    return width, moments
 
 
 def moments_from_start(grid, path: Walk, leaf, lam) -> list:
     """The moments over `[start, time]` of a walk to one time."""
-    return list(_chain(grid, path, leaf, lam, 0, forwards=True)[0][1])
+    width, scaled = _part(grid, path, leaf, lam, 0, -1, forwards=True)
+    return list(unscale(width, scaled))
 
 
 def moments_between(grid, path: Walk, leaf, lam) -> list:
     """The moments over the interval between the two times of a walk."""
-    prefix = _chain(grid, path, leaf, lam, 1, forwards=True)
-    suffix = _chain(grid, path, leaf, lam, 0, forwards=False)
     # Below the deepest cell holding both times, the part of the earlier time's cell
     # after it and the part of the later time's cell before it are adjacent.
     common = common_level(grid, leaf)
-    w_s, s_moments = suffix[-1][0], list(suffix[-1][1])
-    w_p, p_moments = prefix[-1][0], list(prefix[-1][1])
-    for level in range(1, grid.levels):
-        here = common + 1 == level
-        w_s = jnp.where(here, suffix[level][0], w_s)
-        w_p = jnp.where(here, prefix[level][0], w_p)
-        s_moments = pick(here, list(suffix[level][1]), s_moments)
-        p_moments = pick(here, list(prefix[level][1]), p_moments)
-    across = concat(w_s, tuple(s_moments), w_p, tuple(p_moments))
+    w_s, after = _part(grid, path, leaf, lam, 0, common, forwards=False)
+    w_p, before = _part(grid, path, leaf, lam, 1, common, forwards=True)
+    across = concat(w_s, after, w_p, before)
     # In one leaf cell: the part between them, from the parts before each.
     dtype = w_s.dtype
     w_lo, w_hi = (lam[i].astype(dtype) * grid.leaf_width(dtype) for i in (0, 1))
-    gap = w_hi - w_lo
-    safe_gap = jnp.where(gap > 0, gap, jnp.ones_like(gap))
-    before = [[x[i] for x in path.before] for i in (0, 1)]
-    inside = remainder(w_lo, _raw(w_lo, before[0]), safe_gap, _raw(w_hi, before[1]))
-    inside = [jnp.where(gap > 0, x, jnp.zeros_like(x)) for x in inside]
-    return pick(common >= grid.depth, inside, list(across))
+    parts = [_scaled(w, [x[i] for x in path.before]) for i, w in ((0, w_lo), (1, w_hi))]
+    inside = remainder(w_lo, parts[0], w_hi - w_lo, parts[1])
+    same_leaf = common >= grid.depth
+    width = jnp.where(same_leaf, w_hi - w_lo, w_s + w_p)
+    return list(unscale(width, tuple(pick(same_leaf, list(inside), list(across)))))

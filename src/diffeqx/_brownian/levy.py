@@ -18,7 +18,8 @@ Concatenating two adjacent intervals gives exact formulas for the moments of the
 union; they are what keeps the Lévy areas of a Brownian path consistent across
 intervals (the moments of `[a, c]` are those of `[a, b]` and `[b, c]` combined).
 They follow from `∫ (W_u - W_s) du = hH + hW/2` and
-`∫ (u - s)(W_u - W_s) du = h²(H/2 + W/3 - K)` over each interval.
+`∫ (u - s)(W_u - W_s) du = h²(H/2 + W/3 - K)` over each interval, and are free of
+divisions in the scaled moments `(W, hH, h²K)`.
 """
 
 import math
@@ -26,6 +27,7 @@ from typing import final
 
 import equinox as eqx
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import PyTree
 
 
@@ -139,58 +141,70 @@ def make_levy(levy_area: type, dt: PyTree, moments: list) -> PyTree:
 
 
 # ---- the algebra of moments over intervals -------------------------------------------
+#
+# Over an interval of width h the formulas are division-free in the "scaled" moments
+# (W, hH, h^2 K); `scale` and `unscale` convert.
+
+
+def scale(h, moments: tuple) -> tuple:
+    """`(W, H, K)` (or a prefix of it) of an interval of width `h` to the scaled
+    moments `(W, hH, h^2 K)`."""
+    return tuple(x * h**i for i, x in enumerate(moments))
+
+
+def unscale(h, scaled: tuple) -> tuple:
+    """The inverse of `scale`; zero moments for an interval of zero width."""
+    safe = jnp.where(h == 0, jnp.ones_like(h), h)
+    return tuple(
+        jnp.where(h == 0, jnp.zeros_like(x), x / safe**i) for i, x in enumerate(scaled)
+    )
 
 
 def concat(h1, left: tuple, h2, right: tuple) -> tuple:
-    """The moments of `[a, c]` from those of `[a, b]` (width `h1`) and `[b, c]`
-    (width `h2`). Exact; no quantity is formed as a difference of larger ones."""
+    """The scaled moments of `[a, c]` from those of `[a, b]` (width `h1`) and
+    `[b, c]` (width `h2`). Exact; no quantity is formed as a difference of larger
+    ones."""
     w1, w2 = left[0], right[0]
-    h = h1 + h2
+    skew = h2 * w1 - h1 * w2
     out = [w1 + w2]
     if len(left) > 1:
-        hh1, hh2 = left[1], right[1]
-        out.append((h1 * hh1 + h2 * hh2 + 0.5 * (h2 * w1 - h1 * w2)) / h)
+        out.append(left[1] + right[1] + 0.5 * skew)
     if len(left) > 2:
-        k1, k2 = left[2], right[2]
         out.append(
-            (
-                h1 * h1 * k1
-                + h2 * h2 * k2
-                + 0.5 * h1 * h2 * (hh1 - hh2)
-                + (h2 - h1) * (h2 * w1 - h1 * w2) / 12.0
-            )
-            / (h * h)
+            left[2]
+            + right[2]
+            + 0.5 * (h2 * left[1] - h1 * right[1])
+            + (h2 - h1) * skew / 12.0
         )
     return tuple(out)
 
 
 def remainder(h1, left: tuple, h2, whole: tuple) -> tuple:
-    """The moments of `[b, c]` (width `h2 > 0`) from those of `[a, b]` (width `h1`)
-    and `[a, c]`: the inverse of `concat` in its second argument."""
+    """The scaled moments of `[b, c]` (width `h2`) from those of `[a, b]` (width
+    `h1`) and `[a, c]`: the inverse of `concat` in its second argument."""
     w1 = left[0]
     w2 = whole[0] - w1
+    skew = h2 * w1 - h1 * w2
     out = [w2]
-    h = h1 + h2
     if len(left) > 1:
-        hh1 = left[1]
-        hh2 = (h * whole[1] - h1 * hh1 - 0.5 * (h2 * w1 - h1 * w2)) / h2
-        out.append(hh2)
+        out.append(whole[1] - left[1] - 0.5 * skew)
     if len(left) > 2:
-        k1 = left[2]
-        k2 = (
-            h * h * whole[2]
-            - h1 * h1 * k1
-            - 0.5 * h1 * h2 * (hh1 - hh2)
-            - (h2 - h1) * (h2 * w1 - h1 * w2) / 12.0
-        ) / (h2 * h2)
-        out.append(k2)
+        out.append(
+            whole[2]
+            - left[2]
+            - 0.5 * (h2 * left[1] - h1 * out[1])
+            - (h2 - h1) * skew / 12.0
+        )
     return tuple(out)
 
 
 def reverse(moments: tuple) -> tuple:
     """The moments of an interval traversed backwards in time."""
     signs = (-1.0, 1.0, -1.0)
-    return tuple(sign * x for sign, x in zip(signs, moments, strict=False))
+    return tuple(
+        jtu.tree_map(lambda leaf, sign=sign: sign * leaf, x)
+        for sign, x in zip(signs, moments, strict=False)
+    )
 
 
 # ---- splitting an interval, in standardised coordinates ------------------------------

@@ -273,9 +273,9 @@ class VirtualBrownianTree(AbstractBrownianPath):
             noise = bridge.noise_separate(grid, leaf, hasher)
             path = bridge.walk(grid, leaf, lam, noise)
             dts.append((hi - lo).astype(leaf_shape.dtype))
-            if use_levy and pair:
+            if use_levy and m > 1 and pair:
                 per_leaf.append(bridge.moments_between(grid, path, leaf, lam))
-            elif use_levy:
+            elif use_levy and m > 1:
                 per_leaf.append(bridge.moments_from_start(grid, path, leaf, lam))
             else:
                 at = bridge.values(grid, path, leaf, lam)
