@@ -570,3 +570,107 @@ def test_non_finite_vector_field_is_rejected():
     )
     assert sol.result != dfx.RESULTS.successful
     assert sol.stats["num_rejected_steps"] > 0
+
+
+def _heat(t, u, args):
+    # 1-D diffusion with logistic growth: a tridiagonal Jacobian.
+    padded = jnp.pad(u, 1)
+    n = u.shape[0]
+    return 0.1 * (padded[:-2] - 2 * u + padded[2:]) * (n + 1) ** 2 + u * (1 - u)
+
+
+def _heat_tridiagonal(t, u, args):
+    import lineax as lx
+
+    n = u.shape[0]
+    c = 0.1 * (n + 1) ** 2
+    off = jnp.full(n - 1, c)
+    return lx.TridiagonalLinearOperator(-2 * c + 1 - 2 * u, off, off)
+
+
+def test_user_given_jacobian():
+    import lineax as lx
+
+    from _jaxpr import equations
+
+    n = 30
+    u0 = jnp.sin(jnp.pi * jnp.linspace(0.0, 1.0, n + 2)[1:-1])
+
+    def solve(solver, t0=0.0, t1=0.5):
+        def run(u0):
+            return dfx.diffeqsolve(
+                dfx.ODETerm(_heat),
+                solver,
+                t0,
+                t1,
+                1e-3 if t1 > t0 else -1e-3,
+                u0,
+                stepsize_controller=dfx.PIDController(rtol=1e-7, atol=1e-9),
+            ).ys[-1]
+
+        return run
+
+    auto = solve(dfx.Rodas5P())(u0)
+    dense = dfx.Rodas5P(
+        jacobian=lambda t, u, a: jax.jacfwd(lambda v: _heat(t, v, a))(u)
+    )
+    np.testing.assert_allclose(
+        np.asarray(solve(dense)(u0)), np.asarray(auto), rtol=1e-12
+    )
+    banded = dfx.Rodas5P(jacobian=_heat_tridiagonal, linear_solver=lx.Tridiagonal())
+    np.testing.assert_allclose(
+        np.asarray(solve(banded)(u0)), np.asarray(auto), rtol=1e-10, atol=1e-12
+    )
+    shapes = {
+        tuple(v.aval.shape) for eqn in equations(solve(banded), u0) for v in eqn.outvars
+    }
+    assert (n, n) not in shapes
+
+
+def test_user_given_jacobian_at_the_true_time_backwards():
+    # A time-dependent Jacobian: evaluated at the wrong time (the solve loop's
+    # reversed time), Rodas5P's answer would change at its order of accuracy.
+    def field(t, y, args):
+        return jnp.sin(3 * t) * y + jnp.cos(t) * y**2
+
+    def jacobian(t, y, args):
+        return jnp.diag(jnp.sin(3 * t) + 2 * jnp.cos(t) * y)
+
+    def solve(solver):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(field),
+            solver,
+            2.0,
+            0.0,
+            -0.1,
+            jnp.array([0.3, -0.2]),
+            stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-10),
+        ).ys[-1]
+
+    np.testing.assert_allclose(
+        np.asarray(solve(dfx.Rodas5P(jacobian=jacobian))),
+        np.asarray(solve(dfx.Rodas5P())),
+        rtol=1e-12,
+    )
+
+
+def test_user_given_jacobian_errors():
+    y0 = jnp.ones(3)
+    with pytest.raises(ValueError, match=r"expected \(3, 3\)"):
+        dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, a: -y),
+            dfx.Rodas5P(jacobian=lambda t, y, a: jnp.eye(2)),
+            0.0,
+            1.0,
+            0.1,
+            y0,
+        )
+    with pytest.raises(ValueError, match="must be an `ODETerm`"):
+        dfx.diffeqsolve(
+            dfx.MultiTerm(dfx.ODETerm(lambda t, y, a: -y)),
+            dfx.Rodas5P(jacobian=lambda t, y, a: -jnp.eye(3)),
+            0.0,
+            1.0,
+            0.1,
+            y0,
+        )

@@ -29,7 +29,7 @@ from jax.flatten_util import ravel_pytree
 from .._path.local import AbstractLocalInterpolation, _like
 from .._root_finder import is_matrix_free
 from .._solution import RESULTS
-from .._term import AbstractTerm
+from .._term import AbstractTerm, ODETerm, _ForwardTimeTerm
 from .base import AbstractAdaptiveSolver
 from .runge_kutta import node_time
 
@@ -74,7 +74,48 @@ class _Linearisation:
         return solution.value, RESULTS.promote(solution.result)
 
 
-def _linearise(terms, t0, t1, y0, args, gamma, solver, tags) -> _Linearisation:
+def _user_operator(jacobian, terms, t0, t1, y0, args, gamma, n, dtype):
+    """`I / gamma - h J` from the user's `jacobian(t, y, args)`: an `(n, n)` array
+    for the flattened state, or a `lineax` operator (e.g. tridiagonal)."""
+    # The solve loop presents terms in forward time `tau = direction * t`.
+    direction = 1
+    while isinstance(terms, _ForwardTimeTerm):
+        direction = direction * terms.direction
+        terms = terms.term
+    if not isinstance(terms, ODETerm):
+        raise ValueError(
+            "A Rosenbrock solver's `jacobian=` is the Jacobian of an ODE's vector "
+            f"field, so the terms must be an `ODETerm`; got {type(terms).__name__}. "
+            "Leave `jacobian=None` to differentiate any term automatically."
+        )
+    t0, t1 = direction * t0, direction * t1
+    h = jnp.asarray(terms.contr(t0, t1)).astype(dtype)
+    inv_gamma = jnp.asarray(1 / gamma, dtype)
+    jac = jacobian(t0, y0, args)
+    if isinstance(jac, lx.AbstractLinearOperator):
+        if jac.in_size() != n or jac.out_size() != n:
+            raise ValueError(
+                f"`jacobian=` returned an operator of shape ({jac.out_size()}, "
+                f"{jac.in_size()}); the flattened state has {n} entries."
+            )
+        identity = lx.IdentityLinearOperator(
+            jax.eval_shape(lambda: jnp.zeros(n, dtype))
+        )
+        return identity * inv_gamma - jac * h
+    jac = jnp.asarray(jac)
+    if jac.shape != (n, n):
+        raise ValueError(
+            f"`jacobian=` returned an array of shape {jac.shape}; expected ({n}, {n}) "
+            "for the flattened state (`jax.flatten_util.ravel_pytree` order)."
+        )
+    return lx.MatrixLinearOperator(
+        jnp.eye(n, dtype=dtype) * inv_gamma - h * jac.astype(dtype)
+    )
+
+
+def _linearise(
+    terms, t0, t1, y0, args, gamma, solver, tags, jacobian=None
+) -> _Linearisation:
     flat, unravel = ravel_pytree(y0)
     dtype = flat.dtype
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -88,15 +129,16 @@ def _linearise(terms, t0, t1, y0, args, gamma, solver, tags) -> _Linearisation:
         return out.astype(dtype)
 
     n = flat.shape[0]
-    if tags or is_matrix_free(solver):
+    if jacobian is not None:
+        hf0, hf_t = jax.jvp(lambda t: hf(t, flat), (t0,), (jnp.ones_like(t0),))
+        operator = _user_operator(jacobian, terms, t0, t1, y0, args, gamma, n, dtype)
+    elif tags or is_matrix_free(solver):
         # The matrix `I / gamma - hJ` as the Jacobian of `z / gamma - hf(t0, z)`:
         # an iterative solver applies it by Jacobian-vector products (linearised
         # once per step), a structured one (e.g. `lineax.Tridiagonal` with
         # `lineax.tridiagonal_tag`) builds its few diagonals from as many products.
         # No n x n matrix is formed.
-        hf0, hf_t = jax.jvp(
-            lambda t: hf(t, flat), (t0,), (jnp.ones_like(t0),), has_aux=False
-        )
+        hf0, hf_t = jax.jvp(lambda t: hf(t, flat), (t0,), (jnp.ones_like(t0),))
         inv_gamma = jnp.asarray(1 / gamma, dtype)
         operator = lx.JacobianLinearOperator(
             lambda z, _: inv_gamma * z - hf(t0, z), flat, tags=tags
@@ -146,11 +188,17 @@ class AbstractRosenbrock(AbstractAdaptiveSolver):
       e.g. `lineax.tridiagonal_tag` with `linear_solver=lineax.Tridiagonal()`: its
       diagonals are then built from three Jacobian–vector products rather than a
       full Jacobian. The structure must hold; it is not checked.
+    - `jacobian`: optional `jacobian(t, y, args)`, the Jacobian of an `ODETerm`'s
+      vector field with respect to the state, used instead of forward-mode
+      autodiff: an `(n, n)` array for the state flattened in
+      `jax.flatten_util.ravel_pytree` order, or a `lineax` operator (e.g. a
+      `lineax.TridiagonalLinearOperator`, with `linear_solver=lineax.Tridiagonal()`).
     """
 
     term_structure: ClassVar[Any] = AbstractTerm
     linear_solver: lx.AbstractLinearSolver = lx.LU()
     tags: Any = eqx.field(default=frozenset(), static=True)
+    jacobian: Callable | None = None
 
     def init(self, terms, t0, t1, y0, args):
         return None
@@ -231,7 +279,15 @@ class _AbstractRodas(AbstractRosenbrock):
         tab = self.tableau
         s = len(tab.c)
         lin = _linearise(
-            terms, t0, t1, y0, args, tab.gamma, self.linear_solver, self.tags
+            terms,
+            t0,
+            t1,
+            y0,
+            args,
+            tab.gamma,
+            self.linear_solver,
+            self.tags,
+            self.jacobian,
         )
         dtype = lin.y0.dtype
         us = []
@@ -471,6 +527,11 @@ class Rodas4(_AbstractRodas):
       e.g. `lineax.tridiagonal_tag` with `linear_solver=lineax.Tridiagonal()`: its
       diagonals are then built from three Jacobian–vector products rather than a
       full Jacobian. The structure must hold; it is not checked.
+    - `jacobian`: optional `jacobian(t, y, args)`, the Jacobian of an `ODETerm`'s
+      vector field with respect to the state, used instead of forward-mode
+      autodiff: an `(n, n)` array for the state flattened in
+      `jax.flatten_util.ravel_pytree` order, or a `lineax` operator (e.g. a
+      `lineax.TridiagonalLinearOperator`, with `linear_solver=lineax.Tridiagonal()`).
     """
 
     tableau: ClassVar[_RodasTableau] = _RODAS4_TABLEAU
@@ -505,6 +566,11 @@ class Rodas5P(_AbstractRodas):
       e.g. `lineax.tridiagonal_tag` with `linear_solver=lineax.Tridiagonal()`: its
       diagonals are then built from three Jacobian–vector products rather than a
       full Jacobian. The structure must hold; it is not checked.
+    - `jacobian`: optional `jacobian(t, y, args)`, the Jacobian of an `ODETerm`'s
+      vector field with respect to the state, used instead of forward-mode
+      autodiff: an `(n, n)` array for the state flattened in
+      `jax.flatten_util.ravel_pytree` order, or a `lineax` operator (e.g. a
+      `lineax.TridiagonalLinearOperator`, with `linear_solver=lineax.Tridiagonal()`).
     """
 
     tableau: ClassVar[_RodasTableau] = _RODAS5P_TABLEAU
@@ -578,6 +644,11 @@ class Rosenbrock23(AbstractRosenbrock):
       e.g. `lineax.tridiagonal_tag` with `linear_solver=lineax.Tridiagonal()`: its
       diagonals are then built from three Jacobian–vector products rather than a
       full Jacobian. The structure must hold; it is not checked.
+    - `jacobian`: optional `jacobian(t, y, args)`, the Jacobian of an `ODETerm`'s
+      vector field with respect to the state, used instead of forward-mode
+      autodiff: an `(n, n)` array for the state flattened in
+      `jax.flatten_util.ravel_pytree` order, or a `lineax` operator (e.g. a
+      `lineax.TridiagonalLinearOperator`, with `linear_solver=lineax.Tridiagonal()`).
     """
 
     interpolation_cls: ClassVar = _Rosenbrock23Interpolation
@@ -593,7 +664,17 @@ class Rosenbrock23(AbstractRosenbrock):
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         # The solver's matrix is I/d - hJ = W/d with Shampine & Reichelt's
         # W = I - d hJ, so W^{-1} v is a solve against v/d.
-        lin = _linearise(terms, t0, t1, y0, args, _R23_D, self.linear_solver, self.tags)
+        lin = _linearise(
+            terms,
+            t0,
+            t1,
+            y0,
+            args,
+            _R23_D,
+            self.linear_solver,
+            self.tags,
+            self.jacobian,
+        )
         dtype = lin.y0.dtype
         inv_d = 1.0 / _R23_D
         hf0 = lin.hf0
