@@ -3,8 +3,9 @@
 
 Counter-based sampling: a normal sample is a pure function of `(key words, counter
 words)`, computed by the Threefry-2x32 hash (the one behind `jax.random`'s default
-keys) and an exact map from its bits to a uniform number in `(-1, 1)`, then the
-inverse error function. Many samples at arbitrary counters come from one vectorised
+keys), an exact map from its bits to a probability strictly inside `(0, 1)` (52 bits
+of it for float64, 24 otherwise), then the normal quantile function (Wichura's
+algorithm AS 241). Many samples at arbitrary counters come from one vectorised
 hash, so a path can address "the sample belonging to this cell of this tree" or
 "to this interval" directly, without sequential key splitting.
 """

@@ -5,39 +5,46 @@ time, in any order, reproducibly, at a cost independent of earlier queries.
 which the cells (of width `(t1 - t0) / 2^D`) are no wider than `tol`. Each cell of the
 binary tree has an address (its heap number: `2^level + index`). The root's moments
 (`W`, and `H`, `K` when the `levy_area` asks for them) are sampled from their
-Gaussian law; each cell's moments are split into its halves' moments by the exact
-conditional law (Lévy's Brownian-bridge construction, extended to the space-time and
-space-time-time Lévy areas as in Foster's thesis, Theorem 6.1.6: the halves'
-standardised moments are an orthogonal transform of the parent's and of fresh
-normals, see `levy.py`). Inside a leaf cell, a query point at fraction `λ` of the
-cell splits it once more, by the same exact conditional law at `λ`, using normals
-that belong to the leaf. The path is therefore a pure function of `(key, t)`:
+Gaussian law; each cell's moments are split into its halves' moments by their exact
+conditional law given the cell's (Lévy's Brownian-bridge construction, extended to
+the space-time and space-time-time Lévy areas, whose conditional laws under
+bisection Foster's thesis and Foster, Lyons & Oberhauser study): in standardised
+coordinates the halves' moments are an orthogonal transform of the parent's and of
+fresh normals (`levy.py`). Inside a leaf cell, a query time at fraction `λ` of the
+cell splits it once more, by the exact conditional law at `λ`, using normals that
+belong to the leaf. The path is therefore a pure function of `(key, t)`:
 
 - *reproducible*: the same query gives the same bits, whatever was asked before;
-- *consistent*: `W(s, u) = W(s, t) + W(t, u)` (to rounding), the value at a point
+- *consistent*: `W(s, u) = W(s, t) + W(t, u)` (to rounding), the value at a time
   does not depend on the interval that asked for it, and the Lévy areas of adjacent
   intervals combine into the Lévy areas of their union (the exact concatenation
   formulas of `levy.py`, to rounding);
 - *exact in law at resolution `tol`*: for any query times with at most one strictly
   inside each leaf cell, the increments and Lévy areas between them have exactly the
-  joint law of Brownian motion (up to the sampling of the normals). Inside a cell,
-  a single random split stands in for the whole Brownian bridge: every point has the
-  exact law, but two points in one cell are more strongly correlated than Brownian
-  motion's (with `BrownianIncrement`, `W(t) = W(a) + λ(W(b) - W(a)) +
-  sqrt(λ(1 - λ)(b - a)) ξ` with one normal `ξ` per cell).
+  joint law of Brownian motion (up to the sampling of the normals). In particular a
+  solve whose steps are all at least `tol` long sees exactly Brownian motion. Inside
+  a cell, one random split per query time stands in for the whole Brownian bridge:
+  each time has the exact law, but two times in one cell are not jointly Brownian.
+  With `BrownianIncrement`, `W(t) = W(a) + λ(W(b) - W(a)) + sqrt(λ(1 - λ)(b - a)) ξ`
+  on a cell `[a, b]`, with one normal `ξ` per cell, so increments inside a cell are
+  too small; with Lévy areas, the `H` and `K` of an interval inside one cell do not
+  have Brownian motion's law (their variances are many times `h/12` and `h/720`).
 
-**Why it is fast.** The randomness a query needs is addressed by cell, and a point's
+**Why it is fast.** The randomness a query needs is addressed by cell, and a time's
 cells (one per level) follow from its position alone, not from sampled values. So
 all of a query's normals come from one vectorised counter-based hash (Threefry, see
-`base.py`), with no sequential key splitting, and the bisection itself is a short
-chain of elementwise arithmetic (`D` steps of a fixed orthogonal transform) that XLA
-fuses. Bisection (branching factor 2) needs the fewest normals per level of depth
-(`m` per level for `m` moments, against `m (B - 1)` for `log_B 2` as many levels of
-a `B`-ary tree), and the work is small enough that the hash dominates.
-A query `evaluate(s, t)` walks the tree for both ends. Lévy areas over `[s, t]` are
-assembled from the part of `s`'s cell after `s` and the part of `t`'s cell before
-`t`, below the deepest cell holding both, so no small quantity is computed as the
-difference of large ones.
+`base.py`), with no sequential key splitting; the bisection is a chain of `D` small
+orthogonal transforms, unrolled into elementwise arithmetic that XLA fuses (with
+Lévy areas, a `lax.scan` over the levels, which keeps compilation short). Branching
+factor 2 needs the fewest normals for a given resolution: a `B`-ary tree needs
+`m (B - 1)` normals per level for `m` moments, over `log_B 2` times as many levels
+as a binary tree. The hash and the normal quantile are most of the cost of a query.
+
+A query `evaluate(s, t)` walks the tree for both ends (`2 (D + 2)` cells). The
+increment `W(t) - W(s)` is the difference of the two values. Lévy areas over
+`[s, t]` are assembled from the part of `s`'s cell after `s` and the part of `t`'s
+cell before `t` below the deepest cell holding both, so they are never a difference
+of quantities over longer intervals, except inside a single leaf cell.
 """
 
 import math
@@ -171,7 +178,8 @@ class VirtualBrownianTree(AbstractBrownianPath):
     - `t0`, `t1`: the interval, `t0 < t1`.
     - `tol`: the resolution: the tree bisects `[t0, t1]` until its cells are no wider
       than `tol`. Steps of at least `tol` see exact Brownian increments; steps
-      within one cell see a smoothed path (see below).
+      within one cell see a smoothed path (see below). At most `2^31` cells: a
+      smaller `tol` is a `ValueError`.
     - `shape`: the shape of `W`: a tuple of integers (the default floating dtype),
       or a PyTree of `jax.ShapeDtypeStruct`s, one per leaf, each with its own real
       floating dtype.
@@ -190,13 +198,16 @@ class VirtualBrownianTree(AbstractBrownianPath):
     `evaluate(t0, t1)` (`W` and `K` negated, `H` unchanged). For query times with at
     most one strictly inside each cell of width `<= tol` (the cells split `[t0, t1]`
     into `2^D` equal parts), the increments and Lévy areas between them have exactly
-    the joint law of Brownian motion. Each single time has the exact law too, but
-    within a cell the path is a single random interpolation of the cell's
-    endpoints: two times closer than `tol` are more correlated than under Brownian
-    motion.
+    the joint law of Brownian motion, so a solve whose steps are all at least `tol`
+    long sees exactly Brownian motion. Each single time has the exact law too, but
+    within a cell the path is a single random interpolation of the cell's ends: the
+    increment and Lévy areas between two times strictly inside one cell do not have
+    Brownian motion's law (with `BrownianIncrement` the increment's variance is too
+    small). Take steps of at least `tol` (or a smaller `tol`), in particular with
+    solvers that use `H` or `K`.
 
     Gradients do not flow through the path: it is a random control, treated as a
-    constant (`jax.lax.stop_gradient` on its inputs), so `jax.grad` of a solve
+    constant (`jax.lax.stop_gradient` on its times and results), so `jax.grad` of a solve
     driven by it gets zero cotangents for the path and its times.
 
     Querying outside `[t0, t1]` is a `ValueError` when the times are known at trace

@@ -65,12 +65,14 @@ class UnsafeBrownianPath(AbstractBrownianPath):
     e.g. the steps of a fixed-step solve, have exactly Brownian motion's law.
 
     **What is not:** consistency between intervals. `W(a, c)` is not
-    `W(a, b) + W(b, c)`, and overlapping intervals get independent samples. So do
+    `W(a, b) + W(b, c)`, and overlapping intervals get independent samples. The
+    samples depend on the last bit of the times, which the same solve can compute
+    differently when compiled differently (with and without `jax.jit`, say). So do
     not use it with adaptive step sizes (rejected steps are re-sampled over
     overlapping intervals), with `SaveAt(dense=True)` or `SaveAt(ts=...)` between
-    steps, for a backward-in-time solve meant to retrace a forward one
-    (`BacksolveAdjoint`), or whenever two runs must see the same path but step to
-    slightly different times (the samples depend on the last bit of the times).
+    steps, with `BacksolveAdjoint` (which solves backwards over other intervals), or
+    to differentiate a solve with `RecursiveCheckpointAdjoint` under `jax.jit` (its
+    recomputed steps can get other samples, which makes the gradient wrong).
     `evaluate(t)` (a value rather than an increment) is an error: the path has no
     values. Use [`diffeqx.VirtualBrownianTree`][] for any of these.
 
