@@ -332,6 +332,7 @@ def _parametrised_solve(rate, y0, dtype=jnp.float64):
     ).ys[-1]
 
 
+@pytest.mark.slow  # the engine's gradients are tested by default with Kvaerno3
 def test_grad_matches_finite_differences():
     y0 = jnp.array([2.0])
 
@@ -347,6 +348,7 @@ def test_grad_matches_finite_differences():
     np.testing.assert_allclose(float(grads[1][0]), float(fd_y0), rtol=1e-6)
 
 
+@pytest.mark.slow  # the engine under vmap/float32 is tested by default with Kvaerno
 def test_vmap_over_parameters_equals_a_loop_and_float32():
     rates = jnp.array([1.0, 10.0, 100.0])
     y0 = jnp.array([2.0])

@@ -137,7 +137,9 @@ def test_imex_with_the_same_root_finder_takes_diffraxs_steps(name):
     )
 
 
-@pytest.mark.parametrize("name", ["KenCarp4", "Sil3"])
+@pytest.mark.parametrize(
+    "name", ["KenCarp4", pytest.param("Sil3", marks=pytest.mark.slow)]
+)
 def test_imex_default_root_finder(name):
     # With the default `VeryChord`, diffeqx takes the steps Diffrax takes with
     # Newton's method (Sil3: Diffrax's steps with its own default too). Diffrax
