@@ -22,27 +22,16 @@ from .._path.local import (
 from .._term import AbstractTerm, MultiTerm
 from . import imex_coefficients as imco
 from .base import AbstractAdaptiveSolver
-from .implicit import AbstractDIRK, _default_root_finder
+from .implicit import DIRK_ARGUMENTS, AbstractDIRK, _default_root_finder
 from .runge_kutta import CalculateJacobian, MultiButcherTableau
 
-_ARGUMENTS = """
+_ARGUMENTS = (
+    """
 
     Call it with `terms=MultiTerm(explicit_term, implicit_term)`: the first term is
-    treated explicitly (the non-stiff part), the second implicitly (the stiff part).
-
-    **Arguments:**
-
-    - `scan_kind`: accepted for compatibility with Diffrax; it does not change the
-      computation.
-    - `root_finder`: the `optimistix` root finder of the stage equations. By default
-      `VeryChord` with the step-size controller's `rtol`, `atol` and `norm`
-      (`with_stepsize_controller_tols(VeryChord)()`); with a controller that has no
-      tolerances (`ConstantStepSize`) pass one with its own, e.g.
-      `VeryChord(rtol=1e-8, atol=1e-8)`.
-    - `root_find_max_steps`: the most iterations per stage (10 by default); a stage
-      that has not converged by then fails the step, and an adaptive controller
-      rejects it and retries with a smaller step.
-    """
+    treated explicitly (the non-stiff part), the second implicitly (the stiff part)."""
+    + DIRK_ARGUMENTS
+)
 
 
 class _AbstractIMEX(AbstractDIRK, AbstractAdaptiveSolver):

@@ -427,10 +427,7 @@ class ImplicitEuler(AbstractImplicitSolver, AbstractAdaptiveSolver):
         return y1, y_error, dict(y0=y0, y1=y1), None, result
 
 
-class _AbstractKvaerno(AbstractESDIRK, AbstractAdaptiveSolver):
-    """Kværnø's ESDIRK methods (A. Kværnø, BIT Numerical Mathematics 44 (2004)
-    489–502): stiffly accurate and L-stable, with an embedded error estimate for
-    adaptive steps and third-order Hermite dense output. For stiff problems.
+DIRK_ARGUMENTS = """
 
     **Arguments:**
 
@@ -445,6 +442,15 @@ class _AbstractKvaerno(AbstractESDIRK, AbstractAdaptiveSolver):
       that has not converged by then fails the step, and an adaptive controller
       rejects it and retries with a smaller step.
     """
+
+
+class _AbstractKvaerno(AbstractESDIRK, AbstractAdaptiveSolver):
+    __doc__ = (
+        """Kværnø's ESDIRK methods (A. Kværnø, BIT Numerical Mathematics 44 (2004)
+    489–502): stiffly accurate and L-stable, with an embedded error estimate for
+    adaptive steps and third-order Hermite dense output. For stiff problems."""
+        + DIRK_ARGUMENTS
+    )
 
     calculate_jacobian: ClassVar[CalculateJacobian] = CalculateJacobian.second_stage
     interpolation_cls: ClassVar[Callable[..., Any]] = (

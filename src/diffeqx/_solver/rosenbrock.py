@@ -503,26 +503,16 @@ _RODAS5P_TABLEAU = _RodasTableau(
 )
 
 
-@final
-class Rodas4(_AbstractRodas):
-    """Hairer & Wanner's Rodas: a Rosenbrock method of order 4 with an embedded
-    order-3 error estimate, 6 stages (each one linear solve with the same
-    factorisation, 5 evaluations of the vector field plus one Jacobian per step).
-    Stiffly accurate and L-stable, as is its embedded method. Dense output: its own
-    cubic interpolant from the stages.
-
-    For stiff problems at moderate tolerances (around `rtol=1e-3` to `1e-7`) whose
-    state is small enough for a dense Jacobian and its LU factorisation every step.
-
-    Reference: E. Hairer and G. Wanner, *Solving Ordinary Differential Equations II:
-    Stiff and Differential-Algebraic Problems*, 2nd ed., Springer (1996), §IV.7.
+def _arguments(matrix: str) -> str:
+    """The `**Arguments:**` section shared by the Rosenbrock solvers' docstrings."""
+    return f"""
 
     **Arguments:**
 
     - `linear_solver`: the `lineax` solver of the stages' linear systems (matrix
-      `I / gamma - h J` of the flattened state), initialised once per step and
-      reused by every stage. Default `lineax.LU()`. A Krylov solver (`lineax.GMRES`,
-      ...) uses Jacobian–vector products only: no matrix is formed.
+      `{matrix}` of the flattened state), initialised once per step and reused by
+      every stage. Default `lineax.LU()`. A Krylov solver (`lineax.GMRES`, ...) uses
+      Jacobian–vector products only: no matrix is formed.
     - `tags`: `lineax` structure tags of that matrix (the Jacobian's structure),
       e.g. `lineax.tridiagonal_tag` with `linear_solver=lineax.Tridiagonal()`: its
       diagonals are then built from three Jacobian–vector products rather than a
@@ -534,6 +524,23 @@ class Rodas4(_AbstractRodas):
       `lineax.TridiagonalLinearOperator`, with `linear_solver=lineax.Tridiagonal()`).
     """
 
+
+@final
+class Rodas4(_AbstractRodas):
+    __doc__ = """Hairer & Wanner's Rodas: a Rosenbrock method of order 4 with an embedded
+    order-3 error estimate, 6 stages (each one linear solve with the same
+    factorisation, 5 evaluations of the vector field plus one Jacobian per step).
+    Stiffly accurate and L-stable, as is its embedded method. Dense output: its own
+    cubic interpolant from the stages.
+
+    For stiff problems at moderate tolerances (around `rtol=1e-3` to `1e-7`) whose
+    state is small enough for a dense Jacobian and its LU factorisation every step.
+
+    Reference: E. Hairer and G. Wanner, *Solving Ordinary Differential Equations II:
+    Stiff and Differential-Algebraic Problems*, 2nd ed., Springer (1996), §IV.7.""" + _arguments(
+        "I / gamma - h J"
+    )
+
     tableau: ClassVar[_RodasTableau] = _RODAS4_TABLEAU
 
     def order(self, terms):
@@ -542,7 +549,7 @@ class Rodas4(_AbstractRodas):
 
 @final
 class Rodas5P(_AbstractRodas):
-    """Steinebach's Rodas5P: a Rosenbrock method of order 5 with an embedded order-4
+    __doc__ = """Steinebach's Rodas5P: a Rosenbrock method of order 5 with an embedded order-4
     error estimate, 8 stages (each one linear solve with the same factorisation, 7
     evaluations of the vector field plus one Jacobian per step). Stiffly accurate and
     L-stable, as is its embedded method. Dense output: its own quartic interpolant
@@ -554,24 +561,9 @@ class Rodas5P(_AbstractRodas):
 
     Reference: G. Steinebach, *Construction of Rosenbrock–Wanner method Rodas5P and
     numerical benchmarks within the Julia Differential Equations package*, BIT
-    Numerical Mathematics 63 (2023), doi:10.1007/s10543-023-00967-x.
-
-    **Arguments:**
-
-    - `linear_solver`: the `lineax` solver of the stages' linear systems (matrix
-      `I / gamma - h J` of the flattened state), initialised once per step and
-      reused by every stage. Default `lineax.LU()`. A Krylov solver (`lineax.GMRES`,
-      ...) uses Jacobian–vector products only: no matrix is formed.
-    - `tags`: `lineax` structure tags of that matrix (the Jacobian's structure),
-      e.g. `lineax.tridiagonal_tag` with `linear_solver=lineax.Tridiagonal()`: its
-      diagonals are then built from three Jacobian–vector products rather than a
-      full Jacobian. The structure must hold; it is not checked.
-    - `jacobian`: optional `jacobian(t, y, args)`, the Jacobian of an `ODETerm`'s
-      vector field with respect to the state, used instead of forward-mode
-      autodiff: an `(n, n)` array for the state flattened in
-      `jax.flatten_util.ravel_pytree` order, or a `lineax` operator (e.g. a
-      `lineax.TridiagonalLinearOperator`, with `linear_solver=lineax.Tridiagonal()`).
-    """
+    Numerical Mathematics 63 (2023), doi:10.1007/s10543-023-00967-x.""" + _arguments(
+        "I / gamma - h J"
+    )
 
     tableau: ClassVar[_RodasTableau] = _RODAS5P_TABLEAU
 
@@ -619,7 +611,7 @@ class _Rosenbrock23Interpolation(AbstractLocalInterpolation):
 
 @final
 class Rosenbrock23(AbstractRosenbrock):
-    """Shampine & Reichelt's modified Rosenbrock method, the method of MATLAB's
+    __doc__ = """Shampine & Reichelt's modified Rosenbrock method, the method of MATLAB's
     `ode23s`: order 2, advancing with an L-stable formula (`d = 1 / (2 + sqrt(2))`),
     with an error estimate against a companion formula of order 3, so the estimate
     is `O(h^3)` and `error_order` is 3. The order-2 formula is a W-method: its order
@@ -632,24 +624,7 @@ class Rosenbrock23(AbstractRosenbrock):
     state is small enough for a dense Jacobian and its LU factorisation every step.
 
     Reference: L. F. Shampine and M. W. Reichelt, *The MATLAB ODE Suite*, SIAM J.
-    Sci. Comput. 18(1), 1–22 (1997).
-
-    **Arguments:**
-
-    - `linear_solver`: the `lineax` solver of the stages' linear systems (matrix
-      `I / d - h J` of the flattened state), initialised once per step and reused by
-      every stage. Default `lineax.LU()`. A Krylov solver (`lineax.GMRES`,
-      ...) uses Jacobian–vector products only: no matrix is formed.
-    - `tags`: `lineax` structure tags of that matrix (the Jacobian's structure),
-      e.g. `lineax.tridiagonal_tag` with `linear_solver=lineax.Tridiagonal()`: its
-      diagonals are then built from three Jacobian–vector products rather than a
-      full Jacobian. The structure must hold; it is not checked.
-    - `jacobian`: optional `jacobian(t, y, args)`, the Jacobian of an `ODETerm`'s
-      vector field with respect to the state, used instead of forward-mode
-      autodiff: an `(n, n)` array for the state flattened in
-      `jax.flatten_util.ravel_pytree` order, or a `lineax` operator (e.g. a
-      `lineax.TridiagonalLinearOperator`, with `linear_solver=lineax.Tridiagonal()`).
-    """
+    Sci. Comput. 18(1), 1–22 (1997).""" + _arguments("I / d - h J")
 
     interpolation_cls: ClassVar = _Rosenbrock23Interpolation
 
