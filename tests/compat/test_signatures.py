@@ -23,7 +23,10 @@ EXTENSIONS = {
     ("Event", "max_events"): "how many crossings a non-terminating event records",
     ("Solution", "event_ts"): "times of the crossings a non-terminating event records",
     ("Solution", "event_ys"): "states at those crossings",
-    ("VeryChord", "tags"): "lineax structure tags of the stage Jacobian (docs/stiff.md)",
+    (
+        "VeryChord",
+        "tags",
+    ): "lineax structure tags of the stage Jacobian (docs/stiff.md)",
 }
 
 
