@@ -77,6 +77,9 @@ def _same_value(ours, theirs, depth=0) -> bool:
         # A root finder's tolerance taken from the step-size controller
         # (`with_stepsize_controller_tols`): each library has its own marker.
         return "stepsize_controller" in repr(ours)
+    if isinstance(theirs, type):
+        # A default class (e.g. `levy_area=BrownianIncrement`): the same class name.
+        return isinstance(ours, type) and ours.__name__ == theirs.__name__
     if inspect.isfunction(theirs) or inspect.isbuiltin(theirs):
         # A default function (e.g. `rms_norm`, `save_y`): the same function by name.
         return callable(ours) and ours.__name__ == theirs.__name__
