@@ -314,6 +314,19 @@ def test_tree_with_traced_bounds_is_the_same_path():
         )
 
 
+@pytest.mark.slow
+def test_tree_with_traced_bounds_has_the_same_levy_areas():
+    @jax.jit
+    def traced(t0, t1, tol, s, t):
+        tree = dfx.VirtualBrownianTree(t0, t1, tol, (2,), jr.key(8), levy_area=LEVY)
+        return tree.evaluate(s, t, use_levy=True)
+
+    for s, t in [(0.3001, 0.45), (0.3001, 0.3004), (0.0, 1.0)]:
+        ours, expected = traced(0.0, 1.0, 1e-3, s, t), _between(jr.key(8), s, t)
+        for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+
+
 def test_tree_pytree_shape_with_mixed_dtypes():
     shape = {
         "a": jax.ShapeDtypeStruct((2, 3), jnp.float32),
