@@ -572,3 +572,40 @@ def test_levy_area_normalisation_matches_diffrax():
     np.testing.assert_allclose(
         float(area.K), trapezoid(bridge * (0.5 - grid), grid), atol=2e-3
     )
+
+
+def _unsafe_ou_solve(rate, adjoint=None, controller=None):
+    bm = dfx.UnsafeBrownianPath((), jr.key(3))
+    terms = dfx.MultiTerm(
+        dfx.ODETerm(lambda t, y, a: -a * y),
+        dfx.ControlTerm(lambda t, y, a: 0.5 + 0 * y, bm),
+    )
+    kwargs = {} if adjoint is None else dict(adjoint=adjoint)
+    if controller is not None:
+        kwargs["stepsize_controller"] = controller
+    return dfx.diffeqsolve(
+        terms,
+        dfx.Heun() if controller else dfx.Euler(),
+        0.0,
+        1.0,
+        0.01,
+        jnp.asarray(1.0),
+        args=rate,
+        **kwargs,
+    ).ys[-1]
+
+
+def test_unsafe_path_refuses_adaptive_steps_and_reverse_mode():
+    rate = jnp.asarray(0.7)
+    with pytest.raises(ValueError, match="adaptive step-size controller"):
+        _unsafe_ou_solve(rate, controller=dfx.PIDController(rtol=1e-3, atol=1e-3))
+    for adjoint in (dfx.RecursiveCheckpointAdjoint(), dfx.DirectAdjoint()):
+        with pytest.raises(ValueError, match="Reverse-mode differentiation"):
+            jax.jit(jax.grad(lambda a, adjoint=adjoint: _unsafe_ou_solve(a, adjoint)))(
+                rate
+            )
+    # Forward mode is supported, and matches finite differences on the same path.
+    derivative = jax.jit(jax.jacfwd(_unsafe_ou_solve))(rate)
+    eps = 1e-6
+    fd = (_unsafe_ou_solve(rate + eps) - _unsafe_ou_solve(rate - eps)) / (2 * eps)
+    np.testing.assert_allclose(float(derivative), float(fd), rtol=1e-6)

@@ -309,3 +309,36 @@ def check_max_steps(max_steps) -> None:
         )
     if max_steps < 1:
         raise ValueError(f"`max_steps` must be at least 1, got {max_steps}.")
+
+
+def check_unsafe_brownian(terms, stepsize_controller, adjoint) -> None:
+    """`UnsafeBrownianPath` draws each increment from the key and the interval's
+    times, so it is only right when every interval is sampled once: constant steps,
+    no rejected step, and no backward pass that re-derives the step times."""
+    from .._brownian.unsafe import UnsafeBrownianPath
+    from .._transforms import differentiation_levels
+
+    def is_unsafe(x):
+        return isinstance(x, UnsafeBrownianPath)
+
+    if not any(is_unsafe(x) for x in jtu.tree_leaves(terms, is_leaf=is_unsafe)):
+        return
+    if is_adaptive_controller(stepsize_controller):
+        raise ValueError(
+            "`UnsafeBrownianPath` cannot be used with an adaptive step-size "
+            f"controller ({type(stepsize_controller).__name__}): a rejected step "
+            "would draw a new, inconsistent increment. Use `VirtualBrownianTree`, or "
+            "constant steps."
+        )
+    if "reverse" in differentiation_levels():
+        # Measured: under `jax.jit`, `jax.grad` through such a solve gave wrong
+        # gradients with RecursiveCheckpointAdjoint and DirectAdjoint alike (the
+        # sampled times need not round the same in the backward pass); forward
+        # mode matched finite differences.
+        raise ValueError(
+            "Reverse-mode differentiation (`jax.grad`, `jax.vjp`) of a solve driven "
+            f"by `UnsafeBrownianPath` (adjoint {type(adjoint).__name__}) is not "
+            "supported: its increments are drawn from the step times, which the "
+            "backward pass need not reproduce bit for bit. Use `VirtualBrownianTree`, "
+            "or forward mode (`jax.jacfwd`, `jax.jvp`, `adjoint=ForwardMode()`)."
+        )

@@ -196,6 +196,7 @@ def _check_arguments(
         else jtu.tree_leaves(saveat.subs, is_leaf=is_subsaveat)
     )
     checks.check_saveat(saveat, t0, t1, max_steps, subs)
+    checks.check_unsafe_brownian(terms, stepsize_controller, adjoint)
     return subs
 
 
