@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from _timing import compile_once, time_runs  # noqa: E402
 
 import diffeqx  # noqa: E402
+from diffeqx._profile import count_executions  # noqa: E402
 
 
 def robertson(t, y, args, xp=jnp):
@@ -202,20 +203,8 @@ def factorisations_per_step(lib, name, problem) -> int:
         state = solver.init(terms, t0, t1, y, None)
         return solver.step(terms, t0, t1, y, None, state, False)[0]
 
-    def count(jaxpr, repeat):
-        # Each `lu`, times the lengths of the scans (stage loops) around it.
-        total = 0
-        for eqn in jaxpr.eqns:
-            total += repeat * (eqn.primitive.name == "lu")
-            inner_repeat = repeat * eqn.params.get("length", 1)
-            for value in eqn.params.values():
-                for item in value if isinstance(value, (list, tuple)) else (value,):
-                    inner = getattr(item, "jaxpr", None)
-                    if inner is not None:
-                        total += count(getattr(inner, "jaxpr", inner), inner_repeat)
-        return total
-
-    return count(jax.make_jaxpr(step)(y0).jaxpr, 1)
+    # Each `lu`, times the lengths of the scans (stage loops) around it.
+    return count_executions(jax.make_jaxpr(step)(y0), "lu")
 
 
 def run_scipy(method, problem, rtol) -> dict:

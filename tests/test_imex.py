@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import diffeqx as dfx
+from diffeqx._profile import count_executions
 
 IMEX = {
     "KenCarp3": (dfx.KenCarp3, 3),
@@ -226,25 +227,12 @@ def test_zero_explicit_part_equals_the_implicit_tableau_alone():
 
 
 def _count_factorisations(solver, terms, y0):
-    """LU factorisations a step performs: each `lu` in its program, times the
-    lengths of the scans (stage loops) around it."""
+    """LU factorisations a step performs (in stage loops: once per stage)."""
 
     def step(y):
         return solver.step(terms, 0.0, 0.1, y, None, None, False)[0]
 
-    def count(jaxpr, repeat):
-        total = 0
-        for eqn in jaxpr.eqns:
-            total += repeat * (eqn.primitive.name == "lu")
-            inner_repeat = repeat * eqn.params.get("length", 1)
-            for value in eqn.params.values():
-                for item in value if isinstance(value, (list, tuple)) else (value,):
-                    inner = getattr(item, "jaxpr", None)
-                    if inner is not None:
-                        total += count(getattr(inner, "jaxpr", inner), inner_repeat)
-        return total
-
-    return count(jax.make_jaxpr(step)(y0).jaxpr, 1)
+    return count_executions(jax.make_jaxpr(step)(y0), "lu")
 
 
 class _Kvaerno5EveryStage(dfx.AbstractESDIRK, dfx.AbstractAdaptiveSolver):

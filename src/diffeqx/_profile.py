@@ -79,3 +79,20 @@ def count_equations(jaxpr) -> dict[str, int]:
 
     walk(jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr, "outside")
     return dict(counts)
+
+
+def count_executions(jaxpr, primitive: str) -> int:
+    """How many times equations of `primitive` run when `jaxpr` runs once: each
+    occurrence times the lengths of the scans around it (loops of unknown length,
+    and branches, count once)."""
+
+    def count(jaxpr, repeat):
+        total = 0
+        for eqn in jaxpr.eqns:
+            total += repeat * (eqn.primitive.name == primitive)
+            inner_repeat = repeat * eqn.params.get("length", 1)
+            for inner in _sub_jaxprs(eqn.params):
+                total += count(inner, inner_repeat)
+        return total
+
+    return count(getattr(jaxpr, "jaxpr", jaxpr), 1)
