@@ -349,3 +349,42 @@ def test_vmap_over_parameters_equals_a_loop_and_float32():
     )
     assert single.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(single), np.asarray(looped[1]), rtol=1e-4)
+
+
+class _MidpointWithExtraStages(dfx.AbstractDIRK):
+    """The implicit midpoint rule (stage 0, diagonal 1/2; the solution is
+    `y0 + k0`), followed by an explicit and another implicit stage that do not enter
+    the solution: implicit stages that are not contiguous run unrolled."""
+
+    tableau: ClassVar = dfx.ButcherTableau(
+        c=np.array([0.5, 1.0]),
+        b_sol=np.array([1.0, 0.0, 0.0]),
+        b_error=None,
+        a_lower=(np.array([0.5]), np.array([0.0, 0.5])),
+        a_diagonal=np.array([0.5, 0.0, 0.5]),
+        c1=0.5,
+    )
+    interpolation_cls: ClassVar = dfx.LocalLinearInterpolation
+    root_finder: dfx.VeryChord = _TIGHT
+    root_find_max_steps: int = 10
+
+    def order(self, terms):
+        return 2
+
+
+def test_non_contiguous_implicit_stages():
+    hs = [0.1, 0.05, 0.025]
+
+    def error(h):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, a: jnp.stack([y[1], -y[0]])),
+            _MidpointWithExtraStages(),
+            0.0,
+            2.0,
+            h,
+            jnp.array([1.0, 0.0]),
+        )
+        return np.abs(np.asarray(sol.ys[-1]) - np.array([np.cos(2.0), -np.sin(2.0)]))
+
+    errors = [error(h).max() for h in hs]
+    assert abs(_slope(hs, errors) - 2) < 0.2, errors

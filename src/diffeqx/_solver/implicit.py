@@ -282,25 +282,31 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
             )
             return set_stage(ks, i, stage_args[1], z, k_i), stage_result
 
+        def explicit_step(i, ks):
+            rows = [a_m[i] for a_m in a]
+            base = y0 if i == 0 else _add(y0, _combine_parts(rows, ks))
+            return set_stage(ks, i, stage_time(float(c[i])), base, None)
+
         def first_failure(result, new):
             return RESULTS.where(result == RESULTS.successful, new, result)
 
         implicit_stages = [i for i in range(s) if diagonals[i] != 0]
         first = implicit_stages[0]
         # The implicit stages run in one loop when they are contiguous (traced once:
-        # the root find is the bulk of a step's program), else unrolled.
-        loop = self._loop_stages() and implicit_stages == list(range(first, s))
+        # the root find is the bulk of a step's program; measured on Robertson and
+        # HIRES, Kvaerno5/KenCarp4 compile in 1.2-1.7 s instead of 2.0-3.3 s, at the
+        # same run time), else unrolled.
+        loop = implicit_stages == list(range(first, s))
         result = RESULTS.successful
         for i in range(first):
-            t_i = stage_time(float(c[i]))
-            base = y0 if i == 0 else _add(y0, _combine_parts([a_m[i] for a_m in a], ks))
-            ks = set_stage(ks, i, t_i, base, None)
+            ks = explicit_step(i, ks)
         jacobian_state = None
         if reuse:
             # One factorisation per step, at the first implicit stage's guess.
             stage_args, guess = stage_setup(first, ks, float(diagonals[first]))
             jacobian_state = stage_jacobian(self.root_finder, *stage_args, guess)
         if loop:
+            # The closures above read these as arrays indexed by the traced stage.
             a = [jnp.asarray(a_m) for a_m in a]
             c = jnp.asarray(c)
             predictor = jnp.asarray(predictor)
@@ -317,9 +323,7 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
         else:
             for i in range(first, s):
                 if diagonals[i] == 0:
-                    t_i = stage_time(float(c[i]))
-                    base = _add(y0, _combine_parts([a_m[i] for a_m in a], ks))
-                    ks = set_stage(ks, i, t_i, base, None)
+                    ks = explicit_step(i, ks)
                     continue
                 ks, stage_result = implicit_step(
                     i, ks, float(diagonals[i]), jacobian_state
@@ -346,11 +350,6 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
             for i, row in enumerate(tableau.a_predictor, start=1):
                 matrix[i, :i] = row
         return matrix
-
-    def _loop_stages(self) -> bool:
-        # Measured on Robertson and HIRES: compile 1.2-1.7 s instead of 2.0-3.3 s
-        # for Kvaerno5 and KenCarp4, with run times within noise of unrolled stages.
-        return True
 
 
 class AbstractSDIRK(AbstractDIRK):
