@@ -1,0 +1,221 @@
+"""Shared harness for strong convergence orders of SDE solvers.
+
+A problem is a drift, a diffusion (for `ControlTerm`), the shape of its Brownian
+motion, its noise class, and where one exists a closed-form pathwise solution in terms
+of `W(t1) - W(t0)`. `strong_errors` solves it on many Brownian paths (a
+`VirtualBrownianTree` per key, fine enough that every step size used is exact in law),
+with several step sizes on the same paths, and returns the mean absolute error at the
+final time against the closed form or, where there is none, against a reference solve
+on the same path with a much finer step. `fitted_order` is the least-squares slope of
+log(error) against log(dt).
+
+Every solve is one `jax.jit(jax.vmap(...))` over keys per step size, in float64.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+import diffeqx as dfx
+
+
+@dataclasses.dataclass(frozen=True)
+class SDEProblem:
+    name: str
+    y0: Callable[[], jax.Array]
+    drift: Callable
+    diffusion: Callable
+    bm_shape: tuple[int, ...]
+    noise: str  # scalar | diagonal | commutative | additive | general
+    # (y0, w, t1, calculus) -> y(t1), with w = W(t1) - W(t0), t0 = 0; or None.
+    exact: Callable | None = None
+    t1: float = 1.0
+
+
+def _gbm_exact(mu, sigma):
+    def exact(y0, w, t1, calculus):
+        shift = mu - 0.5 * sigma**2 if calculus == "ito" else mu
+        return y0 * jnp.exp(shift * t1 + sigma * w)
+
+    return exact
+
+
+def _commutative_exact(a, b):
+    # dy = a y dt + sum_j b_j y dW^j: the noise vector fields b_j y commute.
+    b = np.asarray(b)
+
+    def exact(y0, w, t1, calculus):
+        shift = a - 0.5 * float(np.sum(b**2)) if calculus == "ito" else a
+        return y0 * jnp.exp(shift * t1 + jnp.dot(jnp.asarray(b), w))
+
+    return exact
+
+
+def _diagonal_exact(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+
+    def exact(y0, w, t1, calculus):
+        shift = a - 0.5 * b**2 if calculus == "ito" else a
+        return y0 * jnp.exp(jnp.asarray(shift) * t1 + jnp.asarray(b) * w)
+
+    return exact
+
+
+_SIGMA_ADDITIVE = np.array([[0.6, 0.2], [-0.3, 0.5]])
+_A_GENERAL = np.array([[0.3, -0.2], [0.1, 0.25]])
+_B_GENERAL = np.array([[0.0, 0.4], [-0.35, 0.1]])
+
+
+PROBLEMS = {
+    # Geometric Brownian motion, scalar noise: dy = mu y dt + sigma y dW.
+    "gbm": SDEProblem(
+        "gbm",
+        y0=lambda: jnp.asarray(1.0),
+        drift=lambda t, y, args: 0.5 * y,
+        diffusion=lambda t, y, args: 0.8 * y,
+        bm_shape=(),
+        noise="scalar",
+        exact=_gbm_exact(0.5, 0.8),
+    ),
+    # Independent GBMs, diagonal noise.
+    "diagonal": SDEProblem(
+        "diagonal",
+        y0=lambda: jnp.asarray([1.0, 0.5]),
+        drift=lambda t, y, args: jnp.asarray([0.3, -0.2]) * y,
+        diffusion=lambda t, y, args: jnp.diag(jnp.asarray([0.6, 0.9]) * y),
+        bm_shape=(2,),
+        noise="diagonal",
+        exact=_diagonal_exact([0.3, -0.2], [0.6, 0.9]),
+    ),
+    # Scalar state, two commuting noise vector fields b_j y.
+    "commutative": SDEProblem(
+        "commutative",
+        y0=lambda: jnp.asarray([1.0]),
+        drift=lambda t, y, args: 0.4 * y,
+        diffusion=lambda t, y, args: y[:, None] * jnp.asarray([[0.5, -0.4]]),
+        bm_shape=(2,),
+        noise="commutative",
+        exact=_commutative_exact(0.4, [0.5, -0.4]),
+    ),
+    # Additive noise with a nonlinear, time-dependent drift (no closed form).
+    "additive": SDEProblem(
+        "additive",
+        y0=lambda: jnp.asarray([0.5, -0.2]),
+        drift=lambda t, y, args: -jnp.sin(y) + jnp.cos(t) * jnp.asarray([0.3, -0.1]),
+        diffusion=lambda t, y, args: jnp.asarray(_SIGMA_ADDITIVE),
+        bm_shape=(2,),
+        noise="additive",
+    ),
+    # Linear non-commutative noise: the two noise vector fields A y and B y do not
+    # commute (AB != BA); no closed form.
+    "general": SDEProblem(
+        "general",
+        y0=lambda: jnp.asarray([1.0, 0.5]),
+        drift=lambda t, y, args: -0.5 * y + 0.2 * jnp.sin(y),
+        diffusion=lambda t, y, args: jnp.stack(
+            [jnp.asarray(_A_GENERAL) @ y, jnp.asarray(_B_GENERAL) @ y], axis=-1
+        ),
+        bm_shape=(2,),
+        noise="general",
+    ),
+}
+
+
+def terms_for(problem: SDEProblem, bm):
+    return dfx.MultiTerm(
+        dfx.ODETerm(problem.drift), dfx.ControlTerm(problem.diffusion, bm)
+    )
+
+
+def brownian(problem: SDEProblem, key, levy_area=dfx.BrownianIncrement, tol=2.0**-14):
+    return dfx.VirtualBrownianTree(
+        0.0, problem.t1, tol=tol, shape=problem.bm_shape, key=key, levy_area=levy_area
+    )
+
+
+def _solver_fn(solver, problem, levy_area, make_terms, controller, max_steps):
+    """One compiled function `(keys, dt) -> (y(t1), W(t1) - W(0))` per path: the step
+    size is traced, so every step size shares one compilation."""
+
+    def one(key, dt):
+        bm = brownian(problem, key, levy_area)
+        sol = dfx.diffeqsolve(
+            make_terms(problem, bm),
+            solver,
+            0.0,
+            problem.t1,
+            dt,
+            problem.y0(),
+            stepsize_controller=controller,
+            max_steps=max_steps,
+        )
+        return sol.ys[-1], bm.evaluate(0.0, problem.t1)
+
+    return jax.jit(jax.vmap(one, in_axes=(0, None)))
+
+
+def strong_errors(
+    solver,
+    problem: SDEProblem,
+    dts,
+    *,
+    calculus: str,
+    n_paths: int = 64,
+    levy_area=dfx.BrownianIncrement,
+    reference_solver=None,
+    reference_dt: float = 2.0**-12,
+    make_terms=terms_for,
+    seed: int = 5678,
+) -> np.ndarray:
+    """Mean over `n_paths` Brownian paths of |y_numerical(t1) - y_true(t1)|, for each
+    step size in `dts`. `y_true` is the closed form when the problem has one, else
+    `reference_solver` (default: `solver`) with step `reference_dt` on the same path.
+    """
+    assert calculus in ("ito", "stratonovich")
+    keys = jr.split(jr.key(seed), n_paths)
+    controller = dfx.ConstantStepSize()
+    finest = min(min(dts), reference_dt)
+    max_steps = int(round(problem.t1 / finest)) + 2
+    run = _solver_fn(solver, problem, levy_area, make_terms, controller, max_steps)
+    results = [run(keys, jnp.asarray(dt)) for dt in dts]
+    if problem.exact is not None:
+        y0 = problem.y0()
+        w = results[0][1]
+        truth = jax.vmap(lambda w_: problem.exact(y0, w_, problem.t1, calculus))(w)
+    else:
+        if reference_solver is not None:
+            run = _solver_fn(
+                reference_solver, problem, levy_area, make_terms, controller, max_steps
+            )
+        truth, _ = run(keys, jnp.asarray(reference_dt))
+    errors = []
+    for y, _ in results:
+        diff = np.asarray(y - truth).reshape(n_paths, -1)
+        errors.append(float(np.mean(np.max(np.abs(diff), axis=-1))))
+    return np.asarray(errors)
+
+
+def fitted_order(dts, errors) -> float:
+    slope, _ = np.polyfit(np.log(np.asarray(dts)), np.log(np.asarray(errors)), 1)
+    return float(slope)
+
+
+DTS = tuple(2.0**-k for k in range(3, 8))
+
+
+def assert_strong_order(
+    solver, problem, expected, *, calculus, dts=DTS, tolerance=0.15, **kwargs
+):
+    errors = strong_errors(solver, problem, dts, calculus=calculus, **kwargs)
+    order = fitted_order(dts, errors)
+    assert math.isfinite(order), errors
+    assert abs(order - expected) <= tolerance, (
+        f"{type(solver).__name__} on {problem.name}: strong order {order:.3f}, "
+        f"expected {expected} +- {tolerance}; errors {errors}"
+    )
+    return order
