@@ -67,8 +67,8 @@ def _diagonal_exact(a, b):
 
 
 _SIGMA_ADDITIVE = np.array([[0.6, 0.2], [-0.3, 0.5]])
-_A_GENERAL = np.array([[0.3, -0.2], [0.1, 0.25]])
-_B_GENERAL = np.array([[0.0, 0.4], [-0.35, 0.1]])
+_A_GENERAL = np.array([[0.0, 0.7], [-0.7, 0.0]])
+_B_GENERAL = np.array([[0.7, 0.0], [0.0, -0.7]])
 
 
 PROBLEMS = {
@@ -111,8 +111,9 @@ PROBLEMS = {
         bm_shape=(2,),
         noise="additive",
     ),
-    # Linear non-commutative noise: the two noise vector fields A y and B y do not
-    # commute (AB != BA); no closed form.
+    # Linear non-commutative noise: the noise vector fields A y (a rotation) and
+    # B y (a reflection) anticommute, so AB - BA = 2AB is far from zero; no closed
+    # form.
     "general": SDEProblem(
         "general",
         y0=lambda: jnp.asarray([1.0, 0.5]),

@@ -117,6 +117,13 @@ from ._solver.runge_kutta import (
     CalculateJacobian as CalculateJacobian,
     MultiButcherTableau as MultiButcherTableau,
 )
+from ._solver.sde import (
+    EulerHeun as EulerHeun,
+    HalfSolver as HalfSolver,
+    ItoMilstein as ItoMilstein,
+    ReversibleHeun as ReversibleHeun,
+    StratonovichMilstein as StratonovichMilstein,
+)
 from ._term import (
     AbstractTerm as AbstractTerm,
     MultiTerm as MultiTerm,

@@ -208,7 +208,7 @@ class ControlTerm(_AbstractControlTerm[VFT, ControlT]):
                     f"{v.shape}, which does not end in the control's shape "
                     f"{c.shape}; it must have shape (*y_shape, *control_shape)."
                 )
-            outs.append(jnp.tensordot(v, c, axes=c.ndim).astype(v.dtype))
+            outs.append(jnp.tensordot(v, c.astype(v.dtype), axes=c.ndim))
         return jtu.tree_unflatten(structure, outs)
 
     def vf(self, t, y, args):
@@ -226,7 +226,9 @@ class ControlTerm(_AbstractControlTerm[VFT, ControlT]):
         pairs, structure = _pair_with_control(vf, control, "ControlTerm")
         outs = []
         for y_leaf, (v, c) in zip(jtu.tree_leaves(y), pairs, strict=True):
-            out = jnp.tensordot(v, c, axes=c.ndim)
+            # The control is cast to the vector field's dtype (e.g. a float32
+            # Brownian path driving a float64 state), the result to the state's.
+            out = jnp.tensordot(v, c.astype(v.dtype), axes=c.ndim)
             outs.append(out.astype(jnp.result_type(y_leaf)))
         return jtu.tree_unflatten(structure, outs)
 

@@ -236,3 +236,13 @@ def time_dtype(*times: Any):
 
 def is_concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def brownian_paths(tree) -> list:
+    """Every Brownian path in a PyTree (e.g. among the terms of a solve, inside
+    control terms, `MultiTerm`s and the solve's own wrappers)."""
+
+    def is_path(x):
+        return isinstance(x, AbstractBrownianPath)
+
+    return [x for x in jtu.tree_leaves(tree, is_leaf=is_path) if is_path(x)]

@@ -11,12 +11,19 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from .._brownian.base import brownian_paths
 from .._controller.base import AbstractStepSizeController
 from .._controller.clip import is_adaptive_controller, unwrap_controller
 from .._controller.constant import ConstantStepSize, StepTo
 from .._event import Event
 from .._saveat import SaveAt
-from .._solver.base import AbstractImplicitSolver, AbstractSolver
+from .._solver.base import (
+    AbstractImplicitSolver,
+    AbstractItoSolver,
+    AbstractSolver,
+    AbstractStratonovichSolver,
+    AbstractWrappedSolver,
+)
 from .._solver.explicit import Euler
 from .._solver.runge_kutta import AbstractRungeKutta
 from .._solver.term_structure import (
@@ -342,3 +349,51 @@ def check_unsafe_brownian(terms, stepsize_controller, adjoint) -> None:
             "backward pass need not reproduce bit for bit. Use `VirtualBrownianTree`, "
             "or forward mode (`jax.jacfwd`, `jax.jvp`, `adjoint=ForwardMode()`)."
         )
+
+
+def check_sde(terms, solver, stepsize_controller) -> None:
+    """For a solve driven by Brownian motion: the solver's Lévy-area needs are met by
+    every path, Euler is not used with adaptive steps, and a solver not marked as
+    converging to the Itô or the Stratonovich solution is warned about."""
+    paths = brownian_paths(terms)
+    if not paths:
+        return
+    needed = getattr(solver, "minimal_levy_area", None)
+    if needed is not None:
+        for path in paths:
+            given = getattr(path, "levy_area", None)
+            if not (isinstance(given, type) and issubclass(given, needed)):
+                given_name = getattr(given, "__name__", repr(given))
+                raise ValueError(
+                    f"`{type(solver).__name__}` needs a Brownian motion that provides "
+                    f"`{needed.__name__}` (e.g. a path created with "
+                    f"`levy_area=diffeqx.{_concrete_levy_area(needed)}`), but "
+                    f"`{type(path).__name__}` was given `levy_area={given_name}`."
+                )
+    if isinstance(solver, Euler) and is_adaptive_controller(stepsize_controller):
+        raise ValueError(
+            "An SDE cannot be solved by `Euler` with an adaptive step-size controller "
+            f"({type(stepsize_controller).__name__}): Euler has no error estimate, "
+            "and adapting the steps to the noise would bias the solution. Use "
+            "constant steps, or a solver with an error estimate (e.g. "
+            "`HalfSolver(Euler())`, `SPaRK()`, `ReversibleHeun()`)."
+        )
+    inner = solver
+    while isinstance(inner, AbstractWrappedSolver):
+        inner = inner.solver
+    if not isinstance(inner, (AbstractItoSolver, AbstractStratonovichSolver)):
+        warnings.warn(
+            f"`{type(solver).__name__}` is not marked as converging to either the "
+            "Itô or the Stratonovich solution of an SDE (it subclasses neither "
+            "`AbstractItoSolver` nor `AbstractStratonovichSolver`).",
+            stacklevel=4,
+        )
+
+
+def _concrete_levy_area(cls) -> str:
+    from .._brownian import levy
+
+    for name in ("BrownianIncrement", "SpaceTimeLevyArea", "SpaceTimeTimeLevyArea"):
+        if issubclass(getattr(levy, name), cls):
+            return name
+    return cls.__name__

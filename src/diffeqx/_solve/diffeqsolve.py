@@ -20,6 +20,7 @@ from .._root_finder import resolve_root_finder_tols
 from .._saveat import SaveAt, is_subsaveat
 from .._solution import RESULTS, Solution, is_event
 from .._solver.base import AbstractSolver
+from .._solver.sde import resolve_deprecated_tuple_terms
 from . import checks
 from .event import locate_event
 from .fixed import fixed_step_plan, run_fixed_steps
@@ -101,6 +102,7 @@ def diffeqsolve(
     ```
     """
     event = checks.resolve_deprecated_event(event, discrete_terminating_event)
+    terms = resolve_deprecated_tuple_terms(terms, solver)
     solver = resolve_root_finder_tols(solver, stepsize_controller)
     problem = dict(
         terms=terms,
@@ -171,6 +173,7 @@ def _check_arguments(
     and the states to resume from are checked when the first step is traced.)"""
     checks.check_solver(solver)
     checks.check_terms(terms, solver)
+    checks.check_sde(terms, solver, stepsize_controller)
     checks.check_y0(y0)
     checks.check_times(t0, t1)
     checks.check_max_steps(max_steps)

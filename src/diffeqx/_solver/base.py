@@ -8,13 +8,13 @@ from typing import Any, Generic, TypeVar
 import equinox as eqx
 from jaxtyping import PyTree
 
+from .._brownian.base import brownian_paths
 from .._term import AbstractTerm
 
 
 def _is_sde(terms) -> bool:
-    # SDE solvers arrive with the Brownian-motion milestone; until then every term
-    # structure is treated as an ODE for the purposes of `error_order`.
-    return False
+    """Whether `terms` are driven by Brownian motion (a path anywhere among them)."""
+    return bool(brownian_paths(terms))
 
 
 _SolverState = TypeVar("_SolverState")

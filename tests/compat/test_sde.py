@@ -1,0 +1,93 @@
+"""SDE solves through Diffrax and diffeqx on the same (deterministic) driving path:
+Euler, Heun, Euler–Heun, Milstein (Itô and Stratonovich), reversible Heun and
+`HalfSolver`, with constant and adaptive steps. Their Brownian trees differ by design,
+so `tests/compat/_sde_paths.py` supplies one path both accept."""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffeqx
+
+from ._sde_paths import polynomial_path
+
+SOLVERS = {
+    "Euler": lambda lib: lib.Euler(),
+    "Heun": lambda lib: lib.Heun(),
+    "EulerHeun": lambda lib: lib.EulerHeun(),
+    "ItoMilstein": lambda lib: lib.ItoMilstein(),
+    "StratonovichMilstein": lambda lib: lib.StratonovichMilstein(),
+    "ReversibleHeun": lambda lib: lib.ReversibleHeun(),
+    "HalfSolver(EulerHeun)": lambda lib: lib.HalfSolver(lib.EulerHeun()),
+}
+ADAPTIVE = ("ReversibleHeun", "HalfSolver(EulerHeun)")
+
+
+def _terms(lib, noise):
+    if noise == "scalar":
+        path = polynomial_path(lib, ())
+        return lib.MultiTerm(
+            lib.ODETerm(lambda t, y, args: -0.5 * y + jnp.sin(t)),
+            lib.ControlTerm(lambda t, y, args: 0.8 * jnp.cos(y), path),
+        ), jnp.asarray(0.7)
+    path = polynomial_path(lib, (2,), seed=1)
+
+    def diffusion(t, y, args):
+        return jnp.stack(
+            [
+                jnp.stack([jnp.sin(y[0]), 0.3 * y[1]]),
+                jnp.stack([0.2 * y[0], jnp.cos(y[1])]),
+            ]
+        )
+
+    return lib.MultiTerm(
+        lib.ODETerm(lambda t, y, args: -y + 0.1 * y[::-1]),
+        lib.ControlTerm(diffusion, path),
+    ), jnp.asarray([0.7, -0.4])
+
+
+def _solve(lib, solver_name, noise, adaptive):
+    terms, y0 = _terms(lib, noise)
+    controller = (
+        lib.PIDController(rtol=1e-2, atol=1e-2) if adaptive else lib.ConstantStepSize()
+    )
+    sol = lib.diffeqsolve(
+        terms,
+        SOLVERS[solver_name](lib),
+        0.0,
+        2.0,
+        0.05,
+        y0,
+        saveat=lib.SaveAt(steps=True),
+        stepsize_controller=controller,
+        max_steps=1024,
+    )
+    num = int(sol.stats["num_steps"])
+    return dict(
+        ts=np.asarray(sol.ts)[:num],
+        ys=np.asarray(sol.ys)[:num],
+        num_steps=num,
+        num_accepted_steps=int(sol.stats["num_accepted_steps"]),
+        num_rejected_steps=int(sol.stats["num_rejected_steps"]),
+        successful=bool(sol.result == lib.RESULTS.successful),
+    )
+
+
+CASES = [(name, noise, False) for name in SOLVERS for noise in ("scalar", "general")]
+CASES += [(name, noise, True) for name in ADAPTIVE for noise in ("scalar", "general")]
+
+
+@pytest.mark.parametrize("solver_name, noise, adaptive", CASES)
+def test_same_solve_as_diffrax(solver_name, noise, adaptive):
+    with jax.numpy_dtype_promotion("standard"):
+        theirs = _solve(diffrax, solver_name, noise, adaptive)
+    ours = _solve(diffeqx, solver_name, noise, adaptive)
+    assert ours["successful"] and theirs["successful"]
+    for key in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
+        assert ours[key] == theirs[key], (key, ours[key], theirs[key])
+    if adaptive:
+        assert ours["num_rejected_steps"] > 0  # the controller is exercised
+    np.testing.assert_allclose(ours["ts"], theirs["ts"], rtol=1e-12)
+    np.testing.assert_allclose(ours["ys"], theirs["ys"], rtol=1e-11, atol=1e-12)

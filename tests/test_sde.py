@@ -1,0 +1,400 @@
+"""SDE solvers written for drift and diffusion (Euler–Heun, Milstein, reversible
+Heun), `HalfSolver`, and the checks `diffeqsolve` makes on SDE solves.
+
+Strong orders are measured against closed-form pathwise solutions (GBM, diagonal and
+commutative noise) or fine-step references on the same Brownian paths (additive and
+non-commutative noise), with the harness in `tests/_sde.py`.
+"""
+
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import diffeqx as dfx
+from _sde import PROBLEMS, assert_strong_order, brownian, strong_errors, terms_for
+
+# (solver, problem, calculus, expected strong order). The orders for commutative
+# noise are those of the methods' Milstein-type expansions; for non-commutative
+# noise every method here is of order 1/2 (no Lévy area is used).
+ORDER_CASES = [
+    ("Euler", "gbm", "ito", 0.5),
+    ("Euler", "additive", "ito", 1.0),
+    ("EulerHeun", "commutative", "stratonovich", 1.0),
+    ("EulerHeun", "general", "stratonovich", 0.5),
+    ("StratonovichMilstein", "commutative", "stratonovich", 1.0),
+    ("ItoMilstein", "gbm", "ito", 1.0),
+    ("ItoMilstein", "diagonal", "ito", 1.0),
+    ("ReversibleHeun", "additive", "stratonovich", 1.0),
+    ("ReversibleHeun", "general", "stratonovich", 0.5),
+    ("Heun", "gbm", "stratonovich", 1.0),
+]
+SLOW_ORDER_CASES = [
+    ("StratonovichMilstein", "diagonal", "stratonovich", 1.0),
+    ("ItoMilstein", "commutative", "ito", 1.0),
+    ("ReversibleHeun", "gbm", "stratonovich", 1.0),
+    ("Heun", "general", "stratonovich", 0.5),
+    ("Euler", "general", "ito", 0.5),
+]
+
+
+@pytest.mark.parametrize("name, problem, calculus, expected", ORDER_CASES)
+def test_strong_order(name, problem, calculus, expected):
+    assert_strong_order(
+        getattr(dfx, name)(), PROBLEMS[problem], expected, calculus=calculus
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, problem, calculus, expected", SLOW_ORDER_CASES)
+def test_strong_order_more(name, problem, calculus, expected):
+    assert_strong_order(
+        getattr(dfx, name)(), PROBLEMS[problem], expected, calculus=calculus
+    )
+
+
+def test_half_solver_strong_order_and_half_steps():
+    # The result of HalfSolver is the two half steps: its errors at dt are the
+    # wrapped solver's at dt/2.
+    dts = (2.0**-3, 2.0**-4, 2.0**-5)
+    problem = PROBLEMS["commutative"]
+    half = strong_errors(
+        dfx.HalfSolver(dfx.EulerHeun()), problem, dts, calculus="stratonovich"
+    )
+    plain = strong_errors(
+        dfx.EulerHeun(), problem, [dt / 2 for dt in dts], calculus="stratonovich"
+    )
+    np.testing.assert_allclose(half, plain, rtol=1e-10)
+
+
+def test_ito_and_stratonovich_solutions_differ_as_they_should():
+    # On GBM, Itô Milstein converges to the Itô solution and Stratonovich Milstein
+    # to the Stratonovich one: each is far from the other's closed form.
+    problem = PROBLEMS["gbm"]
+    dts = (2.0**-7,)
+    ito = strong_errors(dfx.ItoMilstein(), problem, dts, calculus="ito")
+    wrong = strong_errors(dfx.ItoMilstein(), problem, dts, calculus="stratonovich")
+    assert ito[0] < 0.01 and wrong[0] > 0.1
+
+
+# ---- reversibility ------------------------------------------------------------------
+
+
+def test_reversible_heun_runs_backwards_to_its_start():
+    problem = PROBLEMS["general"]
+    bm = brownian(problem, jr.key(3), tol=2.0**-10)
+    terms = terms_for(problem, bm)
+    solver = dfx.ReversibleHeun()
+    forward = dfx.diffeqsolve(
+        terms,
+        solver,
+        0.0,
+        1.0,
+        2.0**-6,
+        problem.y0(),
+        saveat=dfx.SaveAt(t1=True, solver_state=True),
+    )
+    y_hat, vf = forward.solver_state
+    # Backwards the controls are negated: the stored vector field is reused as is.
+    backward = dfx.diffeqsolve(
+        terms,
+        solver,
+        1.0,
+        0.0,
+        -(2.0**-6),
+        forward.ys[-1],
+        solver_state=(y_hat, vf),
+    )
+    np.testing.assert_allclose(backward.ys[-1], problem.y0(), rtol=0, atol=1e-12)
+
+
+# ---- adaptive steps -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "solver", [dfx.HalfSolver(dfx.EulerHeun()), dfx.ReversibleHeun()]
+)
+def test_adaptive_sde_solve_converges(solver):
+    problem = PROBLEMS["commutative"]
+    keys = jr.split(jr.key(0), 16)
+
+    def final(key, rtol):
+        bm = brownian(problem, key, tol=2.0**-12)
+        sol = dfx.diffeqsolve(
+            terms_for(problem, bm),
+            solver,
+            0.0,
+            1.0,
+            0.05,
+            problem.y0(),
+            stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol),
+            max_steps=4096,
+        )
+        return sol.ys[-1], bm.evaluate(0.0, 1.0), sol.stats["num_accepted_steps"]
+
+    solve = jax.jit(jax.vmap(final, in_axes=(0, None)))
+    errors, steps = [], []
+    for rtol in (1e-1, 1e-2, 1e-3):
+        y, w, n = solve(keys, rtol)
+        exact = jax.vmap(
+            lambda w_: problem.exact(problem.y0(), w_, 1.0, "stratonovich")
+        )(w)
+        errors.append(float(jnp.mean(jnp.abs(y - exact))))
+        steps.append(int(jnp.sum(n)))
+    assert np.all(np.isfinite(errors))
+    assert errors[2] < errors[1] < errors[0], errors
+    assert steps[2] > steps[1] > steps[0], steps
+
+
+def test_half_solver_on_an_ode_has_local_order_two_error():
+    # On an ODE, HalfSolver(Euler()) drives a PID controller: the error estimate
+    # is |two half steps - one step|, and its order is Euler's plus one.
+    solver = dfx.HalfSolver(dfx.Euler())
+    term = dfx.ODETerm(lambda t, y, args: -y)
+    assert solver.error_order(term) == 2
+    sol = dfx.diffeqsolve(
+        term,
+        solver,
+        0.0,
+        1.0,
+        0.1,
+        1.0,
+        stepsize_controller=dfx.PIDController(rtol=1e-5, atol=1e-5),
+    )
+    assert sol.result == dfx.RESULTS.successful
+    np.testing.assert_allclose(sol.ys[-1], np.exp(-1.0), rtol=5e-3)
+    # One step is exactly two Euler half steps.
+    y1, y_error, _, _, _ = solver.step(term, 0.0, 0.2, 1.0, None, None, False)
+    np.testing.assert_allclose(y1, 0.9 * 0.9, rtol=1e-15)
+    np.testing.assert_allclose(y_error, abs(0.81 - 0.8), rtol=1e-12)
+
+
+def test_sde_error_order_is_strong_order_plus_half():
+    problem = PROBLEMS["gbm"]
+    terms = terms_for(problem, brownian(problem, jr.key(0)))
+    assert dfx.ReversibleHeun().error_order(terms) == 1.0
+    assert dfx.HalfSolver(dfx.Euler()).error_order(terms) == 1.0
+    ode = dfx.ODETerm(lambda t, y, args: y)
+    assert dfx.ReversibleHeun().error_order(ode) == 2
+
+
+# ---- transformations, dtypes, PyTrees -------------------------------------------------
+
+
+def test_vmap_over_keys_equals_a_loop():
+    problem = PROBLEMS["diagonal"]
+
+    def final(key):
+        bm = brownian(problem, key, tol=2.0**-8)
+        return dfx.diffeqsolve(
+            terms_for(problem, bm),
+            dfx.ItoMilstein(),
+            0.0,
+            1.0,
+            2.0**-5,
+            problem.y0(),
+        ).ys[-1]
+
+    keys = jr.split(jr.key(9), 4)
+    batched = jax.jit(jax.vmap(final))(keys)
+    looped = jnp.stack([jax.jit(final)(k) for k in keys])
+    np.testing.assert_allclose(batched, looped, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        dfx.EulerHeun(),
+        dfx.ItoMilstein(),
+        dfx.StratonovichMilstein(),
+        dfx.ReversibleHeun(),
+    ],
+)
+def test_float32(solver):
+    bm = dfx.VirtualBrownianTree(
+        0.0,
+        1.0,
+        tol=2.0**-6,
+        shape=jax.ShapeDtypeStruct((2,), jnp.float32),
+        key=jr.key(1),
+    )
+    terms = dfx.MultiTerm(
+        dfx.ODETerm(lambda t, y, args: -y),
+        dfx.ControlTerm(lambda t, y, args: jnp.diag(0.5 * y), bm),
+    )
+    y0 = jnp.ones(2, jnp.float32)
+    t0, t1, dt0 = (jnp.asarray(t, jnp.float32) for t in (0.0, 1.0, 2.0**-5))
+    sol = dfx.diffeqsolve(terms, solver, t0, t1, dt0, y0)
+    assert sol.ys.dtype == jnp.float32
+    assert np.all(np.isfinite(sol.ys))
+    ref = dfx.diffeqsolve(
+        terms, solver, 0.0, 1.0, 2.0**-5, y0.astype(jnp.float64)
+    ).ys.astype(jnp.float32)
+    np.testing.assert_allclose(sol.ys, ref, rtol=1e-4)
+
+
+def test_milstein_on_a_pytree_state_equals_the_stacked_state():
+    bm = dfx.VirtualBrownianTree(0.0, 1.0, tol=2.0**-8, shape=(2,), key=jr.key(4))
+    a, b = 0.6, -0.3
+
+    def drift(t, y, args):
+        return jax.tree.map(lambda x: -0.5 * x, y)
+
+    def tree_diffusion(t, y, args):
+        u, v = y
+        return (jnp.stack([a * u, b * v]), jnp.stack([b * u, a * v]))
+
+    def flat_diffusion(t, y, args):
+        u, v = y
+        return jnp.stack([jnp.stack([a * u, b * v]), jnp.stack([b * u, a * v])])
+
+    for solver in (dfx.ItoMilstein(), dfx.StratonovichMilstein(), dfx.EulerHeun()):
+        tree = dfx.diffeqsolve(
+            dfx.MultiTerm(dfx.ODETerm(drift), dfx.ControlTerm(tree_diffusion, bm)),
+            solver,
+            0.0,
+            1.0,
+            2.0**-5,
+            (jnp.asarray(1.0), jnp.asarray(0.5)),
+        ).ys
+        flat = dfx.diffeqsolve(
+            dfx.MultiTerm(dfx.ODETerm(drift), dfx.ControlTerm(flat_diffusion, bm)),
+            solver,
+            0.0,
+            1.0,
+            2.0**-5,
+            jnp.asarray([1.0, 0.5]),
+        ).ys
+        np.testing.assert_allclose(jnp.stack(tree, axis=-1), flat, rtol=1e-13)
+
+
+@pytest.mark.parametrize("solver", [dfx.ItoMilstein(), dfx.ReversibleHeun()])
+def test_grad_matches_finite_differences_on_the_same_path(solver):
+    bm = dfx.VirtualBrownianTree(0.0, 1.0, tol=2.0**-6, shape=(), key=jr.key(2))
+
+    @jax.jit
+    def final(rate):
+        terms = dfx.MultiTerm(
+            dfx.ODETerm(lambda t, y, args: -args * y),
+            dfx.ControlTerm(lambda t, y, args: 0.5 * jnp.sin(y), bm),
+        )
+        return dfx.diffeqsolve(terms, solver, 0.0, 1.0, 2.0**-5, 1.0, args=rate).ys[-1]
+
+    grad = jax.jit(jax.grad(final))(0.7)
+    eps = 1e-6
+    fd = (final(0.7 + eps) - final(0.7 - eps)) / (2 * eps)
+    np.testing.assert_allclose(grad, fd, rtol=1e-6)
+
+
+# ---- checks ---------------------------------------------------------------------------
+
+
+class _NeedsSpaceTime(dfx.AbstractSolver):
+    """A user's solver that needs the space-time Lévy area."""
+
+    term_structure = dfx.AbstractTerm
+    interpolation_cls = dfx.LocalLinearInterpolation
+    minimal_levy_area = dfx.AbstractSpaceTimeLevyArea
+
+    def init(self, terms, t0, t1, y0, args):
+        return None
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        y1 = y0 + terms.vf_prod(t0, y0, args, terms.contr(t0, t1))
+        return y1, None, dict(y0=y0, y1=y1), None, dfx.RESULTS.successful
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+
+class _ItoNeedsSpaceTime(_NeedsSpaceTime, dfx.AbstractItoSolver):
+    pass
+
+
+def _scalar_sde(levy_area):
+    bm = dfx.VirtualBrownianTree(
+        0.0, 1.0, tol=0.01, shape=(), key=jr.key(0), levy_area=levy_area
+    )
+    return dfx.MultiTerm(
+        dfx.ODETerm(lambda t, y, args: -y), dfx.ControlTerm(lambda t, y, args: y, bm)
+    )
+
+
+def test_missing_levy_area_is_named():
+    terms = _scalar_sde(dfx.BrownianIncrement)
+    with pytest.raises(
+        ValueError,
+        match=r"_ItoNeedsSpaceTime.*AbstractSpaceTimeLevyArea.*SpaceTimeLevyArea.*levy_area=BrownianIncrement",
+    ):
+        dfx.diffeqsolve(terms, _ItoNeedsSpaceTime(), 0.0, 1.0, 0.1, 1.0)
+    # Wrapped, the wrapped solver's needs count.
+    with pytest.raises(ValueError, match="AbstractSpaceTimeLevyArea"):
+        dfx.diffeqsolve(terms, dfx.HalfSolver(_ItoNeedsSpaceTime()), 0.0, 1.0, 0.1, 1.0)
+    # A richer Lévy area than needed is fine.
+    sol = dfx.diffeqsolve(
+        _scalar_sde(dfx.SpaceTimeTimeLevyArea), _ItoNeedsSpaceTime(), 0.0, 1.0, 0.1, 1.0
+    )
+    assert sol.result == dfx.RESULTS.successful
+
+
+def test_solver_of_unknown_calculus_is_warned_about():
+    terms = _scalar_sde(dfx.SpaceTimeLevyArea)
+    with pytest.warns(UserWarning, match="neither .*AbstractItoSolver"):
+        dfx.diffeqsolve(terms, _NeedsSpaceTime(), 0.0, 1.0, 0.1, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dfx.diffeqsolve(terms, dfx.HalfSolver(dfx.Euler()), 0.0, 1.0, 0.1, 1.0)
+
+
+def test_euler_with_adaptive_steps_is_refused_on_an_sde():
+    terms = _scalar_sde(dfx.BrownianIncrement)
+    controller = dfx.PIDController(rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="Euler.*adaptive.*HalfSolver"):
+        dfx.diffeqsolve(
+            terms, dfx.Euler(), 0.0, 1.0, 0.1, 1.0, stepsize_controller=controller
+        )
+    sol = dfx.diffeqsolve(
+        terms,
+        dfx.HalfSolver(dfx.Euler()),
+        0.0,
+        1.0,
+        0.1,
+        1.0,
+        stepsize_controller=controller,
+    )
+    assert sol.result == dfx.RESULTS.successful
+
+
+def test_milstein_is_not_an_ode_solver():
+    with pytest.raises(ValueError, match="not for ODEs"):
+        dfx.ItoMilstein().order(dfx.ODETerm(lambda t, y, args: y))
+
+
+def test_deprecated_tuple_of_terms_is_accepted_with_a_warning():
+    terms = _scalar_sde(dfx.BrownianIncrement)
+    expected = dfx.diffeqsolve(terms, dfx.EulerHeun(), 0.0, 1.0, 0.1, 1.0).ys
+    with pytest.warns(UserWarning, match="MultiTerm"):
+        got = dfx.diffeqsolve(
+            tuple(terms.terms), dfx.EulerHeun(), 0.0, 1.0, 0.1, 1.0
+        ).ys
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_drift_must_be_an_ode_term():
+    bm = dfx.VirtualBrownianTree(0.0, 1.0, tol=0.01, shape=(2,), key=jr.key(0))
+    swapped = dfx.MultiTerm(
+        dfx.ControlTerm(lambda t, y, args: jnp.diag(y), bm),
+        dfx.ODETerm(lambda t, y, args: -y),
+    )
+    with pytest.raises(ValueError, match=r"control of `terms.terms\[0\]`"):
+        dfx.diffeqsolve(swapped, dfx.ItoMilstein(), 0.0, 1.0, 0.1, jnp.ones(2))
+
+
+def test_half_solver_needs_a_solver_instance():
+    with pytest.raises(TypeError, match="HalfSolver"):
+        dfx.HalfSolver(dfx.Euler)
+    assert isinstance(dfx.HalfSolver(dfx.Euler()), eqx.Module)
