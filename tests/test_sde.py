@@ -398,3 +398,89 @@ def test_half_solver_needs_a_solver_instance():
     with pytest.raises(TypeError, match="HalfSolver"):
         dfx.HalfSolver(dfx.Euler)
     assert isinstance(dfx.HalfSolver(dfx.Euler()), eqx.Module)
+
+
+# ---- gradients with every adjoint ----------------------------------------------------
+
+
+def _sde_loss(params, y0, bm, solver, adjoint, dt):
+    a, b = params
+    terms = dfx.MultiTerm(
+        dfx.ODETerm(lambda t, y, args: -args[0] * y + jnp.sin(y)),
+        dfx.ControlTerm(lambda t, y, args: args[1] * jnp.diag(jnp.cos(y)), bm),
+    )
+    sol = dfx.diffeqsolve(terms, solver, 0.0, 1.0, dt, y0, args=(a, b), adjoint=adjoint)
+    return jnp.sum(sol.ys[-1] ** 2)
+
+
+def _fd(fn, x, eps=1e-6):
+    flat, unravel = jax.flatten_util.ravel_pytree(x)
+    out = []
+    for i in range(flat.shape[0]):
+        e = jnp.zeros_like(flat).at[i].set(eps)
+        out.append((fn(unravel(flat + e)) - fn(unravel(flat - e))) / (2 * eps))
+    return jnp.stack(out)
+
+
+@pytest.mark.parametrize(
+    "adjoint", ["checkpoint", pytest.param("direct", marks=pytest.mark.slow)]
+)
+def test_discrete_adjoints_match_finite_differences(adjoint):
+    # Gradients in the drift parameter, the diffusion parameter and y0, on the
+    # same Brownian path: exact derivatives of the discrete solve.
+    import jax.flatten_util  # noqa: F401
+
+    bm = dfx.VirtualBrownianTree(0.0, 1.0, tol=2.0**-6, shape=(2,), key=jr.key(1))
+    adj = (
+        dfx.RecursiveCheckpointAdjoint()
+        if adjoint == "checkpoint"
+        else dfx.DirectAdjoint()
+    )
+    x = ((jnp.asarray(0.7), jnp.asarray(0.4)), jnp.asarray([1.0, 0.5]))
+
+    def loss(x):
+        return _sde_loss(x[0], x[1], bm, dfx.EulerHeun(), adj, 2.0**-5)
+
+    grad = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(loss))(x))[0]
+    np.testing.assert_allclose(grad, _fd(jax.jit(loss), x), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "solver", [dfx.ReversibleHeun(), pytest.param(dfx.Heun(), marks=pytest.mark.slow)]
+)
+def test_backsolve_adjoint_on_a_stratonovich_sde_converges_to_the_gradient(solver):
+    # BacksolveAdjoint solves the Stratonovich adjoint equations backwards on the
+    # same Brownian path: its gradients approach the finite differences of the
+    # solve as the step shrinks (in drift and diffusion parameters and y0).
+    import jax.flatten_util  # noqa: F401
+
+    bm = dfx.VirtualBrownianTree(0.0, 1.0, tol=2.0**-10, shape=(2,), key=jr.key(1))
+    x = ((jnp.asarray(0.7), jnp.asarray(0.4)), jnp.asarray([1.0, 0.5]))
+    errors = []
+    for dt in (2.0**-5, 2.0**-8):
+
+        def loss(x, adjoint, dt=dt):
+            return _sde_loss(x[0], x[1], bm, solver, adjoint, dt)
+
+        fd = _fd(jax.jit(lambda x: loss(x, dfx.RecursiveCheckpointAdjoint())), x)
+        grad = jax.jit(jax.grad(lambda x: loss(x, dfx.BacksolveAdjoint())))(x)
+        grad = jax.flatten_util.ravel_pytree(grad)[0]
+        errors.append(float(jnp.max(jnp.abs(grad - fd)) / jnp.max(jnp.abs(fd))))
+    assert errors[1] < 2e-3, errors
+    assert errors[1] < errors[0] / 4, errors
+
+
+def test_backsolve_adjoint_refuses_an_ito_solver_on_an_sde():
+    bm = dfx.VirtualBrownianTree(0.0, 1.0, tol=2.0**-4, shape=(2,), key=jr.key(1))
+    params, y0 = (jnp.asarray(0.7), jnp.asarray(0.4)), jnp.asarray([1.0, 0.5])
+    with pytest.raises(ValueError, match="Stratonovich.*`Euler`"):
+        jax.grad(_sde_loss)(params, y0, bm, dfx.Euler(), dfx.BacksolveAdjoint(), 0.1)
+    with pytest.raises(ValueError, match="backward solver `ItoMilstein`"):
+        jax.grad(_sde_loss)(
+            params,
+            y0,
+            bm,
+            dfx.Heun(),
+            dfx.BacksolveAdjoint(solver=dfx.ItoMilstein()),
+            0.1,
+        )

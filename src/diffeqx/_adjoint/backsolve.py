@@ -1,6 +1,7 @@
 """`BacksolveAdjoint`: gradients from the continuous adjoint equations, solved
 backwards in time ("optimise-then-discretise")."""
 
+import math
 from typing import Any, ClassVar, final
 
 import equinox as eqx
@@ -11,7 +12,7 @@ import jax.tree_util as jtu
 import optimistix as optx
 
 from .._saveat import SaveAt
-from .._term import AbstractTerm
+from .._term import AbstractTerm, MultiTerm
 from .backsolve_saves import (
     convert_save_fns,
     merged_save_points,
@@ -86,29 +87,85 @@ def _neg(tree):
 
 
 class _AdjointTerm(AbstractTerm):
-    """The augmented system `(y, a_y, a_args, a_terms)` solved backwards in time:
-    `dy/dt = f`, `da_y/dt = -a_y df/dy`, `da_θ/dt = -a_y df/dθ`."""
+    """One part of the augmented system `(y, a_y, a_args, a_terms)` solved backwards
+    in time. For the part `dy = g(t, y, θ) dX` of the equation (`X` its control:
+    time for an ODE term, a path for a control term, Brownian motion for an SDE's
+    diffusion) it is `dy = g dX`, `da_y = -a_y ∂g/∂y dX`, `da_θ = -a_y ∂g/∂θ dX`,
+    driven by the same control, so an SDE's adjoint is driven by the same Brownian
+    path (the Stratonovich adjoint equations). A `MultiTerm` becomes a `MultiTerm`
+    of such parts, so solvers that take its parts apart accept the adjoint too.
+
+    `terms` is the whole PyTree of terms (the gradients are taken with respect to
+    all of it); `index` picks the part: `None` for a term that is not a `MultiTerm`.
+    """
 
     terms: Any
+    index: int | None = eqx.field(static=True)
 
-    def vf(self, t, aug, args):
-        y, a_y = aug.y, aug.a_y
+    def _part(self, terms):
+        return terms if self.index is None else terms.terms[self.index]
 
-        def rate(y_, args_, terms_):
-            out = time_derivative(terms_, t, y_, args_)
+    def vf_prod(self, t, aug, args, control):
+        def increment(y_, args_, terms_):
+            out = self._part(terms_).vf_prod(t, y_, args_, control)
             # A field may promote (e.g. a float32 state with float64 times); the
             # adjoint needs its output in the state's dtypes.
             return jtu.tree_map(lambda o, yi: o.astype(yi.dtype), out, y_)
 
-        f, vjp = eqx.filter_vjp(rate, y, args, self.terms)
-        d_y, d_args, d_terms = vjp(a_y)
-        return AdjointState(f, _neg(d_y), _neg(d_args), _neg(d_terms))
+        dy, vjp = eqx.filter_vjp(increment, aug.y, args, self.terms)
+        d_y, d_args, d_terms = vjp(aug.a_y)
+        return AdjointState(dy, _neg(d_y), _neg(d_args), _neg(d_terms))
 
     def contr(self, t0, t1, **kwargs):
-        return t1 - t0
+        return self._part(self.terms).contr(t0, t1, **kwargs)
+
+    def vf(self, t, aug, args):
+        # The field as a linear map of the control, materialised: one `vf_prod` per
+        # entry of the (flattened) control, stacked on a trailing axis; no axis for
+        # a scalar control.
+        like = jax.eval_shape(lambda: self.contr(t, t))
+        leaves = jtu.tree_leaves(like)
+        if len(leaves) == 1 and leaves[0].shape == ():
+            unit = jtu.tree_unflatten(
+                jtu.tree_structure(like), [jnp.ones((), leaves[0].dtype)]
+            )
+            return self.vf_prod(t, aug, args, unit)
+        size = sum(math.prod(x.shape) for x in leaves)
+
+        def along(j):
+            basis = jax.nn.one_hot(j, size, dtype=leaves[0].dtype)
+            return self.vf_prod(t, aug, args, _unflatten_control(like, basis))
+
+        columns = jax.vmap(along)(jnp.arange(size))
+        return jtu.tree_map(lambda c: jnp.moveaxis(c, 0, -1), columns)
 
     def prod(self, vf, control):
-        return jtu.tree_map(lambda v: (control * v).astype(v.dtype), vf)
+        leaves = jtu.tree_leaves(control)
+        if len(leaves) == 1 and jnp.ndim(leaves[0]) == 0:
+            return jtu.tree_map(lambda v: (leaves[0] * v).astype(v.dtype), vf)
+        flat = jnp.concatenate([jnp.ravel(x) for x in leaves])
+        return jtu.tree_map(
+            lambda v: jnp.tensordot(v, flat.astype(v.dtype), axes=1), vf
+        )
+
+
+def _unflatten_control(like, flat):
+    """A flat vector as a PyTree shaped like the control `like`."""
+    leaves, structure = jtu.tree_flatten(like)
+    parts, start = [], 0
+    for x in leaves:
+        n = math.prod(x.shape)
+        parts.append(flat[start : start + n].reshape(x.shape).astype(x.dtype))
+        start += n
+    return jtu.tree_unflatten(structure, parts)
+
+
+def adjoint_terms(terms):
+    """The augmented system's terms for `terms`: a `MultiTerm` of adjoint parts for a
+    `MultiTerm`, else a single adjoint term."""
+    if isinstance(terms, MultiTerm):
+        return MultiTerm(*(_AdjointTerm(terms, i) for i in range(len(terms.terms))))
+    return _AdjointTerm(terms, None)
 
 
 _BACKSOLVE_OPTIONS = ("solver", "stepsize_controller", "dt0", "max_steps")
@@ -196,8 +253,33 @@ class BacksolveAdjoint(AbstractCustomGradientAdjoint):
                 "`BacksolveAdjoint(stepsize_controller=PIDController(...))`."
             )
 
+    def check_sde(self, terms, solver):
+        """The adjoint of an SDE, solved backwards on the same Brownian path, is the
+        Stratonovich adjoint: both solves must converge to Stratonovich solutions."""
+        from .._brownian.base import brownian_paths
+        from .._solver.base import AbstractStratonovichSolver, AbstractWrappedSolver
+
+        if not brownian_paths(terms):
+            return
+        for role, candidate in (
+            ("solver", solver),
+            ("backward solver", self.kwargs.get("solver", solver)),
+        ):
+            inner = candidate
+            while isinstance(inner, AbstractWrappedSolver):
+                inner = inner.solver
+            if not isinstance(inner, AbstractStratonovichSolver):
+                raise ValueError(
+                    "`BacksolveAdjoint` on an SDE solves the Stratonovich adjoint "
+                    f"equations, but the {role} `{type(inner).__name__}` does not "
+                    "converge to the Stratonovich solution. Use a Stratonovich "
+                    "solver (e.g. `Heun()`, `EulerHeun()`, `ReversibleHeun()`), or "
+                    "`RecursiveCheckpointAdjoint()` (the default) with any solver."
+                )
+
     def custom_solve(self, solve, problem):
         self.check(problem["saveat"], problem["event"], problem["stepsize_controller"])
+        self.check_sde(problem["terms"], problem["solver"])
         problem = dict(problem)
         t0, y0, args = problem["t0"], problem["y0"], problem["args"]
         problem["terms"] = closure_convert_terms(problem["terms"], t0, y0, args)
@@ -275,7 +357,7 @@ def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
     a_terms = jtu.tree_map(jnp.zeros_like, eqx.filter(terms, eqx.is_inexact_array))
     if points is not None:
         point_ts, point_ys, point_a_y = points
-        adj_term = _AdjointTerm(terms)
+        adj_term = adjoint_terms(terms)
         # Walk the save points from last to first; segment k runs from point k back
         # to point k-1 (or to t0 for the first), restarting from the saved state.
         prev_ts = jnp.concatenate(
