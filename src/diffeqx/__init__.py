@@ -124,6 +124,16 @@ from ._solver.sde import (
     ReversibleHeun as ReversibleHeun,
     StratonovichMilstein as StratonovichMilstein,
 )
+from ._solver.srk import (
+    SEA as SEA,
+    SRA1 as SRA1,
+    AbstractSRK as AbstractSRK,
+    GeneralShARK as GeneralShARK,
+    ShARK as ShARK,
+    SlowRK as SlowRK,
+    SPaRK as SPaRK,
+    StochasticButcherTableau as StochasticButcherTableau,
+)
 from ._term import (
     AbstractTerm as AbstractTerm,
     MultiTerm as MultiTerm,
