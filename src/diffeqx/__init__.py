@@ -34,6 +34,10 @@ from ._controller.clip import ClipStepSizeController as ClipStepSizeController
 from ._controller.constant import ConstantStepSize as ConstantStepSize, StepTo as StepTo
 from ._controller.pid import PIDController as PIDController
 from ._event import Event as Event, steady_state_event as steady_state_event
+from ._langevin import (
+    UnderdampedLangevinDiffusionTerm as UnderdampedLangevinDiffusionTerm,
+    UnderdampedLangevinDriftTerm as UnderdampedLangevinDriftTerm,
+)
 from ._path.base import AbstractPath as AbstractPath
 from ._path.cubic import CubicInterpolation as CubicInterpolation
 from ._path.dense import DenseInterpolation as DenseInterpolation
@@ -104,6 +108,12 @@ from ._solver.implicit import (
     Kvaerno3 as Kvaerno3,
     Kvaerno4 as Kvaerno4,
     Kvaerno5 as Kvaerno5,
+)
+from ._solver.langevin import (
+    ALIGN as ALIGN,
+    QUICSORT as QUICSORT,
+    AbstractFosterLangevinSRK as AbstractFosterLangevinSRK,
+    ShOULD as ShOULD,
 )
 from ._solver.rosenbrock import (
     Rodas4 as Rodas4,
