@@ -15,7 +15,7 @@ Problems (float64):
   given here.
 - (c) an adaptive SDE solve: `SPaRK()` with `PIDController(rtol=1e-3, atol=1e-3)` on
   a `VirtualBrownianTree(tol=1e-5, levy_area=SpaceTimeLevyArea)`, a 4-dimensional
-  system with general noise, `t1 = 5`, for 16 paths (`vmap` over keys); steps are
+  system with general noise, `t1 = 5`, for 64 paths (`vmap` over keys); steps are
   summed over the paths (the libraries' trees sample different paths from a key).
 - (d) the gradient of a neural SDE loss: drift and diffusion MLPs (width 32, two
   hidden layers), state of 4 and Brownian motion of 4, `ReversibleHeun`, 100 constant
@@ -94,7 +94,7 @@ _A = jnp.array([[-1.0, 0.5, 0.0, 0.2], [-0.5, -1.0, 0.3, 0.0], [0.0, -0.3, -0.8,
                 [-0.2, 0.0, -0.4, -0.6]])  # fmt: skip
 
 
-ADAPTIVE_PATHS = 16
+ADAPTIVE_PATHS = 64
 
 
 def adaptive(lib):

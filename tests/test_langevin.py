@@ -410,6 +410,7 @@ def test_solvers_without_error_estimate_refuse_adaptive_steps():
 # ---- the terms with generic solvers --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_euler_and_heun_solve_the_same_sde_and_vmap_equals_a_loop():
     # On 8 Brownian paths, at one fine step: Euler and Heun (strong order 1 for this
     # additive noise) against ALIGN (order 2, error ~1e-6 here) for the quartic

@@ -22,18 +22,18 @@ from _sde import PROBLEMS, assert_strong_order, brownian, strong_errors, terms_f
 # noise are those of the methods' Milstein-type expansions; for non-commutative
 # noise every method here is of order 1/2 (no Lévy area is used).
 ORDER_CASES = [
-    ("Euler", "gbm", "ito", 0.5),
     ("Euler", "additive", "ito", 1.0),
     ("EulerHeun", "commutative", "stratonovich", 1.0),
     ("EulerHeun", "general", "stratonovich", 0.5),
     ("StratonovichMilstein", "commutative", "stratonovich", 1.0),
-    ("ItoMilstein", "gbm", "ito", 1.0),
     ("ItoMilstein", "diagonal", "ito", 1.0),
     ("ReversibleHeun", "additive", "stratonovich", 1.0),
     ("ReversibleHeun", "general", "stratonovich", 0.5),
-    ("Heun", "gbm", "stratonovich", 1.0),
 ]
 SLOW_ORDER_CASES = [
+    ("Euler", "gbm", "ito", 0.5),  # also in test_brownian.py
+    ("ItoMilstein", "gbm", "ito", 1.0),
+    ("Heun", "gbm", "stratonovich", 1.0),
     ("StratonovichMilstein", "diagonal", "stratonovich", 1.0),
     ("ItoMilstein", "commutative", "ito", 1.0),
     ("ReversibleHeun", "gbm", "stratonovich", 1.0),
@@ -71,6 +71,7 @@ def test_half_solver_strong_order_and_half_steps():
     np.testing.assert_allclose(half, plain, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_ito_and_stratonovich_solutions_differ_as_they_should():
     # On GBM, Itô Milstein converges to the Itô solution and Stratonovich Milstein
     # to the Stratonovich one: each is far from the other's closed form.
@@ -116,7 +117,11 @@ def test_reversible_heun_runs_backwards_to_its_start():
 
 
 @pytest.mark.parametrize(
-    "solver", [dfx.HalfSolver(dfx.EulerHeun()), dfx.ReversibleHeun()]
+    "solver",
+    [
+        pytest.param(dfx.HalfSolver(dfx.EulerHeun()), marks=pytest.mark.slow),
+        dfx.ReversibleHeun(),
+    ],
 )
 def test_adaptive_sde_solve_converges(solver):
     problem = PROBLEMS["commutative"]
@@ -210,8 +215,8 @@ def test_vmap_over_keys_equals_a_loop():
     [
         dfx.EulerHeun(),
         dfx.ItoMilstein(),
-        dfx.StratonovichMilstein(),
-        dfx.ReversibleHeun(),
+        pytest.param(dfx.StratonovichMilstein(), marks=pytest.mark.slow),
+        pytest.param(dfx.ReversibleHeun(), marks=pytest.mark.slow),
     ],
 )
 def test_float32(solver):
@@ -252,7 +257,8 @@ def test_milstein_on_a_pytree_state_equals_the_stacked_state():
         u, v = y
         return jnp.stack([jnp.stack([a * u, b * v]), jnp.stack([b * u, a * v])])
 
-    for solver in (dfx.ItoMilstein(), dfx.StratonovichMilstein(), dfx.EulerHeun()):
+    # (ItoMilstein exercises the PyTree paths of both Milstein corrections.)
+    for solver in (dfx.ItoMilstein(),):
         tree = dfx.diffeqsolve(
             dfx.MultiTerm(dfx.ODETerm(drift), dfx.ControlTerm(tree_diffusion, bm)),
             solver,
@@ -272,7 +278,10 @@ def test_milstein_on_a_pytree_state_equals_the_stacked_state():
         np.testing.assert_allclose(jnp.stack(tree, axis=-1), flat, rtol=1e-13)
 
 
-@pytest.mark.parametrize("solver", [dfx.ItoMilstein(), dfx.ReversibleHeun()])
+@pytest.mark.parametrize(
+    "solver",
+    [dfx.ItoMilstein(), pytest.param(dfx.ReversibleHeun(), marks=pytest.mark.slow)],
+)
 def test_grad_matches_finite_differences_on_the_same_path(solver):
     bm = dfx.VirtualBrownianTree(0.0, 1.0, tol=2.0**-6, shape=(), key=jr.key(2))
 

@@ -75,8 +75,14 @@ def _solve(lib, solver_name, noise, adaptive):
     )
 
 
-CASES = [(name, noise, False) for name in SOLVERS for noise in ("scalar", "general")]
-CASES += [(name, noise, True) for name in ADAPTIVE for noise in ("scalar", "general")]
+# Scalar noise is a special case of the general noise below (slow-marked).
+CASES = [(name, "general", False) for name in SOLVERS]
+CASES += [(name, "general", True) for name in ADAPTIVE]
+CASES += [
+    pytest.param(name, "scalar", adaptive, marks=pytest.mark.slow)
+    for name in SOLVERS
+    for adaptive in ((False, True) if name in ADAPTIVE else (False,))
+]
 
 
 @pytest.mark.parametrize("solver_name, noise, adaptive", CASES)

@@ -50,6 +50,51 @@ class _DriftDiffusionSolver(AbstractSolver):
         drift, diffusion = terms.terms
         return drift.vf(t0, y0, args), diffusion.vf(t0, y0, args)
 
+    @staticmethod
+    def _euler_parts(terms, t0, t1, y0, args):
+        """The diffusion term, the increments `dt`, `dW`, and the Euler–Maruyama
+        parts `f(y0) dt`, `g(y0) dW`."""
+        drift, diffusion = terms.terms
+        dt = drift.contr(t0, t1)
+        dw = diffusion.contr(t0, t1)
+        f0 = drift.vf_prod(t0, y0, args, dt)
+        g0 = diffusion.vf_prod(t0, y0, args, dw)
+        return diffusion, dt, dw, f0, g0
+
+
+class _Milstein(_DriftDiffusionSolver):
+    """Milstein's method for commutative noise; `_ito` selects the calculus."""
+
+    _ito: ClassVar[bool]
+
+    def order(self, terms):
+        raise ValueError(f"`{type(self).__name__}` is a method for SDEs, not for ODEs.")
+
+    def strong_order(self, terms):
+        return 1
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        diffusion, dt, dw, f0, g0 = self._euler_parts(terms, t0, t1, y0, args)
+        # For commutative noise the Stratonovich double integrals J_jk + J_kj are
+        # dW_j dW_k, so the correction is half the directional derivative of the
+        # diffusion's product with dW along g(y0) dW.
+        correction = _milstein_correction(diffusion, t0, y0, args, dw, g0)
+        if self._ito:
+            # The Itô double integrals lose dt on the diagonal: subtract
+            # Σ_j (g_j · ∇) g_j dt.
+            trace = _trace_term(diffusion, t0, y0, args, dw)
+            correction = jtu.tree_map(
+                lambda c, d: c - jnp.asarray(dt, d.dtype) * d, correction, trace
+            )
+        y1 = jtu.tree_map(
+            lambda y, f, g, c: y + f + g + jnp.asarray(0.5, jnp.result_type(y)) * c,
+            y0,
+            f0,
+            g0,
+            correction,
+        )
+        return y1, None, dict(y0=y0, y1=y1), None, RESULTS.successful
+
 
 @final
 class EulerHeun(_DriftDiffusionSolver, AbstractStratonovichSolver):
@@ -69,11 +114,7 @@ class EulerHeun(_DriftDiffusionSolver, AbstractStratonovichSolver):
         return 0.5
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        drift, diffusion = terms.terms
-        dt = drift.contr(t0, t1)
-        dw = diffusion.contr(t0, t1)
-        f0 = drift.vf_prod(t0, y0, args, dt)
-        g0 = diffusion.vf_prod(t0, y0, args, dw)
+        diffusion, _, dw, f0, g0 = self._euler_parts(terms, t0, t1, y0, args)
         y_predicted = _add(y0, g0)
         g1 = diffusion.vf_prod(t0, y_predicted, args, dw)
         y1 = jtu.tree_map(
@@ -94,7 +135,7 @@ def _milstein_correction(diffusion, t0, y0, args, dw, g0):
 
 
 @final
-class StratonovichMilstein(_DriftDiffusionSolver, AbstractStratonovichSolver):
+class StratonovichMilstein(_Milstein, AbstractStratonovichSolver):
     """Milstein's method, converging to the Stratonovich solution with strong order 1
     for commutative noise (scalar, diagonal, or noise whose vector fields commute:
     this is not checked). One drift and one diffusion evaluation and one
@@ -104,33 +145,11 @@ class StratonovichMilstein(_DriftDiffusionSolver, AbstractStratonovichSolver):
     Call it with `terms=MultiTerm(ODETerm(drift), ControlTerm(diffusion, path))`.
     """
 
-    def order(self, terms):
-        raise ValueError("`StratonovichMilstein` is a method for SDEs, not for ODEs.")
-
-    def strong_order(self, terms):
-        return 1
-
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        drift, diffusion = terms.terms
-        dt = drift.contr(t0, t1)
-        dw = diffusion.contr(t0, t1)
-        f0 = drift.vf_prod(t0, y0, args, dt)
-        g0 = diffusion.vf_prod(t0, y0, args, dw)
-        # For commutative noise the Stratonovich double integrals J_jk + J_kj are
-        # dW_j dW_k, so the correction is half the directional derivative below.
-        correction = _milstein_correction(diffusion, t0, y0, args, dw, g0)
-        y1 = jtu.tree_map(
-            lambda y, f, g, c: y + f + g + jnp.asarray(0.5, jnp.result_type(y)) * c,
-            y0,
-            f0,
-            g0,
-            correction,
-        )
-        return y1, None, dict(y0=y0, y1=y1), None, RESULTS.successful
+    _ito: ClassVar[bool] = False
 
 
 @final
-class ItoMilstein(_DriftDiffusionSolver, AbstractItoSolver):
+class ItoMilstein(_Milstein, AbstractItoSolver):
     """Milstein's method, converging to the Itô solution with strong order 1 for
     commutative noise (not checked). As `StratonovichMilstein`, with the Itô
     correction: the double integrals are `(dW_j dW_k - δ_jk dt) / 2`, so the
@@ -141,38 +160,7 @@ class ItoMilstein(_DriftDiffusionSolver, AbstractItoSolver):
     Call it with `terms=MultiTerm(ODETerm(drift), ControlTerm(diffusion, path))`.
     """
 
-    def order(self, terms):
-        raise ValueError("`ItoMilstein` is a method for SDEs, not for ODEs.")
-
-    def strong_order(self, terms):
-        return 1
-
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        drift, diffusion = terms.terms
-        dt = drift.contr(t0, t1)
-        dw = diffusion.contr(t0, t1)
-        f0 = drift.vf_prod(t0, y0, args, dt)
-        g0 = diffusion.vf_prod(t0, y0, args, dw)
-        stratonovich = _milstein_correction(diffusion, t0, y0, args, dw, g0)
-        # Subtract Σ_j (g_j · ∇) g_j dt: the diagonal of the double integrals that
-        # the Itô calculus removes. Channel j is reached through the unit increment
-        # e_j of the Brownian motion's shape.
-        ito_drift = _trace_term(diffusion, t0, y0, args, dw)
-        y1 = jtu.tree_map(
-            lambda y, f, g, c, d: (
-                y
-                + f
-                + g
-                + jnp.asarray(0.5, jnp.result_type(y))
-                * (c - jnp.asarray(dt, d.dtype) * d)
-            ),
-            y0,
-            f0,
-            g0,
-            stratonovich,
-            ito_drift,
-        )
-        return y1, None, dict(y0=y0, y1=y1), None, RESULTS.successful
+    _ito: ClassVar[bool] = True
 
 
 def _trace_term(diffusion, t0, y0, args, dw):
