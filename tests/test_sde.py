@@ -493,3 +493,53 @@ def test_backsolve_adjoint_refuses_an_ito_solver_on_an_sde():
             dfx.BacksolveAdjoint(solver=dfx.ItoMilstein()),
             0.1,
         )
+
+
+@pytest.mark.slow
+def test_spark_with_stored_rejected_steps_on_non_commutative_noise():
+    # For non-commutative noise, adaptive steps should revisit the ends of rejected
+    # steps (`store_rejected_steps`), so that the Brownian path is sampled there.
+    # The error against a fine reference on the same paths falls with rtol.
+    problem = PROBLEMS["general"]
+    keys = jr.split(jr.key(3), 16)
+
+    def final(key, rtol):
+        bm = brownian(problem, key, levy_area=dfx.SpaceTimeLevyArea, tol=2.0**-12)
+        controller = dfx.ClipStepSizeController(
+            dfx.PIDController(rtol=rtol, atol=rtol), store_rejected_steps=32
+        )
+        sol = dfx.diffeqsolve(
+            terms_for(problem, bm),
+            dfx.SPaRK(),
+            0.0,
+            1.0,
+            0.05,
+            problem.y0(),
+            stepsize_controller=controller,
+            max_steps=8192,
+        )
+        return sol.ys[-1], sol.stats["num_rejected_steps"], sol.result
+
+    solve = jax.jit(jax.vmap(final, in_axes=(0, None)))
+
+    def reference(key):
+        bm = brownian(problem, key, levy_area=dfx.SpaceTimeLevyArea, tol=2.0**-12)
+        sol = dfx.diffeqsolve(
+            terms_for(problem, bm),
+            dfx.SPaRK(),
+            0.0,
+            1.0,
+            2.0**-11,
+            problem.y0(),
+            max_steps=2**11 + 2,
+        )
+        return sol.ys[-1]
+
+    truth = jax.jit(jax.vmap(reference))(keys)
+    errors = []
+    for rtol in (1e-1, 1e-3):
+        y, rejected, result = solve(keys, rtol)
+        assert np.all(result == dfx.RESULTS.successful)
+        errors.append(float(jnp.mean(jnp.abs(y - truth))))
+    assert int(jnp.sum(rejected)) > 0  # rejected steps were revisited
+    assert errors[1] < errors[0] / 4, errors

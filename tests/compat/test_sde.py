@@ -97,3 +97,45 @@ def test_same_solve_as_diffrax(solver_name, noise, adaptive):
         assert ours["num_rejected_steps"] > 0  # the controller is exercised
     np.testing.assert_allclose(ours["ts"], theirs["ts"], rtol=1e-12)
     np.testing.assert_allclose(ours["ys"], theirs["ys"], rtol=1e-11, atol=1e-12)
+
+
+def test_spark_revisiting_rejected_steps_matches_diffrax():
+    # `ClipStepSizeController(store_rejected_steps=...)` on non-commutative noise:
+    # the same accepted and rejected steps as Diffrax. (A rejected step that ended
+    # on a remembered time used to be remembered twice, which later asked for a
+    # step of length zero and ended the solve with `dt_min_reached`.)
+    a = jnp.array([[0.0, 0.7], [-0.7, 0.0]])
+    b = jnp.array([[0.7, 0.0], [0.0, -0.7]])
+    out = {}
+    for lib in (diffrax, diffeqx):
+        path = polynomial_path(lib, (2,), lib.SpaceTimeLevyArea, seed=1)
+        terms = lib.MultiTerm(
+            lib.ODETerm(lambda t, y, args: -0.5 * y + 0.2 * jnp.sin(y)),
+            lib.ControlTerm(lambda t, y, args: jnp.stack([a @ y, b @ y], -1), path),
+        )
+        controller = lib.ClipStepSizeController(
+            lib.PIDController(rtol=1e-2, atol=1e-2), store_rejected_steps=32
+        )
+        with jax.numpy_dtype_promotion("standard"):
+            sol = lib.diffeqsolve(
+                terms,
+                lib.SPaRK(),
+                0.0,
+                2.0,
+                0.5,
+                jnp.array([1.0, 0.5]),
+                stepsize_controller=controller,
+                saveat=lib.SaveAt(steps=True),
+                max_steps=256,
+            )
+        num = int(sol.stats["num_steps"])
+        out[lib.__name__] = (
+            num,
+            int(sol.stats["num_rejected_steps"]),
+            np.asarray(sol.ts)[:num],
+            np.asarray(sol.ys)[:num],
+        )
+    ours, theirs = out["diffeqx"], out["diffrax"]
+    assert ours[:2] == theirs[:2] and ours[1] > 0
+    np.testing.assert_allclose(ours[2], theirs[2], rtol=1e-12)
+    np.testing.assert_allclose(ours[3], theirs[3], rtol=1e-11, atol=1e-12)

@@ -229,11 +229,15 @@ class ClipStepSizeController(AbstractStepSizeController):
         step. Overflowing the stack ends the solve."""
         count = self.store_rejected_steps
         reached = next_t0 == _stack_top(index, ts)
-        index = index + jnp.where(reached, 1, 0) - jnp.where(keep, 0, 1)
-        index = index.astype(jnp.int32)
-        push = ~jnp.asarray(keep) & (index >= 0)
+        index = index + jnp.where(reached, 1, 0)
+        # A rejected step that ended on the nearest remembered end (it was clipped
+        # to it) adds nothing: remembering it twice would later ask for a step of
+        # length zero.
+        t1 = t1.astype(ts.dtype)
+        push = ~jnp.asarray(keep) & (t1 != _stack_top(index, ts))
+        index = (index - jnp.where(push, 1, 0)).astype(jnp.int32)
         slot = jnp.clip(index, 0, count - 1)
-        ts = jnp.where(push, ts.at[slot].set(t1.astype(ts.dtype)), ts)
+        ts = jnp.where(push & (index >= 0), ts.at[slot].set(t1), ts)
         overflow = index < 0
         result = RESULTS.where(
             overflow & (result == RESULTS.successful),
