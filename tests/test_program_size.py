@@ -20,11 +20,13 @@ from diffeqx._profile import count_equations
 # 0.13 (x64 on, as in the test suite).
 BUDGETS = {
     "tsit5_pid_ts": 780,
-    "tsit5_pid_ts_grad": 4010,
+    # Lowered from 4010 and 3670 when `SaveAt(ts=...)` under reverse mode started
+    # interpolating after the loop (2988 and 2717 equations then).
+    "tsit5_pid_ts_grad": 3140,
     "tsit5_pid_ts_vmap": 850,
     "dopri8_pid": 490,
     "cde_linear_path": 805,
-    "neural_ode_training_step": 3670,
+    "neural_ode_training_step": 2860,
 }
 
 

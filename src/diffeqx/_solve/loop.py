@@ -14,7 +14,7 @@ from .._saveat import SubSaveAt
 from .._solution import RESULTS
 from .._solver.base import tracing_step
 from .event import EventStep, check_events, locate_event, record_event
-from .save import save_dense, save_in_step
+from .save import interpolate_deferred, record_ts_step, save_dense, save_in_step
 from .state import LoopState
 
 
@@ -140,11 +140,22 @@ def _adapt(
 
 
 def _save(
-    spec: LoopSpec, state: LoopState, interpolant, y1, keep, inner_while_loop, t_end
+    spec: LoopSpec,
+    state: LoopState,
+    interpolant,
+    dense_info,
+    y1,
+    keep,
+    inner_while_loop,
+    t_end,
 ):
     """The saves of the step `[state.tprev, t_end]`, for every output."""
     return [
-        save_in_step(
+        record_ts_step(
+            sub_state, ts_tau, state.tprev, state.tnext, t_end, dense_info, keep
+        )
+        if sub_state.deferred is not None
+        else save_in_step(
             sub_state,
             sub,
             ts_tau,
@@ -183,7 +194,8 @@ def step_body(
         y = tree_where(keep, y1, state.y)
         new_solver_state = tree_where(keep, solver_state, state.solver_state)
     needs_interpolant = spec.event_spec is not None or any(
-        ts is not None for ts in spec.subs_ts
+        ts is not None and sub_state.deferred is None
+        for ts, sub_state in zip(spec.subs_ts, state.save_state, strict=True)
     )
     interpolant = (
         spec.solver.interpolation_cls(t0=state.tprev, t1=state.tnext, **dense_info)
@@ -202,7 +214,14 @@ def step_body(
         event_state = events.event_state
     with scope("save"):
         save_state = _save(
-            spec, state, interpolant, y1, save_keep, inner_while_loop, step_end
+            spec,
+            state,
+            interpolant,
+            dense_info,
+            y1,
+            save_keep,
+            inner_while_loop,
+            step_end,
         )
         dense_state = state.dense_state
         if spec.dense:
@@ -318,4 +337,18 @@ def finish_loop(spec: LoopSpec, final: LoopState) -> LoopState:
     """A loop that ended before `t1` without a failure ran out of steps."""
     unfinished = (final.tprev < spec.t1) & (final.result == RESULTS.successful)
     result = RESULTS.where(unfinished, RESULTS.max_steps_reached, final.result)
-    return eqx.tree_at(lambda s: s.result, final, result)
+    with scope("save"):
+        save_state = [
+            interpolate_deferred(
+                sub_state,
+                sub,
+                ts_tau,
+                spec.solver.interpolation_cls,
+                spec.args,
+                spec.direction,
+            )
+            for sub, ts_tau, sub_state in zip(
+                spec.subs, spec.subs_ts, final.save_state, strict=True
+            )
+        ]
+    return dataclasses.replace(final, result=result, save_state=save_state)

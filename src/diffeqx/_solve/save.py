@@ -3,17 +3,33 @@
 Each output is one buffer filled in time order through a single write index, as
 Diffrax does: `t0` (if asked), then the `ts` and the step ends merged in the order in
 which the solve reaches them, then `t1`. Unused slots stay `inf`.
+
+Requested times (`ts`) are saved in one of two ways. In the loop, each step
+interpolates the times it covers in a small inner loop. Deferred (`defer_ts`), each
+step that covers a requested time only records its interpolation data, and all the
+times are interpolated at once after the loop. Under reverse mode the second keeps
+the inner loop and its checkpointing out of the differentiated step, which makes the
+program smaller; it stores one step's interpolation data per requested time, so it
+is used only when that fits a memory budget.
 """
+
+import math
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 from .._adjoint.base import while_loop_of_kind
 from .._saveat import SubSaveAt
-from .._transforms import is_batched
-from .state import DenseState, SaveState
+from .._transforms import differentiation_levels, is_batched
+from .state import DeferredSaves, DenseState, SaveState
+
+# The most memory that deferred saving may take for the interpolation data of one
+# output, per solve (per batch member under `vmap`).
+DEFER_BUDGET_BYTES = 2**26
+DEFER_BUDGET_BYTES_BATCHED = 2**20
 
 
 def fill_like(shape_dtype, size):
@@ -65,6 +81,8 @@ def _write(save_state: SaveState, slot, t, value, pred) -> SaveState:
         save_index=save_state.save_index + jnp.where(pred, 1, 0),
         ts=ts,
         ys=ys,
+        deferred=save_state.deferred,
+        deferred_count=save_state.deferred_count,
     )
 
 
@@ -81,6 +99,160 @@ def init_save_state(sub: SubSaveAt, t0, y0, args, max_steps, direction) -> SaveS
     if sub.t0:
         state = _write(state, 0, t0, sub.fn(t0 * direction, y0, args), True)
     return state
+
+
+def _deferred_slots(sub: SubSaveAt, max_steps: int | None) -> int:
+    """How many steps can cover a requested time: each such step covers at least
+    one, and there are at most `max_steps` steps."""
+    n = sub.ts.shape[0]
+    return n if max_steps is None else min(n, max_steps)
+
+
+def may_defer(subs) -> bool:
+    """Whether any of `subs` might be deferred (`defer_ts`), before the size of the
+    interpolation data is known."""
+    if not any(sub.ts is not None and not sub.steps for sub in subs):
+        return False
+    return "reverse" in differentiation_levels()
+
+
+def defer_ts(sub: SubSaveAt, max_steps: int | None, dense_info_shape) -> bool:
+    """Whether `sub`'s requested times are interpolated after the loop: in a solve
+    traced for reverse-mode differentiation, when it saves at requested times but
+    not at steps (whose saves interleave with them), and its interpolation data fit
+    the budget.
+
+    Only under reverse mode: there the inner loop it replaces is checkpointed too,
+    and deferring makes the program smaller and faster (measured: the gradient of
+    the neural-ODE benchmark compiles in 0.8x the time). Without it the inner loop
+    is cheap, and the interpolation after the loop costs more compile time than it
+    saves."""
+    if sub.ts is None or sub.steps or sub.ts.shape[0] == 0:
+        return False
+    if "reverse" not in differentiation_levels():
+        return False
+    if dense_info_shape is None:
+        return False
+    per_step = sum(
+        math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        for leaf in jtu.tree_leaves(dense_info_shape)
+    )
+    budget = DEFER_BUDGET_BYTES_BATCHED if is_batched() else DEFER_BUDGET_BYTES
+    return _deferred_slots(sub, max_steps) * per_step <= budget
+
+
+def init_deferred(sub: SubSaveAt, tau0, dense_info_shape, max_steps) -> DeferredSaves:
+    size = _deferred_slots(sub, max_steps)
+    n = sub.ts.shape[0]
+    return DeferredSaves(
+        tprev=jnp.zeros((size,), dtype=jnp.result_type(tau0)),
+        tnext=jnp.ones((size,), dtype=jnp.result_type(tau0)),
+        first=jnp.full((size,), n, dtype=jnp.asarray(0).dtype),
+        infos=jtu.tree_map(
+            lambda s: jnp.zeros((size,) + s.shape, s.dtype), dense_info_shape
+        ),
+    )
+
+
+def _count_at_most(sorted_ts, t):
+    """How many of `sorted_ts` (ascending) are at most `t`: none for a NaN `t`.
+    Compares all of them when they are few (one fused reduction), else a binary
+    search unrolled over the bits of their number."""
+    n = sorted_ts.shape[0]
+    if n <= 128:
+        return jnp.sum(sorted_ts <= t)
+    lo, hi = jnp.asarray(0), jnp.asarray(n)
+    for _ in range(n.bit_length()):
+        mid = (lo + hi) // 2
+        right = (sorted_ts[jnp.minimum(mid, n - 1)] <= t) & (lo < hi)
+        lo = jnp.where(right, mid + 1, lo)
+        hi = jnp.where(right | (lo >= hi), hi, mid)
+    return lo
+
+
+def record_ts_step(
+    save_state: SaveState, ts_tau, tprev, tnext, t_end, dense_info, pred
+) -> SaveState:
+    """Deferred saving: records the step `[tprev, tnext]` if it covers requested
+    times not yet saved and at most `t_end` (and `pred`), and advances past them."""
+    deferred = save_state.deferred
+    index = save_state.ts_index
+    reached = _count_at_most(ts_tau, t_end).astype(index.dtype)
+    covers = pred & (reached > index)
+    slot = save_state.deferred_count
+
+    def record(deferred, pred):
+        def put(buffer, value):
+            return _set(buffer, slot, value, pred)
+
+        return DeferredSaves(
+            tprev=put(deferred.tprev, tprev),
+            tnext=put(deferred.tnext, tnext),
+            first=put(deferred.first, index),
+            infos=jtu.tree_map(lambda v, b: put(b, v), dense_info, deferred.infos),
+        )
+
+    if is_batched():
+        recorded = record(deferred, covers)
+    else:
+        recorded = jax.lax.cond(
+            covers, lambda d: record(d, True), lambda d: d, deferred
+        )
+    new_index = jnp.where(covers, reached, index)
+    return SaveState(
+        ts_index=new_index,
+        save_index=save_state.save_index + (new_index - index),
+        ts=save_state.ts,
+        ys=save_state.ys,
+        deferred=recorded,
+        deferred_count=slot + jnp.where(covers, 1, 0),
+    )
+
+
+def interpolate_deferred(
+    save_state: SaveState, sub: SubSaveAt, ts_tau, interpolation_cls, args, direction
+) -> SaveState:
+    """After the loop: the outputs at every requested time a recorded step covers,
+    interpolated on that step, all at once."""
+    deferred = save_state.deferred
+    if deferred is None:
+        return save_state
+    n = ts_tau.shape[0]
+    index = jnp.arange(n, dtype=deferred.first.dtype)
+    # The recorded step of each time: the last one whose first time is at most it.
+    # (Used slots hold distinct increasing indices; unused ones `n`, dropped.)
+    starts = jnp.zeros((n,), index.dtype).at[deferred.first].add(1, mode="drop")
+    slot = jnp.clip(jnp.cumsum(starts) - 1, 0, deferred.first.shape[0] - 1)
+    saved = index < save_state.ts_index
+
+    def take(buffer):
+        return buffer.at[slot].get(mode="promise_in_bounds")
+
+    def output(tprev, tnext, info, tau):
+        interpolant = interpolation_cls(t0=tprev, t1=tnext, **info)
+        return sub.fn(tau * direction, interpolant.evaluate(tau), args)
+
+    values = jax.vmap(output)(
+        take(deferred.tprev),
+        take(deferred.tnext),
+        jtu.tree_map(take, deferred.infos),
+        ts_tau,
+    )
+    offset = int(sub.t0)
+
+    def place(value, buffer):
+        mask = saved.reshape(saved.shape + (1,) * (value.ndim - 1))
+        value = jnp.where(mask, value.astype(buffer.dtype), buffer[offset : offset + n])
+        return buffer.at[offset : offset + n].set(value)
+
+    ts = place(jnp.where(saved, ts_tau, jnp.inf), save_state.ts)
+    ys = jtu.tree_map(place, values, save_state.ys)
+    return SaveState(
+        ts_index=save_state.ts_index,
+        save_index=save_state.save_index,
+        ts=ts,
+        ys=ys,
+    )
 
 
 def save_pending_ts(

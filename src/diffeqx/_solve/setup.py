@@ -1,6 +1,8 @@
 """Setting up a solve: the inputs' dtypes, and the loop's specification and initial
 state."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,13 @@ from .._solution import RESULTS
 from .._term import forward_time_terms
 from .event import EventSpec, EventState, init_event_state
 from .loop import LoopSpec
-from .save import init_dense_state, init_save_state
+from .save import (
+    defer_ts,
+    init_deferred,
+    init_dense_state,
+    init_save_state,
+    may_defer,
+)
 from .state import DenseState, LoopState
 
 
@@ -95,12 +103,22 @@ def initial_state(
     ]
     dense_state = DenseState(save_index=None, ts=None, infos=None)
     dense_info_shape = None
-    if saveat.dense or event is not None:
+    if saveat.dense or event is not None or may_defer(subs):
         dense_info_shape = eqx.filter_eval_shape(
             lambda: solver.step(
                 fwd_terms, tau0, tnext, y0, args, solver_state, made_jump
             )[2]
         )
+    save_state = [
+        dataclasses.replace(
+            state,
+            deferred=init_deferred(sub, tau0, dense_info_shape, max_steps),
+            deferred_count=jnp.asarray(0),
+        )
+        if defer_ts(sub, max_steps, dense_info_shape)
+        else state
+        for sub, state in zip(subs, save_state, strict=True)
+    ]
     if saveat.dense:
         dense_state = init_dense_state(tau0, dense_info_shape, max_steps)
 

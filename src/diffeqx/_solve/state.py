@@ -8,6 +8,21 @@ from jaxtyping import Array, Bool, Int, PyTree
 from .._solution import RESULTS
 
 
+class DeferredSaves(eqx.Module):
+    """The steps in which requested times fall, recorded during the loop so that the
+    outputs at those times are interpolated after it (`SaveState.deferred`); all
+    write-once buffers, slot `k` for the `k`-th such step.
+
+    Each slot holds the step's interval, its interpolation data and the index of the
+    first requested time it covers. Unused slots of `first` hold the number of
+    requested times, so that `first` stays sorted."""
+
+    tprev: Array
+    tnext: Array
+    first: Array
+    infos: PyTree[Array]
+
+
 class SaveState(eqx.Module):
     """Buffers for one `SubSaveAt` output. Times are in integration time
     (`direction * t`) until the solve finishes."""
@@ -16,6 +31,11 @@ class SaveState(eqx.Module):
     save_index: Int[Array, ""]  # next free slot of `ts`/`ys`
     ts: Array
     ys: PyTree[Array]
+    # The requested times' steps, while the loop runs, when they are interpolated
+    # after the loop rather than in it (see `save.defer_ts`); else None. Then
+    # `deferred_count` counts the slots used.
+    deferred: DeferredSaves | None = None
+    deferred_count: Int[Array, ""] | None = None
 
 
 class DenseState(eqx.Module):
@@ -51,7 +71,7 @@ def buffers(state: LoopState) -> Any:
     """The write-once arrays of the state (filled by index, never read in the loop)."""
     # No branching on the structure here: this is also called on wrapped copies of
     # the state whose leaves are not arrays.
-    save_buffers = [(s.ts, s.ys) for s in _leaves(state.save_state)]
+    save_buffers = [(s.ts, s.ys, s.deferred) for s in _leaves(state.save_state)]
     events = state.event_state
     return (
         save_buffers,
