@@ -141,7 +141,7 @@ class FourthOrderPolynomialInterpolation(AbstractLocalInterpolation):
         # p'(1) = k_last and p(1/2) = y_mid.
         c_mid = jnp.asarray(self.c_mid, dtype=k.dtype)
         k0, k1 = k[0], k[-1]
-        y_mid = y0 + jnp.sum(c_mid.reshape(c_mid.shape + (1,) * (k.ndim - 1)) * k, 0)
+        y_mid = y0 + jnp.tensordot(c_mid, k, axes=1)
         r1 = y1 - y0 - k0
         r2 = k1 - k0
         r3 = y_mid - y0 - 0.5 * k0
@@ -195,16 +195,12 @@ class PolynomialStageInterpolation(AbstractLocalInterpolation):
         theta, _ = self._theta(t)
 
         def _leaf(y0, k):
-            # The stage weights at theta first (Horner on the weight matrix), then
-            # their sum with the stages: elementwise and a reduction, with no matrix
-            # product, so that many times at once (under `vmap`) stay one fused loop.
-            w = self.weights.astype(np.dtype(k.dtype))
-            th = _like(theta, k)
-            acc = jnp.asarray(w[:, -1])
-            for d in range(w.shape[1] - 2, -1, -1):
-                acc = w[:, d] + th * acc
-            b = (th * acc).reshape(acc.shape + (1,) * (k.ndim - 1))
-            return (y0 + jnp.sum(b * k, axis=0)).astype(y0.dtype)
+            coeffs = self._coefficients(k)
+            th = _like(theta, y0)
+            acc = coeffs[-1]
+            for d in range(coeffs.shape[0] - 2, -1, -1):
+                acc = coeffs[d] + th * acc
+            return (y0 + th * acc).astype(y0.dtype)
 
         return jtu.tree_map(_leaf, self.y0, self.k)
 
