@@ -3,6 +3,7 @@ interpolant and an order."""
 
 from typing import Any, ClassVar, final
 
+import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -149,7 +150,8 @@ class Dopri8(AbstractERK):
 
     tableau: ClassVar[ButcherTableau] = co.DOPRI8_TABLEAU
     interpolation_cls: ClassVar = _Dopri8Interpolation
-    scan_stages: ClassVar[bool] = True
+    # Thirteen stages: a loop by default.
+    scan_stages: bool | None = eqx.field(default=True, static=True, kw_only=True)
 
     def order(self, terms):
         return 8

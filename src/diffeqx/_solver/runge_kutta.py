@@ -391,15 +391,28 @@ class AbstractERK(AbstractRungeKutta):
     Stages run either as a `lax.fori_loop` over the stage index (the vector field is
     traced once, which keeps compile times low when it is large, e.g. a neural
     network), or unrolled in Python (fastest at run time for small vector fields).
-    `scan_stages` picks one: `True`, `False`, or `None` to decide from the size of the
-    vector field. Both do the same arithmetic, so they give the same bits.
+    Both do the same arithmetic, so they give the same bits.
+
+    **Arguments:**
+
+    - `scan_stages`: `True` for the loop, `False` for unrolled stages, or `None` (the
+      default) to decide from the vector field: a loop for one with a matrix product
+      or at least 64 operations, or under second derivatives. For a small neural
+      network trained over many iterations, `False` trades compile time for run time
+      (measured on CPU, a 64-wide MLP's training step: 0.8x the run time, 1.3x the
+      compile time).
     """
 
     term_structure: ClassVar[Any] = AbstractTerm
     calculate_jacobian: ClassVar[CalculateJacobian] = CalculateJacobian.never
-    scan_stages: ClassVar[bool | None] = None
+    scan_stages: bool | None = eqx.field(default=None, static=True, kw_only=True)
 
     def __check_init__(self):
+        if self.scan_stages not in (None, True, False):
+            raise ValueError(
+                f"`{type(self).__name__}(scan_stages=...)` must be True, False or None; "
+                f"got {self.scan_stages!r}."
+            )
         if not self.tableau.is_explicit:
             raise NotImplementedError(
                 f"{type(self).__name__} is an `AbstractERK`, whose engine runs "

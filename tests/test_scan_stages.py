@@ -1,0 +1,94 @@
+"""`scan_stages`: explicit Runge–Kutta stages in a loop or unrolled give the same bits,
+values and gradients, and the default picks the loop for a neural network and the
+unrolled stages for a small vector field."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffeqx as dfx
+
+
+def _stage_loops(fn, *args) -> int:
+    """How many loops over the stage index the program of `fn` has (the solve
+    loop itself is a `while`; the stage loop is a `fori_loop`, i.e. a `while` or
+    `scan` nested inside it)."""
+    text = str(jax.make_jaxpr(fn)(*args))
+    return text.count("while[") + text.count("scan[")
+
+
+def _mlp_problem():
+    mlp = eqx.nn.MLP(2, 2, 16, 2, activation=jnp.tanh, key=jax.random.key(0))
+    params, static = eqx.partition(mlp, eqx.is_array)
+
+    def loss(params, solver):
+        field = eqx.combine(params, static)
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: field(y)),
+            solver,
+            0.0,
+            2.0,
+            0.1,
+            jnp.array([1.0, 0.5]),
+            saveat=dfx.SaveAt(ts=jnp.linspace(0.0, 2.0, 9)),
+            stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
+        )
+        return jnp.sum(sol.ys**2), sol.ys
+
+    return params, loss
+
+
+@pytest.mark.parametrize("name", ["Tsit5", "Dopri5"])
+def test_loop_and_unrolled_stages_agree_in_values_and_gradients(name):
+    params, loss = _mlp_problem()
+    solver_cls = getattr(dfx, name)
+    results = {}
+    for scan in (True, False):
+        vg = jax.jit(
+            jax.value_and_grad(
+                lambda p, scan=scan: loss(p, solver_cls(scan_stages=scan)),
+                has_aux=True,
+            )
+        )
+        results[scan] = vg(params)
+    (_, ys_loop), grads_loop = results[True]
+    (_, ys_unrolled), grads_unrolled = results[False]
+    np.testing.assert_allclose(ys_loop, ys_unrolled, rtol=1e-13, atol=1e-14)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13),
+        grads_loop,
+        grads_unrolled,
+    )
+
+
+def test_default_loops_for_a_network_and_unrolls_a_small_field():
+    params, loss = _mlp_problem()
+    solver = dfx.Tsit5()
+    network = _stage_loops(lambda p: loss(p, solver)[0], params)
+    unrolled = _stage_loops(lambda p: loss(p, dfx.Tsit5(scan_stages=False))[0], params)
+    assert network > unrolled
+
+    def small(y0):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y), solver, 0.0, 1.0, 0.1, y0
+        ).ys
+
+    def small_looped(y0):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y),
+            dfx.Tsit5(scan_stages=True),
+            0.0,
+            1.0,
+            0.1,
+            y0,
+        ).ys
+
+    assert _stage_loops(small, jnp.ones(2)) < _stage_loops(small_looped, jnp.ones(2))
+
+
+def test_scan_stages_is_checked():
+    with pytest.raises(ValueError, match="scan_stages"):
+        dfx.Tsit5(scan_stages="yes")
+    assert dfx.Dopri8().scan_stages is True
