@@ -99,6 +99,7 @@ def test_deferred_matches_loop_and_closed_form(monkeypatch, defer_calls, backwar
     np.testing.assert_allclose(grads[0], np.sum(-2 * tau * exact * exact), rtol=1e-7)
 
 
+@pytest.mark.slow
 def test_deferred_pytree_state_fn_and_many_times(monkeypatch, defer_calls):
     """A PyTree state, a `fn`, and more requested times than the compare-all count
     (a binary search over the requested times), including repeated times."""
@@ -239,6 +240,22 @@ def test_deferred_with_terminating_event(monkeypatch, defer_calls):
         ys[before], np.exp(-0.8 * np.asarray(ts)[before]), rtol=1e-8
     )
     assert np.all(np.isinf(ys[~before]))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 50, 128, 129, 200, 1000])
+def test_counting_requested_times_reached(n):
+    """How many requested times a step reaches, against NumPy: compared all at once
+    up to 128 times, by a binary search above; repeated times; NaN reaches none."""
+    rng = np.random.default_rng(n)
+    ts = np.sort(rng.uniform(0.0, 1.0, n))
+    ts[n // 2 : n // 2 + 3] = ts[n // 2]
+    queries = np.concatenate([rng.uniform(-0.1, 1.1, 40), ts, [np.inf, -np.inf]])
+    count = jax.jit(jax.vmap(save_module._count_at_most, in_axes=(None, 0)))
+    np.testing.assert_array_equal(
+        count(jnp.asarray(ts), jnp.asarray(queries)),
+        np.sum(ts[None, :] <= queries[:, None], axis=1),
+    )
+    assert int(save_module._count_at_most(jnp.asarray(ts), jnp.asarray(np.nan))) == 0
 
 
 def test_no_deferral_without_reverse_mode_or_with_steps(defer_calls):

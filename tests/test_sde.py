@@ -352,11 +352,18 @@ def test_missing_levy_area_is_named():
 
 def test_solver_of_unknown_calculus_is_warned_about():
     terms = _scalar_sde(dfx.SpaceTimeLevyArea)
+    # The warning comes while tracing: nothing needs to be compiled or run.
     with pytest.warns(UserWarning, match="neither .*AbstractItoSolver"):
-        dfx.diffeqsolve(terms, _NeedsSpaceTime(), 0.0, 1.0, 0.1, 1.0)
+        jax.eval_shape(
+            lambda: dfx.diffeqsolve(terms, _NeedsSpaceTime(), 0.0, 1.0, 0.1, 1.0)
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        dfx.diffeqsolve(terms, dfx.HalfSolver(dfx.Euler()), 0.0, 1.0, 0.1, 1.0)
+        jax.eval_shape(
+            lambda: dfx.diffeqsolve(
+                terms, dfx.HalfSolver(dfx.Euler()), 0.0, 1.0, 0.1, 1.0
+            )
+        )
 
 
 def test_euler_with_adaptive_steps_is_refused_on_an_sde():
