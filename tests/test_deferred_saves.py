@@ -61,7 +61,9 @@ def _assert_close(a, b, rtol=1e-12, atol=1e-13):
     )
 
 
-@pytest.mark.parametrize("backwards", [False, True])
+@pytest.mark.parametrize(
+    "backwards", [False, pytest.param(True, marks=pytest.mark.slow)]
+)
 def test_deferred_matches_loop_and_closed_form(monkeypatch, defer_calls, backwards):
     t0, t1 = (2.0, 0.0) if backwards else (0.0, 2.0)
     ts = jnp.linspace(t0, t1, 17)

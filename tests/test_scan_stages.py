@@ -40,7 +40,9 @@ def _mlp_problem():
     return params, loss
 
 
-@pytest.mark.parametrize("name", ["Tsit5", "Dopri5"])
+@pytest.mark.parametrize(
+    "name", ["Tsit5", pytest.param("Dopri5", marks=pytest.mark.slow)]
+)
 def test_loop_and_unrolled_stages_agree_in_values_and_gradients(name):
     params, loss = _mlp_problem()
     solver_cls = getattr(dfx, name)

@@ -27,6 +27,21 @@ EXTENSIONS = {
         "VeryChord",
         "tags",
     ): "lineax structure tags of the stage Jacobian (docs/stiff.md)",
+    **{
+        (name, "scan_stages"): (
+            "stages in a loop or unrolled (docs/performance.md, docs/migration.md)"
+        )
+        for name in (
+            "AbstractERK",
+            "Bosh3",
+            "Dopri5",
+            "Dopri8",
+            "Heun",
+            "Midpoint",
+            "Ralston",
+            "Tsit5",
+        )
+    },
 }
 
 
