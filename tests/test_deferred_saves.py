@@ -174,7 +174,9 @@ def test_deferred_under_vmap(monkeypatch, defer_calls):
 
 def test_deferred_keeps_saves_of_a_failed_solve(monkeypatch, defer_calls):
     """`throw=False`: a solve that runs out of steps keeps every time it reached and
-    leaves the others `inf`, with either way of saving."""
+    leaves the others `inf`, with either way of saving. The times not reached add
+    nothing to the gradient, even through an `fn` (here `sqrt(y - 0.2)`) that is
+    undefined on the states past the end (the solution decays below 0.2 there)."""
     ts = jnp.linspace(0.0, 10.0, 41)
 
     def loss(y0):
@@ -186,9 +188,9 @@ def test_deferred_keeps_saves_of_a_failed_solve(monkeypatch, defer_calls):
             0.1,
             y0,
             args=jnp.asarray(1.0),
-            saveat=dfx.SaveAt(ts=ts),
+            saveat=dfx.SaveAt(ts=ts, fn=lambda t, y, args: jnp.sqrt(y - 0.2)),
             stepsize_controller=dfx.ConstantStepSize(),
-            max_steps=30,
+            max_steps=20,
             throw=False,
         )
         return jnp.sum(jnp.where(jnp.isfinite(sol.ys), sol.ys, 0.0)), (
@@ -199,13 +201,16 @@ def test_deferred_keeps_saves_of_a_failed_solve(monkeypatch, defer_calls):
     vg = jax.jit(jax.value_and_grad(loss, has_aux=True))
     deferred, looped = _both_ways(monkeypatch, defer_calls, vg, jnp.asarray(2.0))
     _assert_close(deferred, looped)
-    (_, (ys, out_of_steps)), _ = deferred
+    (_, (ys, out_of_steps)), grad = deferred
     assert bool(out_of_steps)
-    reached = np.asarray(ts) <= 3.0 + 1e-9
-    np.testing.assert_allclose(
-        ys[reached], 2.0 * np.exp(-np.asarray(ts)[reached]), rtol=1e-6
-    )
+    t = np.asarray(ts)
+    reached = t <= 2.0 + 1e-9
+    exact = np.sqrt(2.0 * np.exp(-t[reached]) - 0.2)
+    np.testing.assert_allclose(ys[reached], exact, rtol=1e-6)
     assert np.all(np.isinf(ys[~reached]))
+    # d/dy0 of sum(sqrt(y0 exp(-t) - 0.2)) over the times reached.
+    expected = np.sum(np.exp(-t[reached]) / (2 * exact))
+    np.testing.assert_allclose(grad, expected, rtol=1e-6)
 
 
 def test_deferred_with_terminating_event(monkeypatch, defer_calls):

@@ -218,6 +218,7 @@ def interpolate_deferred(
     if deferred is None:
         return save_state
     n = ts_tau.shape[0]
+    offset = int(sub.t0)
     index = jnp.arange(n, dtype=deferred.first.dtype)
     # The recorded step of each time: the last one whose first time is at most it.
     # (Used slots hold distinct increasing indices; unused ones `n`, dropped.)
@@ -232,13 +233,23 @@ def interpolate_deferred(
         interpolant = interpolation_cls(t0=tprev, t1=tnext, **info)
         return sub.fn(tau * direction, interpolant.evaluate(tau), args)
 
-    values = jax.vmap(output)(
-        take(deferred.tprev),
-        take(deferred.tnext),
-        jtu.tree_map(take, deferred.infos),
-        ts_tau,
+    def evaluate():
+        tprev = take(deferred.tprev)
+        # Times not reached are evaluated (then discarded) at the start of a
+        # recorded step, a state the solve did reach, so that `fn` and its
+        # derivative stay finite there and add nothing to the gradients.
+        taus = jnp.where(saved, ts_tau, tprev)
+        values = jax.vmap(output)(
+            tprev, take(deferred.tnext), jtu.tree_map(take, deferred.infos), taus
+        )
+        return jtu.tree_map(lambda v, b: v.astype(b.dtype), values, save_state.ys)
+
+    # With no step recorded nothing was saved, and the buffers hold no state at all.
+    values = jax.lax.cond(
+        save_state.deferred_count > 0,
+        evaluate,
+        lambda: jtu.tree_map(lambda b: b[offset : offset + n], save_state.ys),
     )
-    offset = int(sub.t0)
 
     def place(value, buffer):
         mask = saved.reshape(saved.shape + (1,) * (value.ndim - 1))
