@@ -41,7 +41,7 @@ def _mlp_problem():
 
 
 @pytest.mark.parametrize(
-    "name", ["Tsit5", pytest.param("Dopri5", marks=pytest.mark.slow)]
+    "name", [pytest.param("Tsit5"), pytest.param("Dopri5", marks=pytest.mark.slow)]
 )
 def test_loop_and_unrolled_stages_agree_in_values_and_gradients(name):
     params, loss = _mlp_problem()

@@ -493,6 +493,7 @@ def _additive_solve(key, theta, dtype=jnp.float64):
 _additive_jit = jax.jit(_additive_solve, static_argnums=2)
 
 
+@pytest.mark.slow  # vmap over keys is also tested for the tree, Langevin and SDE solves
 def test_vmap_over_keys_equals_loop():
     keys = jr.split(jr.key(3), 4)
     batched = jax.jit(jax.vmap(_additive_solve, (0, None)))(keys, 0.7)
