@@ -12,6 +12,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
+from .._transforms import is_batched
 from .base import AbstractPath
 
 
@@ -172,6 +173,10 @@ class FourthOrderPolynomialInterpolation(AbstractLocalInterpolation):
         return jtu.tree_map(_leaf, self.y0, self.y1, self.k)
 
 
+# Stage buffers with at most this many elements combine by elementwise products.
+_SMALL_PRODUCT_SIZE = 1024
+
+
 class PolynomialStageInterpolation(AbstractLocalInterpolation):
     """Continuous extension of a Runge–Kutta method given as a weight matrix:
     `y(t0 + theta dt) = y0 + sum_d theta^d sum_i weights[i, d - 1] k[i]`."""
@@ -189,6 +194,13 @@ class PolynomialStageInterpolation(AbstractLocalInterpolation):
     def _coefficients(self, k):
         # (degree, *leaf_shape): coefficient of theta^(d + 1).
         w = jnp.asarray(self.weights, dtype=k.dtype)
+        if k.size <= _SMALL_PRODUCT_SIZE and not is_batched():
+            # A small product written out: XLA fuses it into one compiled kernel,
+            # where on CPU a matrix product is a library call costing more than the
+            # rest of a save (measured: 1.4 us against 0.1 us for Tsit5 with a
+            # 2-dimensional state). Under `vmap` the matrix product is faster.
+            w = w.T.reshape(w.shape[::-1] + (1,) * (k.ndim - 1))
+            return jnp.sum(w * k[None], axis=1)
         return jnp.tensordot(w.T, k, axes=1)
 
     def _at(self, t):

@@ -237,7 +237,6 @@ def step_body(
         result=result,
         num_steps=state.num_steps + 1,
         num_accepted_steps=state.num_accepted_steps + jnp.where(keep, 1, 0),
-        num_rejected_steps=state.num_rejected_steps + jnp.where(keep, 0, 1),
         save_state=save_state,
         dense_state=dense_state,
         event_state=event_state,

@@ -166,24 +166,62 @@ def initial_state(
         progress_scale=progress_scale(tau0, tau1, times_are_numbers),
     )
     zero = jnp.asarray(0)
+    seed = _runtime_zero(y0)
     init_state = LoopState(
         y=y0,
-        tprev=tau0,
-        tnext=tnext,
+        tprev=_seeded(tau0, seed),
+        tnext=_seeded(tnext, seed),
         made_jump=made_jump,
         solver_state=solver_state,
         controller_state=controller_state,
         result=_initial_result(t0, t1, dt0, event_start),
         num_steps=zero,
-        num_accepted_steps=zero,
-        num_rejected_steps=zero,
-        save_state=save_state,
-        dense_state=dense_state,
-        event_state=event_state,
+        num_accepted_steps=_seeded(zero, seed),
+        save_state=_seeded(save_state, seed),
+        dense_state=_seeded(dense_state, seed),
+        event_state=_seeded(event_state, seed),
         event_mask=event_mask,
         progress_state=progress_meter.init(),
     )
     return spec, init_state
+
+
+def _runtime_zero(y0):
+    """An integer zero that XLA cannot fold into a constant: computed from the first
+    non-empty leaf `x` of `y0` as `any(isnan(x)) >> 1` (zero whatever `x` holds),
+    or a constant zero if `y0` holds no elements.
+
+    The loop's initial counters and times are seeded with it (`_seeded`). As
+    constants, each would be a separate copy that XLA's CPU runtime can start
+    before anything else; with more than eight such copies ready at once it hands
+    part of the program to another thread, and the solve then waits on that
+    thread (measured on 2 CPU cores: 35 us against 80-140 us for a 12-step
+    Tsit5 solve with `SaveAt(ts=...)`). Seeded, they wait for `y0` instead."""
+    for leaf in jtu.tree_leaves(y0):
+        if jnp.size(leaf) > 0:
+            # A reduction, which XLA does not recompute inside each value seeded
+            # with it (an elementwise zero would be, making them all ready at once
+            # again).
+            flag = jnp.any(jnp.isnan(leaf)).astype(jnp.asarray(0).dtype)
+            return jax.lax.shift_right_logical(flag, jnp.ones_like(flag))
+    return jnp.asarray(0)
+
+
+def _seeded(tree, seed):
+    """`tree` with every integer or floating scalar selected by `seed == 0`: the
+    same values, computed at run time (see `_runtime_zero`)."""
+
+    def _leaf(x):
+        if not isinstance(x, jax.Array) or jnp.ndim(x) != 0:
+            return x
+        # Selects rather than sums keep a weakly typed value weakly typed.
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            return jnp.where(seed == 0, x, x + 1)
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.where(seed == 0, x, x + jnp.nan)
+        return x
+
+    return jtu.tree_map(_leaf, tree)
 
 
 def _initial_result(t0, t1, dt0, event_start):

@@ -72,7 +72,8 @@ def build_solution(spec, saveat, final, t0, t1, y0, throw, max_steps, event):
         stats=dict(
             num_steps=final.num_steps,
             num_accepted_steps=final.num_accepted_steps,
-            num_rejected_steps=final.num_rejected_steps,
+            # Every step is accepted or rejected, so the loop counts two of the three.
+            num_rejected_steps=final.num_steps - final.num_accepted_steps,
             max_steps=max_steps,
         ),
         result=result,

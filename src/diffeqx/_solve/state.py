@@ -59,7 +59,6 @@ class LoopState(eqx.Module):
     result: RESULTS
     num_steps: Int[Array, ""]
     num_accepted_steps: Int[Array, ""]
-    num_rejected_steps: Int[Array, ""]
     save_state: PyTree[SaveState]
     dense_state: DenseState
     event_state: Any  # an `EventState`; its fields are None without an event
