@@ -1,0 +1,90 @@
+"""The loop's starting counters and times (computed from `y0` at run time rather than
+held as constants, for speed on CPU) change nothing a user sees: an array, a PyTree
+or an integer `y0` gives Diffrax's result, statistics and outputs, and the
+statistics have Diffrax's dtypes; a `y0` holding NaN (where the two libraries differ
+on purpose, see the migration page) still starts every count at zero.
+"""
+
+import pytest
+
+diffrax = pytest.importorskip("diffrax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import diffeqx  # noqa: E402
+
+
+def _field(t, y, args):
+    return jax.tree_util.tree_map(lambda x: -0.5 * x + jnp.sin(t), y)
+
+
+def _solve(lib, y0, controller):
+    ts = jnp.linspace(0.0, 2.0, 7)
+    if controller == "pid":
+        stepsize_controller = lib.PIDController(rtol=1e-6, atol=1e-8)
+    else:
+        stepsize_controller = lib.ConstantStepSize()
+    sol = lib.diffeqsolve(
+        lib.ODETerm(_field),
+        lib.Tsit5(),
+        0.0,
+        2.0,
+        0.1,
+        y0,
+        saveat=lib.SaveAt(ts=ts, t0=True, t1=True),
+        stepsize_controller=stepsize_controller,
+        max_steps=64,
+        throw=False,
+    )
+    flags = [
+        bool(sol.result == getattr(lib.RESULTS, name))
+        for name in ("successful", "max_steps_reached", "dt_min_reached")
+    ]
+    return sol, flags
+
+
+Y0S = {
+    "finite": jnp.array([0.3, 1.0]),
+    "tree": {"a": jnp.array([1.0, 2.0]), "b": jnp.array(0.5)},
+    "int_tree": {"a": jnp.array([1, 2]), "b": jnp.array([0.5])},
+}
+
+
+@pytest.mark.parametrize("controller", ["pid", "const"])
+@pytest.mark.parametrize("name", list(Y0S))
+def test_start_values_give_diffraxs_answer(name, controller):
+    y0 = Y0S[name]
+    expected, expected_result = _solve(diffrax, y0, controller)
+    actual, actual_result = _solve(diffeqx, y0, controller)
+    assert actual_result == expected_result, (actual.result, expected.result)
+    for key in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
+        e, a = jnp.asarray(expected.stats[key]), jnp.asarray(actual.stats[key])
+        assert int(a) == int(e), key
+        assert a.dtype == e.dtype, key
+    np.testing.assert_allclose(
+        np.asarray(actual.ts), np.asarray(expected.ts), rtol=1e-12, atol=1e-14
+    )
+    for e, a in zip(
+        jax.tree_util.tree_leaves(expected.ys),
+        jax.tree_util.tree_leaves(actual.ys),
+        strict=True,
+    ):
+        assert a.dtype == e.dtype
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "controller, result, steps",
+    [("pid", "max_steps_reached", 64), ("const", "non_finite_state", 1)],
+)
+def test_nan_in_y0_starts_the_counts_at_zero(controller, result, steps):
+    # The run-time zero is computed from `y0`, so a NaN there is where it could go
+    # wrong: every step taken is rejected, and the counts show exactly those.
+    sol, _ = _solve(diffeqx, jnp.array([jnp.nan, 1.0]), controller)
+    assert sol.result == getattr(diffeqx.RESULTS, result)
+    assert int(sol.stats["num_steps"]) == steps
+    assert int(sol.stats["num_accepted_steps"]) == 0
+    assert int(sol.stats["num_rejected_steps"]) == steps
+    assert float(sol.ts[0]) == 0.0  # the t0 save, at the first slot
