@@ -13,6 +13,7 @@ from .._controller.constant import ConstantStepSize, StepTo
 from .._progress import NoProgressMeter
 from .._solution import RESULTS
 from .._term import forward_time_terms
+from .._transforms import TransformDetectionError, active_transforms
 from .event import EventSpec, EventState, init_event_state
 from .loop import LoopSpec
 from .save import (
@@ -188,15 +189,23 @@ def initial_state(
 
 def _runtime_zero(y0):
     """An integer zero that XLA cannot fold into a constant: computed from the first
-    non-empty leaf `x` of `y0` as `any(isnan(x)) >> 1` (zero whatever `x` holds),
-    or a constant zero if `y0` holds no elements.
+    non-empty leaf `x` of `y0` as `any(isnan(x)) >> 1` (zero whatever `x` holds);
+    None (no seeding) if `y0` holds no elements or the transformations being
+    applied cannot be read.
 
     The loop's initial counters and times are seeded with it (`_seeded`). As
     constants, each would be a separate copy that XLA's CPU runtime can start
     before anything else; with more than eight such copies ready at once it hands
     part of the program to another thread, and the solve then waits on that
-    thread (measured on 2 CPU cores: 35 us against 80-140 us for a 12-step
-    Tsit5 solve with `SaveAt(ts=...)`). Seeded, they wait for `y0` instead."""
+    thread (measured on 2 CPU cores, a 12-step Tsit5 solve with `SaveAt(ts=...)`:
+    80-140 us with constants, 83 us seeded, 35 us seeded and with the
+    interpolation's small products written out). Seeded, they wait for `y0`."""
+    try:
+        active_transforms(strict=True)
+    except TransformDetectionError:
+        # Under a transformation diffeqx does not know (e.g. `jax.experimental.jet`)
+        # the operations below may have no rule; the solve says so itself later.
+        return None
     for leaf in jtu.tree_leaves(y0):
         if jnp.size(leaf) > 0:
             # A reduction, which XLA does not recompute inside each value seeded
@@ -204,12 +213,15 @@ def _runtime_zero(y0):
             # again).
             flag = jnp.any(jnp.isnan(leaf)).astype(jnp.asarray(0).dtype)
             return jax.lax.shift_right_logical(flag, jnp.ones_like(flag))
-    return jnp.asarray(0)
+    return None
 
 
 def _seeded(tree, seed):
     """`tree` with every integer or floating scalar selected by `seed == 0`: the
     same values, computed at run time (see `_runtime_zero`)."""
+
+    if seed is None:
+        return tree
 
     def _leaf(x):
         if not isinstance(x, jax.Array) or jnp.ndim(x) != 0:
