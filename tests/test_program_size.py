@@ -19,13 +19,17 @@ from diffeqx._profile import count_equations
 # Each budget is the count when it was set plus about 5 %, measured with JAX 0.10.2 and Equinox
 # 0.13 (x64 on, as in the test suite).
 BUDGETS = {
-    "tsit5_pid_ts": 780,
+    # The forward budgets were raised from 780, 850, 490 and 805 when the loop's
+    # starting values began to be computed from `y0` at run time (about 15 setup
+    # equations, for a solve on CPU that stays on one thread: see `_runtime_zero` in
+    # `_solve/setup.py`); 776, 848, 495 and 792 equations then.
+    "tsit5_pid_ts": 815,
     # Lowered from 4010 and 3670 when `SaveAt(ts=...)` under reverse mode started
     # interpolating after the loop (2988 and 2717 equations then).
     "tsit5_pid_ts_grad": 3140,
-    "tsit5_pid_ts_vmap": 850,
-    "dopri8_pid": 490,
-    "cde_linear_path": 805,
+    "tsit5_pid_ts_vmap": 890,
+    "dopri8_pid": 520,
+    "cde_linear_path": 830,
     "neural_ode_training_step": 2860,
 }
 

@@ -143,12 +143,20 @@ def initial_state(
             event_spec, t0, tau0, y0, args, dtype, dense_info_shape
         )
         event_state, event_mask = event_start.state, event_start.mask
+    # The times the loop reads are seeded too (see `_runtime_zero`): computed from
+    # array arguments (e.g. `t1=ts[-1]`), they would otherwise be ready at once.
+    seed = _runtime_zero(y0)
+    tau0_loop, tau1_loop = _seeded((tau0, tau1), seed)
+    if seed is not None:
+        subs_ts = [
+            None if x is None else jnp.where(seed == 0, x, x + jnp.nan) for x in subs_ts
+        ]
     spec = LoopSpec(
         terms=fwd_terms,
         solver=solver,
         controller=controller,
         args=args,
-        t1=tau1,
+        t1=tau1_loop,
         direction=direction,
         subs=subs,
         subs_ts=subs_ts,
@@ -160,14 +168,13 @@ def initial_state(
         ),
         may_jump=controller.may_jump,
         event_spec=event_spec,
-        t0=tau0,
+        t0=tau0_loop,
         progress_meter=(
             None if isinstance(progress_meter, NoProgressMeter) else progress_meter
         ),
         progress_scale=progress_scale(tau0, tau1, times_are_numbers),
     )
     zero = jnp.asarray(0)
-    seed = _runtime_zero(y0)
     init_state = LoopState(
         y=y0,
         tprev=_seeded(tau0, seed),
