@@ -177,7 +177,7 @@ def initial_state(
     zero = jnp.asarray(0)
     init_state = LoopState(
         y=y0,
-        tprev=_seeded(tau0, seed),
+        tprev=tau0_loop,
         tnext=_seeded(tnext, seed),
         made_jump=made_jump,
         solver_state=solver_state,
