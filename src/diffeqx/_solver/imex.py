@@ -22,7 +22,12 @@ from .._path.local import (
 from .._term import AbstractTerm, MultiTerm
 from . import imex_coefficients as imco
 from .base import AbstractAdaptiveSolver
-from .implicit import DIRK_ARGUMENTS, AbstractDIRK, _default_root_finder
+from .implicit import (
+    DIRK_ARGUMENTS,
+    REUSE_JACOBIAN_ARGUMENT,
+    AbstractDIRK,
+    _default_root_finder,
+)
 from .runge_kutta import CalculateJacobian, MultiButcherTableau
 
 _ARGUMENTS = (
@@ -63,6 +68,7 @@ class _AbstractKenCarp(_AbstractIMEX):
     Jacobian factorisation per step serves every implicit stage."""
 
     calculate_jacobian: ClassVar[CalculateJacobian] = CalculateJacobian.second_stage
+    reuse_jacobian: bool = eqx.field(default=False, static=True)
 
 
 @final
@@ -70,7 +76,7 @@ class KenCarp3(_AbstractKenCarp):
     __doc__ = (
         "Kennedy–Carpenter's third-order IMEX method ARK3(2)4L[2]SA, with a "
         "second-order embedded one: 4 stages, 3 of them implicit; second-order dense "
-        "output.\n\n" + _AbstractKenCarp.__doc__ + _ARGUMENTS
+        "output.\n\n" + _AbstractKenCarp.__doc__ + _ARGUMENTS + REUSE_JACOBIAN_ARGUMENT
     )
     tableau: ClassVar[MultiButcherTableau] = MultiButcherTableau(
         *imco.IMEX_TABLEAUS["KenCarp3"]
@@ -86,7 +92,7 @@ class KenCarp4(_AbstractKenCarp):
     __doc__ = (
         "Kennedy–Carpenter's fourth-order IMEX method ARK4(3)6L[2]SA, with a "
         "third-order embedded one: 6 stages, 5 of them implicit; third-order dense "
-        "output.\n\n" + _AbstractKenCarp.__doc__ + _ARGUMENTS
+        "output.\n\n" + _AbstractKenCarp.__doc__ + _ARGUMENTS + REUSE_JACOBIAN_ARGUMENT
     )
     tableau: ClassVar[MultiButcherTableau] = MultiButcherTableau(
         *imco.IMEX_TABLEAUS["KenCarp4"]
@@ -102,7 +108,7 @@ class KenCarp5(_AbstractKenCarp):
     __doc__ = (
         "Kennedy–Carpenter's fifth-order IMEX method ARK5(4)8L[2]SA, with a "
         "fourth-order embedded one: 8 stages, 7 of them implicit; third-order dense "
-        "output.\n\n" + _AbstractKenCarp.__doc__ + _ARGUMENTS
+        "output.\n\n" + _AbstractKenCarp.__doc__ + _ARGUMENTS + REUSE_JACOBIAN_ARGUMENT
     )
     tableau: ClassVar[MultiButcherTableau] = MultiButcherTableau(
         *imco.IMEX_TABLEAUS["KenCarp5"]

@@ -36,7 +36,11 @@ from .._root_finder import VeryChord, with_stepsize_controller_tols
 from .._solution import RESULTS
 from .._term import AbstractTerm
 from . import implicit_coefficients as ico
-from .base import AbstractAdaptiveSolver, AbstractImplicitSolver
+from .base import (
+    AbstractAdaptiveSolver,
+    AbstractImplicitSolver,
+    step_always_accepted,
+)
 from .runge_kutta import (
     AbstractRungeKutta,
     ButcherTableau,
@@ -137,6 +141,44 @@ def stage_jacobian(root_finder, terms, t, base, diagonal, args, control, guess):
     return jtu.tree_map(lambda x: lax.stop_gradient(x) if eqx.is_array(x) else x, state)
 
 
+# Across steps (`reuse_jacobian=True`), a factorised stage matrix `I - a h J` is
+# reused until it is this many steps old, or until the step size has changed by more
+# than this fraction since it was formed (the limits of SUNDIALS' ARKODE, whose
+# implicit solvers reuse their Newton matrices in the same way).
+_MAX_JACOBIAN_AGE = 20
+_MAX_STEP_SIZE_CHANGE = 0.2
+
+
+class _ReusedJacobian(eqx.Module):
+    """The solver state of a diagonally implicit method that reuses its factorised
+    stage matrix across steps."""
+
+    chord_state: Any  # `VeryChord`'s state holding the factorisation
+    step_size: Any  # the step size it was formed for
+    age: Any  # the number of steps that have used it
+
+
+def _reuse_or_refresh(state: _ReusedJacobian, fresh, step_size, made_jump):
+    """The factorisation for this step: the carried one while it is recent and was
+    formed for a step size close to this one (and no jump in the vector field lies
+    between), else a new one from `fresh()`."""
+    change = jnp.abs(step_size - state.step_size)
+    stale = (
+        (state.age >= _MAX_JACOBIAN_AGE)
+        | ~(change <= _MAX_STEP_SIZE_CHANGE * jnp.abs(step_size))
+        | jnp.asarray(made_jump)
+    )
+    chord_state = lax.cond(stale, fresh, lambda: state.chord_state)
+    new_state = _ReusedJacobian(
+        chord_state=chord_state,
+        step_size=jnp.where(stale, step_size, state.step_size).astype(
+            state.step_size.dtype
+        ),
+        age=jnp.where(stale, 1, state.age + 1).astype(state.age.dtype),
+    )
+    return chord_state, new_state
+
+
 def _parts(tableau, terms):
     """The tableaus, the terms they apply to, and the position of the implicit one."""
     if isinstance(tableau, MultiButcherTableau):
@@ -204,6 +246,17 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
                 f"{name} has implicit stages, so its `calculate_jacobian` cannot be "
                 "`CalculateJacobian.never`."
             )
+        if getattr(self, "reuse_jacobian", False) and mode not in (
+            CalculateJacobian.first_stage,
+            CalculateJacobian.second_stage,
+        ):
+            raise ValueError(
+                f"{name}(reuse_jacobian=True): {name} computes a new Jacobian for "
+                f"every implicit stage (`CalculateJacobian.{mode.name}`: its diagonal "
+                f"entries {diagonal} differ), so it has no one factorisation to "
+                "reuse across steps. `reuse_jacobian` applies to methods with one "
+                "Jacobian per step, e.g. Kvaerno3/4/5 and KenCarp3/4/5."
+            )
         if mode in (CalculateJacobian.first_stage, CalculateJacobian.second_stage):
             first = 0 if mode == CalculateJacobian.first_stage else 1
             entries = set(diagonal[first:].tolist())
@@ -214,8 +267,43 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
                     f"entry from there on equal and non-zero; got {diagonal}."
                 )
 
+    def _reuses_jacobian_across_steps(self) -> bool:
+        """Whether the factorised Jacobian of one step may serve later steps (see
+        `reuse_jacobian` on the concrete methods)."""
+        return bool(getattr(self, "reuse_jacobian", False)) and (
+            self.calculate_jacobian
+            in (CalculateJacobian.first_stage, CalculateJacobian.second_stage)
+        )
+
     def init(self, terms, t0, t1, y0, args):
-        return None
+        if not self._reuses_jacobian_across_steps():
+            return None
+        _, parts, implicit = _parts(self.tableau, terms)
+        part = parts[implicit]
+        control = part.contr(t0, t1)
+        structure = jax.eval_shape(
+            lambda: stage_jacobian(
+                self.root_finder, part, t0, y0, 1.0, args, control, y0
+            )
+        )
+        if structure is None:
+            # A root finder or linear solver that keeps no factorisation.
+            return None
+        placeholder = jtu.tree_map(
+            lambda s: (
+                jnp.zeros(s.shape, s.dtype)
+                if isinstance(s, jax.ShapeDtypeStruct)
+                else s
+            ),
+            structure,
+            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+        )
+        # An age past the limit: the first step computes its own Jacobian.
+        return _ReusedJacobian(
+            chord_state=placeholder,
+            step_size=jnp.zeros((), jnp.result_type(t1 - t0)),
+            age=jnp.asarray(_MAX_JACOBIAN_AGE, jnp.int32),
+        )
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
@@ -301,10 +389,20 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
         for i in range(first):
             ks = explicit_step(i, ks)
         jacobian_state = None
+        new_solver_state = solver_state
         if reuse:
             # One factorisation per step, at the first implicit stage's guess.
             stage_args, guess = stage_setup(first, ks, float(diagonals[first]))
-            jacobian_state = stage_jacobian(self.root_finder, *stage_args, guess)
+
+            def fresh():
+                return stage_jacobian(self.root_finder, *stage_args, guess)
+
+            if isinstance(solver_state, _ReusedJacobian) and not step_always_accepted():
+                jacobian_state, new_solver_state = _reuse_or_refresh(
+                    solver_state, fresh, t1 - t0, made_jump
+                )
+            else:
+                jacobian_state = fresh()
         if loop:
             # The closures above read these as arrays indexed by the traced stage.
             a = [jnp.asarray(a_m) for a_m in a]
@@ -335,7 +433,7 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
         else:
             y_error = _combine_parts([tab.b_error for tab in tableaus], ks)
         dense_info = dict(y0=y0, y1=y1, k=_sum(ks))
-        return y1, y_error, dense_info, None, result
+        return y1, y_error, dense_info, new_solver_state, result
 
     def _predictor_matrix(self) -> np.ndarray:
         """Row `i`: the weights of the earlier stages' increments that predict stage
@@ -442,6 +540,21 @@ DIRK_ARGUMENTS = """
       rejects it and retries with a smaller step.
     """
 
+REUSE_JACOBIAN_ARGUMENT = """- `reuse_jacobian`: whether one step's factorised stage matrix `I - a h J` serves
+      later steps (not in Diffrax; `False` by default, which computes and factorises
+      it once per step as Diffrax does). With `True` it is kept until it has served
+      20 steps, the step size has changed by more than 20% since it was formed, or
+      the step starts at a jump in the vector field; a step whose stage equations
+      then fail to converge is rejected, and its smaller retry forms a new one. The
+      stage equations are solved to the same tolerances either way. This pays for
+      systems of a few hundred unknowns or more with the default dense linear
+      solver (see the Stiff problems page for measurements); for small systems a
+      Jacobian is cheap and reusing it costs more iterations than it saves. It needs
+      `VeryChord` with a linear solver that keeps a factorisation (dense, or a
+      structured one), and applies to adaptive steps only: with constant steps, where
+      a failed stage cannot be retried, every step forms its own.
+"""
+
 
 class _AbstractKvaerno(AbstractESDIRK, AbstractAdaptiveSolver):
     __doc__ = (
@@ -449,6 +562,7 @@ class _AbstractKvaerno(AbstractESDIRK, AbstractAdaptiveSolver):
     489–502): stiffly accurate and L-stable, with an embedded error estimate for
     adaptive steps and third-order Hermite dense output. For stiff problems."""
         + DIRK_ARGUMENTS
+        + REUSE_JACOBIAN_ARGUMENT
     )
 
     calculate_jacobian: ClassVar[CalculateJacobian] = CalculateJacobian.second_stage
@@ -459,6 +573,7 @@ class _AbstractKvaerno(AbstractESDIRK, AbstractAdaptiveSolver):
         default_factory=_default_root_finder
     )
     root_find_max_steps: int = eqx.field(default=10, static=True)
+    reuse_jacobian: bool = eqx.field(default=False, static=True)
 
 
 @final
