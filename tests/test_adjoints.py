@@ -220,18 +220,21 @@ def _config(adjoint_name, controller, slow=False):
     )
 
 
-# Every adjoint and both controllers are in the default run; the remaining
-# combinations (each a separate compilation of several seconds) are marked slow.
+# Both controllers and every adjoint but ForwardMode are in the default run
+# (BacksolveAdjoint with the seminorm and adaptive steps); the remaining combinations
+# (each a separate compilation of several seconds) are marked slow. ForwardMode
+# against finite differences by default: test_transforms.py::test_forward_mode_jvp_...
+# (and the default adjoint's forward mode in section 4 below).
 CONFIGS = [
     _config("recursive", "pid"),
     _config("recursive", "constant", slow=True),
     _config("direct", "pid", slow=True),
     _config("direct", "constant"),
     _config("backsolve", "pid", slow=True),
-    _config("backsolve", "constant"),
+    _config("backsolve", "constant", slow=True),
     _config("backsolve-seminorm", "pid"),
     _config("backsolve-seminorm", "constant", slow=True),
-    _config("forward", "pid"),
+    _config("forward", "pid", slow=True),
     _config("forward", "constant", slow=True),
 ]
 REVERSE_CONFIGS = [c for c in CONFIGS if c.values[0] != "forward"]
@@ -271,7 +274,9 @@ def test_t1_gradient_is_field_at_t1_dotted_with_cotangent(adjoint_name, controll
 
 CAPTURE_ADJOINTS = [
     pytest.param(dfx.RecursiveCheckpointAdjoint(), id="recursive"),
-    pytest.param(dfx.BacksolveAdjoint(), id="backsolve"),
+    # BacksolveAdjoint with parameters inside the vector field by default: the
+    # closure-captured parameter test below.
+    pytest.param(dfx.BacksolveAdjoint(), id="backsolve", marks=pytest.mark.slow),
 ]
 
 
@@ -304,7 +309,10 @@ def _closure_fd():
     "kind, adjoint",
     [
         pytest.param(
-            "python-float", dfx.BacksolveAdjoint(), id="python-float-backsolve"
+            "python-float",
+            dfx.BacksolveAdjoint(),
+            id="python-float-backsolve",
+            marks=pytest.mark.slow,
         ),
         pytest.param("array", dfx.BacksolveAdjoint(), id="array-backsolve"),
         pytest.param(
@@ -441,6 +449,9 @@ def test_higher_order_forward_mode_matches_finite_differences():
     )
 
 
+# Forward mode against finite differences stays in the default run
+# (test_higher_order_forward_mode_...), as does reverse mode (section 1).
+@pytest.mark.slow
 def test_higher_order_jacfwd_and_jacrev_agree():
     # The Jacobian of the final state: forward and reverse mode compute the same
     # discrete derivative, so they agree far below the finite-difference error.
@@ -456,6 +467,9 @@ def test_higher_order_jacfwd_and_jacrev_agree():
     assert_close(flat_jacfwd, fd, rtol=1e-6, label="ho/jacfwd(y1)")
 
 
+# grad of grad and the Hessian against the closed form in the default run:
+# test_transform_detection.py::test_default_adjoint_loop_choice_and_derivative.
+@pytest.mark.slow
 def test_higher_order_grad_of_grad_matches_finite_differences():
     _, fd_hessian = _final_fd()
 
@@ -749,7 +763,9 @@ def _field_keeping_dtype(t, y, args):
     return _field(jnp.asarray(t).astype(y.dtype), y, args)
 
 
-@pytest.mark.parametrize("times", ["python-float", "float32"])
+@pytest.mark.parametrize(
+    "times", [pytest.param("python-float", marks=pytest.mark.slow), "float32"]
+)
 def test_backsolve_float32_is_finite_and_close_to_float64(times):
     y0 = Y0.astype(jnp.float32)
     args = jax.tree.map(lambda x: x.astype(jnp.float32), ARGS)

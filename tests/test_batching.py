@@ -54,6 +54,9 @@ def _assert_members_equal(batched, singles):
 # ---- what can be batched ---------------------------------------------------------
 
 
+# vmap over y0 against single solves and the closed form by default: the nested vmap
+# over y0 and args, and jit(vmap(partial(diffeqsolve))) below.
+@pytest.mark.slow
 def test_vmap_over_y0_matches_a_loop_of_single_solves():
     ts = jnp.linspace(0.0, 2.0, 7)
 
@@ -138,6 +141,7 @@ def test_vmap_over_dt0_with_constant_steps_gives_each_members_euler_recursion():
     np.testing.assert_allclose(batched, exact, rtol=1e-14)
 
 
+@pytest.mark.slow  # t1 under vmap by default: test_vmap_over_t0_and_t1_including_...
 def test_vmap_over_t1_with_constant_steps_stops_each_member_at_its_own_end():
     def solve(t1):
         return dfx.diffeqsolve(_DECAY, dfx.Euler(), 0.0, t1, 0.25, 1.0, 1.0)

@@ -89,7 +89,10 @@ def test_threefry_matches_jax():
     np.testing.assert_array_equal(np.concatenate(ours), theirs)
 
 
-@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 2e-15), (jnp.float32, 2e-6)])
+@pytest.mark.parametrize(
+    "dtype, tol",
+    [(jnp.float64, 2e-15), pytest.param(jnp.float32, 2e-6, marks=pytest.mark.slow)],
+)
 def test_normal_quantile_matches_scipy(dtype, tol):
     bits = 52 if dtype == jnp.float64 else 24
     rng = np.random.default_rng(1)
@@ -393,6 +396,7 @@ def test_euler_maruyama_on_the_tree_sums_its_increments():
     np.testing.assert_allclose(solve(0.9, 0.1, -0.01)[0], -expected, atol=1e-12)
 
 
+@pytest.mark.slow  # solves on the unsafe path: test_unsafe_path_refuses_adaptive_...
 def test_euler_maruyama_runs_on_the_unsafe_path():
     bm = dfx.UnsafeBrownianPath((2,), jr.key(11))
     terms = _sde(bm, diffusion=lambda t, y, a: jnp.diag(0.5 * y))
@@ -401,6 +405,9 @@ def test_euler_maruyama_runs_on_the_unsafe_path():
     assert sol.ys.shape == (1, 2) and np.all(np.isfinite(sol.ys))
 
 
+# Gradients of SDE solves against finite differences on the same path in the default
+# run: test_sde.py::test_discrete_adjoints_match_finite_differences.
+@pytest.mark.slow
 def test_grad_through_sde_solve_matches_finite_differences():
     # A coarse tree (cells of 1/32) keeps compilation short; the gradient is that
     # of the solve on whatever path it is given.

@@ -90,10 +90,24 @@ SOLVERS = [
     (dfx.Dopri5(), 5),
     (dfx.Dopri8(), 8),
 ]
+# A first-order and two high-order solvers in the default run (every solver's own
+# order on ODEs is tested in test_convergence.py); the others carry the `slow` marker.
+_DEFAULT_SOLVERS = ("Euler", "Tsit5", "Dopri8")
 
 
 @pytest.mark.parametrize(
-    "solver, order", SOLVERS, ids=[type(s).__name__ for s, _ in SOLVERS]
+    "solver, order",
+    [
+        pytest.param(
+            solver,
+            order,
+            id=type(solver).__name__,
+            marks=()
+            if type(solver).__name__ in _DEFAULT_SOLVERS
+            else (pytest.mark.slow,),
+        )
+        for solver, order in SOLVERS
+    ],
 )
 def test_every_explicit_solver_converges_on_a_cde_and_a_multiterm(solver, order):
     # A linear control with steps on its knots: within each step the CDE is an ODE,
@@ -305,8 +319,17 @@ def test_gradients_wrt_field_parameters_and_data_match_finite_differences():
     ts, xs = _batch(1)
     ts, xs = ts[0], xs[0]
     weights = jnp.array([1.0, -2.0])
-    loss = jax.jit(lambda ts, xs, params: weights @ _readout(ts, xs, params))
-    grad_xs, grad_params = jax.jit(jax.grad(loss, argnums=(1, 2)))(ts, xs, PARAMS)
+    # One compilation serves both: the finite differences read the value half.
+    value_and_grad = jax.jit(
+        jax.value_and_grad(
+            lambda ts, xs, params: weights @ _readout(ts, xs, params), argnums=(1, 2)
+        )
+    )
+
+    def loss(ts, xs, params):
+        return value_and_grad(ts, xs, params)[0]
+
+    grad_xs, grad_params = value_and_grad(ts, xs, PARAMS)[1]
     for i, leaf in enumerate(PARAMS):
 
         def in_leaf(value, i=i):

@@ -170,6 +170,17 @@ def _dense_errors(case_index):
 
 
 _INDEXED_CASES = [pytest.param(i, id=_case_id(case)) for i, case in enumerate(CASES)]
+# Dense output: Heun's interpolant is built as Bosh3's and RK4's (last stage at c=1),
+# Ralston's as Midpoint's (c<1); those two, a compilation each, carry the `slow`
+# marker.
+_DENSE_CASES = [
+    pytest.param(
+        i,
+        id=_case_id(case),
+        marks=(pytest.mark.slow,) if case.name in ("Heun", "Ralston") else (),
+    )
+    for i, case in enumerate(CASES)
+]
 
 
 @pytest.mark.parametrize("case_index", _INDEXED_CASES)
@@ -193,7 +204,7 @@ def test_solver_converges_at_its_order(case_index):
     )
 
 
-@pytest.mark.parametrize("case_index", _INDEXED_CASES)
+@pytest.mark.parametrize("case_index", _DENSE_CASES)
 def test_dense_output_converges_between_steps(case_index):
     case = CASES[case_index]
     value_errors, _ = _dense_errors(case_index)
@@ -210,7 +221,7 @@ def test_dense_output_converges_between_steps(case_index):
         assert value_errors[-1] <= 20 * max(endpoint_errors[-1], 1e-12)
 
 
-@pytest.mark.parametrize("case_index", _INDEXED_CASES)
+@pytest.mark.parametrize("case_index", _DENSE_CASES)
 def test_dense_derivative_converges_between_steps(case_index):
     case = CASES[case_index]
     _, derivative_errors = _dense_errors(case_index)

@@ -61,9 +61,12 @@ def _assert_close(a, b, rtol=1e-12, atol=1e-13):
     )
 
 
-@pytest.mark.parametrize(
-    "backwards", [False, pytest.param(True, marks=pytest.mark.slow)]
-)
+# Deferred saving against saving in the loop by default: against Diffrax's (which
+# saves inside each step), under vmap, with the default adjoint:
+# tests/compat/test_saves_under_grad.py::test_batched_saves_and_gradients_match_diffrax.
+# The cases here (two compilations each, the caches cleared in between) are `slow`.
+@pytest.mark.slow
+@pytest.mark.parametrize("backwards", [False, True])
 def test_deferred_matches_loop_and_closed_form(monkeypatch, defer_calls, backwards):
     t0, t1 = (2.0, 0.0) if backwards else (0.0, 2.0)
     ts = jnp.linspace(t0, t1, 17)
@@ -136,6 +139,7 @@ def test_deferred_pytree_state_fn_and_many_times(monkeypatch, defer_calls):
     np.testing.assert_allclose(grad, expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_deferred_under_vmap(monkeypatch, defer_calls):
     """Batch members take different steps, and record them in different slots."""
     ts = jnp.linspace(0.0, 5.0, 23)
@@ -172,6 +176,7 @@ def test_deferred_under_vmap(monkeypatch, defer_calls):
     assert np.all(np.isfinite(ys)) and np.all(np.isfinite(grad))
 
 
+@pytest.mark.slow
 def test_deferred_keeps_saves_of_a_failed_solve(monkeypatch, defer_calls):
     """`throw=False`: a solve that runs out of steps keeps every time it reached and
     leaves the others `inf`, with either way of saving. The times not reached add
@@ -213,6 +218,7 @@ def test_deferred_keeps_saves_of_a_failed_solve(monkeypatch, defer_calls):
     np.testing.assert_allclose(grad, expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_deferred_with_terminating_event(monkeypatch, defer_calls):
     """A terminating event located inside a step: times before it are saved, the
     rest stay `inf`; the gradient flows through both."""

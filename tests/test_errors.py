@@ -167,7 +167,31 @@ def test_misuse_raises_while_tracing_under_jit(name, bad, fixed, error, fragment
         solve(y0)
 
 
-@pytest.mark.parametrize("name, bad, fixed, error, fragments", _CASES, ids=_IDS)
+# The fixed calls of these cases are the base call itself (as is the fixed call of
+# "solver-class-not-instance"), or save at a few requested times as the fixed call of
+# "saveat-ts-not-increasing" does: `slow`, each being a compilation of its own.
+_SAME_CORRECTED_CALL = (
+    "terms-list-of-functions",
+    "terms-bare-function",
+    "terms-structure-mismatch",
+    "dt0-sign-forward",
+    "dt0-none-with-constant-step-size",
+    "saveat-ts-outside-interval",
+    "saveat-ts-before-t0",
+)
+
+
+@pytest.mark.parametrize(
+    "name, bad, fixed, error, fragments",
+    [
+        pytest.param(
+            *case,
+            id=case[0],
+            marks=(pytest.mark.slow,) if case[0] in _SAME_CORRECTED_CALL else (),
+        )
+        for case in _CASES
+    ],
+)
 def test_corrected_call_succeeds(name, bad, fixed, error, fragments):
     sol = _call(fixed)
     for leaf in jax.tree_util.tree_leaves(sol.ys):

@@ -49,7 +49,12 @@ def _cos_zero(**kwargs):
     )
 
 
-@pytest.mark.parametrize("name", sorted(ROOT_FINDERS))
+@pytest.mark.parametrize(
+    "name",
+    # Bisection against the closed form in the default run:
+    # test_bisection_root_finder_under_vmap_with_members_without_event.
+    [pytest.param("bisection", marks=pytest.mark.slow), "newton"],
+)
 def test_projectile_hits_ground_at_closed_form_time(name):
     event = dfx.Event(_height, root_finder=ROOT_FINDERS[name])
     sol = dfx.diffeqsolve(
@@ -181,6 +186,7 @@ def test_bouncing_ball_bounce_times_match_closed_form():
     np.testing.assert_allclose(times, expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow  # events under vmap: test_bisection_root_finder_under_vmap_...
 def test_event_under_vmap_with_per_member_heights_and_t1():
     heights = jnp.array([1.0, 10.0, 20.0])
     t1s = jnp.array(
@@ -222,7 +228,8 @@ def test_event_time_gradient_matches_closed_form():
         )
         return sol.ts[-1]
 
-    grad = jax.grad(event_time)(10.0)
+    # Jitted: one compilation rather than one per operation of an eager derivative.
+    grad = jax.jit(jax.grad(event_time))(10.0)
     np.testing.assert_allclose(grad, 1 / np.sqrt(25 + 2 * G * 10.0), rtol=1e-8)
 
 
@@ -316,11 +323,12 @@ def _cos_conditions():
     [
         ((False, False), np.pi / 3, (False, True)),
         ((True, False), np.pi / 3, (False, True)),
-        ((False, True), np.pi / 2, (True, False)),
         ((True, True), 3 * np.pi / 2, (True, False)),
-        ((None, True), np.pi / 2, (True, False)),
-        (None, np.pi / 3, (False, True)),
-        (True, 3 * np.pi / 2, (True, False)),
+        # More combinations (each a compilation of its own) in the slow run.
+        pytest.param((False, True), np.pi / 2, (True, False), marks=pytest.mark.slow),
+        pytest.param((None, True), np.pi / 2, (True, False), marks=pytest.mark.slow),
+        pytest.param(None, np.pi / 3, (False, True), marks=pytest.mark.slow),
+        pytest.param(True, 3 * np.pi / 2, (True, False), marks=pytest.mark.slow),
     ],
 )
 def test_pytree_of_directions_applies_one_per_condition(

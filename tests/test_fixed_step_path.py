@@ -50,27 +50,33 @@ _SAVEATS = {
 }
 
 
+# By default with Tsit5: `SaveAt(t1=True)` forwards in float64 and backwards in
+# float32, and `subs` (several outputs) forwards in float64. (Euler's fixed-step path
+# by default: the test of a solve that becomes non-finite.) The rest of the product is
+# `slow`.
+_DEFAULT_FIXED_PATH_CASES = (
+    "Tsit5-t1-forwards-float64",
+    "Tsit5-t1-backwards-float32",
+    "Tsit5-subs-forwards-float64",
+)
+
+
 def _fixed_path_cases():
-    # By default: with Tsit5, every output with float64 forwards and every dtype and
-    # direction with `SaveAt(t1=True)`; with Euler, `SaveAt(t1=True)` forwards in
-    # both dtypes. The rest of the product is `slow`.
     for solver, name in ((dfx.Euler(), "Euler"), (dfx.Tsit5(), "Tsit5")):
         for saveat in _SAVEATS:
             for backwards in (False, True):
                 for dtype in (jnp.float32, jnp.float64):
-                    if name == "Tsit5":
-                        default = saveat == "t1" or (
-                            not backwards and dtype == jnp.float64
-                        )
-                    else:
-                        default = saveat == "t1" and not backwards
+                    case_id = (
+                        f"{name}-{saveat}-{'backwards' if backwards else 'forwards'}"
+                        f"-{jnp.dtype(dtype).name}"
+                    )
+                    default = case_id in _DEFAULT_FIXED_PATH_CASES
                     yield pytest.param(
                         dtype,
                         backwards,
                         saveat,
                         solver,
-                        id=f"{name}-{saveat}-{'backwards' if backwards else 'forwards'}"
-                        f"-{jnp.dtype(dtype).name}",
+                        id=case_id,
                         marks=() if default else (pytest.mark.slow,),
                     )
 

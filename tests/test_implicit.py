@@ -150,6 +150,7 @@ def _van_der_pol_reference(ts):
     return sol.y.T
 
 
+@pytest.mark.slow  # Kvaerno5 against Radau: test_robertson_against_radau stays
 def test_van_der_pol_stiff_against_radau():
     ts = (1.0, 100.0, 500.0, 1000.0)
     sol = dfx.diffeqsolve(
@@ -418,9 +419,9 @@ def test_matrix_free_newton_krylov_with_an_iterative_linear_solver():
     assert not any(len(s) == 2 and s[0] == s[1] == n * n for s in _shapes(krylov, u0))
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param("Kvaerno5", marks=pytest.mark.slow), "Rodas5P"]
-)
+# Rodas5P against Radau in the default run: test_rosenbrock.py::test_robertson.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["Kvaerno5", "Rodas5P"])
 def test_hires_against_radau(name):
     from _stiff_problems import HIRES_T1, HIRES_Y0, hires, hires_reference
 
@@ -478,7 +479,12 @@ def _diffusion_1d(t, u, args):
     )
 
 
-@pytest.mark.parametrize("family", ["Kvaerno5", "Rodas5P"])
+@pytest.mark.parametrize(
+    # Kvaerno's root finder with a structured linear solver: the matrix-free
+    # Newton–Krylov test stays in the default run.
+    "family",
+    [pytest.param("Kvaerno5", marks=pytest.mark.slow), "Rodas5P"],
+)
 def test_structured_tridiagonal_jacobian(family):
     import lineax as lx
 

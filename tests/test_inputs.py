@@ -1,6 +1,8 @@
 """What `diffeqsolve` accepts as `y0` and as times, and the dtypes it solves in: as
 Diffrax does, with explicit casts only (the suite runs under strict promotion)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +53,15 @@ def test_integer_times_solve_in_the_default_floating_dtype():
         (jnp.float32, jnp.float32, jnp.float32, jnp.float32),
         (jnp.float32, jnp.float64, jnp.float64, jnp.float64),
         (jnp.float64, jnp.float32, jnp.float64, jnp.float32),
-        (jnp.complex64, jnp.float32, jnp.complex64, jnp.float32),
+        # The float32 twin of the complex128 case (complex64 states: the test of
+        # PID on complex and real leaves below) is `slow`.
+        pytest.param(
+            jnp.complex64,
+            jnp.float32,
+            jnp.complex64,
+            jnp.float32,
+            marks=pytest.mark.slow,
+        ),
         (jnp.complex128, jnp.float64, jnp.complex128, jnp.float64),
     ],
 )
@@ -165,13 +175,19 @@ def test_pid_on_a_state_of_complex_and_real_leaves_of_several_widths(t_dtype):
     np.testing.assert_allclose(np.asarray(sol.ys["w"]), [0.5 * np.exp(-1)], rtol=1e-4)
 
 
+@functools.cache
+def _float32_dense_solution():
+    # One solve (a compilation) for the cases below, which evaluate it.
+    y0 = jnp.array([1.0], jnp.float32)
+    f32 = jnp.float32
+    return _solve(y0, f32(0), f32(1), f32(0.1), saveat=dfx.SaveAt(dense=True))
+
+
 @pytest.mark.parametrize(
     "t", [0.5, np.float64(0.5), jnp.float64(0.5), jnp.float32(0.5)]
 )
 def test_dense_output_of_a_float32_solve_accepts_a_time_of_any_float_dtype(t):
-    y0 = jnp.array([1.0], jnp.float32)
-    f32 = jnp.float32
-    sol = _solve(y0, f32(0), f32(1), f32(0.1), saveat=dfx.SaveAt(dense=True))
+    sol = _float32_dense_solution()
     value, slope = sol.evaluate(t), sol.derivative(t)
     assert value.dtype == slope.dtype == jnp.float32
     np.testing.assert_allclose(value, np.exp([-0.5]), rtol=1e-4)

@@ -117,7 +117,10 @@ def _exact_hermite(ts, ys):
         pytest.param(_linear, 1, True, id="linear-derivative"),
         pytest.param(_hermite, 2, False, id="backward-hermite"),
         pytest.param(_hermite, 1, True, id="backward-hermite-derivative"),
-        pytest.param(_exact_hermite, 4, False, id="exact-slope-hermite"),
+        # The same cubic evaluation as the natural spline's (order 4): `slow`.
+        pytest.param(
+            _exact_hermite, 4, False, id="exact-slope-hermite", marks=pytest.mark.slow
+        ),
         pytest.param(_natural, 4, False, id="natural-spline"),
         pytest.param(_natural, 3, True, id="natural-spline-derivative"),
     ],
@@ -333,7 +336,15 @@ def test_gradient_wrt_data_with_missing_values_is_finite_and_matches_fd():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("build", BUILDERS)
+@pytest.mark.parametrize(
+    # Paths under vmap by default: the backward Hermite path (a neural CDE's).
+    "build",
+    [
+        pytest.param(_linear, id="linear", marks=pytest.mark.slow),
+        pytest.param(_hermite, id="backward-hermite"),
+        pytest.param(_natural, id="natural-spline", marks=pytest.mark.slow),
+    ],
+)
 def test_batch_of_64_series_under_vmap_gives_per_series_derivatives(build):
     key_ts, key_ys = jax.random.split(jax.random.key(0))
     ts = jnp.sort(jax.random.uniform(key_ts, (400,)) * 10.0)
@@ -426,7 +437,16 @@ def _fd_grad(fn, x, h=1e-6):
     return grad
 
 
-@pytest.mark.parametrize("build", BUILDERS)
+@pytest.mark.parametrize(
+    # The backward Hermite path's gradients by default in
+    # test_gradient_wrt_data_with_missing_values_is_finite_and_matches_fd.
+    "build",
+    [
+        pytest.param(_linear, id="linear"),
+        pytest.param(_hermite, id="backward-hermite", marks=pytest.mark.slow),
+        pytest.param(_natural, id="natural-spline"),
+    ],
+)
 def test_gradients_wrt_data_times_and_time_match_finite_differences(build):
     ys = jnp.stack([jnp.sin(3 * TS), jnp.exp(TS)], axis=-1)
     weights = jnp.array([1.0, -0.5])

@@ -226,14 +226,11 @@ def strong_orders(name, n_paths=64):
     return orders
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "ALIGN",
-        pytest.param("ShOULD", marks=pytest.mark.slow),
-        pytest.param("QUICSORT", marks=pytest.mark.slow),
-    ],
-)
+# Each method's order against the closed form by default: the exact law of its
+# second moment (test_weak_order_of_second_moment_is_exact_law), which needs no
+# sampling; the strong orders (many paths at several step sizes) are `slow`.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ALIGN", "ShOULD", "QUICSORT"])
 def test_strong_order(name):
     for label, (order, errors) in strong_orders(name).items():
         assert abs(order - STRONG_ORDER[name]) <= 0.15, (name, label, order, errors)
@@ -527,9 +524,8 @@ def test_vmap_over_keys_equals_a_loop():
             np.testing.assert_allclose(a, b[i], rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param("ALIGN", marks=pytest.mark.slow), "QUICSORT"]
-)
+@pytest.mark.slow  # float32 SDE states: test_sde.py::test_float32
+@pytest.mark.parametrize("name", ["ALIGN", "QUICSORT"])
 def test_float32(name):
     n, h = 16, 0.0625
     shape32 = jax.ShapeDtypeStruct((2,), jnp.float32)
@@ -559,6 +555,9 @@ def test_float32(name):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+# Gradients of SDE solves against finite differences on the same path in the default
+# run: test_sde.py::test_discrete_adjoints_match_finite_differences.
+@pytest.mark.slow
 def test_grad_matches_finite_differences_on_the_same_path():
     n, h = 32, 0.0625
     bm = grid_path(jr.key(9), (2,), n, h, dfx.SpaceTimeLevyArea)
@@ -589,14 +588,9 @@ def test_grad_matches_finite_differences_on_the_same_path():
     np.testing.assert_allclose(grads[1], fd_quartic, rtol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param("ALIGN", marks=pytest.mark.slow),
-        "ShOULD",
-        pytest.param("QUICSORT", marks=pytest.mark.slow),
-    ],
-)
+# PyTree SDE states in the default run: test_srk.py::test_pytree_state_equals_...
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ALIGN", "ShOULD", "QUICSORT"])
 def test_pytree_state_equals_the_stacked_state(name):
     # x = (a, b) with a of shape (2,) and b of shape (1,), gamma a scalar for the
     # first leaf and an array for the second: the same as the stacked problem.

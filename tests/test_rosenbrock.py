@@ -221,7 +221,10 @@ def _dense_errors(name):
     return n_steps, list(values), list(derivatives), list(end_errors)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name",
+    ["Rosenbrock23", pytest.param("Rodas4", marks=pytest.mark.slow), "Rodas5P"],
+)
 def test_dense_output_order(name):
     n_steps, values, derivatives, end_errors = _dense_errors(name)
     assert max(end_errors) < 1e-14, end_errors
@@ -249,7 +252,8 @@ _ROBERTSON_TOLS = {
     "name",
     [
         pytest.param("Rosenbrock23", marks=pytest.mark.slow),  # ~4 s, 663 steps
-        "Rodas4",
+        # Rodas4 against closed forms in the default run: the order tests.
+        pytest.param("Rodas4", marks=pytest.mark.slow),
         "Rodas5P",
     ],
 )
@@ -324,7 +328,12 @@ _VDP_TOLS = {
 
 @pytest.mark.parametrize(
     "name",
-    ["Rosenbrock23", pytest.param("Rodas4", marks=pytest.mark.slow), "Rodas5P"],
+    # Against Radau by default: test_robertson (Rodas5P).
+    [
+        pytest.param("Rosenbrock23", marks=pytest.mark.slow),
+        pytest.param("Rodas4", marks=pytest.mark.slow),
+        pytest.param("Rodas5P", marks=pytest.mark.slow),
+    ],
 )
 def test_van_der_pol(name):
     # Over [0, 2] the solution relaxes onto the slow manifold, drifts along it, and
@@ -378,6 +387,7 @@ def _adaptive_decay(solver):
     return jax.jit(lambda rate: _solve_decay(solver, rate, _ADAPTIVE))
 
 
+@pytest.mark.slow  # implicit solves under vmap: test_implicit.py (Kvaerno3)
 def test_vmap_matches_loop():
     rates = jnp.array([1.0, 30.0, 1000.0])
     solve = _adaptive_decay(Rodas4())
@@ -420,9 +430,9 @@ def test_grad_adaptive():
     _check_grad(Rodas4(), controller, eps=1e-3, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "name", ["Rosenbrock23", pytest.param("Rodas5P", marks=pytest.mark.slow)]
-)
+# float32 states of implicit solvers by default: test_implicit.py::test_float32.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["Rosenbrock23", "Rodas5P"])
 def test_float32(name):
     f32 = jnp.float32
     ts = np.array([0.002, 0.005, 0.5, 1.0, 2.0])
@@ -447,7 +457,9 @@ def _pytree_field(t, y, args):
     return {"position": out[0], "velocity": out[1:]}
 
 
-@pytest.mark.parametrize("name", ["Rosenbrock23", "Rodas5P"])
+@pytest.mark.parametrize(
+    "name", [pytest.param("Rosenbrock23", marks=pytest.mark.slow), "Rodas5P"]
+)
 def test_pytree_state(name):
     ts = jnp.linspace(0.0, 3.0, 7)
     t_mid = 1.234
@@ -483,7 +495,9 @@ def test_pytree_state(name):
     np.testing.assert_allclose(mid_derivative["position"], exact_mid[1], atol=100 * tol)
 
 
-@pytest.mark.parametrize("name", ["Rosenbrock23", "Rodas4"])
+@pytest.mark.parametrize(
+    "name", ["Rosenbrock23", pytest.param("Rodas4", marks=pytest.mark.slow)]
+)
 def test_backwards_in_time(name):
     # From the exact state at t = 10 back to t = 0, with the forward solve's
     # step size: an error of the same size.

@@ -75,9 +75,25 @@ _COMBINATIONS = [
     for combination in itertools.product([False, True], repeat=4)
     if any(combination)
 ]
+# In the default run: every output at once, and `ts` with `steps` (their merge in
+# time order) with and without `t0`. The other combinations (a compilation each) carry
+# the `slow` marker; the single outputs are also saved in the other tests here.
+_DEFAULT_COMBINATIONS = ("t0+ts+steps+t1", "ts+steps", "t0+ts+steps")
 
 
-@pytest.mark.parametrize("combination", _COMBINATIONS, ids=_combination_id)
+@pytest.mark.parametrize(
+    "combination",
+    [
+        pytest.param(
+            combination,
+            id=_combination_id(combination),
+            marks=()
+            if _combination_id(combination) in _DEFAULT_COMBINATIONS
+            else (pytest.mark.slow,),
+        )
+        for combination in _COMBINATIONS
+    ],
+)
 def test_saveat_outputs_t0_then_ts_and_steps_in_time_order_then_t1(combination):
     save_t0, save_ts, save_steps, save_t1 = combination
     saveat = dfx.SaveAt(
@@ -242,11 +258,17 @@ def test_dense_output_matches_closed_form_and_returns_increments():
         stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-8),
     )
     ts = np.linspace(T0, T1, 13)
-    values = jax.vmap(sol.evaluate)(jnp.asarray(ts))
+
+    # Jitted: one compilation rather than one per operation of an eager evaluation
+    # (evaluated eagerly by the other dense-output tests here).
+    @jax.jit
+    def evaluate(sol, ts):
+        return jax.vmap(sol.evaluate)(ts), sol.evaluate(0.2, 0.7)
+
+    values, increment = evaluate(sol, jnp.asarray(ts))
     _assert_tree_close(values, _exact(ts), atol=1e-7)
     # evaluate(ta, tb) on a PyTree state is the leafwise increment y(tb) - y(ta).
     # (Diffrax fails here: it subtracts the two PyTrees with `-`.)
-    increment = sol.evaluate(0.2, 0.7)
     expected = jax.tree.map(lambda b, a: b - a, _exact(0.7), _exact(0.2))
     _assert_tree_close(increment, expected, atol=1e-7)
 

@@ -24,13 +24,16 @@ from _sde import PROBLEMS, assert_strong_order, brownian, strong_errors, terms_f
 ORDER_CASES = [
     ("Euler", "additive", "ito", 1.0),
     ("EulerHeun", "commutative", "stratonovich", 1.0),
+    ("ItoMilstein", "diagonal", "ito", 1.0),
+]
+# In the default run, StratonovichMilstein and ReversibleHeun are compared with
+# Diffrax (tests/compat/test_sde.py), and ReversibleHeun's adaptive solves with the
+# closed form (test_adaptive_sde_solve_converges).
+SLOW_ORDER_CASES = [
     ("EulerHeun", "general", "stratonovich", 0.5),
     ("StratonovichMilstein", "commutative", "stratonovich", 1.0),
-    ("ItoMilstein", "diagonal", "ito", 1.0),
     ("ReversibleHeun", "additive", "stratonovich", 1.0),
     ("ReversibleHeun", "general", "stratonovich", 0.5),
-]
-SLOW_ORDER_CASES = [
     ("Euler", "gbm", "ito", 0.5),  # also in test_brownian.py
     ("ItoMilstein", "gbm", "ito", 1.0),
     ("Heun", "gbm", "stratonovich", 1.0),
@@ -57,6 +60,10 @@ def test_strong_order_more(name, problem, calculus, expected):
     )
 
 
+# HalfSolver in the default run: against the closed form on an ODE
+# (test_half_solver_on_an_ode_has_local_order_two_error) and against Diffrax on SDEs,
+# adaptive too (tests/compat/test_sde.py).
+@pytest.mark.slow
 def test_half_solver_strong_order_and_half_steps():
     # The result of HalfSolver is the two half steps: its errors at dt are the
     # wrapped solver's at dt/2.
@@ -190,6 +197,7 @@ def test_sde_error_order_is_strong_order_plus_half():
 # ---- transformations, dtypes, PyTrees -------------------------------------------------
 
 
+@pytest.mark.slow  # SDE solves under vmap: test_adaptive_sde_solve_converges
 def test_vmap_over_keys_equals_a_loop():
     problem = PROBLEMS["diagonal"]
 
@@ -214,7 +222,7 @@ def test_vmap_over_keys_equals_a_loop():
     "solver",
     [
         dfx.EulerHeun(),
-        dfx.ItoMilstein(),
+        pytest.param(dfx.ItoMilstein(), marks=pytest.mark.slow),
         pytest.param(dfx.StratonovichMilstein(), marks=pytest.mark.slow),
         pytest.param(dfx.ReversibleHeun(), marks=pytest.mark.slow),
     ],
@@ -242,6 +250,7 @@ def test_float32(solver):
     np.testing.assert_allclose(sol.ys, ref, rtol=1e-4)
 
 
+@pytest.mark.slow  # PyTree SDE states: test_srk.py::test_pytree_state_equals_flat_state
 def test_milstein_on_a_pytree_state_equals_the_stacked_state():
     bm = dfx.VirtualBrownianTree(0.0, 1.0, tol=2.0**-8, shape=(2,), key=jr.key(4))
     a, b = 0.6, -0.3
@@ -278,10 +287,10 @@ def test_milstein_on_a_pytree_state_equals_the_stacked_state():
         np.testing.assert_allclose(jnp.stack(tree, axis=-1), flat, rtol=1e-13)
 
 
-@pytest.mark.parametrize(
-    "solver",
-    [dfx.ItoMilstein(), pytest.param(dfx.ReversibleHeun(), marks=pytest.mark.slow)],
-)
+# Gradients of SDE solves against finite differences on the same path in the default
+# run: test_discrete_adjoints_match_finite_differences (EulerHeun).
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", [dfx.ItoMilstein(), dfx.ReversibleHeun()])
 def test_grad_matches_finite_differences_on_the_same_path(solver):
     bm = dfx.VirtualBrownianTree(0.0, 1.0, tol=2.0**-6, shape=(), key=jr.key(2))
 
@@ -457,8 +466,15 @@ def test_discrete_adjoints_match_finite_differences(adjoint):
     def loss(x):
         return _sde_loss(x[0], x[1], bm, dfx.EulerHeun(), adj, 2.0**-5)
 
-    grad = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(loss))(x))[0]
-    np.testing.assert_allclose(grad, _fd(jax.jit(loss), x), rtol=1e-6)
+    # One compilation serves both: the finite differences read the value half. (`x`
+    # round-trips through ravel_pytree first, so that the perturbed points have the
+    # same dtypes, weak types included, and nothing is compiled twice.)
+    flat, unravel = jax.flatten_util.ravel_pytree(x)
+    x = unravel(flat)
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    grad = jax.flatten_util.ravel_pytree(value_and_grad(x)[1])[0]
+    fd = _fd(lambda z: value_and_grad(z)[0], x)
+    np.testing.assert_allclose(grad, fd, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -472,15 +488,18 @@ def test_backsolve_adjoint_on_a_stratonovich_sde_converges_to_the_gradient(solve
 
     bm = dfx.VirtualBrownianTree(0.0, 1.0, tol=2.0**-10, shape=(2,), key=jr.key(1))
     x = ((jnp.asarray(0.7), jnp.asarray(0.4)), jnp.asarray([1.0, 0.5]))
+
+    def loss(x, dt, adjoint):
+        return _sde_loss(x[0], x[1], bm, solver, adjoint, dt)
+
+    # The step size is traced: one compilation of the solve (for the finite
+    # differences) and one of the backsolve gradient serve both step sizes.
+    value = jax.jit(lambda x, dt: loss(x, dt, dfx.RecursiveCheckpointAdjoint()))
+    backsolve = jax.jit(jax.grad(lambda x, dt: loss(x, dt, dfx.BacksolveAdjoint())))
     errors = []
-    for dt in (2.0**-5, 2.0**-8):
-
-        def loss(x, adjoint, dt=dt):
-            return _sde_loss(x[0], x[1], bm, solver, adjoint, dt)
-
-        fd = _fd(jax.jit(lambda x: loss(x, dfx.RecursiveCheckpointAdjoint())), x)
-        grad = jax.jit(jax.grad(lambda x: loss(x, dfx.BacksolveAdjoint())))(x)
-        grad = jax.flatten_util.ravel_pytree(grad)[0]
+    for dt in (jnp.asarray(2.0**-5), jnp.asarray(2.0**-8)):
+        fd = _fd(lambda x, dt=dt: value(x, dt), x)
+        grad = jax.flatten_util.ravel_pytree(backsolve(x, dt))[0]
         errors.append(float(jnp.max(jnp.abs(grad - fd)) / jnp.max(jnp.abs(fd))))
     assert errors[1] < 2e-3, errors
     assert errors[1] < errors[0] / 4, errors

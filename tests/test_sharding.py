@@ -37,7 +37,9 @@ alone = [
     for y0 in y0s[[0, 9]]
 ]
 shards = ys.addressable_shards
-example.main(["--batch-size", "6"])  # the example as a user runs it (prints first)
+# The example as a user runs it (prints first), with the batch size checked above:
+# it pads the same way and reuses the solves compiled above.
+example.main(["--batch-size", "10"])
 print(json.dumps({
     "device_count": jax.device_count(),
     "padded_size": padded_size,
@@ -115,6 +117,6 @@ def test_padding_members_are_copies_of_the_last_member(report):
 def test_sharded_batch_example_runs_on_four_devices(completed):
     output = completed.stdout
     assert "devices: 4 (cpu) over 1 process(es)" in output
-    assert "padded to 8 (2 per device)" in output
+    assert "padded to 12 (3 per device)" in output
     difference = float(output.split("max |sharded - single device|:")[1].split()[0])
     assert difference <= 1e-12

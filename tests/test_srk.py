@@ -423,6 +423,9 @@ def test_zero_diffusion_is_deterministic_rk(solver_cls):
 # ---- adaptive steps ------------------------------------------------------------------
 
 
+# SPaRK's adaptive steps against Diffrax's in the default run
+# (tests/compat/test_srk.py::test_spark_adaptive).
+@pytest.mark.slow
 def test_spark_adaptive_error_decreases_with_rtol():
     # Commutative noise, whose exact solution on each path (a function of W(1))
     # is the reference.
@@ -502,6 +505,7 @@ def test_vmap_over_keys_equals_loop():
     assert not np.allclose(looped[0], looped[1])  # different paths, different answers
 
 
+@pytest.mark.slow  # float32 SDE states: test_sde.py::test_float32
 def test_float32_state():
     # A float32 state (and times) with a float64 Brownian motion: the increments
     # are cast to the state's dtype, and the result is float32.
@@ -540,6 +544,9 @@ def test_float32_every_solver(solver_cls):
     np.testing.assert_allclose(ys32, ys64, rtol=1e-4, atol=1e-5)
 
 
+# Gradients of SDE solves against finite differences on the same path in the default
+# run: test_sde.py::test_discrete_adjoints_match_finite_differences.
+@pytest.mark.slow
 def test_grad_matches_finite_differences():
     key = jr.key(7)
     grad = float(
@@ -637,14 +644,9 @@ def test_pytree_state_additive():
 # ---- time-dependent additive noise ---------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "solver_cls",
-    [
-        pytest.param(cls, marks=() if cls is dfx.ShARK else pytest.mark.slow)
-        for cls in ADDITIVE
-    ],
-    ids=lambda c: c.__name__,
-)
+# ShARK against Diffrax by default (tests/compat/test_srk.py, fixed steps).
+@pytest.mark.slow
+@pytest.mark.parametrize("solver_cls", ADDITIVE, ids=lambda c: c.__name__)
 def test_linear_in_time_additive_noise_is_exact(solver_cls):
     # dy = (alpha + beta t) dW over one step [0, h] has the solution
     # y(h) = y(0) + I with

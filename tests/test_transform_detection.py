@@ -136,10 +136,27 @@ LOOPS = {
     "grad-of-shard_map": ("checkpointed", lambda a: -np.exp(-a)),
 }
 EAGER = {"grad-of-shard_map"}
+# What these detect is checked for each in test_active_transforms_names_each_...; the
+# loop chosen for what they detect, and its derivative, by "grad" (reverse) and "jvp"
+# (forward) in the default run. Each is a compilation of several seconds: `slow`.
+SAME_LOOP_AS_GRAD_OR_JVP = {
+    "grad-of-scan",
+    "grad-of-checkpoint",
+    "jacfwd",
+    "jvp-of-cond",
+    "jvp-of-shard_map",
+}
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=[pytest.mark.slow] * (n in EAGER)) for n in LOOPS]
+    "name",
+    [
+        pytest.param(
+            n,
+            marks=[pytest.mark.slow] * (n in EAGER or n in SAME_LOOP_AS_GRAD_OR_JVP),
+        )
+        for n in LOOPS
+    ],
 )
 def test_default_adjoint_loop_choice_and_derivative(name, monkeypatch):
     kinds = []
@@ -181,7 +198,14 @@ FORWARD_AFTER_JIT = {
 }
 
 
-@pytest.mark.parametrize("name", FORWARD_AFTER_JIT)
+@pytest.mark.parametrize(
+    # The same error for every forward-mode transformation: "jvp" by default.
+    "name",
+    [
+        pytest.param(n, marks=() if n == "jvp" else (pytest.mark.slow,))
+        for n in FORWARD_AFTER_JIT
+    ],
+)
 def test_forward_mode_after_jit_says_what_to_do(name):
     solve = jax.jit(lambda a: _solve(a))
     solve(X)  # traced (and cached) without derivatives: the checkpointed loop
@@ -223,7 +247,14 @@ def _solve_with_tangent_in(which, solver, controller):
 
 
 @pytest.mark.parametrize("which", ["args", "t1", "ts"])
-@pytest.mark.parametrize("adaptive", [False, True], ids=["euler", "tsit5-pid"])
+@pytest.mark.parametrize(
+    # With constant steps the same in the slow run.
+    "adaptive",
+    [
+        pytest.param(False, id="euler", marks=pytest.mark.slow),
+        pytest.param(True, id="tsit5-pid"),
+    ],
+)
 def test_forward_mode_error_when_only_a_closed_over_input_carries_a_tangent(
     which, adaptive
 ):

@@ -114,6 +114,9 @@ def _pid_solve_t1(y0, rate, t1):
     )
 
 
+# vmap over y0, args and t1 against single solves and closed forms: test_batching.py
+# (the batching tests) in the default run.
+@pytest.mark.slow
 def test_vmap_over_y0_matches_loop_and_closed_form():
     y0s = jnp.array([[1.0, 0.0], [2.0, -1.0], [-0.5, 3.0]])
     rate = 1.3
@@ -125,6 +128,7 @@ def test_vmap_over_y0_matches_loop_and_closed_form():
     np.testing.assert_allclose(batched, expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_vmap_over_args_matches_loop_and_closed_form():
     y0 = jnp.array([1.0, -2.0])
     rates = jnp.array([0.2, 1.0, 3.5, 7.0])
@@ -135,6 +139,7 @@ def test_vmap_over_args_matches_loop_and_closed_form():
     np.testing.assert_allclose(batched, expected, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_vmap_over_t1_each_member_stops_at_its_own_t1():
     y0 = jnp.array([1.0, 2.0])
     rate = 0.8
@@ -175,6 +180,10 @@ def _weighted_square_sum(ys):
     return jnp.sum(weights * ys**2)
 
 
+# Gradients with respect to y0 and args against finite differences by default, with
+# the default adjoint, DirectAdjoint (constant steps) and BacksolveAdjoint:
+# test_adjoints.py (section 1).
+@pytest.mark.slow
 @pytest.mark.parametrize("adjoint", ADJOINTS)
 def test_grad_wrt_y0_and_float_args_matches_finite_differences(adjoint):
     def loss(y0_and_rate):
@@ -188,6 +197,9 @@ def _forced(t, y, args):
     return -args["rate"] * y + args["forcing"] * jnp.cos(args["omega"] * t)
 
 
+# Gradients with respect to a dict of args against finite differences in the default
+# run: test_adjoints.py (section 1).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "adjoint",
     [
@@ -255,7 +267,9 @@ def test_grad_wrt_mlp_parameters_matches_finite_differences():
     "adjoint",
     [
         pytest.param(dfx.RecursiveCheckpointAdjoint(), id="recursive"),
-        pytest.param(dfx.DirectAdjoint(), id="direct"),
+        # DirectAdjoint with adaptive steps against Diffrax by default:
+        # tests/compat/test_gradients.py.
+        pytest.param(dfx.DirectAdjoint(), id="direct", marks=pytest.mark.slow),
     ],
 )
 def test_grad_with_pid_controller_matches_closed_form_derivative(adjoint):
@@ -429,6 +443,9 @@ def test_forward_mode_jvp_matches_finite_differences():
     assert _rel_err(tangent, fd) <= 1e-6
 
 
+# jacfwd against finite differences by default:
+# test_adjoints.py::test_higher_order_forward_mode_matches_finite_differences.
+@pytest.mark.slow
 def test_forward_mode_jacfwd_matches_finite_differences():
     jac_y0, jac_rate = jax.jit(jax.jacfwd(_forward_solve, argnums=(0, 1)))(
         Y0_FWD, RATE_FWD

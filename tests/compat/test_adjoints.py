@@ -139,7 +139,11 @@ def test_backsolve_fn_and_subs_match_diffrax_on_the_equivalent_loss():
 @pytest.mark.parametrize(
     "saveat",
     [
-        pytest.param(lambda lib: lib.SaveAt(t1=True, fn=_save_fn), id="fn"),
+        pytest.param(
+            lambda lib: lib.SaveAt(t1=True, fn=_save_fn),
+            id="fn",
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             lambda lib: lib.SaveAt(
                 subs=[lib.SubSaveAt(t1=True), lib.SubSaveAt(ts=jnp.asarray(TS))]

@@ -42,13 +42,14 @@ def _one_step(lib, solver, dtype, scale, t0, dt):
     return [np.asarray(x) for x in run(t0, t0 + jnp.asarray(dt, dtype), y0, args)]
 
 
-# Tsit5 and Dopri5 in the default run; the other methods (a few seconds each, mostly
+# Tsit5 in float64 in the default run; the other cases (a few seconds each, mostly
 # compilation) carry the `slow` marker.
+_DEFAULT_CASES = (("Tsit5", "float64"),)
 CASES = [
     pytest.param(
         name,
         dtype,
-        marks=() if name in ("Tsit5", "Dopri5") else (pytest.mark.slow,),
+        marks=() if (name, dtype) in _DEFAULT_CASES else (pytest.mark.slow,),
         id=f"{name}-{dtype}",
     )
     for name in SOLVERS

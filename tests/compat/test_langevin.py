@@ -90,7 +90,9 @@ GAMMAS = {"closed-form": [2.5, 4.0], "series": [1e-4, 2e-4]}
 
 
 CONSTANT_CASES = [(name, "closed-form") for name in SOLVERS] + [
-    ("ALIGN", "series"),
+    # ALIGN's series regime against Diffrax by default (gamma h = 0.05):
+    # test_truncated_series_of_diffrax_is_the_only_difference_in_between.
+    pytest.param("ALIGN", "series", marks=pytest.mark.slow),
     pytest.param("ShOULD", "series", marks=pytest.mark.slow),
     pytest.param("QUICSORT", "series", marks=pytest.mark.slow),
 ]
@@ -151,9 +153,10 @@ class _HNegated(diffrax.AbstractBrownianPath):
         return eqx.tree_at(lambda levy: levy.H, out, -out.H)
 
 
-@pytest.mark.parametrize(
-    "name", ["ALIGN", pytest.param("QUICSORT", marks=pytest.mark.slow)]
-)
+# Solves backwards in time by default: ODEs against Diffrax (tests/compat/
+# test_solves.py), SDEs against the exact step (test_srk.py::test_backwards_in_...).
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ALIGN", "QUICSORT"])
 def test_backward_solves_differ_from_diffrax_only_in_the_sign_of_h(name):
     # Small friction: Diffrax sums its (truncated) series whenever gamma h is below
     # the threshold, which for the negative steps of a backward solve is always;

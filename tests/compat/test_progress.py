@@ -73,9 +73,10 @@ CASES = {
     "name",
     [
         "constant",
-        "pid",
         "grad",
-        "vmap",
+        # Under vmap by default: test_progress.py (the slowest member's progress).
+        pytest.param("pid", marks=pytest.mark.slow),
+        pytest.param("vmap", marks=pytest.mark.slow),
         pytest.param("minimum_increase", marks=pytest.mark.slow),
         pytest.param("backwards", marks=pytest.mark.slow),
         pytest.param("max_steps", marks=pytest.mark.slow),

@@ -134,7 +134,11 @@ def _split_terms(lib):
     return lib.MultiTerm(drift, driven)
 
 
-@pytest.mark.parametrize("backwards", [False, True])
+@pytest.mark.parametrize(
+    # Backwards (where the parts' controls are negated) by default.
+    "backwards",
+    [pytest.param(False, marks=pytest.mark.slow), True],
+)
 def test_multiterm_parts_reach_the_solver_in_both_time_directions(backwards):
     t0, t1, dt0 = (0.9, -0.7, -0.2) if backwards else (-0.7, 0.9, 0.2)
     results = {}
@@ -283,7 +287,15 @@ def test_subscripted_classes_are_generic_aliases_of_the_classes():
             assert typing.get_origin(alias) is origin
 
 
-@pytest.mark.parametrize("rtol", [1e-2, 1e-3, 1e-5])
+@pytest.mark.parametrize(
+    # One tolerance by default (a compilation per tolerance and library).
+    "rtol",
+    [
+        pytest.param(1e-2, marks=pytest.mark.slow),
+        1e-3,
+        pytest.param(1e-5, marks=pytest.mark.slow),
+    ],
+)
 def test_abstract_solver_with_error_estimate_steps_as_in_diffrax(rtol):
     results = {}
     for name, lib in LIBS.items():

@@ -37,6 +37,8 @@ def _loss(lib, adjoint_name, params, y0):
     return jnp.sum(jnp.sin(sol.ys)), (sol.ts, sol.ys, sol.stats["num_steps"])
 
 
+# By default the batched comparison below (the default adjoint, under vmap).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "adjoint_name", ["RecursiveCheckpointAdjoint", "DirectAdjoint"]
 )

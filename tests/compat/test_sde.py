@@ -75,8 +75,15 @@ def _solve(lib, solver_name, noise, adaptive):
     )
 
 
-# Scalar noise is a special case of the general noise below (slow-marked).
-CASES = [(name, "general", False) for name in SOLVERS]
+# Scalar noise is a special case of the general noise below (slow-marked). The
+# adaptive solvers run by default with adaptive steps, with constant ones in the slow
+# run.
+CASES = [
+    pytest.param(name, "general", False, marks=pytest.mark.slow)
+    if name in ADAPTIVE
+    else (name, "general", False)
+    for name in SOLVERS
+]
 CASES += [(name, "general", True) for name in ADAPTIVE]
 CASES += [
     pytest.param(name, "scalar", adaptive, marks=pytest.mark.slow)

@@ -52,8 +52,26 @@ Y0S = {
 }
 
 
-@pytest.mark.parametrize("controller", ["pid", "const"])
-@pytest.mark.parametrize("name", list(Y0S))
+# By default an array with constant steps, and a PyTree with integer and float leaves
+# with adaptive ones.
+_DEFAULT_START_CASES = (("finite", "const"), ("int_tree", "pid"))
+
+
+@pytest.mark.parametrize(
+    "name, controller",
+    [
+        pytest.param(
+            name,
+            controller,
+            id=f"{name}-{controller}",
+            marks=()
+            if (name, controller) in _DEFAULT_START_CASES
+            else (pytest.mark.slow,),
+        )
+        for controller in ("pid", "const")
+        for name in Y0S
+    ],
+)
 def test_start_values_give_diffraxs_answer(name, controller):
     y0 = Y0S[name]
     expected, expected_result = _solve(diffrax, y0, controller)

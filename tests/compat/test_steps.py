@@ -260,7 +260,11 @@ def test_constant_step_grid_matches_diffrax(t0, t1, dt0, dtype):
     _assert_same(solve(diffeqx), solve(diffrax), dtype, exact_ts=True)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    # In float32 by default: test_controllers.py::test_jump_ts_containing_t1_...
+    "dtype",
+    [np.float64, pytest.param(np.float32, marks=pytest.mark.slow)],
+)
 def test_jump_at_t1_ends_exactly_at_t1(dtype):
     # Diffrax moves a step start one ULP past a jump; a jump at t1 must not carry
     # the end time past t1.
@@ -281,6 +285,9 @@ def test_jump_at_t1_ends_exactly_at_t1(dtype):
     assert ts[np.isfinite(ts)][-1] == dtype(1) and sol.t1 == dtype(1)
 
 
+# By default: test_controllers.py (the first step inside diffeqsolve is 0.01, as in
+# Diffrax, and the Hairer-Norsett-Wanner rule on a bare ODETerm, worked out by hand).
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_automatic_first_step_matches_diffrax(dtype):
     # Diffrax 0.7.2 applies the Hairer-Norsett-Wanner rule only to a bare ODETerm;
@@ -410,6 +417,9 @@ def _cde_solve(lib, dtype, rtol, batch):
     return jax.jit(jax.vmap(solve) if batch else solve)(y0 if batch else y0[0])
 
 
+# Control terms against Diffrax by default: tests/compat/test_protocol.py (a weakly
+# diagonal control term, and the parts of a MultiTerm with a ControlTerm).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dtype, rtol, batch",
     [
