@@ -64,9 +64,11 @@ def _assert_close(a, b, rtol=1e-12, atol=1e-13):
 # Deferred saving against saving in the loop by default: against Diffrax's (which
 # saves inside each step), under vmap, with the default adjoint:
 # tests/compat/test_saves_under_grad.py::test_batched_saves_and_gradients_match_diffrax.
-# The cases here (two compilations each, the caches cleared in between) are `slow`.
-@pytest.mark.slow
-@pytest.mark.parametrize("backwards", [False, True])
+# The cases here (two compilations each, the caches cleared in between) are `slow`,
+# except the forwards one below: the default run's check that deferral takes place.
+@pytest.mark.parametrize(
+    "backwards", [False, pytest.param(True, marks=pytest.mark.slow)]
+)
 def test_deferred_matches_loop_and_closed_form(monkeypatch, defer_calls, backwards):
     t0, t1 = (2.0, 0.0) if backwards else (0.0, 2.0)
     ts = jnp.linspace(t0, t1, 17)

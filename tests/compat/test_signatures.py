@@ -28,6 +28,19 @@ EXTENSIONS = {
         "tags",
     ): "lineax structure tags of the stage Jacobian (docs/stiff.md)",
     **{
+        (name, "reuse_jacobian"): (
+            "one factorised stage matrix kept across steps (docs/stiff.md)"
+        )
+        for name in (
+            "Kvaerno3",
+            "Kvaerno4",
+            "Kvaerno5",
+            "KenCarp3",
+            "KenCarp4",
+            "KenCarp5",
+        )
+    },
+    **{
         (name, "scan_stages"): (
             "stages in a loop or unrolled (docs/performance.md, docs/migration.md)"
         )
