@@ -1,8 +1,9 @@
 """Large stiff systems: the 2-D Brusselator on an N x N grid (2 N^2 unknowns), dense
 Jacobians against matrix-free (Krylov) and IMEX solves.
 
-    python benchmarks/bench_stiff_pde.py [--grids 32,64,256] [--dense-max 8192]
-        [--methods ...] [--large-methods "KenCarp4 IMEX GMRES"] [--json PATH]
+    python benchmarks/bench_stiff_pde.py [--grids 16,32,64,256] [--dense-max 8192]
+        [--reuse-max 2048] [--methods ...] [--large-methods "KenCarp4 IMEX GMRES"]
+        [--json PATH]
 
 The problem (Hairer & Wanner, Solving ODEs II, BRUSS-2D with homogeneous Neumann
 boundaries):
@@ -16,6 +17,8 @@ v(0) = 27 x (1 - x)^1.5. The diffusion is what makes it stiff (eigenvalues to
 Methods, all at rtol = atol = 1e-5, float64:
 - `Kvaerno5` with the default dense chord iteration (an n x n Jacobian, LU-factored
   once per step), only where n <= --dense-max;
+- `Kvaerno5` and `Kvaerno3` dense with `reuse_jacobian=True` (one factorisation
+  kept across steps), and `Kvaerno3` dense without, only where n <= --reuse-max;
 - `Kvaerno5` with `VeryChord(linear_solver=lineax.GMRES(...))`: matrix-free;
 - `Rodas5P` with `lineax.GMRES`: matrix-free Rosenbrock;
 - `KenCarp4` IMEX: the reaction explicit, the diffusion implicit with GMRES.
@@ -103,6 +106,15 @@ def methods(n):
     krylov = dfx.with_stepsize_controller_tols(dfx.VeryChord)(linear_solver=gmres())
     return {
         "Kvaerno5 dense": (dfx.ODETerm(whole(n)), dfx.Kvaerno5()),
+        "Kvaerno5 dense reuse": (
+            dfx.ODETerm(whole(n)),
+            dfx.Kvaerno5(reuse_jacobian=True),
+        ),
+        "Kvaerno3 dense": (dfx.ODETerm(whole(n)), dfx.Kvaerno3()),
+        "Kvaerno3 dense reuse": (
+            dfx.ODETerm(whole(n)),
+            dfx.Kvaerno3(reuse_jacobian=True),
+        ),
         "Kvaerno5 GMRES": (dfx.ODETerm(whole(n)), dfx.Kvaerno5(root_finder=krylov)),
         "Rodas5P GMRES": (dfx.ODETerm(whole(n)), dfx.Rodas5P(linear_solver=gmres())),
         "KenCarp4 IMEX GMRES": (
@@ -157,8 +169,14 @@ def run(n, name, terms, solver, min_time_s):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grids", default="32,64,256")
+    parser.add_argument("--grids", default="16,32,64,256")
     parser.add_argument("--dense-max", type=int, default=8192)
+    parser.add_argument(
+        "--reuse-max",
+        type=int,
+        default=2048,
+        help="the largest n for the dense rows other than 'Kvaerno5 dense'",
+    )
     parser.add_argument("--min-run-time", type=float, default=2.0)
     parser.add_argument(
         "--methods",
@@ -190,6 +208,13 @@ def main(argv=None) -> int:
                 continue
             if "dense" in name and unknowns > options.dense_max:
                 print(f"  {name}: not run (n > --dense-max={options.dense_max})")
+                continue
+            if (
+                "dense" in name
+                and name != "Kvaerno5 dense"
+                and unknowns > options.reuse_max
+            ):
+                print(f"  {name}: not run (n > --reuse-max={options.reuse_max})")
                 continue
             row = run(n, name, terms, solver, options.min_run_time)
             rows.append(row)
