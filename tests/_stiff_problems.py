@@ -3,8 +3,11 @@ independent references from SciPy's Radau at tight tolerances."""
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+import diffeqx as dfx
 
 
 def robertson(t, y, args):
@@ -98,3 +101,70 @@ def hires_reference() -> np.ndarray:
     )
     assert sol.success
     return sol.y[:, -1]
+
+
+def decay_solve(solver, adjoint=None):
+    """`(rate, y0) -> sum(y(1)^2)` for `y' = -rate y + sin(t)`, solved by `solver` at
+    tight tolerances: a stiffish problem (at rate 5) whose end state still depends on
+    `y0`, for gradients against finite differences."""
+    adjoint = dfx.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
+
+    def solve(rate, y0):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, a: -a * y + jnp.sin(t)),
+            solver,
+            0.0,
+            1.0,
+            0.05,
+            y0,
+            args=rate,
+            stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
+            adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys[-1] ** 2)
+
+    return solve
+
+
+def assert_decay_gradients_match_fd(solve):
+    """`jax.grad` of a `decay_solve` loss against central differences, in the rate
+    and in each component of `y0`."""
+    solve = jax.jit(solve)
+    rate, y0 = jnp.asarray(5.0), jnp.array([1.0, -2.0])
+    grads = jax.jit(jax.grad(solve, argnums=(0, 1)))(rate, y0)
+    eps = 1e-5
+    fd_rate = (solve(rate + eps, y0) - solve(rate - eps, y0)) / (2 * eps)
+    fd_y0 = [
+        (solve(rate, y0.at[i].add(eps)) - solve(rate, y0.at[i].add(-eps))) / (2 * eps)
+        for i in range(2)
+    ]
+    np.testing.assert_allclose(float(grads[0]), float(fd_rate), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(fd_y0), rtol=1e-4)
+
+
+ROBERTSON_TS = (1e-2, 1.0, 1e2, 1e4, 1e5)
+
+
+def assert_robertson_matches_radau(terms, solver):
+    """Robertson's problem to `t = 1e5` at rtol 1e-8 against `robertson_reference`,
+    with mass conserved to rounding. `terms` holds `robertson` as its implicit part."""
+    sol = dfx.diffeqsolve(
+        terms,
+        solver,
+        0.0,
+        1e5,
+        1e-6,
+        jnp.array([1.0, 0.0, 0.0]),
+        saveat=dfx.SaveAt(ts=jnp.array(ROBERTSON_TS)),
+        stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-12),
+        max_steps=20_000,
+    )
+    ys = np.asarray(sol.ys)
+    # Each species to a relative 3e-5 of its own size. y2 is ~1e-5..1e-7 of the
+    # others, so atol=1e-12 allows it a relative error of ~1e-7..1e-5 per step.
+    np.testing.assert_allclose(
+        ys, robertson_reference(ROBERTSON_TS), rtol=3e-5, atol=1e-13
+    )
+    # Mass is conserved to rounding: every Newton correction keeps sum(y) (the rows
+    # of the field's Jacobian sum to zero).
+    np.testing.assert_allclose(ys.sum(axis=1), 1.0, rtol=0, atol=1e-10)

@@ -12,7 +12,12 @@ import pytest
 
 import diffeqx as dfx
 from _jaxpr import equations
-from _stiff_problems import robertson, robertson_reference
+from _stiff_problems import (
+    assert_decay_gradients_match_fd,
+    assert_robertson_matches_radau,
+    decay_solve,
+    robertson,
+)
 
 scipy_integrate = pytest.importorskip("scipy.integrate")
 
@@ -91,9 +96,6 @@ def test_stiff_linear_problem_with_steps_far_beyond_the_stiff_scale(name):
     assert _slope(hs, errors) > 1.8, errors
 
 
-_ROBERTSON_TS = (1e-2, 1.0, 1e2, 1e4, 1e5)
-
-
 @pytest.mark.parametrize(
     "name",
     [
@@ -104,25 +106,7 @@ _ROBERTSON_TS = (1e-2, 1.0, 1e2, 1e4, 1e5)
 )
 def test_robertson_against_radau(name):
     cls, _ = IMPLICIT[name]
-    sol = dfx.diffeqsolve(
-        dfx.ODETerm(robertson),
-        cls(),
-        0.0,
-        1e5,
-        1e-6,
-        jnp.array([1.0, 0.0, 0.0]),
-        saveat=dfx.SaveAt(ts=jnp.array(_ROBERTSON_TS)),
-        stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-12),
-        max_steps=20_000,
-    )
-    ys = np.asarray(sol.ys)
-    reference = robertson_reference(_ROBERTSON_TS)
-    # Each species to a relative 3e-5 of its own size. y2 is ~1e-5..1e-7 of the
-    # others, so atol=1e-12 allows it a relative error of ~1e-7..1e-5 per step.
-    np.testing.assert_allclose(ys, reference, rtol=3e-5, atol=1e-13)
-    # Mass is conserved to rounding: every Newton correction keeps sum(y) (the rows
-    # of the field's Jacobian sum to zero).
-    np.testing.assert_allclose(ys.sum(axis=1), 1.0, rtol=0, atol=1e-10)
+    assert_robertson_matches_radau(dfx.ODETerm(robertson), cls())
 
 
 _MU = 1000.0
@@ -261,24 +245,6 @@ def test_any_optimistix_root_finder():
     np.testing.assert_allclose(float(sol.ys[-1, 0]), np.cos(1.0), rtol=1e-6)
 
 
-def _decay_solve(solver, adjoint=dfx.RecursiveCheckpointAdjoint()):
-    def solve(rate, y0):
-        sol = dfx.diffeqsolve(
-            dfx.ODETerm(lambda t, y, a: -a * y + jnp.sin(t)),
-            solver,
-            0.0,
-            1.0,
-            0.05,
-            y0,
-            args=rate,
-            stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
-            adjoint=adjoint,
-        )
-        return jnp.sum(sol.ys[-1] ** 2)
-
-    return solve
-
-
 @pytest.mark.parametrize(
     "adjoint",
     [
@@ -290,22 +256,11 @@ def _decay_solve(solver, adjoint=dfx.RecursiveCheckpointAdjoint()):
 )
 def test_gradients_match_finite_differences(adjoint):
     # Kvaerno3 compiles in about half the time of Kvaerno5 (same engine).
-    solve = jax.jit(_decay_solve(dfx.Kvaerno3(), adjoint))
-    # A stiffish rate (the field's Jacobian is -5), with y(1) still sensitive to y0.
-    rate, y0 = jnp.asarray(5.0), jnp.array([1.0, -2.0])
-    grads = jax.jit(jax.grad(solve, argnums=(0, 1)))(rate, y0)
-    eps = 1e-5
-    fd_rate = (solve(rate + eps, y0) - solve(rate - eps, y0)) / (2 * eps)
-    fd_y0 = [
-        (solve(rate, y0.at[i].add(eps)) - solve(rate, y0.at[i].add(-eps))) / (2 * eps)
-        for i in range(2)
-    ]
-    np.testing.assert_allclose(float(grads[0]), float(fd_rate), rtol=1e-4, atol=1e-9)
-    np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(fd_y0), rtol=1e-4)
+    assert_decay_gradients_match_fd(decay_solve(dfx.Kvaerno3(), adjoint))
 
 
 def test_vmap_over_parameters_equals_a_loop():
-    solve = jax.jit(_decay_solve(dfx.Kvaerno3()))
+    solve = jax.jit(decay_solve(dfx.Kvaerno3()))
     rates = jnp.array([1.0, 30.0, 1000.0])
     y0 = jnp.array([1.0, 0.5])
     batched = jax.vmap(solve, in_axes=(0, None))(rates, y0)
@@ -313,12 +268,15 @@ def test_vmap_over_parameters_equals_a_loop():
     np.testing.assert_allclose(np.asarray(batched), np.asarray(looped), rtol=1e-8)
 
 
-@pytest.mark.parametrize("name", list(IMPLICIT))
+@pytest.mark.parametrize("name", [*IMPLICIT, "Kvaerno5-reuse_jacobian"])
 def test_float32(name):
-    cls, _ = IMPLICIT[name]
+    if name == "Kvaerno5-reuse_jacobian":
+        solver = dfx.Kvaerno5(reuse_jacobian=True)
+    else:
+        solver = IMPLICIT[name][0]()
     sol = dfx.diffeqsolve(
         dfx.ODETerm(_prothero_robinson),
-        cls(),
+        solver,
         jnp.float32(0.0),
         jnp.float32(1.0),
         jnp.float32(0.01),

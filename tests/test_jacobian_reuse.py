@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 import diffeqx as dfx
-from _stiff_problems import robertson, robertson_reference
+from _stiff_problems import (
+    assert_decay_gradients_match_fd,
+    assert_robertson_matches_radau,
+    decay_solve,
+    robertson,
+)
 
 scipy_integrate = pytest.importorskip("scipy.integrate")
 
@@ -67,31 +72,12 @@ def eqx_replace(module, **changes):
     )
 
 
-_ROBERTSON_TS = (1e-3, 1.0, 1e2, 1e4, 1e5)
-
-
 @pytest.mark.parametrize("name", ["Kvaerno5", "KenCarp4"])
 def test_robertson_against_radau(name):
-    solver = getattr(dfx, name)(reuse_jacobian=True)
     terms = dfx.ODETerm(robertson)
     if name.startswith("KenCarp"):
         terms = dfx.MultiTerm(dfx.ODETerm(lambda t, y, a: jnp.zeros_like(y)), terms)
-    sol = dfx.diffeqsolve(
-        terms,
-        solver,
-        0.0,
-        1e5,
-        1e-6,
-        jnp.array([1.0, 0.0, 0.0]),
-        saveat=dfx.SaveAt(ts=jnp.array(_ROBERTSON_TS)),
-        stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-12),
-        max_steps=20_000,
-    )
-    ys = np.asarray(sol.ys)
-    np.testing.assert_allclose(
-        ys, robertson_reference(_ROBERTSON_TS), rtol=3e-5, atol=1e-13
-    )
-    np.testing.assert_allclose(ys.sum(axis=1), 1.0, rtol=0, atol=1e-10)
+    assert_robertson_matches_radau(terms, getattr(dfx, name)(reuse_jacobian=True))
 
 
 _N = 20  # grid points: 40 unknowns
@@ -243,36 +229,8 @@ def test_constant_steps_form_a_factorisation_every_step():
     np.testing.assert_allclose(ys[-1, 0], np.cos(1.0), atol=1e-6)
 
 
-def _decay(reuse, adjoint=dfx.RecursiveCheckpointAdjoint()):
-    def solve(rate, y0):
-        sol = dfx.diffeqsolve(
-            dfx.ODETerm(lambda t, y, a: -a * y + jnp.sin(t)),
-            dfx.Kvaerno3(reuse_jacobian=reuse),
-            0.0,
-            1.0,
-            0.05,
-            y0,
-            args=rate,
-            stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
-            adjoint=adjoint,
-        )
-        return jnp.sum(sol.ys[-1] ** 2)
-
-    return solve
-
-
 def test_gradients_match_finite_differences():
-    solve = jax.jit(_decay(True))
-    rate, y0 = jnp.asarray(5.0), jnp.array([1.0, -2.0])
-    grads = jax.jit(jax.grad(solve, argnums=(0, 1)))(rate, y0)
-    eps = 1e-5
-    fd_rate = (solve(rate + eps, y0) - solve(rate - eps, y0)) / (2 * eps)
-    fd_y0 = [
-        (solve(rate, y0.at[i].add(eps)) - solve(rate, y0.at[i].add(-eps))) / (2 * eps)
-        for i in range(2)
-    ]
-    np.testing.assert_allclose(float(grads[0]), float(fd_rate), rtol=1e-4, atol=1e-9)
-    np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(fd_y0), rtol=1e-4)
+    assert_decay_gradients_match_fd(decay_solve(dfx.Kvaerno3(reuse_jacobian=True)))
 
 
 def test_vmap_over_parameters_equals_a_loop_and_the_closed_form():
@@ -295,18 +253,7 @@ def test_vmap_over_parameters_equals_a_loop_and_the_closed_form():
     np.testing.assert_allclose(np.asarray(batched), np.cos(2.0), atol=1e-7)
 
 
-def test_float32():
-    sol = dfx.diffeqsolve(
-        dfx.ODETerm(lambda t, y, a: -1e4 * (y - jnp.cos(t)) - jnp.sin(t)),
-        dfx.Kvaerno5(reuse_jacobian=True),
-        jnp.float32(0.0),
-        jnp.float32(1.0),
-        jnp.float32(0.01),
-        jnp.array([1.0], jnp.float32),
-        stepsize_controller=dfx.PIDController(rtol=1e-4, atol=1e-6),
-    )
-    assert sol.ys.dtype == jnp.float32
-    np.testing.assert_allclose(float(sol.ys[-1, 0]), np.cos(1.0), rtol=1e-3)
+# float32: tests/test_implicit.py::test_float32[Kvaerno5-reuse_jacobian].
 
 
 def test_a_method_with_a_jacobian_per_stage_refuses_reuse():
