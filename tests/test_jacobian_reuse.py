@@ -229,8 +229,28 @@ def test_constant_steps_form_a_factorisation_every_step():
     np.testing.assert_allclose(ys[-1, 0], np.cos(1.0), atol=1e-6)
 
 
-def test_gradients_match_finite_differences():
-    assert_decay_gradients_match_fd(decay_solve(dfx.Kvaerno3(reuse_jacobian=True)))
+@pytest.mark.parametrize(
+    "adjoint",
+    [
+        dfx.RecursiveCheckpointAdjoint(),
+        pytest.param(dfx.DirectAdjoint(), marks=pytest.mark.slow),
+        pytest.param(dfx.BacksolveAdjoint(), marks=pytest.mark.slow),
+    ],
+    ids=["checkpoint", "direct", "backsolve"],
+)
+def test_gradients_match_finite_differences(adjoint):
+    assert_decay_gradients_match_fd(
+        decay_solve(dfx.Kvaerno3(reuse_jacobian=True), adjoint)
+    )
+
+
+def test_forward_mode_matches_finite_differences():
+    solve = jax.jit(decay_solve(dfx.Kvaerno3(reuse_jacobian=True)))
+    rate, y0 = jnp.asarray(5.0), jnp.array([1.0, -2.0])
+    _, tangent = jax.jvp(lambda r: solve(r, y0), (rate,), (jnp.asarray(1.0),))
+    eps = 1e-5
+    fd = (solve(rate + eps, y0) - solve(rate - eps, y0)) / (2 * eps)
+    np.testing.assert_allclose(float(tangent), float(fd), rtol=1e-4, atol=1e-9)
 
 
 def test_vmap_over_parameters_equals_a_loop_and_the_closed_form():
