@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import diffeqx as dfx
 
@@ -168,3 +169,16 @@ def assert_robertson_matches_radau(terms, solver):
     # Mass is conserved to rounding: every Newton correction keeps sum(y) (the rows
     # of the field's Jacobian sum to zero).
     np.testing.assert_allclose(ys.sum(axis=1), 1.0, rtol=0, atol=1e-10)
+
+
+# The adjoints gradients are checked with: the default in the default run, the others
+# in the slow set.
+ADJOINTS = pytest.mark.parametrize(
+    "adjoint",
+    [
+        dfx.RecursiveCheckpointAdjoint(),
+        pytest.param(dfx.DirectAdjoint(), marks=pytest.mark.slow),
+        pytest.param(dfx.BacksolveAdjoint(), marks=pytest.mark.slow),
+    ],
+    ids=["checkpoint", "direct", "backsolve"],
+)

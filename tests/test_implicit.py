@@ -13,6 +13,7 @@ import pytest
 import diffeqx as dfx
 from _jaxpr import equations
 from _stiff_problems import (
+    ADJOINTS,
     assert_decay_gradients_match_fd,
     assert_robertson_matches_radau,
     decay_solve,
@@ -245,15 +246,7 @@ def test_any_optimistix_root_finder():
     np.testing.assert_allclose(float(sol.ys[-1, 0]), np.cos(1.0), rtol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "adjoint",
-    [
-        dfx.RecursiveCheckpointAdjoint(),
-        pytest.param(dfx.DirectAdjoint(), marks=pytest.mark.slow),
-        pytest.param(dfx.BacksolveAdjoint(), marks=pytest.mark.slow),
-    ],
-    ids=["checkpoint", "direct", "backsolve"],
-)
+@ADJOINTS
 def test_gradients_match_finite_differences(adjoint):
     # Kvaerno3 compiles in about half the time of Kvaerno5 (same engine).
     assert_decay_gradients_match_fd(decay_solve(dfx.Kvaerno3(), adjoint))

@@ -11,6 +11,7 @@ import pytest
 
 import diffeqx as dfx
 from _stiff_problems import (
+    ADJOINTS,
     assert_decay_gradients_match_fd,
     assert_robertson_matches_radau,
     decay_solve,
@@ -229,15 +230,7 @@ def test_constant_steps_form_a_factorisation_every_step():
     np.testing.assert_allclose(ys[-1, 0], np.cos(1.0), atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "adjoint",
-    [
-        dfx.RecursiveCheckpointAdjoint(),
-        pytest.param(dfx.DirectAdjoint(), marks=pytest.mark.slow),
-        pytest.param(dfx.BacksolveAdjoint(), marks=pytest.mark.slow),
-    ],
-    ids=["checkpoint", "direct", "backsolve"],
-)
+@ADJOINTS
 def test_gradients_match_finite_differences(adjoint):
     assert_decay_gradients_match_fd(
         decay_solve(dfx.Kvaerno3(reuse_jacobian=True), adjoint)

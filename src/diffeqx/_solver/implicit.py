@@ -267,16 +267,10 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
                     f"entry from there on equal and non-zero; got {diagonal}."
                 )
 
-    def _reuses_jacobian_across_steps(self) -> bool:
-        """Whether the factorised Jacobian of one step may serve later steps (see
-        `reuse_jacobian` on the concrete methods)."""
-        return bool(getattr(self, "reuse_jacobian", False)) and (
-            self.calculate_jacobian
-            in (CalculateJacobian.first_stage, CalculateJacobian.second_stage)
-        )
-
     def init(self, terms, t0, t1, y0, args):
-        if not self._reuses_jacobian_across_steps():
+        # `reuse_jacobian` (a field of the concrete methods; `__check_init__` has
+        # checked that the method forms one Jacobian per step).
+        if not getattr(self, "reuse_jacobian", False):
             return None
         _, parts, implicit = _parts(self.tableau, terms)
         part = parts[implicit]
