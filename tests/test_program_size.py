@@ -7,6 +7,8 @@ Equinox; times are not, so nothing here is timed (see benchmarks/compile_profile
 A deliberate increase: raise the budget in `BUDGETS` in the same change, saying why.
 """
 
+import logging
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -155,4 +157,68 @@ def test_program_stays_within_its_equation_budget(name):
         f"{BUDGETS[name]} (JAX {jax.__version__}, Equinox {eqx.__version__}). By part: "
         f"{breakdown}. If the growth is deliberate, raise the budget in "
         "tests/test_program_size.py and say why."
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Tracing runs nothing
+# ---------------------------------------------------------------------------------------
+
+
+def _kvaerno5_robertson(y0):
+    def robertson(t, y, args):
+        return jnp.stack(
+            [
+                -0.04 * y[0] + 1e4 * y[1] * y[2],
+                0.04 * y[0] - 1e4 * y[1] * y[2] - 3e7 * y[1] ** 2,
+                3e7 * y[1] ** 2,
+            ]
+        )
+
+    return dfx.diffeqsolve(
+        dfx.ODETerm(robertson),
+        dfx.Kvaerno5(),
+        0.0,
+        1e2,
+        1e-6,
+        y0,
+        stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-9),
+        throw=False,
+    ).ys
+
+
+class _XlaCompiles(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("Finished XLA compilation of "):
+            self.names.append(message.split(" of ", 1)[1].split(" in ")[0])
+
+
+@pytest.mark.parametrize(
+    "name, fn, y0",
+    [
+        ("tsit5_pid_ts", _tsit5_pid_ts, jnp.array([10.0, 10.0])),
+        ("kvaerno5_robertson", _kvaerno5_robertson, jnp.array([1.0, 0.0, 0.0])),
+    ],
+)
+def test_lowering_a_solve_compiles_nothing_else(name, fn, y0):
+    # Anything evaluated eagerly while tracing (e.g. a comparison of two constant
+    # result codes) is compiled as a program of its own the first time it runs in a
+    # process, about 10 ms each.
+    handler = _XlaCompiles()
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        jax.clear_caches()
+        with jax.log_compiles():
+            jax.jit(fn).lower(y0)
+    finally:
+        logger.removeHandler(handler)
+    assert handler.names == [], (
+        f"Lowering `{name}` compiled {len(handler.names)} other programs: "
+        f"{handler.names}"
     )

@@ -210,3 +210,37 @@ def test_stats_count_rejected_steps_for_adaptive_solve():
     rejected = int(sol.stats["num_rejected_steps"])
     assert rejected > 0  # approaching a singularity must reject steps
     assert int(sol.stats["num_steps"]) == accepted + rejected
+
+
+# ---------------------------------------------------------------------------------------
+# The trace-time helpers for result codes (diffeqx._solution)
+# ---------------------------------------------------------------------------------------
+
+
+def _items(enumeration):
+    return [getattr(enumeration, name) for name in enumeration._name_to_item]
+
+
+def test_result_helpers_agree_with_equinox_on_every_item():
+    import lineax as lx
+    import optimistix as optx
+
+    from diffeqx._solution import promote_result, succeeded, where_result
+
+    for parent in (lx.RESULTS, optx.RESULTS):
+        for item in _items(parent):
+            # Constants are decided in Python; traced items are staged.
+            assert bool(succeeded(item)) == bool(item == parent.successful)
+            traced = jax.jit(lambda i: succeeded(i))(item)
+            assert bool(traced) == bool(item == parent.successful)
+            promoted = promote_result(item, dfx.RESULTS)
+            assert bool(promoted == dfx.RESULTS.promote(item)), item
+    items = _items(dfx.RESULTS)
+    a, b = items[3], items[5]
+    assert where_result(np.bool_(True), a, b) is a
+    assert where_result(False, a, b) is b
+    for pred in (True, False):
+        chosen = jax.jit(lambda p: where_result(p, a, b))(jnp.asarray(pred))
+        assert bool(chosen == (a if pred else b))
+    with pytest.raises(ValueError, match="same enumeration"):
+        where_result(True, a, optx.RESULTS.successful)

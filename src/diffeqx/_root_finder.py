@@ -10,6 +10,8 @@ import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 
+from ._solution import promote_result, succeeded, where_result
+
 
 class _FromController:
     """Marks a root finder's `rtol`, `atol` or `norm` as taken from the solve's
@@ -149,10 +151,10 @@ class VeryChord(optx.AbstractRootFinder):
                 lambda x, w: jnp.finfo(x.dtype).eps * jnp.abs(x) / w, new_y, scale
             )
         )
-        result = optx.RESULTS.where(
-            linear_result == lx.RESULTS.successful,
+        result = where_result(
+            succeeded(linear_result),
             optx.RESULTS.successful,
-            optx.RESULTS.promote(linear_result),
+            promote_result(linear_result, optx.RESULTS),
         )
         new_state = _ChordState(
             linear_state=state.linear_state,
@@ -176,11 +178,11 @@ class VeryChord(optx.AbstractRootFinder):
         diverged = ((state.num_steps >= 2) & (rate >= 1) & ~converged) | ~jnp.isfinite(
             state.diffsize
         ) & (state.num_steps >= 1)
-        failed = state.result != optx.RESULTS.successful
-        result = optx.RESULTS.where(
+        failed = ~succeeded(state.result)
+        result = where_result(
             failed,
             state.result,
-            optx.RESULTS.where(
+            where_result(
                 diverged, optx.RESULTS.nonlinear_divergence, optx.RESULTS.successful
             ),
         )

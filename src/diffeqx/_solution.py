@@ -3,6 +3,10 @@
 import warnings
 from typing import Any, final
 
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
@@ -56,6 +60,65 @@ with warnings.catch_warnings():
         implicit_nonconvergence = (
             "Implicit method did not converge within the required number of iterations."
         )
+
+
+# ---- results at trace time ---------------------------------------------------------
+#
+# Equinox evaluates an enumeration's `==`, `where` and `promote` eagerly when their
+# operands are constants (`jax.ensure_compile_time_eval`), and every such operation
+# compiles a small XLA program the first time it runs in a process: about 10 ms
+# each, a dozen of them (0.12 s, 15% of the compile time) in a first implicit solve.
+# Most results inside a step are constants (a dense linear solve cannot fail; an
+# explicit step always succeeds), so these helpers decide them in Python, and stage
+# the operation into the program otherwise. They rely on two facts about the
+# enumerations, which tests/test_results.py checks: `successful` has the value 0 in
+# each, and a parent's items keep their values in `RESULTS` (promotion relabels).
+
+
+def _value(item):
+    (value,) = jtu.tree_leaves(item)
+    return value
+
+
+def _constant(x) -> np.ndarray | None:
+    """`x` as a NumPy scalar when it is known at trace time, else None."""
+    if isinstance(x, jax.core.Tracer) or np.ndim(x) != 0:
+        return None
+    return np.asarray(x)
+
+
+def succeeded(item) -> Any:
+    """`item == successful` for an item of `RESULTS`, `optimistix.RESULTS` or
+    `lineax.RESULTS`: a NumPy boolean when `item` is a constant, else traced."""
+    value = _value(item)
+    constant = _constant(value)
+    if constant is not None:
+        return np.bool_(constant == 0)
+    return value == 0
+
+
+def where_result(pred, a, b):
+    """`where(pred, a, b)` for two items of one enumeration, chosen in Python when
+    `pred` is a constant."""
+    if jtu.tree_structure(a) != jtu.tree_structure(b):
+        raise ValueError("`where_result` needs two items of the same enumeration.")
+    constant = _constant(pred)
+    if constant is not None:
+        return a if bool(constant) else b
+    value_a, value_b = _value(a), _value(b)
+    if value_a is value_b:
+        return a
+    return jtu.tree_unflatten(
+        jtu.tree_structure(a), [jnp.where(pred, value_a, value_b)]
+    )
+
+
+def promote_result(item, enumeration=RESULTS):
+    """`enumeration.promote(item)` for an item of a parent enumeration (Lineax's or
+    Optimistix's results), which keeps its value."""
+    return jtu.tree_unflatten(
+        jtu.tree_structure(enumeration.successful), [_value(item)]
+    )
 
 
 def is_okay(result: RESULTS) -> Any:

@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
-from .._solution import RESULTS
+from .._solution import RESULTS, succeeded, where_result
 from .._times import as_times
 from .base import AbstractAdaptiveStepSizeController, AbstractStepSizeController
 from .constant import ConstantStepSize, StepTo
@@ -239,8 +239,8 @@ class ClipStepSizeController(AbstractStepSizeController):
         slot = jnp.clip(index, 0, count - 1)
         ts = jnp.where(push & (index >= 0), ts.at[slot].set(t1), ts)
         overflow = index < 0
-        result = RESULTS.where(
-            overflow & (result == RESULTS.successful),
+        result = where_result(
+            overflow & succeeded(result),
             RESULTS.max_steps_rejected,
             result,
         )

@@ -18,7 +18,7 @@ from .._profile import scope
 from .._progress import AbstractProgressMeter, NoProgressMeter
 from .._root_finder import resolve_root_finder_tols
 from .._saveat import SaveAt, is_subsaveat
-from .._solution import RESULTS, Solution, is_event
+from .._solution import Solution, is_event, succeeded, where_result
 from .._solver.base import AbstractSolver
 from .._solver.sde import resolve_deprecated_tuple_terms
 from . import checks
@@ -272,9 +272,7 @@ def _finish_terminal_event(spec, final):
         location = locate_event(
             espec, last, final.y, interpolation_cls, spec.args, spec.direction
         )
-        result = RESULTS.where(
-            location.result == RESULTS.successful, result, location.result
-        )
+        result = where_result(succeeded(location.result), result, location.result)
         t_end = jnp.where(fired, location.t, final.tprev)
         # At `t0` there is no step to interpolate on: the state is `y0`.
         y_end = tree_where(fired & ~at_t0, location.y, final.y)

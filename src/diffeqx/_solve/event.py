@@ -17,7 +17,7 @@ import jax.tree_util as jtu
 import optimistix as optx
 
 from .._event import Event
-from .._solution import RESULTS
+from .._solution import RESULTS, promote_result, succeeded, where_result
 from .save import fill_like
 
 
@@ -210,8 +210,8 @@ def locate_event(
             options=dict(lower=lower, upper=upper),
             throw=False,
         )
-        failed = needs_root & (sol.result != optx.RESULTS.successful)
-        result = RESULTS.where(failed, RESULTS.promote(sol.result), RESULTS.successful)
+        failed = needs_root & ~succeeded(sol.result)
+        result = where_result(failed, promote_result(sol.result), RESULTS.successful)
         return jnp.where(needs_root, sol.value, t_end), result
 
     def skip():

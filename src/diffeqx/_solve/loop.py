@@ -11,7 +11,7 @@ import jax.tree_util as jtu
 from .._controller.ulp import ulps_below
 from .._profile import scope
 from .._saveat import SubSaveAt
-from .._solution import RESULTS
+from .._solution import RESULTS, succeeded, where_result
 from .._solver.base import tracing_step
 from .event import EventStep, check_events, locate_event, record_event
 from .save import interpolate_deferred, record_ts_step, save_dense, save_in_step
@@ -120,13 +120,13 @@ def _adapt(
     # A zero-length next step would repeat forever (Diffrax runs into `max_steps`
     # then); it is reported at once instead.
     stalled = (next_t1 <= next_t0) & (next_t0 < spec.t1)
-    result = RESULTS.where(stalled, RESULTS.dt_min_reached, result)
+    result = where_result(stalled, RESULTS.dt_min_reached, result)
     # A bad step that could not be rejected ends the solve with the solver's own
     # failure code if it gave one, else as non-finite.
-    failure = RESULTS.where(
-        solver_result == RESULTS.successful, RESULTS.non_finite_state, solver_result
+    failure = where_result(
+        succeeded(solver_result), RESULTS.non_finite_state, solver_result
     )
-    result = RESULTS.where(accepted_bad_step | stalled & ~step_ok, failure, result)
+    result = where_result(accepted_bad_step | stalled & ~step_ok, failure, result)
     if not spec.may_jump:
         made_jump = jnp.asarray(False)
     return StepDecision(
@@ -181,7 +181,7 @@ def step_body(
     """One iteration: step, accept or reject, save, count."""
     with scope("step"):
         y1, y_error, dense_info, solver_state, solver_result = take_step(spec, state)
-    step_ok = all_finite(y1) & (solver_result == RESULTS.successful)
+    step_ok = all_finite(y1) & succeeded(solver_result)
     with scope("controller"):
         decision = _adapt(spec, state, y1, y_error, step_ok, solver_result)
     keep, next_t0, next_t1 = decision.keep, decision.next_t0, decision.next_t1
@@ -226,7 +226,7 @@ def step_body(
         dense_state = state.dense_state
         if spec.dense:
             dense_state = save_dense(dense_state, state.tnext, dense_info, keep)
-    result = RESULTS.where(state.result == RESULTS.successful, result, state.result)
+    result = where_result(succeeded(state.result), result, state.result)
     return LoopState(
         y=y,
         tprev=next_t0,
@@ -273,7 +273,7 @@ def _events(spec: LoopSpec, state: LoopState, y1, next_t0, result, keep, dense_i
     `diffeqsolve`), so that root finding runs once per solve rather than in every step
     in which some member of a `vmap` batch has an event."""
     espec = spec.event_spec
-    live = keep & (state.result == RESULTS.successful)
+    live = keep & succeeded(state.result)
     check = check_events(
         espec,
         state.event_state.values,
@@ -295,7 +295,7 @@ def _events(spec: LoopSpec, state: LoopState, y1, next_t0, result, keep, dense_i
         return StepEvents(
             save_keep=keep, next_t0=next_t0, result=result, event_state=event_state
         )
-    stop = check.fired & (result == RESULTS.successful)
+    stop = check.fired & succeeded(result)
     last = tree_where(stop, step, state.event_state.last)
     event_state = dataclasses.replace(state.event_state, values=check.values, last=last)
     # With a root finder the event lies somewhere inside the step: its saves are made
@@ -305,14 +305,14 @@ def _events(spec: LoopSpec, state: LoopState, y1, next_t0, result, keep, dense_i
     return StepEvents(
         save_keep=save_keep,
         next_t0=jnp.where(stop, state.tnext, next_t0),
-        result=RESULTS.where(stop, RESULTS.event_occurred, result),
+        result=where_result(stop, RESULTS.event_occurred, result),
         event_state=event_state,
     )
 
 
 @scope("loop")
 def cond_fun(spec: LoopSpec, state: LoopState):
-    going = (state.tprev < spec.t1) & (state.result == RESULTS.successful)
+    going = (state.tprev < spec.t1) & succeeded(state.result)
     if spec.max_steps is not None:
         going = going & (state.num_steps < spec.max_steps)
     return going
@@ -334,8 +334,8 @@ def run_loop(spec: LoopSpec, init_state: LoopState, outer_while_loop, inner_whil
 
 def finish_loop(spec: LoopSpec, final: LoopState) -> LoopState:
     """A loop that ended before `t1` without a failure ran out of steps."""
-    unfinished = (final.tprev < spec.t1) & (final.result == RESULTS.successful)
-    result = RESULTS.where(unfinished, RESULTS.max_steps_reached, final.result)
+    unfinished = (final.tprev < spec.t1) & succeeded(final.result)
+    result = where_result(unfinished, RESULTS.max_steps_reached, final.result)
     with scope("save"):
         save_state = [
             interpolate_deferred(

@@ -11,7 +11,7 @@ import jax.tree_util as jtu
 from .._controller.clip import unwrap_controller
 from .._controller.constant import ConstantStepSize, StepTo
 from .._progress import NoProgressMeter
-from .._solution import RESULTS
+from .._solution import RESULTS, where_result
 from .._term import forward_time_terms
 from .._transforms import TransformDetectionError, active_transforms
 from .event import EventSpec, EventState, init_event_state
@@ -249,11 +249,11 @@ def _initial_result(t0, t1, dt0, event_start):
     # terminating event that fires at `t0`.
     result = RESULTS.successful
     if event_start is not None:
-        result = RESULTS.where(event_start.stop, RESULTS.event_occurred, result)
+        result = where_result(event_start.stop, RESULTS.event_occurred, result)
     if dt0 is None:
         return result
     wrong_sign = (t1 - t0) * dt0 < 0
-    return RESULTS.where(wrong_sign, RESULTS.dt0_wrong_sign, result)
+    return where_result(wrong_sign, RESULTS.dt0_wrong_sign, result)
 
 
 def progress_scale(tau0, tau1, times_are_numbers):

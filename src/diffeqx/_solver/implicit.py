@@ -33,7 +33,7 @@ from .._path.local import (
     ThirdOrderHermitePolynomialInterpolation,
 )
 from .._root_finder import VeryChord, with_stepsize_controller_tols
-from .._solution import RESULTS
+from .._solution import RESULTS, promote_result, succeeded, where_result
 from .._term import AbstractTerm
 from . import implicit_coefficients as ico
 from .base import (
@@ -100,10 +100,10 @@ def implicit_stage(
     )
     z = solution.value
     k = _scale(1.0 / diagonal, _sub(z, base))
-    result = RESULTS.promote(solution.result)
+    result = promote_result(solution.result)
     # A root find that "succeeds" on a non-finite iterate has failed.
-    result = RESULTS.where(
-        (result == RESULTS.successful) & ~_all_finite(z),
+    result = where_result(
+        succeeded(result) & ~_all_finite(z),
         RESULTS.nonlinear_divergence,
         result,
     )
@@ -370,7 +370,7 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
             return set_stage(ks, i, stage_time(float(c[i])), base, None)
 
         def first_failure(result, new):
-            return RESULTS.where(result == RESULTS.successful, new, result)
+            return where_result(succeeded(result), new, result)
 
         implicit_stages = [i for i in range(s) if diagonals[i] != 0]
         first = implicit_stages[0]

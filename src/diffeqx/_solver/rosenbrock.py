@@ -28,7 +28,7 @@ from jax.flatten_util import ravel_pytree
 
 from .._path.local import AbstractLocalInterpolation, _like
 from .._root_finder import is_matrix_free
-from .._solution import RESULTS
+from .._solution import RESULTS, promote_result, succeeded, where_result
 from .._term import AbstractTerm, ODETerm, _ForwardTimeTerm
 from .base import AbstractAdaptiveSolver
 from .runge_kutta import node_time
@@ -71,7 +71,7 @@ class _Linearisation:
         solution = lx.linear_solve(
             self.operator, rhs, self.solver, state=self.state, throw=False
         )
-        return solution.value, RESULTS.promote(solution.result)
+        return solution.value, promote_result(solution.result)
 
 
 def _user_operator(jacobian, terms, t0, t1, y0, args, gamma, n, dtype):
@@ -169,7 +169,7 @@ def _linearise(
 
 
 def _first_failure(result, new):
-    return RESULTS.where(result == RESULTS.successful, new, result)
+    return where_result(succeeded(result), new, result)
 
 
 class AbstractRosenbrock(AbstractAdaptiveSolver):

@@ -16,7 +16,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Float
 
 from .._path.local import LocalLinearInterpolation
-from .._solution import RESULTS
+from .._solution import RESULTS, succeeded, where_result
 from .._term import AbstractTerm, MultiTerm
 from .base import (
     AbstractAdaptiveSolver,
@@ -320,8 +320,8 @@ class HalfSolver(AbstractAdaptiveSolver, AbstractWrappedSolver):
             terms, t0, t1, y0, args, solver_state, made_jump
         )
         y_error = jtu.tree_map(lambda a, b: jnp.abs(a - b), y1, y_full)
-        result = RESULTS.where(result1 == RESULTS.successful, result2, result1)
-        result = RESULTS.where(result == RESULTS.successful, result3, result)
+        result = where_result(succeeded(result1), result2, result1)
+        result = where_result(succeeded(result), result3, result)
         return y1, y_error, dense_info, state1, result
 
     def func(self, terms, t0, y0, args):
