@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
+from ._brownian.base import AbstractBrownianPath
 from ._path.base import AbstractPath
 from ._term import VFT, AbstractTerm, ControlT, ODETerm
 
@@ -214,10 +215,23 @@ class ControlTerm(_AbstractControlTerm[VFT, ControlT]):
     def vf(self, t, y, args):
         vf = self.vector_field(t, y, args)
         if not _is_linear_operator(vf):
-            # Shapes only: the control is not evaluated.
-            control = jax.eval_shape(lambda: self.contr(t, t))
+            control = self._control_struct(t)
             _check_control_vf_shapes(y, vf, control)
         return vf
+
+    def _control_struct(self, t):
+        """The shapes and dtypes of the control's increments (nothing evaluated)."""
+        # A Brownian path states it (in the normalised form its `__init__` gives);
+        # the query then stays out of the program's trace altogether.
+        shape = getattr(self.control, "shape", None)
+        leaves = jtu.tree_leaves(shape)
+        if (
+            isinstance(self.control, AbstractBrownianPath)
+            and leaves
+            and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+        ):
+            return shape
+        return jax.eval_shape(lambda: self.contr(t, t))
 
     def vf_prod(self, t, y, args, control):
         vf = self.vf(t, y, args)

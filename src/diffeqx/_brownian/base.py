@@ -51,6 +51,13 @@ class AbstractBrownianPath(AbstractPath):
         instance of such PyTrees).
         """
 
+    def _vmap_exact(self, use_levy: bool) -> bool:
+        """Whether `jax.vmap(self.evaluate)` over many intervals gives, bit for bit,
+        what `evaluate` gives for each one (elementwise arithmetic only). Then a
+        fixed-step solve may evaluate a block of steps' samples at once (see
+        `_solve/tabulate.py`). False unless a subclass knows better."""
+        return False
+
 
 def normalise_shape(shape, owner: str) -> PyTree[jax.ShapeDtypeStruct]:
     """`shape` as a PyTree of `jax.ShapeDtypeStruct`s of real floating dtypes: a tuple

@@ -258,6 +258,11 @@ class VirtualBrownianTree(AbstractBrownianPath):
 
     # ---- evaluation ----------------------------------------------------------------
 
+    def _vmap_exact(self, use_levy: bool) -> bool:
+        # `W` alone is elementwise arithmetic; the Lévy areas' transforms are small
+        # matrix products, which XLA may sum in another order when batched.
+        return not (use_levy and num_moments(self.levy_area) > 1)
+
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         """The increment `W(t1) - W(t0)`, or with `t1=None` the value `W(t0)` (the
         increment from the tree's `t0`). With `use_levy=True`, an instance of

@@ -98,6 +98,10 @@ class UnsafeBrownianPath(AbstractBrownianPath):
         self.key = check_key(key, "UnsafeBrownianPath")
         self.levy_area = check_levy_area(levy_area, "UnsafeBrownianPath")
 
+    def _vmap_exact(self, use_levy: bool) -> bool:
+        # Hashes and elementwise arithmetic only.
+        return True
+
     @property
     def t0(self):
         return -jnp.inf

@@ -137,6 +137,7 @@ def diffeqsolve(
         spec, init_state = initial_state(
             subs=subs,
             times_are_numbers=all(isinstance(t, (int, float)) for t in given_times[:2]),
+            forwards=_known_forwards(*given_times[:2]),
             **problem,
         )
     resumed = controller_state is not None
@@ -313,3 +314,11 @@ def _finish_terminal_event(spec, final):
         save_state=save_state,
         event_mask=event_mask,
     )
+
+
+def _known_forwards(t0, t1) -> bool:
+    """Whether `t0 <= t1` is known at trace time."""
+    t0, t1 = checks.concrete(t0), checks.concrete(t1)
+    if t0 is None or t1 is None or t0.shape != () or t1.shape != ():
+        return False
+    return bool(t0 <= t1)

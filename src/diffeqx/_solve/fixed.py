@@ -19,6 +19,7 @@ from .._transforms import is_batched
 from . import checks
 from .loop import LoopSpec, cond_fun, finish_loop, step_body, tree_where
 from .state import LoopState
+from .tabulate import scan_tabulated, tabulation
 
 
 def fixed_step_plan(
@@ -97,25 +98,34 @@ def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block
     that overshot); only then is the solve redone with the guard."""
     # Only t0/t1 outputs take this path, so the inner save loop is never traced.
     inner = while_loop_of_kind("lax")
+    plan = tabulation(spec, init_state)
 
-    def guarded_step(state):
-        going = cond_fun(spec, state)
-        return tree_where(going, step_body(spec, state, inner), state)
+    def scan(step, carry, state_of, tabulate=True):
+        if plan is not None and tabulate:
+            return scan_tabulated(plan, spec, step, carry, state_of, num_steps, block)
+        return _scan_steps(lambda c: step(spec, c), carry, num_steps, block)
 
-    def guarded():
-        return _scan_steps(guarded_step, init_state, num_steps, block)
+    def guarded_step(step_spec, state):
+        going = cond_fun(step_spec, state)
+        return tree_where(going, step_body(step_spec, state, inner), state)
+
+    def guarded(tabulate=True):
+        return scan(guarded_step, init_state, lambda state: state, tabulate)
 
     if is_batched():
         # Under `vmap` a branch would run both sides anyway.
         return finish_loop(spec, guarded())
 
-    def unguarded_step(carry):
+    def unguarded_step(step_spec, carry):
         state, overshot = carry
-        overshot = overshot | ~cond_fun(spec, state)
-        return step_body(spec, state, inner), overshot
+        overshot = overshot | ~cond_fun(step_spec, state)
+        return step_body(step_spec, state, inner), overshot
 
-    fast, overshot = _scan_steps(
-        unguarded_step, (init_state, jnp.asarray(False)), num_steps, block
+    fast, overshot = scan(
+        unguarded_step, (init_state, jnp.asarray(False)), lambda carry: carry[0]
     )
-    final = lax.cond(overshot, guarded, lambda: fast)
+    # The guarded rerun is the rare path: it evaluates its Brownian paths step by
+    # step (the same samples), which keeps a second copy of the tabulation out of
+    # the program.
+    final = lax.cond(overshot, lambda: guarded(tabulate=False), lambda: fast)
     return finish_loop(spec, final)

@@ -1,0 +1,213 @@
+"""Brownian samples for the fixed-step scan, computed a block of steps at a time.
+
+On the fixed-step path the steps' times follow from the controller alone, so the
+Brownian increments (and Lévy areas) a block of steps will ask for can be computed
+before the block runs: one vectorised evaluation of the path at all the block's
+intervals, instead of one scalar evaluation inside each step. A path's evaluation
+is a pure function of its key and the query's times, and the block's times are
+computed by the loop's own time arithmetic (the controller's proposal and the snap
+onto `t1`), so every step receives the same sample it would have computed itself.
+
+This applies when every query a step makes of a Brownian path is over the step's
+own interval `[tprev, tnext]` (checked once, at trace time, by tracing one step with
+probes in place of the paths), and when the path's evaluation gives the same bits
+batched as one at a time (`AbstractBrownianPath._vmap_exact`: `UnsafeBrownianPath`,
+and `VirtualBrownianTree` for `W` alone; a tree's Lévy areas come from small matrix
+products, which XLA may sum in another order when batched). Otherwise the steps
+evaluate their paths themselves.
+"""
+
+import dataclasses
+import math
+import threading
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._brownian.base import AbstractBrownianPath, brownian_paths
+from .._solution import RESULTS
+from .loop import LoopSpec, _adapt, take_step
+from .state import LoopState
+
+# The most steps whose samples are held at once (times the size of each sample, and
+# the batch size under `vmap`).
+_BLOCK_STEPS = 1024
+
+_probe_log = threading.local()
+
+
+def _is_path(x) -> bool:
+    return isinstance(x, AbstractBrownianPath)
+
+
+class _Probe(AbstractBrownianPath):
+    """Stands in for a Brownian path while one step is traced, noting each query."""
+
+    inner: AbstractBrownianPath
+    index: int = eqx.field(static=True)
+    levy_area: type = eqx.field(static=True)
+
+    @property
+    def t0(self):
+        return self.inner.t0
+
+    @property
+    def t1(self):
+        return self.inner.t1
+
+    @property
+    def shape(self):
+        return self.inner.shape
+
+    def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
+        _probe_log.calls.append((self.index, t0, t1, left, use_levy))
+        return self.inner.evaluate(t0, t1, left=left, use_levy=use_levy)
+
+
+class _Answers(AbstractBrownianPath):
+    """Stands in for a Brownian path during one step: answers the step's queries
+    with the samples computed for it beforehand."""
+
+    inner: AbstractBrownianPath
+    answers: dict  # (left, use_levy) -> the sample over the step's interval
+    levy_area: type = eqx.field(static=True)
+
+    @property
+    def t0(self):
+        return self.inner.t0
+
+    @property
+    def t1(self):
+        return self.inner.t1
+
+    @property
+    def shape(self):
+        return self.inner.shape
+
+    def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
+        return self.answers[(bool(left), bool(use_levy))]
+
+
+def _replace_paths(terms, replacements: list):
+    remaining = iter(replacements)
+    return jtu.tree_map(
+        lambda x: next(remaining) if _is_path(x) else x, terms, is_leaf=_is_path
+    )
+
+
+class Tabulation(eqx.Module):
+    """Which queries each Brownian path in the terms receives in a step."""
+
+    paths: list  # the Brownian paths, in `brownian_paths` order
+    queries: list  # per path: the sorted (left, use_levy) pairs it is asked for
+
+
+def tabulation(spec: LoopSpec, state: LoopState) -> Tabulation | None:
+    """The queries to compute ahead of the steps, or None when the steps must make
+    them themselves (no Brownian path, or a query over another interval than the
+    step's own)."""
+    paths = brownian_paths(spec.terms)
+    if not paths:
+        return None
+    probes = [_Probe(p, i, p.levy_area) for i, p in enumerate(paths)]
+    probe_spec = dataclasses.replace(spec, terms=_replace_paths(spec.terms, probes))
+    own_interval = []
+
+    def one_step(state):
+        _probe_log.calls = []
+        try:
+            out = take_step(probe_spec, state)
+            own_interval.append(
+                [
+                    (i, left, use_levy)
+                    if (t0 is state.tprev and t1 is state.tnext)
+                    else None
+                    for i, t0, t1, left, use_levy in _probe_log.calls
+                ]
+            )
+        finally:
+            del _probe_log.calls
+        return out
+
+    jax.eval_shape(one_step, state)
+    (calls,) = own_interval
+    if not calls or any(call is None for call in calls):
+        return None
+    queries = [
+        sorted({(bool(left), bool(levy)) for j, left, levy in calls if j == i})
+        for i in range(len(paths))
+    ]
+    for path, path_queries in zip(paths, queries, strict=True):
+        if not all(path._vmap_exact(levy) for _, levy in path_queries):
+            return None
+    return Tabulation(paths, queries)
+
+
+def _step_times(spec: LoopSpec, state: LoopState, length: int):
+    """The intervals `[tprev, tnext]` of the `length` steps from `state`, by the
+    loop's own time arithmetic (every step of a fixed-step solve is accepted)."""
+
+    def body(carry, _):
+        tprev, tnext, controller_state = carry
+        at = dataclasses.replace(
+            state, tprev=tprev, tnext=tnext, controller_state=controller_state
+        )
+        decision = _adapt(spec, at, at.y, None, jnp.asarray(True), RESULTS.successful)
+        carry = (decision.next_t0, decision.next_t1, decision.controller_state)
+        return carry, (tprev, tnext)
+
+    start = (state.tprev, state.tnext, state.controller_state)
+    return lax.scan(body, start, length=length)[1]
+
+
+def scan_tabulated(
+    plan: Tabulation, spec, one_step, carry, state_of, num_steps: int, block: int
+):
+    """`num_steps` applications of `one_step(spec, carry)` as scans over blocks of
+    steps, each step's Brownian queries answered from samples computed for its
+    block beforehand. `state_of(carry)` is the `LoopState` in the carry. `block > 0`
+    is the size of the rematerialised blocks (`jax.checkpoint`) reverse mode asks
+    for (see `fixed.py`), which are then also the blocks of samples."""
+    if num_steps == 0:
+        return carry
+    if block > 0:
+        size = min(block, num_steps)
+    else:
+        size = math.ceil(num_steps / math.ceil(num_steps / _BLOCK_STEPS))
+
+    def run_block(carry, length):
+        t0s, t1s = _step_times(spec, state_of(carry), length)
+        tables = [
+            {
+                query: jax.vmap(
+                    lambda a, b, q=query, p=path: p.evaluate(
+                        a, b, left=q[0], use_levy=q[1]
+                    )
+                )(t0s, t1s)
+                for query in queries
+            }
+            for path, queries in zip(plan.paths, plan.queries, strict=True)
+        ]
+
+        def body(carry, rows):
+            answers = [
+                _Answers(path, row, path.levy_area)
+                for path, row in zip(plan.paths, rows, strict=True)
+            ]
+            step_spec = dataclasses.replace(
+                spec, terms=_replace_paths(spec.terms, answers)
+            )
+            return one_step(step_spec, carry), None
+
+        return lax.scan(body, carry, tables)[0]
+
+    if block > 0:
+        run_block = jax.checkpoint(run_block, static_argnums=(1,))
+    full, remainder = divmod(num_steps, size)
+    carry = lax.scan(lambda c, _: (run_block(c, size), None), carry, length=full)[0]
+    if remainder:
+        carry = run_block(carry, remainder)
+    return carry
