@@ -172,29 +172,33 @@ class MultiTerm(AbstractTerm, Generic[TermsT]):
 
 class _ForwardTimeTerm(AbstractTerm):
     """Presents a term in the time variable `tau = direction * t`, so that the solve
-    loop always integrates forwards in `tau` even when `t1 < t0`."""
+    loop always integrates forwards in `tau` even when `t1 < t0`. `direction=None`
+    says that the solve is known at trace time to run forwards: times are then
+    passed on as they are (the same values, and the same tracers, with no
+    multiplications by a direction of 1 that XLA cannot drop)."""
 
     term: AbstractTerm
     direction: Any
 
+    def _time(self, t):
+        return t if self.direction is None else self.direction * t
+
     def vf(self, t, y, args):
         with scope("vector_field"):
-            return self.term.vf(self.direction * t, y, args)
+            return self.term.vf(self._time(t), y, args)
 
     def contr(self, t0, t1, **kwargs):
-        return self.term.contr(self.direction * t0, self.direction * t1, **kwargs)
+        return self.term.contr(self._time(t0), self._time(t1), **kwargs)
 
     def prod(self, vf, control):
         return self.term.prod(vf, control)
 
     def vf_prod(self, t, y, args, control):
         with scope("vector_field"):
-            return self.term.vf_prod(self.direction * t, y, args, control)
+            return self.term.vf_prod(self._time(t), y, args, control)
 
     def is_vf_expensive(self, t0, t1, y, args) -> bool:
-        return self.term.is_vf_expensive(
-            self.direction * t0, self.direction * t1, y, args
-        )
+        return self.term.is_vf_expensive(self._time(t0), self._time(t1), y, args)
 
 
 def is_term(x: Any) -> bool:

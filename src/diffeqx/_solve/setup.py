@@ -79,16 +79,12 @@ def initial_state(
 ) -> tuple[LoopSpec, LoopState]:
     """The loop's specification (what stays fixed) and its initial state. The loop
     integrates forwards in `tau = direction * t`. `forwards=True` says that
-    `t0 <= t1` is known at trace time: the terms are then used as they are (no
-    multiplications by a direction of 1, which XLA cannot drop when the direction
-    is computed at run time)."""
+    `t0 <= t1` is known at trace time: the terms then receive the loop's times as
+    they are (no multiplications by a direction of 1, which XLA cannot drop when the
+    direction is computed at run time)."""
     dtype = t0.dtype
-    if forwards:
-        direction = jnp.ones((), dtype)
-        fwd_terms = terms
-    else:
-        direction = jnp.where(t1 >= t0, 1, -1).astype(dtype)
-        fwd_terms = forward_time_terms(terms, direction)
+    direction = jnp.where(t1 >= t0, 1, -1).astype(dtype)
+    fwd_terms = forward_time_terms(terms, None if forwards else direction)
     tau0, tau1 = t0 * direction, t1 * direction
     dtau0 = None if dt0 is None else dt0 * direction
     controller = stepsize_controller.wrap(direction)

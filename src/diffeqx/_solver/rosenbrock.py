@@ -80,7 +80,8 @@ def _user_operator(jacobian, terms, t0, t1, y0, args, gamma, n, dtype):
     # The solve loop presents terms in forward time `tau = direction * t`.
     direction = 1
     while isinstance(terms, _ForwardTimeTerm):
-        direction = direction * terms.direction
+        if terms.direction is not None:
+            direction = direction * terms.direction
         terms = terms.term
     if not isinstance(terms, ODETerm):
         raise ValueError(
