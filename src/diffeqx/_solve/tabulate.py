@@ -43,49 +43,43 @@ def _is_path(x) -> bool:
     return isinstance(x, AbstractBrownianPath)
 
 
-class _Probe(AbstractBrownianPath):
+class _StandIn(AbstractBrownianPath):
+    """Takes a Brownian path's place inside the terms, with its interval and shape."""
+
+    inner: eqx.AbstractVar[AbstractBrownianPath]
+
+    @property
+    def t0(self):
+        return self.inner.t0
+
+    @property
+    def t1(self):
+        return self.inner.t1
+
+    @property
+    def shape(self):
+        return self.inner.shape
+
+
+class _Probe(_StandIn):
     """Stands in for a Brownian path while one step is traced, noting each query."""
 
     inner: AbstractBrownianPath
     index: int = eqx.field(static=True)
     levy_area: type = eqx.field(static=True)
 
-    @property
-    def t0(self):
-        return self.inner.t0
-
-    @property
-    def t1(self):
-        return self.inner.t1
-
-    @property
-    def shape(self):
-        return self.inner.shape
-
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         _probe_log.calls.append((self.index, t0, t1, left, use_levy))
         return self.inner.evaluate(t0, t1, left=left, use_levy=use_levy)
 
 
-class _Answers(AbstractBrownianPath):
+class _Answers(_StandIn):
     """Stands in for a Brownian path during one step: answers the step's queries
     with the samples computed for it beforehand."""
 
     inner: AbstractBrownianPath
     answers: dict  # (left, use_levy) -> the sample over the step's interval
     levy_area: type = eqx.field(static=True)
-
-    @property
-    def t0(self):
-        return self.inner.t0
-
-    @property
-    def t1(self):
-        return self.inner.t1
-
-    @property
-    def shape(self):
-        return self.inner.shape
 
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         return self.answers[(bool(left), bool(use_levy))]
