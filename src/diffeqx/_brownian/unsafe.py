@@ -136,19 +136,16 @@ class UnsafeBrownianPath(AbstractBrownianPath):
         dts, per_leaf = [], []
         single = len(shape_leaves) == 1 and m == 1 and shape_leaves[0].shape == ()
         for j, leaf in enumerate(shape_leaves):
-            size = int(np.prod(leaf.shape, dtype=np.int64))
             if single:
                 # One sample in all: the query's own hash gives its 64 bits.
                 z = bits_to_normal(key[0], key[1], leaf.dtype)[None]
-                width = (hi - lo).astype(leaf.dtype)
-                dts.append(width)
-                per_leaf.append([jnp.sqrt(width) * UNIT_SCALES[0] * z[0]])
-                continue
-            element = jnp.arange(size, dtype=jnp.uint32).reshape((1,) + leaf.shape)
-            slot = (np.uint32(3 * j) + np.arange(m, dtype=np.uint32)).reshape(
-                (m,) + (1,) * len(leaf.shape)
-            )
-            z = normals(key, element, slot, leaf.dtype)
+            else:
+                size = int(np.prod(leaf.shape, dtype=np.int64))
+                element = jnp.arange(size, dtype=jnp.uint32).reshape((1,) + leaf.shape)
+                slot = (np.uint32(3 * j) + np.arange(m, dtype=np.uint32)).reshape(
+                    (m,) + (1,) * len(leaf.shape)
+                )
+                z = normals(key, element, slot, leaf.dtype)
             width = (hi - lo).astype(leaf.dtype)
             dts.append(width)
             root = jnp.sqrt(width)
