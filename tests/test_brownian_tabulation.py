@@ -1,8 +1,11 @@
 """On the fixed-step path, the Brownian samples of a block of steps are computed
-before the block runs (`_solve/tabulate.py`). Every step must still receive exactly
-the sample it would have computed itself: the solve equals, bit for bit, the same
-solve run by the while loop (times only known at run time), where each step
-evaluates its path."""
+before the block runs (`_solve/tabulate.py`). Every step must still receive the
+sample it would have computed itself: the solve equals the same solve run by the
+while loop (times only known at run time), where each step evaluates its path. Bit
+for bit with `UnsafeBrownianPath` (whose samples depend on the times' bits); to
+rounding with a `VirtualBrownianTree`, whose tabulated `W` comes from a table of its
+cells computed with the same arithmetic as a walk, which XLA may fuse (and so round)
+differently."""
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +44,13 @@ def _solve(kind, solver, levy_area, adjoint=None):
     return solve
 
 
+def _assert_same(kind, fast, slow):
+    if kind == "unsafe":
+        np.testing.assert_array_equal(np.asarray(fast), np.asarray(slow))
+    else:
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-13)
+
+
 @pytest.fixture
 def tabulated_blocks(monkeypatch):
     """Counts the solves that took the tabulated scan."""
@@ -71,7 +81,7 @@ _CASES = {
 
 
 @pytest.mark.parametrize("case", list(_CASES))
-def test_tabulated_solve_equals_the_untabulated_one_bit_for_bit(
+def test_tabulated_solve_equals_the_untabulated_one(
     case, tabulated_blocks, monkeypatch
 ):
     kind, solver, levy_area, tabulated = _CASES[case]
@@ -85,18 +95,18 @@ def test_tabulated_solve_equals_the_untabulated_one_bit_for_bit(
     untabulated = jax.jit(
         lambda k: _solve(kind, solver, levy_area)(0.0, 0.5, 2.0**-7, k)
     )(key)
-    np.testing.assert_array_equal(np.asarray(fast), np.asarray(untabulated))
+    _assert_same(kind, fast, untabulated)
 
 
 @pytest.mark.parametrize("case", ["Euler-unsafe", "Heun-tree"])
-def test_tabulated_solve_equals_the_while_loop_bit_for_bit(case, tabulated_blocks):
+def test_tabulated_solve_equals_the_while_loop(case, tabulated_blocks):
     kind, solver, levy_area, _ = _CASES[case]
     solve = _solve(kind, solver, levy_area)
     key = jr.key(3)
     fast = jax.jit(lambda k: solve(0.0, 0.5, 2.0**-7, k))(key)
     assert tabulated_blocks
     general = jax.jit(solve)(jnp.asarray(0.0), jnp.asarray(0.5), 2.0**-7, key)
-    np.testing.assert_array_equal(np.asarray(fast), np.asarray(general))
+    _assert_same(kind, fast, general)
 
 
 def test_tabulated_solve_under_vmap_and_grad(tabulated_blocks):
@@ -112,7 +122,7 @@ def test_tabulated_solve_under_vmap_and_grad(tabulated_blocks):
     general = jax.jit(jax.vmap(solve, in_axes=(None, None, None, 0)))(
         jnp.asarray(0.0), jnp.asarray(1.0), 2.0**-6, keys
     )
-    np.testing.assert_array_equal(np.asarray(fast), np.asarray(general))
+    _assert_same("tree", fast, general)
     grad_fast = jax.grad(lambda s: loss(s, 1.0, keys[0]))(2.0)
     grad_general = jax.jit(jax.grad(loss), static_argnums=())(
         2.0, jnp.asarray(1.0), keys[0]
@@ -146,3 +156,68 @@ def test_steps_that_query_other_intervals_evaluate_the_path_themselves(
     # The halves of a tree's increment add up to the whole step's increment.
     whole = _solve("tree", dfx.Euler(), dfx.BrownianIncrement)(0.0, 0.5, 2.0**-7, key)
     np.testing.assert_allclose(np.asarray(fast), np.asarray(whole), rtol=1e-12)
+
+
+# (tol, shape, levy area, steps, the table's level): a table at the leaves; one
+# above them (a deep tree, whose queries walk the levels below the table); Lévy
+# areas in the tree (their `W` is split with them); a PyTree of two dtypes.
+_TABLES = {
+    "leaves": (1e-3, (2,), dfx.BrownianIncrement, 1000, 10),
+    "above-leaves": (1e-5, (), dfx.BrownianIncrement, 1000, 11),
+    "levy-tree": (1e-3, (3,), dfx.SpaceTimeTimeLevyArea, 1000, 10),
+    "few-steps": (1e-3, (), dfx.BrownianIncrement, 20, 6),
+    "pytree": (
+        1e-3,
+        {
+            "a": jax.ShapeDtypeStruct((2,), jnp.float32),
+            "b": jax.ShapeDtypeStruct((), jnp.float64),
+        },
+        dfx.BrownianIncrement,
+        1000,
+        10,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_TABLES))
+def test_tree_table_gives_the_walks_increments(case):
+    # A tree's tabulator answers from a table of cells built once: its increments
+    # over any intervals (steps' ends inside cells, on cell boundaries, at the
+    # tree's ends, backwards) are `evaluate`'s, to rounding.
+    tol, shape, levy_area, steps, level = _TABLES[case]
+    tree = dfx.VirtualBrownianTree(0.0, 1.0, tol, shape, jr.key(11), levy_area)
+    assert tree._table_level(steps) == level
+    rng = np.random.default_rng(0)
+    ends = np.concatenate(
+        [[0.0, 1.0, 0.5, 0.25, 2.0**-10, 1.0 - 2.0**-10], rng.uniform(0, 1, 200)]
+    )
+    t0s, t1s = jnp.asarray(ends[:-1]), jnp.asarray(ends[1:])
+    tabulated = jax.jit(tree._tabulator(True, False, steps))(t0s, t1s)
+    walked = jax.jit(jax.vmap(tree.evaluate))(t0s, t1s)
+    pairs = zip(jax.tree.leaves(tabulated), jax.tree.leaves(walked), strict=True)
+    for fast, slow in pairs:
+        assert fast.dtype == slow.dtype and fast.shape == slow.shape
+        rtol = 1e-5 if fast.dtype == jnp.float32 else 1e-12
+        np.testing.assert_allclose(fast, slow, rtol=rtol, atol=rtol * 1e-2)
+
+
+def test_tree_tables_are_not_built_for_levy_queries_or_traced_intervals():
+    levy = dfx.VirtualBrownianTree(0.0, 1.0, 1e-3, (), jr.key(0), dfx.SpaceTimeLevyArea)
+    tabulate = levy._tabulator(True, True, 1000)
+    # The generic tabulator: `evaluate` batched, which walks from the root.
+    t0s, t1s = jnp.linspace(0, 0.5, 5), jnp.linspace(0.5, 1, 5)
+    np.testing.assert_array_equal(
+        tabulate(t0s, t1s).H,
+        jax.vmap(lambda a, b: levy.evaluate(a, b, use_levy=True).H)(t0s, t1s),
+    )
+
+    def level(t1):
+        tree = dfx.VirtualBrownianTree(0.0, t1, 1e-3, (), jr.key(0))
+        return tree._table_level(1000)
+
+    assert level(1.0) == 10
+    jax.jit(lambda t1: assert_none(level(t1)))(1.0)
+
+
+def assert_none(x):
+    assert x is None

@@ -58,6 +58,14 @@ class AbstractBrownianPath(AbstractPath):
         `_solve/tabulate.py`). False unless a subclass knows better."""
         return False
 
+    def _tabulator(self, left: bool, use_levy: bool, num_steps: int):
+        """How a fixed-step solve of `num_steps` steps computes a block of its
+        steps' samples at once (when `_vmap_exact(use_levy)`): a function of the
+        steps' start and end times (1-d arrays) that returns their samples,
+        stacked, exactly as `evaluate` returns each. Called once per solve, before
+        the steps, so that a path can prepare there what every block shares."""
+        return jax.vmap(lambda a, b: self.evaluate(a, b, left=left, use_levy=use_levy))
+
 
 def normalise_shape(shape, owner: str) -> PyTree[jax.ShapeDtypeStruct]:
     """`shape` as a PyTree of `jax.ShapeDtypeStruct`s of real floating dtypes: a tuple

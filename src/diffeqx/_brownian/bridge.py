@@ -71,12 +71,86 @@ class _Hasher(eqx.Module):
         return normals(keys, element, cells, self.dtype)
 
 
-def noise_separate(grid, leaf, hasher) -> Noise:
-    """Each time's walk hashes all its own cells."""
+class Start(eqx.Module):
+    """Where a walk begins when not at the root: in the cell holding each time at
+    `level`, with that cell's standardised moments `eta` (a list over moments of
+    `(P, *dims)`) and `W` at the cell's start, `value` (`(P, *dims)`)."""
+
+    eta: list
+    value: jax.Array
+    level: int = eqx.field(static=True)
+
+
+def noise_separate(grid, leaf, hasher, start: Start | None = None) -> Noise:
+    """Each time's walk hashes all its own cells: from the root, or below the level
+    a `start` is at (its cells' splits, then the leaf's)."""
     addresses = grid.addresses(leaf)
-    z = hasher(addresses)  # (m, P, levels + 2, *dims)
+    if start is not None:
+        addresses = addresses[:, start.level + 1 :]
+    z = hasher(addresses)  # (m, P, slots, *dims)
     extra = hasher(addresses[:, -1], extra=True) if z.shape[0] > 1 else None
     return Noise(z, extra)
+
+
+class Table(eqx.Module):
+    """Every cell of one level of the tree, for one leaf of `shape`: the cells'
+    standardised moments `eta` (a list over moments of `(2^level, *dims)`) and `W`
+    at each cell's start, `value`; at the leaf level, also the normals that split
+    each leaf cell at a query time (`tips`, `(m, 2^depth, *dims)`, and `extra` with
+    Lévy areas).
+
+    Built top-down with the arithmetic of a walk, so that a walk starting from the
+    table (`start`) gives, bit for bit, what a walk from the root gives. A fixed-step
+    solve builds it once and then answers each step's query without hashing the
+    cells above it (see `VirtualBrownianTree._tabulator`)."""
+
+    eta: list
+    value: jax.Array
+    tips: jax.Array | None
+    extra: jax.Array | None
+    level: int = eqx.field(static=True)
+
+    def start(self, grid, leaf):
+        cell = jnp.right_shift(leaf, np.uint32(grid.depth - self.level))
+        return Start([x[cell] for x in self.eta], self.value[cell], self.level)
+
+    def noise(self, leaf) -> Noise | None:
+        """The leaf cells' normals, when the table is at the leaf level."""
+        if self.tips is None:
+            return None
+        z = self.tips[:, leaf][:, :, None]  # (m, P, 1, *dims)
+        return Noise(z, None if self.extra is None else self.extra[:, leaf])
+
+
+def table(grid, hasher, level: int) -> Table:
+    """The `Table` of the cells at `level` (the tree's depth must be static)."""
+    at_leaves = level == grid.depth
+    # Heap numbers 0 (the root's sample) to 2^level - 1 (the cells above `level`),
+    # then the leaf cells when the table is at the leaf level: one hash.
+    count = 2 ** (level + 1) if at_leaves else 2**level
+    z = hasher(np.arange(count, dtype=np.uint32))  # (m, count, *dims)
+    m, dims = z.shape[0], z.shape[2:]
+    split = np.array([False, True]).reshape((1, 2) + (1,) * len(dims))
+    eta = [z[c, :1] for c in range(m)]
+    value = jnp.zeros_like(eta[0])
+    for lv in range(level):
+        cells = 2**lv
+        left, right = split_midpoint(eta, [z[c, cells : 2 * cells] for c in range(m)])
+        g = grid.half_width(lv, z.dtype)
+        # Each child as a walk into it computes it: the parent's value, plus the
+        # left half's increment for a right child.
+        value = value[:, None] + jnp.where(split, jnp.sqrt(g) * left[0][:, None], 0)
+        value = value.reshape((2 * cells,) + dims)
+        eta = [
+            jnp.where(split, r[:, None], x[:, None]).reshape((2 * cells,) + dims)
+            for x, r in zip(left, right, strict=True)
+        ]
+    tips = extra = None
+    if at_leaves:
+        leaves = np.arange(2**level, 2 ** (level + 1), dtype=np.uint32)
+        tips = z[:, 2**level :]
+        extra = hasher(leaves, extra=True) if m > 1 else None
+    return Table(eta, value, tips, extra, level)
 
 
 class Walk(eqx.Module):
@@ -90,19 +164,25 @@ class Walk(eqx.Module):
     after: list
 
 
-def walk(grid, leaf, lam, noise: Noise) -> Walk:
-    """Down the tree to each located time. Unrolled with one moment (`W` alone:
-    the fast path); a `lax.scan` over the levels with Lévy areas, which keeps
-    compilation short."""
-    m, levels = noise.z.shape[0], grid.levels
+def walk(grid, leaf, lam, noise: Noise, start: Start | None = None) -> Walk:
+    """Down the tree to each located time, from the root or from `start` (whose
+    `noise` then holds only the cells below it). Unrolled with one moment (`W`
+    alone: the fast path); a `lax.scan` over the levels with Lévy areas, which
+    keeps compilation short."""
+    m = noise.z.shape[0]
     ndim = noise.z.ndim - 3
+    first = 0 if start is None else start.level
+    levels = grid.levels - first  # the levels walked
 
     def per_time(x):
         return x.reshape(x.shape + (1,) * ndim)
 
-    eta = [noise.z[c, :, 0] for c in range(m)]
-    level = np.arange(levels, dtype=np.int32)
-    go_right = [grid.in_right_half(leaf, lv) for lv in range(levels)]
+    if start is None:
+        eta, slots = [noise.z[c, :, 0] for c in range(m)], noise.z[:, :, 1:]
+    else:
+        eta, slots = list(start.eta), noise.z
+    level = np.arange(first, grid.levels, dtype=np.int32)
+    go_right = [grid.in_right_half(leaf, lv) for lv in range(first, grid.levels)]
     go_right = jnp.stack(go_right) if levels else jnp.zeros((0,) + leaf.shape, bool)
     if isinstance(grid.depth, int):
         active = np.ones(levels, bool)
@@ -118,12 +198,12 @@ def walk(grid, leaf, lam, noise: Noise) -> Walk:
             jnp.stack(right),
         )
 
-    xis = jnp.moveaxis(noise.z[:, :, 1 : levels + 1], 2, 0)  # (levels, m, P, *dims)
+    xis = jnp.moveaxis(slots[:, :, :levels], 2, 0)  # (levels, m, P, *dims)
     if m == 1 or levels == 0:
         lefts, rights = [], []
-        for lv in range(levels):
-            act = True if isinstance(grid.depth, int) else active[lv]
-            eta, (left, right) = down(eta, (xis[lv], go_right[lv], act))
+        for i in range(levels):
+            act = True if isinstance(grid.depth, int) else active[i]
+            eta, (left, right) = down(eta, (xis[i], go_right[i], act))
             lefts.append(left)
             rights.append(right)
         shape = (0, m) + noise.z.shape[1:2] + noise.z.shape[3:]
@@ -131,7 +211,7 @@ def walk(grid, leaf, lam, noise: Noise) -> Walk:
         lefts, rights = stack(lefts), stack(rights)
     else:
         eta, (lefts, rights) = lax.scan(down, tuple(eta), (xis, go_right, active))
-    tips = [noise.z[c, :, levels + 1] for c in range(m)]
+    tips = [slots[c, :, levels] for c in range(m)]
     if noise.extra is not None:
         tips += list(noise.extra)
     before, after = split_at(per_time(lam.astype(eta[0].dtype)), list(eta), tips)
@@ -152,19 +232,22 @@ def _expand(x, like):
     return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
 
 
-def values(grid, path: Walk, leaf, lam):
-    """`W` from the tree's start to each time, shape `(P, *dims)`."""
+def values(grid, path: Walk, leaf, lam, start: Start | None = None):
+    """`W` from the tree's start to each time, shape `(P, *dims)`: the increments of
+    the cells left of the time, from the root down (from `start`'s value when the
+    walk began there), then the part of its leaf cell before it."""
     first = path.before[0]
-    width = _expand(lam.astype(first.dtype), first) * grid.leaf_width(first.dtype)
-    value = jnp.sqrt(width) * first
-    for level in range(grid.levels):
-        left = path.left[level]
+    top = 0 if start is None else start.level
+    value = jnp.zeros_like(first) if start is None else start.value
+    for i, level in enumerate(range(top, grid.levels)):
+        left = path.left[i]
         take = grid.in_right_half(leaf, level)
         if grid.active(level) is not True:
             take = take & grid.active(level)
         g = grid.half_width(level, first.dtype)
         value = value + jnp.where(_expand(take, first), jnp.sqrt(g) * left[0], 0)
-    return value
+    width = _expand(lam.astype(first.dtype), first) * grid.leaf_width(first.dtype)
+    return value + jnp.sqrt(width) * first
 
 
 def _part(grid, path: Walk, leaf, lam, i: int, below, forwards: bool):

@@ -14,7 +14,10 @@ fresh normals (`levy.py`). Inside a leaf cell, a query time at fraction `λ` of 
 cell splits it once more, by the exact conditional law at `λ`, using normals that
 belong to the leaf. The path is therefore a pure function of `(key, t)`:
 
-- *reproducible*: the same query gives the same bits, whatever was asked before;
+- *reproducible*: the same query gives the same result, whatever was asked before
+  (the same bits from the same compiled computation; XLA may round differently
+  compiled programs differently, by fusing multiply-adds, so across programs the
+  same to rounding);
 - *consistent*: `W(s, u) = W(s, t) + W(t, u)` (to rounding), the value at a time
   does not depend on the interval that asked for it, and the Lévy areas of adjacent
   intervals combine into the Lévy areas of their union (the exact concatenation
@@ -45,6 +48,16 @@ increment `W(t) - W(s)` is the difference of the two values. Lévy areas over
 `[s, t]` are assembled from the part of `s`'s cell after `s` and the part of `t`'s
 cell before `t` below the deepest cell holding both, so they are never a difference
 of quantities over longer intervals, except inside a single leaf cell.
+
+**Fixed steps.** A fixed-step solve asks for `W` over every step in turn, and a walk
+from the root per step would hash each upper cell again for every step below it.
+Instead (`_tabulator`, see `_solve/tabulate.py`) the solve builds, once, a table of
+every cell of one level (the leaves, when they fit in `_TABLE_ENTRIES` numbers and
+are not many more than the steps), level by level with a walk's own arithmetic:
+each cell's moments and `W` at its start. Each step's ends then only walk the
+levels below the table (none at the leaves) and split their leaf cell. The sum that
+gives `W(t)` is taken from the root down in both, so the table gives a walk's
+values, to rounding.
 """
 
 import math
@@ -77,6 +90,9 @@ from .levy import (
 
 # Cell indices are uint32: at most 2^31 leaves (heap numbers below 2^32).
 _MAX_DEPTH = 31
+# The most numbers per moment in a fixed-step solve's table of cells (see
+# `VirtualBrownianTree._tabulator`), per path: a batch of paths has one each.
+_TABLE_ENTRIES = 2**12
 
 
 def _static_depth(span: float, tol: float) -> int:
@@ -191,7 +207,9 @@ class VirtualBrownianTree(AbstractBrownianPath):
       solver. The choice changes the path: the same key gives a different `W`.
 
     **Guarantees.** The path is a pure function of `key` and the query time: the same
-    query always returns the same bits, whatever was queried before; increments add
+    query always returns the same result, whatever was queried before (the same
+    bits from the same compiled program; differently compiled programs may round
+    differently, as XLA fuses multiply-adds); increments add
     up (`W(a, c) = W(a, b) + W(b, c)` to rounding); `evaluate(t)` is the value at
     `t`, whichever interval asked for it; the Lévy areas of adjacent intervals combine
     exactly into those of their union; `evaluate(t1, t0)` is the time-reversal of
@@ -270,6 +288,55 @@ class VirtualBrownianTree(AbstractBrownianPath):
         `W`, plus `H` and `K` where the type has them. `t1 < t0` gives the
         time-reversed increment. `left` is ignored."""
         del left
+        return self._evaluate(t0, t1, use_levy, None)
+
+    def _table_level(self, num_steps: int) -> int | None:
+        """The level of the cells a fixed-step solve of `num_steps` steps tabulates
+        before its steps (`bridge.Table`), or None for no table: as deep as the
+        tree, but at most `_TABLE_ENTRIES` numbers per moment and no more cells than
+        twice the steps' ends (on a coarser level, each query still walks the levels
+        below the table)."""
+        if self._depth is None:
+            return None
+        size = sum(
+            int(np.prod(x.shape, dtype=np.int64)) for x in jtu.tree_leaves(self.shape)
+        )
+        level = self._depth
+        while level > 0 and (
+            2**level * size > _TABLE_ENTRIES or 2**level > 4 * num_steps
+        ):
+            level -= 1
+        return level if level > 0 else None
+
+    def _tabulator(self, left: bool, use_levy: bool, num_steps: int):
+        # `W` from a table of the cells down to the leaves (or some level above),
+        # built once per solve: each query then only walks the levels below it
+        # (none, at the leaves) instead of hashing a cell at every level. The
+        # table is built with a walk's own arithmetic, so the samples are those
+        # of `evaluate`, bit for bit (tested).
+        level = self._table_level(num_steps)
+        if level is None or (use_levy and num_moments(self.levy_area) > 1):
+            return super()._tabulator(left, use_levy, num_steps)
+        grid, _ = self._grid()
+        tables = [
+            bridge.table(grid, hasher, level) for hasher in self._hashers(self._words())
+        ]
+        return jax.vmap(lambda a, b: self._evaluate(a, b, use_levy, tables))
+
+    def _words(self):
+        """The key words of the tree's hashes: `(leaves of shape, 2m, 2)`."""
+        count = len(jtu.tree_leaves(self.shape))
+        return key_words(self.key, count, 2 * num_moments(self.levy_area))
+
+    def _hashers(self, words) -> list:
+        """One `bridge._Hasher` per leaf of `shape`."""
+        shape_leaves = jtu.tree_leaves(self.shape)
+        return [
+            bridge._Hasher(words[j], x.dtype, x.shape)
+            for j, x in enumerate(shape_leaves)
+        ]
+
+    def _evaluate(self, t0, t1, use_levy: bool, tables: list | None):
         grid, dtype = self._grid()
         pair = t1 is not None
         if pair:
@@ -282,20 +349,28 @@ class VirtualBrownianTree(AbstractBrownianPath):
             leaf, lam = grid.locate(hi[None])
         shape_leaves, structure = jtu.tree_flatten(self.shape)
         m = num_moments(self.levy_area)
-        words = key_words(self.key, len(shape_leaves), 2 * m)
+        words = self._words()
         dts, per_leaf = [], []
-        for j, leaf_shape in enumerate(shape_leaves):
-            hasher = bridge._Hasher(words[j], leaf_shape.dtype, leaf_shape.shape)
-            noise = bridge.noise_separate(grid, leaf, hasher)
-            path = bridge.walk(grid, leaf, lam, noise)
+        for j, (leaf_shape, hasher) in enumerate(
+            zip(shape_leaves, self._hashers(words), strict=True)
+        ):
             dts.append((hi - lo).astype(leaf_shape.dtype))
-            if use_levy and m > 1 and pair:
-                per_leaf.append(bridge.moments_between(grid, path, leaf, lam))
-            elif use_levy and m > 1:
-                per_leaf.append(bridge.moments_from_start(grid, path, leaf, lam))
-            else:
-                at = bridge.values(grid, path, leaf, lam)
-                per_leaf.append([at[1] - at[0]] if pair else [at[0]])
+            if use_levy and m > 1:
+                noise = bridge.noise_separate(grid, leaf, hasher)
+                path = bridge.walk(grid, leaf, lam, noise)
+                if pair:
+                    per_leaf.append(bridge.moments_between(grid, path, leaf, lam))
+                else:
+                    per_leaf.append(bridge.moments_from_start(grid, path, leaf, lam))
+                continue
+            start = noise = None
+            if tables is not None:
+                start, noise = tables[j].start(grid, leaf), tables[j].noise(leaf)
+            if noise is None:
+                noise = bridge.noise_separate(grid, leaf, hasher, start)
+            path = bridge.walk(grid, leaf, lam, noise, start)
+            at = bridge.values(grid, path, leaf, lam, start)
+            per_leaf.append([at[1] - at[0]] if pair else [at[0]])
         moments = [
             lax.stop_gradient(jtu.tree_unflatten(structure, list(x)))
             for x in zip(*per_leaf, strict=True)

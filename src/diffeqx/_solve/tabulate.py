@@ -6,7 +6,11 @@ before the block runs: one vectorised evaluation of the path at all the block's
 intervals, instead of one scalar evaluation inside each step. A path's evaluation
 is a pure function of its key and the query's times, and the block's times are
 computed by the loop's own time arithmetic (the controller's proposal and the snap
-onto `t1`), so every step receives the same sample it would have computed itself.
+onto `t1`), so every step receives the sample it would have computed itself: the
+same bits from `UnsafeBrownianPath`; from a `VirtualBrownianTree`'s `W`, the same
+to rounding (a table of the tree's cells, built once per solve with the arithmetic
+of a walk down the tree, answers the queries; XLA may fuse, and so round, the two
+computations differently).
 
 This applies when every query a step makes of a Brownian path is over the step's
 own interval `[tprev, tnext]` (checked once, at trace time, by tracing one step with
@@ -14,7 +18,8 @@ probes in place of the paths), and when the path's evaluation gives the same bit
 batched as one at a time (`AbstractBrownianPath._vmap_exact`: `UnsafeBrownianPath`,
 and `VirtualBrownianTree` for `W` alone; a tree's Lévy areas come from small matrix
 products, which XLA may sum in another order when batched). Otherwise the steps
-evaluate their paths themselves.
+evaluate their paths themselves. How a path computes a block's samples is its own
+`_tabulator`.
 """
 
 import dataclasses
@@ -172,18 +177,18 @@ def scan_tabulated(
     else:
         size = math.ceil(num_steps / math.ceil(num_steps / _BLOCK_STEPS))
 
+    # Prepared once, outside the blocks: what a path's tabulator holds (e.g. a
+    # tree's table of cells) is shared by all of them.
+    tabulators = [
+        {query: path._tabulator(*query, num_steps) for query in queries}
+        for path, queries in zip(plan.paths, plan.queries, strict=True)
+    ]
+
     def run_block(carry, length):
         t0s, t1s = _step_times(spec, state_of(carry), length)
         tables = [
-            {
-                query: jax.vmap(
-                    lambda a, b, q=query, p=path: p.evaluate(
-                        a, b, left=q[0], use_levy=q[1]
-                    )
-                )(t0s, t1s)
-                for query in queries
-            }
-            for path, queries in zip(plan.paths, plan.queries, strict=True)
+            {query: tabulate(t0s, t1s) for query, tabulate in per_path.items()}
+            for per_path in tabulators
         ]
 
         def body(carry, rows):
