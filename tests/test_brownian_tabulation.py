@@ -55,13 +55,13 @@ def _assert_same(kind, fast, slow):
 def tabulated_blocks(monkeypatch):
     """Counts the solves that took the tabulated scan."""
     calls = []
-    original = fixed.scan_tabulated
+    original = fixed.prepare
 
     def spy(*args, **kwargs):
         calls.append(args[0])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fixed, "scan_tabulated", spy)
+    monkeypatch.setattr(fixed, "prepare", spy)
     return calls
 
 

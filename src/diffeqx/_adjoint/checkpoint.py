@@ -130,7 +130,11 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
     def fixed_step_block(self, num_steps):
         # Constant steps known at trace time run as a scan of rematerialised blocks:
         # `checkpoints` blocks (about sqrt(num_steps) of them by default), each storing
-        # one state for the backward pass and recomputing its steps.
+        # one state for the backward pass and recomputing its steps. Blocks only
+        # matter to reverse mode: without it, a plain scan (no block boundaries,
+        # each of which costs a few kernel launches).
+        if "reverse" not in differentiation_levels():
+            return 0
         if self.checkpoints is None:
             return _block_size(num_steps, math.isqrt(num_steps))
         return _block_size(num_steps, -(-num_steps // self.checkpoints))

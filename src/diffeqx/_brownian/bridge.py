@@ -150,7 +150,9 @@ def table(grid, hasher, level: int) -> Table:
         leaves = np.arange(2**level, 2 ** (level + 1), dtype=np.uint32)
         tips = z[:, 2**level :]
         extra = hasher(leaves, extra=True) if m > 1 else None
-    return Table(eta, value, tips, extra, level)
+    # Computed once, into memory: otherwise XLA may fuse the last levels into each
+    # query's lookup, and recompute them per query.
+    return lax.optimization_barrier(Table(eta, value, tips, extra, level))
 
 
 class Walk(eqx.Module):

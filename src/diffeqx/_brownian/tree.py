@@ -184,6 +184,17 @@ class _Grid(eqx.Module):
         return jnp.ldexp(self.span, -self.depth).astype(dtype)
 
 
+def _values(grid, leaf, lam, hasher, table):
+    """`W` at the located times (from the root, or from a `bridge.Table`)."""
+    start = noise = None
+    if table is not None:
+        start, noise = table.start(grid, leaf), table.noise(leaf)
+    if noise is None:
+        noise = bridge.noise_separate(grid, leaf, hasher, start)
+    path = bridge.walk(grid, leaf, lam, noise, start)
+    return bridge.values(grid, path, leaf, lam, start)
+
+
 @final
 class VirtualBrownianTree(AbstractBrownianPath):
     r"""Brownian motion on `[t0, t1]`, sampled to resolution `tol`, that can be
@@ -288,7 +299,7 @@ class VirtualBrownianTree(AbstractBrownianPath):
         `W`, plus `H` and `K` where the type has them. `t1 < t0` gives the
         time-reversed increment. `left` is ignored."""
         del left
-        return self._evaluate(t0, t1, use_levy, None)
+        return self._evaluate(t0, t1, use_levy, None, None)
 
     def _table_level(self, num_steps: int) -> int | None:
         """The level of the cells a fixed-step solve of `num_steps` steps tabulates
@@ -318,10 +329,9 @@ class VirtualBrownianTree(AbstractBrownianPath):
         if level is None or (use_levy and num_moments(self.levy_area) > 1):
             return super()._tabulator(left, use_levy, num_steps)
         grid, _ = self._grid()
-        tables = [
-            bridge.table(grid, hasher, level) for hasher in self._hashers(self._words())
-        ]
-        return jax.vmap(lambda a, b: self._evaluate(a, b, use_levy, tables))
+        words = self._words()
+        tables = [bridge.table(grid, hasher, level) for hasher in self._hashers(words)]
+        return jax.vmap(lambda a, b: self._evaluate(a, b, use_levy, tables, words))
 
     def _words(self):
         """The key words of the tree's hashes: `(leaves of shape, 2m, 2)`."""
@@ -336,7 +346,7 @@ class VirtualBrownianTree(AbstractBrownianPath):
             for j, x in enumerate(shape_leaves)
         ]
 
-    def _evaluate(self, t0, t1, use_levy: bool, tables: list | None):
+    def _evaluate(self, t0, t1, use_levy: bool, tables: list | None, words):
         grid, dtype = self._grid()
         pair = t1 is not None
         if pair:
@@ -349,7 +359,7 @@ class VirtualBrownianTree(AbstractBrownianPath):
             leaf, lam = grid.locate(hi[None])
         shape_leaves, structure = jtu.tree_flatten(self.shape)
         m = num_moments(self.levy_area)
-        words = self._words()
+        words = self._words() if words is None else words
         dts, per_leaf = [], []
         for j, (leaf_shape, hasher) in enumerate(
             zip(shape_leaves, self._hashers(words), strict=True)
@@ -363,13 +373,15 @@ class VirtualBrownianTree(AbstractBrownianPath):
                 else:
                     per_leaf.append(bridge.moments_from_start(grid, path, leaf, lam))
                 continue
-            start = noise = None
-            if tables is not None:
-                start, noise = tables[j].start(grid, leaf), tables[j].noise(leaf)
-            if noise is None:
-                noise = bridge.noise_separate(grid, leaf, hasher, start)
-            path = bridge.walk(grid, leaf, lam, noise, start)
-            at = bridge.values(grid, path, leaf, lam, start)
+            if tables is None:
+                at = _values(grid, leaf, lam, hasher, None)
+            else:
+                # From the table, each end by itself: batched over many queries,
+                # a stacked pair would be laid out across them (transposes).
+                at = [
+                    _values(grid, *grid.locate(end[None]), hasher, tables[j])[0]
+                    for end in ((lo, hi) if pair else (hi,))
+                ]
             per_leaf.append([at[1] - at[0]] if pair else [at[0]])
         moments = [
             lax.stop_gradient(jtu.tree_unflatten(structure, list(x)))

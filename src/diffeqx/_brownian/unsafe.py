@@ -115,6 +115,14 @@ class UnsafeBrownianPath(AbstractBrownianPath):
         the `levy_area` over `[t0, t1]`). `t1 < t0` gives the time-reversed
         sample of `[t1, t0]`. `left` is ignored."""
         del left
+        return self._evaluate(t0, t1, use_levy, None)
+
+    def _tabulator(self, left: bool, use_levy: bool, num_steps: int):
+        # The key's words once per solve, not once per block of steps.
+        words = key_words(self.key, 1)[0]
+        return jax.vmap(lambda a, b: self._evaluate(a, b, use_levy, words))
+
+    def _evaluate(self, t0, t1, use_levy: bool, words):
         if t1 is None:
             raise ValueError(
                 "`UnsafeBrownianPath.evaluate(t0)` was called without `t1`: this "
@@ -130,7 +138,7 @@ class UnsafeBrownianPath(AbstractBrownianPath):
         shape_leaves, structure = jtu.tree_flatten(self.shape)
         m = num_moments(self.levy_area)
         # One key per query, from the key and the bits of both endpoints.
-        key = key_words(self.key, 1)[0]
+        key = key_words(self.key, 1)[0] if words is None else words
         key = jnp.stack(threefry2x32(key[0], key[1], *_words(lo)))
         key = jnp.stack(threefry2x32(key[0], key[1], *_words(hi)))
         dts, per_leaf = [], []

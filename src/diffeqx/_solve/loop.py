@@ -90,6 +90,13 @@ class StepDecision(eqx.Module):
     result: Any
 
 
+def stalls(next_t0, next_t1, t1):
+    """Whether the loop stops at a next step `[next_t0, next_t1]` of zero length
+    before `t1`: it would repeat forever (Diffrax runs into `max_steps` then); it is
+    reported at once instead (`RESULTS.dt_min_reached`)."""
+    return (next_t1 <= next_t0) & (next_t0 < t1)
+
+
 def _adapt(
     spec: LoopSpec, state: LoopState, y1, y_error, step_ok, solver_result
 ) -> StepDecision:
@@ -117,9 +124,7 @@ def _adapt(
     # A step may start one ULP past a jump at `t1`; the solve still ends at `t1`.
     next_t0 = jnp.minimum(next_t0, spec.t1)
     next_t1 = clip_to_end(next_t0, next_t1, spec.t1, keep)
-    # A zero-length next step would repeat forever (Diffrax runs into `max_steps`
-    # then); it is reported at once instead.
-    stalled = (next_t1 <= next_t0) & (next_t0 < spec.t1)
+    stalled = stalls(next_t0, next_t1, spec.t1)
     result = where_result(stalled, RESULTS.dt_min_reached, result)
     # A bad step that could not be rejected ends the solve with the solver's own
     # failure code if it gave one, else as non-finite.

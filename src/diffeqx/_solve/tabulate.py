@@ -23,23 +23,15 @@ evaluate their paths themselves. How a path computes a block's samples is its ow
 """
 
 import dataclasses
-import math
 import threading
 
 import equinox as eqx
 import jax
-import jax.lax as lax
-import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._brownian.base import AbstractBrownianPath, brownian_paths
-from .._solution import RESULTS
-from .loop import LoopSpec, _adapt, take_step
+from .loop import LoopSpec, take_step
 from .state import LoopState
-
-# The most steps whose samples are held at once (times the size of each sample, and
-# the batch size under `vmap`).
-_BLOCK_STEPS = 1024
 
 _probe_log = threading.local()
 
@@ -145,68 +137,30 @@ def tabulation(spec: LoopSpec, state: LoopState) -> Tabulation | None:
     return Tabulation(paths, queries)
 
 
-def _step_times(spec: LoopSpec, state: LoopState, length: int):
-    """The intervals `[tprev, tnext]` of the `length` steps from `state`, by the
-    loop's own time arithmetic (every step of a fixed-step solve is accepted)."""
-
-    def body(carry, _):
-        tprev, tnext, controller_state = carry
-        at = dataclasses.replace(
-            state, tprev=tprev, tnext=tnext, controller_state=controller_state
-        )
-        decision = _adapt(spec, at, at.y, None, jnp.asarray(True), RESULTS.successful)
-        carry = (decision.next_t0, decision.next_t1, decision.controller_state)
-        return carry, (tprev, tnext)
-
-    start = (state.tprev, state.tnext, state.controller_state)
-    return lax.scan(body, start, length=length)[1]
-
-
-def scan_tabulated(
-    plan: Tabulation, spec, one_step, carry, state_of, num_steps: int, block: int
-):
-    """`num_steps` applications of `one_step(spec, carry)` as scans over blocks of
-    steps, each step's Brownian queries answered from samples computed for its
-    block beforehand. `state_of(carry)` is the `LoopState` in the carry. `block > 0`
-    is the size of the rematerialised blocks (`jax.checkpoint`) reverse mode asks
-    for (see `fixed.py`), which are then also the blocks of samples."""
-    if num_steps == 0:
-        return carry
-    if block > 0:
-        size = min(block, num_steps)
-    else:
-        size = math.ceil(num_steps / math.ceil(num_steps / _BLOCK_STEPS))
-
-    # Prepared once, outside the blocks: what a path's tabulator holds (e.g. a
-    # tree's table of cells) is shared by all of them.
-    tabulators = [
+def prepare(plan: Tabulation, num_steps: int) -> list:
+    """Each path's tabulator for each query it receives, for a solve of `num_steps`
+    steps. Called once, before the steps: what a tabulator holds (e.g. a tree's
+    table of cells) is shared by every block."""
+    return [
         {query: path._tabulator(*query, num_steps) for query in queries}
         for path, queries in zip(plan.paths, plan.queries, strict=True)
     ]
 
-    def run_block(carry, length):
-        t0s, t1s = _step_times(spec, state_of(carry), length)
-        tables = [
-            {query: tabulate(t0s, t1s) for query, tabulate in per_path.items()}
-            for per_path in tabulators
-        ]
 
-        def body(carry, rows):
-            answers = [
-                _Answers(path, row, path.levy_area)
-                for path, row in zip(plan.paths, rows, strict=True)
-            ]
-            step_spec = dataclasses.replace(
-                spec, terms=_replace_paths(spec.terms, answers)
-            )
-            return one_step(step_spec, carry), None
+def block_samples(tabulators: list, tprevs, tnexts) -> list:
+    """The samples of a block of steps `[tprevs[k], tnexts[k]]`: per path, the
+    stacked answers to each of its queries."""
+    return [
+        {query: tabulate(tprevs, tnexts) for query, tabulate in per_path.items()}
+        for per_path in tabulators
+    ]
 
-        return lax.scan(body, carry, tables)[0]
 
-    if block > 0:
-        run_block = jax.checkpoint(run_block, static_argnums=(1,))
-    full, remainder = divmod(num_steps, size)
-    carry = lax.scan(lambda c, _: (run_block(c, size), None), carry, length=full)[0]
-    if remainder:
-        carry = run_block(carry, remainder)
-    return carry
+def answering(spec: LoopSpec, plan: Tabulation, rows: list) -> LoopSpec:
+    """`spec` with each Brownian path replaced by one that answers a step's queries
+    with the step's `rows` (one of `block_samples`' entries per step)."""
+    answers = [
+        _Answers(path, row, path.levy_area)
+        for path, row in zip(plan.paths, rows, strict=True)
+    ]
+    return dataclasses.replace(spec, terms=_replace_paths(spec.terms, answers))
