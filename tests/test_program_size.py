@@ -33,6 +33,10 @@ BUDGETS = {
     "dopri8_pid": 520,
     "cde_linear_path": 830,
     "neural_ode_training_step": 2860,
+    # The fixed-step path (constant steps known at trace time, run as a scan), and
+    # its gradient through checkpointed blocks (494 and 1353 equations when set).
+    "tsit5_constant": 520,
+    "tsit5_constant_grad": 1420,
 }
 
 
@@ -130,6 +134,12 @@ def _training_step():
     return loss, (field, y0s, targets)
 
 
+def _tsit5_constant(y0, args=_LV_ARGS):
+    return dfx.diffeqsolve(
+        dfx.ODETerm(_lotka_volterra), dfx.Tsit5(), 0.0, 20.0, 0.01, y0, args
+    ).ys
+
+
 def _programs():
     y0 = jnp.array([10.0, 10.0])
     return {
@@ -142,6 +152,11 @@ def _programs():
         "dopri8_pid": (_dopri8_pid, (jnp.array([1.0, 1.0, 1.0]),)),
         "cde_linear_path": (_cde, (jnp.cumsum(jnp.ones((20, 3)), axis=0) / 20,)),
         "neural_ode_training_step": _training_step(),
+        "tsit5_constant": (_tsit5_constant, (y0,)),
+        "tsit5_constant_grad": (
+            jax.grad(lambda y0, args: jnp.sum(_tsit5_constant(y0, args)), (0, 1)),
+            (y0, _LV_ARGS),
+        ),
     }
 
 
