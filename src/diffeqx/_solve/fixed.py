@@ -43,10 +43,9 @@ from .loop import (
 from .state import LoopState
 from .tabulate import answering, block_samples, prepare, tabulation
 
-# When reverse mode does not ask for blocks, blocks of at most `_BLOCK_STEPS` steps
-# (the schedule's memory), whose Brownian samples hold at most `_BLOCK_NUMBERS`
-# numbers (times the batch size under `vmap`), but at least `_MIN_BLOCK_STEPS`.
-_BLOCK_STEPS = 2**16
+# When reverse mode does not ask for blocks, steps with Brownian samples to compute
+# ahead still run in blocks, whose samples hold at most `_BLOCK_NUMBERS` numbers
+# (times the batch size under `vmap`), with at least `_MIN_BLOCK_STEPS` steps.
 _BLOCK_NUMBERS = 2**17
 _MIN_BLOCK_STEPS = 64
 
@@ -83,11 +82,11 @@ def fixed_step_plan(
 def _constant_step_count(t0, t1, dt0, dtype, max_steps) -> int | None:
     """An upper bound on the steps `ConstantStepSize` takes from `t0` to a finite
     `t1` (forward time); the guarded body makes any extra iterations no-ops. None
-    if that is more than `max_steps`."""
+    if that is more than `max_steps`, or than the status integer can count."""
     if not np.isfinite(t1):
         return None
     num_steps = constant_step_count(t0, t1, dt0, dtype)
-    if num_steps > min(10**7 if max_steps is None else max_steps, 2**31 // 64):
+    if num_steps > min(10**7 if max_steps is None else max_steps, 2**31 // _TAKEN):
         return None
     return num_steps
 
