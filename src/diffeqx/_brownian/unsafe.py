@@ -137,10 +137,13 @@ class UnsafeBrownianPath(AbstractBrownianPath):
         lo, hi = jnp.minimum(first, second), jnp.maximum(first, second)
         shape_leaves, structure = jtu.tree_flatten(self.shape)
         m = num_moments(self.levy_area)
-        # One key per query, from the key and the bits of both endpoints.
+        # One hash per query: the bits of the later endpoint are folded into the
+        # key (by xor) and the bits of the earlier one are the counter, so distinct
+        # pairs of endpoints hash distinct (key, counter) inputs. Its two output
+        # words are the query's own key (and, for one scalar sample, its 64 bits).
         key = key_words(self.key, 1)[0] if words is None else words
-        key = jnp.stack(threefry2x32(key[0], key[1], *_words(lo)))
-        key = jnp.stack(threefry2x32(key[0], key[1], *_words(hi)))
+        hi1, hi0 = _words(hi)
+        key = jnp.stack(threefry2x32(key[0] ^ hi1, key[1] ^ hi0, *_words(lo)))
         dts, per_leaf = [], []
         single = len(shape_leaves) == 1 and m == 1 and shape_leaves[0].shape == ()
         for j, leaf in enumerate(shape_leaves):
