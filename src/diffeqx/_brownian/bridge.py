@@ -184,8 +184,7 @@ def walk(grid, leaf, lam, noise: Noise, start: Start | None = None) -> Walk:
     else:
         eta, slots = list(start.eta), noise.z
     level = np.arange(first, grid.levels, dtype=np.int32)
-    go_right = [grid.in_right_half(leaf, lv) for lv in range(first, grid.levels)]
-    go_right = jnp.stack(go_right) if levels else jnp.zeros((0,) + leaf.shape, bool)
+    go_right = grid.right_halves(leaf, first)
     if isinstance(grid.depth, int):
         active = np.ones(levels, bool)
     else:
@@ -241,13 +240,13 @@ def values(grid, path: Walk, leaf, lam, start: Start | None = None):
     first = path.before[0]
     top = 0 if start is None else start.level
     value = jnp.zeros_like(first) if start is None else start.value
+    rights = grid.right_halves(leaf, top)
+    roots = jnp.sqrt(grid.half_widths(top, first.dtype))
     for i, level in enumerate(range(top, grid.levels)):
-        left = path.left[i]
-        take = grid.in_right_half(leaf, level)
+        take = rights[i]
         if grid.active(level) is not True:
             take = take & grid.active(level)
-        g = grid.half_width(level, first.dtype)
-        value = value + jnp.where(_expand(take, first), jnp.sqrt(g) * left[0], 0)
+        value = value + jnp.where(_expand(take, first), roots[i] * path.left[i][0], 0)
     width = _expand(lam.astype(first.dtype), first) * grid.leaf_width(first.dtype)
     return value + jnp.sqrt(width) * first
 
@@ -266,12 +265,12 @@ def _part(grid, path: Walk, leaf, lam, i: int, below, forwards: bool):
     if grid.levels == 0:
         return width, moments
     level = np.arange(grid.levels, dtype=np.int32)
-    right = jnp.stack([grid.in_right_half(leaf[i], lv) for lv in range(grid.levels)])
+    right = grid.right_halves(leaf[i])
     take = (right if forwards else ~right) & (level > below)
     if not isinstance(grid.depth, int):
         take = take & (level < grid.depth)
     halves = (path.left if forwards else path.right)[:, :, i]  # (levels, m, *dims)
-    widths = jnp.stack([grid.half_width(lv, dtype) for lv in range(grid.levels)])
+    widths = grid.half_widths(0, dtype)
 
     def up(carry, level_inputs):
         width, moments = carry

@@ -175,8 +175,26 @@ class _Grid(eqx.Module):
         shift = self._shift(self.depth - 1 - level)
         return jnp.right_shift(leaf, shift) & 1 == 1
 
+    def right_halves(self, leaf, first: int = 0):
+        """`in_right_half` at every level from `first` down, shape `(levels - first,
+        *leaf.shape)`: one shift for all the levels (a few operations in the program
+        rather than a few per level)."""
+        level = np.arange(first, self.levels, dtype=np.int32)
+        if isinstance(self.depth, int):
+            shift = np.clip(self.depth - 1 - level, 0, _MAX_DEPTH).astype(np.uint32)
+        else:
+            shift = jnp.clip(self.depth - 1 - level, 0, _MAX_DEPTH).astype(jnp.uint32)
+        shift = shift.reshape(shift.shape + (1,) * jnp.ndim(leaf))
+        return jnp.right_shift(leaf[None], shift) & 1 == 1
+
     def half_width(self, level: int, dtype):
         return (self.span * 2.0 ** -(level + 1)).astype(dtype)
+
+    def half_widths(self, first: int, dtype):
+        """`half_width` at every level from `first` down (each the span times a
+        power of two, as there)."""
+        powers = 2.0 ** -(np.arange(first, self.levels, dtype=np.float64) + 1)
+        return (self.span * jnp.asarray(powers, self.span.dtype)).astype(dtype)
 
     def leaf_width(self, dtype):
         if isinstance(self.depth, int):

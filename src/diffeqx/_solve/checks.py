@@ -197,9 +197,13 @@ def check_step_protocol(terms, solver, stepsize_controller, t0, t1, y0, args) ->
 
     - the vector-field and control types a subscripted `term_structure` asks for
       (e.g. `AbstractTerm[Any, Float[Array, ""]]`);
-    - that a solver used with an adaptive controller returns an error estimate.
-      Adaptivity is decided by what `step` returns, as Diffrax does, so a subclass of
-      `AbstractSolver` that returns one runs adaptively.
+    - that a solver used with an adaptive controller returns an error estimate,
+      when that is known without tracing `step` (the built-in Runge–Kutta methods
+      and `Euler`). Otherwise adaptivity is decided by what `step` returns, as
+      Diffrax does (a subclass of `AbstractSolver` that returns one runs
+      adaptively), and checked where the loop's step is traced
+      (`raise_if_no_error_estimate`): an extra trace here would trace the step, and
+      the user's vector field in it, once more.
 
     `t0`, `t1` and `y0` are the converted arrays, in the user's time."""
     mismatch = term_type_mismatch(terms, solver.term_structure, t0, y0, args)
@@ -208,17 +212,16 @@ def check_step_protocol(terms, solver, stepsize_controller, t0, t1, y0, args) ->
             f"`terms` do not match the term_structure of {type(solver).__name__} "
             f"({structure_repr(solver.term_structure)}): {mismatch}."
         )
-    if not is_adaptive_controller(stepsize_controller):
-        return
-    if _known_error_estimate(solver) is not None:
-        return
+    if is_adaptive_controller(stepsize_controller) and (
+        _known_error_estimate(solver) is False
+    ):
+        _raise_no_error_estimate(solver, unwrap_controller(stepsize_controller))
 
-    def _y_error_is_none():
-        state = solver.init(terms, t0, t1, y0, args)
-        step = solver.step(terms, t0, t1, y0, args, state, False)
-        return step[1] is None
 
-    if eqx.filter_eval_shape(_y_error_is_none):
+def raise_if_no_error_estimate(solver, stepsize_controller, y_error) -> None:
+    """At the loop's trace of `step`: an adaptive controller needs the error
+    estimate that `step` returned as `y_error`."""
+    if y_error is None and is_adaptive_controller(stepsize_controller):
         _raise_no_error_estimate(solver, unwrap_controller(stepsize_controller))
 
 

@@ -13,6 +13,7 @@ from .._profile import scope
 from .._saveat import SubSaveAt
 from .._solution import RESULTS, succeeded, where_result
 from .._solver.base import tracing_step
+from .checks import raise_if_no_error_estimate
 from .event import EventStep, check_events, locate_event, record_event
 from .save import interpolate_deferred, record_ts_step, save_dense, save_in_step
 from .state import LoopState
@@ -101,6 +102,7 @@ def _adapt(
     spec: LoopSpec, state: LoopState, y1, y_error, step_ok, solver_result
 ) -> StepDecision:
     """Accept or reject the step, choose the next one and the new result code."""
+    raise_if_no_error_estimate(spec.solver, spec.controller, y_error)
     if y_error is not None:
         # A failed or non-finite step is rejected by giving it an infinite error
         # (and, as Diffrax, a NaN error estimate counts as infinite).
