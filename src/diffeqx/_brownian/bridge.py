@@ -70,6 +70,28 @@ class _Hasher(eqx.Module):
         keys = words.reshape((m,) + (1,) * (addresses.ndim + ndim) + (2,))
         return normals(keys, element, cells, self.dtype)
 
+    def with_extra(self, addresses):
+        """`self(addresses)` and `self(addresses[:, -1], extra=True)`, from one hash
+        of both sets of cells (half the hashing and quantile code in the program)."""
+        m = self.words.shape[0] // 2
+        ndim = len(self.dims)
+        size = int(np.prod(self.dims, dtype=np.int64))
+        slots = addresses.shape[1]
+        element = jnp.arange(size, dtype=jnp.uint32).reshape((1, 1, 1) + self.dims)
+        both = jnp.concatenate([addresses, addresses[:, -1:]], axis=1)
+        cells = both.reshape((1,) + both.shape + (1,) * ndim)
+        # Slots `0 .. slots - 1` hash with the moments' keys, the last with the
+        # extra normals' keys.
+        last = (np.arange(slots + 1) == slots).reshape((1, 1, slots + 1) + (1,) * ndim)
+        shape = (m, 1, 1) + (1,) * ndim + (2,)
+        keys = jnp.where(
+            last[..., None],
+            self.words[m:].reshape(shape),
+            self.words[:m].reshape(shape),
+        )
+        z = normals(keys, element, cells, self.dtype)  # (m, P, slots + 1, *dims)
+        return z[:, :, :slots], z[:, :, slots]
+
 
 class Start(eqx.Module):
     """Where a walk begins when not at the root: in the cell holding each time at
@@ -87,9 +109,9 @@ def noise_separate(grid, leaf, hasher, start: Start | None = None) -> Noise:
     addresses = grid.addresses(leaf)
     if start is not None:
         addresses = addresses[:, start.level + 1 :]
-    z = hasher(addresses)  # (m, P, slots, *dims)
-    extra = hasher(addresses[:, -1], extra=True) if z.shape[0] > 1 else None
-    return Noise(z, extra)
+    if hasher.words.shape[0] > 2:  # more than one moment: the leaf's extra normals
+        return Noise(*hasher.with_extra(addresses))
+    return Noise(hasher(addresses), None)  # (m, P, slots, *dims)
 
 
 class Table(eqx.Module):
