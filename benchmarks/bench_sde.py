@@ -227,7 +227,7 @@ def main(argv=None) -> int:
                 )
                 vs_diffrax = "yes"
             vs_scan = (
-                f"{alone[label].median_s / alone[baseline].median_s:.1f}x"
+                f"{alone[label].median_s / alone[baseline].median_s:.2f}x"
                 if baseline in alone and label in alone and label != baseline
                 else "-"
             )
