@@ -788,6 +788,60 @@ def test_gradient_is_carried_between_steps_and_recomputed_after_a_jump():
     )
 
 
+def _sinh_gradient(x, args):
+    # A gradient with an operation no other part of a step uses, to count its
+    # copies in a program: the gradient of sum(cosh(x)) + x^T Q x / 2.
+    return jnp.sinh(x) + jnp.asarray(Q, dtype=x.dtype) @ x
+
+
+def _count(jaxpr, primitive: str) -> int:
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == primitive
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", None)
+            if inner is not None:
+                count += _count(getattr(inner, "jaxpr", inner), primitive)
+    return count
+
+
+@pytest.mark.parametrize("name", ["ShOULD", "QUICSORT"])
+def test_two_gradients_in_a_loop_are_traced_once_and_match_unrolled(name):
+    bm = grid_path(jr.key(3), (2,), 16, 0.0625)
+    terms = langevin_terms(bm, grad=_sinh_gradient)
+    y0 = initial_state()
+    copies, finals = {}, {}
+    for scan in (None, True, False):
+        solver = getattr(dfx, name)(scan_stages=scan)
+        state = solver.init(terms, 0.0, 0.0625, y0, None)
+        step = jax.make_jaxpr(
+            lambda y, st, solver=solver: solver.step(
+                terms, 0.0, 0.0625, y, None, st, False
+            )[0]
+        )(y0, state)
+        copies[scan] = _count(step.jaxpr, "sinh")
+        sol = dfx.diffeqsolve(terms, solver, 0.0, 1.0, 0.0625, y0, args=None)
+        finals[scan] = np.concatenate([np.asarray(x[-1]) for x in sol.ys])
+    # The gradient has a matrix product: by default, a loop.
+    assert copies == {None: 1, True: 1, False: 2}
+    np.testing.assert_allclose(finals[True], finals[False], rtol=1e-13, atol=1e-15)
+    assert np.array_equal(finals[None], finals[True])
+    with pytest.raises(ValueError, match="scan_stages"):
+        getattr(dfx, name)(scan_stages="yes")
+
+
+def test_small_gradients_are_evaluated_unrolled():
+    bm = grid_path(jr.key(3), (2,), 2, 0.5)
+    terms = langevin_terms(bm, grad=lambda x, args: jnp.sinh(x))
+    y0 = initial_state()
+    solver = dfx.QUICSORT()
+    state = solver.init(terms, 0.0, 0.5, y0, None)
+    step = jax.make_jaxpr(
+        lambda y, st: solver.step(terms, 0.0, 0.5, y, None, st, False)[0]
+    )(y0, state)
+    assert _count(step.jaxpr, "sinh") == 2
+
+
 # ---- the public face -----------------------------------------------------------------------
 
 

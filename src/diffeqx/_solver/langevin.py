@@ -90,7 +90,9 @@ from .._langevin import (
 from .._path.local import LocalLinearInterpolation
 from .._solution import RESULTS
 from .._term import MultiTerm
+from .._transforms import differentiation_levels
 from .base import AbstractAdaptiveSolver, AbstractStratonovichSolver
+from .runge_kutta import is_large_function
 
 # ---- the functions phi_k -------------------------------------------------------------
 
@@ -200,6 +202,38 @@ def _each(fn, *lists) -> list:
     return [fn(*items) for items in zip(*lists, strict=True)]
 
 
+def _two_gradients(grad, first, second, like, loop: bool):
+    """The gradients at two points taken in turn: `x_a = first()`, then `x_b =
+    second(grad(x_a))` (lists of leaves shaped like `like`). Returns `(x_a, g_a,
+    x_b, g_b)`.
+
+    With `loop`, a `lax.scan` of two iterations evaluates `grad` (so the user's
+    gradient is traced, and compiled, once per step rather than twice); each
+    iteration forms both points, which is cheap elementwise arithmetic, and keeps
+    the one it needs. Both ways do the same arithmetic."""
+    if not loop:
+        x_a = first()
+        g_a = grad(x_a)
+        x_b = second(g_a)
+        return x_a, g_a, x_b, grad(x_b)
+
+    def body(g_prev, index):
+        x = _each(
+            lambda a, b: jnp.where(index == 0, a, b), first(), second(list(g_prev))
+        )
+        g = grad(x)
+        return tuple(g), (tuple(x), tuple(g))
+
+    start = tuple(jnp.zeros_like(leaf) for leaf in like)
+    _, (xs, gs) = lax.scan(body, start, jnp.arange(2))
+    return (
+        [x[0] for x in xs],
+        [g[0] for g in gs],
+        [x[1] for x in xs],
+        [g[1] for g in gs],
+    )
+
+
 class _Noise(eqx.Module):
     """The Brownian increment and Lévy areas of a step, as lists of leaves of the
     state's dtypes (`K` is `None` for a method that does not use it)."""
@@ -273,7 +307,8 @@ class AbstractFosterLangevinSRK(AbstractStratonovichSolver[_LangevinState]):
     @abc.abstractmethod
     def _update(self, c, x0, v0, noise, params, grad, f0):
         """One step on lists of leaves. `c`: the coefficient dicts; `params`: the
-        dict of lists `gamma`, `u`, `rho`, `uh` (`u * h`); `grad(xs)`: the gradient
+        dict of lists `gamma`, `u`, `rho`, `uh` (`u * h`), and `loop` (whether two
+        gradient evaluations run in a loop, `_two_gradients`); `grad(xs)`: the gradient
         at the positions `xs`; `f0`: the gradient at `x0` if `_fsal`, else None.
         Returns `(x1, v1, f1, error)`: `f1` the gradient at `x1` if `_fsal` (else
         None), `error` a pair of lists `(x_error, v_error)` or None."""
@@ -281,6 +316,11 @@ class AbstractFosterLangevinSRK(AbstractStratonovichSolver[_LangevinState]):
     # -- shared machinery ----------------------------------------------------------
 
     def __check_init__(self):
+        if getattr(self, "scan_stages", None) not in (None, True, False):
+            raise ValueError(
+                f"`{type(self).__name__}(scan_stages=...)` must be True, False or "
+                f"None; got {self.scan_stages!r}."
+            )
         threshold = self.taylor_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             try:
@@ -436,6 +476,7 @@ class AbstractFosterLangevinSRK(AbstractStratonovichSolver[_LangevinState]):
             rho=params["rho"],
             uh=_each(lambda u_, hl: u_ * hl, params["u"], h_leaves),
         )
+        params["loop"] = self._loop_gradients(grad, x_leaves)
         x1, v1, f1, error = self._update(
             coeffs, x_leaves, v_leaves, noise, params, grad, f0
         )
@@ -451,6 +492,19 @@ class AbstractFosterLangevinSRK(AbstractStratonovichSolver[_LangevinState]):
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
+
+    def _loop_gradients(self, grad, x_leaves) -> bool:
+        """Whether a method with two gradient evaluations per step runs them in a
+        loop (`_two_gradients`): as `scan_stages` says, else for a large gradient
+        function (a matrix product, or at least 64 operations) or under second
+        derivatives, as an explicit Runge–Kutta method decides for its stages."""
+        if not hasattr(self, "scan_stages"):
+            return False  # one gradient per step
+        if self.scan_stages is not None:
+            return self.scan_stages
+        if len(differentiation_levels()) >= 2:
+            return True
+        return is_large_function(grad, x_leaves)
 
 
 @eqx.filter_jit
@@ -587,6 +641,10 @@ class ShOULD(AbstractFosterLangevinSRK):
     **Arguments:**
 
     - `taylor_threshold`: as for [`diffeqx.ALIGN`][].
+    - `scan_stages`: `True` to evaluate the two gradients of a step in a loop
+      (`grad_f` is then traced and compiled once per step), `False` one after
+      the other, or `None` (the default) for a loop when `grad_f` has a matrix
+      product or at least 64 operations, or under second derivatives.
 
     ??? cite "Reference"
 
@@ -606,6 +664,7 @@ class ShOULD(AbstractFosterLangevinSRK):
 
     minimal_levy_area: ClassVar = AbstractSpaceTimeTimeLevyArea
     taylor_threshold: float = eqx.field(static=True, default=0.1)
+    scan_stages: bool | None = eqx.field(default=None, static=True, kw_only=True)
     _fsal: ClassVar[bool] = True
 
     def order(self, terms):
@@ -641,16 +700,20 @@ class ShOULD(AbstractFosterLangevinSRK):
                 x + c["a_half"] * v_shift + c["b_half"] * (r * (w - 12 * kk) - uh_ * f)
             )
 
-        x_mid = _each(midpoint, c, x0, v0, noise.W, noise.H, noise.K, rho, uh, f0)
-        f_mid = grad(x_mid)
-
         def position(c, x, v, w, hh, kk, r, uh_, fa, fm):
             force = c["b"] * (fa + 2 * fm) / 3
             area = c["chh"] * hh + c["ckk"] * kk
             return x + c["a"] * v + r * (c["b"] * w + area) - uh_ * force
 
-        x1 = _each(position, c, x0, v0, noise.W, noise.H, noise.K, rho, uh, f0, f_mid)
-        f1 = grad(x1)
+        _, f_mid, x1, f1 = _two_gradients(
+            grad,
+            lambda: _each(midpoint, c, x0, v0, noise.W, noise.H, noise.K, rho, uh, f0),
+            lambda f_mid: _each(
+                position, c, x0, v0, noise.W, noise.H, noise.K, rho, uh, f0, f_mid
+            ),
+            x0,
+            params["loop"],
+        )
 
         def velocity(c, v, w, hh, kk, g, r, uh_, fa, fm, fb):
             force = (c["beta"] * fa + 4 * c["beta_half"] * fm + fb) / 6
@@ -696,6 +759,10 @@ class QUICSORT(AbstractFosterLangevinSRK):
     **Arguments:**
 
     - `taylor_threshold`: as for [`diffeqx.ALIGN`][].
+    - `scan_stages`: `True` to evaluate the two gradients of a step in a loop
+      (`grad_f` is then traced and compiled once per step), `False` one after
+      the other, or `None` (the default) for a loop when `grad_f` has a matrix
+      product or at least 64 operations, or under second derivatives.
 
     ??? cite "Reference"
 
@@ -729,6 +796,7 @@ class QUICSORT(AbstractFosterLangevinSRK):
 
     minimal_levy_area: ClassVar = AbstractSpaceTimeTimeLevyArea
     taylor_threshold: float = eqx.field(static=True, default=0.1)
+    scan_stages: bool | None = eqx.field(default=None, static=True, kw_only=True)
     _fsal: ClassVar[bool] = False
 
     def order(self, terms):
@@ -757,19 +825,32 @@ class QUICSORT(AbstractFosterLangevinSRK):
         )
         slope = _each(lambda w, kk, r: r * (w - 12 * kk), noise.W, noise.K, rho)
 
-        x_l = _each(
-            lambda c, x, v, s: x + c["a_l"] * v + c["b_l"] * s, c, x0, v_shift, slope
-        )
-        kick_l = _each(lambda f, uh_: uh_ * f, grad(x_l), uh)
-        x_r = _each(
-            lambda c, x, v, s, k: x + c["a_r"] * v + c["b_r"] * s - c["a_third"] * k,
-            c,
+        def kick(gradient):
+            return _each(lambda f, uh_: uh_ * f, gradient, uh)
+
+        _, g_l, _, g_r = _two_gradients(
+            grad,
+            lambda: _each(
+                lambda c, x, v, s: x + c["a_l"] * v + c["b_l"] * s,
+                c,
+                x0,
+                v_shift,
+                slope,
+            ),
+            lambda g_l: _each(
+                lambda c, x, v, s, k: (
+                    x + c["a_r"] * v + c["b_r"] * s - c["a_third"] * k
+                ),
+                c,
+                x0,
+                v_shift,
+                slope,
+                kick(g_l),
+            ),
             x0,
-            v_shift,
-            slope,
-            kick_l,
+            params["loop"],
         )
-        kick_r = _each(lambda f, uh_: uh_ * f, grad(x_r), uh)
+        kick_l, kick_r = kick(g_l), kick(g_r)
 
         def position(c, x, v, s, kl, kr):
             force = (c["a_r"] * kl + c["a_l"] * kr) / 2
