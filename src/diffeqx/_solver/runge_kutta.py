@@ -349,7 +349,7 @@ def _combine(weights, stages):
 _LARGE_FUNCTION_EQUATIONS = 64
 
 
-def is_large_function(fn, *example_args) -> bool:
+def _is_large_function(fn, *example_args) -> bool:
     """Whether `fn` is expensive enough that tracing it once per stage would dominate
     compile time. Decided from its jaxpr, which costs one extra trace."""
     jaxpr = jax.make_jaxpr(fn)(*example_args).jaxpr
@@ -427,7 +427,7 @@ class AbstractERK(AbstractRungeKutta):
             # (compile time) matters more than the unrolled stages' speed (measured:
             # a 4-parameter Hessian compiles 2x faster with the stages in a loop).
             return True
-        return is_large_function(evaluate, t0, y0)
+        return _is_large_function(evaluate, t0, y0)
 
     def init(self, terms, t0, t1, y0, args):
         # First-same-as-last methods carry the vector field at the end of the step
