@@ -55,6 +55,12 @@ EXTENSIONS = {
             "Tsit5",
         )
     },
+    **{
+        (name, "scan_stages"): (
+            "the two gradient evaluations of a step in a loop (docs/migration.md)"
+        )
+        for name in ("ShOULD", "QUICSORT")
+    },
 }
 
 
