@@ -751,12 +751,7 @@ class QUICSORT(AbstractFosterLangevinSRK):
     **Arguments:**
 
     - `taylor_threshold`: as for [`diffeqx.ALIGN`][].
-    - `scan_stages`: `True` evaluates the two gradients of a step in a loop of two
-      iterations, so that `grad_f` is traced and compiled once per step rather
-      than twice; `False` (the default) evaluates them one after the other.
-      Measured on CPU with MLP potentials (widths 64 and 256), the loop changed
-      compile time by less than 10% and made steps up to 12% slower: it is for
-      gradients whose compilation dominates the solve's.
+    - `scan_stages`: as for [`diffeqx.ShOULD`][].
 
     ??? cite "Reference"
 
