@@ -171,14 +171,11 @@ class _Grid(eqx.Module):
         )
         return jnp.where(slot == 0, jnp.uint32(0), cell)
 
-    def in_right_half(self, leaf, level: int):
-        shift = self._shift(self.depth - 1 - level)
-        return jnp.right_shift(leaf, shift) & 1 == 1
-
     def right_halves(self, leaf, first: int = 0):
-        """`in_right_half` at every level from `first` down, shape `(levels - first,
-        *leaf.shape)`: one shift for all the levels (a few operations in the program
-        rather than a few per level)."""
+        """Whether each leaf cell lies in the right half of the cell holding it, at
+        every level from `first` down: shape `(levels - first, *leaf.shape)`, from one
+        shift for all the levels (a few operations in the program rather than a few
+        per level)."""
         level = np.arange(first, self.levels, dtype=np.int32)
         if isinstance(self.depth, int):
             shift = np.clip(self.depth - 1 - level, 0, _MAX_DEPTH).astype(np.uint32)
