@@ -4,7 +4,8 @@
 
 For each neural-ODE loss below, the forward pass alone (`loss`) and the loss with its
 gradient (`eqx.filter_value_and_grad(loss)`) are compiled and timed (median of repeated
-runs, libraries taking turns); backward / forward is `(t_grad - t_loss) / t_loss`.
+calls through `jax.jit`, libraries taking turns); backward / forward is
+`(t_grad - t_loss) / t_loss`.
 The losses (float64, Tsit5, `PIDController(rtol=1e-6, atol=1e-6)`,
 `RecursiveCheckpointAdjoint()`, an MLP of width 64 and depth 2):
 
@@ -34,7 +35,7 @@ from _problems import (  # noqa: E402
     _neural_ode_data,
     neural_ode_solve,
 )
-from _timing import time_runs  # noqa: E402
+from _timing import Runner, time_runs  # noqa: E402
 from bench_core import load_libraries  # noqa: E402
 
 
@@ -83,9 +84,9 @@ def main(argv=None) -> int:
         runners = {}
         for lib_name, lib in libraries.items():
             loss, args = losses(lib, config)[name]
-            runners[f"{lib_name}/forward"] = (eqx.filter_jit(loss), args)
-            grad = eqx.filter_jit(eqx.filter_value_and_grad(loss))
-            runners[f"{lib_name}/grad"] = (grad, args)
+            runners[f"{lib_name}/forward"] = (Runner(loss, args), args)
+            grad = eqx.filter_value_and_grad(loss)
+            runners[f"{lib_name}/grad"] = (Runner(grad, args), args)
         _, runs = time_runs(runners, min_time_s=options.min_run_time)
         for lib_name in libraries:
             forward = runs[f"{lib_name}/forward"].median_s

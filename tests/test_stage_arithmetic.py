@@ -112,3 +112,80 @@ def test_always_accepted_only_inside_a_constant_step_solve():
         # steps of a constant-step solve.
         assert any(seen) == expected
     assert not step_always_accepted()
+
+
+class _CountingTerm(dfx.ODETerm):
+    """Counts how often its vector field is traced."""
+
+    def vf(self, t, y, args):
+        _CALLS.append(t)
+        return super().vf(t, y, args)
+
+
+class _ScaledProductTerm(dfx.ODETerm):
+    """An `ODETerm` whose product with the control is its own (here the same
+    product, written differently): the stages then weight the increments."""
+
+    def prod(self, vf, control):
+        return jax.tree.map(lambda v: v * control, vf)
+
+
+_CALLS: list = []
+
+
+@pytest.mark.parametrize(
+    "solver", [dfx.Heun(), dfx.Midpoint(), dfx.Ralston(), dfx.Bosh3(), dfx.Tsit5()]
+)
+def test_constant_steps_trace_the_vector_field_once_per_stage(solver):
+    # The first stage's vector field is evaluated once, whether its product with
+    # the step length is formed (dense output) or folded into the stage weights.
+    term = _CountingTerm(_field)
+    y0, args = jnp.array([10.0, 10.0]), jnp.asarray(0.1)
+    t0, t1 = jnp.asarray(0.0), jnp.asarray(0.5)
+    state = solver.init(term, t0, t1, y0, args)
+    _CALLS.clear()
+    with tracing_step(True):
+        jax.eval_shape(lambda: solver.step(term, t0, t1, y0, args, state, False))
+    # One trace measures the field's size (whether to loop over the stages); a
+    # first-same-as-last method takes its first stage from the state.
+    tableau = solver.tableau
+    assert len(_CALLS) == 1 + tableau.num_stages - (1 if tableau.fsal else 0)
+
+
+@pytest.mark.parametrize(
+    "solver, degree",
+    [(dfx.Euler(), 1), (dfx.Heun(), 2), (dfx.Midpoint(), 2), (dfx.Bosh3(), 3)],
+    ids=str,
+)
+def test_constant_step_of_a_linear_problem_is_the_stability_polynomial(solver, degree):
+    # On y' = lambda y an explicit method of s <= 3 stages and order s takes the
+    # step y1 = R(lambda dt) y0, R the degree-s Taylor polynomial of exp.
+    lam, dt = -0.7, 0.25
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: lam * y),
+        solver,
+        0.0,
+        20 * dt,
+        dt,
+        jnp.array([1.0, -2.0]),
+        stepsize_controller=dfx.ConstantStepSize(),
+    )
+    z = lam * dt
+    growth = sum(z**k / np.prod(np.arange(1, k + 1)) for k in range(degree + 1))
+    np.testing.assert_allclose(
+        np.asarray(sol.ys[-1]), growth**20 * np.array([1.0, -2.0]), rtol=1e-13
+    )
+
+
+@pytest.mark.parametrize("solver", [dfx.Heun(), dfx.Tsit5(), dfx.Dopri8()], ids=str)
+def test_constant_steps_with_an_own_product_agree_to_rounding(solver):
+    # A term with its own `prod` takes the stages as increments; a plain
+    # `ODETerm` folds the step length into the weights. Same steps, to rounding.
+    def run(term):
+        return dfx.diffeqsolve(
+            term, solver, 0.0, 2.0, 0.05, jnp.array([10.0, 10.0]), args=0.1
+        ).ys
+
+    plain = run(dfx.ODETerm(_field))
+    own = run(_ScaledProductTerm(_field))
+    np.testing.assert_allclose(np.asarray(own), np.asarray(plain), rtol=1e-13)

@@ -201,6 +201,19 @@ class _ForwardTimeTerm(AbstractTerm):
         return self.term.is_vf_expensive(self._time(t0), self._time(t1), y, args)
 
 
+def scales_vector_field(terms) -> bool:
+    """Whether `terms.prod(vf, control)` is the scalar control (the step's length)
+    times `vf`, and `terms.vf_prod` the same product: an `ODETerm` that overrides
+    neither, possibly presented in forward time."""
+    if isinstance(terms, _ForwardTimeTerm):
+        terms = terms.term
+    return (
+        isinstance(terms, ODETerm)
+        and type(terms).prod is ODETerm.prod
+        and type(terms).vf_prod is AbstractTerm.vf_prod
+    )
+
+
 def is_term(x: Any) -> bool:
     return isinstance(x, AbstractTerm)
 

@@ -255,7 +255,7 @@ def _run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, bloc
     def body(carry, row):
         y, solver_state, status, place = carry
         # As `cond_fun` (`max_steps` is at least `num_steps` here).
-        run = (status % _TAKEN == 0) & (place.tprev < spec.t1)
+        run = (status & (_TAKEN - 1) == 0) & (place.tprev < spec.t1)
         if branch:
             y, solver_state, change, place = lax.cond(
                 run, step, skip, row, y, solver_state, place
