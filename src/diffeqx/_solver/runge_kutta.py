@@ -333,6 +333,15 @@ def _weighted_sum(weights, stages: list, scale=None):
     return jtu.tree_map(_leaf, *[k for _, k in terms])
 
 
+def _fold_control(terms) -> bool:
+    """Whether constant steps fold the control into the stage weights: when the
+    terms' product with the control is the control (a step length) times the vector
+    field (`scales_vector_field`), and not under reverse mode, whose checkpointed
+    steps would store every weight times `dt` (a scalar per stage and step) for the
+    backward pass, where `sum_j a_ij (dt f_j)` stores one `dt` per step."""
+    return scales_vector_field(terms) and "reverse" not in differentiation_levels()
+
+
 def _combine(weights, stages):
     """`sum_i weights[i] * stages[i]` over the leading (stage) axis of every leaf.
 
@@ -463,7 +472,7 @@ class AbstractERK(AbstractRungeKutta):
                     lambda: terms.vf(t0, y0, args),
                     lambda: solver_state,
                 )
-        elif scales_vector_field(terms):
+        elif _fold_control(terms):
             vf0 = terms.vf(t0, y0, args)
         else:
             vf0 = None
@@ -503,7 +512,7 @@ class AbstractERK(AbstractRungeKutta):
             # than Diffrax's dot products (on CPU a solve whose loop is then small
             # enough runs as one compiled kernel: measured 3-10x faster for small
             # states). The stages stay in a list; the buffer is only for dense output.
-            f0 = vf0 if scales_vector_field(terms) else k0
+            f0 = vf0 if _fold_control(terms) else k0
             return self._step_fused(
                 terms, t0, t1, y0, args, control, f0, loop_end, stage_time
             )
@@ -529,14 +538,13 @@ class AbstractERK(AbstractRungeKutta):
 
     def _step_fused(self, terms, t0, t1, y0, args, control, f0, loop_end, stage_time):
         """The unrolled stages of `step`, combined by `_weighted_sum`. `f0` is the
-        first stage's increment, or, when the terms' product with the control is
-        the control (a step length) times the vector field (`scales_vector_field`),
-        its vector field: the stages are then combined as `sum_j (a_ij dt) f_j`,
-        with each weight times `dt` computed once per step, rather than as `sum_j
-        a_ij (dt f_j)`, one multiplication less between one stage and the next."""
+        first stage's increment, or, when `_fold_control(terms)`, its vector field:
+        the stages are then combined as `sum_j (a_ij dt) f_j`, with each weight
+        times `dt` computed once per step, rather than as `sum_j a_ij (dt f_j)`,
+        one multiplication less between one stage and the next."""
         tableau = self.tableau
         a = tableau.a_matrix
-        scale = control if scales_vector_field(terms) else None
+        scale = control if _fold_control(terms) else None
         if scale is None:
             evaluate = terms.vf_prod
         else:
