@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import equinox as eqx
 import equinox.internal as eqxi
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
@@ -35,11 +36,183 @@ class AbstractAdjoint(eqx.Module):
         return None
 
 
-def while_loop_of_kind(kind: str, **kwargs) -> Callable:
+def while_loop_of_kind(kind: str, *, pack_scalars: bool = False, **kwargs) -> Callable:
     """A while loop with write-once buffers: `"lax"` (forward-mode differentiable),
     `"checkpointed"` (reverse-mode, with recursive checkpointing) or `"bounded"`
-    (both modes, any order, cost growing with `max_steps`)."""
-    return ft.partial(eqxi.while_loop, kind=kind, **kwargs)
+    (both modes, any order, cost growing with `max_steps`). `pack_scalars` runs a
+    checkpointed loop with its state's scalars packed (see `_scalars_packed`): worth
+    it under reverse mode, where every leaf is stored and loaded, and not otherwise,
+    where the loop is a plain one and packing only adds operations."""
+    loop = ft.partial(eqxi.while_loop, kind=kind, **kwargs)
+    if pack_scalars and kind == "checkpointed":
+        return ft.partial(_scalars_packed, loop)
+    return loop
+
+
+def _scalars_packed(loop, cond_fun, body_fun, init_val, *, max_steps, buffers):
+    """Runs `loop` (a checkpointed while loop) with the state's scalars packed into
+    one vector per kind: one per floating dtype, and one integer vector holding the
+    integer and boolean scalars.
+
+    The checkpointed loop stores, loads and selects every leaf of its state
+    separately, in the forward loop and again in the backward loop, and each of
+    those is a compiled kernel and a runtime call; a solve's state has a dozen or
+    more scalar leaves (times, counters, flags, the controller's memory). Packed,
+    they cost one of each per vector. The values, and so the results, are the same.
+    """
+    plan = _PackingPlan.of(init_val, buffers)
+    if plan is None:
+        return loop(cond_fun, body_fun, init_val, max_steps=max_steps, buffers=buffers)
+
+    def packed_cond(carry):
+        return cond_fun(plan.unpack(carry))
+
+    def packed_body(carry):
+        return plan.pack(body_fun(plan.unpack(carry)), plan.buffer_types(carry))
+
+    final = loop(
+        packed_cond,
+        packed_body,
+        plan.pack(init_val, ()),
+        max_steps=max_steps,
+        buffers=lambda carry: carry[2],
+    )
+    return plan.unpack(final)
+
+
+class _PackingPlan:
+    """Where each leaf of a loop state goes in the packed carry
+    `(vectors, other leaves, buffer leaves)`."""
+
+    def __init__(self, treedef, places, groups):
+        self.treedef = treedef
+        # Per leaf: ("vector", group, position), ("other", index) or ("buffer", index).
+        self.places = places
+        # Per vector: (dtype, the leaves' own dtypes, whether each is weakly typed).
+        self.groups = groups
+
+    @classmethod
+    def of(cls, init_val, buffers):
+        leaves, treedef = jtu.tree_flatten(init_val)
+        buffer_leaves = jtu.tree_leaves(buffers(init_val))
+        if any(not isinstance(x, jax.Array) or x.ndim == 0 for x in buffer_leaves):
+            # The buffers of an enclosing loop, wrapped by it (a loop inside the
+            # step), or something unexpected: run the loop as it is.
+            return None
+        buffer_ids = {id(x) for x in buffer_leaves}
+        is_buffer = [id(x) in buffer_ids for x in leaves]
+        if sum(is_buffer) != len(buffer_ids):
+            return None  # a buffer also appears elsewhere in the state: leave it
+        int_dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.int64))
+        members: dict = {}
+        for i, (leaf, buffer) in enumerate(zip(leaves, is_buffer, strict=True)):
+            key = None if buffer else _vector_of(leaf, int_dtype)
+            if key is not None:
+                members.setdefault(key, []).append(i)
+        members = {key: idx for key, idx in members.items() if len(idx) > 1}
+        if not members:
+            return None
+        places = [None] * len(leaves)
+        groups = []
+        for g, (key, idx) in enumerate(members.items()):
+            groups.append(
+                (
+                    key,
+                    tuple(leaves[i].dtype for i in idx),
+                    tuple(_weakly_typed(leaves[i]) for i in idx),
+                )
+            )
+            for position, i in enumerate(idx):
+                places[i] = ("vector", g, position)
+        n_other = n_buffer = 0
+        for i, buffer in enumerate(is_buffer):
+            if places[i] is None:
+                if buffer:
+                    places[i] = ("buffer", n_buffer)
+                    n_buffer += 1
+                else:
+                    places[i] = ("other", n_other)
+                    n_other += 1
+        return cls(treedef, places, groups)
+
+    def buffer_types(self, carry):
+        """Inside the loop body the buffers arrive wrapped by the loop; their types
+        mark them as single leaves when the new state is flattened."""
+        return tuple({type(b) for b in carry[2] if not isinstance(b, jax.Array)})
+
+    def pack(self, val, buffer_types):
+        leaves = jtu.tree_leaves(
+            val, is_leaf=lambda x: bool(buffer_types) and isinstance(x, buffer_types)
+        )
+        if len(leaves) != len(self.places):
+            raise AssertionError("the loop body changed the structure of its state")
+        vectors = [[] for _ in self.groups]
+        others, bufs = [], []
+        for leaf, place in zip(leaves, self.places, strict=True):
+            if place[0] == "vector":
+                vectors[place[1]].append(leaf)
+            elif place[0] == "other":
+                others.append(leaf)
+            else:
+                bufs.append(leaf)
+        packed = tuple(
+            jnp.stack([jnp.asarray(x).astype(dtype) for x in xs])
+            for (dtype, _, _), xs in zip(self.groups, vectors, strict=True)
+        )
+        return packed, tuple(others), tuple(bufs)
+
+    def unpack(self, carry):
+        packed, others, bufs = carry
+        leaves = []
+        for place in self.places:
+            if place[0] == "vector":
+                _, g, position = place
+                value = packed[g][position]
+                _, dtypes, weak = self.groups[g]
+                dtype = dtypes[position]
+                if dtype != value.dtype:
+                    value = value != 0 if dtype == jnp.bool_ else value.astype(dtype)
+                if weak[position]:
+                    # A counter started from a Python `0` stays weakly typed, as it
+                    # would in an unpacked loop.
+                    value = _convert_weak(value, dtype, weak_type=True)
+                leaves.append(value)
+            elif place[0] == "other":
+                leaves.append(others[place[1]])
+            else:
+                leaves.append(bufs[place[1]])
+        return jtu.tree_unflatten(self.treedef, leaves)
+
+
+try:  # restores the weak type of an unpacked scalar
+    from jax._src.lax.lax import _convert_element_type as _convert_weak
+except (
+    ImportError
+):  # pragma: no cover - a JAX without it: weak scalars stay as they are
+    _convert_weak = None
+
+
+def _weakly_typed(leaf) -> bool:
+    return bool(getattr(jax.typeof(leaf), "weak_type", False))
+
+
+def _vector_of(leaf, int_dtype):
+    """The packed vector a scalar leaf joins (keyed by the vector's dtype), or None
+    for a leaf kept as it is: arrays and other dtypes (and weakly typed scalars if
+    their weak type cannot be restored)."""
+    if not isinstance(leaf, jax.Array) or leaf.shape != ():
+        return None
+    if _weakly_typed(leaf) and _convert_weak is None:
+        return None
+    dtype = leaf.dtype
+    if jnp.issubdtype(dtype, jnp.floating):
+        return dtype
+    if dtype == jnp.bool_ or (
+        jnp.issubdtype(dtype, jnp.signedinteger)
+        and dtype.itemsize <= int_dtype.itemsize
+    ):
+        return int_dtype
+    return None
 
 
 class AbstractCustomGradientAdjoint(AbstractAdjoint):

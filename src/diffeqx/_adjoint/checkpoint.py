@@ -118,13 +118,18 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
         def mark(tree):
             return mark_reverse_only(tree, FORWARD_MODE_MESSAGE)
 
-        outer = while_loop_of_kind("checkpointed", checkpoints=self.checkpoints)
+        # Under reverse mode the loop stores and loads every leaf of its state, so
+        # its scalars travel packed (one kernel per vector rather than per scalar).
+        pack = "reverse" in levels
+        outer = while_loop_of_kind(
+            "checkpointed", checkpoints=self.checkpoints, pack_scalars=pack
+        )
         if len(levels) > 1:
             # Forward over reverse: the backward pass re-runs each step, inner loops
             # included, under forward mode, so those must support both modes.
             inner = while_loop_of_kind("bounded")
         else:
-            inner = while_loop_of_kind("checkpointed")
+            inner = while_loop_of_kind("checkpointed", pack_scalars=pack)
         return run_loop(init_state, outer, inner, mark=mark)
 
     def fixed_step_block(self, num_steps):
