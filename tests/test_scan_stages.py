@@ -94,30 +94,3 @@ def test_scan_stages_is_checked():
     with pytest.raises(ValueError, match="scan_stages"):
         dfx.Tsit5(scan_stages="yes")
     assert dfx.Dopri8().scan_stages is True
-
-
-def test_stage_loop_recomputes_stages_under_reverse_mode(monkeypatch):
-    """Under reverse mode the stage loop's body is rematerialised (its intermediate
-    values are recomputed on the backward pass rather than stacked across the
-    stages); without derivatives, or with unrolled stages, it is not. (Values and
-    gradients against unrolled stages: the test above.)"""
-    params, loss = _mlp_problem()
-    wrapped = []
-    real = jax.checkpoint
-
-    def spy(fn, *args, **kwargs):
-        if "AbstractERK.step" in getattr(fn, "__qualname__", ""):
-            wrapped.append(fn)
-        return real(fn, *args, **kwargs)
-
-    monkeypatch.setattr(jax, "checkpoint", spy)
-
-    def count(fn, *args):
-        wrapped.clear()
-        jax.make_jaxpr(fn)(*args)
-        return len(wrapped)
-
-    assert count(lambda p: loss(p, dfx.Tsit5())[0], params) == 0
-    assert count(jax.grad(lambda p: loss(p, dfx.Tsit5())[0]), params) >= 1
-    unrolled = dfx.Tsit5(scan_stages=False)
-    assert count(jax.grad(lambda p: loss(p, unrolled)[0]), params) == 0

@@ -506,14 +506,6 @@ class AbstractERK(AbstractRungeKutta):
                 y_i = stage_state(a_jnp[i], ks)
                 return set_stage(ks, i, terms.vf_prod(t_nodes[i], y_i, args, control))
 
-            if differentiation_levels() == ["reverse"]:
-                # Reverse mode: each stage's intermediate values (a network's
-                # activations) are recomputed on the backward pass from the stage's
-                # input instead of being stacked across the stages by the loop
-                # (measured on CPU, the gradient of a neural-ODE loss over 256
-                # trajectories: 0.93x the run time and 0.95x the compile time; one
-                # step's reverse pass alone: 2.1x the forward step instead of 2.5x).
-                body = jax.checkpoint(body, prevent_cse=False)
             ks = lax.fori_loop(1, loop_end, body, ks)
         elif step_always_accepted():
             # Constant steps: no accept/reject decision hangs on the last bit of the
