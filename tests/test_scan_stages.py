@@ -94,3 +94,75 @@ def test_scan_stages_is_checked():
     with pytest.raises(ValueError, match="scan_stages"):
         dfx.Tsit5(scan_stages="yes")
     assert dfx.Dopri8().scan_stages is True
+
+
+def _batched_mlp_problem(rows):
+    """A network applied to every row of a `(rows, 2)` state: with many rows its
+    intermediate values are large."""
+    mlp = eqx.nn.MLP(2, 2, 64, 2, activation=jnp.tanh, key=jax.random.key(1))
+    params, static = eqx.partition(mlp, eqx.is_array)
+    y0 = jax.random.uniform(jax.random.key(2), (rows, 2), minval=-1.0, maxval=1.0)
+
+    def loss(params, solver):
+        field = eqx.combine(params, static)
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: jax.vmap(field)(y)),
+            solver,
+            0.0,
+            0.5,
+            0.1,
+            y0,
+            saveat=dfx.SaveAt(ts=jnp.linspace(0.0, 0.5, 3)),
+            stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
+        )
+        return jnp.sum(sol.ys**2)
+
+    return params, loss
+
+
+def _remats(monkeypatch):
+    """Records the stage-loop bodies handed to `jax.checkpoint`."""
+    wrapped = []
+    real = jax.checkpoint
+
+    def spy(fn, *args, **kwargs):
+        if "AbstractERK.step" in getattr(fn, "__qualname__", ""):
+            wrapped.append(fn)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(jax, "checkpoint", spy)
+    return wrapped
+
+
+def test_stage_loop_recomputes_large_stages_under_reverse_mode(monkeypatch):
+    """Under reverse mode, a stage loop whose vector field computes large values
+    (256 rows through a 64-wide network) is rematerialised: the backward pass
+    recomputes them rather than stacking them over the stages. Small ones (a single
+    row, or each row under `vmap`), or no reverse mode, keep the plain loop."""
+    wrapped = _remats(monkeypatch)
+
+    def count(fn, *args):
+        wrapped.clear()
+        jax.make_jaxpr(fn)(*args)
+        return len(wrapped)
+
+    params, loss = _batched_mlp_problem(256)
+    assert count(jax.grad(lambda p: loss(p, dfx.Tsit5())), params) >= 1
+    assert count(lambda p: loss(p, dfx.Tsit5()), params) == 0
+    small_params, small_loss = _mlp_problem()
+    assert count(jax.grad(lambda p: small_loss(p, dfx.Tsit5())[0]), small_params) == 0
+
+
+def test_rematerialised_stages_give_the_unrolled_gradient():
+    params, loss = _batched_mlp_problem(256)
+    grads = {
+        scan: jax.jit(
+            jax.grad(lambda p, scan=scan: loss(p, dfx.Tsit5(scan_stages=scan)))
+        )(params)
+        for scan in (None, False)
+    }
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13),
+        grads[None],
+        grads[False],
+    )
