@@ -427,7 +427,11 @@ class AbstractERK(AbstractRungeKutta):
     Stages run either as a `lax.fori_loop` over the stage index (the vector field is
     traced once, which keeps compile times low when it is large, e.g. a neural
     network), or unrolled in Python (fastest at run time for small vector fields).
-    Both do the same arithmetic, so they give the same bits.
+    Both do the same arithmetic, so they give the same bits. Under reverse mode, when
+    the vector field's intermediate values stacked over the stages would exceed
+    1 MiB (e.g. a network applied to a large batch held in the state), the loop's
+    body is rematerialised: the backward pass recomputes them from each stage's
+    input instead of storing them.
 
     **Arguments:**
 
