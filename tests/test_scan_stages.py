@@ -166,3 +166,41 @@ def test_rematerialised_stages_give_the_unrolled_gradient():
         grads[None],
         grads[False],
     )
+
+
+def _stage_loop_unrolls(monkeypatch):
+    """Records the `unroll` of each stage loop built (its body's name says so)."""
+    unrolls = []
+    real = jax.lax.fori_loop
+
+    def spy(lower, upper, body, init, **kwargs):
+        if "AbstractERK.step" in getattr(body, "__qualname__", ""):
+            unrolls.append(kwargs.get("unroll", False))
+        return real(lower, upper, body, init, **kwargs)
+
+    monkeypatch.setattr(jax.lax, "fori_loop", spy)
+    return unrolls
+
+
+def test_stage_loop_is_compiled_unrolled_under_reverse_mode_unless_rematerialised(
+    monkeypatch,
+):
+    """Under first-order reverse mode the stage loop of a network with small
+    intermediate values is traced once but compiled unrolled; without reverse mode,
+    and when the body is rematerialised (large values), it stays a loop."""
+    unrolls = _stage_loop_unrolls(monkeypatch)
+
+    def built(fn, *args):
+        unrolls.clear()
+        jax.make_jaxpr(fn)(*args)
+        return set(unrolls)
+
+    params, loss = _mlp_problem()
+    assert built(jax.grad(lambda p: loss(p, dfx.Tsit5())[0]), params) == {True}
+    assert built(lambda p: loss(p, dfx.Tsit5())[0], params) == {False}
+    large_params, large_loss = _batched_mlp_problem(256)
+    assert built(jax.grad(lambda p: large_loss(p, dfx.Tsit5())), large_params) == {
+        False
+    }
+    # Second derivatives keep the loop compact.
+    assert built(jax.hessian(lambda p: loss(p, dfx.Tsit5())[0]), params) == {False}
