@@ -204,3 +204,44 @@ def test_stage_loop_is_compiled_unrolled_under_reverse_mode_unless_rematerialise
     }
     # Second derivatives keep the loop compact.
     assert built(jax.hessian(lambda p: loss(p, dfx.Tsit5())[0]), params) == {False}
+
+
+def _lotka_volterra_solve(y0):
+    def field(t, y, args):
+        return jnp.stack(
+            [0.1 * y[0] - 0.02 * y[0] * y[1], 0.02 * y[0] * y[1] - 0.4 * y[1]]
+        )
+
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(field),
+        dfx.Tsit5(),
+        0.0,
+        20.0,
+        0.1,
+        y0,
+        saveat=dfx.SaveAt(ts=jnp.linspace(0.0, 20.0, 11, dtype=y0.dtype)),
+        stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-8),
+    )
+    return sol.ys, sol.stats["num_steps"]
+
+
+def _dots(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU-only choice")
+def test_vmap_in_float64_on_cpu_combines_stages_by_sums_with_the_loops_answer():
+    """Under `vmap` on CPU in float64 the stages of a small field are combined by
+    elementwise sums (not dot products), and the batch gives each member's own
+    solve to rounding, in the same steps. In float32 the dot products stay."""
+    y0s = jnp.array([[10.0, 10.0], [12.0, 8.0], [15.0, 5.0]])
+    batched = jax.vmap(_lotka_volterra_solve)
+    # At least Tsit5's five stage states and its solution (the interpolation of
+    # the saves has products of its own, batched or not).
+    assert _dots(batched, y0s.astype(jnp.float32)) - _dots(batched, y0s) >= 6
+    assert _dots(_lotka_volterra_solve, y0s[0]) - _dots(batched, y0s) >= 6
+    ys, steps = jax.jit(batched)(y0s)
+    for i in range(y0s.shape[0]):
+        ys_i, steps_i = jax.jit(_lotka_volterra_solve)(y0s[i])
+        assert int(steps[i]) == int(steps_i)
+        np.testing.assert_allclose(ys[i], ys_i, rtol=1e-12, atol=1e-12)
