@@ -59,11 +59,14 @@ def test_kvaerno_as_accurate_in_no_more_steps(name):
     assert diffeqx.is_successful(ours.result) and bool(
         theirs.result == diffrax.RESULTS.successful
     )
-    # Both solutions within the accuracy an rtol of 1e-6 gives here (global error a
-    # few tens of rtol), of the reference and so of each other.
+    # Both solutions within the accuracy the tolerances give here (a global error of
+    # up to a hundred times the local tolerance rtol |y| + atol: for y_1, of order
+    # 1e-5, atol dominates), of the reference and so of each other. (Kvaerno5: 41
+    # steps here, 1e-9 from the reference in y_1; Diffrax's, 494 steps, 250 of them
+    # rejected where its stopping test calls a rounding-level correction a failure.)
     reference = robertson_reference(_SAVE_TS)
     for ys in (ours.ys, theirs.ys):
-        np.testing.assert_allclose(np.asarray(ys), reference, rtol=1e-4, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(ys), reference, rtol=1e-4, atol=1e-8)
     assert int(ours.stats["num_steps"]) <= int(theirs.stats["num_steps"])
 
 
