@@ -6,3 +6,54 @@ jax.config.update("jax_enable_x64", True)
 # No implicit dtype promotion anywhere: careful users (and Diffrax's own tests) turn this
 # on, so every internal operation must cast explicitly.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+# ---- memory maps of compiled programs -------------------------------------------------
+#
+# Every program XLA compiles for the CPU keeps a few memory mappings of its own, and
+# JAX keeps compiled programs in its caches. Most tests here call solvers eagerly
+# (outside `jax.jit`) with vector fields defined in the test, and each such call
+# compiles programs that stay cached: about 100 mappings per solve (Diffrax's: about
+# 180). A long test session then reaches Linux's limit on mappings per process
+# (`vm.max_map_count`, 65,530 by default), where a compilation fails and the process
+# crashes while reporting it (measured: the slow `vmap` cases of
+# tests/compat/test_solves.py, run in one process, crashed at 65,000 mappings). The
+# caches are cleared when the count passes a third of the limit (checked every few
+# tests, as reading it costs a few milliseconds).
+
+import gc  # noqa: E402
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+_MAPS = "/proc/self/maps"
+_CHECK_EVERY = 8
+_tests_run = 0
+
+
+def _max_maps() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as file:
+            return int(file.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+_MAPS_LIMIT = _max_maps() // 3
+
+
+def _memory_maps() -> int:
+    with open(_MAPS, "rb") as file:
+        return sum(1 for _ in file)
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory_maps():
+    yield
+    global _tests_run
+    _tests_run += 1
+    if _tests_run % _CHECK_EVERY or not os.path.exists(_MAPS):
+        return
+    if _memory_maps() > _MAPS_LIMIT:
+        jax.clear_caches()
+        gc.collect()
