@@ -3,6 +3,7 @@
 import warnings
 from typing import Any, final
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -11,6 +12,7 @@ import optimistix as optx
 from jaxtyping import Array, PyTree
 
 from ._path.base import AbstractPath
+from ._transforms import active_transforms, is_staged
 
 # `max_steps_reached` exists in Optimistix's enumeration too, with a shorter message;
 # diffeqx gives it a message that says what to try. Equinox warns about a redefined
@@ -181,7 +183,7 @@ class Solution(AbstractPath):
                 "`Solution.evaluate` needs dense output: pass "
                 "`saveat=SaveAt(dense=True)` to `diffeqsolve`."
             )
-        return self.interpolation.evaluate(t0, t1, left)
+        return _interpolate(self.interpolation, "evaluate", t0, t1, left)
 
     def derivative(self, t, left: bool = True) -> PyTree[Array]:
         """The time derivative of the dense solution at `t`. Requires
@@ -191,4 +193,34 @@ class Solution(AbstractPath):
                 "`Solution.derivative` needs dense output: pass "
                 "`saveat=SaveAt(dense=True)` to `diffeqsolve`."
             )
-        return self.interpolation.derivative(t, left)
+        return _interpolate(self.interpolation, "derivative", t, left)
+
+
+def _interpolate(interpolation, method: str, *args):
+    """`interpolation.method(*args)`; called eagerly (outside `jax.jit`), compiled as
+    one program and cached (as `diffeqsolve` is, see there): op by op, each call
+    would run a few dozen small programs. Python-number times are passed as values,
+    so that a new time does not compile a new program."""
+    if not is_staged():
+        args = tuple(
+            jnp.asarray(x)
+            if isinstance(x, (int, float)) and not isinstance(x, bool)
+            else x
+            for x in args
+        )
+        static = eqx.filter((interpolation, args), eqx.is_array, inverse=True)
+        try:
+            hash(tuple(jtu.tree_leaves(static)))
+        except TypeError:
+            pass
+        else:
+            return _interpolate_compiled(
+                tuple(active_transforms()), interpolation, method, *args
+            )
+    return getattr(interpolation, method)(*args)
+
+
+@eqx.filter_jit
+def _interpolate_compiled(transforms, interpolation, method, *args):
+    del transforms  # only part of the cache key
+    return getattr(interpolation, method)(*args)

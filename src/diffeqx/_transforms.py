@@ -150,3 +150,23 @@ def is_batched() -> bool:
     """Whether the computation is being traced under `jax.vmap` (a speed heuristic:
     unknown traces are skipped)."""
     return "batch" in active_transforms()
+
+
+def is_staged() -> bool:
+    """Whether the computation is being staged into a program (traced under `jax.jit`,
+    inside control flow, `jax.checkpoint`, ...) rather than run eagerly, possibly
+    under eager transformations (`jax.vmap`, `jax.grad` called outside `jax.jit`).
+    True where it cannot tell (a speed heuristic that must not change results)."""
+    core, pe = _core, _pe
+    if core is None:
+        return True
+    try:
+        trace = core.trace_ctx.trace
+        staging = (pe.DynamicJaxprTrace, pe.JaxprTrace)
+    except AttributeError:
+        return True
+    while trace is not None:
+        if isinstance(trace, staging):
+            return True
+        trace = getattr(trace, "parent_trace", None)
+    return False

@@ -1,0 +1,67 @@
+"""Calls outside `jax.jit`: Diffrax compiles `diffeqsolve` once (it is wrapped in
+`equinox.filter_jit`) and reuses it; so does diffeqx, with the same answer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffeqx
+
+diffrax = pytest.importorskip("diffrax")
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_counter = {"active": False, "count": 0}
+
+
+def _listen(event, duration, **kwargs):
+    if _counter["active"] and event == _COMPILE_EVENT:
+        _counter["count"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_listen)
+
+
+def _compilations(fn):
+    _counter.update(active=True, count=0)
+    try:
+        out = jax.block_until_ready(fn())
+    finally:
+        _counter["active"] = False
+    return _counter["count"], out
+
+
+def _field(t, y, args):
+    return -args * y * jnp.cos(t)
+
+
+@pytest.mark.parametrize("vmap", [False, True], ids=["single", "vmap"])
+def test_repeated_eager_calls_compile_nothing_in_either_library(vmap):
+    def call(lib, y0):
+        def solve(y):
+            sol = lib.diffeqsolve(
+                lib.ODETerm(_field),
+                lib.Tsit5(),
+                0.0,
+                2.0,
+                0.1,
+                y,
+                args=jnp.asarray(0.7),
+                saveat=lib.SaveAt(ts=jnp.linspace(0.0, 2.0, 5)),
+                stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-8),
+            )
+            return sol.ts, sol.ys, sol.stats["num_steps"]
+
+        return jax.vmap(solve)(jnp.stack([y0, 2 * y0])) if vmap else solve(y0)
+
+    y0, other_y0 = jnp.array([1.0, 2.0]), jnp.array([3.0, 6.0])
+    results = {}
+    for lib in (diffrax, diffeqx):
+        call(lib, y0)
+        count, results[lib.__name__] = _compilations(
+            lambda lib=lib: call(lib, other_y0)
+        )
+        assert count == 0, lib.__name__
+    expected, actual = (jax.tree.leaves(results[n]) for n in ("diffrax", "diffeqx"))
+    for a, b in zip(expected, actual, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12)

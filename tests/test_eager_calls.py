@@ -1,0 +1,218 @@
+"""Calls outside `jax.jit`: a solve is compiled once and reused by later calls that
+differ only in array values, under eager `jax.vmap` and `jax.grad` too, and gives
+what the same solve gives under `jax.jit`."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffeqx as dfx
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class _Compilations:
+    """Counts XLA compilations (JAX's monitoring events) while active."""
+
+    def __init__(self):
+        self.count = 0
+        self.active = False
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event, duration, **kwargs):
+        if self.active and event == _COMPILE_EVENT:
+            self.count += 1
+
+    def during(self, fn, *args):
+        self.count, self.active = 0, True
+        try:
+            jax.block_until_ready(fn(*args))
+        finally:
+            self.active = False
+        return self.count
+
+
+_compilations = _Compilations()
+
+
+def _decay(t, y, args):
+    return -args * y
+
+
+def _solve(y0, rate=0.5, t1=1.0, **kwargs):
+    kwargs.setdefault("stepsize_controller", dfx.PIDController(rtol=1e-6, atol=1e-8))
+    return dfx.diffeqsolve(
+        dfx.ODETerm(_decay), dfx.Tsit5(), 0.0, t1, 0.1, y0, args=rate, **kwargs
+    )
+
+
+def _loss(rate, y0):
+    return jnp.sum(_solve(y0, rate).ys)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda y0: _solve(y0).ys, id="solve"),
+        pytest.param(
+            lambda y0: _solve(y0, saveat=dfx.SaveAt(ts=jnp.linspace(0, 1, 5))).ys,
+            id="SaveAt(ts)",
+        ),
+        pytest.param(
+            lambda y0: (
+                dfx.diffeqsolve(
+                    dfx.ODETerm(_decay), dfx.Euler(), 0.0, 1.0, 0.01, y0, args=0.5
+                ).ys
+            ),
+            id="constant steps",
+        ),
+        pytest.param(
+            lambda y0: jax.vmap(lambda y: _solve(y).ys)(jnp.stack([y0, 2 * y0])),
+            id="vmap",
+        ),
+        pytest.param(
+            lambda y0: jax.grad(_loss, argnums=(0, 1))(jnp.asarray(0.5), y0),
+            id="grad",
+        ),
+        pytest.param(
+            lambda y0: jax.grad(
+                lambda y: jnp.sum(_solve(y, adjoint=dfx.BacksolveAdjoint()).ys)
+            )(y0),
+            id="BacksolveAdjoint",
+        ),
+    ],
+)
+def test_a_repeated_eager_call_compiles_nothing(call):
+    y0 = jnp.array([1.0, 2.0])
+    assert _compilations.during(call, y0) > 0
+    # New values, same shapes: the compiled solve is reused.
+    assert _compilations.during(call, 3 * y0) == 0
+
+
+def test_eager_call_compiles_again_only_for_what_is_static():
+    y0 = jnp.array([1.0, 2.0])
+    _solve(y0, t1=1.0)
+    # An adaptive solve reads only the direction of its times at trace time.
+    assert _compilations.during(lambda: _solve(y0, t1=2.0).ys) == 0
+    assert _compilations.during(lambda: _solve(y0, rate=jnp.asarray(0.7)).ys) > 0
+    assert _compilations.during(lambda: _solve(y0, rate=jnp.asarray(0.9)).ys) == 0
+    # A Python number in `args` is static, as under `equinox.filter_jit`.
+    assert _compilations.during(lambda: _solve(y0, rate=0.9).ys) > 0
+
+
+@pytest.mark.parametrize("t1", [1.0, 2.0])
+def test_eager_constant_steps_follow_the_times_given(t1):
+    # Constant steps with times known at the call run as a scan whose length comes
+    # from the times: each value is its own program.
+    for times in ((0.0, t1, 0.1), tuple(jnp.asarray(x) for x in (0.0, t1, 0.1))):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_decay), dfx.Euler(), *times, jnp.ones(2), args=1.0
+        )
+        assert int(sol.stats["num_steps"]) == round(t1 / 0.1)
+        assert float(sol.ts[-1]) == t1
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_eager_call_equals_the_jitted_call(dtype):
+    y0 = jnp.array([1.0, 2.0], dtype)
+    times = tuple(jnp.asarray(x, dtype) for x in (0.0, 1.0, 0.1))
+
+    def solve(t0, t1, dt0, y0):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y * jnp.cos(t)),
+            dfx.Tsit5(),
+            t0,
+            t1,
+            dt0,
+            y0,
+            saveat=dfx.SaveAt(ts=jnp.linspace(0.0, 1.0, 7, dtype=dtype), steps=True),
+            stepsize_controller=dfx.PIDController(rtol=1e-5, atol=1e-7),
+        )
+        return sol.ts, sol.ys, sol.stats
+
+    eager = solve(*times, y0)
+    jitted = jax.jit(solve)(*times, y0)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+
+
+def test_eager_times_keep_their_dtypes_and_direction():
+    # float32 and float64 times with equal values are different programs; so are
+    # forwards and backwards solves.
+    for dtype in (jnp.float32, jnp.float64):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_decay),
+            dfx.Tsit5(),
+            jnp.asarray(0.0, dtype),
+            jnp.asarray(1.0, dtype),
+            jnp.asarray(0.1, dtype),
+            jnp.ones(2, dtype),
+            args=jnp.asarray(1.0, dtype),
+        )
+        assert sol.ts.dtype == dtype and sol.ys.dtype == dtype
+    backwards = dfx.diffeqsolve(
+        dfx.ODETerm(_decay),
+        dfx.Tsit5(),
+        1.0,
+        0.0,
+        -0.1,
+        jnp.ones(2),
+        args=1.0,
+        stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-10),
+    )
+    np.testing.assert_allclose(backwards.ys[-1], np.exp(1.0) * np.ones(2), rtol=1e-6)
+
+
+@dataclasses.dataclass
+class _Rates:
+    """Not hashable (a dataclass with `eq=True` and no `frozen=True`)."""
+
+    rate: float
+
+
+def test_eager_call_with_unhashable_static_arguments_runs_op_by_op():
+    rates = _Rates(0.5)
+    with pytest.raises(TypeError):
+        hash(rates)
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -args.rate * y),
+        dfx.Tsit5(),
+        0.0,
+        1.0,
+        0.1,
+        jnp.ones(2),
+        args=rates,
+        stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-10),
+    )
+    np.testing.assert_allclose(sol.ys[-1], np.exp(-0.5) * np.ones(2), rtol=1e-6)
+
+
+def test_eager_gradient_matches_finite_differences():
+    y0 = jnp.array([1.0, 2.0])
+    rate = jnp.asarray(0.5)
+    grad_rate, grad_y0 = jax.grad(_loss, argnums=(0, 1))(rate, y0)
+    eps = 1e-6
+    fd = (_loss(rate + eps, y0) - _loss(rate - eps, y0)) / (2 * eps)
+    np.testing.assert_allclose(grad_rate, fd, rtol=1e-5)
+    np.testing.assert_allclose(grad_y0, np.exp(-0.5) * np.ones(2), rtol=1e-6)
+
+
+def test_eager_dense_evaluation_compiles_once_for_any_time():
+    sol = _solve(jnp.array([1.0, 2.0]), saveat=dfx.SaveAt(dense=True))
+    sol.evaluate(0.25)
+    sol.derivative(0.25)
+    for t in (0.5, jnp.asarray(0.75)):
+        assert _compilations.during(sol.evaluate, t) == 0
+        assert _compilations.during(sol.derivative, t) == 0
+    np.testing.assert_allclose(
+        sol.evaluate(0.5), np.exp(-0.25) * np.array([1.0, 2.0]), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        sol.derivative(0.5), -0.5 * np.exp(-0.25) * np.array([1.0, 2.0]), rtol=1e-5
+    )
+    increment = sol.evaluate(0.25, 0.5)
+    np.testing.assert_allclose(increment, sol.evaluate(0.5) - sol.evaluate(0.25))
