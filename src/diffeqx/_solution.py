@@ -12,7 +12,7 @@ import optimistix as optx
 from jaxtyping import Array, PyTree
 
 from ._path.base import AbstractPath
-from ._transforms import active_transforms, is_staged
+from ._transforms import active_transforms, hashable_statics, is_staged
 
 # `max_steps_reached` exists in Optimistix's enumeration too, with a shorter message;
 # diffeqx gives it a message that says what to try. Equinox warns about a redefined
@@ -208,12 +208,7 @@ def _interpolate(interpolation, method: str, *args):
             else x
             for x in args
         )
-        static = eqx.filter((interpolation, args), eqx.is_array, inverse=True)
-        try:
-            hash(tuple(jtu.tree_leaves(static)))
-        except TypeError:
-            pass
-        else:
+        if hashable_statics((interpolation, args)):
             return _interpolate_compiled(
                 tuple(active_transforms()), interpolation, method, *args
             )

@@ -24,6 +24,7 @@ on it. Performance heuristics use `strict=False`, which skips what it does not k
 import importlib
 
 import jax
+import numpy as _np
 
 # JAX's internal modules, read when a solve is traced. (Module attributes, so that
 # tests can stand in for a JAX whose internals have changed.)
@@ -154,19 +155,36 @@ def is_batched() -> bool:
 
 def is_staged() -> bool:
     """Whether the computation is being staged into a program (traced under `jax.jit`,
-    inside control flow, `jax.checkpoint`, ...) rather than run eagerly, possibly
-    under eager transformations (`jax.vmap`, `jax.grad` called outside `jax.jit`).
-    True where it cannot tell (a speed heuristic that must not change results)."""
-    core, pe = _core, _pe
+    inside control flow, `jax.checkpoint`, ...) or run by a transformation other than
+    an eager `jax.vmap`, `jax.grad`, `jax.jvp` or `jax.linearize` (e.g. `shard_map`),
+    rather than run eagerly. True where it cannot tell: this only decides whether an
+    eager call is compiled as one program, which must not change results."""
+    core, ad, batching = _core, _ad, _batching
     if core is None:
         return True
     try:
         trace = core.trace_ctx.trace
-        staging = (pe.DynamicJaxprTrace, pe.JaxprTrace)
+        eager = (core.EvalTrace, ad.JVPTrace, batching.BatchTrace)
     except AttributeError:
         return True
+    linearize_trace = getattr(ad, "LinearizeTrace", None)
+    if linearize_trace is not None:
+        eager = eager + (linearize_trace,)
     while trace is not None:
-        if isinstance(trace, staging):
+        if type(trace) not in eager:
             return True
         trace = getattr(trace, "parent_trace", None)
     return False
+
+
+def hashable_statics(tree) -> bool:
+    """Whether everything in `tree` that is not an array (the PyTree structure, with
+    the static fields of Modules, and the non-array leaves) can be hashed, as
+    `equinox.filter_jit` needs to cache a call by it."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    try:
+        hash(treedef)
+        hash(tuple(x for x in leaves if not isinstance(x, (jax.Array, _np.ndarray))))
+    except TypeError:
+        return False
+    return True

@@ -24,7 +24,7 @@ from .._saveat import SaveAt, is_subsaveat
 from .._solution import Solution, is_event, succeeded, where_result
 from .._solver.base import AbstractSolver
 from .._solver.sde import resolve_deprecated_tuple_terms
-from .._transforms import active_transforms, is_staged
+from .._transforms import active_transforms, hashable_statics, is_staged
 from . import checks
 from .event import locate_event
 from .fixed import fixed_step_plan, run_fixed_steps
@@ -56,6 +56,10 @@ def diffeqsolve(
     discrete_terminating_event: Any = None,
 ) -> Solution:
     """Solves a differential equation from `t0` to `t1`.
+
+    Called outside `jax.jit`, the solve is compiled as one program and kept: a later
+    call that differs only in the values of its arrays (and, for adaptive steps, of
+    `t0`, `t1`, `dt0`) reuses it (see the Performance page).
 
     **Arguments:**
 
@@ -284,10 +288,7 @@ def _eager_call(problem: dict, adjoint, throw):
         if _known(x):
             # Traced, with the dtype (and weak type, for Python numbers) it had.
             problem[name] = jnp.asarray(x)
-    static = eqx.filter((problem, adjoint, throw, key), eqx.is_array, inverse=True)
-    try:
-        hash(tuple(jtu.tree_leaves(static)))
-    except TypeError:
+    if not hashable_statics((problem, adjoint, throw, key)):
         return None
     return key, problem, adjoint, throw
 
