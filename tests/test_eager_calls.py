@@ -174,19 +174,25 @@ class _Rates:
     rate: float
 
 
-def test_eager_call_with_unhashable_static_arguments_runs_op_by_op():
+@pytest.mark.parametrize("constant_steps", [False, True])
+def test_eager_call_with_unhashable_static_arguments_runs_op_by_op(constant_steps):
     rates = _Rates(0.5)
     with pytest.raises(TypeError):
         hash(rates)
+    if constant_steps:
+        solver, dt0, controller = dfx.Heun(), 1e-3, dfx.ConstantStepSize()
+    else:
+        solver, dt0 = dfx.Tsit5(), 0.1
+        controller = dfx.PIDController(rtol=1e-8, atol=1e-10)
     sol = dfx.diffeqsolve(
         dfx.ODETerm(lambda t, y, args: -args.rate * y),
-        dfx.Tsit5(),
+        solver,
         0.0,
         1.0,
-        0.1,
+        dt0,
         jnp.ones(2),
         args=rates,
-        stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-10),
+        stepsize_controller=controller,
     )
     np.testing.assert_allclose(sol.ys[-1], np.exp(-0.5) * np.ones(2), rtol=1e-6)
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from .._controller.constant import ConstantStepSize, constant_step_count
 from .._solution import RESULTS, succeeded, where_result
-from .._transforms import is_batched
+from .._transforms import hashable_statics, is_batched
 from . import checks
 from .loop import (
     LoopSpec,
@@ -200,7 +200,9 @@ def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block
     traced = any(
         isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves((spec, init_state))
     )
-    if traced:
+    if traced or not hashable_statics((spec, init_state)):
+        # (Something static that cannot be hashed, e.g. an unhashable object in
+        # `args`: op by op, as the rest of such a call.)
         return _run_fixed_steps(spec, init_state, num_steps, block)
     return _run_fixed_steps_jitted(spec, init_state, num_steps, block)
 
