@@ -10,32 +10,11 @@ import numpy as np
 import pytest
 
 import diffeqx as dfx
-
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-class _Compilations:
-    """Counts XLA compilations (JAX's monitoring events) while active."""
-
-    def __init__(self):
-        self.count = 0
-        self.active = False
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, event, duration, **kwargs):
-        if self.active and event == _COMPILE_EVENT:
-            self.count += 1
-
-    def during(self, fn, *args):
-        self.count, self.active = 0, True
-        try:
-            jax.block_until_ready(fn(*args))
-        finally:
-            self.active = False
-        return self.count
+from _compilations import compilations
 
 
-_compilations = _Compilations()
+def _count(fn, *args):
+    return compilations(fn, *args)[0]
 
 
 def _decay(t, y, args):
@@ -87,20 +66,20 @@ def _loss(rate, y0):
 )
 def test_a_repeated_eager_call_compiles_nothing(call):
     y0 = jnp.array([1.0, 2.0])
-    assert _compilations.during(call, y0) > 0
+    assert _count(call, y0) > 0
     # New values, same shapes: the compiled solve is reused.
-    assert _compilations.during(call, 3 * y0) == 0
+    assert _count(call, 3 * y0) == 0
 
 
 def test_eager_call_compiles_again_only_for_what_is_static():
     y0 = jnp.array([1.0, 2.0])
     _solve(y0, t1=1.0)
     # An adaptive solve reads only the direction of its times at trace time.
-    assert _compilations.during(lambda: _solve(y0, t1=2.0).ys) == 0
-    assert _compilations.during(lambda: _solve(y0, rate=jnp.asarray(0.7)).ys) > 0
-    assert _compilations.during(lambda: _solve(y0, rate=jnp.asarray(0.9)).ys) == 0
+    assert _count(lambda: _solve(y0, t1=2.0).ys) == 0
+    assert _count(lambda: _solve(y0, rate=jnp.asarray(0.7)).ys) > 0
+    assert _count(lambda: _solve(y0, rate=jnp.asarray(0.9)).ys) == 0
     # A Python number in `args` is static, as under `equinox.filter_jit`.
-    assert _compilations.during(lambda: _solve(y0, rate=0.9).ys) > 0
+    assert _count(lambda: _solve(y0, rate=0.9).ys) > 0
 
 
 @pytest.mark.parametrize("t1", [1.0, 2.0])
@@ -212,8 +191,8 @@ def test_eager_dense_evaluation_compiles_once_for_any_time():
     sol.evaluate(0.25)
     sol.derivative(0.25)
     for t in (0.5, jnp.asarray(0.75)):
-        assert _compilations.during(sol.evaluate, t) == 0
-        assert _compilations.during(sol.derivative, t) == 0
+        assert _count(sol.evaluate, t) == 0
+        assert _count(sol.derivative, t) == 0
     np.testing.assert_allclose(
         sol.evaluate(0.5), np.exp(-0.25) * np.array([1.0, 2.0]), rtol=1e-6
     )

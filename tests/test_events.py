@@ -465,7 +465,10 @@ def test_conditions_receive_the_solve_arguments_as_keywords():
         # The times are traced (the solve is compiled, even when called outside
         # `jax.jit`): read when it runs.
         jax.debug.callback(
-            lambda *times: values.update(zip(("t0", "t1", "dt0"), times)), t0, t1, dt0
+            lambda *times: values.update(zip(("t0", "t1", "dt0"), times, strict=True)),
+            t0,
+            t1,
+            dt0,
         )
         return y[0]
 

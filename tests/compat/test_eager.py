@@ -7,28 +7,9 @@ import numpy as np
 import pytest
 
 import diffeqx
+from _compilations import compilations
 
 diffrax = pytest.importorskip("diffrax")
-
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_counter = {"active": False, "count": 0}
-
-
-def _listen(event, duration, **kwargs):
-    if _counter["active"] and event == _COMPILE_EVENT:
-        _counter["count"] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_listen)
-
-
-def _compilations(fn):
-    _counter.update(active=True, count=0)
-    try:
-        out = jax.block_until_ready(fn())
-    finally:
-        _counter["active"] = False
-    return _counter["count"], out
 
 
 def _field(t, y, args):
@@ -58,9 +39,7 @@ def test_repeated_eager_calls_compile_nothing_in_either_library(vmap):
     results = {}
     for lib in (diffrax, diffeqx):
         call(lib, y0)
-        count, results[lib.__name__] = _compilations(
-            lambda lib=lib: call(lib, other_y0)
-        )
+        count, results[lib.__name__] = compilations(lambda lib=lib: call(lib, other_y0))
         assert count == 0, lib.__name__
     expected, actual = (jax.tree.leaves(results[n]) for n in ("diffrax", "diffeqx"))
     for a, b in zip(expected, actual, strict=True):
