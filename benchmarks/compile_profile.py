@@ -46,6 +46,7 @@ jax.config.update("jax_enable_x64", True)
 import bench_adjoint  # noqa: E402
 import bench_cde  # noqa: E402
 import bench_events  # noqa: E402
+import bench_sde  # noqa: E402
 from _problems import PROBLEMS as CORE_PROBLEMS, Config  # noqa: E402
 from bench_core import environment, import_diffeqx, load_libraries  # noqa: E402
 
@@ -188,6 +189,28 @@ def _event_row(batch):
     return lambda lib: bench_events.build(lib, batch)
 
 
+def _sde_models():
+    keys = jax.random.split(jax.random.key(2), 2)
+    return (
+        eqx.nn.MLP(4, 4, 32, 2, activation=jnp.tanh, key=keys[0]),
+        eqx.nn.MLP(
+            4, 16, 32, 2, activation=jnp.tanh, final_activation=jnp.tanh, key=keys[1]
+        ),
+    )
+
+
+def _sde_row(kind):
+    """bench_sde.py's adaptive solve and neural-SDE gradient."""
+
+    def build(lib):
+        if kind == "adaptive":
+            return bench_sde.adaptive(lib), (jax.random.key(0),)
+        keys = jax.random.split(jax.random.key(1), 32)
+        return bench_sde.neural_sde(lib), (_sde_models(), keys)
+
+    return build
+
+
 def rows(batch_size: int) -> list[Row]:
     core = Config(dtype=jnp.float64, batch_size=batch_size)
     cde = bench_cde.CDEConfig(dtype=jnp.float32, batch_size=32)
@@ -211,6 +234,10 @@ def rows(batch_size: int) -> list[Row]:
     out += [
         Row("hessian_t1", "hessian LV SaveAt(t1)", _hessian("t1")),
         Row("hessian_ts", "hessian LV SaveAt(ts)", _hessian("ts")),
+    ]
+    out += [
+        Row("sde_adaptive", "sde: adaptive SPaRK x64", _sde_row("adaptive")),
+        Row("sde_neural_grad", "sde: neural SDE grad x32", _sde_row("neural")),
     ]
     return out
 

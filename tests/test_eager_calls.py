@@ -201,3 +201,45 @@ def test_eager_dense_evaluation_compiles_once_for_any_time():
     )
     increment = sol.evaluate(0.25, 0.5)
     np.testing.assert_allclose(increment, sol.evaluate(0.5) - sol.evaluate(0.25))
+
+
+def test_call_compiled_keys_static_leaves_by_type_and_value():
+    from diffeqx._eager import call_compiled
+
+    def scaled(factor, x):
+        # `factor` is static: a Python value when traced.
+        return x * float(factor), factor
+
+    x = jnp.arange(3.0)
+    # One program per static value and type; a new array value reuses it.
+    assert compilations(call_compiled, scaled, (2, x))[0] == 1
+    assert compilations(call_compiled, scaled, (2, x + 1))[0] == 0
+    assert compilations(call_compiled, scaled, (2.0, x))[0] == 1
+    assert compilations(call_compiled, scaled, (True, x))[0] == 1
+    out, factor = call_compiled(scaled, (2.0, x))
+    np.testing.assert_array_equal(out, 2.0 * np.arange(3.0))
+    # The output's non-array leaves come back as the trace made them.
+    assert factor == 2.0 and type(factor) is float
+
+
+def test_call_compiled_traces_numbers_given_as_values():
+    from diffeqx._eager import call_compiled
+
+    def shift(x, t):
+        return x + t
+
+    x = jnp.arange(3.0)
+    assert compilations(call_compiled, shift, (x,), (0.5,))[0] == 1
+    assert compilations(call_compiled, shift, (x,), (0.25,))[0] == 0
+    np.testing.assert_array_equal(
+        call_compiled(shift, (x,), (0.25,)), np.arange(3.0) + 0.25
+    )
+    # A Python number is weakly typed, as `jnp.asarray` makes it.
+    out = call_compiled(shift, (jnp.arange(3, dtype=jnp.float32),), (0.5,))
+    assert out.dtype == jnp.float32
+
+
+def test_call_compiled_declines_unhashable_static_leaves():
+    from diffeqx._eager import call_compiled
+
+    assert call_compiled(lambda s, x: x, ({1, 2}, jnp.ones(2))) is None

@@ -3,7 +3,6 @@
 import warnings
 from typing import Any, final
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -11,8 +10,9 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
+from ._eager import call_compiled
 from ._path.base import AbstractPath
-from ._transforms import active_transforms, hashable_statics, is_staged
+from ._transforms import is_staged
 
 # `max_steps_reached` exists in Optimistix's enumeration too, with a shorter message;
 # diffeqx gives it a message that says what to try. Equinox warns about a redefined
@@ -198,24 +198,28 @@ class Solution(AbstractPath):
 
 def _interpolate(interpolation, method: str, *args):
     """`interpolation.method(*args)`; called eagerly (outside `jax.jit`), compiled as
-    one program and cached (as `diffeqsolve` is, see there): op by op, each call
-    would run a few dozen small programs. Python-number times are passed as values,
-    so that a new time does not compile a new program."""
+    one program and cached (as `diffeqsolve` is, see `call_compiled`): op by op, each
+    call would run a few dozen small programs. Times, Python numbers or arrays, are
+    traced, so that a new time does not compile a new program; other Python values
+    (`left`) are static."""
     if not is_staged():
-        args = tuple(
-            jnp.asarray(x)
-            if isinstance(x, (int, float)) and not isinstance(x, bool)
-            else x
+        numbers = tuple(
+            isinstance(x, (int, float, jax.Array, np.ndarray, np.generic))
+            and not isinstance(x, bool)
             for x in args
         )
-        if hashable_statics((interpolation, args)):
-            return _interpolate_compiled(
-                tuple(active_transforms()), interpolation, method, *args
-            )
+        others = tuple(None if n else x for x, n in zip(args, numbers, strict=True))
+        out = call_compiled(
+            _call_method,
+            (interpolation, method, numbers, others),
+            tuple(x for x, n in zip(args, numbers, strict=True) if n),
+        )
+        if out is not None:
+            return out
     return getattr(interpolation, method)(*args)
 
 
-@eqx.filter_jit
-def _interpolate_compiled(transforms, interpolation, method, *args):
-    del transforms  # only part of the cache key
+def _call_method(interpolation, method, numbers, others, *values):
+    values = iter(values)
+    args = [next(values) if n else x for x, n in zip(others, numbers, strict=True)]
     return getattr(interpolation, method)(*args)

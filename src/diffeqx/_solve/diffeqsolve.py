@@ -5,7 +5,6 @@ public entry point and the phases that need the whole problem."""
 import dataclasses
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -16,6 +15,7 @@ from .._adjoint.base import AbstractAdjoint, AbstractCustomGradientAdjoint
 from .._adjoint.checkpoint import RecursiveCheckpointAdjoint
 from .._controller.base import AbstractStepSizeController
 from .._controller.constant import ConstantStepSize
+from .._eager import call_compiled
 from .._event import Event
 from .._profile import scope
 from .._progress import AbstractProgressMeter, NoProgressMeter
@@ -24,7 +24,7 @@ from .._saveat import SaveAt, is_subsaveat
 from .._solution import Solution, is_event, succeeded, where_result
 from .._solver.base import AbstractSolver
 from .._solver.sde import resolve_deprecated_tuple_terms
-from .._transforms import active_transforms, hashable_statics, is_staged
+from .._transforms import is_staged
 from . import checks
 from .event import locate_event
 from .fixed import fixed_step_plan, run_fixed_steps
@@ -134,9 +134,9 @@ def diffeqsolve(
         # Called eagerly (outside `jax.jit`; possibly under an eager `jax.vmap` or
         # `jax.grad`): the arguments have been checked with their values; the solve
         # is compiled as one program, cached (see `_solve_eagerly`).
-        call = _eager_call(problem, adjoint, throw)
-        if call is not None:
-            return _solve_eagerly(tuple(active_transforms()), *call)
+        solution = _eager_call(problem, adjoint, throw)
+        if solution is not None:
+            return solution
     return _solve(problem, subs, adjoint, throw)
 
 
@@ -197,7 +197,7 @@ def _solve(
 # limit on them). So an eager call compiles the whole solve as one program, cached
 # (as `equinox.filter_jit` caches: by the functions, the solver's and controller's
 # settings and other Python values, and the shapes and dtypes of the arrays) and
-# keyed also by the transformations applied to the call.
+# keyed also by the transformations applied to the call (`_eager.call_compiled`).
 #
 # The times stay values the program computes with, as in an eager call (not
 # constants, which XLA would fold into the arithmetic, rounding differently from
@@ -262,11 +262,11 @@ def _known(x) -> bool:
 
 
 def _eager_call(problem: dict, adjoint, throw):
-    """The arguments of `_solve_eagerly` for an eager call, or None when the call
+    """The solve, compiled and cached (see `call_compiled`): the times are traced,
+    with what `_solve` reads from them at trace time in the key. `None` when the call
     cannot be cached (something static about it is not hashable): it then runs as
     before, op by op."""
-    problem = dict(problem)
-    given = [problem[name] for name in _TIMES]
+    given = tuple(problem[name] for name in _TIMES)
     if type(problem["stepsize_controller"]) is ConstantStepSize:
         # The constant-step plan reads the values.
         key = tuple(
@@ -284,24 +284,17 @@ def _eager_call(problem: dict, adjoint, throw):
             ) + (None,)
         else:
             key = (_UNKNOWN, _UNKNOWN, None)
-    for name, x in zip(_TIMES, given, strict=True):
-        if _known(x):
-            # Traced, with the dtype (and weak type, for Python numbers) it had.
-            problem[name] = jnp.asarray(x)
-    if not hashable_statics((problem, adjoint, throw, key)):
-        return None
-    return key, problem, adjoint, throw
+    untimed = dict(problem, t0=None, t1=None, dt0=None)
+    return call_compiled(_solve_eagerly, (key, untimed, adjoint, throw), given)
 
 
-@eqx.filter_jit
-def _solve_eagerly(transforms, given_key, problem: dict, adjoint, throw):
-    """`_solve`, compiled and cached; `transforms` (the transformations applied
-    outside, which choose the loop) only keys the cache. The arguments were checked
-    before."""
-    del transforms
+def _solve_eagerly(given_key, problem: dict, adjoint, throw, t0, t1, dt0):
+    """`_solve` of an eager call, as traced by `call_compiled`. The arguments were
+    checked before."""
     given_times = tuple(
         x.given() if isinstance(x, _KnownTime) else x for x in given_key
     )
+    problem = dict(problem, t0=t0, t1=t1, dt0=dt0)
     subs = _subsaveats(problem["saveat"])
     return _solve(problem, subs, adjoint, throw, given_times)
 
