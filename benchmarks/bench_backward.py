@@ -12,6 +12,13 @@ The losses (float64, Tsit5, `PIDController(rtol=1e-6, atol=1e-6)`,
 - `single`: one trajectory, 50 saves (bench_core.py's (d));
 - `batch256`: 256 trajectories as one (256, 2) state, 50 saves (bench_core.py's (g));
 - `vmap32`: 32 trajectories under `jax.vmap`, 50 saves (bench_adjoint.py's (a)).
+
+Under each loss, the row `field` times the vector field alone, on the state of that
+loss (`(2,)`, `(256, 2)`, `(32, 2)`): 200 evaluations in a `lax.fori_loop`, and 200
+`jax.vjp`s (evaluation and transposition, cotangents for the parameters and the
+state). Its `bwd/fwd` is the VJP's time over the evaluation's: what a backward pass
+that re-evaluates the field at each stage (as recursive checkpointing does) costs per
+evaluation the forward pass makes, before any cost of the loop.
 """
 
 from __future__ import annotations
@@ -68,6 +75,44 @@ def losses(lib, config):
     }
 
 
+FIELD_EVALUATIONS = 200
+
+
+def field_runners(config, name):
+    """The vector field of loss `name` alone: `FIELD_EVALUATIONS` evaluations, and as
+    many VJPs (see the module's docstring)."""
+    field, y0, _, _ = _neural_ode_data(config)
+    if name != "single":
+        rows = 256 if name == "batch256" else 32
+        field = BatchedField(field)
+        y0 = jax.random.uniform(jax.random.key(1), (rows, 2), config.dtype)
+    params, static = eqx.partition(field, eqx.is_array)
+    t = jnp.zeros((), config.dtype)
+    step = jnp.asarray(1e-3, config.dtype)
+
+    def apply(params, y):
+        return eqx.combine(params, static)(t, y, None)
+
+    def evaluations(params, y):
+        def body(_, y):
+            return y + step * apply(params, y)
+
+        return jax.lax.fori_loop(0, FIELD_EVALUATIONS, body, y)
+
+    def vjps(params, y):
+        def body(_, carry):
+            y, total = carry
+            out, pullback = jax.vjp(apply, params, y)
+            d_params, d_y = pullback(out)
+            return y + step * d_y, jax.tree.map(jnp.add, total, d_params)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return jax.lax.fori_loop(0, FIELD_EVALUATIONS, body, (y, zeros))
+
+    args = (params, y0)
+    return (Runner(evaluations, args), args), (Runner(vjps, args), args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-diffrax", action="store_true")
@@ -87,7 +132,14 @@ def main(argv=None) -> int:
             runners[f"{lib_name}/forward"] = (Runner(loss, args), args)
             grad = eqx.filter_value_and_grad(loss)
             runners[f"{lib_name}/grad"] = (Runner(grad, args), args)
+        runners["field/forward"], runners["field/grad"] = field_runners(config, name)
         _, runs = time_runs(runners, min_time_s=options.min_run_time)
+        evaluation = runs["field/forward"].median_s
+        vjp = runs["field/grad"].median_s
+        print(
+            f"{name:10s} {'field':8s} {1e3 * evaluation:11.3f} {1e3 * vjp:11.3f} "
+            f"{vjp / evaluation:7.2f}x"
+        )
         for lib_name in libraries:
             forward = runs[f"{lib_name}/forward"].median_s
             both = runs[f"{lib_name}/grad"].median_s
@@ -95,7 +147,11 @@ def main(argv=None) -> int:
                 f"{name:10s} {lib_name:8s} {1e3 * forward:11.3f} {1e3 * both:11.3f} "
                 f"{(both - forward) / forward:7.2f}x"
             )
-    print("target: backward <= 3x forward with the default adjoint")
+    print(
+        "target: backward <= 3x forward with the default adjoint. field: the vector "
+        f"field alone, {FIELD_EVALUATIONS} evaluations (forward ms) and as many VJPs "
+        "(fwd+bwd ms); its bwd/fwd is VJP over evaluation"
+    )
     return 0
 
 
