@@ -95,10 +95,12 @@ def _solve_stats(output):
 # ---- (a), (c): Lotka–Volterra, Tsit5, rtol = atol = 1e-8, 100 save points ----------
 
 
-def _lotka_volterra_solver(lib, counter):
+def _lotka_volterra_solver(lib, counter, save_t1_only=False):
+    """Saves at `ts`, or (`save_t1_only`) at `t1` alone, `ts` then being unused."""
     field = _maybe_counted(lotka_volterra, counter)
 
     def solve(y0, params, ts):
+        saveat = lib.SaveAt(t1=True) if save_t1_only else lib.SaveAt(ts=ts)
         sol = lib.diffeqsolve(
             lib.ODETerm(field),
             lib.Tsit5(),
@@ -107,7 +109,7 @@ def _lotka_volterra_solver(lib, counter):
             dt0=0.1,
             y0=y0,
             args=params,
-            saveat=lib.SaveAt(ts=ts),
+            saveat=saveat,
             stepsize_controller=lib.PIDController(rtol=1e-8, atol=1e-8),
             max_steps=MAX_STEPS,
         )

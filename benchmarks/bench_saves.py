@@ -30,31 +30,11 @@ import jax.numpy as jnp  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-from _problems import lotka_volterra  # noqa: E402
+from _problems import _lotka_volterra_solver  # noqa: E402
 from _timing import Runner, time_runs  # noqa: E402
 from bench_core import load_libraries  # noqa: E402
 
 COUNTS = (2, 16, 31, 33, 63, 65, 100, 1000)
-
-
-def solve(lib, saveat_kind):
-    def fn(y0, params, ts):
-        saveat = lib.SaveAt(t1=True) if saveat_kind == "t1" else lib.SaveAt(ts=ts)
-        sol = lib.diffeqsolve(
-            lib.ODETerm(lotka_volterra),
-            lib.Tsit5(),
-            t0=0.0,
-            t1=100.0,
-            dt0=0.1,
-            y0=y0,
-            args=params,
-            saveat=saveat,
-            stepsize_controller=lib.PIDController(rtol=1e-8, atol=1e-8),
-            max_steps=100_000,
-        )
-        return sol.ys, sol.stats["num_steps"]
-
-    return fn
 
 
 def main(argv=None) -> int:
@@ -74,13 +54,15 @@ def main(argv=None) -> int:
         ts = jnp.linspace(0.0, 100.0, 2 if count == "t1" else count)
         runners = {
             name: (
-                Runner(solve(lib, "t1" if count == "t1" else "ts"), (y0, params, ts)),
+                Runner(
+                    _lotka_volterra_solver(lib, None, count == "t1"), (y0, params, ts)
+                ),
                 (y0, params, ts),
             )
             for name, lib in libraries.items()
         }
         outputs, timings = time_runs(runners, min_time_s=options.min_run_time)
-        steps = {int(out[1]) for out in outputs.values()}
+        steps = {int(out[1]["num_steps"]) for out in outputs.values()}
         times = [timings[name].median_s * 1e3 for name in libraries]
         row = f"{count!s:>6s} " + " ".join(f"{t:12.4f}" for t in times)
         if len(times) > 1:
