@@ -12,8 +12,8 @@ On a CPU the per-step cost is not proportional to the saves. XLA's CPU runtime r
 a loop body's operations one after another in the calling thread only when every
 buffer they touch is at most 512 bytes (or when there are at most 8 operations);
 otherwise it schedules them as a dependency graph, which may hand work to other
-threads. The output buffers of `n` saves of a 2-vector in float64 pass 512 bytes at
-`n = 32` (`ys`, 16 bytes a save) and `n = 64` (`ts`).
+threads. The output buffers of `n` saves of a 2-vector in float64 are larger than
+512 bytes from `n = 33` (`ys`, 16 bytes a save) and from `n = 65` (`ts`).
 """
 
 from __future__ import annotations
