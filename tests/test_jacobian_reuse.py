@@ -169,6 +169,7 @@ def _brusselator_solve(solver):
     return solve
 
 
+@pytest.mark.slow  # the Robertson cases above check the same against Radau
 def test_brusselator_against_radau_in_as_many_steps():
     alpha = 0.02
     reference = _brusselator_reference(alpha, 2.0)

@@ -805,7 +805,9 @@ def _count(jaxpr, primitive: str) -> int:
     return count
 
 
-@pytest.mark.parametrize("name", ["ShOULD", "QUICSORT"])
+@pytest.mark.parametrize(
+    "name", ["ShOULD", pytest.param("QUICSORT", marks=pytest.mark.slow)]
+)
 def test_two_gradients_in_a_loop_are_traced_once_and_match_unrolled(name):
     bm = grid_path(jr.key(3), (2,), 16, 0.0625)
     terms = langevin_terms(bm, grad=_sinh_gradient)
