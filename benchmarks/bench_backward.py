@@ -23,7 +23,6 @@ evaluation the forward pass makes, before any cost of the loop.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -43,7 +42,7 @@ from _problems import (  # noqa: E402
     neural_ode_solve,
 )
 from _timing import Runner, time_runs  # noqa: E402
-from bench_core import load_libraries  # noqa: E402
+from bench_core import libraries_and_run_time  # noqa: E402
 
 
 def _solve_ys(lib, field, y0, ts):
@@ -114,11 +113,7 @@ def field_runners(config, name):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-diffrax", action="store_true")
-    parser.add_argument("--min-run-time", type=float, default=1.0)
-    options = parser.parse_args(argv)
-    libraries = load_libraries(options.no_diffrax)
+    options, libraries = libraries_and_run_time(__doc__, argv)
     config = Config(dtype=jnp.float64, batch_size=1)
     print(f"jax {jax.__version__} on {jax.default_backend()}; float64")
     print(

@@ -13,6 +13,7 @@ and the ratios diffeqx / diffrax are printed next to their targets.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import platform
@@ -65,6 +66,17 @@ def load_libraries(skip_diffrax: bool) -> dict:
         except ImportError:
             print("diffrax is not importable: running diffeqx alone.")
     return libraries
+
+
+def libraries_and_run_time(doc: str, argv=None):
+    """The options `--no-diffrax` and `--min-run-time` (seconds of timed runs,
+    default 1) of a benchmark script described by `doc`, and the libraries to run:
+    `(options, libraries)`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--no-diffrax", action="store_true")
+    parser.add_argument("--min-run-time", type=float, default=1.0)
+    options = parser.parse_args(argv)
+    return options, load_libraries(options.no_diffrax)
 
 
 def warm_up(libraries: dict, config) -> None:

@@ -18,7 +18,6 @@ threads. The output buffers of `n` saves of a 2-vector in float64 are larger tha
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -32,17 +31,13 @@ jax.config.update("jax_enable_x64", True)
 
 from _problems import _lotka_volterra_solver  # noqa: E402
 from _timing import Runner, time_runs  # noqa: E402
-from bench_core import load_libraries  # noqa: E402
+from bench_core import libraries_and_run_time  # noqa: E402
 
 COUNTS = (2, 16, 31, 33, 63, 65, 100, 1000)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-diffrax", action="store_true")
-    parser.add_argument("--min-run-time", type=float, default=1.0)
-    options = parser.parse_args(argv)
-    libraries = load_libraries(options.no_diffrax)
+    options, libraries = libraries_and_run_time(__doc__, argv)
     y0 = jnp.array([10.0, 10.0])
     params = jnp.array([0.1, 0.02, 0.4, 0.02])
     print(f"jax {jax.__version__} on {jax.default_backend()}; float64")
