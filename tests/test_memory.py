@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import pytest
 
 import diffeqx as dfx
+from diffeqx._adjoint import checkpoint as checkpoint_module
 
 STATE_SIZE = 64
+STORAGE_BYTES = checkpoint_module._STORAGE_BYTES
 
 
 def _grad_temp_bytes(max_steps, checkpoints, dt0):
@@ -48,11 +50,62 @@ def test_checkpointed_grad_memory_does_not_grow_with_steps():
     assert large < stored_every_step / 10
 
 
-def test_default_checkpoints_grow_sublinearly_with_max_steps():
+def test_default_checkpoints_grow_sublinearly_with_max_steps(monkeypatch):
+    # The blocks themselves (a short solve would otherwise store every step: see the
+    # next test).
+    monkeypatch.setattr(checkpoint_module, "_STORAGE_BYTES", 0)
     small = _grad_temp_bytes(max_steps=1_000, checkpoints=None, dt0=1e-3)
     large = _grad_temp_bytes(max_steps=100_000, checkpoints=None, dt0=1e-5)
     # 100x the steps must cost far less than 100x the memory.
     assert large < 20 * small
+
+
+def _nonlinear_grad(num_steps, storage=None, monkeypatch=None):
+    """Compiled memory and gradient of `jax.grad` through `num_steps` constant Tsit5
+    steps of a nonlinear field with the default adjoint (whose reverse pass must keep
+    values of every step: a linear field's needs none)."""
+    if storage is not None:
+        monkeypatch.setattr(checkpoint_module, "_STORAGE_BYTES", storage)
+
+    def loss(y0):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: jnp.sin(y) - 0.1 * y),
+            dfx.Tsit5(),
+            0.0,
+            1.0,
+            1.0 / num_steps,
+            y0,
+            max_steps=num_steps,
+        )
+        return jnp.sum(sol.ys**2)
+
+    y0 = jnp.linspace(0.5, 1.0, STATE_SIZE)
+    compiled = jax.jit(jax.grad(loss)).lower(y0).compile()
+    return _temp_bytes(compiled), compiled(y0)
+
+
+def test_default_stores_every_fixed_step_only_within_its_bound(monkeypatch):
+    # A short fixed-step solve stores what its steps compute rather than recomputing
+    # them: more memory than the blocks, the same gradient.
+    stored, grad = _nonlinear_grad(1_000)
+    blocks, grad_blocks = _nonlinear_grad(1_000, 0, monkeypatch)
+    assert stored > 1_000 * STATE_SIZE * 8
+    assert stored > 4 * blocks
+    assert jnp.allclose(grad, grad_blocks, rtol=1e-12, atol=0)
+    # A long one would need more than the bound to store every step: blocks, whose
+    # memory stays far below it.
+    long, _ = _nonlinear_grad(200_000, STORAGE_BYTES, monkeypatch)
+    assert 200_000 * STATE_SIZE * 8 * 4 > STORAGE_BYTES  # (what storing would need)
+    assert long < STORAGE_BYTES / 16
+    # The bound holds where storing would exceed it: with 2**20 bytes allowed, 400
+    # steps (storing them would take about 1.2 MB, from the 1,000 above) run in
+    # blocks, and 10 store theirs.
+    small_bound = 2**20
+    over, _ = _nonlinear_grad(400, small_bound, monkeypatch)
+    under, _ = _nonlinear_grad(10, small_bound, monkeypatch)
+    assert 400 * stored / 1_000 > small_bound
+    assert over <= small_bound / 4
+    assert under <= small_bound
 
 
 # ---- adaptive steps: the solve loop proper (not the constant-step path) ---------------

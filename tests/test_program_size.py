@@ -16,7 +16,7 @@ import jax.random as jr
 import pytest
 
 import diffeqx as dfx
-from diffeqx._profile import count_equations
+from diffeqx._profile import count_equations, intermediate_bytes
 
 # Each budget is the count when it was set plus about 5 %, measured with JAX 0.10.2 and Equinox
 # 0.13 (x64 on, as in the test suite).
@@ -244,3 +244,19 @@ def test_lowering_a_solve_compiles_nothing_else(name, fn, y0):
         f"Lowering `{name}` compiled {len(handler.names)} other programs: "
         f"{handler.names}"
     )
+
+
+def test_intermediate_bytes_counts_every_value_computed():
+    x = jnp.ones(10, jnp.float32)
+    # Two values of 10 float32s.
+    assert intermediate_bytes(jax.make_jaxpr(lambda x: jnp.sin(x) * 2)(x)) == 80
+    # A scan's body counts once per iteration (its outputs too: 3 stacked values).
+    scanned = jax.make_jaxpr(
+        lambda x: jax.lax.scan(lambda c, _: (jnp.sin(c), c), x, length=3)
+    )(x)
+    assert intermediate_bytes(scanned) == 3 * 40 + 40 + 3 * 40
+    # A while loop's trip count is unknown.
+    looped = jax.make_jaxpr(
+        lambda x: jax.lax.while_loop(lambda c: c[0] < 1, jnp.sin, x)
+    )(x)
+    assert intermediate_bytes(looped) == float("inf")

@@ -299,6 +299,36 @@ def test_forward_mode_after_jit_works_the_ways_the_message_gives():
 # ---------------------------------------------------------------------------------
 
 
+def test_batch_size_multiplies_the_vmaps_around():
+    seen = []
+
+    def record(x):
+        seen.append(_transforms.batch_size())
+        return x
+
+    record(jnp.ones(2))
+    jax.jit(record)(jnp.ones(2))
+    jax.vmap(jax.vmap(record), in_axes=1)(jnp.ones((3, 5)))
+    jax.vmap(jax.grad(lambda x: jnp.sum(record(x))))(jnp.ones((4, 2)))
+    jax.vmap(lambda x: lax.scan(lambda c, _: (record(c), None), x, length=2)[0])(
+        jnp.ones((6, 2))
+    )
+    assert seen == [1, 1, 15, 4, 6]
+
+
+def test_batch_size_is_none_where_it_cannot_tell(monkeypatch):
+    class Renamed:
+        pass
+
+    fake_pe = types.SimpleNamespace(
+        DynamicJaxprTrace=Renamed, JaxprTrace=_transforms._pe.JaxprTrace
+    )
+    monkeypatch.setattr(_transforms, "_pe", fake_pe)
+    seen = []
+    jax.jit(lambda x: seen.append(_transforms.batch_size()) or x)(jnp.ones(2))
+    assert seen == [None]
+
+
 def _assert_detection_error(info, what):
     message = str(info.value)
     assert f"JAX {jax.__version__}" in message

@@ -21,6 +21,7 @@ The parts:
 """
 
 import collections
+import math
 import re
 
 import jax
@@ -96,3 +97,29 @@ def count_executions(jaxpr, primitive: str) -> int:
         return total
 
     return count(getattr(jaxpr, "jaxpr", jaxpr), 1)
+
+
+def aval_bytes(aval) -> int:
+    """The bytes of a value of abstract value `aval`."""
+    shape = getattr(aval, "shape", ())
+    return math.prod(shape) * getattr(getattr(aval, "dtype", None), "itemsize", 8)
+
+
+def intermediate_bytes(jaxpr) -> float:
+    """The bytes of all values that `jaxpr` computes when it runs once (the outputs of
+    its equations, those of nested jaxprs included, loop bodies times the lengths of
+    their scans): an upper bound on what reverse mode can store of one run of it.
+    Infinite where it holds a loop of unknown length (`while`)."""
+
+    def total(jaxpr, repeat):
+        out = 0.0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "while":
+                return float("inf")
+            out += repeat * sum(aval_bytes(v.aval) for v in eqn.outvars)
+            inner_repeat = repeat * eqn.params.get("length", 1)
+            for inner in _sub_jaxprs(eqn.params):
+                out += total(inner, inner_repeat)
+        return out
+
+    return total(getattr(jaxpr, "jaxpr", jaxpr), 1)

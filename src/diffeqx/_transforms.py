@@ -153,6 +153,29 @@ def is_batched() -> bool:
     return "batch" in active_transforms()
 
 
+def batch_size() -> int | None:
+    """The number of computations the one being traced stands for: the product of
+    the sizes of the `jax.vmap`s around it (1 without). None where it cannot tell (a
+    trace type it does not know, or JAX internals it reads that are missing): for
+    decisions that only affect speed and memory, which must then assume the worst."""
+    try:
+        trace, classify = _trace_kinds()
+    except LookupError:
+        return None
+    size = 1
+    while trace is not None:
+        kind = classify(trace)
+        if kind == "unknown":
+            return None
+        if kind == "batch":
+            axis_size = getattr(getattr(trace, "axis_data", None), "size", None)
+            if not isinstance(axis_size, int):
+                return None
+            size *= axis_size
+        trace = getattr(trace, "parent_trace", None)
+    return size
+
+
 def is_staged() -> bool:
     """Whether the computation is being staged into a program (traced under `jax.jit`,
     inside control flow, `jax.checkpoint`, ...) or run by a transformation other than

@@ -35,6 +35,14 @@ class AbstractAdjoint(eqx.Module):
         of `k` steps for reverse mode."""
         return None
 
+    def fixed_step_storage(self) -> int:
+        """The most memory, in bytes, that reverse mode may spend on a fixed-length
+        scan (see `fixed_step_block`) storing what every step computes, instead of
+        grouping the steps into rematerialised blocks: when an upper bound on that
+        memory is within it, the steps run as a plain scan and nothing is recomputed.
+        `0` (the default): always the blocks."""
+        return 0
+
 
 def while_loop_of_kind(kind: str, *, pack_scalars: bool = False, **kwargs) -> Callable:
     """A while loop with write-once buffers: `"lax"` (forward-mode differentiable),

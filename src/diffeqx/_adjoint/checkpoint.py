@@ -24,6 +24,13 @@ FORWARD_MODE_MESSAGE = (
 )
 
 
+# The memory a fixed-step solve under reverse mode may use to store every step's values
+# (an upper bound: all that the steps compute), when `checkpoints` is left to the
+# library. (64 MiB: the bound counts every value, and is several times what is stored,
+# e.g. 30 MB against 8 MB for bench_sde.py's neural SDE gradient.)
+_STORAGE_BYTES = 2**26
+
+
 @final
 class RecursiveCheckpointAdjoint(AbstractAdjoint):
     """Differentiates the solve by backpropagating through the solver's operations
@@ -39,9 +46,12 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
     - `checkpoints`: the number of stored states. `None` chooses it from `max_steps`
       (which must then be finite for reverse mode). On the fixed-step path
       (constant steps known at trace time, see `diffeqsolve`), the steps are instead
-      grouped into `checkpoints` blocks of equal length (about the square root of the
-      number of steps by default), each storing one state and recomputing its steps
-      on the backward pass.
+      grouped into `checkpoints` blocks of equal length, each storing one state and
+      recomputing its steps on the backward pass. With `checkpoints=None` there,
+      a solve whose steps' values all fit in 64 MiB stores them and recomputes
+      nothing (the bound is an upper one: every value a step computes, from its
+      traced program, times the steps and the `jax.vmap` batch size); a larger
+      one runs in blocks (about the square root of the number of steps of them).
 
     Supports every mode and order, choosing the loop from the derivatives being
     taken (read from JAX's trace when the solve is traced):
@@ -143,6 +153,13 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
         if self.checkpoints is None:
             return _block_size(num_steps, math.isqrt(num_steps))
         return _block_size(num_steps, -(-num_steps // self.checkpoints))
+
+    def fixed_step_storage(self):
+        # With `checkpoints` chosen by the library, a short solve whose steps' values
+        # all fit in `_STORAGE_BYTES` stores them rather than recomputing its blocks
+        # (a smaller program, compiled and run faster). An explicit `checkpoints`
+        # is the user's memory budget, and keeps the blocks.
+        return _STORAGE_BYTES if self.checkpoints is None else 0
 
 
 def _block_size(num_steps, target):

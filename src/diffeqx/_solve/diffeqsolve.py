@@ -367,8 +367,7 @@ def _run(spec, init_state, adjoint, stepsize_controller, saveat, given_times, re
             resumed,
         )
     if fixed is not None:
-        num_fixed_steps, block = fixed
-        return run_fixed_steps(spec, init_state, num_fixed_steps, block)
+        return run_fixed_steps(spec, init_state, *fixed)
     return _run_adjoint_loop(spec, init_state, adjoint)
 
 

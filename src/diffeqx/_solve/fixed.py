@@ -27,10 +27,12 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.extend.core import jaxpr_as_fun
 
 from .._controller.constant import ConstantStepSize, constant_step_count
+from .._profile import aval_bytes, intermediate_bytes
 from .._solution import RESULTS, succeeded, where_result
-from .._transforms import hashable_statics, is_batched
+from .._transforms import batch_size, hashable_statics, is_batched
 from . import checks
 from .loop import (
     LoopSpec,
@@ -53,10 +55,10 @@ _MIN_BLOCK_STEPS = 64
 def fixed_step_plan(
     controller, saveat, subs, adjoint, t0, t1, dt0, max_steps, dtype, resumed
 ):
-    """`(num_steps, block)` when the solve can run as a fixed-length scan: constant
-    steps from a fresh controller, times known at trace time, only `t0`/`t1`
-    outputs, and an adjoint that allows it (`AbstractAdjoint.fixed_step_block`).
-    Otherwise None."""
+    """`(num_steps, block, storage)` when the solve can run as a fixed-length scan:
+    constant steps from a fresh controller, times known at trace time, only `t0`/`t1`
+    outputs, and an adjoint that allows it (`AbstractAdjoint.fixed_step_block`, and
+    `fixed_step_storage` for blocks). Otherwise None."""
     if type(controller) is not ConstantStepSize or saveat.dense or resumed:
         return None
     if any(sub.steps or sub.ts is not None for sub in subs):
@@ -76,7 +78,7 @@ def fixed_step_plan(
     block = adjoint.fixed_step_block(num_steps)
     if block is None:
         return None
-    return num_steps, block
+    return num_steps, block, adjoint.fixed_step_storage() if block > 0 else 0
 
 
 def _constant_step_count(t0, t1, dt0, dtype, max_steps) -> int | None:
@@ -193,7 +195,42 @@ def _sample_size(tabulators: list, state: LoopState) -> int:
     return sum(int(np.prod(x.shape)) for x in jtu.tree_leaves(shapes))
 
 
-def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block: int):
+def _traced_body(body, carry, tabulators, state: LoopState):
+    """`body` traced once, at the size of one solve: `(jaxpr, replay)`, where
+    `replay(carry, row)` evaluates the jaxpr (so that a scan over it does not trace
+    the step again)."""
+    row = None
+    if tabulators is not None:
+        one = jnp.zeros((1,), jnp.result_type(state.tprev))
+        rows = jax.eval_shape(lambda: block_samples(tabulators, one, one))
+        row = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), rows)
+    closed, out_shape = jax.make_jaxpr(body, return_shape=True)(carry, row)
+    out_structure = jtu.tree_structure(out_shape)
+    evaluate = jaxpr_as_fun(closed)
+
+    def replay(carry, row):
+        return jtu.tree_unflatten(
+            out_structure, evaluate(*jtu.tree_leaves((carry, row)))
+        )
+
+    return closed, replay
+
+
+def _stored_bytes(jaxpr, num_steps: int) -> float:
+    """An upper bound on the memory reverse mode uses through `num_steps` runs of the
+    step `jaxpr` (traced at the size of one solve) without rematerialisation: all
+    the values one step reads and computes, times the steps and the size of the
+    batch. Infinite where that cannot be bounded."""
+    per_step = intermediate_bytes(jaxpr) + sum(
+        aval_bytes(x.aval) for x in jaxpr.jaxpr.invars
+    )
+    batch = batch_size()
+    return float("inf") if batch is None else per_step * num_steps * batch
+
+
+def run_fixed_steps(
+    spec: LoopSpec, init_state: LoopState, num_steps: int, block: int, storage: int = 0
+):
     """At most `num_steps` steps of the loop, as a scan (see the module's
     docstring). Called outside any transformation (eagerly), compiled as one
     program: op by op, it would be a few dozen programs to compile."""
@@ -203,17 +240,21 @@ def run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block
     if traced or not hashable_statics((spec, init_state)):
         # (Something static that cannot be hashed, e.g. an unhashable object in
         # `args`: op by op, as the rest of such a call.)
-        return _run_fixed_steps(spec, init_state, num_steps, block)
-    return _run_fixed_steps_jitted(spec, init_state, num_steps, block)
+        return _run_fixed_steps(spec, init_state, num_steps, block, storage)
+    return _run_fixed_steps_jitted(spec, init_state, num_steps, block, storage)
 
 
-def _run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, block: int):
+def _run_fixed_steps(
+    spec: LoopSpec, init_state: LoopState, num_steps: int, block: int, storage: int
+):
     """`run_fixed_steps`.
 
     `block > 0` groups the steps into rematerialised blocks (`jax.checkpoint`) of
     that many steps, as reverse mode asks for, so that it stores one state per block
-    plus one block's worth of steps. Otherwise the steps are one scan, or, when
-    they have Brownian samples to compute ahead, blocks whose samples hold at most
+    plus one block's worth of steps -- unless everything the steps compute takes at
+    most `storage` bytes (`_stored_bytes`), when reverse mode stores it all and
+    recomputes nothing. Otherwise the steps are one scan, or, when they have
+    Brownian samples to compute ahead, blocks whose samples hold at most
     `_BLOCK_NUMBERS` numbers. The last block is padded with steps that are not
     taken, so the program holds one copy of the step.
 
@@ -231,17 +272,7 @@ def _run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, bloc
         return finish_loop(spec, init_state)
     plan = tabulation(spec, init_state)
     tabulators = prepare(plan, num_steps) if plan is not None else None
-    if block > 0:
-        size = min(block, num_steps)
-    elif plan is not None:
-        per_step = _sample_size(tabulators, init_state)
-        most = max(_BLOCK_NUMBERS // max(per_step, 1), _MIN_BLOCK_STEPS)
-        size = math.ceil(num_steps / math.ceil(num_steps / most))
-    else:
-        size = num_steps
-    num_blocks = math.ceil(num_steps / size)
-    blocks = block > 0 or plan is not None
-    branch = blocks and jax.default_backend() == "cpu" and not is_batched()
+    branch = False  # (set below; `body` reads it when traced)
 
     def step(row, y, solver_state, place):
         step_spec = spec if row is None else answering(spec, plan, row)
@@ -274,19 +305,39 @@ def _run_fixed_steps(spec: LoopSpec, init_state: LoopState, num_steps: int, bloc
             )
         return (y, solver_state, status + change, place), None
 
+    place = _Place(init_state.tprev, init_state.tnext, init_state.controller_state)
+    # A solve that has already failed takes no step.
+    status = jnp.where(succeeded(init_state.result), 0, 1).astype(jnp.int32)
+    carry = (init_state.y, init_state.solver_state, status, place)
+    scan_body = body
+    if block > 0 and storage > 0:
+        # Traced as it runs if it is not in blocks (see `branch` below).
+        branch = plan is not None and jax.default_backend() == "cpu"
+        branch = branch and not is_batched()
+        jaxpr, replay = _traced_body(body, carry, tabulators, init_state)
+        if _stored_bytes(jaxpr, num_steps) <= storage:
+            block, scan_body = 0, replay
+    if block > 0:
+        size = min(block, num_steps)
+    elif plan is not None:
+        per_step = _sample_size(tabulators, init_state)
+        most = max(_BLOCK_NUMBERS // max(per_step, 1), _MIN_BLOCK_STEPS)
+        size = math.ceil(num_steps / math.ceil(num_steps / most))
+    else:
+        size = num_steps
+    num_blocks = math.ceil(num_steps / size)
+    blocks = block > 0 or plan is not None
+    branch = blocks and jax.default_backend() == "cpu" and not is_batched()
+
     def run_block(carry, _):
         rows = None
         if tabulators is not None:
             tprev, tnext = _times(spec, init_state, carry[3], size)
             rows = block_samples(tabulators, tprev, tnext)
-        return lax.scan(body, carry, rows, length=size)[0], None
+        return lax.scan(scan_body, carry, rows, length=size)[0], None
 
     if block > 0:
         run_block = jax.checkpoint(run_block)
-    place = _Place(init_state.tprev, init_state.tnext, init_state.controller_state)
-    # A solve that has already failed takes no step.
-    status = jnp.where(succeeded(init_state.result), 0, 1).astype(jnp.int32)
-    carry = (init_state.y, init_state.solver_state, status, place)
     if num_blocks == 1:
         carry = run_block(carry, None)[0]
     else:
