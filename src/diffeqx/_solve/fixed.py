@@ -183,27 +183,11 @@ def _state_after(state: LoopState, place: _Place, y, solver_state, status):
     )
 
 
-def _sample_size(tabulators: list, state: LoopState) -> int:
-    """How many numbers the Brownian samples of one step hold."""
-    one = jnp.zeros((1,), jnp.result_type(state.tprev))
-    shapes = jax.eval_shape(
-        lambda: [
-            [tabulate(one, one) for tabulate in per_path.values()]
-            for per_path in tabulators
-        ]
-    )
-    return sum(int(np.prod(x.shape)) for x in jtu.tree_leaves(shapes))
-
-
-def _traced_body(body, carry, tabulators, state: LoopState):
-    """`body` traced once, at the size of one solve: `(jaxpr, replay)`, where
+def _traced_body(body, carry, row):
+    """`body` traced once, at the size of one solve, for a step's samples of shapes
+    `row` (`Tabulation.row_shapes`): `(jaxpr, replay)`, where
     `replay(carry, row)` evaluates the jaxpr (so that a scan over it does not trace
     the step again)."""
-    row = None
-    if tabulators is not None:
-        one = jnp.zeros((1,), jnp.result_type(state.tprev))
-        rows = jax.eval_shape(lambda: block_samples(tabulators, one, one))
-        row = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), rows)
     closed, out_shape = jax.make_jaxpr(body, return_shape=True)(carry, row)
     out_structure = jtu.tree_structure(out_shape)
     evaluate = jaxpr_as_fun(closed)
@@ -309,18 +293,21 @@ def _run_fixed_steps(
     # A solve that has already failed takes no step.
     status = jnp.where(succeeded(init_state.result), 0, 1).astype(jnp.int32)
     carry = (init_state.y, init_state.solver_state, status, place)
-    scan_body = body
+    scan_body, row = body, None
     if block > 0 and storage > 0:
         # Traced as it runs if it is not in blocks (see `branch` below).
         branch = plan is not None and jax.default_backend() == "cpu"
         branch = branch and not is_batched()
-        jaxpr, replay = _traced_body(body, carry, tabulators, init_state)
+        row = None if plan is None else plan.row_shapes()
+        jaxpr, replay = _traced_body(body, carry, row)
         if _stored_bytes(jaxpr, num_steps) <= storage:
             block, scan_body = 0, replay
     if block > 0:
         size = min(block, num_steps)
     elif plan is not None:
-        per_step = _sample_size(tabulators, init_state)
+        if row is None:
+            row = plan.row_shapes()
+        per_step = sum(int(np.prod(x.shape)) for x in jtu.tree_leaves(row))
         most = max(_BLOCK_NUMBERS // max(per_step, 1), _MIN_BLOCK_STEPS)
         size = math.ceil(num_steps / math.ceil(num_steps / most))
     else:

@@ -66,8 +66,10 @@ class _Probe(_StandIn):
     levy_area: type = eqx.field(static=True)
 
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
-        _probe_log.calls.append((self.index, t0, t1, left, use_levy))
-        return self.inner.evaluate(t0, t1, left=left, use_levy=use_levy)
+        out = self.inner.evaluate(t0, t1, left=left, use_levy=use_levy)
+        shapes = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), out)
+        _probe_log.calls.append((self.index, t0, t1, left, use_levy, shapes))
+        return out
 
 
 class _Answers(_StandIn):
@@ -94,6 +96,15 @@ class Tabulation(eqx.Module):
 
     paths: list  # the Brownian paths, in `brownian_paths` order
     queries: list  # per path: the sorted (left, use_levy) pairs it is asked for
+    # per path: {(left, use_levy): the shapes of one step's answer}
+    shapes: tuple = eqx.field(static=True)
+
+    def row_shapes(self) -> list:
+        """The shapes of one step's samples, as `block_samples` gives them per step."""
+        return [
+            {query: shapes[query] for query in queries}
+            for queries, shapes in zip(self.queries, self.shapes, strict=True)
+        ]
 
 
 def tabulation(spec: LoopSpec, state: LoopState) -> Tabulation | None:
@@ -113,10 +124,10 @@ def tabulation(spec: LoopSpec, state: LoopState) -> Tabulation | None:
             out = take_step(probe_spec, state)
             own_interval.append(
                 [
-                    (i, left, use_levy)
+                    (i, left, use_levy, shapes)
                     if (t0 is state.tprev and t1 is state.tnext)
                     else None
-                    for i, t0, t1, left, use_levy in _probe_log.calls
+                    for i, t0, t1, left, use_levy, shapes in _probe_log.calls
                 ]
             )
         finally:
@@ -128,13 +139,17 @@ def tabulation(spec: LoopSpec, state: LoopState) -> Tabulation | None:
     if not calls or any(call is None for call in calls):
         return None
     queries = [
-        sorted({(bool(left), bool(levy)) for j, left, levy in calls if j == i})
+        sorted({(bool(left), bool(levy)) for j, left, levy, _ in calls if j == i})
         for i in range(len(paths))
     ]
+    shapes = tuple(
+        {(bool(left), bool(levy)): s for j, left, levy, s in calls if j == i}
+        for i in range(len(paths))
+    )
     for path, path_queries in zip(paths, queries, strict=True):
         if not all(path._vmap_exact(levy) for _, levy in path_queries):
             return None
-    return Tabulation(paths, queries)
+    return Tabulation(paths, queries, shapes)
 
 
 def prepare(plan: Tabulation, num_steps: int) -> list:
