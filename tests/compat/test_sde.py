@@ -146,3 +146,57 @@ def test_spark_revisiting_rejected_steps_matches_diffrax():
     assert ours[:2] == theirs[:2] and ours[1] > 0
     np.testing.assert_allclose(ours[2], theirs[2], rtol=1e-12)
     np.testing.assert_allclose(ours[3], theirs[3], rtol=1e-11, atol=1e-12)
+
+
+def _gradient(lib, solver_name, vmapped):
+    """The gradient of a loss through 40 constant steps, with respect to `y0` and a
+    scale of the diffusion, on the shared path (the fixed-step path under reverse
+    mode, in diffeqx); under `vmap`, over two scales."""
+    terms, y0 = _terms(lib, "general")
+
+    def loss(y0, scale):
+        scaled = lib.MultiTerm(
+            terms.terms[0],
+            lib.ControlTerm(
+                lambda t, y, args: scale * terms.terms[1].vector_field(t, y, args),
+                terms.terms[1].control,
+            ),
+        )
+        sol = lib.diffeqsolve(scaled, SOLVERS[solver_name](lib), 0.0, 2.0, 0.05, y0)
+        return jnp.sum(sol.ys[-1] ** 2)
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    if vmapped:
+        grad = jax.vmap(grad, in_axes=(None, 0))
+        return jax.jit(grad)(y0, jnp.asarray([0.9, 1.1]))
+    return jax.jit(grad)(y0, jnp.asarray(0.9))
+
+
+@pytest.mark.parametrize("storage", ["stored", "blocks"])
+@pytest.mark.parametrize(
+    "solver_name, vmapped", [("ReversibleHeun", False), ("Heun", True)]
+)
+def test_same_fixed_step_gradient_as_diffrax(
+    solver_name, vmapped, storage, monkeypatch
+):
+    # diffeqx keeps every step's values for the backward pass when they fit its
+    # bound, else recomputes blocks of steps: both give Diffrax's gradient.
+    from diffeqx._adjoint import checkpoint
+    from diffeqx._solve import fixed
+
+    if storage == "blocks":
+        monkeypatch.setattr(checkpoint, "_STORAGE_BYTES", 0)
+    bounds = []
+    original = fixed._stored_bytes
+    monkeypatch.setattr(
+        fixed, "_stored_bytes", lambda *a: bounds.append(original(*a)) or bounds[-1]
+    )
+    with jax.numpy_dtype_promotion("standard"):
+        theirs = _gradient(diffrax, solver_name, vmapped)
+    ours = _gradient(diffeqx, solver_name, vmapped)
+    if storage == "stored":
+        assert len(bounds) == 1 and bounds[0] <= checkpoint._STORAGE_BYTES
+    else:
+        assert not bounds
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
