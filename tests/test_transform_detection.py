@@ -316,7 +316,10 @@ def test_batch_size_multiplies_the_vmaps_around():
     assert seen == [1, 1, 15, 4, 6]
 
 
-def test_batch_size_is_none_where_it_cannot_tell(monkeypatch):
+def _rename_jit_trace(monkeypatch):
+    """Stands in for a JAX whose jit tracing uses a class the detection does not
+    know."""
+
     class Renamed:
         pass
 
@@ -324,6 +327,10 @@ def test_batch_size_is_none_where_it_cannot_tell(monkeypatch):
         DynamicJaxprTrace=Renamed, JaxprTrace=_transforms._pe.JaxprTrace
     )
     monkeypatch.setattr(_transforms, "_pe", fake_pe)
+
+
+def test_batch_size_is_none_where_it_cannot_tell(monkeypatch):
+    _rename_jit_trace(monkeypatch)
     seen = []
     jax.jit(lambda x: seen.append(_transforms.batch_size()) or x)(jnp.ones(2))
     assert seen == [None]
@@ -359,14 +366,7 @@ def test_missing_trace_context_fails_loudly(monkeypatch):
 
 
 def test_unknown_trace_type_fails_loudly(monkeypatch):
-    # A JAX whose jit tracing uses a class the detection does not know.
-    class Renamed:
-        pass
-
-    fake_pe = types.SimpleNamespace(
-        DynamicJaxprTrace=Renamed, JaxprTrace=_transforms._pe.JaxprTrace
-    )
-    monkeypatch.setattr(_transforms, "_pe", fake_pe)
+    _rename_jit_trace(monkeypatch)
     with pytest.raises(TransformDetectionError) as info:
         jax.jit(lambda a: _solve(a))(X)
     _assert_detection_error(info, "DynamicJaxprTrace")
