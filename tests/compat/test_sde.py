@@ -172,9 +172,15 @@ def _gradient(lib, solver_name, vmapped):
     return jax.jit(grad)(y0, jnp.asarray(0.9))
 
 
-@pytest.mark.parametrize("storage", ["stored", "blocks"])
 @pytest.mark.parametrize(
-    "solver_name, vmapped", [("ReversibleHeun", False), ("Heun", True)]
+    "solver_name, vmapped, storage",
+    [
+        ("ReversibleHeun", False, "stored"),
+        ("Heun", True, "blocks"),
+        # (The other two pairings repeat these two's checks.)
+        pytest.param("ReversibleHeun", False, "blocks", marks=pytest.mark.slow),
+        pytest.param("Heun", True, "stored", marks=pytest.mark.slow),
+    ],
 )
 def test_same_fixed_step_gradient_as_diffrax(
     solver_name, vmapped, storage, monkeypatch
