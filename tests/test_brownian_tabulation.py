@@ -15,6 +15,7 @@ import pytest
 
 import diffeqx as dfx
 import diffeqx._solve.fixed as fixed
+from diffeqx._adjoint import checkpoint as checkpoint_module
 
 
 def _path(kind, levy_area, key):
@@ -109,9 +110,14 @@ def test_tabulated_solve_equals_the_while_loop(case, tabulated_blocks):
     _assert_same(kind, fast, general)
 
 
-def test_tabulated_solve_under_vmap_and_grad(tabulated_blocks):
-    # A batch over keys, and a gradient through the rematerialised blocks (whose
-    # samples are recomputed in the backward pass): against the while loop.
+@pytest.mark.parametrize("storage", ["default", "exceeded"])
+def test_tabulated_solve_under_vmap_and_grad(tabulated_blocks, storage, monkeypatch):
+    # A batch over keys, and a gradient: through the steps' kept values by default,
+    # or, with a bound too small for them, through rematerialised blocks (whose
+    # samples are recomputed in the backward pass, and whose step is the one traced
+    # for the bound): against the while loop.
+    if storage == "exceeded":
+        monkeypatch.setattr(checkpoint_module, "_STORAGE_BYTES", 1)
     solve = _solve("tree", dfx.Heun(), dfx.BrownianIncrement)
     keys = jr.split(jr.key(5), 4)
 

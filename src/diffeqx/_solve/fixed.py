@@ -295,13 +295,17 @@ def _run_fixed_steps(
     carry = (init_state.y, init_state.solver_state, status, place)
     scan_body, row = body, None
     if block > 0 and storage > 0:
-        # Traced as it runs if it is not in blocks (see `branch` below).
+        # Traced as it runs if it is not in blocks (see `branch` below); in blocks,
+        # the same unless there are no samples, on CPU outside `vmap`.
         branch = plan is not None and jax.default_backend() == "cpu"
         branch = branch and not is_batched()
         row = None if plan is None else plan.row_shapes()
         jaxpr, replay = _traced_body(body, carry, row)
+        in_blocks_too = branch == (jax.default_backend() == "cpu" and not is_batched())
         if _stored_bytes(jaxpr, num_steps) <= storage:
             block, scan_body = 0, replay
+        elif in_blocks_too:
+            scan_body = replay
     if block > 0:
         size = min(block, num_steps)
     elif plan is not None:
