@@ -110,7 +110,11 @@ def test_tabulated_solve_equals_the_while_loop(case, tabulated_blocks):
     _assert_same(kind, fast, general)
 
 
-@pytest.mark.parametrize("storage", ["default", "exceeded"])
+@pytest.mark.parametrize(
+    # (tests/test_fixed_step_path.py covers the blocks with a bound exceeded.)
+    "storage",
+    ["default", pytest.param("exceeded", marks=pytest.mark.slow)],
+)
 def test_tabulated_solve_under_vmap_and_grad(tabulated_blocks, storage, monkeypatch):
     # A batch over keys, and a gradient: through the steps' kept values by default,
     # or, with a bound too small for them, through rematerialised blocks (whose
