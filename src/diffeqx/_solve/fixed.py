@@ -293,18 +293,17 @@ def _run_fixed_steps(
     # A solve that has already failed takes no step.
     status = jnp.where(succeeded(init_state.result), 0, 1).astype(jnp.int32)
     carry = (init_state.y, init_state.solver_state, status, place)
+    single_on_cpu = jax.default_backend() == "cpu" and not is_batched()
     scan_body, row = body, None
     if block > 0 and storage > 0:
-        # Traced as it runs if it is not in blocks (see `branch` below); in blocks,
-        # the same unless there are no samples, on CPU outside `vmap`.
-        branch = plan is not None and jax.default_backend() == "cpu"
-        branch = branch and not is_batched()
+        # Traced as it runs without blocks (see `branch` below), which is also how it
+        # runs in blocks unless there are no samples, on CPU outside `vmap`.
+        branch = plan is not None and single_on_cpu
         row = None if plan is None else plan.row_shapes()
         jaxpr, replay = _traced_body(body, carry, row)
-        in_blocks_too = branch == (jax.default_backend() == "cpu" and not is_batched())
         if _stored_bytes(jaxpr, num_steps) <= storage:
             block, scan_body = 0, replay
-        elif in_blocks_too:
+        elif branch == single_on_cpu:
             scan_body = replay
     if block > 0:
         size = min(block, num_steps)
@@ -317,8 +316,7 @@ def _run_fixed_steps(
     else:
         size = num_steps
     num_blocks = math.ceil(num_steps / size)
-    blocks = block > 0 or plan is not None
-    branch = blocks and jax.default_backend() == "cpu" and not is_batched()
+    branch = (block > 0 or plan is not None) and single_on_cpu
 
     def run_block(carry, _):
         rows = None
