@@ -100,9 +100,12 @@ def count_executions(jaxpr, primitive: str) -> int:
 
 
 def aval_bytes(aval) -> int:
-    """The bytes of a value of abstract value `aval`."""
-    shape = getattr(aval, "shape", ())
-    return math.prod(shape) * getattr(getattr(aval, "dtype", None), "itemsize", 8)
+    """The bytes of a value of abstract value `aval` (0 for one without a shape and
+    dtype, e.g. a token)."""
+    shape, dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
+    if shape is None or dtype is None:
+        return 0
+    return math.prod(shape) * dtype.itemsize
 
 
 def intermediate_bytes(jaxpr) -> float:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from .._profile import aval_bytes
 from .._solution import RESULTS
 from .._term import AbstractTerm, scales_vector_field
 from .._transforms import differentiation_levels, is_batched
@@ -396,14 +397,11 @@ _REMAT_STACK_BYTES = 1 << 20
 def _intermediate_bytes(fn, *example_args) -> int:
     """The bytes of the values `fn` computes (every equation's outputs, nested
     bodies included), as traced: under `jax.vmap`, per batch element."""
-    total = 0
-    for eqn in _equations(fn, *example_args):
-        for var in eqn.outvars:
-            aval = getattr(var, "aval", None)
-            shape, dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
-            if shape is not None and dtype is not None:
-                total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    return total
+    return sum(
+        aval_bytes(getattr(var, "aval", None))
+        for eqn in _equations(fn, *example_args)
+        for var in eqn.outvars
+    )
 
 
 def _equations(fn, *example_args):
