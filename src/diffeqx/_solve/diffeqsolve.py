@@ -166,18 +166,32 @@ def _solve(
         # The adjoint wraps a whole solve in its own derivative rule.
         with scope("adjoint"):
             return adjoint.custom_solve(diffeqsolve, dict(problem, throw=throw))
+    fixed = None
+    if event is None and isinstance(progress_meter, NoProgressMeter):
+        fixed = fixed_step_plan(
+            stepsize_controller,
+            saveat,
+            subs,
+            adjoint,
+            *given_times,
+            max_steps,
+            t0.dtype,
+            controller_state is not None,
+        )
     with scope("setup"):
         spec, init_state = initial_state(
             subs=subs,
             times_are_numbers=all(isinstance(t, (int, float)) for t in given_times[:2]),
             forwards=_known_forwards(*given_times[:2]),
+            seed=fixed is None,
             **problem,
         )
-    resumed = controller_state is not None
     with scope("adjoint"):
-        final = _run(
-            spec, init_state, adjoint, stepsize_controller, saveat, given_times, resumed
-        )
+        if fixed is not None:
+            # Constant steps known at trace time: a fixed-length scan.
+            final = run_fixed_steps(spec, init_state, *fixed)
+        else:
+            final = _run_adjoint_loop(spec, init_state, adjoint)
     if event is not None and event.terminate:
         with scope("events"):
             final = _finish_terminal_event(spec, final)
@@ -349,26 +363,6 @@ def _check_arguments(
     checks.check_saveat(saveat, t0, t1, max_steps, subs)
     checks.check_unsafe_brownian(terms, stepsize_controller, adjoint)
     return subs
-
-
-def _run(spec, init_state, adjoint, stepsize_controller, saveat, given_times, resumed):
-    """Runs the loop: as a fixed-length scan when the steps are known at trace time
-    and the adjoint allows it, else as the adjoint's while loop."""
-    fixed = None
-    if spec.event_spec is None and spec.progress_meter is None:
-        fixed = fixed_step_plan(
-            stepsize_controller,
-            saveat,
-            spec.subs,
-            adjoint,
-            *given_times,
-            spec.max_steps,
-            spec.t0.dtype,
-            resumed,
-        )
-    if fixed is not None:
-        return run_fixed_steps(spec, init_state, *fixed)
-    return _run_adjoint_loop(spec, init_state, adjoint)
 
 
 def _run_adjoint_loop(spec, init_state, adjoint):
