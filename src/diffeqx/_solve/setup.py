@@ -217,8 +217,8 @@ def _runtime_zero(y0):
     The fixed-step scan (`fixed.py`) starts unseeded (`initial_state(seed=False)`):
     its loop carries few scalars, so it stays on one thread without, and each seeded
     value costs a compiled kernel of its own (six in a 10,000-step Euler or RK4 solve,
-    about a third of XLA's compile time there; measured on 2 CPU cores, the same
-    run time)."""
+    a quarter to a third of XLA's compile time there; measured on 2 CPU cores, the
+    same run time)."""
     try:
         active_transforms(strict=True)
     except TransformDetectionError:
