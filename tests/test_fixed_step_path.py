@@ -125,7 +125,7 @@ def test_fixed_step_path_under_jit_with_constant_times_matches_while_loop(
 ):
     # Under `jax.jit`, times known at trace time are compiled as constants, and the
     # scan's starting values too (they are not computed at run time, see
-    # `initial_state(seed=False)`): the scan still gives what the while loop gives
+    # `initial_state(seeded=False)`): the scan still gives what the while loop gives
     # with the same constant times. (Either may differ in the last bits from a solve
     # whose times are traced, as XLA folds constants into the arithmetic.)
     y0 = {"x": jnp.ones(3, dtype), "v": jnp.zeros(3, dtype)}

@@ -183,7 +183,7 @@ def _solve(
             subs=subs,
             times_are_numbers=all(isinstance(t, (int, float)) for t in given_times[:2]),
             forwards=_known_forwards(*given_times[:2]),
-            seed=fixed is None,
+            seeded=fixed is None,
             **problem,
         )
     with scope("adjoint"):

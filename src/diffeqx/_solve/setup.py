@@ -76,13 +76,13 @@ def initial_state(
     made_jump,
     times_are_numbers: bool = False,
     forwards: bool = False,
-    seed: bool = True,
+    seeded: bool = True,
 ) -> tuple[LoopSpec, LoopState]:
     """The loop's specification (what stays fixed) and its initial state. The loop
     integrates forwards in `tau = direction * t`. `forwards=True` says that
     `t0 <= t1` is known at trace time: the terms then receive the loop's times as
     they are (no multiplications by a direction of 1, which XLA cannot drop when the
-    direction is computed at run time). `seed=False` leaves the initial values as they
+    direction is computed at run time). `seeded=False` leaves the initial values as they
     are, without `_runtime_zero` (for the fixed-step scan: see `_runtime_zero`)."""
     dtype = t0.dtype
     direction = jnp.where(t1 >= t0, 1, -1).astype(dtype)
@@ -151,7 +151,7 @@ def initial_state(
         event_state, event_mask = event_start.state, event_start.mask
     # The times the loop reads are seeded too (see `_runtime_zero`): computed from
     # array arguments (e.g. `t1=ts[-1]`), they would otherwise be ready at once.
-    seed = _runtime_zero(y0) if seed else None
+    seed = _runtime_zero(y0) if seeded else None
     tau0_loop, tau1_loop = _seeded((tau0, tau1), seed)
     if seed is not None:
         subs_ts = [
@@ -214,7 +214,7 @@ def _runtime_zero(y0):
     80-140 us with constants, 83 us seeded, 35 us seeded and with the
     interpolation's small products written out). Seeded, they wait for `y0`.
 
-    The fixed-step scan (`fixed.py`) starts unseeded (`initial_state(seed=False)`):
+    The fixed-step scan (`fixed.py`) starts unseeded (`initial_state(seeded=False)`):
     its loop carries few scalars, so it stays on one thread without, and each seeded
     value costs a compiled kernel of its own (six in a 10,000-step Euler or RK4 solve,
     a quarter to a third of XLA's compile time there; measured on 2 CPU cores, the
