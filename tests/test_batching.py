@@ -443,3 +443,38 @@ def test_step_to_given_a_ragged_list_is_an_error_naming_the_argument():
 def test_dt0_given_a_ragged_list_is_an_error_naming_the_argument():
     with pytest.raises(ValueError, match="`dt0`"):
         dfx.diffeqsolve(_DECAY, dfx.Tsit5(), 0.0, 1.0, _RAGGED, 1.0, 1.0)
+
+
+def test_vmap_over_args_alone_traces_the_adaptive_step_three_times(monkeypatch):
+    # Under `jax.vmap`, JAX finds which loop values are mapped by batching the loop
+    # body until that set stops growing, then once more. With only `args` mapped
+    # (`y0` shared, as with a batch of Brownian keys), the solve starts its loop
+    # values mapped, which saves one of four batchings of the step; results are
+    # each member's own solve.
+    from jax._src.interpreters import batching
+
+    sizes = []
+    batch_jaxpr_axes = batching.batch_jaxpr_axes
+
+    def counting(closed_jaxpr, *args, **kwargs):
+        sizes.append(len(closed_jaxpr.jaxpr.eqns))
+        return batch_jaxpr_axes(closed_jaxpr, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "batch_jaxpr_axes", counting)
+
+    def solve(rate):
+        return dfx.diffeqsolve(
+            _DECAY, dfx.Tsit5(), 0.0, 2.0, 0.1, jnp.array([1.0, 2.0]), args=rate,
+            stepsize_controller=_TIGHT,
+        ).ys[-1]  # fmt: skip
+
+    rates = jnp.array([0.5, 1.0, 3.0])
+    batched = jax.jit(jax.vmap(solve))(rates)
+    body = max(sizes)
+    assert sizes.count(body) == 3, sizes
+    monkeypatch.undo()
+    for rate, ys in zip(rates, batched, strict=True):
+        np.testing.assert_allclose(
+            ys, _decay_exact(0.0, 2.0, np.array([1.0, 2.0]), float(rate)), rtol=1e-8
+        )
+        np.testing.assert_allclose(ys, jax.jit(solve)(rate), rtol=ULPS)

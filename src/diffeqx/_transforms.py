@@ -176,6 +176,31 @@ def batch_size() -> int | None:
     return size
 
 
+def batched_leaf(tree):
+    """A leaf of `tree` that `jax.vmap` maps, when the computation being traced is
+    directly under `jax.vmap` (its innermost transformation); None otherwise, or where
+    it cannot tell (a speed heuristic)."""
+    batching = _batching
+    if _core is None:
+        return None
+    try:
+        trace = _core.trace_ctx.trace
+        tracer_type, trace_type = batching.BatchTracer, batching.BatchTrace
+    except AttributeError:
+        return None
+    if not isinstance(trace, trace_type):
+        return None
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if (
+            isinstance(leaf, tracer_type)
+            and getattr(leaf, "_trace", None) is trace
+            and getattr(leaf, "batch_dim", None) is not None
+            and leaf.size > 0
+        ):
+            return leaf
+    return None
+
+
 def is_staged() -> bool:
     """Whether the computation is being staged into a program (traced under `jax.jit`,
     inside control flow, `jax.checkpoint`, ...) or run by a transformation other than

@@ -13,7 +13,7 @@ from .._controller.constant import ConstantStepSize, StepTo
 from .._progress import NoProgressMeter
 from .._solution import RESULTS, where_result
 from .._term import forward_time_terms
-from .._transforms import TransformDetectionError, active_transforms
+from .._transforms import TransformDetectionError, active_transforms, batched_leaf
 from .event import EventSpec, EventState, init_event_state
 from .loop import LoopSpec
 from .save import (
@@ -197,6 +197,8 @@ def initial_state(
         event_mask=event_mask,
         progress_state=progress_meter.init(),
     )
+    if not spec.always_accept and batched_leaf(y0) is None:
+        init_state = _batched_as(init_state, batched_leaf((terms, args)))
     return spec, init_state
 
 
@@ -251,6 +253,35 @@ def _seeded(tree, seed):
         if jnp.issubdtype(x.dtype, jnp.floating):
             return jnp.where(seed == 0, x, x + jnp.nan)
         return x
+
+    return jtu.tree_map(_leaf, tree)
+
+
+def _batched_as(tree, leaf):
+    """`tree` with each array leaf mapped by the `jax.vmap` that maps `leaf` (the
+    same values); `tree` itself if `leaf` is None.
+
+    Under `jax.vmap`, JAX finds which of a loop's values are mapped by tracing its
+    body again until the set stops growing, then once more. With an adaptive step
+    size, a mapped input reaches the step size and the loop's condition, so every
+    value ends up mapped. When `y0` is mapped, the values seeded from it
+    (`_runtime_zero`) start mapped, and JAX traces the step three times. When only
+    the terms or `args` are mapped (e.g. a Brownian path's key), nothing starts mapped
+    and JAX traces it four times; starting every value mapped brings that back to
+    three. The compiled program is the same."""
+    if leaf is None:
+        return tree
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    first = jnp.ravel(leaf)[0]
+    mapped = first == first  # mapped, and true (a select of equal values below)
+
+    def _leaf(x):
+        if not isinstance(x, jax.Array) or not (
+            jnp.issubdtype(x.dtype, jnp.number) or x.dtype == jnp.bool_
+        ):
+            return x
+        return jax.lax.select(jnp.broadcast_to(mapped, x.shape), x, x)
 
     return jtu.tree_map(_leaf, tree)
 
