@@ -4,6 +4,7 @@ a member that fails never disturbs the others. Lists where arrays belong are err
 that name the argument."""
 
 import functools
+import re
 
 import equinox as eqx
 import jax
@@ -472,6 +473,21 @@ def test_vmap_over_args_alone_traces_the_adaptive_step_three_times(monkeypatch):
     batched = jax.jit(jax.vmap(solve))(rates)
     body = max(sizes)
     assert sizes.count(body) == 3, sizes
+    monkeypatch.undo()
+    # The compiled program is the one JAX makes when the values start unmapped.
+    from diffeqx._solve import setup
+
+    def program():
+        jax.clear_caches()
+        text = jax.jit(jax.vmap(solve)).lower(rates).compile().as_text()
+        text = text[text.index("\n%") :]  # from the first computation
+        text = re.sub(r", metadata=\{[^}]*\}", "", text)
+        lines = [line for line in text.splitlines() if not line[:1].isdigit()]
+        return sorted(re.sub(r"%[\w.-]+", "%", line).strip() for line in lines)
+
+    started_mapped = program()
+    monkeypatch.setattr(setup, "_batched_as", lambda tree, leaf: tree)
+    assert program() == started_mapped
     monkeypatch.undo()
     for rate, ys in zip(rates, batched, strict=True):
         np.testing.assert_allclose(

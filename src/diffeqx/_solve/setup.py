@@ -274,7 +274,8 @@ def _batched_as(tree, leaf):
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         leaf = jax.random.key_data(leaf)
     first = jnp.ravel(leaf)[0]
-    mapped = first == first  # mapped, and true (a select of equal values below)
+    # True, and mapped; XLA folds `or` with true, and then the selects below.
+    mapped = (first == first) | True
 
     def _leaf(x):
         if not isinstance(x, jax.Array) or not (
