@@ -147,3 +147,21 @@ def test_event_located_where_diffraxs_newton_stops_at_its_iteration_limit():
     t = float(np.asarray(ours["ts"])[1].ravel()[-1])
     v = float(np.asarray(ours["ys"]["v"])[1].reshape(-1, 2)[-1, 0])
     assert abs(-(abs(t) - t_event) + 0.05 * v) < 1e-9
+
+
+@pytest.mark.slow
+def test_event_located_in_a_single_fresh_backward_solve_where_diffraxs_newton_fails():
+    """docs/migration.md: the same difference in a single backward solve from a fresh
+    start (found by a wider sweep of the cases above): Diffrax's Newton iteration
+    ends in a failure code the libraries do not share, diffeqx locates the event,
+    where the condition is zero."""
+    case = Case("lin1", "Tsit5", "pid", "dense", True, "float64", False, "real")
+    theirs, ours = solve(diffrax, case), solve(diffeqx, case)
+    assert not np.asarray(theirs["result"]).any()  # not a shared code
+    assert ours["result"][RESULT_NAMES.index("event_occurred")]
+    # The "real" event condition of the harness: -(|t| - t_event) + 0.05 y[0].
+    t_event = float(Span(2.0, 0.0, np.float64).scalar(0.62))
+    t = float(np.asarray(ours["ts"]).ravel()[-1])
+    y = float(np.asarray(ours["ys"]).ravel()[-1])
+    assert abs(t) < t_event + 0.05  # the crossing, not the start
+    assert abs(-(abs(t) - t_event) + 0.05 * y) < 1e-9
