@@ -28,6 +28,11 @@ import diffeqx
 
 # (rtol, atol) per dtype; see the module docstring.
 TOLERANCE = {"float64": (1e-11, 1e-12), "float32": (2e-5, 2e-6)}
+# Under `jax.vmap` on CPU in float64, diffeqx combines explicit Runge–Kutta stages
+# with elementwise sums, which round otherwise than Diffrax's dot products; adaptive
+# step sizes then follow the error estimate's last digits (docs/migration.md: at
+# worst 2.4e-10 relative in a sweep of 60 such cases, with the same steps).
+VMAP_FLOAT64_TOLERANCE = (1e-9, 1e-12)
 MAX_STEPS = 128
 RESULT_NAMES = ("successful", "max_steps_reached", "dt_min_reached", "event_occurred")
 # The choices of problem and solver a `Case` may make (the sampled axes of the tests).
@@ -412,7 +417,10 @@ def compare(case: Case, verbose: bool = False) -> list[str]:
     except Exception as error:  # noqa: BLE001 - any refusal is a difference
         problems = [f"diffeqx raised {type(error).__name__}: {str(error)[:300]}"]
     else:
-        problems = diff_outputs(expected, actual, case.dtype)
+        tolerance = None
+        if case.vmap and case.dtype == "float64" and jax.default_backend() == "cpu":
+            tolerance = VMAP_FLOAT64_TOLERANCE
+        problems = diff_outputs(expected, actual, case.dtype, tolerance)
     if verbose:
         print(case)
         print("\n".join(problems) if problems else "  same answer")

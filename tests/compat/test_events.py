@@ -216,3 +216,34 @@ def test_event_same_answer_as_diffrax(case):
     assert expected["result"].reshape(-1, 4)[:, 3].any()
     problems = diff_outputs(expected, run(diffeqx, case), case.dtype)
     assert not problems, f"{case}\n" + "\n".join(problems)
+
+
+def test_steps_saved_once_when_a_root_found_event_does_not_fire():
+    """docs/migration.md: with `SaveAt(steps=True)` and a real-valued condition that
+    never crosses zero (so the root finder is never used), Diffrax saves the last
+    step a second time; diffeqx saves each step once, and otherwise the same."""
+
+    def run(lib):
+        event = lib.Event(
+            lambda t, y, args, **kw: y[0] + 1.0, root_finder=optx.Newton(1e-8, 1e-8)
+        )
+        sol = lib.diffeqsolve(
+            lib.ODETerm(lambda t, y, args: -y), lib.Tsit5(), 0.0, 5.0, 0.1,
+            jnp.array([1.0]), saveat=lib.SaveAt(steps=True), event=event,
+            stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
+            max_steps=64,
+        )  # fmt: skip
+        assert sol.result == lib.RESULTS.successful
+        return int(sol.stats["num_steps"]), np.asarray(sol.ts), np.asarray(sol.ys)
+
+    steps, theirs_ts, theirs_ys = run(diffrax)
+    ours_steps, ours_ts, ours_ys = run(diffeqx)
+    assert ours_steps == steps == 14
+    assert np.isfinite(ours_ts).sum() == steps
+    assert np.isfinite(theirs_ts).sum() == steps + 1
+    assert theirs_ts[steps] == theirs_ts[steps - 1] == 5.0
+    np.testing.assert_array_equal(theirs_ys[steps], theirs_ys[steps - 1])
+    # (The step sizes follow the last digits of the error estimate: see "Values to
+    # the last digits" on the migration page.)
+    np.testing.assert_allclose(ours_ts[:steps], theirs_ts[:steps], rtol=1e-9)
+    np.testing.assert_allclose(ours_ys[:steps], theirs_ys[:steps], rtol=1e-9)

@@ -16,6 +16,7 @@ import pytest
 diffrax = pytest.importorskip("diffrax")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import diffeqx  # noqa: E402
@@ -27,6 +28,7 @@ from ._harness import (  # noqa: E402
     Case,
     Span,
     compare,
+    problem,
     solve,
 )
 
@@ -165,3 +167,34 @@ def test_event_located_in_a_single_fresh_backward_solve_where_diffraxs_newton_fa
     y = float(np.asarray(ours["ys"]).ravel()[-1])
     assert abs(t) < t_event + 0.05  # the crossing, not the start
     assert abs(-(abs(t) - t_event) + 0.05 * y) < 1e-9
+
+
+@pytest.mark.slow
+def test_a_float32_decision_near_the_threshold_goes_either_way_in_both_libraries():
+    """docs/migration.md ("Values to the last digits"): in float32 at tight
+    tolerances the error estimate is mostly rounding. In the resumed `lin1` solve
+    of a wider sweep, Diffrax rejects a step that diffeqx accepts at `rtol=1e-5`,
+    and moving `rtol` by 1% flips the decision in either library."""
+    vector_field, y0, args = problem("lin1", jnp.float32)
+
+    def rejections(lib, rtol):
+        term, solver = lib.ODETerm(vector_field), lib.Tsit5()
+        controller = lib.PIDController(rtol=rtol, atol=1e-7)
+        t0, t_mid, t1 = (jnp.asarray(t, jnp.float32) for t in (0.0, 0.85, 2.0))
+        first = lib.diffeqsolve(
+            term, solver, t0, t_mid, None, y0, args, stepsize_controller=controller,
+            saveat=lib.SaveAt(t1=True, solver_state=True, controller_state=True,
+                              made_jump=True),
+        )  # fmt: skip
+        second = lib.diffeqsolve(
+            term, solver, t_mid, t1, None, jax.tree.map(lambda x: x[-1], first.ys),
+            args, stepsize_controller=controller, solver_state=first.solver_state,
+            controller_state=first.controller_state, made_jump=first.made_jump,
+        )  # fmt: skip
+        return int(second.stats["num_rejected_steps"])
+
+    rtols = (0.99e-5, 1e-5, 1.01e-5)
+    theirs = [rejections(diffrax, rtol) for rtol in rtols]
+    ours = [rejections(diffeqx, rtol) for rtol in rtols]
+    assert theirs[1] == 1 and ours[1] == 0
+    assert set(theirs) == set(ours) == {0, 1}

@@ -1,0 +1,78 @@
+"""A wider sweep of the compatibility cases than the test suite runs: a fresh random
+sample of `Case`s (see `test_solves.py`), each compared with Diffrax, printing the
+differences and the largest relative differences of times and values.
+
+    python -m tests.compat.sweep [--seed N] [--cases N] [--vmap-float64-adaptive]
+
+`--vmap-float64-adaptive` samples only adaptive solves under `jax.vmap` in float64 (the
+cases in which diffeqx combines Runge–Kutta stages by elementwise sums; see "Values to
+the last digits" in docs/migration.md). The figures quoted there come from
+`--seed 11 --cases 150` and `--seed 3 --cases 60 --vmap-float64-adaptive`.
+"""
+
+import argparse
+import itertools
+import random
+
+import jax
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+
+import diffrax  # noqa: E402
+
+import diffeqx  # noqa: E402
+
+from ._harness import Case, compare, solve  # noqa: E402
+from .test_solves import AXES, diffrax_accepts  # noqa: E402
+
+
+def _largest_relative(expected, actual) -> dict:
+    out = {}
+    for key in ("ts", "ys"):
+        largest = 0.0
+        pairs = zip(
+            jax.tree.leaves(expected[key]), jax.tree.leaves(actual[key]), strict=True
+        )
+        for e, a in pairs:
+            e, a = np.asarray(e, np.float64), np.asarray(a, np.float64)
+            both = np.isfinite(e) & np.isfinite(a)
+            if both.any():
+                scale = np.maximum(np.abs(e[both]), 1e-3)
+                largest = max(largest, float(np.max(np.abs(e[both] - a[both]) / scale)))
+        out[key] = largest
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--cases", type=int, default=150)
+    parser.add_argument("--vmap-float64-adaptive", action="store_true")
+    options = parser.parse_args(argv)
+    axes = dict(AXES)
+    if options.vmap_float64_adaptive:
+        axes.update(
+            vmap=(True,),
+            dtype=("float64",),
+            controller=("pid", "pid_tight", "clip_step", "clip_jump"),
+        )
+    product = [Case(*values) for values in itertools.product(*axes.values())]
+    sample = random.Random(options.seed).sample(product, 3 * options.cases)
+    cases = [case for case in sample if diffrax_accepts(case)][: options.cases]
+    differing = 0
+    for index, case in enumerate(cases):
+        problems = compare(case)
+        largest = _largest_relative(solve(diffrax, case), solve(diffeqx, case))
+        differing += bool(problems)
+        sizes = ", ".join(f"{k} {v:.1e}" for k, v in largest.items())
+        print(f"{index} {case}: {'DIFFERS' if problems else 'same'} ({sizes})")
+        for line in problems:
+            print("    " + line[:300])
+        jax.clear_caches()
+    print(f"{differing} of {len(cases)} cases differ")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
