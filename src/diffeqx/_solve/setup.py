@@ -261,14 +261,14 @@ def _batched_as(tree, leaf):
     """`tree` with each array leaf mapped by the `jax.vmap` that maps `leaf` (the
     same values); `tree` itself if `leaf` is None.
 
-    Under `jax.vmap`, JAX finds which of a loop's values are mapped by tracing its
-    body again until the set stops growing, then once more. With an adaptive step
-    size, a mapped input reaches the step size and the loop's condition, so every
-    value ends up mapped. When `y0` is mapped, the values seeded from it
-    (`_runtime_zero`) start mapped, and JAX traces the step three times. When only
-    the terms or `args` are mapped (e.g. a Brownian path's key), nothing starts mapped
-    and JAX traces it four times; starting every value mapped brings that back to
-    three. The compiled program is the same."""
+    Under `jax.vmap`, JAX finds which of a loop's values are mapped by batching the
+    loop body's program until that set stops growing, then once more. With an
+    adaptive step size, a mapped input reaches the step size and the loop's
+    condition, so every value ends up mapped. When `y0` is mapped, the values seeded
+    from it (`_runtime_zero`) start mapped, and JAX batches the step three times.
+    When only the terms or `args` are mapped (e.g. a Brownian path's key), nothing
+    starts mapped and JAX batches it four times; starting every value mapped brings
+    that back to three. The compiled program is the same (tested)."""
     if leaf is None:
         return tree
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
