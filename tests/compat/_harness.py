@@ -408,6 +408,14 @@ def _describe(flags):
     return names[0] if len(set(names)) == 1 else names
 
 
+def tolerance_for(case: Case):
+    """The `(rtol, atol)` that `compare` uses for `case`, or None for the default of
+    its dtype (`TOLERANCE`)."""
+    if case.vmap and case.dtype == "float64" and jax.default_backend() == "cpu":
+        return VMAP_FLOAT64_TOLERANCE
+    return None
+
+
 def compare(case: Case, verbose: bool = False) -> list[str]:
     """Run `case` through both libraries; return (and with `verbose`, print) the
     differences. An exception in diffeqx is reported as a difference."""
@@ -417,10 +425,7 @@ def compare(case: Case, verbose: bool = False) -> list[str]:
     except Exception as error:  # noqa: BLE001 - any refusal is a difference
         problems = [f"diffeqx raised {type(error).__name__}: {str(error)[:300]}"]
     else:
-        tolerance = None
-        if case.vmap and case.dtype == "float64" and jax.default_backend() == "cpu":
-            tolerance = VMAP_FLOAT64_TOLERANCE
-        problems = diff_outputs(expected, actual, case.dtype, tolerance)
+        problems = diff_outputs(expected, actual, case.dtype, tolerance_for(case))
     if verbose:
         print(case)
         print("\n".join(problems) if problems else "  same answer")
