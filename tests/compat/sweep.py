@@ -31,11 +31,16 @@ def _largest_relative(expected, actual) -> dict:
     out = {}
     for key in ("ts", "ys"):
         largest = 0.0
-        pairs = zip(
-            jax.tree.leaves(expected[key]), jax.tree.leaves(actual[key]), strict=True
+        e_leaves, a_leaves = (
+            jax.tree.leaves(expected[key]),
+            jax.tree.leaves(actual[key]),
         )
-        for e, a in pairs:
+        if len(e_leaves) != len(a_leaves):
+            continue  # a structural difference, which `diff_outputs` reports
+        for e, a in zip(e_leaves, a_leaves, strict=True):
             e, a = np.asarray(e, np.float64), np.asarray(a, np.float64)
+            if e.shape != a.shape:
+                continue
             both = np.isfinite(e) & np.isfinite(a)
             if both.any():
                 scale = np.maximum(np.abs(e[both]), 1e-3)
