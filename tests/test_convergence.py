@@ -1,4 +1,6 @@
-"""Empirical convergence order of every explicit Runge--Kutta solver.
+"""Empirical convergence order of every explicit Runge--Kutta solver, and of the
+other explicit fixed-step ODE solvers (`LeapfrogMidpoint`, and `SemiImplicitEuler`
+on the same problem split into position and velocity).
 
 One parametrised harness: each solver integrates a forced harmonic oscillator with
 a closed-form solution at several constant step sizes, and the slope of
@@ -48,6 +50,14 @@ def _exact_derivative(t):
     return _vector_field(t, _exact_solution(t), None)
 
 
+# The same problem for a partitioned solver: the position driven by the velocity,
+# the velocity by the position.
+_PARTITIONED_TERMS = (
+    dfx.ODETerm(lambda t, velocity, args: velocity),
+    dfx.ODETerm(lambda t, position, args: -position + jnp.cos(2 * t)),
+)
+
+
 # A user-defined method: classical fourth-order Runge--Kutta is nothing but a tableau.
 # It has no embedded error estimate, so `b_error` is zero (it is only ever used with
 # constant steps).
@@ -89,10 +99,23 @@ class SolverCase:
     dense_order: int
     # Global order of `sol.derivative` between steps (a lower bound).
     derivative_order: int
+    # Whether the solver takes the problem as `_PARTITIONED_TERMS`, with the state
+    # `(position, velocity)`.
+    partitioned: bool = False
 
     @property
     def name(self):
         return type(self.solver).__name__
+
+    def terms_and_y0(self):
+        if self.partitioned:
+            return _PARTITIONED_TERMS, (_Y0[0], _Y0[1])
+        return dfx.ODETerm(_vector_field), _Y0
+
+
+def _stacked(y):
+    """A state as the `(position, velocity)` array, whichever form it has."""
+    return jnp.stack(y, axis=-1) if isinstance(y, tuple) else y
 
 
 # Cubic Hermite interpolants built from the first and last stages: when the last
@@ -112,6 +135,10 @@ CASES = [
     SolverCase(
         dfx.Dopri8(), 8, (16, 32, 64), _DOPRI8_DENSE_ORDER, _DOPRI8_DENSE_ORDER - 1
     ),
+    # Linear dense output: values at second order, the derivative (a difference
+    # quotient over the step) at first.
+    SolverCase(dfx.LeapfrogMidpoint(), 2, (64, 128, 256), 2, 1),
+    SolverCase(dfx.SemiImplicitEuler(), 1, (512, 1024, 2048), 1, 1, True),
 ]
 
 _ORDER_TOLERANCE = 0.2
@@ -130,12 +157,13 @@ def _case_id(case):
 @functools.cache
 def _endpoint_errors(case_index):
     case = CASES[case_index]
-    term = dfx.ODETerm(_vector_field)
+    terms, y0 = case.terms_and_y0()
 
     @jax.jit
     def endpoint_error(dt0):
-        sol = dfx.diffeqsolve(term, case.solver, 0.0, T_END, dt0, _Y0)
-        return jnp.max(jnp.abs(sol.ys[-1] - _exact_solution(T_END)))
+        sol = dfx.diffeqsolve(terms, case.solver, 0.0, T_END, dt0, y0)
+        final = _stacked(jax.tree.map(lambda ys: ys[-1], sol.ys))
+        return jnp.max(jnp.abs(final - _exact_solution(T_END)))
 
     return [float(endpoint_error(T_END / n)) for n in case.n_steps]
 
@@ -144,23 +172,23 @@ def _endpoint_errors(case_index):
 def _dense_errors(case_index):
     """Max error of `evaluate` and of `derivative` at fixed positions in every step."""
     case = CASES[case_index]
-    term = dfx.ODETerm(_vector_field)
+    terms, y0 = case.terms_and_y0()
     num_queries = max(case.n_steps)
 
     @jax.jit
     def dense_errors(n):
         dt0 = T_END / n.astype(jnp.float64)
         sol = dfx.diffeqsolve(
-            term, case.solver, 0.0, T_END, dt0, _Y0, saveat=dfx.SaveAt(dense=True)
+            terms, case.solver, 0.0, T_END, dt0, y0, saveat=dfx.SaveAt(dense=True)
         )
         # Every step is visited (indices repeat when n < num_queries).
         step_index = (jnp.arange(num_queries) % n).astype(jnp.float64)
         ts = jnp.concatenate([(step_index + theta) * dt0 for theta in _THETAS])
-        value_error = jnp.max(
-            jnp.abs(jax.vmap(sol.evaluate)(ts) - jax.vmap(_exact_solution)(ts))
-        )
+        values = _stacked(jax.vmap(sol.evaluate)(ts))
+        value_error = jnp.max(jnp.abs(values - jax.vmap(_exact_solution)(ts)))
+        derivatives = _stacked(jax.vmap(sol.derivative)(ts))
         derivative_error = jnp.max(
-            jnp.abs(jax.vmap(sol.derivative)(ts) - jax.vmap(_exact_derivative)(ts))
+            jnp.abs(derivatives - jax.vmap(_exact_derivative)(ts))
         )
         return value_error, derivative_error
 
@@ -186,7 +214,7 @@ _DENSE_CASES = [
 @pytest.mark.parametrize("case_index", _INDEXED_CASES)
 def test_solver_reports_its_order(case_index):
     case = CASES[case_index]
-    assert case.solver.order(dfx.ODETerm(_vector_field)) == case.order
+    assert case.solver.order(case.terms_and_y0()[0]) == case.order
 
 
 @pytest.mark.parametrize("case_index", _INDEXED_CASES)

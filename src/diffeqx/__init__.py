@@ -115,6 +115,10 @@ from ._solver.langevin import (
     AbstractFosterLangevinSRK as AbstractFosterLangevinSRK,
     ShOULD as ShOULD,
 )
+from ._solver.partitioned import (
+    LeapfrogMidpoint as LeapfrogMidpoint,
+    SemiImplicitEuler as SemiImplicitEuler,
+)
 from ._solver.rosenbrock import (
     Rodas4 as Rodas4,
     Rodas5P as Rodas5P,

@@ -152,7 +152,7 @@ def _solve(
         problem[k] for k in ("saveat", "stepsize_controller", "event")
     )
     max_steps, progress_meter = problem["max_steps"], problem["progress_meter"]
-    controller_state = problem["controller_state"]
+    controller_state, made_jump = problem["controller_state"], problem["made_jump"]
     problem = dict(problem)
     if given_times is None:
         # The values as given: under `jax.jit` even a constant becomes a tracer once
@@ -176,7 +176,10 @@ def _solve(
             *given_times,
             max_steps,
             t0.dtype,
-            controller_state is not None,
+            # A resumed controller, or a `made_jump` for the first step (which the
+            # fixed-length scan does not carry), take the general loop.
+            controller_state is not None
+            or (made_jump is not None and made_jump is not False),
         )
     with scope("setup"):
         spec, init_state = initial_state(

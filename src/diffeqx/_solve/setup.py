@@ -100,6 +100,9 @@ def initial_state(
         controller_state = init_controller_state
     if solver_state is None:
         solver_state = solver.init(fwd_terms, tau0, tnext, y0, args)
+    # A `made_jump` passed in (resuming a solve) reaches the first step even when
+    # the controller never jumps, as in Diffrax: the loop then carries it.
+    given_jump = made_jump is not None and made_jump is not False
     made_jump = jnp.asarray(False) if made_jump is None else jnp.asarray(made_jump)
 
     subs_ts = [
@@ -172,7 +175,7 @@ def initial_state(
         always_accept=isinstance(
             unwrap_controller(controller), (ConstantStepSize, StepTo)
         ),
-        may_jump=controller.may_jump,
+        may_jump=controller.may_jump or given_jump,
         event_spec=event_spec,
         t0=tau0_loop,
         progress_meter=(

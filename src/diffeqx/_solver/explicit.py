@@ -60,7 +60,8 @@ class Euler(AbstractItoSolver):
 @final
 class Heun(AbstractERK, AbstractStratonovichSolver):
     """Heun's method: second order, two stages, embedded Euler error estimate.
-    Cubic Hermite dense output."""
+    Cubic Hermite dense output. Driven by Brownian motion it converges to the
+    Stratonovich solution, with strong order 0.5 (`strong_order`) in general."""
 
     tableau: ClassVar[ButcherTableau] = co.HEUN_TABLEAU
     interpolation_cls: ClassVar = ThirdOrderHermitePolynomialInterpolation.from_k
@@ -68,11 +69,15 @@ class Heun(AbstractERK, AbstractStratonovichSolver):
     def order(self, terms):
         return 2
 
+    def strong_order(self, terms):
+        return 0.5
+
 
 @final
 class Midpoint(AbstractERK, AbstractStratonovichSolver):
     """Explicit midpoint method: second order, two stages, embedded Euler error
-    estimate. Cubic Hermite dense output."""
+    estimate. Cubic Hermite dense output. Driven by Brownian motion it converges to
+    the Stratonovich solution, with strong order 0.5 (`strong_order`) in general."""
 
     tableau: ClassVar[ButcherTableau] = co.MIDPOINT_TABLEAU
     interpolation_cls: ClassVar = ThirdOrderHermitePolynomialInterpolation.from_k
@@ -80,17 +85,25 @@ class Midpoint(AbstractERK, AbstractStratonovichSolver):
     def order(self, terms):
         return 2
 
+    def strong_order(self, terms):
+        return 0.5
+
 
 @final
 class Ralston(AbstractERK, AbstractStratonovichSolver):
     """Ralston's method: the second-order two-stage method with minimal truncation
-    error; embedded Euler error estimate. Cubic Hermite dense output."""
+    error; embedded Euler error estimate. Cubic Hermite dense output. Driven by
+    Brownian motion it converges to the Stratonovich solution, with strong order 0.5
+    (`strong_order`) in general."""
 
     tableau: ClassVar[ButcherTableau] = co.RALSTON_TABLEAU
     interpolation_cls: ClassVar = ThirdOrderHermitePolynomialInterpolation.from_k
 
     def order(self, terms):
         return 2
+
+    def strong_order(self, terms):
+        return 0.5
 
 
 @final

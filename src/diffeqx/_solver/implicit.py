@@ -39,6 +39,7 @@ from . import implicit_coefficients as ico
 from .base import (
     AbstractAdaptiveSolver,
     AbstractImplicitSolver,
+    _is_sde,
     step_always_accepted,
 )
 from .runge_kutta import (
@@ -494,7 +495,10 @@ class ImplicitEuler(AbstractImplicitSolver, AbstractAdaptiveSolver):
 
     def error_order(self, terms):
         # The error estimate compares with the trapezoidal rule (second order), so
-        # it is a local error of order 2.
+        # it is a local error of order 2 for an ODE. Driven by Brownian motion the
+        # method has no known strong order, so no error order either (as Diffrax).
+        if _is_sde(terms):
+            return None
         return 2
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
