@@ -29,6 +29,8 @@ PUBLIC_NAMES = [
     "Euler",
     "Heun",
     "Midpoint",
+    "SemiImplicitEuler",
+    "LeapfrogMidpoint",
     "Ralston",
     "Bosh3",
     "Tsit5",

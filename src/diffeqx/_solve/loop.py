@@ -134,7 +134,11 @@ def _adapt(
         succeeded(solver_result), RESULTS.non_finite_state, solver_result
     )
     result = where_result(accepted_bad_step | stalled & ~step_ok, failure, result)
-    if not spec.may_jump:
+    if spec.may_jump:
+        # A rejected step is tried again from the same start: still past the jump
+        # (as in Diffrax).
+        made_jump = jnp.where(keep, jnp.asarray(made_jump), state.made_jump)
+    else:
         made_jump = jnp.asarray(False)
     return StepDecision(
         keep=keep,
