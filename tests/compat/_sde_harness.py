@@ -164,7 +164,10 @@ def solve_sde(lib, case: SDECase) -> dict[str, Any]:
             result=_result_name(lib, sol.result),
         )
         if case.saveat == "dense":
-            out["dense"] = jax.vmap(sol.evaluate)(span.at(0.0, 0.13, 0.5, 0.77, 1.0))
+            # Inside steps: at a step's end `HalfSolver`'s dense output jumps (it
+            # is each full step's interpolant, in both libraries), and the two
+            # libraries' grids of constant steps can differ in the last bit.
+            out["dense"] = jax.vmap(sol.evaluate)(span.at(0.0, 0.13, 0.47, 0.77, 1.0))
         return out
 
     if case.vmap:

@@ -50,9 +50,11 @@ AXES = dict(
 )
 
 
-def run_case(case: SDECase) -> tuple[str, list[str]]:
-    """`(status, lines)`: status is `same`, `values differ`, `differs`, `refused`
-    (by both) or `refused by diffrax only` / `refused by diffeqx only`."""
+def run_case(case: SDECase) -> tuple[str, list[str], dict]:
+    """`(status, lines, largest)`: status is `same`, `values differ`, `differs`,
+    `refused` (by both) or `refused by diffrax only` / `refused by diffeqx only`;
+    `largest`, for a compared case, the largest relative differences of the saved
+    times and values."""
     try:
         with jax.numpy_dtype_promotion("standard"):
             expected = solve_sde(diffrax, case)
@@ -61,11 +63,15 @@ def run_case(case: SDECase) -> tuple[str, list[str]]:
         try:
             solve_sde(diffeqx, case)
         except Exception as ours:  # noqa: BLE001
-            return "refused", [
-                f"diffrax {theirs}",
-                f"diffeqx {type(ours).__name__}: {str(ours)[:200]}",
-            ]
-        return "refused by diffrax only", [f"diffrax {theirs}"]
+            return (
+                "refused",
+                [
+                    f"diffrax {theirs}",
+                    f"diffeqx {type(ours).__name__}: {str(ours)[:200]}",
+                ],
+                {},
+            )
+        return "refused by diffrax only", [f"diffrax {theirs}"], {}
     try:
         actual = solve_sde(diffeqx, case)
     except Exception as error:  # noqa: BLE001 - any refusal is a difference
@@ -73,15 +79,16 @@ def run_case(case: SDECase) -> tuple[str, list[str]]:
             f"{type(error).__name__}: {str(error)[:300]}"
         ]
     problems = diff_outputs(expected, actual, case.dtype)
+    largest = _largest_relative(expected, actual)
     if not problems:
-        return "same", []
+        return "same", [], largest
     # Within any tolerance: only the structure, counts, codes and `inf` padding.
     structural = diff_outputs(expected, actual, case.dtype, (0.0, np.inf))
     if structural:
-        return "differs", problems
-    largest = _largest_relative(expected, actual)
+        return "differs", problems, largest
     sizes = ", ".join(f"{k} {v:.1e}" for k, v in largest.items())
-    return "values differ", [f"largest relative differences: {sizes}", *problems]
+    lines = [f"largest relative differences: {sizes}", *problems]
+    return "values differ", lines, largest
 
 
 def main(argv=None) -> int:
@@ -93,7 +100,7 @@ def main(argv=None) -> int:
     cases = random.Random(options.seed).sample(product, options.cases)
     tally: dict[str, int] = {}
     for index, case in enumerate(cases):
-        status, lines = run_case(case)
+        status, lines, _ = run_case(case)
         listed = known_difference(case)
         if status in ("differs", "values differ") and listed:
             status = f"differs (listed: {listed})"
