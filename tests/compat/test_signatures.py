@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import sys
 
+import numpy as np
 import pytest
 
 import diffeqx
@@ -237,3 +238,85 @@ def test_the_comparison_reports_order_kind_default_and_extra_parameters():
     assert signature_differences("f", same, theirs) == []
     for variant in (reordered, keyword_only, other_default, extra):
         assert signature_differences("f", variant, theirs), variant.__name__
+
+
+# Diffrax attributes that diffeqx does not provide (docs/migration.md, "Not
+# provided").
+NOT_PROVIDED_ATTRIBUTES = {
+    "term_compatible_contr_kwargs",
+    "discrete_terminating_event_occurred",
+    # Set by Diffrax's private `_callback_on_reject=` (a testing hook).
+    "callback_on_reject",
+    # The polynomial coefficients Diffrax's local interpolations store; diffeqx's
+    # keep the step's values and slopes instead.
+    "coeffs",
+}
+
+
+def _attributes(cls) -> set[str]:
+    names = {name for name in dir(cls) if not name.startswith("_")}
+    if dataclasses.is_dataclass(cls):
+        names |= {
+            field.name
+            for field in dataclasses.fields(cls)
+            if not field.name.startswith("_")
+        }
+    return names
+
+
+def test_classes_have_diffrax_public_attributes():
+    # Methods, properties and fields: e.g. `ClipStepSizeController.norm` and
+    # `LinearInterpolation.ts_size` were missing.
+    missing = {}
+    for name in sorted(_public(diffrax) & set(dir(diffeqx))):
+        theirs, ours = getattr(diffrax, name), getattr(diffeqx, name)
+        if not (inspect.isclass(theirs) and inspect.isclass(ours)):
+            continue
+        ours_attributes = _attributes(ours)
+        # Plain classes, whose attributes are set in `__init__`:
+        if name == "ButcherTableau":
+            ours_attributes |= set(vars(_explicit_tableau(diffeqx)))
+        if name == "MultiButcherTableau":
+            tableau = _explicit_tableau(diffeqx)
+            ours_attributes |= set(vars(diffeqx.MultiButcherTableau(tableau, tableau)))
+        gap = _attributes(theirs) - ours_attributes - NOT_PROVIDED_ATTRIBUTES
+        if gap:
+            missing[name] = sorted(gap)
+    assert not missing
+
+
+def _explicit_tableau(lib):
+    return lib.ButcherTableau(
+        c=np.asarray([1.0]),
+        b_sol=np.asarray([0.5, 0.5]),
+        b_error=np.asarray([0.5, -0.5]),
+        a_lower=(np.asarray([1.0]),),
+    )
+
+
+def test_butcher_tableaus_report_diffrax_properties():
+    # `implicit`, `fsal`, `ssal`, `num_stages` of every solver's tableau (diffeqx
+    # had no `ssal`, and called no implicit tableau first-same-as-last).
+    def properties(lib):
+        out = {}
+        for name in sorted(_public(diffrax) & set(dir(diffeqx))):
+            solver = getattr(lib, name)
+            if not isinstance(
+                getattr(solver, "tableau", None), lib.ButcherTableau
+            ) and (
+                not isinstance(
+                    getattr(solver, "tableau", None), lib.MultiButcherTableau
+                )
+            ):
+                continue
+            tableau = solver.tableau
+            tableaus = getattr(tableau, "tableaus", (tableau,))
+            out[name] = [
+                (t.implicit, t.fsal, t.ssal, t.num_stages, type(t.fsal))
+                for t in tableaus
+            ]
+        return out
+
+    ours, theirs = properties(diffeqx), properties(diffrax)
+    assert len(ours) >= 14 and ours == theirs
+    assert _explicit_tableau(diffeqx).ssal == _explicit_tableau(diffrax).ssal

@@ -120,6 +120,11 @@ class ClipStepSizeController(AbstractStepSizeController):
         )
 
     @property
+    def norm(self):
+        """The wrapped controller's norm (as Diffrax's attribute)."""
+        return self.controller.norm
+
+    @property
     def may_jump(self) -> bool:
         return self.jump_ts is not None or self.controller.may_jump
 

@@ -147,6 +147,11 @@ class AbstractGlobalInterpolation(AbstractPath):
     def t1(self):
         return self.ts[-1]
 
+    @property
+    def ts_size(self) -> int:
+        """The number of times in `ts` (as Diffrax's attribute)."""
+        return jnp.shape(self.ts)[-1]
+
     def _check_unbatched(self) -> None:
         if jnp.ndim(self.ts) != 1:
             name = type(self).__name__

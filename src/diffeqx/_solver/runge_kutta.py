@@ -179,17 +179,31 @@ class ButcherTableau:
     def c_full(self) -> np.ndarray:
         return np.concatenate([[self.c1], self.c])
 
+    def _last_row_is_b_sol(self) -> bool:
+        """Whether the last stage's weights (its row of the matrix, diagonal
+        included) are the solution's weights `b_sol`."""
+        if not self.a_lower:
+            return False
+        last_diagonal = 0.0 if self.a_diagonal is None else self.a_diagonal[-1]
+        return bool(
+            np.array_equal(self.a_lower[-1], self.b_sol[:-1])
+            and self.b_sol[-1] == last_diagonal
+        )
+
     @property
     def fsal(self) -> bool:
-        """First same as last: the last stage is the vector field at `(t1, y1)`."""
-        s = self.num_stages
-        return (
-            self.is_explicit
-            and s > 1
-            and self.c[-1] == 1
-            and self.b_sol[-1] == 0
-            and np.array_equal(self.a_lower[-1], self.b_sol[:-1])
-        )
+        """First same as last (as Diffrax defines it): the last stage is evaluated at
+        the solution `(t1, y1)` and the first stage is explicit, so the last
+        stage's vector field is the next step's first."""
+        explicit_first = self.a_diagonal is None or self.a_diagonal[0] == 0
+        return self._last_row_is_b_sol() and bool(explicit_first)
+
+    @property
+    def ssal(self) -> bool:
+        """Solution same as last stage (as Diffrax defines it): the last stage's
+        state is the solution `y1`, computed explicitly."""
+        explicit_last = self.a_diagonal is None or self.a_diagonal[-1] == 0
+        return self._last_row_is_b_sol() and bool(explicit_last)
 
 
 @final
