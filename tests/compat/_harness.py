@@ -226,6 +226,21 @@ def _result_name(lib, result):
     return jnp.stack(flags)
 
 
+def observed(lib, sol) -> dict[str, Any]:
+    """What a user observes of a solution: the interval, saved times and values,
+    step counts and result code."""
+    return dict(
+        t0_t1=jnp.stack([sol.t0, sol.t1]),
+        ts=sol.ts,
+        ys=sol.ys,
+        stats={
+            k: sol.stats[k]
+            for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")
+        },
+        result=_result_name(lib, sol.result),
+    )
+
+
 def solve(lib, case: Case) -> dict[str, Any]:
     """Run `case` through `lib` (the `diffrax` or `diffeqx` module); return NumPy
     arrays of what a user observes."""
@@ -300,14 +315,7 @@ def solve(lib, case: Case) -> dict[str, Any]:
             **kwargs,
         )
         static["max_steps"] = sol.stats["max_steps"]
-        out["t0_t1"] = jnp.stack([sol.t0, sol.t1])
-        out["ts"] = sol.ts
-        out["ys"] = sol.ys
-        out["stats"] = {
-            k: sol.stats[k]
-            for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")
-        }
-        out["result"] = _result_name(lib, sol.result)
+        out.update(observed(lib, sol))
         if case.event in ("tree",):
             out["event_mask"] = sol.event_mask
         if case.saveat == "dense":

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
-from ._harness import MAX_STEPS, Span, _result_name, make_saveat
+from ._harness import MAX_STEPS, Span, make_saveat, observed
 from ._sde_paths import polynomial_path
 
 SDE_SOLVERS = (
@@ -153,16 +153,7 @@ def solve_sde(lib, case: SDECase) -> dict[str, Any]:
             throw=False,
         )
         static["max_steps"] = sol.stats["max_steps"]
-        out = dict(
-            t0_t1=jnp.stack([sol.t0, sol.t1]),
-            ts=sol.ts,
-            ys=sol.ys,
-            stats={
-                k: sol.stats[k]
-                for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")
-            },
-            result=_result_name(lib, sol.result),
-        )
+        out = observed(lib, sol)
         if case.saveat == "dense":
             # Inside steps: at a step's end `HalfSolver`'s dense output jumps (it
             # is each full step's interpolant, in both libraries), and the two

@@ -64,4 +64,3 @@ def test_sampled_sde_case(case):
     else:
         assert status in ("same", "values differ"), report
         assert max(largest.values()) < 1e-2, report
-
