@@ -25,7 +25,7 @@ diffrax = pytest.importorskip("diffrax")
 
 import diffeqx  # noqa: E402
 
-from ._harness import diff_outputs  # noqa: E402
+from ._harness import diff_outputs, observed  # noqa: E402
 
 DEFAULT_CASES = 1
 
@@ -136,24 +136,7 @@ def run(lib, case: EventCase) -> dict[str, Any]:
             max_steps=case.max_steps,
             throw=False,
         )
-        return dict(
-            t0_t1=jnp.stack([sol.t0, sol.t1]),
-            ts=sol.ts,
-            ys=sol.ys,
-            stats={
-                k: sol.stats[k]
-                for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")
-            },
-            result=jnp.stack(
-                [
-                    sol.result == lib.RESULTS.successful,
-                    sol.result == lib.RESULTS.max_steps_reached,
-                    sol.result == lib.RESULTS.dt_min_reached,
-                    sol.result == lib.RESULTS.event_occurred,
-                ]
-            ),
-            event_mask=sol.event_mask,
-        )
+        return dict(observed(lib, sol), event_mask=sol.event_mask)
 
     if case.vmap:
         scales = jnp.asarray([1.0, 0.7, 0.4], dtype)
