@@ -86,6 +86,20 @@ def test_an_sde_with_a_virtual_brownian_tree(capsys):
     assert "kloeden1992" not in ode and "hairer1993nonstiff" in ode
 
 
+def test_langevin_terms_and_controlled_paths(capsys):
+    bm = dfx.VirtualBrownianTree(0.0, 1.0, 1e-3, (2,), key=jax.random.key(0))
+    terms = dfx.MultiTerm(
+        dfx.UnderdampedLangevinDriftTerm(1.0, 1.0, lambda x: x),
+        dfx.UnderdampedLangevinDiffusionTerm(1.0, 1.0, bm),
+    )
+    langevin = _entries(_printed(capsys, terms, dfx.QUICSORT(0.1)))
+    assert {"foster2021shifted", "chada2024", "li2020"} <= set(langevin)
+    ts = jax.numpy.linspace(0.0, 1.0, 5)
+    path = dfx.LinearInterpolation(ts, jax.numpy.ones((5, 2)))
+    cde = dfx.ControlTerm(lambda t, y, args: jax.numpy.eye(2), path)
+    assert "kidger2020ncde" in _entries(_printed(capsys, cde, dfx.Heun()))
+
+
 def test_implicit_solvers_cite_optimistix_and_lineax(capsys):
     assert {"kvaerno2004", "optimistix2024", "lineax2023"} <= set(
         _entries(_printed(capsys, solver=dfx.Kvaerno5()))

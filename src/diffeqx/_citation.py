@@ -245,12 +245,6 @@ _BIBTEX = {
   volume = {33},
   year = {2020}
 }""",
-    "morrill2021online": """@article{morrill2021online,
-  author = {James Morrill and Patrick Kidger and Lingyi Yang and Terry Lyons},
-  title = {Neural controlled differential equations for online prediction tasks},
-  journal = {arXiv:2106.11028},
-  year = {2021}
-}""",
     "kloeden1992": """@book{kloeden1992,
   author = {Peter E. Kloeden and Eckhard Platen},
   title = {Numerical Solution of Stochastic Differential Equations},
@@ -505,18 +499,12 @@ def _terms_entries(terms) -> tuple[list, bool]:
     terms make an SDE."""
     import jax
 
-    from ._brownian.base import AbstractBrownianPath
+    from ._brownian.base import AbstractBrownianPath, brownian_paths
     from ._brownian.tree import VirtualBrownianTree
-    from ._control_term import _AbstractControlTerm as ControlTerm
-    from ._path.base import AbstractPath
+    from ._control_term import _AbstractControlTerm
 
     entries = []
-    leaves = jax.tree.leaves(
-        terms,
-        is_leaf=lambda x: isinstance(x, (AbstractPath, ControlTerm)),
-    )
-    paths = [leaf.control for leaf in leaves if isinstance(leaf, ControlTerm)]
-    brownian = [p for p in paths if isinstance(p, AbstractBrownianPath)]
+    brownian = brownian_paths(terms)
     if any(isinstance(p, VirtualBrownianTree) for p in brownian):
         entries.append(
             (
@@ -525,7 +513,16 @@ def _terms_entries(terms) -> tuple[list, bool]:
                 ("li2020", "foster2020thesis"),
             )
         )
-    if any(not isinstance(p, AbstractBrownianPath) for p in paths):
+    control_terms = [
+        leaf
+        for leaf in jax.tree.leaves(
+            terms, is_leaf=lambda x: isinstance(x, _AbstractControlTerm)
+        )
+        if isinstance(leaf, _AbstractControlTerm)
+    ]
+    if any(
+        not isinstance(term.control, AbstractBrownianPath) for term in control_terms
+    ):
         entries.append(
             (
                 "A controlled differential equation (e.g. a neural CDE):",
