@@ -3,11 +3,14 @@ sample of `Case`s (see `test_solves.py`), each compared with Diffrax, printing t
 differences and the largest relative differences of times and values.
 
     python -m tests.compat.sweep [--seed N] [--cases N] [--vmap-float64-adaptive]
+    python -m tests.compat.sweep --gradients [--seed N] [--cases N]
 
 `--vmap-float64-adaptive` samples only adaptive solves under `jax.vmap` in float64 (the
 cases in which diffeqx combines Runge–Kutta stages by elementwise sums; see "Values to
-the last digits" in docs/migration.md). The figures quoted there come from
-`--seed 11 --cases 150` and `--seed 3 --cases 60 --vmap-float64-adaptive`.
+the last digits" in docs/migration.md). `--gradients` samples the gradient cases of
+`test_gradients.py` instead (loss and gradients with respect to `y0` and `args`, each
+adjoint). The figures quoted there come from `--seed 11 --cases 150`, `--seed 3
+--cases 60 --vmap-float64-adaptive` and `--gradients --seed 7 --cases 60`.
 """
 
 import argparse
@@ -54,7 +57,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--cases", type=int, default=150)
     parser.add_argument("--vmap-float64-adaptive", action="store_true")
+    parser.add_argument("--gradients", action="store_true")
     options = parser.parse_args(argv)
+    if options.gradients:
+        return _gradients(options.seed, options.cases)
     axes = dict(AXES)
     if options.vmap_float64_adaptive:
         axes.update(
@@ -83,6 +89,36 @@ def main(argv=None) -> int:
             print("    " + line[:300])
         jax.clear_caches()
     print(f"{differing} of {len(cases)} cases differ")
+    return 0
+
+
+def _gradients(seed: int, num_cases: int) -> int:
+    from .test_gradients import AXES as GRAD_AXES, GradCase, loss_and_gradients
+
+    product = [GradCase(*values) for values in itertools.product(*GRAD_AXES.values())]
+    sample = random.Random(seed).sample(product, 3 * num_cases)
+    # Euler gives no error estimate: Diffrax refuses to adapt its step size.
+    cases = [c for c in sample if not (c.solver == "Euler" and c.controller != "const")]
+    differing = 0
+    for index, case in enumerate(cases[:num_cases]):
+        outputs = []
+        for lib in (diffrax, diffeqx):
+            try:
+                outputs.append(loss_and_gradients(lib, case))
+            except Exception as error:  # noqa: BLE001 - reported, not fatal
+                outputs.append(f"{lib.__name__} raised {type(error).__name__}")
+        if any(isinstance(out, str) for out in outputs):
+            print(f"{index} {case}: " + "; ".join(map(str, outputs))[:300])
+            differing += 1
+            continue
+        expected, actual = outputs
+        problems = diff_outputs(expected, actual, case.dtype)
+        differing += bool(problems)
+        print(f"{index} {case}: {'DIFFERS' if problems else 'same'}")
+        for line in problems:
+            print("    " + line[:300])
+        jax.clear_caches()
+    print(f"{differing} of {min(num_cases, len(cases))} cases differ")
     return 0
 
 
