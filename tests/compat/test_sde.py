@@ -22,7 +22,9 @@ SOLVERS = {
     "ReversibleHeun": lambda lib: lib.ReversibleHeun(),
     "HalfSolver(EulerHeun)": lambda lib: lib.HalfSolver(lib.EulerHeun()),
 }
-ADAPTIVE = ("ReversibleHeun", "HalfSolver(EulerHeun)")
+# (Heun adapts on SDEs with its embedded Euler estimate, error order
+# strong_order + 1/2 = 1, as in Diffrax.)
+ADAPTIVE = ("Heun", "ReversibleHeun", "HalfSolver(EulerHeun)")
 
 
 def _terms(lib, noise):
