@@ -47,6 +47,11 @@ EXPLICIT_SOLVERS = (
     "Dopri5",
     "Dopri8",
 )
+# Implicit solvers, named `solver` or `solver/root_finder` (see `make_solver`). The
+# IMEX methods get the vector field split into two halves, explicit and implicit.
+IMPLICIT_SOLVERS = ("ImplicitEuler", "Kvaerno3", "Kvaerno4", "Kvaerno5")
+IMEX_SOLVERS = ("KenCarp3", "KenCarp4", "KenCarp5", "Sil3")
+ROOT_FINDERS = ("default", "newton", "chord", "verychord")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +126,33 @@ def problem(name: str, dtype) -> tuple[Any, Any, Any]:
 
 
 # --------------------------------------------------------------------------- the call
+def make_solver(lib, name, dtype):
+    """`name` is a solver's name, or `solver/root_finder` for an implicit one with
+    `root_finder` one of `ROOT_FINDERS` (`default`: the solver's own)."""
+    name, _, finder = name.partition("/")
+    tol = 1e-9 if dtype == jnp.float64 else 1e-5
+    finders = {
+        "default": None,
+        "newton": optx.Newton(rtol=tol, atol=tol),
+        "chord": optx.Chord(rtol=tol, atol=tol),
+        "verychord": lib.VeryChord(rtol=tol, atol=tol),
+    }
+    finder = finders[finder or "default"]
+    if finder is None:
+        return getattr(lib, name)()
+    return getattr(lib, name)(root_finder=finder)
+
+
+def make_term(lib, vector_field, solver_name):
+    if solver_name.partition("/")[0] not in IMEX_SOLVERS:
+        return lib.ODETerm(vector_field)
+
+    def half(t, y, args):
+        return jax.tree.map(lambda dy: dy / 2, vector_field(t, y, args))
+
+    return lib.MultiTerm(lib.ODETerm(half), lib.ODETerm(half))
+
+
 class Span:
     """Times as fractions of the interval [start, end] (either direction)."""
 
@@ -250,8 +282,8 @@ def solve(lib, case: Case) -> dict[str, Any]:
     full = Span(t0, t1, dtype)
     t_mid = 0.425 * (t1 - t0) + t0 if case.resume else t0
     span = Span(t_mid, t1, dtype)
-    solver = getattr(lib, case.solver)()
-    term = lib.ODETerm(vector_field)
+    solver = make_solver(lib, case.solver, dtype)
+    term = make_term(lib, vector_field, case.solver)
     static: dict[str, Any] = {}
 
     def run(y0):

@@ -4,12 +4,16 @@ differences and the largest relative differences of times and values.
 
     python -m tests.compat.sweep [--seed N] [--cases N] [--vmap-float64-adaptive]
     python -m tests.compat.sweep --gradients [--seed N] [--cases N]
+    python -m tests.compat.sweep --implicit [--seed N] [--cases N]
 
 `--vmap-float64-adaptive` samples only adaptive solves under `jax.vmap` in float64 (the
 cases in which diffeqx combines Runge–Kutta stages by elementwise sums; see "Values to
 the last digits" in docs/migration.md). `--gradients` samples the gradient cases of
 `test_gradients.py` instead (loss and gradients with respect to `y0` and `args`, each
-adjoint). The figures quoted there come from `--seed 11 --cases 150`, `--seed 3
+adjoint). `--implicit` samples the implicit and IMEX solvers, each with its own
+root finder or a given one (`IMPLICIT_SOLVERS`, `IMEX_SOLVERS` and `ROOT_FINDERS` in
+`_harness.py`), on the same axes otherwise; a call that both libraries refuse is
+counted as such. The figures quoted there come from `--seed 11 --cases 150`, `--seed 3
 --cases 60 --vmap-float64-adaptive` and `--gradients --seed 7 --cases 60`.
 """
 
@@ -26,7 +30,15 @@ import diffrax  # noqa: E402
 
 import diffeqx  # noqa: E402
 
-from ._harness import Case, diff_outputs, solve, tolerance_for  # noqa: E402
+from ._harness import (  # noqa: E402
+    IMEX_SOLVERS,
+    IMPLICIT_SOLVERS,
+    ROOT_FINDERS,
+    Case,
+    diff_outputs,
+    solve,
+    tolerance_for,
+)
 from .test_solves import AXES, diffrax_accepts  # noqa: E402
 
 
@@ -58,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=150)
     parser.add_argument("--vmap-float64-adaptive", action="store_true")
     parser.add_argument("--gradients", action="store_true")
+    parser.add_argument("--implicit", action="store_true")
     options = parser.parse_args(argv)
     if options.gradients:
         return _gradients(options.seed, options.cases)
@@ -68,18 +81,35 @@ def main(argv=None) -> int:
             dtype=("float64",),
             controller=("pid", "pid_tight", "clip_step", "clip_jump"),
         )
+    if options.implicit:
+        axes.update(
+            solver=tuple(
+                f"{solver}/{finder}"
+                for solver in IMPLICIT_SOLVERS + IMEX_SOLVERS
+                for finder in ROOT_FINDERS
+            )
+        )
     product = [Case(*values) for values in itertools.product(*axes.values())]
     sample = random.Random(options.seed).sample(product, 3 * options.cases)
     cases = [case for case in sample if diffrax_accepts(case)][: options.cases]
-    differing = 0
+    differing = refused = 0
     for index, case in enumerate(cases):
-        expected = solve(diffrax, case)
-        try:
-            actual = solve(diffeqx, case)
-        except Exception as error:  # noqa: BLE001 - any refusal is a difference
-            print(f"{index} {case}: diffeqx raised {type(error).__name__}: {error}")
+        outputs = []
+        for lib in (diffrax, diffeqx):
+            try:
+                outputs.append(solve(lib, case))
+            except Exception as error:  # noqa: BLE001 - reported, not fatal
+                outputs.append(f"{lib.__name__} raised {type(error).__name__}: {error}")
+        jax.clear_caches()
+        if all(isinstance(out, str) for out in outputs):
+            print(f"{index} {case}: refused by both; " + outputs[1][:300])
+            refused += 1
+            continue
+        if any(isinstance(out, str) for out in outputs):
+            print(f"{index} {case}: " + "; ".join(map(str, outputs))[:400])
             differing += 1
             continue
+        expected, actual = outputs
         problems = diff_outputs(expected, actual, case.dtype, tolerance_for(case))
         largest = _largest_relative(expected, actual)
         differing += bool(problems)
@@ -87,8 +117,10 @@ def main(argv=None) -> int:
         print(f"{index} {case}: {'DIFFERS' if problems else 'same'} ({sizes})")
         for line in problems:
             print("    " + line[:300])
-        jax.clear_caches()
-    print(f"{differing} of {len(cases)} cases differ")
+    print(
+        f"{differing} of {len(cases)} cases differ"
+        + (f"; {refused} refused by both" if refused else "")
+    )
     return 0
 
 
