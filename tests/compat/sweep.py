@@ -3,14 +3,14 @@ sample of `Case`s (see `test_solves.py`), each compared with Diffrax, printing t
 differences and the largest relative differences of times and values.
 
     python -m tests.compat.sweep [--seed N] [--cases N] [--vmap-float64-adaptive]
-    python -m tests.compat.sweep --gradients [--seed N] [--cases N]
+    python -m tests.compat.sweep --gradients [--forward-mode] [--seed N] [--cases N]
     python -m tests.compat.sweep --implicit [--seed N] [--cases N]
 
 `--vmap-float64-adaptive` samples only adaptive solves under `jax.vmap` in float64 (the
 cases in which diffeqx combines Runge–Kutta stages by elementwise sums; see "Values to
 the last digits" in docs/migration.md). `--gradients` samples the gradient cases of
 `test_gradients.py` instead (loss and gradients with respect to `y0` and `args`, each
-adjoint). `--implicit` samples the implicit and IMEX solvers, each with its own
+adjoint; with `--forward-mode`, `ForwardMode` and `jax.jacfwd` instead). `--implicit` samples the implicit and IMEX solvers, each with its own
 root finder or a given one (`IMPLICIT_SOLVERS`, `IMEX_SOLVERS` and `ROOT_FINDERS` in
 `_harness.py`), on the same axes otherwise; a call that both libraries refuse is
 counted as such. The figures quoted there come from `--seed 11 --cases 150`, `--seed 3
@@ -71,9 +71,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vmap-float64-adaptive", action="store_true")
     parser.add_argument("--gradients", action="store_true")
     parser.add_argument("--implicit", action="store_true")
+    parser.add_argument("--forward-mode", action="store_true")
     options = parser.parse_args(argv)
     if options.gradients:
-        return _gradients(options.seed, options.cases)
+        return _gradients(options.seed, options.cases, options.forward_mode)
     axes = dict(AXES)
     if options.vmap_float64_adaptive:
         axes.update(
@@ -124,10 +125,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def _gradients(seed: int, num_cases: int) -> int:
+def _gradients(seed: int, num_cases: int, forward_mode: bool = False) -> int:
     from .test_gradients import AXES as GRAD_AXES, GradCase, loss_and_gradients
 
-    product = [GradCase(*values) for values in itertools.product(*GRAD_AXES.values())]
+    axes = dict(GRAD_AXES, adjoint=("ForwardMode",)) if forward_mode else GRAD_AXES
+    product = [GradCase(*values) for values in itertools.product(*axes.values())]
     sample = random.Random(seed).sample(product, 3 * num_cases)
     # Euler gives no error estimate: Diffrax refuses to adapt its step size.
     cases = [c for c in sample if not (c.solver == "Euler" and c.controller != "const")]

@@ -100,7 +100,12 @@ def loss_and_gradients(lib, case: GradCase) -> dict[str, Any]:
         return sum(jnp.sum(leaf * leaf) for leaf in jax.tree.leaves(sol.ys))
 
     # Jitted: one compilation rather than one per operation of an eager derivative.
-    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(y0, args)
+    if case.adjoint == "ForwardMode":
+        # Forward-mode derivatives only (both libraries refuse reverse mode).
+        value = jax.jit(loss)(y0, args)
+        grads = jax.jit(jax.jacfwd(loss, argnums=(0, 1)))(y0, args)
+    else:
+        value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(y0, args)
     return jax.tree.map(
         np.asarray, {"loss": value, "grad_y0": grads[0], "grad_args": grads[1]}
     )
@@ -143,3 +148,82 @@ def test_default_cases_cover_every_adjoint_saveat_controller_direction_and_dtype
     default = [CASES[i] for i in DEFAULT_CASES]
     for axis in ("adjoint", "saveat", "controller", "backwards", "dtype"):
         assert {getattr(c, axis) for c in default} == set(AXES[axis]), axis
+
+
+# `ForwardMode` (forward-mode derivatives, `jax.jacfwd`): not in `AXES`, whose sample
+# the default cases above are picked from; its own cases, one by default.
+FORWARD_CASES = [
+    GradCase("lv", "Tsit5", "pid", "ts", "ForwardMode", False, "float64"),
+    GradCase("lin2", "Dopri5", "clip_jump", "t1", "ForwardMode", True, "float64"),
+    GradCase("tree", "Heun", "const", "ts", "ForwardMode", True, "float32"),
+    GradCase("lin1", "Bosh3", "pid", "t1", "ForwardMode", False, "float32"),
+    GradCase("lv", "Dopri8", "const", "t1", "ForwardMode", True, "float64"),
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, id=str(c), marks=() if i == 0 else (pytest.mark.slow,))
+        for i, c in enumerate(FORWARD_CASES)
+    ],
+)
+def test_forward_mode_same_derivatives_as_diffrax(case):
+    expected = loss_and_gradients(diffrax, case)
+    actual = loss_and_gradients(diffeqx, case)
+    problems = diff_outputs(expected, actual, case.dtype)
+    assert not problems, f"{case}\n" + "\n".join(problems)
+
+
+def _steady_state_and_gradient(lib, dtype):
+    """The steady state of `y' = -K (y - c(args))` and the gradient of a loss on it
+    with respect to `args`, through `ImplicitAdjoint` (the implicit function theorem
+    at the steady state the event stops at)."""
+    matrix = jnp.asarray([[2.0, 0.5], [-0.3, 1.5]], dtype)
+
+    def field(t, y, args):
+        target = jnp.stack([jnp.sin(args[0]), args[0] * args[1]])
+        return -(matrix @ (y - target))
+
+    def loss(args):
+        sol = lib.diffeqsolve(
+            lib.ODETerm(field),
+            lib.Tsit5(),
+            jnp.asarray(0.0, dtype),
+            jnp.asarray(jnp.inf, dtype),
+            jnp.asarray(0.1, dtype),
+            jnp.zeros(2, dtype),
+            args,
+            stepsize_controller=lib.PIDController(rtol=1e-8, atol=1e-8),
+            event=lib.Event(lib.steady_state_event()),
+            adjoint=lib.ImplicitAdjoint(),
+            max_steps=4096,
+        )
+        return jnp.sum(sol.ys[-1] ** 2), sol.ys[-1]
+
+    args = jnp.asarray([0.7, -1.2], dtype)
+    (value, state), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
+    return np.asarray(value), np.asarray(state), np.asarray(grad)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_implicit_adjoint_same_gradient_as_diffrax(dtype):
+    ours = _steady_state_and_gradient(diffeqx, dtype)
+    # Diffrax 0.7.2's `ImplicitAdjoint` multiplies by a Python integer inside its
+    # linearisation, which strict dtype promotion refuses.
+    with jax.numpy_dtype_promotion("standard"):
+        theirs = _steady_state_and_gradient(diffrax, dtype)
+    rtol = 1e-10 if dtype == jnp.float64 else 1e-5
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol)
+    # And both are the exact gradient of |c(args)|^2 at the steady state y = c(args).
+    a0, a1 = 0.7, -1.2
+    exact = np.array(
+        [
+            2 * np.sin(a0) * np.cos(a0) + 2 * (a0 * a1) * a1,
+            2 * (a0 * a1) * a0,
+        ]
+    )
+    np.testing.assert_allclose(
+        ours[2], exact, rtol=1e-4 if dtype == jnp.float32 else 1e-6
+    )
