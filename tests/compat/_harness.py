@@ -37,6 +37,9 @@ MAX_STEPS = 128
 RESULT_NAMES = ("successful", "max_steps_reached", "dt_min_reached", "event_occurred")
 # The choices of problem and solver a `Case` may make (the sampled axes of the tests).
 PROBLEMS = ("lin1", "lin2", "tree", "lv")
+# Controlled differential equations, driven by a path interpolating fixed data on
+# [0, 2] (`make_term`): linear or cubic Hermite interpolation.
+CDE_PROBLEMS = ("cde_linear", "cde_cubic")
 EXPLICIT_SOLVERS = (
     "Euler",
     "Heun",
@@ -122,7 +125,22 @@ def problem(name: str, dtype) -> tuple[Any, Any, Any]:
         return _tree, y0, {"k": arr(2.0), "c": arr(0.3)}
     if name == "lv":
         return _lotka_volterra, arr([1.0, 0.5]), arr([1.5, 1.0, 3.0, 1.0])
+    if name in CDE_PROBLEMS:
+        return _cde_field, arr([1.0, -0.5]), arr([[0.8, -0.4], [0.3, 1.1]])
     raise ValueError(name)
+
+
+def _cde_field(t, y, args):
+    # (state, channel): how each channel of the driving path moves each state entry
+    return jnp.tanh(args * y[:, None] + 0.1 * t)
+
+
+def _cde_path(lib, name, dtype):
+    ts = jnp.linspace(0.0, 2.0, 9, dtype=dtype)
+    xs = jnp.stack([jnp.sin(3 * ts), ts * ts / 2], axis=-1)
+    if name == "cde_linear":
+        return lib.LinearInterpolation(ts, xs)
+    return lib.CubicInterpolation(ts, lib.backward_hermite_coefficients(ts, xs))
 
 
 # --------------------------------------------------------------------------- the call
@@ -143,7 +161,9 @@ def make_solver(lib, name, dtype):
     return getattr(lib, name)(root_finder=finder)
 
 
-def make_term(lib, vector_field, solver_name):
+def make_term(lib, vector_field, solver_name, problem_name="lin1", dtype=jnp.float64):
+    if problem_name in CDE_PROBLEMS:
+        return lib.ControlTerm(vector_field, _cde_path(lib, problem_name, dtype))
     if solver_name.partition("/")[0] not in IMEX_SOLVERS:
         return lib.ODETerm(vector_field)
 
@@ -283,7 +303,7 @@ def solve(lib, case: Case) -> dict[str, Any]:
     t_mid = 0.425 * (t1 - t0) + t0 if case.resume else t0
     span = Span(t_mid, t1, dtype)
     solver = make_solver(lib, case.solver, dtype)
-    term = make_term(lib, vector_field, case.solver)
+    term = make_term(lib, vector_field, case.solver, case.problem, dtype)
     static: dict[str, Any] = {}
 
     def run(y0):

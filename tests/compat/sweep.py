@@ -5,6 +5,7 @@ differences and the largest relative differences of times and values.
     python -m tests.compat.sweep [--seed N] [--cases N] [--vmap-float64-adaptive]
     python -m tests.compat.sweep --gradients [--forward-mode] [--seed N] [--cases N]
     python -m tests.compat.sweep --implicit [--seed N] [--cases N]
+    python -m tests.compat.sweep --cde [--seed N] [--cases N]
 
 `--vmap-float64-adaptive` samples only adaptive solves under `jax.vmap` in float64 (the
 cases in which diffeqx combines Runge–Kutta stages by elementwise sums; see "Values to
@@ -13,7 +14,8 @@ the last digits" in docs/migration.md). `--gradients` samples the gradient cases
 adjoint; with `--forward-mode`, `ForwardMode` and `jax.jacfwd` instead). `--implicit` samples the implicit and IMEX solvers, each with its own
 root finder or a given one (`IMPLICIT_SOLVERS`, `IMEX_SOLVERS` and `ROOT_FINDERS` in
 `_harness.py`), on the same axes otherwise; a call that both libraries refuse is
-counted as such. The figures quoted there come from `--seed 11 --cases 150`, `--seed 3
+counted as such. `--cde` samples controlled differential equations driven by a
+linear or cubic interpolation (`CDE_PROBLEMS`) instead of the ODE problems. The figures quoted there come from `--seed 11 --cases 150`, `--seed 3
 --cases 60 --vmap-float64-adaptive` and `--gradients --seed 7 --cases 60`.
 """
 
@@ -31,6 +33,7 @@ import diffrax  # noqa: E402
 import diffeqx  # noqa: E402
 
 from ._harness import (  # noqa: E402
+    CDE_PROBLEMS,
     IMEX_SOLVERS,
     IMPLICIT_SOLVERS,
     ROOT_FINDERS,
@@ -72,6 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gradients", action="store_true")
     parser.add_argument("--implicit", action="store_true")
     parser.add_argument("--forward-mode", action="store_true")
+    parser.add_argument("--cde", action="store_true")
     options = parser.parse_args(argv)
     if options.gradients:
         return _gradients(options.seed, options.cases, options.forward_mode)
@@ -82,6 +86,8 @@ def main(argv=None) -> int:
             dtype=("float64",),
             controller=("pid", "pid_tight", "clip_step", "clip_jump"),
         )
+    if options.cde:
+        axes.update(problem=CDE_PROBLEMS)
     if options.implicit:
         axes.update(
             solver=tuple(
