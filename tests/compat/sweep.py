@@ -15,7 +15,8 @@ adjoint; with `--forward-mode`, `ForwardMode` and `jax.jacfwd` instead). `--impl
 root finder or a given one (`IMPLICIT_SOLVERS`, `IMEX_SOLVERS` and `ROOT_FINDERS` in
 `_harness.py`), on the same axes otherwise; a call that both libraries refuse is
 counted as such. `--cde` samples controlled differential equations driven by a
-linear or cubic interpolation (`CDE_PROBLEMS`) instead of the ODE problems. The figures quoted there come from `--seed 11 --cases 150`, `--seed 3
+linear or cubic interpolation (`CDE_PROBLEMS`) instead of the ODE problems.
+`--saveat NAME` samples only that `SaveAt` (a name of `make_saveat`). The figures quoted there come from `--seed 11 --cases 150`, `--seed 3
 --cases 60 --vmap-float64-adaptive` and `--gradients --seed 7 --cases 60`.
 """
 
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--implicit", action="store_true")
     parser.add_argument("--forward-mode", action="store_true")
     parser.add_argument("--cde", action="store_true")
+    parser.add_argument("--saveat", help="sample only this SaveAt (e.g. dense)")
     options = parser.parse_args(argv)
     if options.gradients:
         return _gradients(options.seed, options.cases, options.forward_mode)
@@ -88,6 +90,8 @@ def main(argv=None) -> int:
         )
     if options.cde:
         axes.update(problem=CDE_PROBLEMS)
+    if options.saveat:
+        axes.update(saveat=(options.saveat,))
     if options.implicit:
         axes.update(
             solver=tuple(

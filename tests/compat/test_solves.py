@@ -198,3 +198,63 @@ def test_a_float32_decision_near_the_threshold_goes_either_way_in_both_libraries
     ours = [rejections(diffeqx, rtol) for rtol in rtols]
     assert theirs[1] == 1 and ours[1] == 0
     assert set(theirs) == set(ours) == {0, 1}
+
+
+def _dense_heun(lib, t0, t1, dt0, event=None):
+    def field(t, y, args):
+        return jnp.stack([y[1], -y[0]])
+
+    return lib.diffeqsolve(
+        lib.ODETerm(field),
+        lib.Heun(),
+        t0,
+        t1,
+        dt0,
+        jnp.array([1.0, 0.0]),
+        saveat=lib.SaveAt(dense=True),
+        event=event,
+    )
+
+
+def test_left_limit_of_a_backward_solve_is_in_real_time():
+    """docs/migration.md: at a step boundary of a backward solve, diffeqx's `left`
+    is the limit from smaller `t` (the later step of the solve), Diffrax's the limit
+    in its internal, negated time, so from larger `t`. Heun's dense output has a
+    kink at each step boundary."""
+    knot = jnp.asarray(0.5)  # a step boundary of both solves below
+    ours = _dense_heun(diffeqx, 1.0, 0.0, -0.1)
+    theirs = _dense_heun(diffrax, 1.0, 0.0, -0.1)
+    below = ours.derivative(knot - 1e-7)
+    above = ours.derivative(knot + 1e-7)
+    left, right = ours.derivative(knot, left=True), ours.derivative(knot, left=False)
+    assert not np.allclose(left, right, rtol=1e-3)  # a kink: the sides differ
+    np.testing.assert_allclose(left, below, rtol=1e-5)
+    np.testing.assert_allclose(right, above, rtol=1e-5)
+    np.testing.assert_allclose(theirs.derivative(knot, left=True), right, rtol=1e-12)
+    np.testing.assert_allclose(theirs.derivative(knot, left=False), left, rtol=1e-12)
+    # Forwards in time the two libraries mean the same side.
+    ours, theirs = (
+        _dense_heun(diffeqx, 0.0, 1.0, 0.1),
+        _dense_heun(diffrax, 0.0, 1.0, 0.1),
+    )
+    for side in (True, False):
+        np.testing.assert_allclose(
+            ours.derivative(knot, left=side),
+            theirs.derivative(knot, left=side),
+            rtol=1e-12,
+        )
+
+
+def test_derivative_of_a_solve_that_took_no_steps():
+    """docs/migration.md: a solve that an event stops at `t0` has a dense output of
+    one point, `y0`; its derivative is zero in diffeqx and NaN in Diffrax."""
+
+    def solve(lib):
+        event = lib.Event(lambda t, y, args, **kwargs: y[0] > 0.0)
+        return _dense_heun(lib, 0.0, 1.0, 0.1, event=event)
+
+    ours, theirs = solve(diffeqx), solve(diffrax)
+    t0 = jnp.asarray(0.0)
+    np.testing.assert_array_equal(ours.evaluate(t0), theirs.evaluate(t0))
+    np.testing.assert_array_equal(ours.derivative(t0), np.zeros(2))
+    assert np.isnan(np.asarray(theirs.derivative(t0))).all()
