@@ -491,6 +491,19 @@ def _describe(flags):
     return names[0] if len(set(names)) == 1 else names
 
 
+def sampled_params(cases, num_default: int) -> list:
+    """`pytest.param`s of sampled `cases`, named by the case: the first
+    `num_default` in the default run, the others marked slow."""
+    import pytest
+
+    return [
+        pytest.param(
+            case, id=str(case), marks=() if i < num_default else pytest.mark.slow
+        )
+        for i, case in enumerate(cases)
+    ]
+
+
 def tolerance_for(case: Case):
     """The `(rtol, atol)` that `compare` uses for `case`, or None for the default of
     its dtype (`TOLERANCE`)."""

@@ -68,6 +68,19 @@ def _largest_relative(expected, actual) -> dict:
     return out
 
 
+def _through_both(run, case) -> list:
+    """`run(lib, case)` for Diffrax, then diffeqx: each output, or a line saying what
+    the library raised. Compiled programs are dropped after each case."""
+    outputs = []
+    for lib in (diffrax, diffeqx):
+        try:
+            outputs.append(run(lib, case))
+        except Exception as error:  # noqa: BLE001 - reported, not fatal
+            outputs.append(f"{lib.__name__} raised {type(error).__name__}: {error}")
+    jax.clear_caches()
+    return outputs
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=11)
@@ -105,13 +118,7 @@ def main(argv=None) -> int:
     cases = [case for case in sample if diffrax_accepts(case)][: options.cases]
     differing = refused = 0
     for index, case in enumerate(cases):
-        outputs = []
-        for lib in (diffrax, diffeqx):
-            try:
-                outputs.append(solve(lib, case))
-            except Exception as error:  # noqa: BLE001 - reported, not fatal
-                outputs.append(f"{lib.__name__} raised {type(error).__name__}: {error}")
-        jax.clear_caches()
+        outputs = _through_both(solve, case)
         if all(isinstance(out, str) for out in outputs):
             print(f"{index} {case}: refused by both; " + outputs[1][:300])
             refused += 1
@@ -145,12 +152,7 @@ def _gradients(seed: int, num_cases: int, forward_mode: bool = False) -> int:
     cases = [c for c in sample if not (c.solver == "Euler" and c.controller != "const")]
     differing = 0
     for index, case in enumerate(cases[:num_cases]):
-        outputs = []
-        for lib in (diffrax, diffeqx):
-            try:
-                outputs.append(loss_and_gradients(lib, case))
-            except Exception as error:  # noqa: BLE001 - reported, not fatal
-                outputs.append(f"{lib.__name__} raised {type(error).__name__}")
+        outputs = _through_both(loss_and_gradients, case)
         if any(isinstance(out, str) for out in outputs):
             print(f"{index} {case}: " + "; ".join(map(str, outputs))[:300])
             differing += 1
@@ -161,7 +163,6 @@ def _gradients(seed: int, num_cases: int, forward_mode: bool = False) -> int:
         print(f"{index} {case}: {'DIFFERS' if problems else 'same'}")
         for line in problems:
             print("    " + line[:300])
-        jax.clear_caches()
     print(f"{differing} of {min(num_cases, len(cases))} cases differ")
     return 0
 

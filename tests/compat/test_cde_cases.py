@@ -19,6 +19,7 @@ from ._harness import (  # noqa: E402
     CDE_PROBLEMS,
     Case,
     diff_outputs,
+    sampled_params,
     solve,
     tolerance_for,
 )
@@ -38,15 +39,7 @@ def _sampled() -> list[Case]:
 CASES = _sampled()
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            case, id=str(case), marks=() if i < DEFAULT_CASES else pytest.mark.slow
-        )
-        for i, case in enumerate(CASES)
-    ],
-)
+@pytest.mark.parametrize("case", sampled_params(CASES, DEFAULT_CASES))
 def test_sampled_cde_case(case):
     expected = solve(diffrax, case)
     actual = solve(diffeqx, case)

@@ -38,6 +38,7 @@ from ._harness import (  # noqa: E402
     IMPLICIT_SOLVERS,
     Case,
     diff_outputs,
+    sampled_params,
     solve,
 )
 from .test_solves import AXES, diffrax_accepts  # noqa: E402
@@ -103,15 +104,7 @@ def _sampled() -> list[Case]:
 CASES = _sampled()
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            case, id=str(case), marks=() if i < DEFAULT_CASES else pytest.mark.slow
-        )
-        for i, case in enumerate(CASES)
-    ],
-)
+@pytest.mark.parametrize("case", sampled_params(CASES, DEFAULT_CASES))
 def test_sampled_implicit_case(case):
     expected = solve(diffrax, case)
     actual = solve(diffeqx, case)

@@ -24,6 +24,7 @@ import pytest
 
 pytest.importorskip("diffrax")
 
+from ._harness import sampled_params  # noqa: E402
 from ._sde_harness import SRK_SOLVERS, SDECase  # noqa: E402
 from .sde_sweep import AXES, run_case  # noqa: E402
 
@@ -45,15 +46,7 @@ def _sampled() -> list[SDECase]:
 CASES = _sampled()
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            case, id=str(case), marks=() if i < DEFAULT_CASES else pytest.mark.slow
-        )
-        for i, case in enumerate(CASES)
-    ],
-)
+@pytest.mark.parametrize("case", sampled_params(CASES, DEFAULT_CASES))
 def test_sampled_sde_case(case):
     status, lines, largest = run_case(case)
     report = "\n".join(lines)
