@@ -243,3 +243,35 @@ def test_call_compiled_declines_unhashable_static_leaves():
     from diffeqx._eager import call_compiled
 
     assert call_compiled(lambda s, x: x, ({1, 2}, jnp.ones(2))) is None
+
+
+def test_eager_failure_is_an_equinox_runtime_error_with_the_message_only(caplog):
+    """An eager call waits for its result; a failure with `throw=True` raises
+    `equinox.EquinoxRuntimeError` with the solve's message (not JAX's error wrapping
+    a callback traceback), and logs nothing. Under `jax.jit` the error is JAX's, as
+    for any jitted program, and carries the same message."""
+    import logging
+
+    import equinox as eqx
+
+    def solve(y0):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y), dfx.Tsit5(), 0.0, 10.0, 0.01, y0,
+            max_steps=5,
+        ).ys  # fmt: skip
+
+    message = "The maximum number of solver steps was reached before `t1`."
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(eqx.EquinoxRuntimeError) as info:
+            solve(jnp.ones(2))
+    assert str(info.value).startswith(message)
+    assert "Traceback" not in str(info.value)
+    assert not [r for r in caplog.records if r.name == "jax._src.callback"]
+    with pytest.raises(jax.errors.JaxRuntimeError, match="maximum number of solver"):
+        jax.block_until_ready(jax.jit(solve)(jnp.ones(2)))
+    # Other errors pass through unchanged, and a successful call still returns.
+    np.testing.assert_allclose(
+        dfx.diffeqsolve(dfx.ODETerm(lambda t, y, args: -y), dfx.Tsit5(), 0.0, 1.0,
+                        0.1, jnp.ones(2)).ys,
+        np.exp(-1.0) * np.ones((1, 2)), rtol=1e-4,
+    )  # fmt: skip

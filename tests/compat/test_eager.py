@@ -44,3 +44,28 @@ def test_repeated_eager_calls_compile_nothing_in_either_library(vmap):
     expected, actual = (jax.tree.leaves(results[n]) for n in ("diffrax", "diffeqx"))
     for a, b in zip(expected, actual, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12)
+
+
+@pytest.mark.parametrize("vmap", [False, True], ids=["single", "vmap"])
+def test_eager_failure_raises_equinox_runtime_error_in_both_libraries(vmap):
+    """Code written for Diffrax that catches `equinox.EquinoxRuntimeError` around an
+    eager call (Diffrax's `diffeqsolve` is wrapped in `equinox.filter_jit`) catches
+    diffeqx's too, with the failure's message."""
+    import equinox as eqx
+
+    def call(lib):
+        def solve(y0):
+            return lib.diffeqsolve(
+                lib.ODETerm(_field), lib.Tsit5(), 0.0, 10.0, 0.01, y0,
+                args=jnp.asarray(0.7), max_steps=5,
+            ).ys  # fmt: skip
+
+        y0 = jnp.ones((3, 2)) if vmap else jnp.ones(2)
+        with pytest.raises(eqx.EquinoxRuntimeError) as info:
+            jax.vmap(solve)(y0) if vmap else solve(y0)
+        return str(info.value)
+
+    assert "maximum number of solver steps was reached" in call(diffrax)
+    ours = call(diffeqx)
+    assert ours.startswith("The maximum number of solver steps was reached")
+    assert "Traceback" not in ours  # the message, not a callback's traceback
