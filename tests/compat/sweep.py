@@ -6,6 +6,7 @@ differences and the largest relative differences of times and values.
     python -m tests.compat.sweep --gradients [--forward-mode] [--seed N] [--cases N]
     python -m tests.compat.sweep --implicit [--seed N] [--cases N]
     python -m tests.compat.sweep --cde [--seed N] [--cases N]
+    python -m tests.compat.sweep --events [--seed N] [--cases N]
 
 `--vmap-float64-adaptive` samples only adaptive solves under `jax.vmap` in float64 (the
 cases in which diffeqx combines Runge–Kutta stages by elementwise sums; see "Values to
@@ -16,7 +17,9 @@ root finder or a given one (`IMPLICIT_SOLVERS`, `IMEX_SOLVERS` and `ROOT_FINDERS
 `_harness.py`), on the same axes otherwise; a call that both libraries refuse is
 counted as such. `--cde` samples controlled differential equations driven by a
 linear or cubic interpolation (`CDE_PROBLEMS`) instead of the ODE problems.
-`--saveat NAME` samples only that `SaveAt` (a name of `make_saveat`). The figures quoted there come from `--seed 11 --cases 150`, `--seed 3
+`--saveat NAME` samples only that `SaveAt` (a name of `make_saveat`). `--events`
+samples the event cases of `test_events.py` (condition, direction, root finding,
+`SaveAt`, controller, direction of time, dtype, `vmap`, `max_steps`). The figures quoted there come from `--seed 11 --cases 150`, `--seed 3
 --cases 60 --vmap-float64-adaptive` and `--gradients --seed 7 --cases 60`.
 """
 
@@ -38,6 +41,7 @@ from ._harness import (  # noqa: E402
     IMEX_SOLVERS,
     IMPLICIT_SOLVERS,
     ROOT_FINDERS,
+    VMAP_FLOAT64_TOLERANCE,
     Case,
     diff_outputs,
     solve,
@@ -91,7 +95,10 @@ def main(argv=None) -> int:
     parser.add_argument("--forward-mode", action="store_true")
     parser.add_argument("--cde", action="store_true")
     parser.add_argument("--saveat", help="sample only this SaveAt (e.g. dense)")
+    parser.add_argument("--events", action="store_true")
     options = parser.parse_args(argv)
+    if options.events:
+        return _events(options.seed, options.cases)
     if options.gradients:
         return _gradients(options.seed, options.cases, options.forward_mode)
     axes = dict(AXES)
@@ -133,6 +140,69 @@ def main(argv=None) -> int:
         differing += bool(problems)
         sizes = ", ".join(f"{k} {v:.1e}" for k, v in largest.items())
         print(f"{index} {case}: {'DIFFERS' if problems else 'same'} ({sizes})")
+        for line in problems:
+            print("    " + line[:300])
+    print(
+        f"{differing} of {len(cases)} cases differ"
+        + (f"; {refused} refused by both" if refused else "")
+    )
+    return 0
+
+
+def _events(seed: int, num_cases: int) -> int:
+    from .test_events import EventCase, run
+
+    directions = {
+        "pair": (None, (True, False), (False, True), (True, True)),
+        "same_step": (None, (True, True)),
+        "mixed": (None, {"late": None, "half": True}, {"late": True, "half": False}),
+    }
+    axes = dict(
+        cond=("real", "bool", "pair", "mixed", "bool_at_t0", "zero_at_t0")
+        + ("same_step", "steady"),
+        root_finder=(True, False),
+        saveat=("t1", "mixed", "ts", "steps", "subs"),
+        controller=("const", "pid"),
+        backwards=(False, True),
+        dtype=("float64", "float32"),
+        vmap=(False, True),
+        max_steps=(256, None),
+    )
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < num_cases:
+        choice = {axis: rng.choice(values) for axis, values in axes.items()}
+        choice["direction"] = rng.choice(
+            directions.get(choice["cond"], (None, True, False))
+        )
+        if choice["cond"] == "steady":
+            choice["y0"] = rng.choice((1.0, 2.0))
+        if choice["dtype"] == "float32":
+            # With x64 enabled Diffrax cannot root-find a float32 condition.
+            choice["root_finder"] = False
+        case = EventCase(**choice)
+        if case not in cases:
+            cases.append(case)
+    differing = refused = 0
+    for index, case in enumerate(cases):
+        outputs = _through_both(run, case)
+        if all(isinstance(out, str) for out in outputs):
+            print(f"{index} {case}: refused by both; " + outputs[1][:300])
+            refused += 1
+            continue
+        if any(isinstance(out, str) for out in outputs):
+            print(f"{index} {case}: " + "; ".join(map(str, outputs))[:400])
+            differing += 1
+            continue
+        expected, actual = outputs
+        fired = bool(expected["result"].reshape(-1, 4)[:, 3].any())
+        tolerance = None
+        if case.vmap and case.dtype == "float64" and case.controller == "pid":
+            tolerance = VMAP_FLOAT64_TOLERANCE  # see `_harness.tolerance_for`
+        problems = diff_outputs(expected, actual, case.dtype, tolerance)
+        differing += bool(problems)
+        status = "DIFFERS" if problems else "same"
+        print(f"{index} {case}: {status}{'' if fired else ' (no event)'}")
         for line in problems:
             print("    " + line[:300])
     print(
