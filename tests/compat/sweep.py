@@ -123,9 +123,23 @@ def main(argv=None) -> int:
     product = [Case(*values) for values in itertools.product(*axes.values())]
     sample = random.Random(options.seed).sample(product, 3 * options.cases)
     cases = [case for case in sample if diffrax_accepts(case)][: options.cases]
+
+    def verdict(case, expected, actual):
+        problems = diff_outputs(expected, actual, case.dtype, tolerance_for(case))
+        largest = _largest_relative(expected, actual)
+        sizes = ", ".join(f"{k} {v:.1e}" for k, v in largest.items())
+        return problems, f" ({sizes})"
+
+    return _sweep(cases, solve, verdict)
+
+
+def _sweep(cases, run, verdict) -> int:
+    """Each case through both libraries (`run(lib, case)`), printing a line per case
+    and the differences that `verdict(case, expected, actual)` returns with a
+    suffix for the line, then the totals."""
     differing = refused = 0
     for index, case in enumerate(cases):
-        outputs = _through_both(solve, case)
+        outputs = _through_both(run, case)
         if all(isinstance(out, str) for out in outputs):
             print(f"{index} {case}: refused by both; " + outputs[1][:300])
             refused += 1
@@ -134,12 +148,9 @@ def main(argv=None) -> int:
             print(f"{index} {case}: " + "; ".join(map(str, outputs))[:400])
             differing += 1
             continue
-        expected, actual = outputs
-        problems = diff_outputs(expected, actual, case.dtype, tolerance_for(case))
-        largest = _largest_relative(expected, actual)
+        problems, suffix = verdict(case, *outputs)
         differing += bool(problems)
-        sizes = ", ".join(f"{k} {v:.1e}" for k, v in largest.items())
-        print(f"{index} {case}: {'DIFFERS' if problems else 'same'} ({sizes})")
+        print(f"{index} {case}: {'DIFFERS' if problems else 'same'}{suffix}")
         for line in problems:
             print("    " + line[:300])
     print(
@@ -183,33 +194,16 @@ def _events(seed: int, num_cases: int) -> int:
         case = EventCase(**choice)
         if case not in cases:
             cases.append(case)
-    differing = refused = 0
-    for index, case in enumerate(cases):
-        outputs = _through_both(run, case)
-        if all(isinstance(out, str) for out in outputs):
-            print(f"{index} {case}: refused by both; " + outputs[1][:300])
-            refused += 1
-            continue
-        if any(isinstance(out, str) for out in outputs):
-            print(f"{index} {case}: " + "; ".join(map(str, outputs))[:400])
-            differing += 1
-            continue
-        expected, actual = outputs
+
+    def verdict(case, expected, actual):
         fired = bool(expected["result"].reshape(-1, 4)[:, 3].any())
         tolerance = None
         if case.vmap and case.dtype == "float64" and case.controller == "pid":
             tolerance = VMAP_FLOAT64_TOLERANCE  # see `_harness.tolerance_for`
         problems = diff_outputs(expected, actual, case.dtype, tolerance)
-        differing += bool(problems)
-        status = "DIFFERS" if problems else "same"
-        print(f"{index} {case}: {status}{'' if fired else ' (no event)'}")
-        for line in problems:
-            print("    " + line[:300])
-    print(
-        f"{differing} of {len(cases)} cases differ"
-        + (f"; {refused} refused by both" if refused else "")
-    )
-    return 0
+        return problems, "" if fired else " (no event)"
+
+    return _sweep(cases, run, verdict)
 
 
 def _gradients(seed: int, num_cases: int, forward_mode: bool = False) -> int:
@@ -220,21 +214,11 @@ def _gradients(seed: int, num_cases: int, forward_mode: bool = False) -> int:
     sample = random.Random(seed).sample(product, 3 * num_cases)
     # Euler gives no error estimate: Diffrax refuses to adapt its step size.
     cases = [c for c in sample if not (c.solver == "Euler" and c.controller != "const")]
-    differing = 0
-    for index, case in enumerate(cases[:num_cases]):
-        outputs = _through_both(loss_and_gradients, case)
-        if any(isinstance(out, str) for out in outputs):
-            print(f"{index} {case}: " + "; ".join(map(str, outputs))[:300])
-            differing += 1
-            continue
-        expected, actual = outputs
-        problems = diff_outputs(expected, actual, case.dtype)
-        differing += bool(problems)
-        print(f"{index} {case}: {'DIFFERS' if problems else 'same'}")
-        for line in problems:
-            print("    " + line[:300])
-    print(f"{differing} of {min(num_cases, len(cases))} cases differ")
-    return 0
+
+    def verdict(case, expected, actual):
+        return diff_outputs(expected, actual, case.dtype), ""
+
+    return _sweep(cases[:num_cases], loss_and_gradients, verdict)
 
 
 if __name__ == "__main__":
