@@ -127,7 +127,11 @@ def call_compiled(fn, args: tuple, traced: tuple = ()):
     try:
         out_arrays, out = _run_jitted(key, dynamic, traced)
         jax.block_until_ready(
-            [x for x in out_arrays if isinstance(x, jax.Array) and not _is_tracer(x)]
+            [
+                x
+                for x in out_arrays
+                if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+            ]
         )
     except jax.errors.JaxRuntimeError as error:
         message = _equinox_message(str(error))
@@ -142,7 +146,9 @@ def call_compiled(fn, args: tuple, traced: tuple = ()):
     )
 
 
-_EQUINOX_MARKER = "_EquinoxRuntimeError: "
+# How `equinox.error_if`'s error appears in the text of JAX's runtime error.
+_EQUINOX_ERROR_TYPE = "_EquinoxRuntimeError"
+_EQUINOX_MARKER = _EQUINOX_ERROR_TYPE + ": "
 
 
 def _equinox_message(text: str):
@@ -155,14 +161,10 @@ def _equinox_message(text: str):
     return message.split("\n\n\n", 1)[0].strip()
 
 
-def _is_tracer(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
 class _QuietEquinoxErrors(logging.Filter):
     """Drops JAX's log record of a callback that raised an `equinox.error_if` error
     (the error itself is raised to the caller)."""
 
     def filter(self, record):
         error = record.exc_info[1] if record.exc_info else None
-        return type(error).__name__ != _EQUINOX_MARKER[:-2]
+        return type(error).__name__ != _EQUINOX_ERROR_TYPE

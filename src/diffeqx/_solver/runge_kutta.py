@@ -382,9 +382,8 @@ def _combine(weights, stages):
     so the last bit can still differ between the two forms, and from Diffrax
     (measured on CPU in float64, Tsit5 on a linear system: identical for states of
     2, 3 and 8 elements, 1e-16 apart for 1 and 5; tests/compat compares to a few
-    hundred ULP). (Small vector
-    fields under `vmap` on CPU in float64, and constant steps, use `_weighted_sum`
-    instead.)"""
+    hundred ULP). (Small vector fields under `vmap` on CPU in float64, and constant
+    steps, use `_weighted_sum` instead.)"""
 
     def _leaf(x):
         w = jnp.asarray(weights).astype(x.dtype)
@@ -464,9 +463,9 @@ class AbstractERK(AbstractRungeKutta):
     forms differently in the last bit; except under `jax.vmap` on CPU in float64,
     where unrolled stages are combined by elementwise sums (faster there than the
     dot products of the weights with the stages), which round differently (see
-    docs/migration.md for by how much). Under reverse mode
-    (first derivatives), the loop is traced once but compiled unrolled, which makes
-    its backward pass faster; except when the vector field's intermediate values
+    docs/migration.md for by how much). Under reverse mode (first derivatives), the
+    loop is traced once but compiled unrolled, which makes its backward pass
+    faster; except when the vector field's intermediate values
     stacked over the stages would exceed 1 MiB (e.g. a network applied to a large
     batch held in the state): then the loop stays a loop and its body is
     rematerialised, the backward pass recomputing those values from each stage's
