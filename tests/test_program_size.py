@@ -33,8 +33,12 @@ BUDGETS = {
     "tsit5_pid_ts_grad": 2780,
     # Raised from 890 when explicit Runge-Kutta stages under `vmap` on CPU began to
     # be combined by elementwise sums rather than dot products (a product and a sum
-    # per weight: 922 equations then, from 832; the solve runs in about half the time).
-    "tsit5_pid_ts_vmap": 965,
+    # per weight: 922 equations then, from 832; the solve runs in about half the time),
+    # and from 965 when the loop under `vmap` stopped carrying a predicate per member
+    # (1036 equations then, from 922: the step itself holds finished members, and its
+    # starting values are all mapped; JAX batches the step twice rather than three
+    # times, and the solve traces and lowers in less time, see docs/performance.md).
+    "tsit5_pid_ts_vmap": 1085,
     "dopri8_pid": 520,
     "cde_linear_path": 830,
     "neural_ode_training_step": 2540,

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
@@ -42,6 +43,10 @@ class LoopSpec(eqx.Module):
     # `1 / (t1 - t0)` when the progress fraction is computed by multiplying by it (see
     # `progress_scale` in setup.py), else None.
     progress_scale: Any = None
+    # Under `jax.vmap`: whether the loop's condition is reduced over the batch ("some
+    # member is going"), with the step body itself leaving finished members as they
+    # are (see `_hold_finished`).
+    mask_members: bool = eqx.field(static=True, default=False)
 
 
 def tree_where(pred, new, old):
@@ -190,12 +195,16 @@ def step_body(
     spec: LoopSpec, state: LoopState, inner_while_loop: Callable
 ) -> LoopState:
     """One iteration: step, accept or reject, save, count."""
+    going = _going(spec, state) if spec.mask_members else None
     with scope("step"):
         y1, y_error, dense_info, solver_state, solver_result = take_step(spec, state)
     step_ok = all_finite(y1) & succeeded(solver_result)
     with scope("controller"):
         decision = _adapt(spec, state, y1, y_error, step_ok, solver_result)
     keep, next_t0, next_t1 = decision.keep, decision.next_t0, decision.next_t1
+    if going is not None:
+        # A finished member keeps nothing: no state, no save, no event.
+        keep = keep & going
     result = decision.result
     if spec.always_accept:
         # Fixed steps: no step is ever rejected, so no selects are needed.
@@ -238,7 +247,7 @@ def step_body(
         if spec.dense:
             dense_state = save_dense(dense_state, state.tnext, dense_info, keep)
     result = where_result(succeeded(state.result), result, state.result)
-    return LoopState(
+    new_state = LoopState(
         y=y,
         tprev=next_t0,
         tnext=next_t1,
@@ -254,6 +263,42 @@ def step_body(
         event_mask=state.event_mask,
         progress_state=_progress(spec, state.progress_state, next_t0),
     )
+    if going is not None:
+        new_state = _hold_finished(going, new_state, state)
+    return new_state
+
+
+def _hold_finished(going, new_state: LoopState, state: LoopState) -> LoopState:
+    """`new_state` for the members still going, `state` for the others.
+
+    Under `jax.vmap` the while loop's own predicate would do this (Equinox's loop
+    selects each value by it), but that predicate is carried from one iteration to
+    the next, and JAX, which batches a loop's body until the set of batched values
+    stops growing, then batches it once more, would batch the step three times
+    rather than two, since the carried predicate starts unbatched. With the
+    condition reduced over the batch (`cond_fun`) the loop's predicate is the same
+    for every member, and the selection is made here instead, for what `keep` does
+    not already hold: one batching pass fewer."""
+    from .state import buffers
+
+    # What a step keeps is already held through `keep`, which includes `going`: the
+    # solution, the solver's state and every save (indices and buffers).
+    held = (
+        new_state.y,
+        new_state.solver_state,
+        new_state.num_accepted_steps,
+        new_state.save_state,
+        new_state.dense_state,
+    )
+    skip = {id(x) for x in jtu.tree_leaves(held)}
+    skip |= {id(x) for x in jtu.tree_leaves(buffers(new_state))}
+
+    def _select(new, old):
+        if new is old or id(new) in skip:
+            return new
+        return jnp.where(going, new, old)
+
+    return jtu.tree_map(_select, new_state, state)
 
 
 @scope("progress")
@@ -321,11 +366,20 @@ def _events(spec: LoopSpec, state: LoopState, y1, next_t0, result, keep, dense_i
     )
 
 
-@scope("loop")
-def cond_fun(spec: LoopSpec, state: LoopState):
+def _going(spec: LoopSpec, state: LoopState):
+    """Whether the solve (each member, under `vmap`) still has steps to take."""
     going = (state.tprev < spec.t1) & succeeded(state.result)
     if spec.max_steps is not None:
         going = going & (state.num_steps < spec.max_steps)
+    return going
+
+
+@scope("loop")
+def cond_fun(spec: LoopSpec, state: LoopState):
+    going = _going(spec, state)
+    if spec.mask_members:
+        # Some member is going; the step body holds the finished ones.
+        return eqxi.unvmap_any(going)
     return going
 
 

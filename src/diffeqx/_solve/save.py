@@ -16,6 +16,7 @@ is used only when that fits a memory budget.
 import math
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -282,32 +283,44 @@ def save_pending_ts(
     where `pred` is false. A small while loop runs once per time saved. (Measured:
     masked writes of every time outside a loop cost more, especially under `vmap`.)"""
     n = ts_tau.shape[0]
+    batched = is_batched()
 
     def pending(ts_index):
         next_t = ts_tau[jnp.minimum(ts_index, n - 1)]
         return pred & (ts_index < n) & (next_t <= t_end)
 
     def body(state):
-        tau = ts_tau[state.ts_index]
+        # Under `vmap` the loop runs while some member has a time to save, and each
+        # member saves only its own (see `cond`).
+        write = pending(state.ts_index) if batched else True
+        tau = ts_tau[state.ts_index]  # clamped by JAX where a member is done
         state = _write(
             state,
             state.save_index,
             tau,
             sub.fn(tau * direction, state_at(tau), args),
-            True,
+            write,
         )
-        return eqx.tree_at(lambda s: s.ts_index, state, state.ts_index + 1)
+        step = jnp.where(write, 1, 0) if batched else 1
+        return eqx.tree_at(lambda s: s.ts_index, state, state.ts_index + step)
+
+    def cond(state):
+        going = pending(state.ts_index)
+        # Reduced over the batch, the loop's predicate is not mapped, and JAX batches
+        # the loop's body twice rather than three times (see `_hold_finished` in
+        # loop.py); the body masks the members that have nothing to save.
+        return eqxi.unvmap_any(going) if batched else going
 
     def run(state):
         return while_loop(
-            lambda s: pending(s.ts_index),
+            cond,
             body,
             state,
             max_steps=n,
             buffers=lambda s: (s.ts, s.ys),
         )
 
-    if is_batched():
+    if batched:
         # Under `vmap` some member usually has something to save, so a branch around
         # the loop costs more than it saves (measured: 2.4x slower for a batch of
         # 1,000); a loop with nothing to save costs one test.

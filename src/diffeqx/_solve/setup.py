@@ -200,8 +200,14 @@ def initial_state(
         event_mask=event_mask,
         progress_state=progress_meter.init(),
     )
-    if not spec.always_accept and batched_leaf(y0) is None:
-        init_state = _batched_as(init_state, batched_leaf((terms, args)))
+    if not spec.always_accept:
+        mapped = batched_leaf((y0, terms, args))
+        if mapped is not None:
+            # The loop's condition is then mapped too (the step size depends on the
+            # mapped values): the step body holds the members that have finished
+            # (`LoopSpec.mask_members`).
+            spec = dataclasses.replace(spec, mask_members=True)
+            init_state = _batched_as(init_state, mapped)
     return spec, init_state
 
 
@@ -267,11 +273,10 @@ def _batched_as(tree, leaf):
     Under `jax.vmap`, JAX finds which of a loop's values are mapped by batching the
     loop body's program until that set stops growing, then once more. With an
     adaptive step size, a mapped input reaches the step size and the loop's
-    condition, so every value ends up mapped. When `y0` is mapped, the values seeded
-    from it (`_runtime_zero`) start mapped, and JAX batches the step three times.
-    When only the terms or `args` are mapped (e.g. a Brownian path's key), nothing
-    starts mapped and JAX batches it four times; starting every value mapped brings
-    that back to three. The compiled program is the same (tested)."""
+    condition, so every value ends up mapped; started mapped, the set never grows,
+    and the step is batched twice (with the loop's own predicate unmapped, see
+    `LoopSpec.mask_members`). Started unmapped (only `args` mapped, e.g. a Brownian
+    path's key), JAX would batch it four times."""
     if leaf is None:
         return tree
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
@@ -285,6 +290,8 @@ def _batched_as(tree, leaf):
             jnp.issubdtype(x.dtype, jnp.number) or x.dtype == jnp.bool_
         ):
             return x
+        if batched_leaf(x) is not None:
+            return x  # already mapped
         return jax.lax.select(jnp.broadcast_to(mapped, x.shape), x, x)
 
     return jtu.tree_map(_leaf, tree)
