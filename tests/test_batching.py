@@ -507,9 +507,8 @@ def _step_batchings(monkeypatch, fn, *args):
         return batch_jaxpr_axes(closed_jaxpr, *args, **kwargs)
 
     monkeypatch.setattr(batching, "batch_jaxpr_axes", counting)
-    out = jax.jit(jax.vmap(fn)).trace(*args)
+    jax.jit(jax.vmap(fn)).trace(*args)
     monkeypatch.undo()
-    del out
     return sizes.count(max(sizes))
 
 
