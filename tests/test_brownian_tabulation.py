@@ -202,7 +202,10 @@ def test_tree_table_gives_the_walks_increments(case):
         [[0.0, 1.0, 0.5, 0.25, 2.0**-10, 1.0 - 2.0**-10], rng.uniform(0, 1, 200)]
     )
     t0s, t1s = jnp.asarray(ends[:-1]), jnp.asarray(ends[1:])
-    tabulated = jax.jit(tree._tabulator(True, False, steps))(t0s, t1s)
+    # Built under `jit`, as in a solve (built eagerly, the table costs seconds).
+    tabulated = jax.jit(lambda a, b: tree._tabulator(True, False, steps)(a, b))(
+        t0s, t1s
+    )
     walked = jax.jit(jax.vmap(tree.evaluate))(t0s, t1s)
     pairs = zip(jax.tree.leaves(tabulated), jax.tree.leaves(walked), strict=True)
     for fast, slow in pairs:

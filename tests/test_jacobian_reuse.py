@@ -21,6 +21,28 @@ from _stiff_problems import (
 scipy_integrate = pytest.importorskip("scipy.integrate")
 
 
+# One compiled step for each solver, called with array times (eagerly, each call
+# would dispatch the stage solves' operations one by one).
+_jit_step = eqx.filter_jit(
+    lambda solver, terms, t0, t1, y, args, state, made_jump: solver.step(
+        terms, t0, t1, y, args, state, made_jump
+    )
+)
+
+
+def _step(solver, terms, t0, t1, y, args, state, made_jump):
+    return _jit_step(
+        solver,
+        terms,
+        jnp.asarray(t0),
+        jnp.asarray(t1),
+        y,
+        args,
+        state,
+        jnp.asarray(made_jump),
+    )
+
+
 def _leaves_equal(a, b) -> bool:
     return all(
         bool(jnp.array_equal(x, y))
@@ -38,8 +60,8 @@ def test_a_factorisation_is_reused_while_recent_and_for_close_step_sizes():
     state = solver.init(terms, 0.0, h, y, None)
 
     def step(t0, dt, state, made_jump=False):
-        y1, _, _, new_state, result = solver.step(
-            terms, t0, t0 + dt, y, None, state, made_jump
+        y1, _, _, new_state, result = _step(
+            solver, terms, t0, t0 + dt, y, None, state, made_jump
         )
         assert result == dfx.RESULTS.successful
         return y1, new_state
@@ -111,11 +133,12 @@ def test_a_reused_factorisation_solves_the_stage_equations_to_the_same_tolerance
     y = jnp.asarray(_brusselator_y0())
     t0, h = 0.1, 1e-2
     fresh = dfx.Kvaerno5(root_finder=root_finder)
-    y_fresh = fresh.step(terms, t0, t0 + h, y, 0.02, None, False)[0]
+    y_fresh = _step(fresh, terms, t0, t0 + h, y, 0.02, None, False)[0]
     reusing = dfx.Kvaerno5(root_finder=root_finder, reuse_jacobian=True)
     # A factorisation formed at a nearby state (as a previous step's would be) for
     # a 10% smaller step size.
-    formed = reusing.step(
+    formed = _step(
+        reusing,
         terms,
         t0 - 0.9 * h,
         t0,
@@ -124,8 +147,8 @@ def test_a_reused_factorisation_solves_the_stage_equations_to_the_same_tolerance
         reusing.init(terms, t0 - 0.9 * h, t0, y, 0.02),
         False,
     )[3]
-    y_reused, _, _, state, result = reusing.step(
-        terms, t0, t0 + h, y, 0.02, formed, False
+    y_reused, _, _, state, result = _step(
+        reusing, terms, t0, t0 + h, y, 0.02, formed, False
     )
     assert result == dfx.RESULTS.successful
     assert int(state.age) == 2  # it was reused
