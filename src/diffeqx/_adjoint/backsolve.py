@@ -312,6 +312,7 @@ def _backsolve_fwd(perturbed, diff, rest, solve, adjoint):
 
 @_backsolve.def_bwd
 def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
+    from .._solve.diffeqsolve import initial_solver_and_controller_state
     from .checkpoint import RecursiveCheckpointAdjoint
 
     out_ts, out_ys, states = residuals
@@ -363,32 +364,62 @@ def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
         prev_ts = jnp.concatenate(
             [jnp.reshape(t0, (1,)).astype(point_ts.dtype), point_ts[:-1]]
         )
+        num_points = point_ts.shape[0]
+        # As in Diffrax, each segment resumes the solver and controller states the
+        # previous one ended with (a constant step size, or an adaptive one, carries
+        # on across the save time), and every segment after the first starts with a
+        # jump: the cotangent added there changes the adjoint state.
+        later = jnp.arange(num_points) < num_points - 1
+
+        def segment_problem(t_k, t_prev, state, solver_state, controller_state):
+            return dict(
+                terms=adj_term,
+                solver=solver,
+                t0=t_k,
+                t1=t_prev,
+                dt0=dt0,
+                y0=state,
+                args=args,
+                stepsize_controller=controller,
+                max_steps=max_steps,
+                solver_state=solver_state,
+                controller_state=controller_state,
+            )
 
         def segment(carry, x):
-            a_y, a_args, a_terms = carry
-            t_k, t_prev, y_k, c_k = x
+            a_y, a_args, a_terms, solver_state, controller_state = carry
+            t_k, t_prev, y_k, c_k, made_jump = x
             a_y = jtu.tree_map(jnp.add, a_y, c_k)
             sol = solve(
-                adj_term,
-                solver,
-                t_k,
-                t_prev,
-                dt0,
-                AdjointState(y_k, a_y, a_args, a_terms),
-                args,
-                saveat=SaveAt(t1=True),
-                stepsize_controller=controller,
+                **segment_problem(
+                    t_k,
+                    t_prev,
+                    AdjointState(y_k, a_y, a_args, a_terms),
+                    solver_state,
+                    controller_state,
+                ),
+                saveat=SaveAt(t1=True, solver_state=True, controller_state=True),
+                made_jump=made_jump,
                 adjoint=RecursiveCheckpointAdjoint(),
-                max_steps=max_steps,
                 throw=rest["throw"],
             )
             end = jtu.tree_map(lambda v: v[-1], sol.ys)
-            return (end.a_y, end.a_args, end.a_terms), None
+            carry = (end.a_y, end.a_args, end.a_terms)
+            return (*carry, sol.solver_state, sol.controller_state), None
 
-        (a_y, a_args, a_terms), _ = lax.scan(
+        # The states the first (last in time) segment starts from.
+        last = jtu.tree_map(lambda v: v[-1], (point_ts, prev_ts, point_ys, point_a_y))
+        first_state = AdjointState(
+            last[2], jtu.tree_map(jnp.add, a_y, last[3]), a_args, a_terms
+        )
+        solver_state, controller_state = initial_solver_and_controller_state(
+            **segment_problem(last[0], last[1], first_state, None, None),
+            saveat=SaveAt(t1=True),
+        )
+        (a_y, a_args, a_terms, _, _), _ = lax.scan(
             segment,
-            (a_y, a_args, a_terms),
-            (point_ts, prev_ts, point_ys, point_a_y),
+            (a_y, a_args, a_terms, solver_state, controller_state),
+            (point_ts, prev_ts, point_ys, point_a_y, later),
             reverse=True,
         )
 

@@ -191,29 +191,41 @@ class PolynomialStageInterpolation(AbstractLocalInterpolation):
         del y1
         self.t0, self.t1, self.y0, self.k = t0, t1, y0, k
 
-    def _coefficients(self, k):
-        # (degree, *leaf_shape): coefficient of theta^(d + 1).
-        w = jnp.asarray(self.weights, dtype=k.dtype)
+    def _stage_weights(self, theta, leaf, derivative: bool):
+        """Each stage's weight at `theta`, `b_i(theta) = sum_d weights[i, d]
+        theta^(d + 1)` (or its derivative in `theta`), as scalars in the dtype of
+        `leaf`. The stages are combined after these are formed, as Diffrax does:
+        near the step's end the polynomials' large coefficients cancel in the
+        scalar weights rather than in whole states, which in float32 keeps the
+        values, and their gradients, several times closer to the exact ones."""
+        w = np.asarray(self.weights)
+        if derivative:
+            w = w * np.arange(1, w.shape[1] + 1)
+        w = jnp.asarray(w, dtype=leaf.dtype)
+        th = _like(theta, leaf)
+        acc = w[:, -1]
+        for d in range(w.shape[1] - 2, -1, -1):
+            acc = w[:, d] + th * acc
+        return acc if derivative else th * acc
+
+    @staticmethod
+    def _combine(b, k):
+        """`sum_i b[i] k[i]`."""
         if k.size <= _SMALL_PRODUCT_SIZE and not is_batched():
             # A small product written out: XLA compiles it into the surrounding
             # kernel, where on CPU a matrix product is a library call (measured: a
             # 12-step Tsit5 solve of a 2-variable system saving at 100 times, 83 us
             # with the matrix product, 35 us without). Under `vmap` the matrix
             # product is faster (a 1,000-member batch ran 2x slower without it).
-            w = w.T.reshape(w.shape[::-1] + (1,) * (k.ndim - 1))
-            return jnp.sum(w * k[None], axis=1)
-        return jnp.tensordot(w.T, k, axes=1)
+            return jnp.sum(b.reshape(b.shape + (1,) * (k.ndim - 1)) * k, axis=0)
+        return jnp.tensordot(b, k, axes=1)
 
     def _at(self, t):
         theta, _ = self._theta(t)
 
         def _leaf(y0, k):
-            coeffs = self._coefficients(k)
-            th = _like(theta, y0)
-            acc = coeffs[-1]
-            for d in range(coeffs.shape[0] - 2, -1, -1):
-                acc = coeffs[d] + th * acc
-            return (y0 + th * acc).astype(y0.dtype)
+            b = self._stage_weights(theta, y0, derivative=False)
+            return (y0 + self._combine(b, k)).astype(y0.dtype)
 
         return jtu.tree_map(_leaf, self.y0, self.k)
 
@@ -221,12 +233,7 @@ class PolynomialStageInterpolation(AbstractLocalInterpolation):
         theta, dt = self._theta(t)
 
         def _leaf(y0, k):
-            coeffs = self._coefficients(k)
-            degree = coeffs.shape[0]
-            th = _like(theta, y0)
-            acc = degree * coeffs[-1]
-            for d in range(degree - 2, -1, -1):
-                acc = (d + 1) * coeffs[d] + th * acc
-            return (acc / _like(dt, y0)).astype(y0.dtype)
+            b = self._stage_weights(theta, y0, derivative=True)
+            return (self._combine(b, k) / _like(dt, y0)).astype(y0.dtype)
 
         return jtu.tree_map(_leaf, self.y0, self.k)

@@ -204,6 +204,35 @@ def _solve(
         return build_solution(spec, saveat, final, t0, t1, y0, throw, max_steps, event)
 
 
+def initial_solver_and_controller_state(**problem):
+    """The solver and controller states a solve of `problem` (`diffeqsolve`'s
+    arguments, without `adjoint` and `throw`) starts from, without its loop: for a
+    caller that passes them on (`solver_state=`, `controller_state=`) to a series of
+    solves and needs the first one's before it runs (`BacksolveAdjoint`'s backward
+    segments, carried through a `lax.scan`)."""
+    problem = dict(
+        dict(
+            event=None,
+            max_steps=4096,
+            progress_meter=NoProgressMeter(),
+            solver_state=None,
+            controller_state=None,
+            made_jump=None,
+        ),
+        **problem,
+    )
+    problem["solver"] = resolve_root_finder_tols(
+        problem["solver"], problem["stepsize_controller"]
+    )
+    subs = _subsaveats(problem["saveat"])
+    t0, t1, dt0, y0 = promote_inputs(
+        problem["t0"], problem["t1"], problem["dt0"], problem["y0"], subs
+    )
+    problem.update(t0=t0, t1=t1, dt0=dt0, y0=y0)
+    _, state = initial_state(subs=subs, **problem)
+    return state.solver_state, state.controller_state
+
+
 # ---- eager calls -----------------------------------------------------------------
 #
 # Outside `jax.jit`, JAX would run a solve op by op: every operation of the setup a
