@@ -148,7 +148,10 @@ def test_solve_statistics_keep_their_types_under_reverse_mode():
 
     (_, reverse), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(y0)
     np.testing.assert_allclose(grad, np.exp(-np.linspace(0.0, 1.0, 5)).sum(), 1e-5)
-    np.testing.assert_array_equal(reverse.ys, forward.ys)
+    # Under reverse mode the saves are interpolated after the loop, batched over
+    # the requested times, where the stages combine by a matrix product rather
+    # than written-out products: the same values to the last bit or one unit in it.
+    np.testing.assert_allclose(reverse.ys, forward.ys, rtol=4e-16, atol=0)
     assert reverse.result == forward.result
     for name, value in forward.stats.items():
         other = reverse.stats[name]
