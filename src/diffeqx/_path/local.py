@@ -215,8 +215,11 @@ class PolynomialStageInterpolation(AbstractLocalInterpolation):
             # A small product written out: XLA compiles it into the surrounding
             # kernel, where on CPU a matrix product is a library call (measured: a
             # 12-step Tsit5 solve of a 2-variable system saving at 100 times, 83 us
-            # with the matrix product, 35 us without). Under `vmap` the matrix
-            # product is faster (a 1,000-member batch ran 2x slower without it).
+            # with the matrix product, 35 us without; measured when the stages were
+            # combined into polynomial coefficients, before the weights). Under
+            # `vmap` the matrix product was faster for those coefficients (a
+            # 1,000-member batch ran 2x slower without it); not re-measured for the
+            # weights.
             return jnp.sum(b.reshape(b.shape + (1,) * (k.ndim - 1)) * k, axis=0)
         return jnp.tensordot(b, k, axes=1)
 
