@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -293,6 +294,46 @@ def observed(lib, sol) -> dict[str, Any]:
     )
 
 
+@eqx.filter_jit
+def _read(lib, case: Case, sol) -> dict[str, Any]:
+    """What `solve` reads from a solution, compiled as one program (eagerly, each
+    operation would compile a program of its own). The solve itself stays the
+    library's own compiled call, as a user makes it."""
+    out = observed(lib, sol)
+    t0, t1 = (2.0, 0.0) if case.backwards else (0.0, 2.0)
+    t_mid = 0.425 * (t1 - t0) + t0 if case.resume else t0
+    span = Span(t_mid, t1, jnp.float32 if case.dtype == "float32" else jnp.float64)
+    if case.event in ("tree",):
+        out["event_mask"] = sol.event_mask
+    if case.saveat == "dense":
+        if case.event == "at_t0":
+            points = span.at(0.0)
+        elif case.event != "none":
+            points = span.at(0.0, 0.1, 0.2, 0.3)
+        else:
+            points = span.at(0.0, 0.13, 0.5, 0.77, 1.0)
+        out["dense"] = jax.vmap(sol.evaluate)(points)
+
+        # From the right at the same times (a knot of the steps is where the two
+        # sides differ), and the derivative of the dense output. A listed
+        # difference (docs/migration.md): in a backward solve Diffrax's `left`
+        # names the limit in its internal, negated time; diffeqx's in `t`. So
+        # Diffrax is asked for the other side, the same limit in `t`.
+        def side(left):
+            return left if lib is diffeqx or not case.backwards else not left
+
+        out["dense_right"] = jax.vmap(lambda t: sol.evaluate(t, left=side(False)))(
+            points
+        )
+        if case.event != "at_t0":
+            # (With no step taken, Diffrax's derivative is NaN and diffeqx's
+            # zero: listed, and tested in test_solves.py.)
+            out["dense_derivative"] = jax.vmap(
+                lambda t: sol.derivative(t, left=side(True))
+            )(points)
+    return out
+
+
 def solve(lib, case: Case) -> dict[str, Any]:
     """Run `case` through `lib` (the `diffrax` or `diffeqx` module); return NumPy
     arrays of what a user observes."""
@@ -367,35 +408,7 @@ def solve(lib, case: Case) -> dict[str, Any]:
             **kwargs,
         )
         static["max_steps"] = sol.stats["max_steps"]
-        out.update(observed(lib, sol))
-        if case.event in ("tree",):
-            out["event_mask"] = sol.event_mask
-        if case.saveat == "dense":
-            if case.event == "at_t0":
-                points = span.at(0.0)
-            elif case.event != "none":
-                points = span.at(0.0, 0.1, 0.2, 0.3)
-            else:
-                points = span.at(0.0, 0.13, 0.5, 0.77, 1.0)
-            out["dense"] = jax.vmap(sol.evaluate)(points)
-
-            # From the right at the same times (a knot of the steps is where the two
-            # sides differ), and the derivative of the dense output. A listed
-            # difference (docs/migration.md): in a backward solve Diffrax's `left`
-            # names the limit in its internal, negated time; diffeqx's in `t`. So
-            # Diffrax is asked for the other side, the same limit in `t`.
-            def side(left):
-                return left if lib is diffeqx or not case.backwards else not left
-
-            out["dense_right"] = jax.vmap(lambda t: sol.evaluate(t, left=side(False)))(
-                points
-            )
-            if case.event != "at_t0":
-                # (With no step taken, Diffrax's derivative is NaN and diffeqx's
-                # zero: listed, and tested in test_solves.py.)
-                out["dense_derivative"] = jax.vmap(
-                    lambda t: sol.derivative(t, left=side(True))
-                )(points)
+        out.update(_read(lib, case, sol))
         return out
 
     if case.vmap:

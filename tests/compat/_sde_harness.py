@@ -9,6 +9,7 @@ controller, `SaveAt`, time direction, dtype and `jax.vmap` over initial conditio
 import dataclasses
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -128,6 +129,19 @@ def _controller(lib, name):
     raise ValueError(name)
 
 
+@eqx.filter_jit
+def _read(lib, dense: bool, points, sol) -> dict[str, Any]:
+    """What `solve_sde` reads from a solution, compiled as one program (eagerly, each
+    operation would compile a program of its own)."""
+    out = observed(lib, sol)
+    if dense:
+        # Inside steps: at a step's end `HalfSolver`'s dense output jumps (it is
+        # each full step's interpolant, in both libraries), and the two libraries'
+        # grids of constant steps can differ in the last bit.
+        out["dense"] = jax.vmap(sol.evaluate)(points)
+    return out
+
+
 def solve_sde(lib, case: SDECase) -> dict[str, Any]:
     """Run `case` through `lib` (the `diffrax` or `diffeqx` module); return NumPy
     arrays of what a user observes."""
@@ -153,13 +167,9 @@ def solve_sde(lib, case: SDECase) -> dict[str, Any]:
             throw=False,
         )
         static["max_steps"] = sol.stats["max_steps"]
-        out = observed(lib, sol)
-        if case.saveat == "dense":
-            # Inside steps: at a step's end `HalfSolver`'s dense output jumps (it
-            # is each full step's interpolant, in both libraries), and the two
-            # libraries' grids of constant steps can differ in the last bit.
-            out["dense"] = jax.vmap(sol.evaluate)(span.at(0.0, 0.13, 0.47, 0.77, 1.0))
-        return out
+        return _read(
+            lib, case.saveat == "dense", span.at(0.0, 0.13, 0.47, 0.77, 1.0), sol
+        )
 
     if case.vmap:
         scales = jnp.asarray([1.0, 0.8, 1.3], dtype)

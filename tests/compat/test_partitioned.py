@@ -156,10 +156,15 @@ def test_leapfrog_midpoint_same_gradient_as_diffrax():
     np.testing.assert_allclose(grads[1], grads[0], rtol=1e-12)
 
 
+def _forced_decay(t, y, args):
+    return -args * y + jnp.sin(t)
+
+
 def _resumed(lib, solver, controller, made_jump):
     """A solve resumed past a change in the vector field (its `args`), with the
-    solver state of the first part and `made_jump`."""
-    term = lib.ODETerm(lambda t, y, args: -args * y + jnp.sin(t))
+    solver state of the first part and `made_jump`. (One vector field for every
+    call: a repeated call compiles nothing.)"""
+    term = lib.ODETerm(_forced_decay)
     first = lib.diffeqsolve(
         term,
         getattr(lib, solver)(),
@@ -206,14 +211,14 @@ def test_made_jump_passed_in_reaches_the_first_step(solver, controller):
     # value, ReversibleHeun's vector field), and, if it is rejected, so does its
     # retry. diffeqx used to drop `made_jump` with a controller that never jumps,
     # and after a rejected step with one that does.
-    for made_jump in (jnp.asarray(False), jnp.asarray(True)):
-        ours = _resumed(diffeqx, solver, controller, made_jump)
-        theirs = _resumed(diffrax, solver, controller, made_jump)
-        np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-12)
-        assert ours[1] == theirs[1]
-    stale = _resumed(diffeqx, solver, controller, jnp.asarray(False))
-    fresh = _resumed(diffeqx, solver, controller, jnp.asarray(True))
-    assert not np.allclose(stale[0], fresh[0], rtol=1e-7, atol=0)
+    ours = {}
+    for made_jump in (False, True):
+        ours[made_jump] = _resumed(diffeqx, solver, controller, jnp.asarray(made_jump))
+        theirs = _resumed(diffrax, solver, controller, jnp.asarray(made_jump))
+        np.testing.assert_allclose(ours[made_jump][0], theirs[0], rtol=1e-12)
+        assert ours[made_jump][1] == theirs[1]
+    # The jump changes the answer (the stale value is not what is evaluated afresh).
+    assert not np.allclose(ours[False][0], ours[True][0], rtol=1e-7, atol=0)
 
 
 def test_made_jump_as_a_python_true_applies_to_the_first_step_only():
@@ -229,12 +234,16 @@ def test_made_jump_as_a_python_true_applies_to_the_first_step_only():
     assert not np.allclose(ours[0], every_step[0], rtol=1e-4, atol=0)
 
 
+def _oscillator(t, y, args):
+    return jnp.stack([y[1], -args * y[0]])
+
+
 def test_leapfrog_after_a_jump_steps_from_the_jump():
     # Listed difference (docs/migration.md): resumed with `made_jump=True`,
     # Diffrax's LeapfrogMidpoint still reaches back to the previous point; diffeqx's
     # takes an Euler step from the jump, the same as a fresh start from there.
     def resumed(lib, made_jump, fresh=False):
-        term = lib.ODETerm(lambda t, y, args: jnp.stack([y[1], -args * y[0]]))
+        term = lib.ODETerm(_oscillator)  # one field for all: no call compiles twice
         first = lib.diffeqsolve(
             term,
             lib.LeapfrogMidpoint(),
@@ -258,15 +267,12 @@ def test_leapfrog_after_a_jump_steps_from_the_jump():
             **kwargs,
         ).ys[-1]
 
-    jump = jnp.asarray(True)
-    np.testing.assert_allclose(
-        resumed(diffrax, jump), resumed(diffrax, jnp.asarray(False)), rtol=1e-14
-    )
+    jump, no_jump = jnp.asarray(True), jnp.asarray(False)
+    theirs_without_jump = resumed(diffrax, no_jump)
+    np.testing.assert_allclose(resumed(diffrax, jump), theirs_without_jump, rtol=1e-14)
     np.testing.assert_allclose(
         resumed(diffeqx, jump), resumed(diffeqx, None, fresh=True), rtol=1e-14
     )
     np.testing.assert_allclose(
-        resumed(diffeqx, jnp.asarray(False)),
-        resumed(diffrax, jnp.asarray(False)),
-        rtol=1e-13,
+        resumed(diffeqx, no_jump), theirs_without_jump, rtol=1e-13
     )
