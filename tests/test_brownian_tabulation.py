@@ -81,7 +81,15 @@ _CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(_CASES))
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (An unsafe path's table by default: SPaRK's below, and Euler's against the
+        # while loop in the next test.)
+        pytest.param(name, marks=[pytest.mark.slow] * (name == "Euler-unsafe"))
+        for name in _CASES
+    ],
+)
 def test_tabulated_solve_equals_the_untabulated_one(
     case, tabulated_blocks, monkeypatch
 ):
@@ -189,7 +197,14 @@ _TABLES = {
 }
 
 
-@pytest.mark.parametrize("case", list(_TABLES))
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (A table at the leaves by default: the Lévy-area and PyTree cases.)
+        pytest.param(name, marks=[pytest.mark.slow] * (name == "leaves"))
+        for name in _TABLES
+    ],
+)
 def test_tree_table_gives_the_walks_increments(case):
     # A tree's tabulator answers from a table of cells built once: its increments
     # over any intervals (steps' ends inside cells, on cell boundaries, at the
@@ -219,9 +234,10 @@ def test_tree_tables_are_not_built_for_levy_queries_or_traced_intervals():
     tabulate = levy._tabulator(True, True, 1000)
     # The generic tabulator: `evaluate` batched, which walks from the root.
     t0s, t1s = jnp.linspace(0, 0.5, 5), jnp.linspace(0.5, 1, 5)
+    # (Under `jit`: walked eagerly, op by op, the queries cost seconds.)
     np.testing.assert_array_equal(
-        tabulate(t0s, t1s).H,
-        jax.vmap(lambda a, b: levy.evaluate(a, b, use_levy=True).H)(t0s, t1s),
+        jax.jit(lambda a, b: tabulate(a, b).H)(t0s, t1s),
+        jax.jit(jax.vmap(lambda a, b: levy.evaluate(a, b, use_levy=True).H))(t0s, t1s),
     )
 
     def level(t1):
