@@ -335,16 +335,28 @@ def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
     def rate(t, y):
         return time_derivative(terms, t, y, args)
 
+    # The derivatives with respect to times need the vector field at those times:
+    # evaluated only for the times being differentiated. (Unused, they would be
+    # removed as dead code, but not from a program that counts evaluations with a
+    # callback.)
+    t0_perturbed, t1_perturbed = _any(perturbed["t0"]), _any(perturbed["t1"])
+
     # Each output's cotangents, pulled back through its `fn`.
     pulled = []
     if subs:
         ct_ys = structure.flatten_up_to(_zeros_for_none(grad_obj.ys, out_ys))
         ct_ts = structure.flatten_up_to(_zeros_for_none(grad_obj.ts, out_ts))
         ts_list = structure.flatten_up_to(out_ts)
-        for sub, ts, y, c, c_ts in zip(
-            subs, ts_list, states, ct_ys, ct_ts, strict=True
+        perturbed_subs, _ = subs_of(perturbed["saveat"])
+        for sub, p_sub, ts, y, c, c_ts in zip(
+            subs, perturbed_subs, ts_list, states, ct_ys, ct_ts, strict=True
         ):
-            pulled.append(pull_back(sub, ts, y, c, c_ts, args, rate))
+            times_perturbed = (
+                (sub.t0 and t0_perturbed) or (sub.t1 and t1_perturbed) or _any(p_sub.ts)
+            )
+            pulled.append(
+                pull_back(sub, ts, y, c, c_ts, args, rate if times_perturbed else None)
+            )
     points = merged_save_points(
         t0,
         t1,
@@ -425,7 +437,10 @@ def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
 
     # The times: t0 moves the start of the trajectory; every save time moves its
     # output; the solution's own `t0`/`t1` fields may have cotangents too.
-    g_t0 = -tree_dot(a_y, rate(t0, y0), time_dtype)
+    if t0_perturbed:
+        g_t0 = -tree_dot(a_y, rate(t0, y0), time_dtype)
+    else:
+        g_t0 = jnp.zeros((), time_dtype)
     g_t1 = jnp.zeros((), time_dtype)
     g_subs = []
     for sub, p in zip(subs, pulled, strict=True):
@@ -462,6 +477,11 @@ def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
         t1=_like(g_t1, t1),
         saveat=g_saveat,
     )
+
+
+def _any(perturbed) -> bool:
+    """Whether any leaf of a `perturbed` PyTree of booleans is true."""
+    return any(jtu.tree_leaves(perturbed))
 
 
 def _is_none(x):

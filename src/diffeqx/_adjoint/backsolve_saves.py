@@ -119,10 +119,13 @@ class PulledBack(eqx.Module):
 
 def pull_back(sub, ts, states, cotangent, ct_ts, args, rate) -> PulledBack:
     """Pulls the cotangents of one output back through `sub.fn`. `rate(t, y)` is
-    `dy/dt`; `ct_ts` the cotangent of the saved times themselves."""
+    `dy/dt`, or None where the save times are not differentiated (their gradients
+    are then left out); `ct_ts` the cotangent of the saved times themselves."""
     time_dtype = ts.dtype
 
     def time_gradient(t, y, a_y):
+        if rate is None:
+            return jnp.zeros((), time_dtype)
         return tree_dot(a_y, rate(t, y), time_dtype)
 
     if sub.fn is save_y:
