@@ -112,11 +112,21 @@ def test_backsolve_with_constant_steps_takes_diffraxs_backward_steps(solver):
     # Constant steps that do not divide the segments between the save times: each
     # backward segment continues the step sizes of the one before (as Diffrax's
     # does), rather than starting again from `dt0`. Restarting gave gradients 2e-2
-    # (Euler) to 6e-6 (Bosh3) relative away from Diffrax's.
+    # (Euler) to 6e-6 (Bosh3) relative away from Diffrax's. The vector field is
+    # evaluated no more often than in Diffrax (counted with a callback, which keeps
+    # every evaluation in the program; measured: 30 and 30 with Euler, 94 and 104
+    # with Bosh3): diffeqx used to evaluate it at `t0` and at the save times too, for
+    # derivatives with respect to those times, which are not asked for here.
+    evaluations = []
+
+    def counted(t, y, args):
+        jax.debug.callback(lambda: evaluations.append(None))
+        return _field(t, y, args)
+
     def loss(lib):
         def f(y0, args):
             sol = lib.diffeqsolve(
-                lib.ODETerm(_field),
+                lib.ODETerm(counted),
                 getattr(lib, solver)(),
                 jnp.asarray(0.0),
                 jnp.asarray(2.0),
@@ -131,8 +141,12 @@ def test_backsolve_with_constant_steps_takes_diffraxs_backward_steps(solver):
         return f
 
     expected = _grads(loss(diffrax))
+    jax.effects_barrier()
+    expected_count, evaluations[:] = len(evaluations), []
     actual = _grads(loss(diffeqx))
+    jax.effects_barrier()
     np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-14)
+    assert 0 < len(evaluations) <= expected_count
 
 
 def _save_fn(t, y, args):
