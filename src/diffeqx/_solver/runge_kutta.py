@@ -12,6 +12,7 @@ import enum
 from typing import Any, ClassVar, Literal, final
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -533,10 +534,17 @@ class AbstractERK(AbstractRungeKutta):
             if made_jump is False:
                 vf0 = solver_state
             else:
+                # Under `vmap` `made_jump` is per member: the field is evaluated when
+                # any member needs it, and taken where it does. (A batched predicate
+                # would turn the `cond` into a select: an evaluation at every step.)
+                def after_jump():
+                    fresh = terms.vf(t0, y0, args)
+                    return jtu.tree_map(
+                        lambda a, b: jnp.where(made_jump, a, b), fresh, solver_state
+                    )
+
                 vf0 = lax.cond(
-                    made_jump,
-                    lambda: terms.vf(t0, y0, args),
-                    lambda: solver_state,
+                    eqxi.unvmap_any(made_jump), after_jump, lambda: solver_state
                 )
         elif _fold_control(terms):
             vf0 = terms.vf(t0, y0, args)
