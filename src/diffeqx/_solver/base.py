@@ -6,6 +6,10 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import PyTree
 
 from .._brownian.base import brownian_paths
@@ -33,6 +37,22 @@ def tracing_step(always_accepted: bool):
         yield
     finally:
         _always_accepted.pop()
+
+
+def refreshed_after_jump(made_jump, fresh: Callable[[], PyTree], kept: PyTree):
+    """`fresh()` where `made_jump`, else `kept`: a value a solver keeps between steps
+    (e.g. a first-same-as-last evaluation) that a jump in the vector field makes
+    stale. Under `vmap` `made_jump` is per member: `fresh()` is computed when any
+    member needs it and taken where it does. (A batched predicate would turn a
+    `lax.cond` on `made_jump` into a select, computing `fresh()` at every step.)"""
+
+    if made_jump is False:
+        return kept
+
+    def refresh():
+        return jtu.tree_map(lambda a, b: jnp.where(made_jump, a, b), fresh(), kept)
+
+    return jax.lax.cond(eqxi.unvmap_any(made_jump), refresh, lambda: kept)
 
 
 def step_always_accepted() -> bool:

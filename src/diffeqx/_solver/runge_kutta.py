@@ -12,7 +12,6 @@ import enum
 from typing import Any, ClassVar, Literal, final
 
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -23,7 +22,11 @@ from .._profile import aval_bytes
 from .._solution import RESULTS
 from .._term import AbstractTerm, scales_vector_field
 from .._transforms import differentiation_levels, is_batched
-from .base import AbstractAdaptiveSolver, step_always_accepted
+from .base import (
+    AbstractAdaptiveSolver,
+    refreshed_after_jump,
+    step_always_accepted,
+)
 
 
 def _as_rows(rows, name) -> tuple[np.ndarray, ...]:
@@ -534,17 +537,8 @@ class AbstractERK(AbstractRungeKutta):
             if made_jump is False:
                 vf0 = solver_state
             else:
-                # Under `vmap` `made_jump` is per member: the field is evaluated when
-                # any member needs it, and taken where it does. (A batched predicate
-                # would turn the `cond` into a select: an evaluation at every step.)
-                def after_jump():
-                    fresh = terms.vf(t0, y0, args)
-                    return jtu.tree_map(
-                        lambda a, b: jnp.where(made_jump, a, b), fresh, solver_state
-                    )
-
-                vf0 = lax.cond(
-                    eqxi.unvmap_any(made_jump), after_jump, lambda: solver_state
+                vf0 = refreshed_after_jump(
+                    made_jump, lambda: terms.vf(t0, y0, args), solver_state
                 )
         elif _fold_control(terms):
             vf0 = terms.vf(t0, y0, args)

@@ -25,6 +25,7 @@ from .base import (
     AbstractStratonovichSolver,
     AbstractWrappedSolver,
     _is_sde,
+    refreshed_after_jump,
 )
 
 # A drift (whose control is time, a scalar) and a diffusion term.
@@ -222,7 +223,7 @@ class ReversibleHeun(AbstractAdaptiveSolver, AbstractStratonovichSolver):
         y_hat0, vf0 = solver_state
         # After a jump in the vector field the kept evaluation is stale: evaluate
         # afresh at the state.
-        vf0 = jax.lax.cond(made_jump, lambda: terms.vf(t0, y0, args), lambda: vf0)
+        vf0 = refreshed_after_jump(made_jump, lambda: terms.vf(t0, y0, args), vf0)
         control = terms.contr(t0, t1)
         y_hat1 = jtu.tree_map(
             lambda y, yh, dy: jnp.asarray(2.0, jnp.result_type(y)) * y - yh + dy,
