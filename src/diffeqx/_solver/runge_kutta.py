@@ -534,12 +534,9 @@ class AbstractERK(AbstractRungeKutta):
             return node_time(c[i], t0, t1)
 
         if tableau.fsal:
-            if made_jump is False:
-                vf0 = solver_state
-            else:
-                vf0 = refreshed_after_jump(
-                    made_jump, lambda: terms.vf(t0, y0, args), solver_state
-                )
+            vf0 = refreshed_after_jump(
+                made_jump, lambda: terms.vf(t0, y0, args), solver_state
+            )
         elif _fold_control(terms):
             vf0 = terms.vf(t0, y0, args)
         else:
