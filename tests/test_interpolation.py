@@ -629,6 +629,34 @@ def test_local_interpolants_share_the_evaluate_and_derivative_conventions():
     np.testing.assert_allclose(hermite.derivative(t1), df(t1), rtol=1e-13)
 
 
+def test_float32_hermite_slope_is_accurate_relative_to_the_change_over_the_step():
+    # A state of size 100 that changes by about 1e-3 over the step. The slope in
+    # time (`derivative`, and the gradient of `evaluate` with respect to the time,
+    # which reaches a step's end times under `jax.grad`) is formed from differences
+    # of the end values, so its float32 error scales with that change (measured:
+    # 2.8e-7 relative), not with the state (forming it from the weighted values
+    # themselves gave 8.3e-3 relative here).
+    t0, t1 = 0.25, 1.25
+    y0 = np.array([100.0, -37.5])
+    k0, k1 = np.array([1.0e-3, 2.0e-3]), np.array([1.5e-3, 1.0e-3])
+    y1 = y0 + np.array([1.2e-3, 1.6e-3])
+
+    def slopes(dtype):
+        cast = lambda x: jnp.asarray(np.asarray(x, np.float32), dtype)
+        hermite = dfx.ThirdOrderHermitePolynomialInterpolation(
+            t0=cast(t0), t1=cast(t1), y0=cast(y0), y1=cast(y1), k0=cast(k0), k1=cast(k1)
+        )
+        out = []
+        for t in (0.3, 0.75, 1.2):
+            out.append(hermite.derivative(cast(t)))
+            out.append(jax.jacfwd(hermite.evaluate)(cast(t)))
+            out.append(jax.grad(lambda s: jnp.sum(hermite.evaluate(s)))(cast(t)))
+        return [np.asarray(x, np.float64) for x in out]
+
+    for got, exact in zip(slopes(jnp.float32), slopes(jnp.float64), strict=True):
+        np.testing.assert_allclose(got, exact, rtol=2e-5)
+
+
 # ---------------------------------------------------------------------------------------
 # Diffrax's signatures
 # ---------------------------------------------------------------------------------------
