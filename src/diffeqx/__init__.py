@@ -34,7 +34,13 @@ from ._controller.base import (
 from ._controller.clip import ClipStepSizeController as ClipStepSizeController
 from ._controller.constant import ConstantStepSize as ConstantStepSize, StepTo as StepTo
 from ._controller.pid import PIDController as PIDController
-from ._event import Event as Event, steady_state_event as steady_state_event
+from ._event import (
+    AbstractDiscreteTerminatingEvent as AbstractDiscreteTerminatingEvent,
+    DiscreteTerminatingEvent as DiscreteTerminatingEvent,
+    Event as Event,
+    SteadyStateEvent as SteadyStateEvent,
+    steady_state_event as steady_state_event,
+)
 from ._langevin import (
     UnderdampedLangevinDiffusionTerm as UnderdampedLangevinDiffusionTerm,
     UnderdampedLangevinDriftTerm as UnderdampedLangevinDriftTerm,

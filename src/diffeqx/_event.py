@@ -1,5 +1,6 @@
 """Events: conditions that stop a solve, or that are recorded as it runs."""
 
+import abc
 from collections.abc import Callable
 from typing import Any, final
 
@@ -140,3 +141,57 @@ def steady_state_event(
         return _norm(vf) < _atol + _rtol * _norm(y)
 
     return cond_fn
+
+
+# ---- the deprecated discrete terminating events ----------------------------------
+#
+# Before `Event`, a solve could be stopped by a callable of the loop's state passed as
+# `diffeqsolve(..., discrete_terminating_event=...)`. Diffrax deprecates that argument
+# and these classes but still provides them; they are here so that code written
+# against them runs unchanged. Each receives a state with `tprev` (the time reached)
+# and `y` (the state there), and the keyword arguments an `Event` condition receives.
+
+
+class AbstractDiscreteTerminatingEvent(eqx.Module):
+    """Deprecated (as in Diffrax): use `Event` with a boolean condition instead.
+
+    A condition of the state reached after each accepted step, passed as
+    `diffeqsolve(..., discrete_terminating_event=...)`. Subclasses define
+    `__call__(self, state, *, args, **kwargs) -> bool`, where `state.tprev` is the
+    time reached and `state.y` the state there; the solve stops after the first step
+    where it returns True, with `RESULTS.event_occurred`."""
+
+    @abc.abstractmethod
+    def __call__(self, state, **kwargs):
+        """Whether to stop after the step that reached `state`."""
+
+
+@final
+class DiscreteTerminatingEvent(AbstractDiscreteTerminatingEvent):
+    """Deprecated (as in Diffrax): use `Event(cond_fn)` with a boolean
+    `cond_fn(t, y, args, **kwargs)` instead.
+
+    Wraps `cond_fn(state, *, args, **kwargs) -> bool`, which reads `state.tprev` and
+    `state.y`."""
+
+    cond_fn: Callable[..., Any]
+
+    def __call__(self, state, **kwargs):
+        return self.cond_fn(state, **kwargs)
+
+
+@final
+class SteadyStateEvent(AbstractDiscreteTerminatingEvent):
+    """Deprecated (as in Diffrax): use `Event(steady_state_event(rtol, atol, norm))`,
+    which this calls.
+
+    Stops the solve once `norm(dy/dt) < atol + rtol * norm(y)`; `rtol` and `atol`
+    left as None are taken from the step-size controller."""
+
+    rtol: float | None = None
+    atol: float | None = None
+    norm: Callable[[PyTree], Any] = optx.rms_norm
+
+    def __call__(self, state, *, args, **kwargs):
+        condition = steady_state_event(self.rtol, self.atol, self.norm)
+        return condition(state.tprev, state.y, args, **kwargs)

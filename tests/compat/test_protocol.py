@@ -348,24 +348,38 @@ def _discrete_event(state, *, args, **kwargs):
     return state.y[0] < args
 
 
-def test_discrete_terminating_event_warns_and_stops_as_in_diffrax():
+# The deprecated discrete terminating events, built the same way in both libraries:
+# a bare callable of the state, the wrapper class, a user's subclass of the abstract
+# class, and the steady-state event (tolerances from the controller, or given).
+DISCRETE_EVENTS = {
+    "callable": lambda lib: _discrete_event,
+    "wrapper": lambda lib: lib.DiscreteTerminatingEvent(_discrete_event),
+    "subclass": lambda lib: type(
+        "BelowArgs",
+        (lib.AbstractDiscreteTerminatingEvent,),
+        {"__call__": lambda self, state, **kwargs: _discrete_event(state, **kwargs)},
+    )(),
+    "steady": lambda lib: lib.SteadyStateEvent(),
+    "steady-given": lambda lib: lib.SteadyStateEvent(rtol=1e-3, atol=1e-4),
+}
+
+
+@pytest.mark.parametrize("kind", list(DISCRETE_EVENTS))
+def test_discrete_terminating_event_warns_and_stops_as_in_diffrax(kind):
     results = {}
     for name, lib in LIBS.items():
-        event = (
-            diffrax.DiscreteTerminatingEvent(_discrete_event)
-            if lib is diffrax
-            else _discrete_event
-        )
+        event = DISCRETE_EVENTS[kind](lib)
         sol, categories = _recorded_warnings(
             lambda lib=lib, event=event: lib.diffeqsolve(
                 lib.ODETerm(lambda t, y, args: -y),
                 lib.Tsit5(),
                 0.0,
-                5.0,
+                50.0,
                 0.1,
                 jnp.array([1.0, 3.0]),
                 args=0.3,
                 saveat=lib.SaveAt(t1=True),
+                stepsize_controller=lib.PIDController(rtol=1e-5, atol=1e-7),
                 discrete_terminating_event=event,
             )
         )
@@ -374,9 +388,17 @@ def test_discrete_terminating_event_warns_and_stops_as_in_diffrax():
     ours, theirs = results["diffeqx"], results["diffrax"]
     assert bool(ours.result == diffeqx.RESULTS.event_occurred)
     assert bool(theirs.result == diffrax.RESULTS.event_occurred)
+    assert float(ours.ts[0]) < 50.0
     np.testing.assert_allclose(ours.ts, theirs.ts, rtol=1e-14)
     np.testing.assert_allclose(ours.ys, theirs.ys, rtol=1e-14)
     assert int(ours.stats["num_steps"]) == int(theirs.stats["num_steps"])
+
+
+@pytest.mark.parametrize("lib", ["diffeqx", "diffrax"])
+def test_abstract_discrete_terminating_event_needs_a_call(lib):
+    dfx = LIBS[lib]
+    with pytest.raises(TypeError, match="abstract"):
+        dfx.AbstractDiscreteTerminatingEvent()
 
 
 @pytest.mark.parametrize("lib", ["diffeqx", "diffrax"])
