@@ -694,11 +694,7 @@ def test_signature_matches_diffrax(name):
                 assert parameters(ours) == parameters(theirs), method
 
 
-# Tsit5 (the same interpolation class as Dopri8's, smaller effect) in the slow run.
-@pytest.mark.parametrize(
-    "name, bound",
-    [("Dopri8", 1e-5), pytest.param("Tsit5", 3e-6, marks=pytest.mark.slow)],
-)
+@pytest.mark.parametrize("name, bound", [("Dopri8", 1e-5), ("Tsit5", 3e-6)])
 def test_float32_saves_and_gradients_at_a_steps_end_keep_float32_accuracy(name, bound):
     # A requested time at a step's end (here `t1`) is interpolated at theta = 1,
     # where the continuous extension's large polynomial coefficients cancel. The

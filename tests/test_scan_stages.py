@@ -42,8 +42,7 @@ def _mlp_problem():
 
 def test_loop_and_unrolled_stages_agree_in_values():
     # A network's solve: the stages in a loop (the default for a network) and
-    # unrolled. (Gradients: the next test, in the slow run, and the rematerialised
-    # loop's below.)
+    # unrolled. (Gradients: the next test, and the rematerialised loop's below.)
     params, loss = _mlp_problem()
     ys = {
         scan: jax.jit(lambda p, scan=scan: loss(p, dfx.Tsit5(scan_stages=scan))[1])(
@@ -54,9 +53,10 @@ def test_loop_and_unrolled_stages_agree_in_values():
     np.testing.assert_allclose(ys[None], ys[False], rtol=1e-13, atol=1e-14)
 
 
-# In the slow run: each case compiles two gradients of a network's solve.
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["Tsit5", "Dopri5"])
+# Each case compiles two gradients of a network's solve: Dopri5's in the slow run.
+@pytest.mark.parametrize(
+    "name", ["Tsit5", pytest.param("Dopri5", marks=pytest.mark.slow)]
+)
 def test_loop_and_unrolled_stages_agree_in_values_and_gradients(name):
     params, loss = _mlp_problem()
     solver_cls = getattr(dfx, name)

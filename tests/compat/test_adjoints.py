@@ -103,11 +103,9 @@ def test_backsolve_same_gradients_as_diffrax(save, backwards):
     np.testing.assert_allclose(actual, expected, rtol=1e-11, atol=1e-13)
 
 
-# Euler (no solver state) and Bosh3 (first same as last, resumed across segments) by
-# default; Heun in the slow run.
-@pytest.mark.parametrize(
-    "solver", ["Euler", pytest.param("Heun", marks=pytest.mark.slow), "Bosh3"]
-)
+# Euler (no solver state), Heun, and Bosh3 (first same as last, resumed across
+# segments).
+@pytest.mark.parametrize("solver", ["Euler", "Heun", "Bosh3"])
 def test_backsolve_with_constant_steps_takes_diffraxs_backward_steps(solver):
     # Constant steps that do not divide the segments between the save times: each
     # backward segment continues the step sizes of the one before (as Diffrax's

@@ -29,7 +29,7 @@ from ._sde_harness import SRK_SOLVERS, SDECase  # noqa: E402
 from .sde_sweep import AXES, run_case  # noqa: E402
 
 NUM_CASES = 48
-DEFAULT_CASES = 4
+DEFAULT_CASES = 6
 
 
 def _sampled() -> list[SDECase]:
