@@ -92,7 +92,8 @@ class ThirdOrderHermitePolynomialInterpolation(AbstractLocalInterpolation):
             k1=jtu.tree_map(lambda x: x[-1], k),
         )
 
-    def _coefficients(self, y0, y1, k0, k1):
+    @staticmethod
+    def _coefficients(y0, y1, k0, k1):
         # p(theta) = y0 + theta (k0 + theta (b + theta a)), with p(1) = y1 and
         # p'(1) = k1. The coefficients are formed from differences of the end values
         # rather than from the values themselves, so that rounding errors scale with
