@@ -158,3 +158,58 @@ def test_arguments_bind_as_in_diffeqsolve():
         dfx.citation(rtol=1e-3)
     with pytest.raises(TypeError, match="citation.*diffeqsolve"):
         dfx.citation(*range(20))
+
+
+@pytest.fixture
+def rules():
+    """`dfx.citation_rules`, restored after the test."""
+    saved = list(dfx.citation_rules)
+    yield dfx.citation_rules
+    dfx.citation_rules[:] = saved
+
+
+def test_an_appended_rule_gets_the_arguments_it_names(capsys, rules):
+    calls = []
+
+    def mine(solver, terms, dt0=None):
+        calls.append((solver, terms, dt0))
+        return (
+            "% Our own solver:\n@misc{ours2026,\n  title = {Ours},\n  year = {2026}\n}"
+        )
+
+    rules.append(mine)
+    term = dfx.ODETerm(lambda t, y, args: -y)
+    # `terms` and `solver` given positionally, bound as `diffeqsolve` binds them.
+    text = _printed(capsys, term, dfx.Euler(), 0.0, 1.0)
+    assert calls == [(dfx.Euler(), term, None)]
+    assert text.index("% Our own solver:") > text.index("equinox2021")
+    assert "ours2026" in _entries(text)
+    # A required parameter not given: the rule is skipped.
+    calls.clear()
+    _printed(capsys, solver=dfx.Euler())
+    assert calls == []
+
+
+def test_a_rule_taking_keywords_gets_every_argument_given(capsys, rules):
+    seen = []
+    rules[:] = [lambda **kwargs: seen.append(kwargs)]
+    text = _printed(capsys, solver=dfx.Tsit5(), dt0=None, max_steps=7)
+    assert seen == [dict(solver=dfx.Tsit5(), dt0=None, max_steps=7)]
+    # Every rule returned None: only the header and footer.
+    assert _entries(text) == {}
+
+
+def test_a_reference_printed_before_is_referred_to(capsys, rules):
+    rules.append(lambda: "% Built on JAX:\n@software{jax2018,\n  title = {JAX}\n}")
+    text = _printed(capsys)
+    assert text.count("@software{jax2018,") == 1
+    assert "% Built on JAX:\n% (see jax2018 above)" in text
+
+
+def test_a_rule_must_return_text_or_none(rules):
+    def bad(solver):
+        return 5
+
+    rules.append(bad)
+    with pytest.raises(TypeError, match="citation rule.*bad.*returned int 5"):
+        dfx.citation(solver=dfx.Euler())

@@ -22,7 +22,7 @@ from ._brownian.levy import (
 )
 from ._brownian.tree import VirtualBrownianTree as VirtualBrownianTree
 from ._brownian.unsafe import UnsafeBrownianPath as UnsafeBrownianPath
-from ._citation import citation as citation
+from ._citation import citation as citation, citation_rules as citation_rules
 from ._control_term import (
     ControlTerm as ControlTerm,
     WeaklyDiagonalControlTerm as WeaklyDiagonalControlTerm,

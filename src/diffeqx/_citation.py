@@ -1,6 +1,7 @@
 """`citation`: BibTeX references for the numerical methods a solve uses."""
 
 import inspect
+import re
 from typing import Any
 
 # Each reference once, by key. Bibliographic data only; no abstracts.
@@ -545,30 +546,115 @@ def _langevin(terms) -> bool:
     )
 
 
-def _entries(arguments: dict) -> list[tuple[str, tuple[str, ...]]]:
-    entries = [
-        ("diffeqx is built on JAX and Equinox:", ("jax2018", "equinox2021")),
-    ]
-    terms_entries, is_sde = _terms_entries(arguments.get("terms"))
-    is_sde = is_sde or _langevin(arguments.get("terms"))
-    solver = arguments.get("solver")
-    if solver is not None:
-        inner = _inner_solver(solver)
-        is_sde = is_sde or type(inner).__name__ in _SDE_SOLVERS - {"Euler"}
-        entries += _solver_entries(solver, is_sde)
-    entries += terms_entries
-    controller = arguments.get("stepsize_controller")
-    if controller is not None:
-        entries += _controller_entries(controller)
-    adjoint = arguments.get("adjoint")
-    if adjoint is not None:
-        entries += _adjoint_entries(adjoint)
-    event = arguments.get("event")
-    if getattr(event, "root_finder", None) is not None:
-        entries.append(
-            ("Event times are located by an Optimistix root find:", ("optimistix2024",))
+def _text(entries: list[tuple[str, tuple[str, ...]]]) -> str | None:
+    """A rule's text from `(comment, reference keys)` pairs: each comment as a `%`
+    line followed by the BibTeX of its references."""
+    if not entries:
+        return None
+    blocks = []
+    for comment, keys in entries:
+        blocks.append("\n".join([f"% {comment}"] + [_BIBTEX[key] for key in keys]))
+    return "\n\n".join(blocks)
+
+
+def _libraries_rule():
+    return _text([("diffeqx is built on JAX and Equinox:", ("jax2018", "equinox2021"))])
+
+
+def _solver_rule(solver, terms=None):
+    if solver is None:
+        return None
+    is_sde = _terms_entries(terms)[1] or _langevin(terms)
+    is_sde = is_sde or type(_inner_solver(solver)).__name__ in _SDE_SOLVERS - {"Euler"}
+    return _text(_solver_entries(solver, is_sde))
+
+
+def _terms_rule(terms):
+    return _text(_terms_entries(terms)[0])
+
+
+def _controller_rule(stepsize_controller):
+    return _text(_controller_entries(stepsize_controller))
+
+
+def _adjoint_rule(adjoint):
+    return _text(_adjoint_entries(adjoint))
+
+
+def _event_rule(event):
+    if getattr(event, "root_finder", None) is None:
+        return None
+    return _text(
+        [("Event times are located by an Optimistix root find:", ("optimistix2024",))]
+    )
+
+
+citation_rules: list = [
+    _libraries_rule,
+    _solver_rule,
+    _terms_rule,
+    _controller_rule,
+    _adjoint_rule,
+    _event_rule,
+]
+"""The rules `citation` applies, in order. A rule is a function whose parameters are
+named after arguments of `diffeqsolve` (`terms`, `solver`, `stepsize_controller`,
+...), and which returns text to print (comment lines starting with `%`, and BibTeX
+entries) or `None`. `citation` calls each rule with those of its arguments the rule
+names (all of them for a rule taking `**kwargs`), and skips a rule that has a
+parameter without a default which the call did not give. Append a function to add
+references for your own solvers or terms."""
+
+
+def _call_rule(rule, arguments: dict):
+    """`rule` applied to the matching `arguments`, or `None` when one of its required
+    parameters was not given."""
+    parameters = inspect.signature(rule).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return rule(**arguments)
+    given = {}
+    for p in parameters:
+        if p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY):
+            if p.kind is p.POSITIONAL_ONLY and p.default is p.empty:
+                return None
+            continue
+        if p.name in arguments:
+            given[p.name] = arguments[p.name]
+        elif p.default is p.empty:
+            return None
+    text = rule(**given)
+    if text is not None and not isinstance(text, str):
+        raise TypeError(
+            f"A citation rule must return a string or None; {rule!r} returned "
+            f"{type(text).__name__} {text!r}."
         )
-    return entries
+    return text
+
+
+_ENTRY = re.compile(r"^@\w+\{([^,\s]+),", re.M)
+
+
+def _once(text: str, printed: set[str]) -> str:
+    """`text` with each BibTeX entry whose key was printed before replaced by a
+    `% (see KEY above)` line; records the keys it keeps in `printed`."""
+    pieces, position = [], 0
+    for match in _ENTRY.finditer(text):
+        if match.start() < position:  # inside an entry already passed
+            continue
+        depth, end = 1, match.end()
+        while depth and end < len(text):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        key = match.group(1)
+        pieces.append(text[position : match.start()])
+        if key in printed:
+            pieces.append(f"% (see {key} above)")
+        else:
+            printed.add(key)
+            pieces.append(text[match.start() : end])
+        position = end
+    pieces.append(text[position:])
+    return "".join(pieces)
 
 
 def citation(*args: Any, **kwargs: Any) -> None:
@@ -590,7 +676,9 @@ def citation(*args: Any, **kwargs: Any) -> None:
     finding, and JAX and Equinox, each once, each introduced by a comment line (`%`)
     saying what it is for. A solver
     with no known reference (e.g. your own) gets a comment saying so. Modelling
-    techniques are not covered. Prints to standard output; returns `None`.
+    techniques are not covered. The references come from the functions in
+    [`diffeqx.citation_rules`][], to which you can append your own. Prints to
+    standard output; returns `None`.
     """
     from ._solve.diffeqsolve import diffeqsolve
 
@@ -601,19 +689,15 @@ def citation(*args: Any, **kwargs: Any) -> None:
         raise TypeError(
             f"`citation` takes the arguments of `diffeqsolve`: {error}"
         ) from None
+    arguments = dict(bound.arguments)
     lines = [
         "% --- References for this solve, listed by `diffeqx.citation(...)` ---",
         "% The numerical methods it uses; modelling techniques are not covered.",
     ]
     printed: set[str] = set()
-    for comment, keys in _entries(dict(bound.arguments)):
-        lines.append("")
-        lines.append(f"% {comment}")
-        for key in keys:
-            if key in printed:
-                lines.append(f"% (see {key} above)")
-            else:
-                printed.add(key)
-                lines.append(_BIBTEX[key])
+    for rule in list(citation_rules):
+        text = _call_rule(rule, arguments)
+        if text is not None and text.strip():
+            lines += ["", _once(text.strip("\n"), printed)]
     lines += ["", "% --- End of references ---"]
     print("\n".join(lines))
