@@ -127,7 +127,8 @@ class VeryChord(optx.AbstractRootFinder):
                 jacobian = lx.linearise(jacobian)
             linear_state = self.linear_solver.init(jacobian, {})
         dtype = jnp.result_type(*jtu.tree_leaves(y)) if jtu.tree_leaves(y) else float
-        inf = jnp.asarray(jnp.inf, dtype)
+        # The sizes of corrections are real, also for a complex state.
+        inf = jnp.asarray(jnp.inf, jnp.finfo(dtype).dtype)
         return _ChordState(
             linear_state=linear_state,
             aux=jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct),
@@ -145,7 +146,9 @@ class VeryChord(optx.AbstractRootFinder):
         )
         new_y = jtu.tree_map(lambda a, b: (a - b).astype(a.dtype), y, correction)
         scale = jtu.tree_map(lambda x: self.atol + self.rtol * jnp.abs(x), new_y)
-        diffsize = self.norm(jtu.tree_map(lambda d, w: d / w, correction, scale))
+        diffsize = self.norm(
+            jtu.tree_map(lambda d, w: d / w.astype(d.dtype), correction, scale)
+        )
         noise = self.norm(
             jtu.tree_map(
                 lambda x, w: jnp.finfo(x.dtype).eps * jnp.abs(x) / w, new_y, scale
