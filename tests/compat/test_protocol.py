@@ -48,6 +48,80 @@ def test_euler_is_an_ito_solver_and_not_adaptive():
     assert diffeqx.Euler().strong_order(None) == diffrax.Euler().strong_order(None)
 
 
+def _user_wrapper(lib):
+    class Wrapper(lib.AbstractWrappedSolver):
+        solver: Any
+
+        @property
+        def term_structure(self):
+            return self.solver.term_structure
+
+        @property
+        def interpolation_cls(self):
+            return self.solver.interpolation_cls
+
+        def order(self, terms):
+            return self.solver.order(terms)
+
+        def init(self, terms, t0, t1, y0, args):
+            return self.solver.init(terms, t0, t1, y0, args)
+
+        def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+            return self.solver.step(terms, t0, t1, y0, args, solver_state, made_jump)
+
+        def func(self, terms, t0, y0, args):
+            return self.solver.func(terms, t0, y0, args)
+
+    return Wrapper
+
+
+WRAPPED = {
+    "HalfSolver(Euler)": lambda lib: lib.HalfSolver(lib.Euler()),
+    "HalfSolver(Tsit5)": lambda lib: lib.HalfSolver(lib.Tsit5()),
+    "HalfSolver(HalfSolver(Euler))": lambda lib: lib.HalfSolver(
+        lib.HalfSolver(lib.Euler())
+    ),
+    "HalfSolver(EulerHeun)": lambda lib: lib.HalfSolver(lib.EulerHeun()),
+    "HalfSolver(Kvaerno3)": lambda lib: lib.HalfSolver(lib.Kvaerno3()),
+    "user wrapper of Heun": lambda lib: _user_wrapper(lib)(lib.Heun()),
+}
+
+
+@pytest.mark.parametrize("name", list(WRAPPED))
+def test_a_wrapped_solver_is_an_instance_of_what_it_wraps_as_in_diffrax(name):
+    # Diffrax counts a wrapped solver as an instance of the wrapped solver's classes
+    # (one level deep): code testing `isinstance(solver, AbstractItoSolver)` on a
+    # `HalfSolver` gets the same answer in both libraries.
+    classes = BASES + SOLVERS + ["EulerHeun", "Kvaerno3", "HalfSolver"]
+    answers = {}
+    for lib_name, lib in LIBS.items():
+        solver = WRAPPED[name](lib)
+        answers[lib_name] = {c: isinstance(solver, getattr(lib, c)) for c in classes}
+        assert not issubclass(type(solver), lib.Euler)
+    assert answers["diffeqx"] == answers["diffrax"]
+
+
+def test_wrapped_euler_still_solves_an_sde_adaptively():
+    # diffeqx refuses adaptive steps for `Euler` on an SDE; `HalfSolver(Euler())`,
+    # which counts as an instance of `Euler`, is not refused.
+    path = diffeqx.VirtualBrownianTree(0.0, 1.0, 1e-3, (), jax.random.key(0))
+    terms = diffeqx.MultiTerm(
+        diffeqx.ODETerm(lambda t, y, args: -y),
+        diffeqx.ControlTerm(lambda t, y, args: 0.1 * y, path),
+    )
+    sol = diffeqx.diffeqsolve(
+        terms,
+        diffeqx.HalfSolver(diffeqx.Euler()),
+        0.0,
+        1.0,
+        0.1,
+        jnp.array(1.0),
+        stepsize_controller=diffeqx.PIDController(rtol=1e-2, atol=1e-2),
+    )
+    assert diffeqx.is_successful(sol.result)
+    assert int(sol.stats["num_steps"]) > 1
+
+
 def _names(enum) -> list[str]:
     return list(enum._name_to_item)
 

@@ -23,6 +23,7 @@ from .._solver.base import (
     AbstractSolver,
     AbstractStratonovichSolver,
     AbstractWrappedSolver,
+    is_solver_of_type,
 )
 from .._solver.explicit import Euler
 from .._solver.runge_kutta import AbstractRungeKutta
@@ -171,13 +172,15 @@ def check_controller(stepsize_controller, solver, dt0, t0, t1) -> None:
 def _known_error_estimate(solver) -> bool | None:
     """Whether `solver.step` returns an error estimate, when known without tracing
     it (the built-in solvers); `None` for any other solver."""
-    if isinstance(solver, AbstractRungeKutta):
+    # The solver's own class: a wrapper of a Runge-Kutta method (e.g. `HalfSolver`)
+    # counts as an instance of it, but has its own `step`.
+    if is_solver_of_type(solver, AbstractRungeKutta):
         tableaus = getattr(solver.tableau, "tableaus", (solver.tableau,))
         if all(tab.b_error is not None for tab in tableaus):
             return True
         # An implicit method may estimate its error otherwise (`ImplicitEuler`).
-        return None if isinstance(solver, AbstractImplicitSolver) else False
-    if isinstance(solver, Euler):
+        return None if is_solver_of_type(solver, AbstractImplicitSolver) else False
+    if is_solver_of_type(solver, Euler):
         return False
     return None
 
@@ -373,7 +376,7 @@ def check_sde(terms, solver, stepsize_controller) -> None:
                     f"`levy_area=diffeqx.{_concrete_levy_area(needed)}`), but "
                     f"`{type(path).__name__}` was given `levy_area={given_name}`."
                 )
-    if isinstance(solver, Euler) and is_adaptive_controller(stepsize_controller):
+    if is_solver_of_type(solver, Euler) and is_adaptive_controller(stepsize_controller):
         raise ValueError(
             "An SDE cannot be solved by `Euler` with an adaptive step-size controller "
             f"({type(stepsize_controller).__name__}): Euler has no error estimate, "

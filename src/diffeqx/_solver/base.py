@@ -62,7 +62,31 @@ def step_always_accepted() -> bool:
     return bool(_always_accepted) and _always_accepted[-1]
 
 
-class AbstractSolver(eqx.Module, Generic[_SolverState]):
+class _SolverMeta(type(eqx.Module)):
+    """Makes a wrapped solver count as an instance of the class of the solver it
+    wraps (one level deep), as in Diffrax: `isinstance(HalfSolver(Euler()), Euler)`
+    and `isinstance(HalfSolver(Euler()), AbstractItoSolver)` are true. Subclassing
+    is unaffected (`issubclass(HalfSolver, Euler)` is false)."""
+
+    def __instancecheck__(cls, instance):
+        if super().__instancecheck__(instance):
+            return True
+        if issubclass(type(instance), AbstractWrappedSolver):
+            try:
+                inner = instance.solver
+            except AttributeError:
+                return False
+            # Not `isinstance` again: only one level of wrapping counts.
+            return issubclass(type(inner), cls)
+        return False
+
+
+def is_solver_of_type(solver, cls) -> bool:
+    """Whether `solver` itself, not a solver it wraps, is an instance of `cls`."""
+    return issubclass(type(solver), cls)
+
+
+class AbstractSolver(eqx.Module, Generic[_SolverState], metaclass=_SolverMeta):
     """Base class for every solver. The protocol, which `diffeqsolve` drives:
 
     - `term_structure`: the PyTree structure of terms the solver accepts, e.g.
@@ -154,6 +178,11 @@ class AbstractImplicitSolver(AbstractSolver[_SolverState]):
 
 
 class AbstractWrappedSolver(AbstractSolver[_SolverState]):
-    """A solver that wraps another one, given as its field or property `solver`."""
+    """A solver that wraps another one, given as its field or property `solver`.
+
+    As in Diffrax, a wrapper counts as an instance of the classes of the solver it
+    wraps, one level deep: `isinstance(HalfSolver(Euler()), Euler)` and
+    `isinstance(HalfSolver(Euler()), AbstractItoSolver)` are true (`issubclass` is
+    unaffected)."""
 
     solver: eqx.AbstractVar[AbstractSolver]
