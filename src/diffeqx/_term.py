@@ -98,6 +98,13 @@ class ODETerm(AbstractTerm[VFT, Any]):
 
         def _broadcast(o, yi):
             o = jnp.asarray(o)
+            if not jnp.issubdtype(o.dtype, jnp.inexact) and jnp.issubdtype(
+                jnp.result_type(yi), jnp.inexact
+            ):
+                # An integer or boolean field (e.g. a Python `0` for a term that is
+                # zero) for a floating state: its values in the state's dtype, as
+                # Diffrax's product with the control gives them.
+                o = o.astype(jnp.result_type(yi))
             if o.shape != jnp.shape(yi):
                 try:
                     o = jnp.broadcast_to(o, jnp.shape(yi))

@@ -199,6 +199,155 @@ def _combine_parts(rows, ks):
     return _sum([_combine(row, k) for row, k in zip(rows, ks, strict=True)])
 
 
+def additive_step(
+    solver, terms, t0, t1, y0, args, solver_state, made_jump, *, parts_in_k=False
+):
+    """One step of the Runge–Kutta method `solver.tableau`: a `ButcherTableau`, or a
+    `MultiButcherTableau` applied to the parts of a `MultiTerm`, with at most one
+    diagonally implicit tableau (solved for with `solver.root_finder`) and any
+    number of explicit ones. Each part is evaluated at its own tableau's nodes.
+    `parts_in_k` gives the dense output the stage increments of each part (a
+    tuple, as Diffrax's generic Runge–Kutta methods do) rather than their sum."""
+    tableaus, parts, implicit = _parts(solver.tableau, terms)
+    s = tableaus[0].num_stages
+    cs = [tab.c_full for tab in tableaus]
+    a = [tab.a_matrix for tab in tableaus]
+    controls = [part.contr(t0, t1) for part in parts]
+    reuse = implicit is not None and getattr(solver, "calculate_jacobian", None) in (
+        CalculateJacobian.first_stage,
+        CalculateJacobian.second_stage,
+    )
+
+    ks = [
+        jtu.tree_map(lambda x: jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x)), y0)
+        for _ in parts
+    ]
+    diagonals = np.zeros(s) if implicit is None else a[implicit].diagonal()
+    predictor = _predictor_matrix(solver.tableau)
+
+    def stage_time(c_i):
+        if isinstance(c_i, float):
+            return node_time(c_i, t0, t1)
+        # A traced node (stage loop): exactly t1 for a node of 1, as node_time.
+        dtype = jnp.result_type(t0)
+        return jnp.where(c_i == 1, t1, t0 + c_i.astype(dtype) * (t1 - t0))
+
+    def stage_setup(i, ks, diagonal):
+        rows = [a_m[i] for a_m in a]
+        base = _add(y0, _combine_parts(rows, ks))
+        guess = _add(base, _scale(diagonal, _combine(predictor[i], ks[implicit])))
+        stage_args = (
+            parts[implicit],
+            stage_time(cs[implicit][i]),
+            base,
+            diagonal,
+            args,
+            controls[implicit],
+        )
+        return stage_args, guess
+
+    def set_stage(ks, i, z, k_implicit):
+        # Every part at the stage value `z`, each at its own tableau's node.
+        new = []
+        for m, part in enumerate(parts):
+            if m == implicit and k_implicit is not None:
+                k_m = k_implicit
+            else:
+                k_m = part.vf_prod(stage_time(cs[m][i]), z, args, controls[m])
+            new.append(jtu.tree_map(lambda buf, x: buf.at[i].set(x), ks[m], k_m))
+        return new
+
+    def implicit_step(i, ks, diagonal, jacobian_state):
+        stage_args, guess = stage_setup(i, ks, diagonal)
+        k_i, z, stage_result = implicit_stage(
+            solver.root_finder,
+            solver.root_find_max_steps,
+            *stage_args,
+            guess,
+            jacobian_state,
+        )
+        return set_stage(ks, i, z, k_i), stage_result
+
+    def explicit_step(i, ks):
+        rows = [a_m[i] for a_m in a]
+        base = y0 if i == 0 else _add(y0, _combine_parts(rows, ks))
+        return set_stage(ks, i, base, None)
+
+    def first_failure(result, new):
+        return where_result(succeeded(result), new, result)
+
+    implicit_stages = [i for i in range(s) if diagonals[i] != 0]
+    # With no implicit stage (every tableau explicit), all of them run below.
+    first = implicit_stages[0] if implicit_stages else s
+    # The implicit stages run in one loop when they are contiguous (traced once:
+    # the root find is the bulk of a step's program; measured on Robertson and
+    # HIRES, Kvaerno5/KenCarp4 compile in 1.2-1.7 s instead of 2.0-3.3 s, at the
+    # same run time), else unrolled.
+    loop = bool(implicit_stages) and implicit_stages == list(range(first, s))
+    result = RESULTS.successful
+    for i in range(first):
+        ks = explicit_step(i, ks)
+    jacobian_state = None
+    new_solver_state = solver_state
+    if reuse:
+        # One factorisation per step, at the first implicit stage's guess.
+        stage_args, guess = stage_setup(first, ks, float(diagonals[first]))
+
+        def fresh():
+            return stage_jacobian(solver.root_finder, *stage_args, guess)
+
+        if isinstance(solver_state, _ReusedJacobian) and not step_always_accepted():
+            jacobian_state, new_solver_state = _reuse_or_refresh(
+                solver_state, fresh, t1 - t0, made_jump
+            )
+        else:
+            jacobian_state = fresh()
+    if loop:
+        # The closures above read these as arrays indexed by the traced stage.
+        a = [jnp.asarray(a_m) for a_m in a]
+        cs = [jnp.asarray(c_m) for c_m in cs]
+        predictor = jnp.asarray(predictor)
+        diagonal_array = jnp.asarray(diagonals)
+
+        def body(i, carry):
+            ks, result = carry
+            ks, stage_result = implicit_step(i, ks, diagonal_array[i], jacobian_state)
+            return ks, first_failure(result, stage_result)
+
+        ks, result = lax.fori_loop(first, s, body, (ks, result))
+    else:
+        for i in range(first, s):
+            if diagonals[i] == 0:
+                ks = explicit_step(i, ks)
+                continue
+            ks, stage_result = implicit_step(i, ks, float(diagonals[i]), jacobian_state)
+            result = first_failure(result, stage_result)
+    y1 = _add(y0, _combine_parts([tab.b_sol for tab in tableaus], ks))
+    if any(tab.b_error is None for tab in tableaus):
+        y_error = None
+    else:
+        y_error = _combine_parts([tab.b_error for tab in tableaus], ks)
+    dense_info = dict(y0=y0, y1=y1, k=tuple(ks) if parts_in_k else _sum(ks))
+    return y1, y_error, dense_info, new_solver_state, result
+
+
+def _predictor_matrix(tableau) -> np.ndarray:
+    """Row `i`: the weights of the earlier stages' increments that predict stage
+    `i`'s increment (zero without a predictor: the guess is then the stage's
+    explicit part)."""
+    if isinstance(tableau, MultiButcherTableau):
+        index = tableau.implicit_index
+        if index is None:
+            return np.zeros((tableau.num_stages, tableau.num_stages))
+        tableau = tableau.tableaus[index]
+    s = tableau.num_stages
+    matrix = np.zeros((s, s))
+    if tableau.a_predictor is not None:
+        for i, row in enumerate(tableau.a_predictor, start=1):
+            matrix[i, :i] = row
+    return matrix
+
+
 class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
     """Diagonally implicit Runge–Kutta method: a `ButcherTableau` with `a_diagonal`,
     or an additive (IMEX) method: a `MultiButcherTableau` with one diagonally
@@ -304,145 +453,10 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
         return terms.vf(t0, y0, args)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        tableaus, parts, implicit = _parts(self.tableau, terms)
-        s = tableaus[0].num_stages
-        c = tableaus[0].c_full
-        a = [tab.a_matrix for tab in tableaus]
-        controls = [part.contr(t0, t1) for part in parts]
-        reuse = self.calculate_jacobian in (
-            CalculateJacobian.first_stage,
-            CalculateJacobian.second_stage,
-        )
-
-        ks = [
-            jtu.tree_map(
-                lambda x: jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x)), y0
-            )
-            for _ in parts
-        ]
-        diagonals = a[implicit].diagonal()
-        predictor = self._predictor_matrix()
-
-        def stage_time(c_i):
-            if isinstance(c_i, float):
-                return node_time(c_i, t0, t1)
-            # A traced node (stage loop): exactly t1 for a node of 1, as node_time.
-            dtype = jnp.result_type(t0)
-            return jnp.where(c_i == 1, t1, t0 + c_i.astype(dtype) * (t1 - t0))
-
-        def stage_setup(i, ks, diagonal):
-            rows = [a_m[i] for a_m in a]
-            base = _add(y0, _combine_parts(rows, ks))
-            guess = _add(base, _scale(diagonal, _combine(predictor[i], ks[implicit])))
-            stage_args = (
-                parts[implicit],
-                stage_time(c[i]),
-                base,
-                diagonal,
-                args,
-                controls[implicit],
-            )
-            return stage_args, guess
-
-        def set_stage(ks, i, t_i, z, k_implicit):
-            new = []
-            for m, part in enumerate(parts):
-                if m == implicit and k_implicit is not None:
-                    k_m = k_implicit
-                else:
-                    k_m = part.vf_prod(t_i, z, args, controls[m])
-                new.append(jtu.tree_map(lambda buf, x: buf.at[i].set(x), ks[m], k_m))
-            return new
-
-        def implicit_step(i, ks, diagonal, jacobian_state):
-            stage_args, guess = stage_setup(i, ks, diagonal)
-            k_i, z, stage_result = implicit_stage(
-                self.root_finder,
-                self.root_find_max_steps,
-                *stage_args,
-                guess,
-                jacobian_state,
-            )
-            return set_stage(ks, i, stage_args[1], z, k_i), stage_result
-
-        def explicit_step(i, ks):
-            rows = [a_m[i] for a_m in a]
-            base = y0 if i == 0 else _add(y0, _combine_parts(rows, ks))
-            return set_stage(ks, i, stage_time(float(c[i])), base, None)
-
-        def first_failure(result, new):
-            return where_result(succeeded(result), new, result)
-
-        implicit_stages = [i for i in range(s) if diagonals[i] != 0]
-        first = implicit_stages[0]
-        # The implicit stages run in one loop when they are contiguous (traced once:
-        # the root find is the bulk of a step's program; measured on Robertson and
-        # HIRES, Kvaerno5/KenCarp4 compile in 1.2-1.7 s instead of 2.0-3.3 s, at the
-        # same run time), else unrolled.
-        loop = implicit_stages == list(range(first, s))
-        result = RESULTS.successful
-        for i in range(first):
-            ks = explicit_step(i, ks)
-        jacobian_state = None
-        new_solver_state = solver_state
-        if reuse:
-            # One factorisation per step, at the first implicit stage's guess.
-            stage_args, guess = stage_setup(first, ks, float(diagonals[first]))
-
-            def fresh():
-                return stage_jacobian(self.root_finder, *stage_args, guess)
-
-            if isinstance(solver_state, _ReusedJacobian) and not step_always_accepted():
-                jacobian_state, new_solver_state = _reuse_or_refresh(
-                    solver_state, fresh, t1 - t0, made_jump
-                )
-            else:
-                jacobian_state = fresh()
-        if loop:
-            # The closures above read these as arrays indexed by the traced stage.
-            a = [jnp.asarray(a_m) for a_m in a]
-            c = jnp.asarray(c)
-            predictor = jnp.asarray(predictor)
-            diagonal_array = jnp.asarray(diagonals)
-
-            def body(i, carry):
-                ks, result = carry
-                ks, stage_result = implicit_step(
-                    i, ks, diagonal_array[i], jacobian_state
-                )
-                return ks, first_failure(result, stage_result)
-
-            ks, result = lax.fori_loop(first, s, body, (ks, result))
-        else:
-            for i in range(first, s):
-                if diagonals[i] == 0:
-                    ks = explicit_step(i, ks)
-                    continue
-                ks, stage_result = implicit_step(
-                    i, ks, float(diagonals[i]), jacobian_state
-                )
-                result = first_failure(result, stage_result)
-        y1 = _add(y0, _combine_parts([tab.b_sol for tab in tableaus], ks))
-        if any(tab.b_error is None for tab in tableaus):
-            y_error = None
-        else:
-            y_error = _combine_parts([tab.b_error for tab in tableaus], ks)
-        dense_info = dict(y0=y0, y1=y1, k=_sum(ks))
-        return y1, y_error, dense_info, new_solver_state, result
+        return additive_step(self, terms, t0, t1, y0, args, solver_state, made_jump)
 
     def _predictor_matrix(self) -> np.ndarray:
-        """Row `i`: the weights of the earlier stages' increments that predict stage
-        `i`'s increment (zero without a predictor: the guess is then the stage's
-        explicit part)."""
-        tableau = self.tableau
-        if isinstance(tableau, MultiButcherTableau):
-            tableau = tableau.tableaus[tableau.implicit_index]
-        s = tableau.num_stages
-        matrix = np.zeros((s, s))
-        if tableau.a_predictor is not None:
-            for i, row in enumerate(tableau.a_predictor, start=1):
-                matrix[i, :i] = row
-        return matrix
+        return _predictor_matrix(self.tableau)
 
 
 class AbstractSDIRK(AbstractDIRK):

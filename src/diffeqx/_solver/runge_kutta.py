@@ -20,7 +20,7 @@ import numpy as np
 
 from .._profile import aval_bytes
 from .._solution import RESULTS
-from .._term import AbstractTerm, scales_vector_field
+from .._term import AbstractTerm, MultiTerm, scales_vector_field
 from .._transforms import differentiation_levels, is_batched
 from .base import (
     AbstractAdaptiveSolver,
@@ -213,12 +213,12 @@ class ButcherTableau:
 @final
 class MultiButcherTableau:
     """The tableaus of an additive Runge–Kutta method: one `ButcherTableau` per term
-    of a `MultiTerm`, all with the same number of stages and the same nodes. Stage
-    `i` evaluates every term at the one stage value
-    `y_i = y0 + sum_m sum_j a^(m)_ij k^(m)_j`, where `k^(m)_j` is term `m`'s
-    increment at stage `j`. At most one tableau may be implicit: with one explicit
-    and one diagonally implicit tableau this is an implicit–explicit (IMEX) method,
-    as used by `KenCarp3`, `KenCarp4`, `KenCarp5` and `Sil3`.
+    of a `MultiTerm`, all with the same number of stages. Stage `i` evaluates every
+    term at the one stage value `y_i = y0 + sum_m sum_j a^(m)_ij k^(m)_j`, where
+    `k^(m)_j` is term `m`'s increment at stage `j`, each term at its own tableau's
+    node `t0 + c^(m)_i (t1 - t0)`. At most one tableau may be implicit: with one
+    explicit and one diagonally implicit tableau this is an implicit–explicit (IMEX)
+    method, as used by `KenCarp3`, `KenCarp4`, `KenCarp5` and `Sil3`.
 
     **Arguments:**
 
@@ -248,14 +248,6 @@ class MultiButcherTableau:
                 "At most one tableau of a `MultiButcherTableau` may be implicit; "
                 f"tableaus {implicit} are."
             )
-        nodes = tableaus[0].c_full
-        for i, tab in enumerate(tableaus[1:], start=1):
-            if not np.allclose(tab.c_full, nodes, rtol=1e-12, atol=1e-12):
-                raise ValueError(
-                    "The tableaus of a `MultiButcherTableau` must share their nodes "
-                    f"(every term is evaluated at the same stage times); tableau 0 "
-                    f"has {nodes} and tableau {i} has {tab.c_full}."
-                )
         self.tableaus = tuple(tableaus)
 
     def __repr__(self) -> str:
@@ -313,6 +305,17 @@ class AbstractRungeKutta(AbstractAdaptiveSolver):
       (unrolled for small vector fields, one loop for large ones and under second
       derivatives), and any loop it builds is differentiable in every mode, so every
       value gives the same program and the same results.
+
+    As in Diffrax, a method can subclass this class directly: it sets `tableau` (a
+    `ButcherTableau`, or a `MultiButcherTableau` for a `MultiTerm` of as many terms),
+    `calculate_jacobian`, `interpolation_cls` and `order`, and, when a tableau is
+    implicit, declares the fields `root_finder` and `root_find_max_steps`. Its
+    `term_structure` follows from the tableau unless it sets one. An explicit
+    `ButcherTableau` runs as an `AbstractERK` does; otherwise each stage evaluates
+    every term at the stage value, each term at its own tableau's nodes, solving
+    for the stage with `root_finder` when the implicit tableau's diagonal entry is
+    non-zero. The dense output's `k` is then the tuple of each term's stage
+    increments.
     """
 
     tableau: eqx.AbstractClassVar[ButcherTableau | MultiButcherTableau]
@@ -320,12 +323,87 @@ class AbstractRungeKutta(AbstractAdaptiveSolver):
         default=None, static=True
     )
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        tableau = cls.__dict__.get("tableau")
+        if tableau is not None and not hasattr(cls, "term_structure"):
+            if isinstance(tableau, MultiButcherTableau):
+                parts = (AbstractTerm,) * len(tableau.tableaus)
+                cls.term_structure = MultiTerm[tuple[parts]]
+            else:
+                cls.term_structure = AbstractTerm
+
     def __check_init__(self):
         if self.scan_kind not in _SCAN_KINDS:
             raise ValueError(
                 f"`{type(self).__name__}(scan_kind=...)` must be one of None, 'lax', "
                 f"'checkpointed' or 'bounded'; got {self.scan_kind!r}."
             )
+
+    # The protocol for a method subclassing this class directly (the engines,
+    # `AbstractERK` and `AbstractDIRK`, define their own).
+
+    def init(self, terms, t0, t1, y0, args):
+        engine = _explicit_engine(self)
+        return None if engine is None else engine.init(terms, t0, t1, y0, args)
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        engine = _explicit_engine(self)
+        if engine is not None:
+            return engine.step(terms, t0, t1, y0, args, solver_state, made_jump)
+        from .implicit import additive_step
+
+        tableau = self.tableau
+        tableaus = getattr(tableau, "tableaus", (tableau,))
+        if any(tab.implicit for tab in tableaus) and not hasattr(self, "root_finder"):
+            raise ValueError(
+                f"{type(self).__name__} has an implicit tableau, so it needs a root "
+                "finder for its stages: declare the fields `root_finder` (e.g. "
+                "`diffeqx.VeryChord(rtol=1e-6, atol=1e-6)`) and "
+                "`root_find_max_steps`."
+            )
+        return additive_step(
+            self,
+            terms,
+            t0,
+            t1,
+            y0,
+            args,
+            solver_state,
+            made_jump,
+            parts_in_k=isinstance(tableau, MultiButcherTableau),
+        )
+
+
+# Per class subclassing `AbstractRungeKutta` directly with an explicit
+# `ButcherTableau`: the `AbstractERK` that runs its steps.
+_EXPLICIT_ENGINES: dict = {}
+
+
+def _explicit_engine(solver):
+    """An `AbstractERK` with `solver`'s tableau when that is one explicit
+    `ButcherTableau`, else `None`."""
+    tableau = solver.tableau
+    if not isinstance(tableau, ButcherTableau) or tableau.implicit:
+        return None
+    cls = type(solver)
+    engine = _EXPLICIT_ENGINES.get(cls)
+    if engine is None:
+        engine = type(
+            f"_{cls.__name__}Stages",
+            (AbstractERK,),
+            {
+                "__module__": __name__,
+                "tableau": tableau,
+                "interpolation_cls": None,  # the subclass's own is used
+                "order": lambda self, terms: None,
+            },
+        )
+        _EXPLICIT_ENGINES[cls] = engine
+    return engine()
 
 
 def _weighted_sum(weights, stages: list, scale=None):
