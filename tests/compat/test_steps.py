@@ -443,3 +443,52 @@ def test_neural_cde_with_jump_times_matches_diffrax(dtype, rtol, batch):
     np.testing.assert_allclose(
         np.asarray(ours.ys), np.asarray(theirs.ys), rtol=100 * rtol_, atol=100 * atol_
     )
+
+
+def _forced_decay_total(lib, kind):
+    """The integral over [0, 1] of `y' = -y + 1[s >= t]`, as a function of the
+    switching time `t`, which is also the controller's `step_ts` or `jump_ts`."""
+
+    def run(t):
+        def field(s, y, forcing):
+            y, _ = y
+            return -y + forcing(s), y
+
+        controller = lib.ClipStepSizeController(
+            lib.PIDController(rtol=1e-8, atol=1e-8), **{kind: t[None]}
+        )
+        sol = lib.diffeqsolve(
+            lib.ODETerm(field),
+            lib.Tsit5(),
+            0.0,
+            1.0,
+            None,
+            (1.0, 0.0),
+            args=lambda s: jnp.where(s < t, 0.0, 1.0),
+            stepsize_controller=controller,
+        )
+        return sol.ys[1][0]
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "kind", ["step_ts", pytest.param("jump_ts", marks=pytest.mark.slow)]
+)
+def test_gradient_with_respect_to_a_traced_step_time(kind):
+    # Steps placed a few ULPs from a traced `step_ts`/`jump_ts` (by `nextafter` and
+    # bit casts, which JAX cannot differentiate) follow it: `jax.grad` failed here.
+    t = jnp.asarray(0.5)
+    grads = {
+        name: float(jax.jit(jax.grad(_forced_decay_total(lib, kind)))(t))
+        for name, lib in {"diffeqx": diffeqx, "diffrax": diffrax}.items()
+    }
+    run = jax.jit(_forced_decay_total(diffeqx, kind))
+    eps = 1e-5
+    finite_difference = (float(run(t + eps)) - float(run(t - eps))) / (2 * eps)
+    # The exact derivative of the integral with respect to the switching time.
+    exact = -(1 - np.exp(-(1 - 0.5)))
+    np.testing.assert_allclose(grads["diffeqx"], grads["diffrax"], rtol=1e-10)
+    np.testing.assert_allclose(grads["diffeqx"], finite_difference, rtol=1e-5)
+    # (A step time is not a jump: the discontinuity costs a little accuracy.)
+    np.testing.assert_allclose(grads["diffeqx"], exact, rtol=1e-5)

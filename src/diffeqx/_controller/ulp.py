@@ -6,10 +6,36 @@ same steps in every precision. One convention throughout, shared with Diffrax: t
 neighbour of zero is the smallest *normal* number of that sign (never a subnormal,
 which some hardware flushes to zero)."""
 
+import functools
+
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 
 
+def _follows_t(fn):
+    """`fn(t, ...)`, differentiable in `t` with derivative 1: a time moved by a few
+    ULPs moves with `t` (e.g. a step ending just before a jump time given as a
+    traced value, whose location a gradient may ask about). JAX has no derivative
+    for `nextafter` or bit casts."""
+
+    @functools.wraps(fn)
+    def wrapped(t, *static):
+        @jax.custom_jvp
+        def moved(t):
+            return fn(t, *static)
+
+        @moved.defjvp
+        def moved_jvp(primals, tangents):
+            (t,), (t_dot,) = primals, tangents
+            return moved(t), t_dot
+
+        return moved(jnp.asarray(t))
+
+    return wrapped
+
+
+@_follows_t
 def next_up(t):
     """The representable number just above `t`."""
     t = jnp.asarray(t)
@@ -17,6 +43,7 @@ def next_up(t):
     return jnp.where(t == 0, tiny, jnp.nextafter(t, jnp.asarray(jnp.inf, t.dtype)))
 
 
+@_follows_t
 def next_down(t):
     """The representable number just below `t`."""
     t = jnp.asarray(t)
@@ -24,6 +51,7 @@ def next_down(t):
     return jnp.where(t == 0, -tiny, jnp.nextafter(t, jnp.asarray(-jnp.inf, t.dtype)))
 
 
+@_follows_t
 def ulps_below(t, count: int):
     """`next_down` applied `count` times, in constant time: on the integer image of
     a float (sign and magnitude), one step down is one unit off the magnitude (away
