@@ -206,3 +206,39 @@ def test_diffrax_refuses_what_diffeqx_backsolve_extends(saveat):
         jax.grad(lambda y0: loss(diffrax, y0))(Y0)
     grad = jax.jit(jax.grad(lambda y0: loss(diffeqx, y0)))(Y0)
     assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        lambda lib: dict(saveat=lib.SaveAt(dense=True)),
+        lambda lib: dict(saveat=lib.SaveAt(steps=True)),
+        lambda lib: dict(event=lib.Event(lambda t, y, args, **kw: y - 0.5)),
+    ],
+    ids=["dense", "steps", "event"],
+)
+def test_backsolve_refuses_what_diffrax_refuses_with_the_same_error_class(kwargs):
+    # Diffrax raises NotImplementedError; diffeqx's error is also a ValueError.
+    for lib in (diffeqx, diffrax):
+        with pytest.raises(NotImplementedError):
+            lib.diffeqsolve(
+                lib.ODETerm(lambda t, y, args: -y),
+                lib.Tsit5(),
+                0.0,
+                1.0,
+                0.1,
+                jnp.array(1.0),
+                adjoint=lib.BacksolveAdjoint(),
+                **kwargs(lib),
+            )
+    with pytest.raises(ValueError, match="BacksolveAdjoint"):
+        diffeqx.diffeqsolve(
+            diffeqx.ODETerm(lambda t, y, args: -y),
+            diffeqx.Tsit5(),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array(1.0),
+            adjoint=diffeqx.BacksolveAdjoint(),
+            **kwargs(diffeqx),
+        )

@@ -29,6 +29,13 @@ from .base import (
 )
 
 
+class UnsupportedError(ValueError, NotImplementedError):
+    """A combination of arguments `BacksolveAdjoint` does not support. Both a
+    `ValueError` (diffeqx's kind of error for arguments refused at the call) and a
+    `NotImplementedError` (what Diffrax raises for the same combinations), so that
+    code catching either keeps working."""
+
+
 class AdjointState(eqx.Module):
     """The state of `BacksolveAdjoint`'s backward solve: the forward state `y`, its
     adjoint `a_y`, and the running gradients `a_args`, `a_terms`."""
@@ -228,17 +235,17 @@ class BacksolveAdjoint(AbstractCustomGradientAdjoint):
 
         where = "`BacksolveAdjoint`"
         if event is not None:
-            raise ValueError(
+            raise UnsupportedError(
                 f"{where} does not support events; use `RecursiveCheckpointAdjoint()` "
                 "(the default) or `DirectAdjoint()` with `event=`."
             )
         if saveat.dense:
-            raise ValueError(
+            raise UnsupportedError(
                 f"{where} does not support `SaveAt(dense=True)`; use "
                 "`RecursiveCheckpointAdjoint()` (the default) for dense output."
             )
         if any(sub.steps for sub in subs_of(saveat)[0]):
-            raise ValueError(
+            raise UnsupportedError(
                 f"{where} does not support `SaveAt(steps=True)` (in `SaveAt` or any "
                 "`SubSaveAt`); use `RecursiveCheckpointAdjoint()` (the default), or "
                 "save at given times with `SaveAt(ts=...)`."
