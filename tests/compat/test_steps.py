@@ -492,3 +492,26 @@ def test_gradient_with_respect_to_a_traced_step_time(kind):
     np.testing.assert_allclose(grads["diffeqx"], finite_difference, rtol=1e-5)
     # (A step time is not a jump: the discontinuity costs a little accuracy.)
     np.testing.assert_allclose(grads["diffeqx"], exact, rtol=1e-5)
+
+
+def test_a_controller_stepped_by_hand_with_python_numbers_matches_diffrax():
+    # The controller protocol called directly (as a hand-written stepping loop
+    # does), with Python floats for the times, state and error: diffeqx's PID
+    # controller read `.dtype` from them and failed.
+    proposals = {}
+    for name, lib in {"diffeqx": diffeqx, "diffrax": diffrax}.items():
+        pid = lib.PIDController(rtol=0, atol=1.0)
+        inner = lib.ClipStepSizeController(pid, jump_ts=[3.0, 13.0], step_ts=[23.0])
+        outer = lib.ClipStepSizeController(inner, step_ts=[2.0, 13.0], jump_ts=[23.0])
+        terms = lib.ODETerm(lambda t, y, args: -y)
+        _, state = outer.init(
+            terms, -1.0, 0.0, 0.0, 4.0, None, lambda terms, t, y, args: -y, 5
+        )
+        seen = []
+        for t0, t1 in [(0.0, 1.0), (1.0, 2.0), (10.0, 11.0), (11.0, 12.5)]:
+            _, next_t0, next_t1, jump, state, _ = outer.adapt_step_size(
+                t0, t1, 0.0, 0.0, None, 0.0, 5, state
+            )
+            seen.append((float(next_t0), float(next_t1), bool(jump)))
+        proposals[name] = seen
+    assert proposals["diffeqx"] == proposals["diffrax"]

@@ -62,6 +62,8 @@ def scaled_error_norm(controller, y0, y1_candidate, y_error):
     candidate containing NaN is replaced by the same leaf of `y0`."""
 
     def scale(y0_leaf, y1_leaf, error_leaf):
+        # Python numbers too (a controller stepped by hand, outside `diffeqsolve`).
+        y0_leaf, y1_leaf, error_leaf = map(jnp.asarray, (y0_leaf, y1_leaf, error_leaf))
         y1_leaf = jnp.where(jnp.any(jnp.isnan(y1_leaf)), y0_leaf, y1_leaf)
         dtype = error_leaf.real.dtype
         magnitude = jnp.maximum(jnp.abs(y0_leaf), jnp.abs(y1_leaf))
