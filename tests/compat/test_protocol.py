@@ -612,3 +612,60 @@ def test_every_solver_reports_diffrax_orders(sde):
         ours = {name: _orders(diffeqx, name, sde) for name in names}
         theirs = {name: _orders(diffrax, name, sde) for name in names}
     assert ours == theirs
+
+
+def _per_part_solver(lib, structure):
+    """A solver whose terms are a PyTree matching the state's: each term steps its
+    own part of the state."""
+
+    class PerPartEuler(lib.AbstractSolver):
+        term_structure: ClassVar = structure
+        interpolation_cls: ClassVar = lib.LocalLinearInterpolation
+
+        def init(self, terms, t0, t1, y0, args):
+            return None
+
+        def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+            def part(term, y):
+                return y + term.vf_prod(t0, y, args, term.contr(t0, t1))
+
+            is_term = lambda x: isinstance(x, lib.AbstractTerm)  # noqa: E731
+            y1 = jax.tree.map(part, terms, y0, is_leaf=is_term)
+            return y1, None, dict(y0=y0, y1=y1), None, lib.RESULTS.successful
+
+        def func(self, terms, t0, y0, args):
+            raise AssertionError
+
+    return PerPartEuler()
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_a_dict_of_terms_is_checked_against_its_own_parts_of_the_state(fits):
+    # diffeqx passed the whole state to each term's vector field when checking its
+    # declared types, and crashed on a field that reads its own part.
+    results = {}
+    for name, lib in LIBS.items():
+        ode = lib.ODETerm(lambda t, y, args: -y)
+        structure = {
+            "a": lib.ODETerm,
+            "b": lib.ODETerm[Float[Array, " 3"]],
+            "c": lib.AbstractTerm[Float[Array, " 4"], Any],
+        }
+        y0 = {
+            "a": jnp.array(1.0),
+            "b": jnp.arange(3.0),
+            "c": jnp.arange(4.0 if fits else 5.0),
+        }
+        solver = _per_part_solver(lib, structure)
+        terms = {"a": ode, "b": ode, "c": ode}
+        if fits:
+            sol = lib.diffeqsolve(terms, solver, 0.0, 1.0, 0.25, y0)
+            results[name] = jax.tree.map(np.asarray, sol.ys)
+        else:
+            with pytest.raises(ValueError, match="terms"):
+                lib.diffeqsolve(terms, solver, 0.0, 1.0, 0.25, y0)
+    if fits:
+        for key in ("a", "b", "c"):
+            np.testing.assert_array_equal(
+                results["diffeqx"][key], results["diffrax"][key]
+            )

@@ -192,9 +192,17 @@ def term_type_mismatch(terms, structure, t, y, args, path: str = "terms") -> str
     spec_children, spec_def = _one_level(structure)
     if jtu.treedef_is_leaf(spec_def):
         return None
-    term_children, _ = _one_level(terms)
-    for (key, spec), (_, term) in zip(spec_children, term_children, strict=True):
-        found = term_type_mismatch(term, spec, t, y, args, path + jtu.keystr(key))
+    term_children, term_def = _one_level(terms)
+    # A state with the same structure as a PyTree of terms (e.g. a dict of terms and
+    # a dict of states with the same keys) gives each term its own part, as a
+    # solver applying each term to its part of the state does.
+    y_children, y_def = _one_level(y)
+    parts = [child for _, child in y_children] if y_def == term_def else None
+    for i, ((key, spec), (_, term)) in enumerate(
+        zip(spec_children, term_children, strict=True)
+    ):
+        y_part = y if parts is None else parts[i]
+        found = term_type_mismatch(term, spec, t, y_part, args, path + jtu.keystr(key))
         if found is not None:
             return found
     return None
