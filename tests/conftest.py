@@ -29,6 +29,9 @@ jax.config.update("jax_enable_x64", True)
 # No implicit dtype promotion anywhere: careful users (and Diffrax's own tests) turn this
 # on, so every internal operation must cast explicitly.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# No implicit rank promotion either, as in Diffrax's own tests: users who set it get a
+# library that never relies on it (the Brownian tree did, until 2026-12-05).
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 # ---- memory maps of compiled programs -------------------------------------------------

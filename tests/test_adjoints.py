@@ -139,7 +139,8 @@ def _field(t, y, args):
 def _loss_of_ys(ys):
     # Different weights for every saved row, so each save has its own cotangent.
     rows = jnp.arange(1.0, ys.shape[0] + 1.0, dtype=ys.dtype)[:, None]
-    return jnp.sum(jnp.array([1.0, -2.0], ys.dtype) * ys**2) + jnp.sum(rows * ys)
+    weights = jnp.array([1.0, -2.0], ys.dtype).reshape((1,) * (ys.ndim - 1) + (2,))
+    return jnp.sum(weights * ys**2) + jnp.sum(rows * ys)
 
 
 def _problem(controller):

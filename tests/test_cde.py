@@ -167,7 +167,7 @@ def test_pytree_state_with_one_shared_control():
     y0 = {"a": jnp.array([1.0, 2.0]), "b": jnp.asarray(0.5)}
 
     def field(t, y, weights):
-        return {"a": y["a"][:, None] * weights, "b": y["b"] * -weights}
+        return {"a": y["a"][:, None] * weights[None, :], "b": y["b"] * -weights}
 
     sol = dfx.diffeqsolve(
         dfx.ControlTerm(field, control),
@@ -200,7 +200,9 @@ def test_control_term_stores_increments_not_matrices():
 
 def test_cde_solve_equals_the_ode_solve_of_to_ode():
     control = _cubic()
-    term = dfx.ControlTerm(lambda t, y, args: jnp.tanh(y)[:, None] * args, control)
+    term = dfx.ControlTerm(
+        lambda t, y, args: jnp.tanh(y)[:, None] * args[None, :], control
+    )
     ode = term.to_ode()
     assert isinstance(ode, dfx.ODETerm)
     t = 0.77

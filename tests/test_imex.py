@@ -286,8 +286,10 @@ def test_multi_butcher_tableau_validation():
         dfx.MultiButcherTableau(explicit, dfx.Kvaerno5.tableau)
     with pytest.raises(ValueError, match="At most one tableau"):
         dfx.MultiButcherTableau(implicit, implicit)
-    with pytest.raises(ValueError, match="share their nodes"):
-        dfx.MultiButcherTableau(dfx.Heun.tableau, dfx.Midpoint.tableau)
+    # Different nodes are accepted, as in Diffrax: each term is evaluated at its own
+    # tableau's nodes (tests/compat/test_runge_kutta_subclass.py).
+    mixed = dfx.MultiButcherTableau(dfx.Heun.tableau, dfx.Midpoint.tableau)
+    assert mixed.implicit_index is None
     with pytest.raises(TypeError, match="expects `ButcherTableau`s"):
         dfx.MultiButcherTableau(explicit, "not a tableau")
     assert dfx.KenCarp3.tableau.implicit_index == 1

@@ -19,7 +19,7 @@ import diffeqx as dfx
 TS = jnp.array([0.0, 0.15, 0.4, 0.55, 0.9, 1.3, 1.45, 2.0])
 INTERCEPT = jnp.array([0.5, -1.0, 2.0])
 SLOPE = jnp.array([1.5, 0.25, -3.0])
-LINEAR_YS = INTERCEPT + TS[:, None] * SLOPE
+LINEAR_YS = INTERCEPT[None, :] + TS[:, None] * SLOPE[None, :]
 # Inside, on and outside [t0, t1].
 PROBE_TS = [-0.3, 0.0, 0.07, 0.4, 0.77, 1.0, 1.45, 1.99, 2.0, 2.6]
 

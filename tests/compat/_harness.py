@@ -414,7 +414,7 @@ def solve(lib, case: Case) -> dict[str, Any]:
     if case.vmap:
         scales = jnp.asarray([1.0, 0.8, 1.3], dtype)
         y0s = jax.tree.map(
-            lambda leaf: scales.reshape((3,) + (1,) * leaf.ndim) * leaf, y0
+            lambda leaf: scales.reshape((3,) + (1,) * leaf.ndim) * leaf[None], y0
         )
         out = jax.vmap(run)(y0s)
     else:

@@ -208,3 +208,50 @@ def test_same_fixed_step_gradient_as_diffrax(
         assert not bounds
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kind, levy_area",
+    [
+        ("VirtualBrownianTree", "SpaceTimeLevyArea"),
+        ("UnsafeBrownianPath", "SpaceTimeTimeLevyArea"),
+    ]
+    + [
+        pytest.param(kind, area, marks=pytest.mark.slow)
+        for kind, area in [
+            ("VirtualBrownianTree", "BrownianIncrement"),
+            ("VirtualBrownianTree", "SpaceTimeTimeLevyArea"),
+            ("UnsafeBrownianPath", "BrownianIncrement"),
+            ("UnsafeBrownianPath", "SpaceTimeLevyArea"),
+        ]
+    ],
+)
+def test_complex_brownian_paths_are_accepted_with_diffraxs_dtypes(kind, levy_area):
+    # Diffrax samples complex leaves; diffeqx refused them. (Diffrax's tree fails
+    # on a complex space-time-time Lévy area, which diffeqx samples.)
+    shape = {
+        "z": jax.ShapeDtypeStruct((3,), jnp.complex128),
+        "x": jax.ShapeDtypeStruct((2,), jnp.float64),
+    }
+    structures = {}
+    for lib in (diffeqx, diffrax):
+        area = getattr(lib, levy_area)
+        if kind == "VirtualBrownianTree":
+            path = lib.VirtualBrownianTree(
+                0.0, 1.0, 1e-3, shape, jax.random.key(0), levy_area=area
+            )
+        else:
+            path = lib.UnsafeBrownianPath(shape, jax.random.key(0), levy_area=area)
+        try:
+            sample = path.evaluate(0.25, 0.75, use_levy=True)
+        except ValueError:
+            assert lib is diffrax and kind == "VirtualBrownianTree"
+            assert levy_area == "SpaceTimeTimeLevyArea"
+            continue
+        structures[lib.__name__] = {
+            name: jax.tree.map(lambda x: (x.shape, x.dtype), getattr(sample, name))
+            for name in ("W", "H", "K")
+            if hasattr(sample, name)
+        }
+    if "diffrax" in structures:
+        assert structures["diffeqx"] == structures["diffrax"]

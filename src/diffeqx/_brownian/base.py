@@ -11,10 +11,12 @@ hash, so a path can address "the sample belonging to this cell of this tree" or
 """
 
 import abc
+import dataclasses
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -68,8 +70,8 @@ class AbstractBrownianPath(AbstractPath):
 
 
 def normalise_shape(shape, owner: str) -> PyTree[jax.ShapeDtypeStruct]:
-    """`shape` as a PyTree of `jax.ShapeDtypeStruct`s of real floating dtypes: a tuple
-    of integers becomes one struct of the default floating dtype."""
+    """`shape` as a PyTree of `jax.ShapeDtypeStruct`s of floating dtypes, real or
+    complex: a tuple of integers becomes one struct of the default floating dtype."""
     if isinstance(shape, tuple) and all(
         isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in shape
     ):
@@ -87,12 +89,57 @@ def normalise_shape(shape, owner: str) -> PyTree[jax.ShapeDtypeStruct]:
             f"(one per leaf, with its own dtype), but got {shape!r}."
         )
     for leaf in leaves:
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
             raise ValueError(
-                f"`{owner}(shape=...)`: every leaf must have a real floating dtype "
-                f"(e.g. float32, float64), but got {leaf}."
+                f"`{owner}(shape=...)`: every leaf must have a floating dtype, real or "
+                f"complex (e.g. float32, float64, complex64), but got {leaf}."
             )
     return shape
+
+
+def sampled_shape(shape) -> PyTree[jax.ShapeDtypeStruct]:
+    """The real Brownian motion a path samples for `shape`: a complex leaf becomes
+    its real and imaginary parts, a trailing axis of 2 in the matching real dtype."""
+
+    def real(leaf):
+        if not jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+            return leaf
+        return jax.ShapeDtypeStruct(leaf.shape + (2,), jnp.finfo(leaf.dtype).dtype)
+
+    return jtu.tree_map(real, shape)
+
+
+def has_complex(shape) -> bool:
+    return any(
+        jnp.issubdtype(leaf.dtype, jnp.complexfloating)
+        for leaf in jtu.tree_leaves(shape)
+    )
+
+
+def as_complex(sample, shape):
+    """A sample drawn on `sampled_shape(shape)` (an increment, or a Lévy area whose
+    `dt` stays real) on `shape`: each complex leaf is `(X + iY) / sqrt(2)` for the
+    independent real parts `X`, `Y`, so that, as in Diffrax, its real and imaginary
+    parts are independent with half the variance each (`E|W|^2 = dt`)."""
+
+    def leaf(x, s):
+        if not jnp.issubdtype(s.dtype, jnp.complexfloating):
+            return x
+        return lax.complex(x[..., 0], x[..., 1]) * np.sqrt(0.5).item()
+
+    def tree(x):
+        return jtu.tree_map(leaf, x, shape)
+
+    from .levy import AbstractBrownianIncrement
+
+    if not isinstance(sample, AbstractBrownianIncrement):
+        return tree(sample)
+    fields = {
+        f.name: getattr(sample, f.name)
+        for f in dataclasses.fields(sample)
+        if f.name != "dt"
+    }
+    return dataclasses.replace(sample, **{k: tree(v) for k, v in fields.items()})
 
 
 def check_key(key, owner: str):

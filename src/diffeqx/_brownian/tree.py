@@ -74,10 +74,13 @@ from jaxtyping import PyTree
 from . import bridge
 from .base import (
     AbstractBrownianPath,
+    as_complex,
     check_key,
+    has_complex,
     is_concrete,
     key_words,
     normalise_shape,
+    sampled_shape,
     time_dtype,
 )
 from .levy import (
@@ -166,10 +169,12 @@ class _Grid(eqx.Module):
             level = jnp.clip(level, 0, self.depth)
             shift = (self.depth - level).astype(jnp.uint32)
             level = level.astype(jnp.uint32)
-        cell = jnp.left_shift(jnp.uint32(1), level) + jnp.right_shift(
-            leaf[:, None], shift
+        # Explicit ranks throughout (`(times, 1)` against `(1, slots)`): a user may
+        # run with `jax_numpy_rank_promotion="raise"`, as Diffrax's tests do.
+        cell = jnp.left_shift(jnp.uint32(1), level)[None, :] + jnp.right_shift(
+            leaf[:, None], jnp.asarray(shift)[None, :]
         )
-        return jnp.where(slot == 0, jnp.uint32(0), cell)
+        return jnp.where((slot == 0)[None, :], jnp.uint32(0), cell)
 
     def right_halves(self, leaf, first: int = 0):
         """Whether each leaf cell lies in the right half of the cell holding it, at
@@ -274,6 +279,8 @@ class VirtualBrownianTree(AbstractBrownianPath):
     t1: float | jax.Array
     tol: float | jax.Array
     shape: PyTree[jax.ShapeDtypeStruct] = eqx.field(static=True)
+    # What is sampled: `shape` with each complex leaf as its real and imaginary parts.
+    _sampled: PyTree[jax.ShapeDtypeStruct] = eqx.field(static=True, repr=False)
     levy_area: type = eqx.field(static=True)
     key: jax.Array
     _depth: int | None = eqx.field(static=True)
@@ -281,6 +288,7 @@ class VirtualBrownianTree(AbstractBrownianPath):
     def __init__(self, t0, t1, tol, shape, key, levy_area=BrownianIncrement):
         self.t0, self.t1, self.tol = t0, t1, tol
         self.shape = normalise_shape(shape, "VirtualBrownianTree")
+        self._sampled = sampled_shape(self.shape)
         self.key = check_key(key, "VirtualBrownianTree")
         self.levy_area = check_levy_area(levy_area, "VirtualBrownianTree")
         if is_concrete(t0, t1, tol):
@@ -314,7 +322,8 @@ class VirtualBrownianTree(AbstractBrownianPath):
         `W`, plus `H` and `K` where the type has them. `t1 < t0` gives the
         time-reversed increment. `left` is ignored."""
         del left
-        return self._evaluate(t0, t1, use_levy, None, None)
+        sample = self._evaluate(t0, t1, use_levy, None, None)
+        return as_complex(sample, self.shape) if has_complex(self.shape) else sample
 
     def _table_level(self, num_steps: int) -> int | None:
         """The level of the cells a fixed-step solve of `num_steps` steps tabulates
@@ -325,7 +334,8 @@ class VirtualBrownianTree(AbstractBrownianPath):
         if self._depth is None:
             return None
         size = sum(
-            int(np.prod(x.shape, dtype=np.int64)) for x in jtu.tree_leaves(self.shape)
+            int(np.prod(x.shape, dtype=np.int64))
+            for x in jtu.tree_leaves(self._sampled)
         )
         level = self._depth
         while level > 0 and (
@@ -346,16 +356,21 @@ class VirtualBrownianTree(AbstractBrownianPath):
         grid, _ = self._grid()
         words = self._words()
         tables = [bridge.table(grid, hasher, level) for hasher in self._hashers(words)]
-        return jax.vmap(lambda a, b: self._evaluate(a, b, use_levy, tables, words))
+
+        def samples(a, b):
+            sample = self._evaluate(a, b, use_levy, tables, words)
+            return as_complex(sample, self.shape) if has_complex(self.shape) else sample
+
+        return jax.vmap(samples)
 
     def _words(self):
         """The key words of the tree's hashes: `(leaves of shape, 2m, 2)`."""
-        count = len(jtu.tree_leaves(self.shape))
+        count = len(jtu.tree_leaves(self._sampled))
         return key_words(self.key, count, 2 * num_moments(self.levy_area))
 
     def _hashers(self, words) -> list:
         """One `bridge._Hasher` per leaf of `shape`."""
-        shape_leaves = jtu.tree_leaves(self.shape)
+        shape_leaves = jtu.tree_leaves(self._sampled)
         return [
             bridge._Hasher(words[j], x.dtype, x.shape)
             for j, x in enumerate(shape_leaves)
@@ -372,7 +387,7 @@ class VirtualBrownianTree(AbstractBrownianPath):
             (hi,), outside = self._check_times([t0], dtype)
             lo = grid.start
             leaf, lam = grid.locate(hi[None])
-        shape_leaves, structure = jtu.tree_flatten(self.shape)
+        shape_leaves, structure = jtu.tree_flatten(self._sampled)
         m = num_moments(self.levy_area)
         words = self._words() if words is None else words
         dts, per_leaf = [], []

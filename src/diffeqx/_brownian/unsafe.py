@@ -12,11 +12,14 @@ from jaxtyping import PyTree
 
 from .base import (
     AbstractBrownianPath,
+    as_complex,
     bits_to_normal,
     check_key,
+    has_complex,
     key_words,
     normalise_shape,
     normals,
+    sampled_shape,
     threefry2x32,
     time_dtype,
 )
@@ -90,11 +93,14 @@ class UnsafeBrownianPath(AbstractBrownianPath):
     """
 
     shape: PyTree[jax.ShapeDtypeStruct] = eqx.field(static=True)
+    # What is sampled: `shape` with each complex leaf as its real and imaginary parts.
+    _sampled: PyTree[jax.ShapeDtypeStruct] = eqx.field(static=True, repr=False)
     levy_area: type = eqx.field(static=True)
     key: jax.Array
 
     def __init__(self, shape, key, levy_area=BrownianIncrement):
         self.shape = normalise_shape(shape, "UnsafeBrownianPath")
+        self._sampled = sampled_shape(self.shape)
         self.key = check_key(key, "UnsafeBrownianPath")
         self.levy_area = check_levy_area(levy_area, "UnsafeBrownianPath")
 
@@ -115,12 +121,18 @@ class UnsafeBrownianPath(AbstractBrownianPath):
         the `levy_area` over `[t0, t1]`). `t1 < t0` gives the time-reversed
         sample of `[t1, t0]`. `left` is ignored."""
         del left
-        return self._evaluate(t0, t1, use_levy, None)
+        sample = self._evaluate(t0, t1, use_levy, None)
+        return as_complex(sample, self.shape) if has_complex(self.shape) else sample
 
     def _tabulator(self, left: bool, use_levy: bool, num_steps: int):
         # The key's words once per solve, not once per block of steps.
         words = key_words(self.key, 1)[0]
-        return jax.vmap(lambda a, b: self._evaluate(a, b, use_levy, words))
+
+        def samples(a, b):
+            sample = self._evaluate(a, b, use_levy, words)
+            return as_complex(sample, self.shape) if has_complex(self.shape) else sample
+
+        return jax.vmap(samples)
 
     def _evaluate(self, t0, t1, use_levy: bool, words):
         if t1 is None:
@@ -135,7 +147,7 @@ class UnsafeBrownianPath(AbstractBrownianPath):
             lax.stop_gradient(jnp.asarray(t).astype(dtype)) for t in (t0, t1)
         )
         lo, hi = jnp.minimum(first, second), jnp.maximum(first, second)
-        shape_leaves, structure = jtu.tree_flatten(self.shape)
+        shape_leaves, structure = jtu.tree_flatten(self._sampled)
         m = num_moments(self.levy_area)
         # One hash per query: the bits of the later endpoint are folded into the
         # key (by xor) and the bits of the earlier one are the counter, so distinct
