@@ -201,3 +201,25 @@ def test_repeated_times_are_refused():
     diffrax.LinearInterpolation(ts, ys)
     with pytest.raises(ValueError, match="strictly increasing"):
         diffeqx.LinearInterpolation(ts, ys)
+
+
+def test_local_interpolations_built_by_hand_from_python_numbers():
+    # Diffrax accepts Python numbers for the end values; diffeqx read `.dtype` from
+    # them and failed.
+    values = {}
+    for lib in (diffeqx, diffrax):
+        linear = lib.LocalLinearInterpolation(t0=2.0, t1=3.3, y0=2.1, y1=2.2)
+        cubic = lib.ThirdOrderHermitePolynomialInterpolation(
+            t0=2.0, t1=3.9, y0=2.1, y1=2.2, k0=0.1, k1=0.3
+        )
+        values[lib.__name__] = [
+            float(x)
+            for x in (
+                linear.evaluate(2.8),
+                linear.evaluate(2.8, 2.9),
+                linear.derivative(2.8),
+                cubic.evaluate(2.6),
+                cubic.derivative(2.6),
+            )
+        ]
+    np.testing.assert_allclose(values["diffeqx"], values["diffrax"], rtol=1e-14)

@@ -16,10 +16,18 @@ from .._transforms import is_batched
 from .base import AbstractPath
 
 
+def _arrays(tree):
+    """`tree` with Python numbers as (weakly typed) arrays: an interpolation built
+    by hand may be given them, as Diffrax's accept."""
+    return jtu.tree_map(jnp.asarray, tree)
+
+
 def _like(x, leaf):
     """`x` (a time-like real scalar) in the dtype of `leaf`: states may be wider
-    than times (float64 states with float32 times), or complex. Exact."""
-    return jnp.asarray(x).astype(leaf.dtype)
+    than times (float64 states with float32 times), or complex. Exact. (A Python
+    number for `leaf`, as an interpolation built by hand may hold, has the dtype
+    JAX gives it.)"""
+    return jnp.asarray(x).astype(jnp.result_type(leaf))
 
 
 class AbstractLocalInterpolation(AbstractPath):
@@ -46,8 +54,8 @@ class LocalLinearInterpolation(AbstractLocalInterpolation):
 
     t0: Any
     t1: Any
-    y0: PyTree
-    y1: PyTree
+    y0: PyTree = eqx.field(converter=_arrays)
+    y1: PyTree = eqx.field(converter=_arrays)
 
     def _at(self, t):
         theta, _ = self._theta(t)
@@ -77,7 +85,8 @@ class ThirdOrderHermitePolynomialInterpolation(AbstractLocalInterpolation):
     k1: PyTree
 
     def __init__(self, *, t0, t1, y0, y1, k0, k1):
-        self.t0, self.t1, self.y0, self.y1, self.k0, self.k1 = t0, t1, y0, y1, k0, k1
+        self.t0, self.t1 = t0, t1
+        self.y0, self.y1, self.k0, self.k1 = map(_arrays, (y0, y1, k0, k1))
 
     @classmethod
     def from_k(cls, *, t0, t1, y0, y1, k):
@@ -140,7 +149,8 @@ class FourthOrderPolynomialInterpolation(AbstractLocalInterpolation):
     k: PyTree
 
     def __init__(self, *, t0, t1, y0, y1, k):
-        self.t0, self.t1, self.y0, self.y1, self.k = t0, t1, y0, y1, k
+        self.t0, self.t1 = t0, t1
+        self.y0, self.y1, self.k = map(_arrays, (y0, y1, k))
 
     def _coefficients(self, y0, y1, k):
         # p(theta) = y0 + k0 theta + a theta^2 + b theta^3 + c theta^4 with p(1) = y1,
@@ -194,7 +204,7 @@ class PolynomialStageInterpolation(AbstractLocalInterpolation):
 
     def __init__(self, *, t0, t1, y0, k, y1=None):
         del y1
-        self.t0, self.t1, self.y0, self.k = t0, t1, y0, k
+        self.t0, self.t1, self.y0, self.k = t0, t1, _arrays(y0), _arrays(k)
 
     def _stage_weights(self, theta, leaf, derivative: bool):
         """Each stage's weight at `theta`, `b_i(theta) = sum_d weights[i, d]
