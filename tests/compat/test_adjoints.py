@@ -16,6 +16,7 @@ import pytest
 
 diffrax = pytest.importorskip("diffrax")
 
+import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -242,3 +243,35 @@ def test_backsolve_refuses_what_diffrax_refuses_with_the_same_error_class(kwargs
             adjoint=diffeqx.BacksolveAdjoint(),
             **kwargs(diffeqx),
         )
+
+
+def test_backsolve_gradient_with_respect_to_python_float_args_matches_diffrax():
+    # Under `eqx.filter_jit(jax.grad(...))`, Python floats in `args` reach the
+    # forward pass as typed Python floats; diffeqx's closure-converted terms had
+    # seen arrays there, and failed.
+    grads = {}
+    for lib in (diffeqx, diffrax):
+
+        @eqx.filter_jit
+        @jax.grad
+        def run(p, lib=lib):
+            y0, args = p
+            sol = lib.diffeqsolve(
+                lib.ODETerm(lambda t, y, a: -a[0] * y * a[1]),
+                lib.Heun(),
+                0,
+                1,
+                0.01,
+                y0,
+                args,
+                adjoint=lib.BacksolveAdjoint(),
+            )
+            return sol.ys.sum()
+
+        grads[lib.__name__] = run((jnp.array([1.0, 2.0]), (0.5, 0.1)))
+    for ours, theirs in zip(
+        jax.tree.leaves(grads["diffeqx"]),
+        jax.tree.leaves(grads["diffrax"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-10)

@@ -308,6 +308,11 @@ def _backsolve(diff, rest, solve, adjoint):
 def _backsolve_fwd(perturbed, diff, rest, solve, adjoint):
     from .checkpoint import RecursiveCheckpointAdjoint
 
+    # Values being differentiated may arrive as Python scalars (JAX keeps a float
+    # given to `jax.grad` as a typed Python float), where the terms were closure-
+    # converted with arrays in their place: make them arrays, as the backward pass
+    # does.
+    diff = jtu.tree_map(lambda x, p: jnp.asarray(x) if p else x, diff, perturbed)
     saveat = diff["saveat"]
     # Solve saving the states beside any `fn` outputs: the backward solve restarts
     # from the state at each save time, and pulls cotangents back through `fn` there.
