@@ -515,3 +515,26 @@ def test_a_controller_stepped_by_hand_with_python_numbers_matches_diffrax():
             seen.append((float(next_t0), float(next_t1), bool(jump)))
         proposals[name] = seen
     assert proposals["diffeqx"] == proposals["diffrax"]
+
+
+@pytest.mark.parametrize("y0", [None, {}], ids=["None", "empty-dict"])
+def test_an_empty_state_with_an_adaptive_controller_steps_as_in_diffrax(y0):
+    # No error to control: every step is accepted and the next grows by the largest
+    # factor. diffeqx refused it (the empty error estimate came back as `None`).
+    sols = {
+        lib.__name__: lib.diffeqsolve(
+            lib.ODETerm(lambda t, y, args: y),
+            lib.Tsit5(),
+            0.0,
+            1.0,
+            0.01,
+            y0,
+            saveat=lib.SaveAt(steps=True),
+            stepsize_controller=lib.PIDController(rtol=1e-5, atol=1e-8),
+        )
+        for lib in (diffeqx, diffrax)
+    }
+    ours, theirs = sols["diffeqx"], sols["diffrax"]
+    for key in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
+        assert int(ours.stats[key]) == int(theirs.stats[key]), key
+    np.testing.assert_array_equal(np.asarray(ours.ts), np.asarray(theirs.ts))

@@ -208,13 +208,19 @@ class PIDController(AbstractAdaptiveStepSizeController, metaclass=_PIDMeta):
     def adapt_step_size(
         self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state
     ):
-        if y_error is None:
+        empty = not jtu.tree_leaves(y0)
+        if y_error is None and not empty:
             raise RuntimeError(
                 "`PIDController` needs an error estimate, but the solver's `step` "
                 "returned `y_error=None`. Use a solver that estimates its error."
             )
         inverse_errors, at_dtmin = controller_state[:2], controller_state[2]
-        scaled_error = scaled_error_norm(self, y0, y1_candidate, y_error)
+        if empty:
+            # An empty state: no error, so every step is accepted and grows the
+            # next by the largest factor (as Diffrax's norm of an empty tree, 0).
+            scaled_error = jnp.zeros((), error_dtype(y0))
+        else:
+            scaled_error = scaled_error_norm(self, y0, y1_candidate, y_error)
         dtype = scaled_error.dtype
         # As Diffrax: strictly below 1 (the textbook test is `<= 1`), and with a
         # `dtmin`, a step taken at `dtmin` is always kept.

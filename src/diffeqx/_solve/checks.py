@@ -221,9 +221,13 @@ def check_step_protocol(terms, solver, stepsize_controller, t0, t1, y0, args) ->
         _raise_no_error_estimate(solver, unwrap_controller(stepsize_controller))
 
 
-def raise_if_no_error_estimate(solver, stepsize_controller, y_error) -> None:
+def raise_if_no_error_estimate(solver, stepsize_controller, y_error, y) -> None:
     """At the loop's trace of `step`: an adaptive controller needs the error
-    estimate that `step` returned as `y_error`."""
+    estimate that `step` returned as `y_error`. (An empty state `y` has an empty
+    estimate, which may come back as `None`: there is no error to control, as in
+    Diffrax, and every step is accepted.)"""
+    if not jtu.tree_leaves(y):
+        return
     if y_error is None and is_adaptive_controller(stepsize_controller):
         _raise_no_error_estimate(solver, unwrap_controller(stepsize_controller))
 

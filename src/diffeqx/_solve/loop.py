@@ -107,7 +107,7 @@ def _adapt(
     spec: LoopSpec, state: LoopState, y1, y_error, step_ok, solver_result
 ) -> StepDecision:
     """Accept or reject the step, choose the next one and the new result code."""
-    raise_if_no_error_estimate(spec.solver, spec.controller, y_error)
+    raise_if_no_error_estimate(spec.solver, spec.controller, y_error, y1)
     if y_error is not None:
         # A failed or non-finite step is rejected by giving it an infinite error
         # (and, as Diffrax, a NaN error estimate counts as infinite).
