@@ -729,3 +729,23 @@ def test_euler_maruyama_with_complex_noise_uses_the_complex_increments():
         y = y - y * (ts[k] - start) + (0.5 + 0.5j) * increment
         expected.append(y)
     np.testing.assert_allclose(np.asarray(sol.ys)[:n], np.array(expected), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["tree", "unsafe"])
+def test_half_precision_paths_are_finite_brownian_samples(kind, dtype):
+    # Sampled in float32 and rounded: the tree's quantiles and bridge arithmetic in
+    # float16 overflowed, and every sample was NaN.
+    shape = jax.ShapeDtypeStruct((N_KEYS,), dtype)
+    if kind == "tree":
+        path = _tree(jr.key(9), shape=shape, t0=0.3, t1=1.0, tol=0.2)
+    else:
+        path = dfx.UnsafeBrownianPath(shape, jr.key(9), levy_area=LEVY)
+    sample = path.evaluate(0.3, 0.6, use_levy=True)
+    for moment, var in ((sample.W, 0.3), (sample.H, 0.3 / 12), (sample.K, 0.3 / 720)):
+        assert moment.dtype == dtype
+        values = np.asarray(moment.astype(jnp.float32))
+        assert np.all(np.isfinite(values))
+        _assert_mean_zero(values, math.sqrt(var))
+        _assert_variance(values, var)
+    assert sample.dt.dtype == dtype

@@ -97,49 +97,65 @@ def normalise_shape(shape, owner: str) -> PyTree[jax.ShapeDtypeStruct]:
     return shape
 
 
+def _half(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
+
+
 def sampled_shape(shape) -> PyTree[jax.ShapeDtypeStruct]:
     """The real Brownian motion a path samples for `shape`: a complex leaf becomes
-    its real and imaginary parts, a trailing axis of 2 in the matching real dtype."""
+    its real and imaginary parts, a trailing axis of 2 in the matching real dtype;
+    a half-precision leaf (float16, bfloat16) is sampled in float32, whose normal
+    quantiles and bridge arithmetic it cannot hold, and rounded at the end."""
 
     def real(leaf):
-        if not jnp.issubdtype(leaf.dtype, jnp.complexfloating):
-            return leaf
-        return jax.ShapeDtypeStruct(leaf.shape + (2,), jnp.finfo(leaf.dtype).dtype)
+        if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+            return jax.ShapeDtypeStruct(leaf.shape + (2,), jnp.finfo(leaf.dtype).dtype)
+        if _half(leaf.dtype):
+            return jax.ShapeDtypeStruct(leaf.shape, jnp.float32)
+        return leaf
 
     return jtu.tree_map(real, shape)
 
 
 def has_complex(shape) -> bool:
+    """Whether samples drawn on `sampled_shape(shape)` need `as_complex` to be on
+    `shape`: some leaf is complex or of half precision."""
     return any(
-        jnp.issubdtype(leaf.dtype, jnp.complexfloating)
+        jnp.issubdtype(leaf.dtype, jnp.complexfloating) or _half(leaf.dtype)
         for leaf in jtu.tree_leaves(shape)
     )
 
 
 def as_complex(sample, shape):
-    """A sample drawn on `sampled_shape(shape)` (an increment, or a Lévy area whose
-    `dt` stays real) on `shape`: each complex leaf is `(X + iY) / sqrt(2)` for the
-    independent real parts `X`, `Y`, so that, as in Diffrax, its real and imaginary
-    parts are independent with half the variance each (`E|W|^2 = dt`)."""
+    """A sample drawn on `sampled_shape(shape)` (an increment, or a Lévy area) on
+    `shape`. Each complex leaf is `(X + iY) / sqrt(2)` for the independent real
+    parts `X`, `Y`, so that, as in Diffrax, its real and imaginary parts are
+    independent with half the variance each (`E|W|^2 = dt`), and its `dt` stays
+    real; a half-precision leaf is rounded to its dtype."""
 
     def leaf(x, s):
-        if not jnp.issubdtype(s.dtype, jnp.complexfloating):
-            return x
-        return lax.complex(x[..., 0], x[..., 1]) * np.sqrt(0.5).item()
+        if jnp.issubdtype(s.dtype, jnp.complexfloating):
+            return lax.complex(x[..., 0], x[..., 1]) * np.sqrt(0.5).item()
+        return x.astype(s.dtype)
 
-    def tree(x):
-        return jtu.tree_map(leaf, x, shape)
+    def interval(x, s):
+        return x.astype(s.dtype) if _half(s.dtype) else x
+
+    def tree(x, fn=leaf):
+        return jtu.tree_map(fn, x, shape)
 
     from .levy import AbstractBrownianIncrement
 
     if not isinstance(sample, AbstractBrownianIncrement):
         return tree(sample)
-    fields = {
-        f.name: getattr(sample, f.name)
-        for f in dataclasses.fields(sample)
-        if f.name != "dt"
-    }
-    return dataclasses.replace(sample, **{k: tree(v) for k, v in fields.items()})
+    fields = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample)}
+    return dataclasses.replace(
+        sample,
+        **{
+            name: tree(value, interval if name == "dt" else leaf)
+            for name, value in fields.items()
+        },
+    )
 
 
 def check_key(key, owner: str):
