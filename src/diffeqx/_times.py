@@ -5,6 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
+class TimesError(ValueError, RuntimeError):
+    """Times that cannot be used (save times outside `[t0, t1]` or out of order,
+    step times out of order), found when `diffeqsolve` is called. A `ValueError`,
+    and also a `RuntimeError`, which is what Diffrax raises for them (while the
+    solve runs), so that code catching either keeps working."""
+
+
 def as_times(ts, argument: str):
     """`ts` as a 1-D floating-point array. `argument` names it in errors, e.g.
     "`SaveAt(ts=...)`"."""

@@ -538,3 +538,31 @@ def test_an_empty_state_with_an_adaptive_controller_steps_as_in_diffrax(y0):
     for key in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
         assert int(ours.stats[key]) == int(theirs.stats[key]), key
     np.testing.assert_array_equal(np.asarray(ours.ts), np.asarray(theirs.ts))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        lambda lib: dict(saveat=lib.SaveAt(ts=[0.0])),
+        lambda lib: dict(saveat=lib.SaveAt(ts=[3.0])),
+        lambda lib: dict(
+            dt0=None, stepsize_controller=lib.StepTo(ts=[0.1, 0.8, 0.5, 1.1])
+        ),
+    ],
+    ids=["save-before-t0", "save-after-t1", "step-to-out-of-order"],
+)
+def test_unusable_times_raise_an_error_diffraxs_handlers_catch(kwargs):
+    # Diffrax raises a RuntimeError while the solve runs; diffeqx raises at the
+    # call, an error that is both a ValueError and a RuntimeError.
+    for lib in (diffeqx, diffrax):
+        # (diffeqx checks `StepTo`'s times when it is created.)
+        with pytest.raises(RuntimeError):
+            arguments = dict(dt0=0.1) | kwargs(lib)
+            lib.diffeqsolve(
+                lib.ODETerm(lambda t, y, args: -y),
+                lib.Dopri5(),
+                0.1,
+                1.1,
+                y0=jnp.array([2.1]),
+                **arguments,
+            )

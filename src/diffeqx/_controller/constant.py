@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._solution import RESULTS
-from .._times import as_times
+from .._times import TimesError, as_times
 from .base import AbstractStepSizeController
 from .ulp import next_up
 
@@ -99,7 +99,7 @@ def _check_step_to_ts(ts):
         return ts
     diffs = np.diff(concrete)
     if not (np.all(diffs > 0) or np.all(diffs < 0)):
-        raise ValueError(
+        raise TimesError(
             "`StepTo(ts=...)` must be strictly increasing (or strictly decreasing for "
             f"a backward solve); got {concrete}."
         )

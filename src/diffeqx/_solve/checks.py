@@ -33,6 +33,7 @@ from .._solver.term_structure import (
     term_type_mismatch,
 )
 from .._term import AbstractTerm, is_term
+from .._times import TimesError
 
 
 def describe(x) -> str:
@@ -305,13 +306,13 @@ def check_saveat(saveat, t0, t1, max_steps, subs) -> None:
             diffs = np.diff(ts)
             if (forwards and np.any(diffs < 0)) or (not forwards and np.any(diffs > 0)):
                 order = "increasing" if forwards else "decreasing"
-                raise ValueError(
+                raise TimesError(
                     f"`SaveAt(ts=...)` must be monotonically {order} in the direction "
                     f"of integration (t0={t0_c}, t1={t1_c}); got ts={ts}."
                 )
             lo, hi = min(t0_c, t1_c), max(t0_c, t1_c)
             if ts.min() < lo or ts.max() > hi:
-                raise ValueError(
+                raise TimesError(
                     f"`SaveAt(ts=...)` must lie within [t0, t1] = [{t0_c}, {t1_c}]; got "
                     f"ts from {ts.min()} to {ts.max()}."
                 )
