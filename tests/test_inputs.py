@@ -195,3 +195,21 @@ def test_dense_output_of_a_float32_solve_accepts_a_time_of_any_float_dtype(t):
     np.testing.assert_allclose(
         sol.evaluate(0.2, t), np.exp([-0.5]) - np.exp([-0.2]), rtol=1e-4
     )
+
+
+@pytest.mark.parametrize(
+    "field", [1, True, np.int32(1)], ids=["int", "bool", "np.int32"]
+)
+def test_an_integer_vector_field_on_a_floating_state_is_integrated(field):
+    # y' = 1 from a field returning a Python or NumPy integer: diffeqx kept the
+    # field's integer dtype, and an adaptive solve silently returned y0 unchanged.
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: field),
+        dfx.Tsit5(),
+        0.0,
+        1.0,
+        0.1,
+        jnp.asarray(0.5),
+        stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-6),
+    )
+    np.testing.assert_allclose(np.asarray(sol.ys[-1]), 1.5, rtol=1e-12)
