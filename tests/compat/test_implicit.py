@@ -201,9 +201,9 @@ def _complex_solve(lib, name):
 @pytest.mark.parametrize(
     "name",
     [
-        "ImplicitEuler",
         "Kvaerno3",
         "KenCarp4",
+        pytest.param("ImplicitEuler", marks=pytest.mark.slow),
         pytest.param("Kvaerno4", marks=pytest.mark.slow),
         pytest.param("Kvaerno5", marks=pytest.mark.slow),
         pytest.param("KenCarp3", marks=pytest.mark.slow),

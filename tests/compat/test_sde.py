@@ -212,13 +212,12 @@ def test_same_fixed_step_gradient_as_diffrax(
 
 @pytest.mark.parametrize(
     "kind, levy_area",
-    [
-        ("VirtualBrownianTree", "SpaceTimeLevyArea"),
-        ("UnsafeBrownianPath", "SpaceTimeTimeLevyArea"),
-    ]
+    # The tree's complex samples are also tested in tests/test_brownian.py.
+    [("UnsafeBrownianPath", "SpaceTimeTimeLevyArea")]
     + [
         pytest.param(kind, area, marks=pytest.mark.slow)
         for kind, area in [
+            ("VirtualBrownianTree", "SpaceTimeLevyArea"),
             ("VirtualBrownianTree", "BrownianIncrement"),
             ("VirtualBrownianTree", "SpaceTimeTimeLevyArea"),
             ("UnsafeBrownianPath", "BrownianIncrement"),
