@@ -117,21 +117,13 @@ def sampled_shape(shape) -> PyTree[jax.ShapeDtypeStruct]:
     return jtu.tree_map(real, shape)
 
 
-def has_complex(shape) -> bool:
-    """Whether samples drawn on `sampled_shape(shape)` need `as_complex` to be on
-    `shape`: some leaf is complex or of half precision."""
-    return any(
-        jnp.issubdtype(leaf.dtype, jnp.complexfloating) or _half(leaf.dtype)
-        for leaf in jtu.tree_leaves(shape)
-    )
-
-
-def as_complex(sample, shape):
+def as_shape(sample, shape):
     """A sample drawn on `sampled_shape(shape)` (an increment, or a Lévy area) on
-    `shape`. Each complex leaf is `(X + iY) / sqrt(2)` for the independent real
-    parts `X`, `Y`, so that, as in Diffrax, its real and imaginary parts are
-    independent with half the variance each (`E|W|^2 = dt`), and its `dt` stays
-    real; a half-precision leaf is rounded to its dtype."""
+    `shape`; unchanged when every leaf is sampled as it is. Each complex leaf is
+    `(X + iY) / sqrt(2)` for the independent real parts `X`, `Y`, so that, as in
+    Diffrax, its real and imaginary parts are independent with half the variance
+    each (`E|W|^2 = dt`), and its `dt` stays real; a half-precision leaf is rounded
+    to its dtype."""
 
     def leaf(x, s):
         if jnp.issubdtype(s.dtype, jnp.complexfloating):
@@ -146,6 +138,8 @@ def as_complex(sample, shape):
 
     from .levy import AbstractBrownianIncrement
 
+    if jtu.tree_leaves(sampled_shape(shape)) == jtu.tree_leaves(shape):
+        return sample
     if not isinstance(sample, AbstractBrownianIncrement):
         return tree(sample)
     fields = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample)}

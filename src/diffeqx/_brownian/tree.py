@@ -74,9 +74,8 @@ from jaxtyping import PyTree
 from . import bridge
 from .base import (
     AbstractBrownianPath,
-    as_complex,
+    as_shape,
     check_key,
-    has_complex,
     is_concrete,
     key_words,
     normalise_shape,
@@ -323,7 +322,7 @@ class VirtualBrownianTree(AbstractBrownianPath):
         time-reversed increment. `left` is ignored."""
         del left
         sample = self._evaluate(t0, t1, use_levy, None, None)
-        return as_complex(sample, self.shape) if has_complex(self.shape) else sample
+        return as_shape(sample, self.shape)
 
     def _table_level(self, num_steps: int) -> int | None:
         """The level of the cells a fixed-step solve of `num_steps` steps tabulates
@@ -359,7 +358,7 @@ class VirtualBrownianTree(AbstractBrownianPath):
 
         def samples(a, b):
             sample = self._evaluate(a, b, use_levy, tables, words)
-            return as_complex(sample, self.shape) if has_complex(self.shape) else sample
+            return as_shape(sample, self.shape)
 
         return jax.vmap(samples)
 

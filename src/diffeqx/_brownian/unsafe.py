@@ -12,10 +12,9 @@ from jaxtyping import PyTree
 
 from .base import (
     AbstractBrownianPath,
-    as_complex,
+    as_shape,
     bits_to_normal,
     check_key,
-    has_complex,
     key_words,
     normalise_shape,
     normals,
@@ -122,7 +121,7 @@ class UnsafeBrownianPath(AbstractBrownianPath):
         sample of `[t1, t0]`. `left` is ignored."""
         del left
         sample = self._evaluate(t0, t1, use_levy, None)
-        return as_complex(sample, self.shape) if has_complex(self.shape) else sample
+        return as_shape(sample, self.shape)
 
     def _tabulator(self, left: bool, use_levy: bool, num_steps: int):
         # The key's words once per solve, not once per block of steps.
@@ -130,7 +129,7 @@ class UnsafeBrownianPath(AbstractBrownianPath):
 
         def samples(a, b):
             sample = self._evaluate(a, b, use_levy, words)
-            return as_complex(sample, self.shape) if has_complex(self.shape) else sample
+            return as_shape(sample, self.shape)
 
         return jax.vmap(samples)
 
