@@ -9,6 +9,7 @@ first-same-as-last method also carries the full vector field at the step's end.
 """
 
 import enum
+import weakref
 from typing import Any, ClassVar, Literal, final
 
 import equinox as eqx
@@ -379,8 +380,9 @@ class AbstractRungeKutta(AbstractAdaptiveSolver):
 
 
 # Per class subclassing `AbstractRungeKutta` directly with an explicit
-# `ButcherTableau`: the `AbstractERK` that runs its steps.
-_EXPLICIT_ENGINES: dict = {}
+# `ButcherTableau`: the `AbstractERK` that runs its steps (weakly keyed, so that
+# classes defined in a loop or a test can still be collected).
+_EXPLICIT_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _explicit_engine(solver):
