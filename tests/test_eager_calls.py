@@ -275,3 +275,77 @@ def test_eager_failure_is_an_equinox_runtime_error_with_the_message_only(caplog)
                         0.1, jnp.ones(2)).ys,
         np.exp(-1.0) * np.ones((1, 2)), rtol=1e-4,
     )  # fmt: skip
+
+
+def _paths():
+    ts = jnp.linspace(0.0, 2.0, 9)
+    ys = jnp.stack([jnp.sin(ts), jnp.cos(3 * ts)], axis=-1)
+    key = jax.random.key(5)
+    return {
+        "LinearInterpolation": dfx.LinearInterpolation(ts, ys),
+        "CubicInterpolation": dfx.CubicInterpolation(
+            ts, dfx.backward_hermite_coefficients(ts, ys)
+        ),
+        "VirtualBrownianTree": dfx.VirtualBrownianTree(
+            0.0, 2.0, 1e-3, (2,), key, levy_area=dfx.SpaceTimeLevyArea
+        ),
+        "UnsafeBrownianPath": dfx.UnsafeBrownianPath((2,), key),
+    }
+
+
+# The method each path's queries run their arithmetic in (counted below).
+_QUERY_BODIES = {
+    "LinearInterpolation": "_interpret_t",
+    "CubicInterpolation": "_interpret_t",
+    "VirtualBrownianTree": "_evaluate",
+    "UnsafeBrownianPath": "_evaluate",
+}
+
+
+@pytest.mark.parametrize("name", list(_paths()))
+def test_eager_path_queries_run_compiled_once_and_equal_jitted_ones(name, monkeypatch):
+    # Op by op, a query ran dozens of small programs per call (a tree's `evaluate`
+    # 40 ms, an interpolation's 5 ms, on CPU). Compiled and cached, a later call at
+    # new times compiles nothing and does not run the query's Python code again.
+    path = _paths()[name]
+    body = _QUERY_BODIES[name]
+    original = getattr(type(path), body)
+    runs = []
+
+    def counted(self, *args, **kwargs):
+        runs.append(None)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(path), body, counted)
+    queries = [lambda a, b: path.evaluate(a, b)]
+    if name.endswith("Interpolation"):
+        queries += [lambda a, b: path.evaluate(a), lambda a, b: path.derivative(a)]
+    if name == "VirtualBrownianTree":
+        queries += [lambda a, b: path.evaluate(a, b, use_levy=True).H]
+    for query in queries:
+        query(0.25, 0.5)
+        for a, b in ((0.3, 1.7), (jnp.asarray(1.1), jnp.asarray(0.6))):
+            runs.clear()
+            count, eager = compilations(query, a, b)
+            assert count == 0
+            assert not runs
+            jitted = jax.jit(query)(jnp.asarray(a), jnp.asarray(b))
+            np.testing.assert_allclose(eager, jitted, rtol=1e-13, atol=1e-15)
+
+
+def test_eager_tree_query_outside_its_interval_still_raises():
+    tree = _paths()["VirtualBrownianTree"]
+    with pytest.raises(ValueError, match="outside the tree's interval"):
+        tree.evaluate(0.5, 2.5)
+    with pytest.raises(ValueError, match="outside the tree's interval"):
+        tree.evaluate(jnp.asarray(-0.1))
+
+
+def test_eager_path_query_under_eager_vmap_and_grad():
+    path = _paths()["CubicInterpolation"]
+    times = jnp.linspace(0.1, 1.9, 5)
+    batched = jax.vmap(path.evaluate)(times)
+    expected = jnp.stack([jax.jit(lambda s: path.evaluate(s))(t) for t in times])
+    np.testing.assert_allclose(batched, expected, rtol=1e-13)
+    slope = jax.grad(lambda t: path.evaluate(t)[0])(jnp.asarray(0.7))
+    np.testing.assert_allclose(slope, path.derivative(0.7)[0], rtol=1e-10)

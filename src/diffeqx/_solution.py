@@ -10,9 +10,7 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
-from ._eager import call_compiled
 from ._path.base import AbstractPath
-from ._transforms import is_staged
 
 # `max_steps_reached` exists in Optimistix's enumeration too, with a shorter message;
 # diffeqx gives it a message that says what to try. Equinox warns about a redefined
@@ -183,7 +181,7 @@ class Solution(AbstractPath):
                 "`Solution.evaluate` needs dense output: pass "
                 "`saveat=SaveAt(dense=True)` to `diffeqsolve`."
             )
-        return _interpolate(self.interpolation, "evaluate", t0, t1, left)
+        return self.interpolation.evaluate(t0, t1, left)
 
     def derivative(self, t, left: bool = True) -> PyTree[Array]:
         """The time derivative of the dense solution at `t`. Requires
@@ -193,33 +191,4 @@ class Solution(AbstractPath):
                 "`Solution.derivative` needs dense output: pass "
                 "`saveat=SaveAt(dense=True)` to `diffeqsolve`."
             )
-        return _interpolate(self.interpolation, "derivative", t, left)
-
-
-def _interpolate(interpolation, method: str, *args):
-    """`interpolation.method(*args)`; called eagerly (outside `jax.jit`), compiled as
-    one program and cached (as `diffeqsolve` is, see `call_compiled`): op by op, each
-    call would run a few dozen small programs. Times, Python numbers or arrays, are
-    traced, so that a new time does not compile a new program; other Python values
-    (`left`) are static."""
-    if not is_staged():
-        numbers = tuple(
-            isinstance(x, (int, float, jax.Array, np.ndarray, np.generic))
-            and not isinstance(x, bool)
-            for x in args
-        )
-        others = tuple(None if n else x for x, n in zip(args, numbers, strict=True))
-        out = call_compiled(
-            _call_method,
-            (interpolation, method, numbers, others),
-            tuple(x for x, n in zip(args, numbers, strict=True) if n),
-        )
-        if out is not None:
-            return out
-    return getattr(interpolation, method)(*args)
-
-
-def _call_method(interpolation, method, numbers, others, *values):
-    values = iter(values)
-    args = [next(values) if n else x for x, n in zip(others, numbers, strict=True)]
-    return getattr(interpolation, method)(*args)
+        return self.interpolation.derivative(t, left)

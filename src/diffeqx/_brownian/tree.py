@@ -71,6 +71,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
+from .._eager import compiled_query
 from . import bridge
 from .base import (
     AbstractBrownianPath,
@@ -314,6 +315,7 @@ class VirtualBrownianTree(AbstractBrownianPath):
         # matrix products, which XLA may sum in another order when batched.
         return not (use_levy and num_moments(self.levy_area) > 1)
 
+    @compiled_query(before="_check_range")
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         """The increment `W(t1) - W(t0)`, or with `t1=None` the value `W(t0)` (the
         increment from the tree's `t0`). With `use_levy=True`, an instance of
@@ -461,15 +463,19 @@ class VirtualBrownianTree(AbstractBrownianPath):
         )
         return _Grid(start, span, depth, _MAX_DEPTH), dtype
 
-    def _check_times(self, times, dtype):
-        for t in times:
-            if is_concrete(t, self.t0, self.t1):
+    def _check_range(self, t0, t1=None, left=True, use_levy=False):
+        """Raises for a concrete query time outside `[self.t0, self.t1]`."""
+        for t in (t0, t1):
+            if t is not None and is_concrete(t, self.t0, self.t1):
                 t_, t0_, t1_ = (float(np.asarray(x)) for x in (t, self.t0, self.t1))
                 if not t0_ <= t_ <= t1_:
                     raise ValueError(
                         f"VirtualBrownianTree.evaluate: time {t_} is outside the "
                         f"tree's interval [t0, t1] = [{t0_}, {t1_}]."
                     )
+
+    def _check_times(self, times, dtype):
+        self._check_range(*times)
         times = [lax.stop_gradient(jnp.asarray(t).astype(dtype)) for t in times]
         if is_concrete(*times, self.t0, self.t1):
             return times, None

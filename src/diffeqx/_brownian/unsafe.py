@@ -10,6 +10,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
+from .._eager import compiled_query
 from .base import (
     AbstractBrownianPath,
     as_shape,
@@ -115,6 +116,7 @@ class UnsafeBrownianPath(AbstractBrownianPath):
     def t1(self):
         return jnp.inf
 
+    @compiled_query
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         """A sample of the increment `W(t1) - W(t0)` (or, with `use_levy=True`, of
         the `levy_area` over `[t0, t1]`). `t1 < t0` gives the time-reversed

@@ -5,6 +5,7 @@ from typing import final
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from .._eager import compiled_query
 from .global_ import AbstractGlobalInterpolation, check_time_axis, check_ts
 
 _COEFFS_FORM = (
@@ -90,6 +91,7 @@ class CubicInterpolation(AbstractGlobalInterpolation):
         self.ts = check_ts(ts, "CubicInterpolation")
         self.coeffs = _check_coeffs(self.ts, coeffs)
 
+    @compiled_query
     def evaluate(self, t0, t1=None, left: bool = True) -> PyTree[Array]:
         if t1 is not None:
             start = self.evaluate(t0, left=left)
@@ -103,6 +105,7 @@ class CubicInterpolation(AbstractGlobalInterpolation):
 
         return jtu.tree_map(_leaf, *self.coeffs)
 
+    @compiled_query
     def derivative(self, t, left: bool = True) -> PyTree[Array]:
         index, s = self._interpret_t(t, left)
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from .._eager import compiled_query
 from .base import AbstractPath
 
 
@@ -76,6 +77,7 @@ class DenseInterpolation(AbstractPath):
             lambda o: jnp.where(inside, o, jnp.nan).astype(o.dtype), out
         )
 
+    @compiled_query
     def evaluate(self, t0, t1=None, left: bool = True) -> PyTree:
         if t1 is not None:
             start = self.evaluate(t0, left=left)
@@ -85,6 +87,7 @@ class DenseInterpolation(AbstractPath):
         out = self._local(tau, left).evaluate(tau)
         return self._nan_outside(tau, self._trivial(out, self.y0_if_trivial))
 
+    @compiled_query
     def derivative(self, t, left: bool = True) -> PyTree:
         tau = self._integration_time(t)
         out = self._local(tau, left).derivative(tau)

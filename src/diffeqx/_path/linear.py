@@ -5,6 +5,7 @@ from typing import final
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from .._eager import compiled_query
 from .global_ import AbstractGlobalInterpolation, check_time_axis, check_ts
 
 
@@ -62,6 +63,7 @@ class LinearInterpolation(AbstractGlobalInterpolation):
         width = self.ts[index + 1] - self.ts[index]
         return index, offset, width
 
+    @compiled_query
     def evaluate(self, t0, t1=None, left: bool = True) -> PyTree[Array]:
         if t1 is not None:
             start = self.evaluate(t0, left=left)
@@ -76,6 +78,7 @@ class LinearInterpolation(AbstractGlobalInterpolation):
 
         return jtu.tree_map(_leaf, self.ys)
 
+    @compiled_query
     def derivative(self, t, left: bool = True) -> PyTree[Array]:
         index, _, width = self._piece(t, left)
 
