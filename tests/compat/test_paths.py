@@ -223,3 +223,24 @@ def test_local_interpolations_built_by_hand_from_python_numbers():
             )
         ]
     np.testing.assert_allclose(values["diffeqx"], values["diffrax"], rtol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cubic"])
+def test_eager_queries_at_python_number_times_as_in_diffrax(kind):
+    # Outside `jax.jit`, one query at a time at Python-number times: compiled once
+    # and cached here (times traced), compiled per time value in Diffrax.
+    def run(lib):
+        ts, ys, _ = _data(jnp.float64, missing=False)
+        if kind == "linear":
+            path = lib.LinearInterpolation(ts, ys)
+        else:
+            path = lib.CubicInterpolation(ts, lib.backward_hermite_coefficients(ts, ys))
+        times = [float(ts[0]), 0.37, 1.2, float(ts[-1])]
+        return {
+            "value": jnp.stack([path.evaluate(t) for t in times]),
+            "value_right": jnp.stack([path.evaluate(t, left=False) for t in times]),
+            "increment": path.evaluate(0.37, 1.2),
+            "derivative": jnp.stack([path.derivative(t) for t in times]),
+        }
+
+    _assert_same(run(diffeqx), run(diffrax), jnp.float64)
