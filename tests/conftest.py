@@ -51,6 +51,23 @@ import gc  # noqa: E402
 
 import pytest  # noqa: E402
 
+from diffeqx import _eager  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_traces_when_patched(request):
+    # A solve traced inside `jax.jit` is traced as a nested `jax.jit` whose trace is
+    # kept (as an eager call's program is) and reused by a later trace with the same
+    # key. A test that patches a setting read while tracing (not part of the key)
+    # starts and ends with none kept.
+    patched = "monkeypatch" in request.fixturenames
+    if patched:
+        _eager.forget_traces()
+    yield
+    if patched:
+        _eager.forget_traces()
+
+
 _MAPS = "/proc/self/maps"
 _CHECK_EVERY = 8
 _tests_run = 0

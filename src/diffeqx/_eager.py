@@ -19,6 +19,15 @@ flattened once and the key hashed once, and `jax.jit`'s own dispatch does the re
 (measured on CPU: a repeated eager call of a 1,000-step Euler solve, checks
 included, from 0.46 ms through `equinox.filter_jit` to 0.19 ms).
 
+With `staged=True` (a call inside a function being traced), `fn` is traced as a
+`jax.jit` nested in that function's trace, which JAX keeps and reuses when the
+enclosing function is traced again with the same key: that is how a solve inside a
+recompiled training step avoids being traced again. Under `jax.vmap` (eager or
+traced) the key also holds the size of the batch and which inputs the innermost
+`jax.vmap` maps, which `jax.jit` does not see and a solve reads while it is traced
+(`mapped_inputs` in `_transforms.py` tells the traced function which of its inputs
+those are).
+
 As under `equinox.filter_jit` (and so as an eager call of Diffrax's `diffeqsolve`),
 the call waits for its result, and an error raised inside the program by
 `equinox.error_if` (a failed solve with `throw=True`) comes out as an
@@ -34,7 +43,13 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from ._transforms import active_transforms, is_staged
+from ._transforms import (
+    active_transforms,
+    batch_size,
+    batched_leaf,
+    is_staged,
+    mapped_inputs,
+)
 
 _ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
 
@@ -92,7 +107,12 @@ def _run(key: _Key, dynamic: list, traced: tuple):
     leaves = [
         x if s is _TRACED else s[1] for s, x in zip(key.statics, dynamic, strict=True)
     ]
-    out = key.fn(*jtu.tree_unflatten(key.treedef, leaves), *traced)
+    _, _, mapped = key.transforms
+    inputs = [x for x in dynamic if x is not None] + list(traced)
+    with mapped_inputs(
+        [x for x, m in zip(inputs, mapped, strict=True) if m] if mapped else None
+    ):
+        out = key.fn(*jtu.tree_unflatten(key.treedef, leaves), *traced)
     out_leaves, out_treedef = jtu.tree_flatten(out)
     arrays = [isinstance(x, _ARRAY_TYPES) for x in out_leaves]
     return (
@@ -104,24 +124,75 @@ def _run(key: _Key, dynamic: list, traced: tuple):
     )
 
 
-_run_jitted = jax.jit(_run, static_argnums=0)
+def _new_cache(name):
+    # A function of its own for each cache, as JAX keys its traces by the function;
+    # `name` is what profiles and compiled programs call it.
+    def call(key, dynamic, traced):
+        return _run(key, dynamic, traced)
+
+    call.__name__ = call.__qualname__ = name
+    return jax.jit(call, static_argnums=0)
 
 
-def call_compiled(fn, args: tuple, traced: tuple = ()):
+# Eager calls, and calls nested in a trace (`staged=True`; only `diffeqsolve` makes
+# them), kept apart.
+_run_jitted = _new_cache("diffeqx_call")
+_nested_jitted = _new_cache("diffeqsolve")
+
+
+def forget_traces():
+    """Drops the traces kept for nested calls (`call_compiled(..., staged=True)`): for
+    code (tests) that changes a setting a solve reads while it is traced, which is
+    not in the key."""
+    global _nested_jitted
+    _nested_jitted = _new_cache("diffeqsolve")
+
+
+def _transforms_key(inputs) -> tuple:
+    """What a traced function may read of the transformations applied to its call,
+    and that `jax.jit` does not key its cache by: their kinds, the size of the
+    batch, and which inputs the innermost `jax.vmap` maps (as `batched_leaf` tells
+    them apart; None when that is not a `jax.vmap`)."""
+    transforms = tuple(active_transforms())
+    if "batch" not in transforms:
+        return transforms, 1, None
+    mapped = tuple(batched_leaf(x) is not None for x in inputs)
+    return transforms, batch_size(), (mapped if any(mapped) else None)
+
+
+def call_compiled(fn, args: tuple, traced: tuple = (), *, staged: bool = False):
     """`fn(*args, *traced)`, compiled once per static key and cached (see the
     module's docstring); `None` when something static in `args` cannot be hashed
-    (the caller then runs `fn` as it is)."""
+    (the caller then runs `fn` as it is).
+
+    With `staged=True` the call is part of a program being traced: `fn` is traced
+    as a `jax.jit` nested in it, whose trace JAX reuses when the enclosing program
+    is traced again with the same key."""
     leaves, treedef = jtu.tree_flatten(args)
     statics = tuple(
         _TRACED if isinstance(x, _ARRAY_TYPES) else (type(x), x) for x in leaves
     )
-    try:
-        key = _Key(fn, treedef, statics, tuple(active_transforms()))
-    except TypeError:
-        return None
     dynamic = [
         x if s is _TRACED else None for x, s in zip(leaves, statics, strict=True)
     ]
+    try:
+        key = _Key(
+            fn,
+            treedef,
+            statics,
+            _transforms_key([x for x in dynamic if x is not None] + list(traced)),
+        )
+    except TypeError:
+        return None
+    if staged:
+        out_arrays, out = _nested_jitted(key, dynamic, traced)
+        return jtu.tree_unflatten(
+            out.treedef,
+            [
+                x if s is None else s
+                for x, s in zip(out_arrays, out.statics, strict=True)
+            ],
+        )
     quiet = _QuietEquinoxErrors()
     callback_logger = logging.getLogger("jax._src.callback")
     callback_logger.addFilter(quiet)

@@ -21,7 +21,9 @@ a trace type it does not know, or a JAX that no longer has what it reads, raises
 on it. Performance heuristics use `strict=False`, which skips what it does not know.
 """
 
+import contextlib
 import importlib
+import threading
 
 import jax
 import numpy as _np
@@ -176,10 +178,33 @@ def batch_size() -> int | None:
     return size
 
 
+_mapped = threading.local()
+
+
+@contextlib.contextmanager
+def mapped_inputs(tracers):
+    """While a function called under `jax.vmap` is traced as a nested `jax.jit`
+    (`_eager.call_compiled`), its inputs are not yet mapped: `tracers` are those the
+    `jax.vmap` maps, which `batched_leaf` then reports as mapped (and nothing else).
+    None: no such function is being traced."""
+    previous = getattr(_mapped, "ids", None)
+    _mapped.ids = None if tracers is None else {id(x): x for x in tracers}
+    try:
+        yield
+    finally:
+        _mapped.ids = previous
+
+
 def batched_leaf(tree):
     """A leaf of `tree` that `jax.vmap` maps, when the computation being traced is
     directly under `jax.vmap` (its innermost transformation); None otherwise, or where
     it cannot tell (a speed heuristic)."""
+    ids = getattr(_mapped, "ids", None)
+    if ids is not None:
+        for leaf in jax.tree_util.tree_leaves(tree):
+            if ids.get(id(leaf)) is leaf and leaf.size > 0:
+                return leaf
+        return None
     batching = _batching
     if _core is None:
         return None

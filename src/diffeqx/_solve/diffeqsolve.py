@@ -3,6 +3,7 @@ and build the `Solution`. Each phase is a named function; this module holds the
 public entry point and the phases that need the whole problem."""
 
 import dataclasses
+import threading
 from typing import Any
 
 import jax
@@ -59,7 +60,10 @@ def diffeqsolve(
 
     Called outside `jax.jit`, the solve is compiled as one program and kept: a later
     call that differs only in the values of its arrays (and, for adaptive steps, of
-    `t0`, `t1`, `dt0`) reuses it (see the Performance page).
+    `t0`, `t1`, `dt0`) reuses it (see the Performance page). Inside a function being
+    traced, it is traced as a nested `jax.jit`, as Diffrax's is: when that function
+    is traced again with the solve's inputs unchanged (the same functions, Python
+    values, shapes and dtypes, under the same transformations), the solve is not.
 
     **Arguments:**
 
@@ -130,11 +134,15 @@ def diffeqsolve(
         made_jump=made_jump,
     )
     subs = _check_arguments(adjoint=adjoint, **problem)
-    if not is_staged():
+    staged = is_staged()
+    if not (staged and getattr(_tracing, "inside", False)):
         # Called eagerly (outside `jax.jit`; possibly under an eager `jax.vmap` or
         # `jax.grad`): the arguments have been checked with their values; the solve
-        # is compiled as one program, cached (see `_solve_eagerly`).
-        solution = _eager_call(problem, adjoint, throw)
+        # is compiled as one program, cached (see `_solve_eagerly`). Traced: as a
+        # nested `jax.jit`, whose trace is reused when the enclosing function is
+        # traced again. (A solve made while such a trace is made, e.g. an adjoint's
+        # own, is traced inline: its key would hold functions made for that trace.)
+        solution = _eager_call(problem, adjoint, throw, staged)
         if solution is not None:
             return solution
     return _solve(problem, subs, adjoint, throw)
@@ -286,6 +294,20 @@ class _KnownTime:
         return value.item() if self.number else value
 
 
+class _StaticTime(_KnownTime):
+    """A time argument that is not a tracer, in the key of a nested trace, keeping
+    the object itself (a Python number, or a concrete array with its weak type)."""
+
+    __slots__ = ("value", "weak")
+
+    def __init__(self, x):
+        super().__init__(x)
+        self.value, self.weak = x, bool(getattr(x, "weak_type", False))
+
+    def _key(self):
+        return (*super()._key(), type(self.value), self.weak)
+
+
 class _UnknownTime:
     """A time argument whose value is not read at trace time."""
 
@@ -307,12 +329,26 @@ def _known(x) -> bool:
     )
 
 
-def _eager_call(problem: dict, adjoint, throw):
+def _eager_call(problem: dict, adjoint, throw, staged=False):
     """The solve, compiled and cached (see `call_compiled`): the times are traced,
     with what `_solve` reads from them at trace time in the key. `None` when the call
     cannot be cached (something static about it is not hashable): it then runs as
-    before, op by op."""
+    before, op by op.
+
+    With `staged=True` (the call is part of a program being traced) the solve is
+    traced as a nested `jax.jit` instead; the times that are not tracers are part of
+    the key and given to `_solve` as they are (as if it were traced inline)."""
     given = tuple(problem[name] for name in _TIMES)
+    untimed = dict(problem, t0=None, t1=None, dt0=None)
+    if staged:
+        key = tuple(
+            None if x is None or isinstance(x, jax.core.Tracer) else _StaticTime(x)
+            for x in given
+        )
+        traced = tuple(x if isinstance(x, jax.core.Tracer) else None for x in given)
+        return call_compiled(
+            _solve_eagerly, (key, untimed, adjoint, throw, True), traced, staged=True
+        )
     if type(problem["stepsize_controller"]) is ConstantStepSize:
         # The constant-step plan reads the values.
         key = tuple(
@@ -330,19 +366,33 @@ def _eager_call(problem: dict, adjoint, throw):
             ) + (None,)
         else:
             key = (_UNKNOWN, _UNKNOWN, None)
-    untimed = dict(problem, t0=None, t1=None, dt0=None)
-    return call_compiled(_solve_eagerly, (key, untimed, adjoint, throw), given)
+    return call_compiled(_solve_eagerly, (key, untimed, adjoint, throw, False), given)
 
 
-def _solve_eagerly(given_key, problem: dict, adjoint, throw, t0, t1, dt0):
-    """`_solve` of an eager call, as traced by `call_compiled`. The arguments were
-    checked before."""
-    given_times = tuple(
-        x.given() if isinstance(x, _KnownTime) else x for x in given_key
-    )
+_tracing = threading.local()
+
+
+def _solve_eagerly(given_key, problem: dict, adjoint, throw, nested, t0, t1, dt0):
+    """`_solve` of an eager call (or, `nested`, of a nested trace), as traced by
+    `call_compiled`. The arguments were checked before."""
+    if nested:
+        # A nested trace: the times as they were given, or their tracers.
+        t0, t1, dt0 = (
+            x.value if isinstance(x, _StaticTime) else t
+            for x, t in zip(given_key, (t0, t1, dt0), strict=True)
+        )
+        given_times = (t0, t1, dt0)
+    else:
+        given_times = tuple(
+            x.given() if isinstance(x, _KnownTime) else x for x in given_key
+        )
     problem = dict(problem, t0=t0, t1=t1, dt0=dt0)
     subs = _subsaveats(problem["saveat"])
-    return _solve(problem, subs, adjoint, throw, given_times)
+    inside, _tracing.inside = getattr(_tracing, "inside", False), True
+    try:
+        return _solve(problem, subs, adjoint, throw, given_times)
+    finally:
+        _tracing.inside = inside
 
 
 def _subsaveats(saveat) -> list:
