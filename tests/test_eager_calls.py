@@ -3,6 +3,7 @@ differ only in array values, under eager `jax.vmap` and `jax.grad` too, and give
 what the same solve gives under `jax.jit`."""
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +81,38 @@ def test_eager_call_compiles_again_only_for_what_is_static():
     assert _count(lambda: _solve(y0, rate=jnp.asarray(0.9)).ys) == 0
     # A Python number in `args` is static, as under `equinox.filter_jit`.
     assert _count(lambda: _solve(y0, rate=0.9).ys) > 0
+
+
+def _below_half(state, **kwargs):
+    return state.y[0] < 0.5
+
+
+def test_deprecated_discrete_event_compiles_and_warns_once_per_program():
+    # The deprecated `discrete_terminating_event=` becomes an `Event` whose condition
+    # compares equal for the same function: a repeated call reuses the program, and
+    # the warning is made when the solve is traced, as in Diffrax (before, each call
+    # made a new condition, compiled again and warned again).
+    def solve(y0):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(_decay),
+            dfx.Tsit5(),
+            0.0,
+            5.0,
+            0.1,
+            y0,
+            args=1.0,
+            discrete_terminating_event=_below_half,
+        )
+
+    with pytest.warns(UserWarning, match="deprecated"):
+        assert _count(solve, jnp.array([1.0, 2.0])) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        count, sol = compilations(solve, jnp.array([0.9, 2.0]))
+    assert count == 0
+    # The event stops the solve after the first step whose end has y < 0.5.
+    t_end = float(sol.ts[-1])
+    assert 0.9 * np.exp(-t_end) < 0.5 < 0.9 * np.exp(-(t_end - 0.1))
 
 
 @pytest.mark.parametrize("t1", [1.0, 2.0])

@@ -252,21 +252,51 @@ def resolve_deprecated_event(event, discrete_terminating_event):
             "Pass either `event=` or the deprecated `discrete_terminating_event=`, "
             "not both."
         )
-    warnings.warn(
-        "`diffeqsolve(..., discrete_terminating_event=...)` is deprecated (as it is "
-        "in Diffrax): pass `event=Event(cond_fn)` with a boolean "
-        "`cond_fn(t, y, args, **kwargs)` instead.",
-        UserWarning,
-        stacklevel=3,
-    )
+    return Event(cond_fn=DiscreteTerminatingCondition(discrete_terminating_event))
 
-    # A closure, not a Module: `Event` maps over a PyTree of conditions, and must see
-    # this one as a single condition.
-    def cond_fn(t, y, args, **kwargs):
-        state = _DiscreteEventState(tprev=t, y=y)
-        return discrete_terminating_event(state, args=args, **kwargs)
 
-    return Event(cond_fn=cond_fn)
+class DiscreteTerminatingCondition:
+    """The condition of an `Event` made from a deprecated discrete terminating event
+    `fn(state, *, args, **kwargs)`. Compared (and hashed) by `fn`, so that solves
+    with the same `fn` share their compiled program. Not a PyTree node: `Event` maps
+    over a PyTree of conditions, and must see this one as a single condition."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, t, y, args, **kwargs):
+        return self.fn(_DiscreteEventState(tprev=t, y=y), args=args, **kwargs)
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return False
+        if self.fn is other.fn:
+            return True
+        try:
+            return bool(self.fn == other.fn)
+        except Exception:  # e.g. a Module holding traced arrays
+            return False
+
+    def __hash__(self):
+        try:
+            return hash((type(self), self.fn))
+        except TypeError:  # e.g. a Module holding arrays: by identity
+            return hash((type(self), id(self.fn)))
+
+
+def warn_deprecated_event(event) -> None:
+    """The deprecation warning of `discrete_terminating_event=`, made when the solve
+    is traced (as Diffrax makes it): once per compiled program, not once per call."""
+    if event is not None and isinstance(event.cond_fn, DiscreteTerminatingCondition):
+        warnings.warn(
+            "`diffeqsolve(..., discrete_terminating_event=...)` is deprecated (as it "
+            "is in Diffrax): pass `event=Event(cond_fn)` with a boolean "
+            "`cond_fn(t, y, args, **kwargs)` instead.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def check_times(t0, t1) -> None:

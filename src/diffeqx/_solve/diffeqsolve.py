@@ -162,6 +162,7 @@ def _solve(
     max_steps, progress_meter = problem["max_steps"], problem["progress_meter"]
     controller_state, made_jump = problem["controller_state"], problem["made_jump"]
     problem = dict(problem)
+    checks.warn_deprecated_event(event)
     if given_times is None:
         # The values as given: under `jax.jit` even a constant becomes a tracer once
         # converted, and the fixed-step plan needs to read them at trace time.
