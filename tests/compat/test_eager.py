@@ -1,6 +1,7 @@
 """Calls outside `jax.jit`: Diffrax compiles `diffeqsolve` once (it is wrapped in
 `equinox.filter_jit`) and reuses it; so does diffeqx, with the same answer."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,3 +70,43 @@ def test_eager_failure_raises_equinox_runtime_error_in_both_libraries(vmap):
     ours = call(diffeqx)
     assert ours.startswith("The maximum number of solver steps was reached")
     assert "Traceback" not in ours  # the message, not a callback's traceback
+
+
+def test_a_solve_is_not_traced_again_when_the_enclosing_function_is():
+    # Inside `equinox.filter_jit`, both libraries trace the solve as a nested jit:
+    # when the step is traced again (a counter that turns from a Python int into
+    # an array), the vector field is not traced again, and the answers agree.
+    results = {}
+    for lib in (diffrax, diffeqx):
+        traced = []
+
+        def field(t, y, args, traced=traced):
+            traced.append(None)
+            return -args * y * jnp.cos(t)
+
+        def loss(rate, y0, lib=lib, field=field):
+            sol = lib.diffeqsolve(
+                lib.ODETerm(field),
+                lib.Tsit5(),
+                0.0,
+                2.0,
+                0.1,
+                y0,
+                args=rate,
+                saveat=lib.SaveAt(ts=jnp.linspace(0.0, 2.0, 5)),
+                stepsize_controller=lib.PIDController(rtol=1e-8, atol=1e-10),
+            )
+            return jnp.sum(sol.ys**2)
+
+        @eqx.filter_jit
+        def step(rate, y0, counter, loss=loss):
+            return jax.value_and_grad(loss)(rate, y0), counter + 1
+
+        rate, y0 = jnp.asarray(0.7), jnp.array([1.0, 2.0])
+        first, counter = step(rate, y0, 0)
+        traces = len(traced)
+        again, _ = step(rate, y0, counter)
+        assert traces > 0 and len(traced) == traces, lib.__name__
+        np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(first[0]))
+        results[lib.__name__] = first
+    np.testing.assert_allclose(results["diffeqx"], results["diffrax"], rtol=1e-12)
