@@ -11,6 +11,7 @@ more steps (docs/migration.md).
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
@@ -229,3 +230,65 @@ def test_a_complex_state_takes_diffraxs_steps(name):
     # The global error a local tolerance of 1e-6 gives (KenCarp5 takes 4 steps).
     tolerance = 5e-3 if name == "ImplicitEuler" else 1e-3
     np.testing.assert_allclose(np.asarray(ours.ys), exact, atol=tolerance)
+
+
+class _Counted:
+    """A vector field that counts its executed evaluations (a host callback per
+    evaluation; under `jax.vmap` one per batched call)."""
+
+    def __init__(self, field):
+        self.field = field
+        self.count = 0
+
+    def _tick(self):
+        self.count += 1
+
+    def __call__(self, t, y, args):
+        jax.debug.callback(self._tick)
+        return self.field(t, y, args)
+
+
+def _counted_solve(lib, name):
+    """Steps and (explicit, implicit) evaluations of an IMEX method, or (None,
+    evaluations) of a Kvaerno method, with the same root finder in both libraries."""
+    implicit = _Counted(_linear)
+    explicit = _Counted(_forcing) if name.startswith(("KenCarp", "Sil")) else None
+    if explicit is None:
+        terms = lib.ODETerm(
+            lambda t, y, args: implicit(t, y, args) + _forcing(t, y, args)
+        )
+    else:
+        terms = lib.MultiTerm(lib.ODETerm(explicit), lib.ODETerm(implicit))
+    solver = getattr(lib, name)(root_finder=optx.Newton(rtol=1e-9, atol=1e-9))
+    sol = lib.diffeqsolve(
+        terms,
+        solver,
+        0.0,
+        3.0,
+        1e-2,
+        jnp.array([1.0, 0.0]),
+        stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-8),
+    )
+    jax.effects_barrier()
+    counts = (None if explicit is None else explicit.count, implicit.count)
+    return sol, counts
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Kvaerno3", "Sil3", pytest.param("Kvaerno5", marks=pytest.mark.slow)],
+)
+def test_first_same_as_last_methods_evaluate_no_more_than_diffrax(name):
+    # Kvaerno3/4/5 and Sil3 are first same as last: their last stage is evaluated at
+    # the solution, and Diffrax starts the next step from it. diffeqx evaluated that
+    # stage afresh, one evaluation (of each term) more per step.
+    ours, our_counts = _counted_solve(diffeqx, name)
+    theirs, their_counts = _counted_solve(diffrax, name)
+    for key in _STEP_STATS:
+        assert int(ours.stats[key]) == int(theirs.stats[key]), key
+    for mine, other in zip(our_counts, their_counts, strict=True):
+        if mine is not None:
+            assert mine <= other, (name, our_counts, their_counts)
+    np.testing.assert_allclose(
+        np.asarray(ours.ys), np.asarray(theirs.ys), rtol=1e-9, atol=1e-10
+    )

@@ -34,12 +34,13 @@ from .._path.local import (
 )
 from .._root_finder import VeryChord, with_stepsize_controller_tols
 from .._solution import RESULTS, promote_result, succeeded, where_result
-from .._term import AbstractTerm
+from .._term import AbstractTerm, scales_vector_field
 from . import implicit_coefficients as ico
 from .base import (
     AbstractAdaptiveSolver,
     AbstractImplicitSolver,
     _is_sde,
+    refreshed_after_jump,
     step_always_accepted,
 )
 from .runge_kutta import (
@@ -180,6 +181,41 @@ def _reuse_or_refresh(state: _ReusedJacobian, fresh, step_size, made_jump):
     return chord_state, new_state
 
 
+class _FirstSameAsLast(eqx.Module):
+    """The solver state of a first-same-as-last Runge–Kutta method run by
+    `additive_step`: the vector field of every part at the step's start (from the
+    previous step's last stage), and the reused factorisation, if any."""
+
+    vf: tuple  # one vector field per part of the method
+    jacobian: Any  # a `_ReusedJacobian`, or None
+
+
+def first_same_as_last(tableau, terms) -> bool:
+    """Whether `additive_step` carries the last stage's vector fields to the next
+    step: every tableau is first same as last (its last stage is evaluated at the
+    solution, its first is explicit) and every part's product with its control is
+    the step's length times the vector field, so that the vector field is the last
+    stage's increment over the step's length. For an implicit last stage that is the
+    value the root find settled on, `(z - base) / (a_ss h)`, with no new evaluation
+    (as Diffrax carries it)."""
+    tableaus, parts, _ = _parts(tableau, terms)
+    return all(tab.fsal for tab in tableaus) and all(
+        scales_vector_field(part) for part in parts
+    )
+
+
+def init_first_same_as_last(tableau, terms, t0, y0, args, jacobian):
+    """The initial solver state of `additive_step`: `jacobian` (a `_ReusedJacobian`
+    or None) as it is, or with the parts' vector fields at `(t0, y0)` for a
+    first-same-as-last method."""
+    if not first_same_as_last(tableau, terms):
+        return jacobian
+    _, parts, _ = _parts(tableau, terms)
+    return _FirstSameAsLast(
+        vf=tuple(part.vf(t0, y0, args) for part in parts), jacobian=jacobian
+    )
+
+
 def _parts(tableau, terms):
     """The tableaus, the terms they apply to, and the position of the implicit one."""
     if isinstance(tableau, MultiButcherTableau):
@@ -222,6 +258,18 @@ def additive_step(
         jtu.tree_map(lambda x: jnp.zeros((s,) + jnp.shape(x), jnp.result_type(x)), y0)
         for _ in parts
     ]
+    fsal = isinstance(solver_state, _FirstSameAsLast)
+    if fsal:
+        # The first stage's vector fields are the previous step's last (or new ones
+        # after a jump in the vector field).
+        vf0 = refreshed_after_jump(
+            made_jump,
+            lambda: tuple(part.vf(t0, y0, args) for part in parts),
+            solver_state.vf,
+        )
+        jacobian_in = solver_state.jacobian
+    else:
+        jacobian_in = solver_state
     diagonals = np.zeros(s) if implicit is None else a[implicit].diagonal()
     predictor = _predictor_matrix(solver.tableau)
 
@@ -286,9 +334,15 @@ def additive_step(
     loop = bool(implicit_stages) and implicit_stages == list(range(first, s))
     result = RESULTS.successful
     for i in range(first):
-        ks = explicit_step(i, ks)
+        if i == 0 and fsal:
+            ks = [
+                jtu.tree_map(lambda buf, x: buf.at[0].set(x), k_m, part.prod(f, c))
+                for k_m, part, f, c in zip(ks, parts, vf0, controls, strict=True)
+            ]
+        else:
+            ks = explicit_step(i, ks)
     jacobian_state = None
-    new_solver_state = solver_state
+    new_solver_state = jacobian_in
     if reuse:
         # One factorisation per step, at the first implicit stage's guess.
         stage_args, guess = stage_setup(first, ks, float(diagonals[first]))
@@ -296,9 +350,9 @@ def additive_step(
         def fresh():
             return stage_jacobian(solver.root_finder, *stage_args, guess)
 
-        if isinstance(solver_state, _ReusedJacobian) and not step_always_accepted():
+        if isinstance(jacobian_in, _ReusedJacobian) and not step_always_accepted():
             jacobian_state, new_solver_state = _reuse_or_refresh(
-                solver_state, fresh, t1 - t0, made_jump
+                jacobian_in, fresh, t1 - t0, made_jump
             )
         else:
             jacobian_state = fresh()
@@ -328,7 +382,28 @@ def additive_step(
     else:
         y_error = _combine_parts([tab.b_error for tab in tableaus], ks)
     dense_info = dict(y0=y0, y1=y1, k=tuple(ks) if parts_in_k else _sum(ks))
+    if fsal:
+        new_solver_state = _FirstSameAsLast(
+            vf=tuple(
+                _vf_of_last_stage(k_m, f, c)
+                for k_m, f, c in zip(ks, vf0, controls, strict=True)
+            ),
+            jacobian=new_solver_state,
+        )
     return y1, y_error, dense_info, new_solver_state, result
+
+
+def _vf_of_last_stage(ks, vf0, control):
+    """The vector field of the last stage, its increment over the step's length
+    `control`; `vf0` (the first stage's) for a step of length zero, whose stages
+    are all at the step's start."""
+
+    def _leaf(k, f):
+        c = jnp.asarray(control, k.dtype)
+        safe = jnp.where(c == 0, jnp.ones_like(c), c)
+        return jnp.where(c == 0, f, (k[-1] / safe).astype(f.dtype)).astype(f.dtype)
+
+    return jtu.tree_map(_leaf, ks, vf0)
 
 
 def _predictor_matrix(tableau) -> np.ndarray:
@@ -418,6 +493,10 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
                 )
 
     def init(self, terms, t0, t1, y0, args):
+        jacobian = self._init_jacobian(terms, t0, t1, y0, args)
+        return init_first_same_as_last(self.tableau, terms, t0, y0, args, jacobian)
+
+    def _init_jacobian(self, terms, t0, t1, y0, args):
         # `reuse_jacobian` (a field of the concrete methods; `__check_init__` has
         # checked that the method forms one Jacobian per step).
         if not getattr(self, "reuse_jacobian", False):

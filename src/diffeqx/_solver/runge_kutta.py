@@ -346,7 +346,11 @@ class AbstractRungeKutta(AbstractAdaptiveSolver):
 
     def init(self, terms, t0, t1, y0, args):
         engine = _explicit_engine(self)
-        return None if engine is None else engine.init(terms, t0, t1, y0, args)
+        if engine is not None:
+            return engine.init(terms, t0, t1, y0, args)
+        from .implicit import init_first_same_as_last
+
+        return init_first_same_as_last(self.tableau, terms, t0, y0, args, None)
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
