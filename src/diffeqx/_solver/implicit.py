@@ -14,6 +14,11 @@ the stiffness as a new evaluation of the vector field would. The solution and th
 error estimate combine the stages as the explicit engine does. A root find that fails
 makes the step's result that failure (`RESULTS.promote`), so that the solve loop
 rejects the step and shrinks it; with constant steps the solve ends with that code.
+
+A first-same-as-last method (every tableau's first stage explicit and its last stage
+at the solution: `Kvaerno3/4/5`, `Sil3`) on terms whose increment is the step's
+length times the vector field starts the next step from the last stage's vector
+field, `k_s / h`, in its solver state, rather than evaluating it again.
 """
 
 from collections.abc import Callable
