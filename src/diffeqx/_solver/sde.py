@@ -75,18 +75,18 @@ class _Milstein(_DriftDiffusionSolver):
         return 1
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        diffusion, dt, dw, f0, g0 = self._euler_parts(terms, t0, t1, y0, args)
-        # For commutative noise the Stratonovich double integrals J_jk + J_kj are
-        # dW_j dW_k, so the correction is half the directional derivative of the
-        # diffusion's product with dW along g(y0) dW.
-        correction = _milstein_correction(diffusion, t0, y0, args, dw, g0)
         if self._ito:
-            # The Itô double integrals lose dt on the diagonal: subtract
-            # Σ_j (g_j · ∇) g_j dt.
-            trace = _trace_term(diffusion, t0, y0, args, dw)
-            correction = jtu.tree_map(
-                lambda c, d: c - jnp.asarray(dt, d.dtype) * d, correction, trace
-            )
+            drift, diffusion = terms.terms
+            dt = drift.contr(t0, t1)
+            dw = diffusion.contr(t0, t1)
+            f0 = drift.vf_prod(t0, y0, args, dt)
+            g0, correction = _ito_milstein_parts(diffusion, t0, y0, args, dw, dt)
+        else:
+            diffusion, dt, dw, f0, g0 = self._euler_parts(terms, t0, t1, y0, args)
+            # For commutative noise the Stratonovich double integrals J_jk + J_kj
+            # are dW_j dW_k, so the correction is half the directional derivative
+            # of the diffusion's product with dW along g(y0) dW.
+            correction = _milstein_correction(diffusion, t0, y0, args, dw, g0)
         y1 = jtu.tree_map(
             lambda y, f, g, c: y + f + g + jnp.asarray(0.5, jnp.result_type(y)) * c,
             y0,
@@ -154,9 +154,10 @@ class ItoMilstein(_Milstein, AbstractItoSolver):
     """Milstein's method, converging to the Itô solution with strong order 1 for
     commutative noise (not checked). As `StratonovichMilstein`, with the Itô
     correction: the double integrals are `(dW_j dW_k - δ_jk dt) / 2`, so the
-    diffusion's full Jacobian along each noise channel is used (one Jacobian-vector
-    product per noise channel for the `-dt` part). Linear dense output. Not for
-    ODEs.
+    diffusion's derivative along each noise channel is used. Per step, one drift
+    evaluation and two evaluations of the diffusion batched over the noise channels
+    (its columns, and one Jacobian-vector product per channel); no error estimate.
+    Linear dense output. Not for ODEs.
 
     Call it with `terms=MultiTerm(ODETerm(drift), ControlTerm(diffusion, path))`.
     """
@@ -164,33 +165,41 @@ class ItoMilstein(_Milstein, AbstractItoSolver):
     _ito: ClassVar[bool] = True
 
 
-def _trace_term(diffusion, t0, y0, args, dw):
-    """`Σ_j (g_j · ∇) g_j` at `y0`, `g_j` the diffusion's column for noise channel
-    `j`: a Jacobian-vector product per channel, batched with `vmap`."""
+def _ito_milstein_parts(diffusion, t0, y0, args, dw, dt):
+    """`g(y0) dW` and the Itô correction
+    `Σ_jk (g_j · ∇) g_k (dW_j dW_k - δ_jk dt)`, `g_j` the diffusion's column for noise
+    channel `j`, from two batched evaluations of the diffusion (as Diffrax's
+    `ItoMilstein` makes): its columns at `y0`, and, for each channel `j`, the
+    derivative along `g_j` of its product with the control `dW_j dW - dt e_j`
+    (the product being linear in the control, these sum to the correction)."""
     leaves, structure = jtu.tree_flatten(dw)
     sizes = [jnp.size(x) for x in leaves]
-    total = sum(sizes)
-    basis = jnp.eye(total, dtype=jnp.result_type(*leaves)) if leaves else None
+    dtype = jnp.result_type(*leaves)
+    flat_dw = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+    basis = jnp.eye(flat_dw.shape[0], dtype=dtype)
 
-    def unit(i):
-        row = basis[i]
+    def control(row):
         parts, start = [], 0
         for x, n in zip(leaves, sizes, strict=True):
             parts.append(row[start : start + n].reshape(jnp.shape(x)).astype(x.dtype))
             start += n
         return jtu.tree_unflatten(structure, parts)
 
-    def along(i):
-        e = unit(i)
+    channels = jnp.arange(flat_dw.shape[0])
+    columns = jax.vmap(lambda j: diffusion.vf_prod(t0, y0, args, control(basis[j])))(
+        channels
+    )
+    g0 = jtu.tree_map(
+        lambda c: jnp.tensordot(flat_dw.astype(c.dtype), c, axes=1), columns
+    )
+    step = jnp.asarray(dt, dtype)
 
-        def column(y):
-            return diffusion.vf_prod(t0, y, args, e)
+    def along(j, g_j):
+        c_j = control(flat_dw[j] * flat_dw - step * basis[j])
+        return jax.jvp(lambda y: diffusion.vf_prod(t0, y, args, c_j), (y0,), (g_j,))[1]
 
-        g_j = column(y0)
-        return jax.jvp(column, (y0,), (g_j,))[1]
-
-    per_channel = jax.vmap(along)(jnp.arange(total))
-    return jtu.tree_map(lambda x: jnp.sum(x, axis=0), per_channel)
+    per_channel = jax.vmap(along)(channels, columns)
+    return g0, jtu.tree_map(lambda x: jnp.sum(x, axis=0), per_channel)
 
 
 @final
