@@ -20,6 +20,8 @@ import pytest
 import diffeqx
 from _stiff_problems import robertson, robertson_reference
 
+from ._counting import Counted
+
 diffrax = pytest.importorskip("diffrax")
 
 
@@ -232,27 +234,11 @@ def test_a_complex_state_takes_diffraxs_steps(name):
     np.testing.assert_allclose(np.asarray(ours.ys), exact, atol=tolerance)
 
 
-class _Counted:
-    """A vector field that counts its executed evaluations (a host callback per
-    evaluation; under `jax.vmap` one per batched call)."""
-
-    def __init__(self, field):
-        self.field = field
-        self.count = 0
-
-    def _tick(self):
-        self.count += 1
-
-    def __call__(self, t, y, args):
-        jax.debug.callback(self._tick)
-        return self.field(t, y, args)
-
-
 def _counted_solve(lib, name):
     """Steps and (explicit, implicit) evaluations of an IMEX method, or (None,
     evaluations) of a Kvaerno method, with the same root finder in both libraries."""
-    implicit = _Counted(_linear)
-    explicit = _Counted(_forcing) if name.startswith(("KenCarp", "Sil")) else None
+    implicit = Counted(_linear)
+    explicit = Counted(_forcing) if name.startswith(("KenCarp", "Sil")) else None
     if explicit is None:
         terms = lib.ODETerm(
             lambda t, y, args: implicit(t, y, args) + _forcing(t, y, args)

@@ -11,6 +11,7 @@ import pytest
 
 import diffeqx
 
+from ._counting import Counted
 from ._sde_paths import polynomial_path
 
 SOLVERS = {
@@ -108,27 +109,11 @@ def test_same_solve_as_diffrax(solver_name, noise, adaptive):
     np.testing.assert_allclose(ours["ys"], theirs["ys"], rtol=1e-11, atol=1e-12)
 
 
-class _Counted:
-    """A vector field that counts its executed evaluations (one host callback per
-    call; a call batched by `jax.vmap` counts once)."""
-
-    def __init__(self, field):
-        self.field = field
-        self.count = 0
-
-    def _tick(self):
-        self.count += 1
-
-    def __call__(self, t, y, args):
-        jax.debug.callback(self._tick)
-        return self.field(t, y, args)
-
-
 def _counted_solve(lib, solver_name):
     terms, y0 = _terms(lib, "general")
     drift, diffusion = terms.terms
-    counted_drift = _Counted(drift.vector_field)
-    counted_diffusion = _Counted(diffusion.vector_field)
+    counted_drift = Counted(drift.vector_field)
+    counted_diffusion = Counted(diffusion.vector_field)
     terms = lib.MultiTerm(
         lib.ODETerm(counted_drift),
         lib.ControlTerm(counted_diffusion, diffusion.control),
