@@ -19,32 +19,35 @@ def _linear(t, y, args):
     return jnp.stack([-y[0] + y[1] + jnp.sin(t), -2.0 * y[1]])
 
 
+def _run(lib, terms, solver, rtol, counters):
+    """Solves on [0, 2] from (1, 1) with `PIDController(rtol=atol=rtol)` (constant
+    steps of 0.05 if `rtol` is None): `(ys, (steps, rejected), evaluation counts)`."""
+    controller = (
+        lib.ConstantStepSize()
+        if rtol is None
+        else lib.PIDController(rtol=rtol, atol=rtol)
+    )
+
+    def solve(y0):
+        sol = lib.diffeqsolve(
+            terms, solver, 0.0, 2.0, 0.05, y0, stepsize_controller=controller
+        )
+        return sol.ys, sol.stats["num_steps"], sol.stats["num_rejected_steps"]
+
+    with jax.numpy_dtype_promotion("standard" if lib is diffrax else "strict"):
+        ys, steps, rejected = jax.jit(solve)(jnp.array([1.0, 1.0]))
+    jax.effects_barrier()
+    return ys, (int(steps), int(rejected)), tuple(c.count for c in counters)
+
+
 def _count_ode(lib, name):
     field = Counted(_linear)
     if name.startswith("HalfSolver"):
         solver = lib.HalfSolver(getattr(lib, name[len("HalfSolver(") : -1])())
     else:
         solver = getattr(lib, name)()
-    adaptive = name != "Euler"
-    controller = (
-        lib.PIDController(rtol=1e-5, atol=1e-5) if adaptive else lib.ConstantStepSize()
-    )
-
-    def solve(y0):
-        sol = lib.diffeqsolve(
-            lib.ODETerm(field),
-            solver,
-            0.0,
-            2.0,
-            0.05,
-            y0,
-            stepsize_controller=controller,
-        )
-        return sol.ys, sol.stats["num_steps"], sol.stats["num_rejected_steps"]
-
-    ys, steps, rejected = jax.jit(solve)(jnp.array([1.0, 1.0]))
-    jax.effects_barrier()
-    return ys, (int(steps), int(rejected)), (field.count,)
+    rtol = None if name == "Euler" else 1e-5
+    return _run(lib, lib.ODETerm(field), solver, rtol, [field])
 
 
 def _count_sde(lib, name, noise, adaptive):
@@ -53,29 +56,10 @@ def _count_sde(lib, name, noise, adaptive):
         diffusion = Counted(lambda t, y, args: 0.5 * jnp.eye(2))
     else:
         diffusion = Counted(lambda t, y, args: jnp.diag(0.3 * jnp.cos(y)))
-    levy = lib.SpaceTimeLevyArea
-    path = polynomial_path(lib, shape=(2,), levy_area=levy)
+    path = polynomial_path(lib, shape=(2,), levy_area=lib.SpaceTimeLevyArea)
     terms = lib.MultiTerm(lib.ODETerm(drift), lib.ControlTerm(diffusion, path))
-    controller = (
-        lib.PIDController(rtol=1e-3, atol=1e-3) if adaptive else lib.ConstantStepSize()
-    )
-
-    def solve(y0):
-        sol = lib.diffeqsolve(
-            terms,
-            getattr(lib, name)(),
-            0.0,
-            2.0,
-            0.05,
-            y0,
-            stepsize_controller=controller,
-        )
-        return sol.ys, sol.stats["num_steps"], sol.stats["num_rejected_steps"]
-
-    with jax.numpy_dtype_promotion("standard" if lib is diffrax else "strict"):
-        ys, steps, rejected = jax.jit(solve)(jnp.array([1.0, 1.0]))
-    jax.effects_barrier()
-    return ys, (int(steps), int(rejected)), (drift.count, diffusion.count)
+    rtol = 1e-3 if adaptive else None
+    return _run(lib, terms, getattr(lib, name)(), rtol, [drift, diffusion])
 
 
 def _check(ours, theirs, rtol):
