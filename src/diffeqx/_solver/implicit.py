@@ -406,7 +406,7 @@ def _vf_of_last_stage(ks, vf0, control):
     def _leaf(k, f):
         c = jnp.asarray(control, k.dtype)
         safe = jnp.where(c == 0, jnp.ones_like(c), c)
-        return jnp.where(c == 0, f, (k[-1] / safe).astype(f.dtype)).astype(f.dtype)
+        return jnp.where(c == 0, f, (k[-1] / safe).astype(f.dtype))
 
     return jtu.tree_map(_leaf, ks, vf0)
 

@@ -52,14 +52,14 @@ class _DriftDiffusionSolver(AbstractSolver):
         return drift.vf(t0, y0, args), diffusion.vf(t0, y0, args)
 
     @staticmethod
-    def _euler_parts(terms, t0, t1, y0, args):
+    def _euler_parts(terms, t0, t1, y0, args, diffusion_product=True):
         """The diffusion term, the increments `dt`, `dW`, and the Euler–Maruyama
-        parts `f(y0) dt`, `g(y0) dW`."""
+        parts `f(y0) dt`, `g(y0) dW` (None unless `diffusion_product`)."""
         drift, diffusion = terms.terms
         dt = drift.contr(t0, t1)
         dw = diffusion.contr(t0, t1)
         f0 = drift.vf_prod(t0, y0, args, dt)
-        g0 = diffusion.vf_prod(t0, y0, args, dw)
+        g0 = diffusion.vf_prod(t0, y0, args, dw) if diffusion_product else None
         return diffusion, dt, dw, f0, g0
 
 
@@ -76,10 +76,9 @@ class _Milstein(_DriftDiffusionSolver):
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         if self._ito:
-            drift, diffusion = terms.terms
-            dt = drift.contr(t0, t1)
-            dw = diffusion.contr(t0, t1)
-            f0 = drift.vf_prod(t0, y0, args, dt)
+            diffusion, dt, dw, f0, _ = self._euler_parts(
+                terms, t0, t1, y0, args, diffusion_product=False
+            )
             g0, correction = _ito_milstein_parts(diffusion, t0, y0, args, dw, dt)
         else:
             diffusion, dt, dw, f0, g0 = self._euler_parts(terms, t0, t1, y0, args)
