@@ -220,7 +220,7 @@ def test_stage_loop_is_compiled_unrolled_under_reverse_mode_unless_rematerialise
     assert built(jax.hessian(lambda p: loss(p, dfx.Tsit5())[0]), params) == {False}
 
 
-def _lotka_volterra_solve(y0):
+def _lotka_volterra_solve(y0, solver=None):
     def field(t, y, args):
         return jnp.stack(
             [0.1 * y[0] - 0.02 * y[0] * y[1], 0.02 * y[0] * y[1] - 0.4 * y[1]]
@@ -228,7 +228,7 @@ def _lotka_volterra_solve(y0):
 
     sol = dfx.diffeqsolve(
         dfx.ODETerm(field),
-        dfx.Tsit5(),
+        dfx.Tsit5() if solver is None else solver,
         0.0,
         20.0,
         0.1,
@@ -253,9 +253,71 @@ def test_vmap_in_float64_on_cpu_combines_stages_by_sums_with_the_loops_answer():
     # At least Tsit5's five stage states and its solution (the interpolation of
     # the saves has products of its own, batched or not).
     assert _dots(batched, y0s.astype(jnp.float32)) - _dots(batched, y0s) >= 6
-    assert _dots(_lotka_volterra_solve, y0s[0]) - _dots(batched, y0s) >= 6
+    unrolled = dfx.Tsit5(scan_stages=False)
+    assert (
+        _dots(lambda y0: _lotka_volterra_solve(y0, unrolled), y0s[0])
+        - _dots(batched, y0s)
+        >= 6
+    )
     ys, steps = jax.jit(batched)(y0s)
     for i in range(y0s.shape[0]):
         ys_i, steps_i = jax.jit(_lotka_volterra_solve)(y0s[i])
         assert int(steps[i]) == int(steps_i)
         np.testing.assert_allclose(ys[i], ys_i, rtol=1e-12, atol=1e-12)
+
+
+def _adaptive_solve(n, solver):
+    def solve(y0):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y + 0.5 * jnp.sin(jnp.roll(y, 1)) * y),
+            solver,
+            0.0,
+            5.0,
+            0.1,
+            y0,
+            saveat=dfx.SaveAt(ts=jnp.linspace(0.0, 5.0, 6)),
+            stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-8),
+        )
+        return sol.ys, sol.stats["num_steps"]
+
+    return solve, jnp.linspace(0.5, 1.5, n)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU-only choice")
+def test_default_loops_the_stages_of_a_tiny_adaptive_solve_on_cpu():
+    """On CPU, an adaptive solve of a few states (whose stage loop XLA compiles into
+    one kernel) runs its stages in a loop; a larger state, a `vmap`, a gradient or
+    constant steps keep the unrolled stages. Loop and unrolled stages take the
+    same steps to the same values."""
+    small, y0 = _adaptive_solve(2, dfx.Tsit5())
+    small_unrolled, _ = _adaptive_solve(2, dfx.Tsit5(scan_stages=False))
+    assert _stage_loops(small, y0) == _stage_loops(small_unrolled, y0) + 1
+    ys, steps = jax.jit(small)(y0)
+    ys_unrolled, steps_unrolled = jax.jit(small_unrolled)(y0)
+    assert int(steps) == int(steps_unrolled)
+    np.testing.assert_allclose(ys, ys_unrolled, rtol=1e-13, atol=1e-13)
+
+    large, y0_large = _adaptive_solve(16, dfx.Tsit5())
+    large_unrolled, _ = _adaptive_solve(16, dfx.Tsit5(scan_stages=False))
+    assert _stage_loops(large, y0_large) == _stage_loops(large_unrolled, y0_large)
+
+    batch = jnp.stack([y0, 2 * y0])
+    assert _stage_loops(jax.vmap(small), batch) == _stage_loops(
+        jax.vmap(small_unrolled), batch
+    )
+
+    def loss(solve):
+        return lambda y0: jnp.sum(solve(y0)[0])
+
+    assert _stage_loops(jax.grad(loss(small)), y0) == _stage_loops(
+        jax.grad(loss(small_unrolled)), y0
+    )
+
+    def constant(solver):
+        return lambda y0: dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y), solver, 0.0, 1.0, 0.1, y0
+        ).ys
+
+    assert _stage_loops(constant(dfx.Tsit5()), y0) == _stage_loops(
+        constant(dfx.Tsit5(scan_stages=False)), y0
+    )
