@@ -314,10 +314,50 @@ def test_default_loops_the_stages_of_a_tiny_adaptive_solve_on_cpu():
     )
 
     def constant(solver):
-        return lambda y0: dfx.diffeqsolve(
-            dfx.ODETerm(lambda t, y, args: -y), solver, 0.0, 1.0, 0.1, y0
-        ).ys
+        return lambda y0: (
+            dfx.diffeqsolve(
+                dfx.ODETerm(lambda t, y, args: -y), solver, 0.0, 1.0, 0.1, y0
+            ).ys
+        )
 
     assert _stage_loops(constant(dfx.Tsit5()), y0) == _stage_loops(
         constant(dfx.Tsit5(scan_stages=False)), y0
     )
+
+
+def _field_traces(solver, n) -> int:
+    """How many times the program of `_adaptive_solve` evaluates its vector field
+    (each evaluation has one `sin`)."""
+    solve, y0 = _adaptive_solve(n, solver)
+    return str(jax.make_jaxpr(solve)(y0)).count(" sin ")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU-only choice")
+@pytest.mark.parametrize(
+    "name, n, traces",
+    [
+        # The first stage's vector field (at the start) and the loop's body: the
+        # last stage runs in the loop.
+        ("Tsit5", 2, 2),
+        ("Dopri8", 2, 2),
+        # Stages in a loop, the last stage after it: with the solution and the
+        # vector field carried too, the loop would no longer be one kernel.
+        ("Tsit5", 5, 3),
+        ("Dopri8", 3, 3),
+        # Unrolled: every stage traced.
+        ("Tsit5", 16, 7),
+    ],
+)
+def test_first_same_as_last_stage_runs_in_a_one_kernel_loop(name, n, traces):
+    """A first-same-as-last method whose stage loop is compiled into one kernel
+    even with the solution and the last vector field carried through it runs its
+    last stage in the loop (the vector field traced once fewer), with the unrolled
+    stages' steps and values."""
+    solver = getattr(dfx, name)
+    assert _field_traces(solver(), n) == traces
+    solve, y0 = _adaptive_solve(n, solver())
+    solve_unrolled, _ = _adaptive_solve(n, solver(scan_stages=False))
+    ys, steps = jax.jit(solve)(y0)
+    ys_unrolled, steps_unrolled = jax.jit(solve_unrolled)(y0)
+    assert int(steps) == int(steps_unrolled)
+    np.testing.assert_allclose(ys, ys_unrolled, rtol=1e-13, atol=1e-13)
