@@ -106,3 +106,58 @@ def test_nan_in_y0_starts_the_counts_at_zero(controller, result, steps):
     assert int(sol.stats["num_accepted_steps"]) == 0
     assert int(sol.stats["num_rejected_steps"]) == steps
     assert float(sol.ts[0]) == 0.0  # the t0 save, at the first slot
+
+
+_SAVEATS = (
+    dict(),
+    dict(t0=True),
+    dict(t1=True),
+    dict(steps=True),
+    dict(t0=True, t1=True, steps=True),
+)
+
+
+def _edge_solve(lib, t0, t1, ts, y0, saveat, event=None):
+    sol = lib.diffeqsolve(
+        lib.ODETerm(lambda t, y, args: -y),
+        lib.Tsit5(),
+        t0,
+        t1,
+        0.1,
+        y0,
+        saveat=lib.SaveAt(ts=jnp.array(ts), **saveat),
+        stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
+        max_steps=8,
+        throw=False,
+        event=None if event is None else lib.Event(lambda t, y, args, **kw: True),
+    )
+    return np.asarray(sol.ts), np.asarray(sol.ys), sol.event_mask
+
+
+def _assert_same_saves(case):
+    (ts, ys, mask), (ts_ref, ys_ref, mask_ref) = (
+        _edge_solve(lib, *case) for lib in (diffeqx, diffrax)
+    )
+    np.testing.assert_array_equal(ts, ts_ref)
+    np.testing.assert_array_equal(ys, ys_ref)
+    assert (mask is None) == (mask_ref is None)
+    if mask is not None:
+        assert bool(mask) == bool(mask_ref)
+
+
+@pytest.mark.parametrize("saveat", _SAVEATS)
+def test_times_at_t0_stay_unsaved_after_a_failed_first_step(saveat):
+    """A solve that fails before accepting a step (here every step is rejected, `y0`
+    holding NaN) leaves its requested times unfilled, even those equal to `t0`, as
+    Diffrax does; only `SaveAt(t0=True)` and the final state are saved."""
+    _assert_same_saves((0.0, 1.0, [0.0, 0.0, 0.5], jnp.array([jnp.nan, 1.0]), saveat))
+
+
+@pytest.mark.parametrize("saveat", _SAVEATS)
+@pytest.mark.parametrize("y0", [jnp.array([1.0, 2.0]), jnp.array([jnp.nan, 1.0])])
+def test_a_zero_length_solve_saves_as_diffrax_with_an_event_at_t0(saveat, y0):
+    """With `t0 == t1` every requested time is `t0` and gets `y0`, with or without a
+    terminating event that holds there (which Diffrax reports in `event_mask` but
+    which stops nothing)."""
+    for event in (None, "at t0"):
+        _assert_same_saves((0.0, 0.0, [0.0, 0.0], y0, saveat, event))

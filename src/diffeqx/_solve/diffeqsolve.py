@@ -481,17 +481,20 @@ def _finish_terminal_event(spec, final):
     Without a root finder the solve already ends where it stopped (the end of the step
     in which the event fired, saved as usual, or `t0`). With one the event is located
     in that step, whose saves were held back, and they are made now, up to the event.
-    A solve stopped at `t0` saves none of its `SaveAt(ts=...)` times, as Diffrax."""
+    A solve stopped at `t0` saves none of its `SaveAt(ts=...)` times, as Diffrax,
+    unless it has zero length (`t0 == t1`): then it saves as without the event."""
     espec = spec.event_spec
     fired = is_event(final.result)
     at_t0 = fired & (final.num_steps == 0)
     last = final.event_state.last
     event_mask = espec.tree([m & fired for m in last.mask])
+    # A solve of zero length (`t0 == t1`) saves as it would without the event.
+    suppress = at_t0 & (final.tprev != spec.t1)
     save_state = [
         state
         if ts_tau is None
         else dataclasses.replace(
-            state, ts_index=jnp.where(at_t0, ts_tau.shape[0], state.ts_index)
+            state, ts_index=jnp.where(suppress, ts_tau.shape[0], state.ts_index)
         )
         for state, ts_tau in zip(final.save_state, spec.subs_ts, strict=True)
     ]

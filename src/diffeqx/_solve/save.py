@@ -385,26 +385,51 @@ def after_loop_while_loop():
 
 
 def _save_ts_at_start(
-    save_state: SaveState, sub, ts_tau, t_final, y_final, no_step, args, direction
+    save_state: SaveState,
+    sub,
+    ts_tau,
+    t_final,
+    y_final,
+    no_step,
+    args,
+    direction,
+    with_indices: bool,
 ) -> SaveState:
     """After a solve that accepted no step, and so ends where it started: the
     requested times still pending are those equal to that time (times lie in
     `[t0, t1]`), and all get its one state. A masked fill of the buffers rather than
-    a loop, which would be compiled into every program for this edge case."""
-    index = jnp.arange(ts_tau.shape[0])
-    pending = no_step & (index >= save_state.ts_index) & (ts_tau <= t_final)
-    count = jnp.sum(pending).astype(save_state.save_index.dtype)
-    slots = jnp.arange(save_state.ts.shape[0])
-    fill = (slots >= save_state.save_index) & (slots < save_state.save_index + count)
+    a loop, which would be compiled into every program for this edge case. The
+    indices `ts_index` and `save_index` are moved past the filled slots only with
+    `with_indices` (else they are returned as they were)."""
+    # The pending times are the next ones, from `ts_index`, and go to the next slots,
+    # from `save_index`: slot `j` holds time `j - save_index + ts_index`. Each slot's
+    # test is then elementwise (no count of the pending times, a reduction and so
+    # separate kernels, unless the indices are used after this).
+    num_ts, num_slots = ts_tau.shape[0], save_state.ts.shape[0]
+    slots = jnp.arange(num_slots, dtype=save_state.save_index.dtype)
+    if sub.t0 or sub.steps:
+        index = slots - save_state.save_index + save_state.ts_index
+        times = ts_tau[jnp.clip(index, 0, num_ts - 1)]
+        in_range = index < num_ts
+    else:
+        # Only the requested times (and `t1` after them) are saved: slot `j` holds
+        # time `j`.
+        times = jnp.pad(ts_tau, (0, num_slots - num_ts), constant_values=jnp.inf)
+        in_range = slots >= save_state.ts_index
+    fill = no_step & (slots >= save_state.save_index) & in_range & (times <= t_final)
     value = sub.fn(t_final * direction, y_final, args)
 
     def _fill(v, buffer):
         mask = fill.reshape(fill.shape + (1,) * jnp.ndim(v))
         return jnp.where(mask, jnp.asarray(v, buffer.dtype), buffer)
 
+    ts_index, save_index = save_state.ts_index, save_state.save_index
+    if with_indices:
+        count = jnp.sum(fill).astype(save_index.dtype)
+        ts_index, save_index = ts_index + count, save_index + count
     return SaveState(
-        ts_index=save_state.ts_index + count,
-        save_index=save_state.save_index + count,
+        ts_index=ts_index,
+        save_index=save_index,
         ts=jnp.where(fill, t_final, save_state.ts),
         ys=jtu.tree_map(_fill, value, save_state.ys),
     )
@@ -419,9 +444,12 @@ def finish_save_state(
     num_accepted,
     args,
     direction,
+    okay=True,
 ):
     """After the loop: fills save times equal to the final time that no step covered
-    (a solve that took no step), saves `t1`, and converts times back to `t`.
+    (a solve that took no step and did not fail: `okay`, as Diffrax, which fills
+    them for `t0 == t1` and leaves them unfilled after a failed first step), saves
+    `t1`, and converts times back to `t`.
 
     `t1` is saved unless the last step was already saved through `steps`; a solve
     that stopped early (`throw=False`) saves where it stopped, so that the failure
@@ -433,9 +461,10 @@ def finish_save_state(
             ts_tau,
             t_final,
             y_final,
-            num_accepted == 0,
+            (num_accepted == 0) & okay,
             args,
             direction,
+            with_indices=sub.t1,
         )
     if sub.t1:
         stride = step_stride(sub)

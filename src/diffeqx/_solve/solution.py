@@ -22,6 +22,7 @@ def _saved_outputs(spec, saveat, final):
             final.num_accepted_steps,
             spec.args,
             spec.direction,
+            is_okay(final.result),
         )
         for state, sub, ts_tau in zip(
             final.save_state, spec.subs, spec.subs_ts, strict=True
