@@ -526,7 +526,7 @@ def _stage_loop_is_one_kernel(num_stages: int, io_bytes: int, y0) -> bool:
     stages as a loop that XLA compiles into one kernel (see
     `_ONE_KERNEL_STAGE_BYTES`): then that loop is faster than unrolled stages, each
     of whose operations is dispatched on its own (measured on 2 CPU cores, with
-    the whole solve: 0.88-0.95x the run time of Tsit5 and Dopri5 on 2 to 4 states,
+    the whole solve: 0.88-0.97x the run time of Tsit5 and Dopri5 on 2 to 4 states,
     Lotka-Volterra with Tsit5 0.90x; Lorenz with Dopri8, 13 stages, 0.71x, and
     0.71x the compile time)."""
     if (
