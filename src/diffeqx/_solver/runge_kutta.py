@@ -529,14 +529,19 @@ def _stage_loop_is_one_kernel(num_stages: int, io_bytes: int, y0) -> bool:
     the whole solve: 0.88-0.97x the run time of Tsit5 and Dopri5 on 2 to 4 states,
     Lotka-Volterra with Tsit5 0.90x; Lorenz with Dopri8, 13 stages, 0.71x, and
     0.71x the compile time)."""
-    if (
+    if not _one_kernel_loops_possible():
+        return False
+    return num_stages * _tree_bytes(y0) + io_bytes <= _ONE_KERNEL_STAGE_BYTES
+
+
+def _one_kernel_loops_possible() -> bool:
+    """The conditions of `_stage_loop_is_one_kernel` that do not need the sizes."""
+    return not (
         jax.default_backend() != "cpu"
         or differentiation_levels()
         or is_batched()
         or step_always_accepted()
-    ):
-        return False
-    return num_stages * _tree_bytes(y0) + io_bytes <= _ONE_KERNEL_STAGE_BYTES
+    )
 
 
 # The stage loop's body is rematerialised under reverse mode when the values it
@@ -654,14 +659,17 @@ class AbstractERK(AbstractRungeKutta):
             # (compile time) matters more than the unrolled stages' speed (measured:
             # a 4-parameter Hessian compiles 2x faster with the stages in a loop).
             return True, False
-        large, io_bytes = _function_size(evaluate, t0, y0)
-        num_stages = self.tableau.num_stages
-        last_in_loop = (
+        may_carry_last = (
             self.tableau.fsal
             and scales_vector_field(terms)
-            and _stage_loop_is_one_kernel(
-                num_stages, io_bytes + 2 * _tree_bytes(y0), y0
-            )
+            and _one_kernel_loops_possible()
+        )
+        if self.scan_stages and not may_carry_last:
+            return True, False  # no need to trace the vector field to decide
+        large, io_bytes = _function_size(evaluate, t0, y0)
+        num_stages = self.tableau.num_stages
+        last_in_loop = may_carry_last and _stage_loop_is_one_kernel(
+            num_stages, io_bytes + 2 * _tree_bytes(y0), y0
         )
         if self.scan_stages:
             return True, last_in_loop
