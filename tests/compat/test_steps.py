@@ -109,10 +109,19 @@ def _controllers(lib, dtype):
         "clip_rejected": lib.ClipStepSizeController(
             pid(1e-5, 1e-8), store_rejected_steps=20
         ),
+        # The step-size factor's bounds and safety factor, and the error order.
+        "pid_factors": pid(
+            1e-5, 1e-8, factormin=0.5, factormax=2.0, safety=0.7, pcoeff=0.2
+        ),
+        "pid_wide_factors": pid(1e-4, 1e-7, factormin=0.05, factormax=50.0, safety=1.0),
+        "pid_error_order": pid(1e-5, 1e-8, error_order=3, icoeff=0.5),
     }
 
 
-CONTROLLERS = list(_controllers(diffeqx, np.float64))
+# The controllers of the sampled product below (the factor and error-order ones have
+# a test of their own, so that adding them did not change the sample).
+_OWN_TEST = ("pid_factors", "pid_wide_factors", "pid_error_order")
+CONTROLLERS = [c for c in _controllers(diffeqx, np.float64) if c not in _OWN_TEST]
 
 
 def _solve(lib, problem, solver, controller, dtype, backwards, dt0, **kwargs):
@@ -210,6 +219,26 @@ def _params(cases, slow):
 )
 def test_steps_match_diffrax(problem, controller, dtype, backwards, dt0):
     _both(problem, "HeunEuler", controller, dtype, backwards, dt0)
+
+
+@pytest.mark.parametrize("controller", _OWN_TEST)
+@pytest.mark.parametrize(
+    "problem, solver, dtype, backwards",
+    [
+        ("van_der_pol", "HeunEuler", np.float64, False),
+        ("lotka_volterra", "HeunEuler", np.float32, True),
+        ("lotka_volterra", "Tsit5", np.float64, False),
+        pytest.param("van_der_pol", "Tsit5", np.float64, True, marks=pytest.mark.slow),
+        pytest.param("linear", "Bosh3", np.float64, False, marks=pytest.mark.slow),
+    ],
+)
+def test_controller_factors_match_diffrax(
+    controller, problem, solver, dtype, backwards
+):
+    # factormin, factormax, safety and error_order change which steps are taken and
+    # rejected: the same steps, rejections and result as Diffrax's.
+    sol = _both(problem, solver, controller, dtype, backwards, None)
+    assert int(sol.stats["num_accepted_steps"]) > 2
 
 
 @pytest.mark.parametrize(
@@ -323,7 +352,7 @@ def test_pid_controller_arithmetic_matches_diffrax(dtype):
     # adapt_step_size on random inputs: bit-for-bit the same decisions, times and
     # state, including dtmin/dtmax/force_dtmin and float32 arithmetic.
     rng = np.random.default_rng(0)
-    for _ in range(60):
+    for _ in range(100):
         gains = [float(rng.choice([0.0, 0.1, 0.3, 0.4, 1.0])) for _ in range(3)]
         kwargs = dict(
             rtol=float(10 ** rng.uniform(-8, -2)),
@@ -339,6 +368,14 @@ def test_pid_controller_arithmetic_matches_diffrax(dtype):
             )
         if rng.uniform() < 0.3:
             kwargs.update(dtmax=float(10 ** rng.uniform(-3, 0)))
+        if rng.uniform() < 0.5:
+            kwargs.update(
+                factormin=float(rng.choice([0.01, 0.1, 0.5, 0.9])),
+                factormax=float(rng.choice([1.5, 2.0, 5.0, 100.0])),
+                safety=float(rng.choice([0.5, 0.8, 0.95, 1.0])),
+            )
+        if rng.uniform() < 0.3:
+            kwargs.update(error_order=float(rng.choice([1.0, 2.5, 4.0])))
         y0 = jnp.asarray(rng.normal(size=3), dtype)
         y1 = y0 + jnp.asarray(rng.normal(size=3) * 0.1, dtype)
         error = jnp.asarray(
