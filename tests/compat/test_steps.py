@@ -221,15 +221,27 @@ def test_steps_match_diffrax(problem, controller, dtype, backwards, dt0):
     _both(problem, "HeunEuler", controller, dtype, backwards, dt0)
 
 
-@pytest.mark.parametrize("controller", _OWN_TEST)
+_FACTOR_CASES = [
+    ("van_der_pol", "HeunEuler", np.float64, False),
+    ("lotka_volterra", "HeunEuler", np.float32, True),
+    ("lotka_volterra", "Tsit5", np.float64, False),
+    ("van_der_pol", "Tsit5", np.float64, True),
+    ("linear", "Bosh3", np.float64, False),
+]
+
+
 @pytest.mark.parametrize(
-    "problem, solver, dtype, backwards",
+    "controller, problem, solver, dtype, backwards",
     [
-        ("van_der_pol", "HeunEuler", np.float64, False),
-        ("lotka_volterra", "HeunEuler", np.float32, True),
-        ("lotka_volterra", "Tsit5", np.float64, False),
-        pytest.param("van_der_pol", "Tsit5", np.float64, True, marks=pytest.mark.slow),
-        pytest.param("linear", "Bosh3", np.float64, False, marks=pytest.mark.slow),
+        # By default each controller with one of the first three solves; the rest
+        # of the product is marked slow.
+        pytest.param(
+            controller,
+            *case,
+            marks=[] if i < 3 and i == j else [pytest.mark.slow],
+        )
+        for j, controller in enumerate(_OWN_TEST)
+        for i, case in enumerate(_FACTOR_CASES)
     ],
 )
 def test_controller_factors_match_diffrax(
