@@ -233,12 +233,14 @@ _FACTOR_CASES = [
 @pytest.mark.parametrize(
     "controller, problem, solver, dtype, backwards",
     [
-        # By default each controller with one of the first three solves; the rest
-        # of the product is marked slow.
+        # By default each controller with one solve that takes and rejects many
+        # steps (with the wide factors, the float32 solve stops at `max_steps`,
+        # rejecting nearly all of them, in both libraries); the rest of the
+        # product is marked slow.
         pytest.param(
             controller,
             *case,
-            marks=[] if i < 3 and i == j else [pytest.mark.slow],
+            marks=[] if (j, i) in ((0, 1), (1, 0), (2, 2)) else [pytest.mark.slow],
         )
         for j, controller in enumerate(_OWN_TEST)
         for i, case in enumerate(_FACTOR_CASES)
