@@ -382,3 +382,26 @@ def test_eager_path_query_under_eager_vmap_and_grad():
     np.testing.assert_allclose(batched, expected, rtol=1e-13)
     slope = jax.grad(lambda t: path.evaluate(t)[0])(jnp.asarray(0.7))
     np.testing.assert_allclose(slope, path.derivative(0.7)[0], rtol=1e-10)
+
+
+def test_eager_constant_steps_with_numbers_equal_the_jitted_call_with_literals():
+    # Python-number times of a constant-step solve are compiled in as constants (the
+    # program is per value anyway), as under `jax.jit` with the numbers written in:
+    # the same step times, e.g. exact integers for an integer grid.
+    def solve(y0):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -0.01 * y),
+            dfx.Euler(),
+            0,
+            100,
+            1,
+            y0,
+            saveat=dfx.SaveAt(steps=True),
+        )
+        return sol.ts, sol.ys
+
+    y0 = jnp.ones(2, jnp.float32)
+    eager, jitted = solve(y0), jax.jit(solve)(y0)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(eager[0])[:100], np.arange(1, 101))

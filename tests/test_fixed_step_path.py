@@ -28,9 +28,13 @@ def _uses_scan(fn, *args):
 
 def _both_paths(solve_from_times, t0, t1, dt0):
     """Runs a solve with its times known at trace time (fast path) and with traced
-    times (while loop), checking which path each took."""
-    fast = solve_from_times(t0, t1, dt0)
-    assert _uses_scan(lambda: solve_from_times(t0, t1, dt0))
+    times (while loop), checking which path each took. The fast path is given the
+    times as concrete arrays: values its program computes with, as the loop's are
+    (Python numbers would be compiled in as constants, which XLA folds into the
+    step times, rounding them otherwise)."""
+    known = tuple(np.asarray(x) for x in (t0, t1, dt0))
+    fast = solve_from_times(*known)
+    assert _uses_scan(lambda: solve_from_times(*known))
     traced = jax.jit(solve_from_times)
     general = traced(jnp.asarray(t0), jnp.asarray(t1), jnp.asarray(dt0))
     assert not _uses_scan(

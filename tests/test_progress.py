@@ -67,8 +67,10 @@ def test_text_progress_meter_under_vmap_follows_the_slowest_member(capfd):
     jax.jit(jax.vmap(lambda t1: _solve(jnp.ones(2), t1, meter)))(jnp.array([1.0, 2.0]))
     batched = _printed(capfd)
     # The slower member (t1 = 2) progresses by less each step: the batch prints
-    # exactly what that member alone prints.
-    _solve(jnp.ones(2), 2.0, meter)
+    # exactly what that member alone prints. (`t1` as an array, a value the program
+    # computes with as in the batch; a Python number would be compiled in, and the
+    # progress fractions rounded otherwise.)
+    _solve(jnp.ones(2), jnp.asarray(2.0), meter)
     single = _printed(capfd)
     assert batched == single
     assert single[0] == "0.00%" and single[-1] == "100.00%" and len(single) == 5

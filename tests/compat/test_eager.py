@@ -110,3 +110,45 @@ def test_a_solve_is_not_traced_again_when_the_enclosing_function_is():
         np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(first[0]))
         results[lib.__name__] = first
     np.testing.assert_allclose(results["diffeqx"], results["diffrax"], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "solver, times",
+    [("Euler", (0, 100, 1)), ("Tsit5", (2.0, 5, 0.01)), ("Tsit5", (5.0, 2.0, -0.01))],
+    ids=["Euler-integers", "Tsit5-forwards", "Tsit5-backwards"],
+)
+@pytest.mark.parametrize("as_arrays", [False, True], ids=["numbers", "arrays"])
+def test_eager_constant_steps_take_diffrax_step_times_bit_for_bit(
+    solver, times, as_arrays
+):
+    """Constant steps in an eager call: Diffrax (in `equinox.filter_jit`) compiles
+    Python-number times in as constants, and XLA folds the step times computed from
+    them; arrays are traced. diffeqx does the same, so the step times agree bit for
+    bit either way (with numbers, they did not before 2026-12-06: e.g. step 15 of
+    `t0=0, t1=100, dt0=1` in float32 ended at 15.000001 rather than 15, which
+    changes the answer of code that uses the time as an integer). So do Euler's
+    values; a Runge-Kutta method's constant steps sum their stages elementwise
+    rather than by Diffrax's dot products, which round differently in the last bit
+    (docs/migration.md)."""
+    if as_arrays:
+        times = tuple(jnp.asarray(x, jnp.float64) for x in times)
+    outputs = {}
+    for lib in (diffrax, diffeqx):
+        sol = lib.diffeqsolve(
+            lib.ODETerm(_field),
+            getattr(lib, solver)(),
+            *times,
+            jnp.array([1.0, -2.0]),
+            args=jnp.asarray(0.7),
+            saveat=lib.SaveAt(steps=True),
+            max_steps=400,
+        )
+        outputs[lib.__name__] = (sol.ts, sol.stats["num_steps"], sol.ys)
+    expected, actual = outputs["diffrax"], outputs["diffeqx"]
+    np.testing.assert_array_equal(np.asarray(actual[0]), np.asarray(expected[0]))
+    assert int(actual[1]) == int(expected[1])
+    ys, ys_diffrax = np.asarray(actual[2]), np.asarray(expected[2])
+    if solver == "Euler":
+        np.testing.assert_array_equal(ys, ys_diffrax)
+    else:
+        np.testing.assert_allclose(ys, ys_diffrax, rtol=1e-13, atol=0)

@@ -254,11 +254,13 @@ def initial_solver_and_controller_state(**problem):
 # settings and other Python values, and the shapes and dtypes of the arrays) and
 # keyed also by the transformations applied to the call (`_eager.call_compiled`).
 #
-# The times stay values the program computes with, as in an eager call (not
-# constants, which XLA would fold into the arithmetic, rounding differently from
-# the same solve under `jax.jit`); what the solve reads from them at trace time (the
-# constant-step plan, the direction, whether they are Python numbers) is part of
-# the key.
+# The times stay values the program computes with (not constants, which XLA would
+# fold into the arithmetic, rounding differently from the same solve under `jax.jit`
+# with the times passed as arrays), so that a new `t1` reuses the program; what the
+# solve reads from them at trace time (the constant-step plan, the direction,
+# whether they are Python numbers) is part of the key. Except for Python numbers in
+# a constant-step solve, whose program is compiled per value anyway: those are
+# compiled in as constants, as Diffrax compiles them (`_ConstantStepTime`).
 
 _TIMES = ("t0", "t1", "dt0")
 
@@ -309,6 +311,19 @@ class _StaticTime(_KnownTime):
         return (*super()._key(), type(self.value), self.weak)
 
 
+class _ConstantStepTime(_KnownTime):
+    """A known time argument of a constant-step solve, whose plan (the number of
+    steps) is read from the values, so that the program is compiled per value
+    anyway. A Python number is then compiled in as a constant, as
+    `equinox.filter_jit` (around Diffrax's `diffeqsolve`) compiles it: XLA folds
+    the step times computed from it as in Diffrax, e.g. exact integers for
+    `t0=0, t1=100, dt0=1` in float32, where computed at run time step 15 would
+    end at `100 * (15 / 100) = 15.000001`. An array stays a value the program
+    computes with (as Diffrax traces it)."""
+
+    __slots__ = ()
+
+
 class _UnknownTime:
     """A time argument whose value is not read at trace time."""
 
@@ -353,7 +368,7 @@ def _eager_call(problem: dict, adjoint, throw, staged=False):
     if type(problem["stepsize_controller"]) is ConstantStepSize:
         # The constant-step plan reads the values.
         key = tuple(
-            _KnownTime(x) if _known(x) else (None if x is None else _UNKNOWN)
+            _ConstantStepTime(x) if _known(x) else (None if x is None else _UNKNOWN)
             for x in given
         )
     else:
@@ -386,6 +401,12 @@ def _solve_eagerly(given_key, problem: dict, adjoint, throw, nested, t0, t1, dt0
     else:
         given_times = tuple(
             x.given() if isinstance(x, _KnownTime) else x for x in given_key
+        )
+        # Python numbers of a constant-step solve: compiled in (see
+        # `_ConstantStepTime`).
+        t0, t1, dt0 = (
+            x.given() if isinstance(x, _ConstantStepTime) and x.number else t
+            for x, t in zip(given_key, (t0, t1, dt0), strict=True)
         )
     problem = dict(problem, t0=t0, t1=t1, dt0=dt0)
     subs = _subsaveats(problem["saveat"])
