@@ -319,9 +319,17 @@ class _ConstantStepTime(_KnownTime):
     the step times computed from it as in Diffrax, e.g. exact integers for
     `t0=0, t1=100, dt0=1` in float32, where computed at run time step 15 would
     end at `100 * (15 / 100) = 15.000001`. An array stays a value the program
-    computes with (as Diffrax traces it)."""
+    computes with (as Diffrax traces it), and so does a NumPy scalar (a `float`
+    too, but an array to `equinox.filter_jit`)."""
 
-    __slots__ = ()
+    __slots__ = ("constant",)
+
+    def __init__(self, x):
+        super().__init__(x)
+        self.constant = self.number and not isinstance(x, np.generic)
+
+    def _key(self):
+        return (*super()._key(), self.constant)
 
 
 class _UnknownTime:
@@ -405,7 +413,7 @@ def _solve_eagerly(given_key, problem: dict, adjoint, throw, nested, t0, t1, dt0
         # Python numbers of a constant-step solve: compiled in (see
         # `_ConstantStepTime`).
         t0, t1, dt0 = (
-            x.given() if isinstance(x, _ConstantStepTime) and x.number else t
+            x.given() if isinstance(x, _ConstantStepTime) and x.constant else t
             for x, t in zip(given_key, (t0, t1, dt0), strict=True)
         )
     problem = dict(problem, t0=t0, t1=t1, dt0=dt0)
