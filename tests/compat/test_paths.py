@@ -225,6 +225,48 @@ def test_local_interpolations_built_by_hand_from_python_numbers():
     np.testing.assert_allclose(values["diffeqx"], values["diffrax"], rtol=1e-14)
 
 
+def test_local_interpolations_on_a_step_of_zero_length_as_in_diffrax():
+    # A step with t0 == t1 (e.g. a solve from t0 to t0): Diffrax's interpolant is y0
+    # at every time, with derivative zero, and zero gradients with respect to the
+    # times. diffeqx divided by a step length of 1 there, giving a derivative of
+    # y1 - y0 (until 2026-12-06).
+    def outputs(lib, t0, t1, t):
+        linear = lib.LocalLinearInterpolation(
+            t0=t0, t1=t1, y0=jnp.array([2.1, 3.1]), y1=jnp.array([2.2, 2.9])
+        )
+        cubic = lib.ThirdOrderHermitePolynomialInterpolation(
+            t0=t0, t1=t1, y0=2.1, y1=2.2, k0=0.1, k1=0.3
+        )
+        return (
+            linear.evaluate(t),
+            linear.evaluate(t, t + 0.5),
+            linear.derivative(t),
+            jax.jvp(linear.evaluate, (t,), (jnp.ones_like(t),))[1],
+            cubic.evaluate(t),
+            cubic.derivative(t),
+        )
+
+    t0 = jnp.asarray(2.0)
+    for t in (t0, t0 + 0.3):
+        expected = outputs(diffrax, t0, t0, t)
+        actual = outputs(diffeqx, t0, t0, t)
+        # The increment over [t, t + 0.5]: Diffrax divides 0.5 by the step's length
+        # (infinite values); diffeqx gives the change of its constant value, zero
+        # (docs/migration.md).
+        assert np.all(np.isinf(np.asarray(expected[1])))
+        np.testing.assert_array_equal(np.asarray(actual[1]), 0.0)
+        for i, (a, b) in enumerate(zip(expected, actual, strict=True)):
+            if i != 1:
+                np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+        np.testing.assert_array_equal(np.asarray(actual[2]), 0.0)
+    for lib in LIBS:
+        grads = jax.grad(
+            lambda t0, t1, lib=lib: jnp.sum(outputs(lib, t0, t1, t0)[2]),
+            argnums=(0, 1),
+        )(t0, t0)
+        np.testing.assert_array_equal(np.asarray(grads), 0.0)
+
+
 @pytest.mark.parametrize("kind", ["linear", "cubic"])
 def test_eager_queries_at_python_number_times_as_in_diffrax(kind):
     # Outside `jax.jit`, one query at a time at Python-number times: compiled once

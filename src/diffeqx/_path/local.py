@@ -40,9 +40,15 @@ class AbstractLocalInterpolation(AbstractPath):
         return self._at(t0)
 
     def _theta(self, t):
+        """`(theta, dt)`: where `t` lies in the step, as a fraction of it, and the
+        step's length, by which derivatives in `theta` are divided. On a step of
+        zero length, as in Diffrax: `theta = 0` at every `t` (the interpolant is
+        `y0`), and `dt = inf`, so that derivatives are zero; gradients with respect
+        to the times are zero there too."""
         dt = self.t1 - self.t0
-        safe_dt = jnp.where(dt == 0, 1, dt)
-        return (t - self.t0) / safe_dt, safe_dt
+        degenerate = dt == 0
+        theta = jnp.where(degenerate, 0, t - self.t0) / jnp.where(degenerate, 1, dt)
+        return theta, jnp.where(degenerate, jnp.inf, dt)
 
     def _at(self, t) -> PyTree:
         raise NotImplementedError
