@@ -161,3 +161,51 @@ def test_a_zero_length_solve_saves_as_diffrax_with_an_event_at_t0(saveat, y0):
     which stops nothing)."""
     for event in (None, "at t0"):
         _assert_same_saves((0.0, 0.0, [0.0, 0.0], y0, saveat, event))
+
+
+@pytest.mark.parametrize(
+    "controller",
+    ["const", "step_to", "pid", "clip_jump"],
+)
+def test_saved_made_jump_is_known_at_trace_time_as_in_diffrax(controller):
+    # `SaveAt(made_jump=True)` with a controller that never jumps: Diffrax's
+    # `Solution.made_jump` is `False` itself, so code may test it in Python under
+    # `jax.jit`; with one that may jump, an array. (diffeqx gave an array in both
+    # cases until 2026-12-06.)
+    def kinds(lib):
+        controllers = {
+            "const": (lib.ConstantStepSize(), 0.1),
+            "step_to": (lib.StepTo([0.0, 0.3, 1.0]), None),
+            "pid": (lib.PIDController(rtol=1e-6, atol=1e-6), 0.1),
+            "clip_jump": (
+                lib.ClipStepSizeController(
+                    lib.PIDController(rtol=1e-6, atol=1e-6), jump_ts=[0.5]
+                ),
+                0.1,
+            ),
+        }
+        ctrl, dt0 = controllers[controller]
+        seen = []
+
+        @jax.jit
+        def solve(y0):
+            sol = lib.diffeqsolve(
+                lib.ODETerm(lambda t, y, args: -y),
+                lib.Tsit5(),
+                0.0,
+                1.0,
+                dt0,
+                y0,
+                stepsize_controller=ctrl,
+                saveat=lib.SaveAt(t1=True, made_jump=True),
+            )
+            seen.append(sol.made_jump)
+            return sol.ys
+
+        solve(jnp.asarray(1.0))
+        (made_jump,) = seen
+        return made_jump if isinstance(made_jump, bool) else "traced"
+
+    assert kinds(diffeqx) == kinds(diffrax)
+    if controller != "clip_jump":
+        assert kinds(diffeqx) is False

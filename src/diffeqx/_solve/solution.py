@@ -80,7 +80,11 @@ def build_solution(spec, saveat, final, t0, t1, y0, throw, max_steps, event):
         result=result,
         solver_state=final.solver_state if saveat.solver_state else None,
         controller_state=final.controller_state if saveat.controller_state else None,
-        made_jump=final.made_jump if saveat.made_jump else None,
+        # A controller that never jumps (and no `made_jump` given to resume from):
+        # `False` itself, known when the program is traced, as in Diffrax.
+        made_jump=(final.made_jump if spec.may_jump else False)
+        if saveat.made_jump
+        else None,
         event_mask=event_mask,
         event_ts=event_ts,
         event_ys=event_ys,
