@@ -2,7 +2,7 @@
 driving path (`tests/compat/_sde_paths.py`: closed-form `W`, `H`, `K`), with
 constant and adaptive steps.
 
-Two differences are intentional and tested as such:
+Three differences are intentional and tested as such:
 
 - *Coefficients for 1e-3 < gamma h < taylor_threshold.* Below the threshold
   (0.1 by default) Diffrax sums the coefficients' Taylor series to `h^5`, which
@@ -10,6 +10,10 @@ Two differences are intentional and tested as such:
   the K weight at `gamma h = 0.1`); diffeqx sums enough terms for the dtype's
   rounding. Elsewhere both are exact to rounding, and the solves agree to 1e-12;
   in between they agree to the size of Diffrax's truncation.
+- *float32 and lower precision.* From the threshold on Diffrax uses closed forms,
+  which cancel for small `gamma h`; diffeqx sums the series below `gamma h = 1`
+  (3 for the Lévy-area weights) whatever the threshold, and computes the
+  coefficients in at least float32.
 - *Backward solves.* Diffrax chooses between series and closed forms by the sign
   of `gamma h`, not its size, so the negative steps of a backward solve always
   use its truncated series (relative error 1.7e-2 in `exp(-gamma h)` at
@@ -129,6 +133,37 @@ def test_truncated_series_of_diffrax_is_the_only_difference_in_between(name):
     assert ours["stats"] == theirs["stats"]
     for key in ("x", "v"):
         np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ShOULD",
+        pytest.param("ALIGN", marks=pytest.mark.slow),
+        pytest.param("QUICSORT", marks=pytest.mark.slow),
+    ],
+)
+def test_float32_coefficients_do_not_cancel_where_diffrax_s_do(name):
+    # gamma h = 0.1 and 0.15: from the threshold on Diffrax computes closed forms
+    # that cancel in float32 (its K weight of ShOULD is off by up to 2.3 times its
+    # value near 0.13); diffeqx sums the series there. Measured: diffeqx's float32
+    # solves within 8e-7 of the float64 one, Diffrax's 3e-5 to 1.3e-4.
+    def final(lib, dtype):
+        path = polynomial_path(lib, (2,), _levy(lib, name), dtype=dtype, seed=2)
+        gamma, u = jnp.asarray([0.2, 0.3], dtype), jnp.asarray([1.3, 0.8], dtype)
+        terms = lib.MultiTerm(
+            lib.UnderdampedLangevinDriftTerm(gamma, u, _grad),
+            lib.UnderdampedLangevinDiffusionTerm(gamma, u, path),
+        )
+        t0, t1, dt0 = (jnp.asarray(t, dtype) for t in (0.0, 3.0, 0.5))
+        y0 = (jnp.asarray([0.5, -0.2], dtype), jnp.asarray([0.1, 0.3], dtype))
+        sol = lib.diffeqsolve(terms, getattr(lib, name)(), t0, t1, dt0, y0)
+        return np.concatenate([np.asarray(part[-1], np.float64) for part in sol.ys])
+
+    exact = final(diffeqx, jnp.float64)
+    np.testing.assert_allclose(final(diffrax, jnp.float64), exact, rtol=1e-12)
+    assert np.max(np.abs(final(diffeqx, jnp.float32) - exact)) < 2e-6
+    assert np.max(np.abs(final(diffrax, jnp.float32) - exact)) > 1e-5
 
 
 class _HNegated(diffrax.AbstractBrownianPath):

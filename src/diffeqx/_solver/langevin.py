@@ -48,16 +48,18 @@ Oberhauser, "The shifted ODE method for underdamped Langevin MCMC", 2021):
   of Chada, Leimkuhler, Paulin & Whalley (2024).
 
 **The functions `phi_k`.** They depend on `gamma h` only. For `|gamma h|` below
-`taylor_threshold` they are summed as their Taylor series, with enough terms for
-the dtype's rounding at the threshold (the weights of `H` and `K`, which are
-combinations of `phi_2 ... phi_5`, have their own series with positive terms).
-Above it they come from `exp` and `expm1` by `phi_{k+1} = (phi_k - 1/k!) / z`,
-and for `|gamma h| >= 3` the weights of `H` and `K` from their forms in `exp(z)`,
-whose terms do not cancel there. The closed forms lose digits as `|gamma h|`
-approaches the threshold from above (float64, relative: up to 6e-10 for the weight
-of `K` just above 0.1, 1e-11 at 0.3, 2e-13 from 1 on; measured against 80-digit
-arithmetic in the tests). The coefficients are computed once per step size and
-kept in the solver state: a step whose size differs from the last one's by no
+`taylor_threshold`, and below 1 whatever the threshold, they are summed as their
+Taylor series, with enough terms for the dtype's rounding (the weights of `H` and
+`K`, which are combinations of `phi_2 ... phi_5`, have their own series with
+positive coefficients, summed below 3 whatever the threshold). Beyond, they come
+from `exp` and `expm1` by `phi_{k+1} = (phi_k - 1/k!) / z`, and the weights of
+`H` and `K` from their forms in `exp(z)`. Those closed forms cancel for small
+`|gamma h|` (relative errors about `eps / |gamma h|^k`: the weight of `K` lost
+half its value in float32 at `gamma h = 0.12` when the closed forms started at
+the threshold), which is why the series reach further. The coefficients are
+computed in the wider of the state's and the times' dtypes, and in at least
+float32, then rounded to the state's dtype. They are computed once per step size
+and kept in the solver state: a step whose size differs from the last one's by no
 more than the rounding of its end times reuses them.
 """
 
@@ -94,6 +96,11 @@ from .base import AbstractAdaptiveSolver, AbstractStratonovichSolver
 
 # ---- the functions phi_k -------------------------------------------------------------
 
+# The series are summed for `|z|` below these whatever `taylor_threshold` says (see
+# `_phis` and `_area_weights`).
+_MODERATE = 1.0
+_LARGE = 3.0
+
 
 def _taylor_length(threshold: float, dtype) -> int:
     """How many terms of the series below make the truncation error, relative to
@@ -127,6 +134,10 @@ def _horner(z, coefficients: list):
 
 def _phis(z, kmax: int, threshold: float) -> list:
     """`[phi_0(z), ..., phi_kmax(z)]`, elementwise, in the dtype of `z`."""
+    # Below `|z| = 1` the closed forms lose up to `eps / |z|^k` relative to
+    # cancellation (phi_2: 20 roundings at `|z| = 0.1`): the series is summed there
+    # whatever the threshold.
+    threshold = max(float(threshold), _MODERATE)
     small, z_series, z_closed = _split(z, threshold)
     n = _taylor_length(threshold, jnp.result_type(z))
     top = _horner(z_series, [1.0 / math.factorial(m + kmax) for m in range(n)])
@@ -146,11 +157,6 @@ def _phis_closed(z, kmax: int) -> list:
     return out[: kmax + 1]
 
 
-# Beyond this |z| the weights of the Lévy areas use their closed forms in `exp(z)`
-# directly: the combinations of phi's below cancel to leading order in 1/z there.
-_LARGE = 3.0
-
-
 def _area_weights(z, threshold: float, with_k: bool) -> list:
     """`[psi_h(z)]` or `[psi_h(z), psi_k(z)]`: the weights of the Lévy areas `H` and
     `K` (up to powers of `h`),
@@ -160,36 +166,25 @@ def _area_weights(z, threshold: float, with_k: bool) -> list:
         psi_k = phi_3 - 6 phi_4 + 12 phi_5 = sum_m (m + 1)(m + 2) z^m / (m + 5)!
               = (e^z (z^2 - 6 z + 12) - (z^2 + 6 z + 12)) / z^5.
 
-    The series (positive coefficients: no cancellation) below the threshold; above
-    it the phi's for moderate `|z|` and the forms in `exp(z)` for large `|z|`."""
+    The series below the threshold and below `|z| = 3`, the forms in `exp(z)`
+    beyond: they cancel to about `eps / |z|^5` relative in `psi_k` (half its value
+    in float32 at `|z| = 0.12`), as the combinations of phi's do."""
+    threshold = max(float(threshold), _LARGE)
     small, z_series, z_closed = _split(z, threshold)
     n = _taylor_length(threshold, jnp.result_type(z))
-    large = jnp.abs(z_closed) >= _LARGE
-    z_mid = jnp.where(large, -jnp.ones_like(z), z_closed)
-    z_big = jnp.where(large, z_closed, -_LARGE * jnp.ones_like(z))
-    phi = _phis_closed(z_mid, 5 if with_k else 3)
-    e = jnp.exp(z_big)
+    e = jnp.exp(z_closed)
     out = [
         jnp.where(
             small,
             _horner(z_series, [(m + 1) / math.factorial(m + 3) for m in range(n)]),
-            jnp.where(
-                large,
-                (2 + z_big - e * (2 - z_big)) / z_big**3,
-                phi[2] - 2 * phi[3],
-            ),
+            (2 + z_closed - e * (2 - z_closed)) / z_closed**3,
         )
     ]
     if with_k:
         series = [(m + 1) * (m + 2) / math.factorial(m + 5) for m in range(n)]
-        big = (e * (z_big * (z_big - 6) + 12) - (z_big * (z_big + 6) + 12)) / z_big**5
-        out.append(
-            jnp.where(
-                small,
-                _horner(z_series, series),
-                jnp.where(large, big, phi[3] - 6 * phi[4] + 12 * phi[5]),
-            )
-        )
+        zc = z_closed
+        closed = (e * (zc * (zc - 6) + 12) - (zc * (zc + 6) + 12)) / zc**5
+        out.append(jnp.where(small, _horner(z_series, series), closed))
     return out
 
 
@@ -499,10 +494,20 @@ class AbstractFosterLangevinSRK(AbstractStratonovichSolver[_LangevinState]):
 
 @eqx.filter_jit
 def _coefficients_program(solver, h, gammas) -> tuple:
-    return tuple(
-        solver._coefficients(jnp.asarray(h, dtype=jnp.result_type(g)), g)
-        for g in gammas
-    )
+    out = []
+    for g in gammas:
+        dtype = jnp.result_type(g)
+        # Computed in the wider of the leaf's and the times' dtypes, and in at least
+        # single precision, then rounded to the leaf's dtype: in half precision the
+        # closed forms cancel to nothing (phi_2 of gamma h = 3e-4 is 0 in float16,
+        # and phi_5 overflows).
+        work = max(
+            (jnp.dtype(d) for d in ("float32", dtype, jnp.result_type(h))),
+            key=lambda d: jnp.finfo(d).bits,
+        )
+        c = solver._coefficients(jnp.asarray(h, dtype=work), jnp.asarray(g, dtype=work))
+        out.append({k: v.astype(dtype) for k, v in c.items()})
+    return tuple(out)
 
 
 def _check_same(value, a, b, x0, what: str, owner: str):
@@ -551,10 +556,12 @@ class ALIGN(AbstractFosterLangevinSRK, AbstractAdaptiveSolver):
 
     - `taylor_threshold`: below this value of `|gamma * h|` the coefficients are
       summed as Taylor series (to the dtype's rounding), above it computed from
-      exponentials, which lose a few digits just above a small threshold (in
-      float64, relative errors up to 1e-13 for ALIGN's coefficients and 6e-10 for
-      the weight of `K` in ShOULD at 0.1; far below the methods' own errors). A
-      threshold of 1 keeps every coefficient within about 2e-13.
+      exponentials. Where those would cancel (`|gamma * h|` below 1, and below 3
+      for the weights of the Lévy areas) the series is summed whatever the
+      threshold: with the default or any smaller threshold every coefficient is
+      within a few roundings for `|gamma * h|` below 3 (relative: 1e-15 in
+      float64, 3e-7 in float32); beyond, the rounding of `gamma * h` itself, which
+      `exp` amplifies by `|gamma * h|`, dominates.
 
     ??? cite "Reference"
 
