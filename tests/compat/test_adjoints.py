@@ -275,3 +275,36 @@ def test_backsolve_gradient_with_respect_to_python_float_args_matches_diffrax():
         strict=True,
     ):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-10)
+
+
+def test_backsolve_differentiates_closed_over_values_that_diffrax_refuses():
+    # Diffrax's BacksolveAdjoint raises JAX's CustomVJPException for a gradient
+    # with respect to a value a plain-function vector field closes over (Diffrax's
+    # own test_adjoint.py::test_closure_errors). diffeqx converts the closure and
+    # gives the gradient both libraries give when the same value is passed as
+    # `args`.
+    a = jnp.array([0.7, 1.3])
+
+    def loss(lib, a, closed):
+        def field(t, y, args):
+            coefficient = a if closed else args
+            return -coefficient * y + 0.4 * jnp.sin(y[::-1])
+
+        sol = lib.diffeqsolve(
+            lib.ODETerm(field),
+            lib.Heun(),
+            0.0,
+            1.0,
+            0.05,
+            Y0,
+            None if closed else a,
+            adjoint=lib.BacksolveAdjoint(),
+        )
+        return jnp.sum(sol.ys**2)
+
+    with pytest.raises(Exception, match="closed-over value"):
+        jax.jit(jax.grad(lambda a: loss(diffrax, a, True)))(a)
+    closed = jax.jit(jax.grad(lambda a: loss(diffeqx, a, True)))(a)
+    for lib in (diffeqx, diffrax):
+        via_args = jax.jit(jax.grad(lambda a, lib=lib: loss(lib, a, False)))(a)
+        np.testing.assert_allclose(closed, via_args, rtol=1e-12, atol=1e-14)
