@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from .._path.local import accumulation_dtype
 from .._profile import aval_bytes
 from .._solution import RESULTS
 from .._term import AbstractTerm, MultiTerm, scales_vector_field
@@ -423,13 +424,14 @@ def _weighted_sum(weights, stages: list, scale=None):
         if not terms:
             return jnp.zeros_like(xs[0])
         out = None
+        dtype = accumulation_dtype(xs[0].dtype)
         for (w, _), x in zip(terms, xs, strict=True):
-            weight = jnp.asarray(w, x.dtype)
+            weight = jnp.asarray(w, dtype)
             if scale is not None:
-                weight = weight * jnp.asarray(scale, x.dtype)
-            term = weight * x
+                weight = weight * jnp.asarray(scale, dtype)
+            term = weight * x.astype(dtype)
             out = term if out is None else out + term
-        return out
+        return out.astype(xs[0].dtype)
 
     if not terms:
         return jtu.tree_map(_leaf, stages[0])
@@ -474,8 +476,10 @@ def _combine(weights, stages):
     steps, use `_weighted_sum` instead.)"""
 
     def _leaf(x):
-        w = jnp.asarray(weights).astype(x.dtype)
-        return jnp.tensordot(w, x, axes=1, precision=lax.Precision.HIGHEST)
+        dtype = accumulation_dtype(x.dtype)
+        w = jnp.asarray(weights).astype(dtype)
+        out = jnp.tensordot(w, x.astype(dtype), axes=1, precision=lax.Precision.HIGHEST)
+        return out.astype(x.dtype)
 
     return jtu.tree_map(_leaf, stages)
 
