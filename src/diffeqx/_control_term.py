@@ -282,7 +282,7 @@ class WeaklyDiagonalControlTerm(_AbstractControlTerm):
 
     def __init__(self, vector_field: Callable[..., PyTree], control):
         warnings.warn(
-            "`WeaklyDiagonalControlTerm` is deprecated (as it is in Diffrax). Use "
+            "`WeaklyDiagonalControlTerm` is now deprecated (as it is in Diffrax). Use "
             "`ControlTerm(vector_field, control)` with a vector field that returns "
             "`lineax.DiagonalLinearOperator(diagonal)`, where `diagonal` is what "
             "this vector field returns now.",

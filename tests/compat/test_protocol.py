@@ -394,10 +394,12 @@ def test_abstract_solver_with_error_estimate_steps_as_in_diffrax(rtol):
     np.testing.assert_allclose(ours.ys, theirs.ys, rtol=1e-4)
 
 
-def _recorded_warnings(fn):
+def _recorded_warnings(fn, messages=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = fn()
+    if messages is not None:
+        messages.extend(str(w.message) for w in caught)
     return out, [w.category for w in caught]
 
 
@@ -405,16 +407,23 @@ def test_weakly_diagonal_control_term_warns_as_in_diffrax_and_solves_the_same():
     ts = jnp.linspace(0.0, 1.0, 11)
     ys = {}
     categories = {}
+    messages = {}
     for name, lib in LIBS.items():
         control = lib.LinearInterpolation(ts, jnp.stack([ts, ts**2], -1))
+        messages[name] = []
         term, categories[name] = _recorded_warnings(
             lambda lib=lib, control=control: lib.WeaklyDiagonalControlTerm(
                 lambda t, y, args: -y, control
-            )
+            ),
+            messages[name],
         )
         sol = lib.diffeqsolve(term, lib.Heun(), 0.0, 1.0, 0.1, jnp.array([1.0, 2.0]))
         ys[name] = np.asarray(sol.ys)
     assert categories["diffeqx"] == categories["diffrax"] == [UserWarning]
+    # Code that checks the warning by its opening words (as Diffrax's own
+    # test_adjoint.py::test_sde_against does) sees the same.
+    opening = "`WeaklyDiagonalControlTerm` is now deprecated"
+    assert all(m[0].startswith(opening) for m in messages.values()), messages
     np.testing.assert_allclose(ys["diffeqx"], ys["diffrax"], rtol=1e-14)
 
 
