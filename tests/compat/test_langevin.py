@@ -118,14 +118,12 @@ def test_adaptive_align_matches_diffrax():
     _assert_same(ours, theirs, rtol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "ALIGN",
-        pytest.param("ShOULD", marks=pytest.mark.slow),
-        pytest.param("QUICSORT", marks=pytest.mark.slow),
-    ],
-)
+def _first_fast(first, *slow):
+    """Parameters: `first` in the default run, the others in the slow one."""
+    return [first, *(pytest.param(name, marks=pytest.mark.slow) for name in slow)]
+
+
+@pytest.mark.parametrize("name", _first_fast("ALIGN", "ShOULD", "QUICSORT"))
 def test_truncated_series_of_diffrax_is_the_only_difference_in_between(name):
     # gamma h = 0.05: Diffrax's series stops at h^5 (see the module docstring).
     ours = _solve(diffeqx, name, [0.5, 0.25], 0.1)
@@ -135,14 +133,7 @@ def test_truncated_series_of_diffrax_is_the_only_difference_in_between(name):
         np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "ShOULD",
-        pytest.param("ALIGN", marks=pytest.mark.slow),
-        pytest.param("QUICSORT", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.parametrize("name", _first_fast("ShOULD", "ALIGN", "QUICSORT"))
 def test_float32_coefficients_do_not_cancel_where_diffrax_s_do(name):
     # gamma h = 0.1 and 0.15: from the threshold on Diffrax computes closed forms
     # that cancel in float32 (its K weight of ShOULD is off by up to 2.3 times its
