@@ -38,7 +38,8 @@ def test_half_precision_constant_steps_are_diffrax_s_steps_with_smaller_errors(
     assert ours.ys.dtype == theirs.ys.dtype == dtype
     assert int(ours.stats["num_steps"]) == int(theirs.stats["num_steps"])
     np.testing.assert_array_equal(np.asarray(ours.ts), np.asarray(theirs.ts))
-    # Measured: diffeqx within 0.61 roundings, Diffrax 1.5 to 39.
+    # Measured, relative to the dtype's epsilon: diffeqx within 0.61, Diffrax
+    # 1.5 to 39.
     eps = float(jnp.finfo(dtype).eps)
     assert our_error <= eps
     assert our_error <= their_error

@@ -26,8 +26,8 @@ def accumulation_dtype(dtype):
     """The dtype in which combinations of a state's values are computed: float32
     for states of a narrower float dtype (float16, bfloat16), whose own rounding of
     the weights and of every partial sum would dominate (Tsit5 in bfloat16 on
-    `y' = -y`, one step of 0.4: 12 roundings off rather than 1; its interpolant at
-    the step's end 28 off); the state's own dtype otherwise. Results are rounded
+    `y' = -y`, one step of 0.4: 12 ULPs off rather than 1; its interpolant at the
+    step's end 28 ULPs off); the state's own dtype otherwise. Results are rounded
     back to the state's dtype."""
     dtype = jnp.dtype(dtype)
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
