@@ -23,6 +23,7 @@ import numpy as np
 from jaxtyping import PyTree
 
 from .._path.base import AbstractPath
+from .._path.local import accumulation_dtype
 from .levy import AbstractBrownianIncrement
 
 
@@ -97,10 +98,6 @@ def normalise_shape(shape, owner: str) -> PyTree[jax.ShapeDtypeStruct]:
     return shape
 
 
-def _half(dtype) -> bool:
-    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
-
-
 def sampled_shape(shape) -> PyTree[jax.ShapeDtypeStruct]:
     """The real Brownian motion a path samples for `shape`: a complex leaf becomes
     its real and imaginary parts, a trailing axis of 2 in the matching real dtype;
@@ -110,9 +107,8 @@ def sampled_shape(shape) -> PyTree[jax.ShapeDtypeStruct]:
     def real(leaf):
         if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
             return jax.ShapeDtypeStruct(leaf.shape + (2,), jnp.finfo(leaf.dtype).dtype)
-        if _half(leaf.dtype):
-            return jax.ShapeDtypeStruct(leaf.shape, jnp.float32)
-        return leaf
+        dtype = accumulation_dtype(leaf.dtype)
+        return leaf if dtype == leaf.dtype else jax.ShapeDtypeStruct(leaf.shape, dtype)
 
     return jtu.tree_map(real, shape)
 
@@ -131,7 +127,7 @@ def as_shape(sample, shape):
         return x.astype(s.dtype)
 
     def interval(x, s):
-        return x.astype(s.dtype) if _half(s.dtype) else x
+        return x if accumulation_dtype(s.dtype) == s.dtype else x.astype(s.dtype)
 
     def tree(x, fn=leaf):
         return jtu.tree_map(fn, x, shape)

@@ -89,7 +89,7 @@ from .._langevin import (
     per_leaf,
     split_state,
 )
-from .._path.local import LocalLinearInterpolation
+from .._path.local import LocalLinearInterpolation, accumulation_dtype
 from .._solution import RESULTS
 from .._term import MultiTerm
 from .base import AbstractAdaptiveSolver, AbstractStratonovichSolver
@@ -502,7 +502,8 @@ def _coefficients_program(solver, h, gammas) -> tuple:
         # closed forms cancel to nothing (phi_2 of gamma h = 3e-4 is 0 in float16,
         # and phi_5 overflows).
         work = max(
-            (jnp.dtype(d) for d in ("float32", dtype, jnp.result_type(h))),
+            accumulation_dtype(dtype),
+            jnp.dtype(jnp.result_type(h)),
             key=lambda d: jnp.finfo(d).bits,
         )
         c = solver._coefficients(jnp.asarray(h, dtype=work), jnp.asarray(g, dtype=work))
