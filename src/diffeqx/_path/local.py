@@ -29,7 +29,8 @@ def accumulation_dtype(dtype):
     `y' = -y`, one step of 0.4: 12 ULPs off rather than 1; its interpolant at the
     step's end 28 ULPs off); the state's own dtype otherwise. Results are rounded
     back to the state's dtype. (Brownian paths sample half-precision leaves in it,
-    and Langevin coefficients are computed in it at least.)"""
+    Langevin coefficients are computed in it at least, and the SDE solvers combine
+    their stages and increments in it.)"""
     dtype = jnp.dtype(dtype)
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
         return jnp.dtype("float32")

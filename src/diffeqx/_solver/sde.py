@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float
 
-from .._path.local import LocalLinearInterpolation
+from .._path.local import LocalLinearInterpolation, accumulation_dtype
 from .._solution import RESULTS, succeeded, where_result
 from .._term import AbstractTerm, MultiTerm
 from .base import (
@@ -36,6 +36,20 @@ _DRIFT_AND_DIFFUSION = MultiTerm[
 
 def _add(*trees):
     return jtu.tree_map(lambda *xs: sum(xs[1:], xs[0]), *trees)
+
+
+def _combined(fn, y0, *trees):
+    """`fn(y, *xs)` leafwise over `y0` and `trees`, computed in the state's
+    `accumulation_dtype` (float32 for float16 and bfloat16 states, whose own
+    rounding of every partial sum would add up) and rounded to its dtype once."""
+
+    def leaf(y, *xs):
+        dtype = accumulation_dtype(jnp.result_type(y))
+        return fn(jnp.asarray(y).astype(dtype), *(x.astype(dtype) for x in xs)).astype(
+            jnp.result_type(y)
+        )
+
+    return jtu.tree_map(leaf, y0, *trees)
 
 
 class _DriftDiffusionSolver(AbstractSolver):
@@ -86,8 +100,8 @@ class _Milstein(_DriftDiffusionSolver):
             # are dW_j dW_k, so the correction is half the directional derivative
             # of the diffusion's product with dW along g(y0) dW.
             correction = _milstein_correction(diffusion, t0, y0, args, dw, g0)
-        y1 = jtu.tree_map(
-            lambda y, f, g, c: y + f + g + jnp.asarray(0.5, jnp.result_type(y)) * c,
+        y1 = _combined(
+            lambda y, f, g, c: y + f + g + jnp.asarray(0.5, y.dtype) * c,
             y0,
             f0,
             g0,
@@ -117,8 +131,8 @@ class EulerHeun(_DriftDiffusionSolver, AbstractStratonovichSolver):
         diffusion, _, dw, f0, g0 = self._euler_parts(terms, t0, t1, y0, args)
         y_predicted = _add(y0, g0)
         g1 = diffusion.vf_prod(t0, y_predicted, args, dw)
-        y1 = jtu.tree_map(
-            lambda y, f, a, b: y + f + jnp.asarray(0.5, jnp.result_type(y)) * (a + b),
+        y1 = _combined(
+            lambda y, f, a, b: y + f + jnp.asarray(0.5, y.dtype) * (a + b),
             y0,
             f0,
             g0,
@@ -233,8 +247,8 @@ class ReversibleHeun(AbstractAdaptiveSolver, AbstractStratonovichSolver):
         # afresh at the state.
         vf0 = refreshed_after_jump(made_jump, lambda: terms.vf(t0, y0, args), vf0)
         control = terms.contr(t0, t1)
-        y_hat1 = jtu.tree_map(
-            lambda y, yh, dy: jnp.asarray(2.0, jnp.result_type(y)) * y - yh + dy,
+        y_hat1 = _combined(
+            lambda y, yh, dy: jnp.asarray(2.0, y.dtype) * y - yh + dy,
             y0,
             y_hat0,
             terms.prod(vf0, control),

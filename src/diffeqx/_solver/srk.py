@@ -39,7 +39,7 @@ from .._brownian.levy import (
     AbstractSpaceTimeLevyArea,
     AbstractSpaceTimeTimeLevyArea,
 )
-from .._path.local import LocalLinearInterpolation
+from .._path.local import LocalLinearInterpolation, accumulation_dtype
 from .._solution import RESULTS
 from .._term import AbstractTerm, MultiTerm
 from . import srk_coefficients as sco
@@ -359,16 +359,19 @@ def _cast_like(y0, tree):
 
 def _add_weighted(y0, pairs):
     """`y0 + Σ w x` over `(w, x)` in `pairs` (`w` a Python number, `x` a PyTree like
-    `y0`), leaving out zero weights: elementwise sums that XLA fuses."""
+    `y0`), leaving out zero weights: elementwise sums that XLA fuses. Computed in the
+    state's `accumulation_dtype` (float32 for float16 and bfloat16 states) and
+    rounded to the state's dtype once."""
     pairs = [(float(w), x) for w, x in pairs if w != 0]
     if not pairs:
         return y0
 
     def leaf(y, *xs):
-        out = y
+        dtype = accumulation_dtype(y.dtype)
+        out = y.astype(dtype)
         for (w, _), x in zip(pairs, xs, strict=True):
-            out = out + jnp.asarray(w, dtype=y.dtype) * x
-        return out
+            out = out + jnp.asarray(w, dtype=dtype) * x.astype(dtype)
+        return out.astype(y.dtype)
 
     return jtu.tree_map(leaf, y0, *(x for _, x in pairs))
 
