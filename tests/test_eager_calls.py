@@ -293,7 +293,9 @@ def test_eager_failure_is_an_equinox_runtime_error_with_the_message_only(caplog)
             max_steps=5,
         ).ys  # fmt: skip
 
-    message = "The maximum number of solver steps was reached before `t1`."
+    message = (
+        "The maximum number of solver steps was reached. Try increasing `max_steps`"
+    )
     with caplog.at_level(logging.DEBUG):
         with pytest.raises(eqx.EquinoxRuntimeError) as info:
             solve(jnp.ones(2))

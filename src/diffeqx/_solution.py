@@ -30,19 +30,26 @@ with warnings.catch_warnings():
         `RESULTS.promote(optx_result)`.
         """
 
+        # Each message opens with the first sentence of Diffrax's (so that text
+        # matched against Diffrax's messages matches these too), then says what to
+        # try. (`internal_error` names this library instead.)
         max_steps_reached = (
-            "The maximum number of solver steps was reached before `t1`. Increase "
-            "`max_steps` (or pass `max_steps=None` with an adjoint that allows it), "
-            "or check whether the problem is stiff."
+            "The maximum number of solver steps was reached. Try increasing "
+            "`max_steps`. (Or pass `max_steps=None` with an adjoint that allows it; "
+            "a solve taking many small steps may be stiff: try an implicit solver.)"
         )
         dt_min_reached = (
-            "The step size controller wanted a step smaller than `dtmin`. Decrease "
+            "The minimum step size was reached in the differential equation solver. "
+            "The step size controller wanted a step smaller than `dtmin`: decrease "
             "`dtmin`, pass `force_dtmin=True`, or loosen `rtol`/`atol`."
         )
-        event_occurred = "Terminating solve because an event occurred."
+        event_occurred = (
+            "Terminating differential equation solve because an event occurred."
+        )
         max_steps_rejected = (
-            "More steps were rejected than `ClipStepSizeController` can store: "
-            "increase its `store_rejected_steps`."
+            "Maximum number of rejected steps was reached. More steps were rejected "
+            "than `ClipStepSizeController` can store: increase its "
+            "`store_rejected_steps`."
         )
         internal_error = (
             "An internal error occurred in diffeqx. This is a bug: please report it "

@@ -132,6 +132,20 @@ def test_results_has_every_diffrax_code_at_the_same_index():
     assert {"non_finite_state", "dt0_wrong_sign"} <= set(ours)
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["max_steps_reached", "dt_min_reached", "event_occurred", "max_steps_rejected"],
+)
+def test_results_messages_open_with_diffrax_s_first_sentence(name):
+    # Error text matched against Diffrax's messages (`pytest.raises(match=...)`,
+    # string checks on `throw=True` errors) matches diffeqx's, which then go on to
+    # say what to try. (`internal_error` names the library it occurred in.)
+    theirs = diffrax.RESULTS[getattr(diffrax.RESULTS, name)]
+    ours = diffeqx.RESULTS[getattr(diffeqx.RESULTS, name)]
+    first_sentence = theirs.split(". ")[0]
+    assert ours.startswith(first_sentence), (ours, theirs)
+
+
 @pytest.mark.parametrize("name", _names(optx.RESULTS))
 def test_optimistix_result_promotes_into_results(name):
     promoted = diffeqx.RESULTS.promote(getattr(optx.RESULTS, name))
