@@ -617,3 +617,34 @@ def test_unusable_times_raise_an_error_diffraxs_handlers_catch(kwargs):
                 y0=jnp.array([2.1]),
                 **arguments,
             )
+
+
+def _constant_step_stats(lib, how):
+    term = lib.ODETerm(lambda t, y, args: -y)
+    solver = lib.Euler() if how == "euler" else lib.Tsit5()
+
+    def stats(y0):
+        sol = lib.diffeqsolve(term, solver, 0.0, 1.0, 0.1, y0)
+        return sol.ys[-1, 0], sol.stats
+
+    y0 = jnp.ones(1)
+    if how == "grad":
+        return jax.grad(stats, has_aux=True)(y0)[1]
+    if how == "vmap":
+        return jax.vmap(stats)(jnp.ones((2, 1)))[1]
+    return (jax.jit(stats) if how == "jit" else stats)(y0)[1]
+
+
+@pytest.mark.parametrize("how", ["call", "jit", "grad", "vmap", "euler"])
+def test_step_counts_are_weakly_typed_as_in_diffrax(how):
+    # The counters start at Python 0 in both libraries; diffeqx's constant-step
+    # path updated them with integer arrays, which made them strongly typed, so
+    # that under strict dtype promotion `num_steps * float32` raised where Diffrax's
+    # result is a float32.
+    ours, theirs = (_constant_step_stats(lib, how) for lib in (diffeqx, diffrax))
+    for key in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
+        assert jax.typeof(ours[key]).weak_type == jax.typeof(theirs[key]).weak_type
+        np.testing.assert_array_equal(np.asarray(ours[key]), np.asarray(theirs[key]))
+    with jax.numpy_dtype_promotion("strict"):
+        scaled = ours["num_steps"] * jnp.float32(0.5)
+    assert scaled.dtype == jnp.float32

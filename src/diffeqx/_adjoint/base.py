@@ -204,6 +204,15 @@ def _weakly_typed(leaf) -> bool:
     return bool(getattr(jax.typeof(leaf), "weak_type", False))
 
 
+def weak_type_as(value, like):
+    """`value` (a scalar of `like`'s dtype), weakly typed if `like` is: a counter
+    updated by an array keeps the weak type it started with (a Python `0`), as one
+    updated by Python numbers does."""
+    if _weakly_typed(like) and not _weakly_typed(value) and _convert_weak is not None:
+        return _convert_weak(value, jnp.result_type(like), weak_type=True)
+    return value
+
+
 def _vector_of(leaf, int_dtype):
     """The packed vector a scalar leaf joins (keyed by the vector's dtype), or None
     for a leaf kept as it is: arrays and other dtypes (and weakly typed scalars if

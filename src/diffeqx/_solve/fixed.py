@@ -29,6 +29,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.extend.core import jaxpr_as_fun
 
+from .._adjoint.base import weak_type_as
 from .._controller.constant import ConstantStepSize, constant_step_count
 from .._profile import aval_bytes, intermediate_bytes
 from .._solution import RESULTS, succeeded, where_result
@@ -177,9 +178,14 @@ def _state_after(state: LoopState, place: _Place, y, solver_state, status):
     return dataclasses.replace(
         place.on(state, y, solver_state),
         result=where_result(taken > 0, result, state.result),
-        num_steps=state.num_steps + taken.astype(state.num_steps.dtype),
-        num_accepted_steps=state.num_accepted_steps
-        + accepted.astype(state.num_accepted_steps.dtype),
+        # The counters keep the weak type they start with, as Diffrax's do.
+        num_steps=weak_type_as(
+            state.num_steps + taken.astype(state.num_steps.dtype), state.num_steps
+        ),
+        num_accepted_steps=weak_type_as(
+            state.num_accepted_steps + accepted.astype(state.num_accepted_steps.dtype),
+            state.num_accepted_steps,
+        ),
     )
 
 
