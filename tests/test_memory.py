@@ -230,3 +230,23 @@ def test_memory_statistics_see_per_step_storage():
 
     compiled = jax.jit(jax.grad(loss)).lower(jnp.ones(STATE_SIZE)).compile()
     assert _temp_bytes(compiled) >= 10_000 * STATE_SIZE * 8
+
+
+def test_default_stores_every_adaptive_step_only_within_its_bound(monkeypatch):
+    # With `checkpoints=None`, a loop whose `max_steps` states fit in
+    # `_EVERY_STEP_BYTES` stores every step's state (a smaller program, the same
+    # gradient); above the bound, the checkpoints of Equinox's default.
+    default = dfx.RecursiveCheckpointAdjoint()
+    t1 = 10.0  # about 235 steps
+    stored, steps, error = _adaptive_grad(default, t1, 1_000)
+    assert 200 <= steps <= 300 and error < 1e-5
+    assert stored >= 1_000 * STATE_SIZE * 8  # one state per step of `max_steps`
+    assert stored <= checkpoint_module._EVERY_STEP_BYTES
+    # The same solve with the bound set below it: checkpoints, far less memory.
+    monkeypatch.setattr(checkpoint_module, "_EVERY_STEP_BYTES", 1_000 * STATE_SIZE)
+    jax.clear_caches()  # the solve is otherwise reused as compiled with the default
+    checkpointed, _, checkpointed_error = _adaptive_grad(default, t1, 1_000)
+    assert checkpointed < stored / 4
+    # The same gradient, to the rounding of steps recomputed in another program
+    # (7e-10 of the gradient's largest entry here).
+    assert abs(checkpointed_error - error) < 1e-8

@@ -91,9 +91,16 @@ def _rounded_path(lib, levy_area, rounding, out):
     return RoundedPath()
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-@pytest.mark.parametrize("solver", ["SPaRK", "StratonovichMilstein"])
-def test_half_precision_sde_solves_round_less_than_diffrax_s(dtype, solver):
+@pytest.mark.parametrize(
+    "solver, dtype",
+    [
+        ("SPaRK", jnp.bfloat16),
+        ("StratonovichMilstein", jnp.float16),
+        pytest.param("SPaRK", jnp.float16, marks=pytest.mark.slow),
+        pytest.param("StratonovichMilstein", jnp.bfloat16, marks=pytest.mark.slow),
+    ],
+)
+def test_half_precision_sde_solves_round_less_than_diffrax_s(solver, dtype):
     # Diffrax combines an SDE step's stages and increments in the state's dtype,
     # diffeqx in float32, rounding once. On the same path values and step times
     # (those both libraries take with constant steps of 1/16 in `dtype`), against
