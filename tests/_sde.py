@@ -220,3 +220,53 @@ def assert_strong_order(
         f"expected {expected} +- {tolerance}; errors {errors}"
     )
     return order
+
+
+def rounded_path(lib, levy_area, rounding, out):
+    """A smooth stand-in for Brownian motion on [0, 1], an `AbstractBrownianPath` of
+    `lib` (`diffeqx` or `diffrax`), whose increments and Lévy areas are computed in
+    float64, rounded to `rounding`, and returned in `out`: a half-precision solve and
+    a float64 one see exactly the same values. `levy_area` is the class (of `lib`)
+    that `evaluate(..., use_levy=True)` returns."""
+
+    def w(t):
+        return jnp.stack([0.8 * jnp.sin(3.0 * t), jnp.cos(5.0 * t) - 1.0])
+
+    def rounded(x):
+        return x.astype(rounding).astype(out)
+
+    class RoundedPath(lib.AbstractBrownianPath):
+        @property
+        def t0(self):
+            return 0.0
+
+        @property
+        def t1(self):
+            return 1.0
+
+        @property
+        def shape(self):
+            return (2,)
+
+        @property
+        def levy_area(self):
+            return levy_area
+
+        def evaluate(self, t0, t1=None, left=True, use_levy=False):
+            s = jnp.asarray(t0, jnp.float64)
+            if t1 is None:
+                return rounded(w(s))
+            t = jnp.asarray(t1, jnp.float64)
+            if not use_levy:
+                return rounded(w(t) - w(s))
+            h = t - s
+            fields = dict(dt=rounded(h), W=rounded(w(t) - w(s)))
+            if issubclass(levy_area, lib.AbstractSpaceTimeLevyArea):
+                fields["H"] = rounded(0.1 * h * jnp.stack([jnp.sin(7 * s), jnp.cos(s)]))
+            if issubclass(levy_area, lib.AbstractSpaceTimeTimeLevyArea):
+                fields["K"] = rounded(
+                    0.02 * h * jnp.stack([jnp.cos(4 * s), jnp.sin(s)])
+                )
+            return levy_area(**fields)
+
+    return RoundedPath()

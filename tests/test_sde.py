@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 
 import diffeqx as dfx
-from _sde import PROBLEMS, assert_strong_order, brownian, strong_errors, terms_for
+from _sde import (
+    PROBLEMS,
+    assert_strong_order,
+    brownian,
+    rounded_path,
+    strong_errors,
+    terms_for,
+)
 
 # (solver, problem, calculus, expected strong order). The orders for commutative
 # noise are those of the methods' Milstein-type expansions; for non-commutative
@@ -574,53 +581,9 @@ def test_spark_with_stored_rejected_steps_on_non_commutative_noise():
 # ---- half precision ------------------------------------------------------------------
 
 
-class _RoundedPath(dfx.AbstractBrownianPath):
-    """A smooth stand-in for Brownian motion on [0, 1] whose increments and Lévy areas
-    are computed in float64 and rounded to `rounding`, then returned in `out`: a
-    half-precision solve and a float64 one see exactly the same values."""
-
-    levy_area: type = eqx.field(static=True)
-    shape: tuple = eqx.field(static=True)
-    rounding: object = eqx.field(static=True)
-    out: object = eqx.field(static=True)
-
-    @property
-    def t0(self):
-        return 0.0
-
-    @property
-    def t1(self):
-        return 1.0
-
-    def _round(self, x):
-        return x.astype(self.rounding).astype(self.out)
-
-    @staticmethod
-    def _w(t):
-        return jnp.stack([0.8 * jnp.sin(3.0 * t), jnp.cos(5.0 * t) - 1.0])
-
-    def evaluate(self, t0, t1=None, left=True, use_levy=False):
-        s = jnp.asarray(t0, jnp.float64)
-        if t1 is None:
-            return self._round(self._w(s))
-        t = jnp.asarray(t1, jnp.float64)
-        w = self._w(t) - self._w(s)
-        if not use_levy:
-            return self._round(w)
-        h = t - s
-        fields = dict(dt=self._round(h), W=self._round(w))
-        if issubclass(self.levy_area, dfx.AbstractSpaceTimeLevyArea):
-            fields["H"] = self._round(0.1 * h * jnp.stack([jnp.sin(7 * s), jnp.cos(s)]))
-        if issubclass(self.levy_area, dfx.AbstractSpaceTimeTimeLevyArea):
-            fields["K"] = self._round(
-                0.02 * h * jnp.stack([jnp.cos(4 * s), jnp.sin(s)])
-            )
-        return self.levy_area(**fields)
-
-
 def _rounded_path_solve(solver, rounding, dtype, steps=None):
     """256 solves (`vmap` over initial values) of a 2-dimensional SDE driven by
-    `_RoundedPath`, in `dtype`, with diagonal noise (additive for the methods that
+    `rounded_path`, in `dtype`, with diagonal noise (additive for the methods that
     need it); constant steps of 1/16, or `StepTo` the given `steps`. Returns the
     step times and the states at every step."""
     levy = dfx.SpaceTimeLevyArea
@@ -640,7 +603,7 @@ def _rounded_path_solve(solver, rounding, dtype, steps=None):
 
     terms = dfx.MultiTerm(
         dfx.ODETerm(lambda t, y, args: matrix @ y + jnp.sin(t).astype(dtype)),
-        dfx.ControlTerm(diffusion, _RoundedPath(levy, (2,), rounding, dtype)),
+        dfx.ControlTerm(diffusion, rounded_path(dfx, levy, rounding, dtype)),
     )
     if steps is None:
         t0, t1, dt0 = (jnp.asarray(x, dtype) for x in (0.0, 1.0, 0.0625))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import diffeqx
+from _sde import rounded_path
 
 diffrax = pytest.importorskip("diffrax")
 
@@ -46,51 +47,6 @@ def test_half_precision_constant_steps_are_diffrax_s_steps_with_smaller_errors(
     assert our_error <= their_error
 
 
-def _rounded_path(lib, levy_area, rounding, out):
-    """A smooth stand-in for Brownian motion on [0, 1], a path of `lib`, whose
-    increments and Lévy areas are computed in float64 and rounded to `rounding`:
-    a half-precision solve and a float64 one see the same values."""
-
-    def w(t):
-        return jnp.stack([0.8 * jnp.sin(3.0 * t), jnp.cos(5.0 * t) - 1.0])
-
-    def rounded(x):
-        return x.astype(rounding).astype(out)
-
-    class RoundedPath(lib.AbstractBrownianPath):
-        @property
-        def t0(self):
-            return 0.0
-
-        @property
-        def t1(self):
-            return 1.0
-
-        @property
-        def shape(self):
-            return (2,)
-
-        @property
-        def levy_area(self):
-            return levy_area
-
-        def evaluate(self, t0, t1=None, left=True, use_levy=False):
-            s = jnp.asarray(t0, jnp.float64)
-            if t1 is None:
-                return rounded(w(s))
-            t = jnp.asarray(t1, jnp.float64)
-            if not use_levy:
-                return rounded(w(t) - w(s))
-            h = t - s
-            return levy_area(
-                dt=rounded(h),
-                W=rounded(w(t) - w(s)),
-                H=rounded(0.1 * h * jnp.stack([jnp.sin(7 * s), jnp.cos(s)])),
-            )
-
-    return RoundedPath()
-
-
 @pytest.mark.parametrize(
     "solver, dtype",
     [
@@ -109,7 +65,7 @@ def test_half_precision_sde_solves_round_less_than_diffrax_s(solver, dtype):
 
     def solve(lib, state_dtype, steps=None):
         matrix = jnp.asarray([[-1.0, 0.3], [-0.2, -0.7]], state_dtype)
-        path = _rounded_path(lib, lib.SpaceTimeLevyArea, dtype, state_dtype)
+        path = rounded_path(lib, lib.SpaceTimeLevyArea, dtype, state_dtype)
         terms = lib.MultiTerm(
             lib.ODETerm(lambda t, y, args: matrix @ y + jnp.sin(t).astype(state_dtype)),
             lib.ControlTerm(
