@@ -694,7 +694,11 @@ def test_signature_matches_diffrax(name):
                 assert parameters(ours) == parameters(theirs), method
 
 
-@pytest.mark.parametrize("name, bound", [("Dopri8", 1e-5), ("Tsit5", 3e-6)])
+# Dopri8 (about 12 s, mostly compilation) in the slow run.
+@pytest.mark.parametrize(
+    "name, bound",
+    [pytest.param("Dopri8", 1e-5, marks=pytest.mark.slow), ("Tsit5", 3e-6)],
+)
 def test_float32_saves_and_gradients_at_a_steps_end_keep_float32_accuracy(name, bound):
     # A requested time at a step's end (here `t1`) is interpolated at theta = 1,
     # where the continuous extension's large polynomial coefficients cancel. The

@@ -160,7 +160,9 @@ def test_solve_statistics_keep_their_types_under_reverse_mode():
         assert jax.typeof(other).weak_type == jax.typeof(value).weak_type, name
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(jnp.float32, marks=pytest.mark.slow), jnp.float64]
+)
 def test_neural_ode_gradient_is_the_same_with_and_without_packing(dtype, monkeypatch):
     """The packed and unpacked checkpointed loops run the same arithmetic."""
     mlp = eqx.nn.MLP(

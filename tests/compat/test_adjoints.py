@@ -105,8 +105,10 @@ def test_backsolve_same_gradients_as_diffrax(save, backwards):
 
 
 # Euler (no solver state), Heun, and Bosh3 (first same as last, resumed across
-# segments).
-@pytest.mark.parametrize("solver", ["Euler", "Heun", "Bosh3"])
+# segments); Heun in the slow run.
+@pytest.mark.parametrize(
+    "solver", ["Euler", pytest.param("Heun", marks=pytest.mark.slow), "Bosh3"]
+)
 def test_backsolve_with_constant_steps_takes_diffraxs_backward_steps(solver):
     # Constant steps that do not divide the segments between the save times: each
     # backward segment continues the step sizes of the one before (as Diffrax's

@@ -153,14 +153,29 @@ def test_times_at_t0_stay_unsaved_after_a_failed_first_step(saveat):
     _assert_same_saves((0.0, 1.0, [0.0, 0.0, 0.5], jnp.array([jnp.nan, 1.0]), saveat))
 
 
-@pytest.mark.parametrize("saveat", _SAVEATS)
-@pytest.mark.parametrize("y0", [jnp.array([1.0, 2.0]), jnp.array([jnp.nan, 1.0])])
+@pytest.mark.parametrize(
+    "saveat, y0",
+    [
+        pytest.param(
+            saveat,
+            y0,
+            id=f"{i}-{name}",
+            # The default run: a finite `y0` with each `SaveAt`, a NaN one with the
+            # richest (about 4 s each, as both libraries compile eight programs).
+            marks=(pytest.mark.slow,)
+            if name == "nan" and i != len(_SAVEATS) - 1
+            else (),
+        )
+        for name, y0 in (("finite", (1.0, 2.0)), ("nan", (float("nan"), 1.0)))
+        for i, saveat in enumerate(_SAVEATS)
+    ],
+)
 def test_a_zero_length_solve_saves_as_diffrax_with_an_event_at_t0(saveat, y0):
     """With `t0 == t1` every requested time is `t0` and gets `y0`, with or without a
     terminating event that holds there (which Diffrax reports in `event_mask` but
     which stops nothing)."""
     for event in (None, "at t0"):
-        _assert_same_saves((0.0, 0.0, [0.0, 0.0], y0, saveat, event))
+        _assert_same_saves((0.0, 0.0, [0.0, 0.0], jnp.array(y0), saveat, event))
 
 
 @pytest.mark.parametrize(
