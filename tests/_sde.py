@@ -270,3 +270,54 @@ def rounded_path(lib, levy_area, rounding, out):
             return levy_area(**fields)
 
     return RoundedPath()
+
+
+# The Langevin problem of the half-precision tests: a quadratic potential, with
+# parameters and initial values exact in float16 and bfloat16.
+_LANGEVIN_Q = np.array([[2.0, 0.5], [0.5, 1.0]])
+
+
+def _langevin_gradient(x, args):
+    return jnp.asarray(_LANGEVIN_Q, dtype=x.dtype) @ x
+
+
+def langevin_half_precision_rms(lib, solver: str, dtype) -> tuple[float, int]:
+    """The root-mean-square relative error, in epsilons of `dtype`, at the end of an
+    underdamped Langevin solve in `dtype` with `lib` (constant steps of 1/64 on
+    [0, 1] and `rounded_path`), against a float64 solve with diffeqx on the same
+    path values and step times; and the number of steps."""
+
+    def solve(solve_lib, out, steps=None):
+        path = rounded_path(solve_lib, solve_lib.SpaceTimeTimeLevyArea, dtype, out)
+        gamma = jnp.asarray([1.5, 0.75], out)
+        u = jnp.asarray([1.0, 0.5], out)
+        terms = solve_lib.MultiTerm(
+            solve_lib.UnderdampedLangevinDriftTerm(gamma, u, _langevin_gradient),
+            solve_lib.UnderdampedLangevinDiffusionTerm(gamma, u, path),
+        )
+        if steps is None:
+            t0, t1, dt0 = (jnp.asarray(x, out) for x in (0.0, 1.0, 1 / 64))
+            controller = solve_lib.ConstantStepSize()
+        else:
+            t0, t1, dt0 = jnp.asarray(steps[0], out), jnp.asarray(steps[-1], out), None
+            controller = solve_lib.StepTo(ts=jnp.asarray(steps, out))
+        y0 = (jnp.asarray([1.0, -0.5], out), jnp.asarray([0.25, 0.5], out))
+        sol = solve_lib.diffeqsolve(
+            terms,
+            getattr(solve_lib, solver)(),
+            t0,
+            t1,
+            dt0,
+            y0,
+            saveat=solve_lib.SaveAt(steps=True),
+            stepsize_controller=controller,
+        )
+        n = int(sol.stats["num_steps"])
+        assert all(y.dtype == out for y in sol.ys)
+        ends = np.concatenate([np.asarray(y[n - 1], np.float64) for y in sol.ys])
+        return np.asarray(sol.ts[:n], np.float64), ends
+
+    times, ends = solve(lib, dtype)
+    _, reference = solve(dfx, jnp.float64, np.concatenate([[0.0], times]))
+    error = np.abs(ends - reference) / np.maximum(np.abs(reference), 0.25)
+    return float(np.sqrt(np.mean(error**2))) / float(jnp.finfo(dtype).eps), len(times)
