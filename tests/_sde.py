@@ -272,6 +272,28 @@ def rounded_path(lib, levy_area, rounding, out):
     return RoundedPath()
 
 
+def same_steps_solve(lib, terms, solver: str, y0, out, dt0: float, steps=None):
+    """`lib.diffeqsolve` on [0, 1] in dtype `out`, saving every step: constant steps
+    of `dt0` when `steps` is None, else exactly the times `steps` (`StepTo`), so that
+    a float64 solve can take a half-precision solve's steps."""
+    if steps is None:
+        t0, t1, dt = (jnp.asarray(x, out) for x in (0.0, 1.0, dt0))
+        controller = lib.ConstantStepSize()
+    else:
+        t0, t1, dt = jnp.asarray(steps[0], out), jnp.asarray(steps[-1], out), None
+        controller = lib.StepTo(ts=jnp.asarray(steps, out))
+    return lib.diffeqsolve(
+        terms,
+        getattr(lib, solver)(),
+        t0,
+        t1,
+        dt,
+        y0,
+        saveat=lib.SaveAt(steps=True),
+        stepsize_controller=controller,
+    )
+
+
 # The Langevin problem of the half-precision tests: a quadratic potential, with
 # parameters and initial values exact in float16 and bfloat16.
 _LANGEVIN_Q = np.array([[2.0, 0.5], [0.5, 1.0]])
@@ -295,23 +317,8 @@ def langevin_half_precision_rms(lib, solver: str, dtype) -> tuple[float, int]:
             solve_lib.UnderdampedLangevinDriftTerm(gamma, u, _langevin_gradient),
             solve_lib.UnderdampedLangevinDiffusionTerm(gamma, u, path),
         )
-        if steps is None:
-            t0, t1, dt0 = (jnp.asarray(x, out) for x in (0.0, 1.0, 1 / 64))
-            controller = solve_lib.ConstantStepSize()
-        else:
-            t0, t1, dt0 = jnp.asarray(steps[0], out), jnp.asarray(steps[-1], out), None
-            controller = solve_lib.StepTo(ts=jnp.asarray(steps, out))
         y0 = (jnp.asarray([1.0, -0.5], out), jnp.asarray([0.25, 0.5], out))
-        sol = solve_lib.diffeqsolve(
-            terms,
-            getattr(solve_lib, solver)(),
-            t0,
-            t1,
-            dt0,
-            y0,
-            saveat=solve_lib.SaveAt(steps=True),
-            stepsize_controller=controller,
-        )
+        sol = same_steps_solve(solve_lib, terms, solver, y0, out, 1 / 64, steps)
         n = int(sol.stats["num_steps"])
         assert all(y.dtype == out for y in sol.ys)
         ends = np.concatenate([np.asarray(y[n - 1], np.float64) for y in sol.ys])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import diffeqx
-from _sde import langevin_half_precision_rms, rounded_path
+from _sde import langevin_half_precision_rms, rounded_path, same_steps_solve
 
 diffrax = pytest.importorskip("diffrax")
 
@@ -73,24 +73,9 @@ def test_half_precision_sde_solves_round_less_than_diffrax_s(solver, dtype):
                 path,
             ),
         )
-        if steps is None:
-            t0, t1, dt0 = (jnp.asarray(x, state_dtype) for x in (0.0, 1.0, 0.0625))
-            controller = lib.ConstantStepSize()
-        else:
-            t0, t1, dt0 = steps[0], steps[-1], None
-            controller = lib.StepTo(ts=jnp.asarray(steps, state_dtype))
 
         def one(y0):
-            sol = lib.diffeqsolve(
-                terms,
-                getattr(lib, solver)(),
-                t0,
-                t1,
-                dt0,
-                y0,
-                saveat=lib.SaveAt(steps=True),
-                stepsize_controller=controller,
-            )
+            sol = same_steps_solve(lib, terms, solver, y0, state_dtype, 0.0625, steps)
             return sol.ts, sol.ys, sol.stats["num_steps"]
 
         ts, ys, steps = jax.jit(jax.vmap(one))(jnp.asarray(y0s, state_dtype))
