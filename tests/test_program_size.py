@@ -32,8 +32,10 @@ BUDGETS = {
     # and 2782 equations before, 2641 and 2411 after). Lowered from 2780 when the
     # default adjoint began to store every step's state where `max_steps` of them
     # fit in 8 MiB (2553 equations before, 2235 after: no decision in the backward
-    # loop between recomputing a step and differentiating it).
-    "tsit5_pid_ts_grad": 2350,
+    # loop between recomputing a step and differentiating it), and from 2350 when
+    # that storing loop became diffeqx's own (2235 equations before, 1869 after:
+    # Equinox's checkpointed loop also takes a forward-mode derivative of the step).
+    "tsit5_pid_ts_grad": 1960,
     # Raised from 890 when explicit Runge-Kutta stages under `vmap` on CPU began to
     # be combined by elementwise sums rather than dot products (a product and a sum
     # per weight: 922 equations then, from 832; the solve runs in about half the time),

@@ -100,6 +100,9 @@ def _report(show: Callable[[Any, float], None], meter_id, progress) -> None:
         if handle is not None:
             show(handle, float(np.min(p)))
 
+    # The progress is shown, never differentiated (a loop differentiating the step
+    # may carry tangents to it).
+    progress = lax.stop_gradient(progress)
     jax.debug.callback(callback, eqxi.unvmap_max(meter_id), -eqxi.unvmap_max(-progress))
 
 
@@ -113,9 +116,8 @@ def _close(finish: Callable[[Any], None], meter_id, after) -> None:
         if handle is not None:
             finish(handle)
 
-    jax.debug.callback(
-        callback, eqxi.unvmap_max(meter_id), eqxi.unvmap_max(jnp.asarray(after))
-    )
+    after = lax.stop_gradient(jnp.asarray(after))
+    jax.debug.callback(callback, eqxi.unvmap_max(meter_id), eqxi.unvmap_max(after))
 
 
 class _TextState(eqx.Module):

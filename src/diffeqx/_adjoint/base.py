@@ -47,14 +47,38 @@ class AbstractAdjoint(eqx.Module):
 def while_loop_of_kind(kind: str, *, pack_scalars: bool = False, **kwargs) -> Callable:
     """A while loop with write-once buffers: `"lax"` (forward-mode differentiable),
     `"checkpointed"` (reverse-mode, with recursive checkpointing) or `"bounded"`
-    (both modes, any order, cost growing with `max_steps`). `pack_scalars` runs a
-    checkpointed loop with its state's scalars packed (see `_scalars_packed`): worth
+    (both modes, any order, cost growing with `max_steps`), or `"stored"`
+    (reverse mode, storing every iteration's state; see `stored.py`). `pack_scalars`
+    runs a checkpointed or stored loop with its state's scalars packed (see `_scalars_packed`): worth
     it under reverse mode, where every leaf is stored and loaded, and not otherwise,
     where the loop is a plain one and packing only adds operations."""
-    loop = ft.partial(eqxi.while_loop, kind=kind, **kwargs)
-    if pack_scalars and kind == "checkpointed":
+    if kind == "stored":
+        from .stored import stored_while_loop
+
+        loop = ft.partial(stored_while_loop, **kwargs)
+    else:
+        loop = ft.partial(eqxi.while_loop, kind=kind, **kwargs)
+    if pack_scalars and kind in ("checkpointed", "stored"):
         return ft.partial(_scalars_packed, loop)
     return loop
+
+
+class HeldMembersLoop:
+    """A loop that runs while any member of a `jax.vmap` batch is going, and so is
+    right only for a body that holds the members that have finished (as the solve's
+    step does under `LoopSpec.mask_members`). `for_body` gives it, or `fallback` (a
+    loop that selects each member's values itself) for a body that does not hold
+    them under a `jax.vmap`."""
+
+    def __init__(self, loop: Callable, fallback: Callable):
+        self.loop, self.fallback = loop, fallback
+
+    def for_body(self, holds_finished: bool) -> Callable:
+        from .._transforms import batch_size
+
+        if holds_finished or batch_size() == 1:
+            return self.loop
+        return self.fallback
 
 
 def _scalars_packed(loop, cond_fun, body_fun, init_val, *, max_steps, buffers):

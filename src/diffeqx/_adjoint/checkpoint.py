@@ -8,7 +8,7 @@ import jax.tree_util as jtu
 
 from .._profile import aval_bytes
 from .._transforms import batch_size, differentiation_levels
-from .base import AbstractAdjoint, while_loop_of_kind
+from .base import AbstractAdjoint, HeldMembersLoop, while_loop_of_kind
 from .reverse_only import mark_reverse_only
 
 # Raised when a forward-mode derivative reaches the checkpointed loop: the solve was
@@ -59,7 +59,8 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
       (which must then be finite for reverse mode): every step's state is stored
       when `max_steps` of them take at most 8 MiB (counting the `jax.vmap` batch;
       the saved outputs are not part of it), which makes a smaller program that
-      compiles and runs faster; otherwise about `sqrt(2 * max_steps)` states, with
+      compiles and runs faster (the loop is then diffeqx's own, which builds the
+      program in less time than Equinox's checkpointed loop); otherwise about `sqrt(2 * max_steps)` states, with
       the steps in between recomputed. On the fixed-step path
       (constant steps known at trace time, see `diffeqsolve`), the steps are instead
       grouped into `checkpoints` blocks of equal length, each storing one state and
@@ -147,11 +148,17 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
         # Under reverse mode the loop stores and loads every leaf of its state, so
         # its scalars travel packed (one kernel per vector rather than per scalar).
         pack = "reverse" in levels
+        checkpoints = self._outer_checkpoints(init_state, max_steps)
         outer = while_loop_of_kind(
-            "checkpointed",
-            checkpoints=self._outer_checkpoints(init_state, max_steps),
-            pack_scalars=pack,
+            "checkpointed", checkpoints=checkpoints, pack_scalars=pack
         )
+        if pack and self.checkpoints is None and checkpoints == max_steps:
+            # Every step's state is stored: a loop of diffeqx's own, which traces
+            # the step fewer times than Equinox's (see `stored.py`), where the
+            # solve's step holds the members of a `jax.vmap` batch that have
+            # finished.
+            stored = while_loop_of_kind("stored", pack_scalars=pack)
+            outer = HeldMembersLoop(stored, fallback=outer)
         if len(levels) > 1:
             # Forward over reverse: the backward pass re-runs each step, inner loops
             # included, under forward mode, so those must support both modes.

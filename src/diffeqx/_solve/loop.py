@@ -385,8 +385,11 @@ def cond_fun(spec: LoopSpec, state: LoopState):
 
 def run_loop(spec: LoopSpec, init_state: LoopState, outer_while_loop, inner_while_loop):
     """Runs the loop with the while-loop implementations chosen by the adjoint."""
+    from .._adjoint.base import HeldMembersLoop
     from .state import buffers
 
+    if isinstance(outer_while_loop, HeldMembersLoop):
+        outer_while_loop = outer_while_loop.for_body(spec.mask_members)
     final = outer_while_loop(
         lambda s: cond_fun(spec, s),
         lambda s: step_body(spec, s, inner_while_loop),

@@ -1,0 +1,285 @@
+"""A reverse-mode differentiable while loop that stores every iteration's state:
+the default adjoint's loop over the steps when `max_steps` of the solve's states fit
+its bound (see `RecursiveCheckpointAdjoint`).
+
+The forward pass runs the loop and stores the state at the start of every step (a
+buffer of `max_steps` states). The backward pass walks the steps from the last to
+the first and differentiates each as `jax.vjp` of one step at its stored state: the
+step is recomputed and linearised inside the backward loop's body, next to its
+transpose.
+
+Equinox's checkpointed loop with as many checkpoints as steps runs the same
+arithmetic; this one traces the solve's step fewer times (Equinox's also traces a
+forward-mode derivative of the whole step, to find which of its outputs depend on
+the inputs being differentiated), so the program is built in about half the time
+(measured on the neural-ODE gradient: trace and lowering 0.53 to 0.62 s against
+1.36 to 1.87 s).
+
+The loop's buffers (the state's write-once output arrays, `buffers(state)`) are
+passed to the body wrapped, supporting `buffer.at[i].set(x, pred=...)` as Equinox's
+loops do, and are not stored per step: the backward pass differentiates the writes
+with the final buffers standing in for the inputs (a write's derivative does not
+depend on what it overwrites). The loop's predicate is reduced over a `jax.vmap`
+batch (the loop runs while any member is going), so the body must hold the members
+that have finished (as the solve's step does under `LoopSpec.mask_members`); the
+solve uses Equinox's loop where it does not.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+
+class WriteOnce(eqx.Module):
+    """A write-once buffer inside the stored loop: `buffer.at[i].set(x, pred=p)`
+    writes `x` at `i` where `p`, as Equinox's loop buffers do."""
+
+    array: Any
+
+    @property
+    def at(self):
+        return _At(self.array)
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    @property
+    def size(self):
+        return self.array.size
+
+    def __getitem__(self, item):
+        return self.array[item]
+
+
+class _At:
+    __slots__ = ("array",)
+
+    def __init__(self, array):
+        self.array = array
+
+    def __getitem__(self, item):
+        return _Item(self.array, item)
+
+
+class _Item:
+    __slots__ = ("array", "item")
+
+    def __init__(self, array, item):
+        self.array, self.item = array, item
+
+    def set(self, x, *, pred=True, **kwargs):
+        array, item = self.array, self.item
+        if not isinstance(array, jax.Array):
+            # Wrapped again by a loop inside the step (Equinox's), which takes the
+            # predicate itself.
+            return WriteOnce(array.at[item].set(x, pred=pred, **kwargs))
+        if pred is True:
+            return WriteOnce(array.at[item].set(x, **kwargs))
+        if not kwargs and _is_integer_scalar(item):
+            # A write to an out-of-range slot is dropped.
+            index = jnp.where(pred, item, array.shape[0])
+            return WriteOnce(array.at[index].set(x, mode="drop"))
+        kept = jnp.where(pred, x, array.at[item].get(**kwargs))
+        return WriteOnce(array.at[item].set(kept, **kwargs))
+
+
+def _is_integer_scalar(item) -> bool:
+    if isinstance(item, int) and not isinstance(item, bool):
+        return True
+    return (
+        isinstance(item, jax.Array)
+        and item.ndim == 0
+        and jnp.issubdtype(item.dtype, jnp.integer)
+    )
+
+
+def _is_inexact(x) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+class _Layout:
+    """Which leaves of the loop state are buffers, and how to take a state apart
+    (`parts`: the other leaves, then the buffers) and put it back together
+    (`state`, with the buffers wrapped for the body)."""
+
+    def __init__(self, init_val, buffers):
+        leaves, self.treedef = jtu.tree_flatten(init_val)
+        buffer_ids = {id(x) for x in jtu.tree_leaves(buffers(init_val))}
+        self.is_buffer = tuple(id(x) in buffer_ids for x in leaves)
+        if sum(self.is_buffer) != len(buffer_ids):
+            raise ValueError(
+                "The stored loop needs each buffer to appear once in its state."
+            )
+
+    def state(self, x, b):
+        xs, bs = iter(x), iter(b)
+        merged = [
+            WriteOnce(next(bs)) if is_buffer else next(xs)
+            for is_buffer in self.is_buffer
+        ]
+        return jtu.tree_unflatten(self.treedef, merged)
+
+    def parts(self, state):
+        leaves = jtu.tree_leaves(state, is_leaf=lambda z: isinstance(z, WriteOnce))
+        if len(leaves) != len(self.is_buffer):
+            raise AssertionError("the loop body changed the structure of its state")
+        x, b = [], []
+        for leaf, is_buffer in zip(leaves, self.is_buffer, strict=True):
+            if is_buffer:
+                b.append(
+                    jnp.asarray(leaf.array if isinstance(leaf, WriteOnce) else leaf)
+                )
+            else:
+                x.append(jnp.asarray(leaf))
+        return x, b
+
+
+def stored_while_loop(
+    cond_fun: Callable,
+    body_fun: Callable,
+    init_val,
+    *,
+    max_steps: int,
+    buffers: Callable,
+):
+    """Runs `while cond_fun(val): val = body_fun(val)` for at most `max_steps`
+    iterations, reverse-mode differentiable by storing every iteration's state (see
+    the module docstring)."""
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be a positive int, got {max_steps!r}.")
+    layout = _Layout(init_val, buffers)
+    leaves = jtu.tree_leaves(init_val)
+    x0 = [
+        jnp.asarray(x) for x, b in zip(leaves, layout.is_buffer, strict=True) if not b
+    ]
+    b0 = [jnp.asarray(x) for x, b in zip(leaves, layout.is_buffer, strict=True) if b]
+    # The body and condition with the values they close over (e.g. parameters being
+    # differentiated) made explicit leaves, so the derivative rule can reach them.
+    step = eqx.filter_closure_convert(
+        lambda x, b: layout.parts(body_fun(layout.state(x, b))), x0, b0
+    )
+    going = eqx.filter_closure_convert(
+        lambda x, b: cond_fun(layout.state(x, b)), x0, b0
+    )
+    x, b = _loop((step, going, x0, b0), max_steps)
+    xs, bs = iter(x), iter(b)
+    merged = [next(bs) if is_buffer else next(xs) for is_buffer in layout.is_buffer]
+    return jtu.tree_unflatten(layout.treedef, merged)
+
+
+def _run(step, going, x, b, max_steps, states=None):
+    """The forward loop; with `states` (buffers of `max_steps` states) it also stores
+    the state at the start of every iteration."""
+
+    def cond(carry):
+        i, x, b = carry[:3]
+        return (i < max_steps) & eqxi.unvmap_any(going(x, b))
+
+    def body(carry):
+        i, x, b, *stored = carry
+        if stored:
+            stored = [
+                [
+                    lax.dynamic_update_index_in_dim(s, v, i, 0)
+                    for s, v in zip(stored[0], x, strict=True)
+                ]
+            ]
+        x, b = step(x, b)
+        return (i + 1, x, b, *stored)
+
+    i0 = jnp.asarray(0, jnp.int32)
+    init = (i0, x, b) if states is None else (i0, x, b, states)
+    return lax.while_loop(cond, body, init)
+
+
+# The condition is part of the differentiated argument only because what it closes
+# over may be (e.g. `t1`): its output is boolean, so its cotangent is zero.
+@eqx.filter_custom_vjp
+def _loop(vjp_arg, max_steps):
+    step, going, x, b = vjp_arg
+    _, x, b = _run(step, going, x, b, max_steps)
+    return x, b
+
+
+@_loop.def_fwd
+def _loop_fwd(perturbed, vjp_arg, max_steps):
+    del perturbed
+    step, going, x, b = vjp_arg
+    states = [jnp.zeros((max_steps,) + v.shape, v.dtype) for v in x]
+    n, x, b, states = _run(step, going, x, b, max_steps, states)
+    return (x, b), (n, states, b)
+
+
+@_loop.def_bwd
+def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, max_steps):
+    del max_steps
+    n, states, b_final = residuals
+    step, going, x0, _ = vjp_arg
+    ct_x, ct_b = grad_obj
+    perturbed_step, _, perturbed_x, perturbed_b = perturbed
+    # Differentiated: the step's perturbed leaves (what it closes over), and every
+    # inexact leaf of the state and the buffers (their cotangents run through the
+    # steps whether or not the initial values are perturbed).
+    step_diff, step_static = eqx.partition(step, perturbed_step)
+    x_inexact = [_is_inexact(v) for v in x0]
+    b_inexact = [_is_inexact(v) for v in b_final]
+
+    def pick(values, mask, keep=True):
+        return [v for v, m in zip(values, mask, strict=True) if m == keep]
+
+    def merge(mask, chosen, others):
+        chosen, others = iter(chosen), iter(others)
+        return [next(chosen) if m else next(others) for m in mask]
+
+    def zeros_for_none(cts, like):
+        return [
+            jnp.zeros_like(v) if c is None else c
+            for c, v in zip(cts, like, strict=True)
+        ]
+
+    ct_x = pick(zeros_for_none(ct_x, x0), x_inexact)
+    ct_b = pick(zeros_for_none(ct_b, b_final), b_inexact)
+    ct_step = jtu.tree_map(jnp.zeros_like, step_diff)
+    b_float, b_other = pick(b_final, b_inexact), pick(b_final, b_inexact, False)
+
+    def step_vjp(j, cts):
+        ct_step, ct_x, ct_b = cts
+        x = [v[j] for v in states]
+        x_other = pick(x, x_inexact, False)
+
+        def f(step_diff, x_float, b_float):
+            s = eqx.combine(step_diff, step_static)
+            x1, b1 = s(
+                merge(x_inexact, x_float, x_other), merge(b_inexact, b_float, b_other)
+            )
+            return pick(x1, x_inexact), pick(b1, b_inexact)
+
+        _, vjp = jax.vjp(f, step_diff, pick(x, x_inexact), b_float)
+        d_step, d_x, d_b = vjp((ct_x, ct_b))
+        return jtu.tree_map(jnp.add, ct_step, d_step), d_x, d_b
+
+    def body(carry):
+        j, cts = carry
+        return j - 1, step_vjp(j, cts)
+
+    _, (ct_step, ct_x, ct_b) = lax.while_loop(
+        lambda carry: carry[0] >= 0, body, (n - 1, (ct_step, ct_x, ct_b))
+    )
+    nones_x, nones_b = [None] * len(x0), [None] * len(b_final)
+    grad_x = merge(x_inexact, ct_x, nones_x)
+    grad_b = merge(b_inexact, ct_b, nones_b)
+    grad_x = [g if p else None for g, p in zip(grad_x, perturbed_x, strict=True)]
+    grad_b = [g if p else None for g, p in zip(grad_b, perturbed_b, strict=True)]
+    no_going = jtu.tree_map(lambda _: None, going)
+    return ct_step, no_going, grad_x, grad_b
