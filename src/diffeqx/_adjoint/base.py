@@ -48,10 +48,11 @@ def while_loop_of_kind(kind: str, *, pack_scalars: bool = False, **kwargs) -> Ca
     """A while loop with write-once buffers: `"lax"` (forward-mode differentiable),
     `"checkpointed"` (reverse-mode, with recursive checkpointing) or `"bounded"`
     (both modes, any order, cost growing with `max_steps`), or `"stored"`
-    (reverse mode, storing every iteration's state; see `stored.py`). `pack_scalars`
-    runs a checkpointed or stored loop with its state's scalars packed (see `_scalars_packed`): worth
-    it under reverse mode, where every leaf is stored and loaded, and not otherwise,
-    where the loop is a plain one and packing only adds operations."""
+    (reverse mode, storing every iteration's state; see `stored.py`).
+    `pack_scalars` runs a checkpointed or stored loop with its state's scalars
+    packed (see `_scalars_packed`): worth it under reverse mode, where every leaf is
+    stored and loaded, and not otherwise, where the loop is a plain one and packing
+    only adds operations."""
     if kind == "stored":
         from .stored import stored_while_loop
 
@@ -82,9 +83,9 @@ class HeldMembersLoop:
 
 
 def _scalars_packed(loop, cond_fun, body_fun, init_val, *, max_steps, buffers):
-    """Runs `loop` (a checkpointed while loop) with the state's scalars packed into
-    one vector per kind: one per floating dtype, and one integer vector holding the
-    integer and boolean scalars.
+    """Runs `loop` (a checkpointed or stored while loop) with the state's scalars
+    packed into one vector per kind: one per floating dtype, and one integer vector
+    holding the integer and boolean scalars.
 
     The checkpointed loop stores, loads and selects every leaf of its state
     separately, in the forward loop and again in the backward loop, and each of

@@ -60,11 +60,11 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
       when `max_steps` of them take at most 8 MiB (counting the `jax.vmap` batch;
       the saved outputs are not part of it), which makes a smaller program that
       compiles and runs faster (the loop is then diffeqx's own, which builds the
-      program in less time than Equinox's checkpointed loop); otherwise about `sqrt(2 * max_steps)` states, with
-      the steps in between recomputed. On the fixed-step path
-      (constant steps known at trace time, see `diffeqsolve`), the steps are instead
-      grouped into `checkpoints` blocks of equal length, each storing one state and
-      recomputing its steps on the backward pass. With `checkpoints=None` there,
+      program in less time than Equinox's checkpointed loop); otherwise about
+      `sqrt(2 * max_steps)` states, with the steps in between recomputed. On the
+      fixed-step path (constant steps known at trace time, see `diffeqsolve`), the
+      steps are instead grouped into `checkpoints` blocks of equal length, each
+      storing one state and recomputing its steps on the backward pass. With `checkpoints=None` there,
       a solve whose steps' values all fit in 64 MiB stores them and recomputes
       nothing (the bound is an upper one: every value a step computes, from its
       traced program, times the steps and the `jax.vmap` batch size); a larger
