@@ -286,17 +286,18 @@ def _part(grid, path: Walk, leaf, lam, i: int, below, forwards: bool):
     moments = _scaled(width, [x[i] for x in (path.before if forwards else path.after)])
     if grid.levels == 0:
         return width, moments
-    level = np.arange(grid.levels, dtype=np.int32)
-    right = grid.right_halves(leaf[i])
-    take = (right if forwards else ~right) & (level > below)
-    if not isinstance(grid.depth, int):
-        take = take & (level < grid.depth)
+    levels = np.arange(grid.levels, dtype=np.int32)
+    leaf_i = leaf[i]
     halves = (path.left if forwards else path.right)[:, :, i]  # (levels, m, *dims)
     widths = grid.half_widths(0, dtype)
 
     def up(carry, level_inputs):
         width, moments = carry
-        take, g, sibling = level_inputs
+        level, g, sibling = level_inputs
+        right = grid.right_half(leaf_i, level)
+        take = (right if forwards else ~right) & (level > below)
+        if not isinstance(grid.depth, int):
+            take = take & (level < grid.depth)
         sibling = _scaled(g, list(sibling))
         if forwards:
             joined = concat(g, sibling, width, moments)
@@ -306,7 +307,7 @@ def _part(grid, path: Walk, leaf, lam, i: int, below, forwards: bool):
         return (jnp.where(take, g + width, width), moments), None
 
     (width, moments), _ = lax.scan(
-        up, (width, moments), (take, widths, halves), reverse=True
+        up, (width, moments), (levels, widths, halves), reverse=True
     )
     return width, moments
 

@@ -189,6 +189,14 @@ class _Grid(eqx.Module):
         shift = shift.reshape(shift.shape + (1,) * jnp.ndim(leaf))
         return jnp.right_shift(leaf[None], shift) & 1 == 1
 
+    def right_half(self, leaf, level):
+        """`right_halves` at one `level` (traced, e.g. the index of a `lax.scan`
+        over the levels): computed inside the scan from the leaf, so that the
+        scan does not read a `(levels, *leaf.shape)` array, which under `jax.vmap`
+        XLA would transpose (with the batch axis) before the loop."""
+        shift = jnp.clip(self.depth - 1 - level, 0, _MAX_DEPTH).astype(jnp.uint32)
+        return jnp.right_shift(leaf, shift) & 1 == 1
+
     def half_width(self, level: int, dtype):
         return (self.span * 2.0 ** -(level + 1)).astype(dtype)
 
