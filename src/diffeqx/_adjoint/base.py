@@ -188,8 +188,14 @@ class _PackingPlan:
                 others.append(leaf)
             else:
                 bufs.append(leaf)
+        # Joined as `(1,)` pieces rather than stacked: under `jax.vmap` a stack of
+        # mapped scalars comes out with the batch axis last, which the loop's
+        # derivative rule then transposes (XLA copying the vector into another
+        # layout); the pieces keep it first.
         packed = tuple(
-            jnp.stack([jnp.asarray(x).astype(dtype) for x in xs])
+            jnp.concatenate(
+                [jnp.reshape(jnp.asarray(x).astype(dtype), (1,)) for x in xs]
+            )
             for (dtype, _, _), xs in zip(self.groups, vectors, strict=True)
         )
         return packed, tuple(others), tuple(bufs)
