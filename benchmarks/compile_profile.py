@@ -19,6 +19,13 @@ For each row it reports
 When diffrax is importable the same rows are profiled with it (totals only: its
 equations are not attributed to parts) and the ratios are printed.
 
+With `--llvm N` it instead compiles each row once in a fresh process with XLA's dumps
+on, and lists the LLVM code XLA's CPU backend generated: its total size, the number
+of kernel modules, and the N largest kernels with the shapes they compute. On CPU,
+generating and optimising that code is most of XLA's compile time, and a kernel far
+larger than its neighbours (e.g. a small array copied into another layout, which
+LLVM unrolls element by element) is worth finding.
+
 Your own function: `from compile_profile import profile, print_profile` (with
 `benchmarks/` on `sys.path`), then `print_profile(profile(fn, args))`; `fn(*args)` must
 be traceable by `eqx.filter_jit`.
@@ -299,6 +306,80 @@ def _print_ratios(records: list[dict]) -> None:
         )
 
 
+def _dump_and_compile(key: str, library: str, batch_size: int) -> None:
+    """Compiles one row (in a process started with XLA's dumps on)."""
+    lib = load_libraries(library != "diffrax")[library]
+    row = {r.key: r for r in rows(batch_size)}[key]
+    fn, args = row.build(lib)
+    eqx.filter_jit(fn).lower(*args).compile()
+
+
+def llvm_sizes(key: str, library: str, batch_size: int) -> dict:
+    """The LLVM code XLA generates for a row's program: `total` bytes (optimised
+    IR), `modules` (kernel modules) and `kernels`, (bytes, name, shape) largest
+    first. Compiled in a fresh process, as the dump option is read at start-up."""
+    import glob
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={folder}")
+        command = [sys.executable, __file__, "--_dump", key, "--_library", library]
+        command += ["--batch-size", str(batch_size)]
+        run = subprocess.run(command, env=env, capture_output=True, text=True)
+        if run.returncode != 0:
+            errors = [
+                line
+                for line in run.stderr.splitlines()
+                if re.match(r"\w+(Error|Exception)\b", line)
+            ]
+            last = (errors or run.stderr.strip().splitlines() or ["(no output)"])[-1]
+            return dict(total=0, modules=0, kernels=[], error=last[:200])
+        files = glob.glob(os.path.join(folder, "*.ir-with-opt.ll"))
+        by_module: dict = {}
+        for file in files:
+            module = ".".join(os.path.basename(file).split(".")[:2])
+            by_module.setdefault(module, []).append(file)
+        if not by_module:
+            return dict(total=0, modules=0, kernels=[])
+        # The row's program is the module with the most code (others are the small
+        # programs that building the inputs compiled).
+        main_module = max(
+            by_module, key=lambda m: sum(os.path.getsize(f) for f in by_module[m])
+        )
+        hlo_files = glob.glob(
+            os.path.join(folder, f"{main_module}.cpu_after_optimizations.txt")
+        )
+        hlo = open(hlo_files[0]).read() if hlo_files else ""
+        kernels = []
+        for file in by_module[main_module]:
+            name = os.path.basename(file)[len(main_module) + 1 :]
+            for suffix in ("_kernel_module.ir-with-opt.ll", ".ir-with-opt.ll"):
+                name = name.removesuffix(suffix)
+            name = name.removeprefix("__compute_module_")
+            found = re.search(r"%" + re.escape(name) + r" = (\S+) ", hlo)
+            shape = found.group(1) if found else ""
+            kernels.append((os.path.getsize(file), name, shape))
+        kernels.sort(reverse=True)
+        total = sum(size for size, _, _ in kernels)
+        return dict(total=total, modules=len(kernels), kernels=kernels)
+
+
+def _print_llvm(chosen, libraries, count: int, batch_size: int) -> None:
+    for row in chosen:
+        for name in libraries:
+            sizes = llvm_sizes(row.key, name, batch_size)
+            if "error" in sizes:
+                print(f"{row.title} ({name}): error: {sizes['error']}")
+                continue
+            print(
+                f"{row.title} ({name}): {sizes['total'] / 1e6:.2f} MB of LLVM IR "
+                f"in {sizes['modules']} kernel modules; largest:"
+            )
+            for size, kernel, shape in sizes["kernels"][:count]:
+                print(f"  {size / 1e3:8.1f} kB  {kernel:44s} {shape}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="row keys, comma-separated")
@@ -306,7 +387,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-diffrax", action="store_true")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--llvm", type=int, metavar="N", default=0)
+    parser.add_argument("--_dump", help=argparse.SUPPRESS)
+    parser.add_argument("--_library", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
+    if options._dump:
+        _dump_and_compile(options._dump, options._library, options.batch_size)
+        return 0
     libraries = load_libraries(options.no_diffrax)
     all_rows = rows(options.batch_size)
     wanted = {k for k in options.only.split(",") if k}
@@ -326,6 +413,9 @@ def main(argv=None) -> int:
         ),
     )
     print(f"jax {info['jax']} on {info['backend']} ({info['device']})")
+    if options.llvm:
+        _print_llvm(chosen, libraries, options.llvm, options.batch_size)
+        return 0
     records = []
     for row in chosen:
         print(f"profiling {row.key} ...", flush=True)
