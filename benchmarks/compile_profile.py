@@ -342,11 +342,10 @@ def llvm_sizes(key: str, library: str, batch_size: int) -> dict:
             by_module.setdefault(module, []).append(file)
         if not by_module:
             return dict(total=0, modules=0, kernels=[])
-        # The row's program is the module with the most code (others are the small
-        # programs that building the inputs compiled).
-        main_module = max(
-            by_module, key=lambda m: sum(os.path.getsize(f) for f in by_module[m])
-        )
+        # The row's program is the last one compiled (the others are programs that
+        # building its inputs compiled, e.g. random data); XLA numbers its modules
+        # in the order it compiles them.
+        main_module = max(by_module, key=lambda m: int(m.split(".")[0].split("_")[1]))
         hlo_files = glob.glob(
             os.path.join(folder, f"{main_module}.cpu_after_optimizations.txt")
         )
