@@ -89,6 +89,29 @@ def test_threefry_matches_jax():
     np.testing.assert_array_equal(np.concatenate(ours), theirs)
 
 
+def test_key_words_are_jax_random_bits():
+    """The trees' and unsafe paths' key words are `jax.random.bits` of the key, for
+    every kind of key (computed by diffeqx's own hash for Threefry keys, by JAX's
+    for others, and by JAX's when its bits are not the partitionable ones), under
+    `jax.jit` and `jax.vmap` too."""
+    from diffeqx._brownian.base import key_words
+
+    def bits(key, *shape):
+        return jr.bits(key, (*shape, 2), jnp.uint32)
+
+    keys = [jr.key(7), jr.PRNGKey(7), jr.key(7, impl="rbg"), jr.key(2**31 + 5)]
+    for key in keys:
+        for shape in [(1,), (1, 4), (3, 5, 2)]:
+            np.testing.assert_array_equal(key_words(key, *shape), bits(key, *shape))
+    batch = jr.split(jr.key(3), 6)
+    np.testing.assert_array_equal(
+        jax.jit(jax.vmap(lambda k: key_words(k, 2, 4)))(batch),
+        jax.vmap(lambda k: bits(k, 2, 4))(batch),
+    )
+    with jax.threefry_partitionable(False):
+        np.testing.assert_array_equal(key_words(jr.key(7), 3), bits(jr.key(7), 3))
+
+
 @pytest.mark.parametrize(
     "dtype, tol",
     [(jnp.float64, 2e-15), pytest.param(jnp.float32, 2e-6, marks=pytest.mark.slow)],

@@ -12,6 +12,7 @@ hash, so a path can address "the sample belonging to this cell of this tree" or
 
 import abc
 import dataclasses
+import functools as ft
 from typing import Any
 
 import equinox as eqx
@@ -174,8 +175,45 @@ def _describe(x) -> str:
 
 def key_words(key, *shape: int):
     """Independent Threefry keys derived from `key` (of any PRNG implementation):
-    `uint32` words of shape `(*shape, 2)`."""
-    return jax.random.bits(key, (*shape, 2), jnp.uint32)
+    `uint32` words of shape `(*shape, 2)`, the values of `jax.random.bits(key,
+    (*shape, 2), jnp.uint32)`.
+
+    For a Threefry key (JAX's default) they are computed here with `threefry2x32`
+    below, as JAX does with its default `jax_threefry_partitionable=True`: the
+    hash of the flat index, its two output words xor-ed. JAX's own CPU lowering of
+    the hash is a loop whose body XLA compiles into large kernels, in every solve
+    step that queries a tree (measured: 15% of the LLVM code of an adaptive SPaRK
+    solve under `jax.vmap`); this one is elementwise operations that XLA fuses
+    into one small kernel. Other keys, and other settings, take
+    `jax.random.bits`."""
+    size = 2 * int(np.prod(shape, dtype=np.int64))
+    data = _threefry_key_data(key)
+    if data is None or size >= 2**32:
+        return jax.random.bits(key, (*shape, 2), jnp.uint32)
+    return _hashed_words(data, shape)
+
+
+@ft.partial(jax.jit, static_argnums=1)
+def _hashed_words(data, shape):
+    size = 2 * int(np.prod(shape, dtype=np.int64))
+    index = jnp.arange(size, dtype=jnp.uint32)
+    hi, lo = threefry2x32(data[..., 0], data[..., 1], jnp.uint32(0), index)
+    return (hi ^ lo).reshape(*shape, 2)
+
+
+def _threefry_key_data(key):
+    """The two `uint32` words of a Threefry key (typed, or a legacy `(2,)` array),
+    or None for another PRNG, or where JAX would not sample bits as `key_words`
+    computes them (`jax_threefry_partitionable` off)."""
+    if not jax.config.jax_threefry_partitionable:
+        return None
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if str(jax.random.key_impl(key)) != "threefry2x32":
+            return None
+        return jax.random.key_data(key)
+    if key.shape != (2,) or str(jax.config.jax_default_prng_impl) != "threefry2x32":
+        return None
+    return key
 
 
 # Threefry-2x32 with 20 rounds (Salmon, Moraes, Dror & Shaw, "Parallel random numbers:
