@@ -205,13 +205,14 @@ def _threefry_key_data(key):
     """The two `uint32` words of a Threefry key (typed, or a legacy `(2,)` array),
     or None for another PRNG, or where JAX would not sample bits as `key_words`
     computes them (`jax_threefry_partitionable` off)."""
-    if not jax.config.jax_threefry_partitionable:
+    if not getattr(jax.config, "jax_threefry_partitionable", False):
         return None
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if str(jax.random.key_impl(key)) != "threefry2x32":
             return None
         return jax.random.key_data(key)
-    if key.shape != (2,) or str(jax.config.jax_default_prng_impl) != "threefry2x32":
+    default_impl = str(getattr(jax.config, "jax_default_prng_impl", ""))
+    if key.shape != (2,) or default_impl != "threefry2x32":
         return None
     return key
 
