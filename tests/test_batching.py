@@ -583,3 +583,87 @@ def test_vmap_evaluates_the_field_after_a_jump_only_where_a_member_needs_it():
     jax.effects_barrier()
     np.testing.assert_allclose(batched[1], 2 * alone, rtol=1e-12)
     assert len(calls) == alone_calls
+
+
+def _nested_calls(monkeypatch, nest: bool = True):
+    """Records each step traced as a nested `jax.jit` (`loop._nested_call`); with
+    `nest=False` the step is called directly instead."""
+    from diffeqx._solve import loop
+
+    calls = []
+    real = loop._nested_call
+
+    def spy(fn, inputs):
+        calls.append(fn)
+        return real(fn, inputs) if nest else fn(*inputs)
+
+    monkeypatch.setattr(loop, "_nested_call", spy)
+    return calls
+
+
+def _batched_solves(solver, event=False):
+    """Adaptive solves over a batch of parameters, closed over by the vector field
+    (a `jax.vmap` tracer the nested step must see) and passed as `args`."""
+
+    def solve(p):
+        def field(t, y, args):
+            return jnp.stack([p * y[1], -args * y[0] - 0.1 * y[1]])
+
+        return dfx.diffeqsolve(
+            dfx.ODETerm(field),
+            solver,
+            0.0,
+            3.0,
+            0.1,
+            jnp.array([1.0, 0.0]),
+            args=p + 1.0,
+            saveat=dfx.SaveAt(ts=jnp.linspace(0.0, 3.0, 7)),
+            stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
+            event=dfx.Event(lambda t, y, args, **kw: y[0] + 0.5) if event else None,
+        )
+
+    return jax.jit(jax.vmap(solve))(jnp.array([0.5, 1.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    "solver, event",
+    [(dfx.Tsit5(), False), (dfx.Dopri5(), True), (dfx.Kvaerno3(), False)],
+)
+def test_the_nested_step_under_vmap_gives_the_same_solution(monkeypatch, solver, event):
+    """Under `jax.vmap` (and no derivative) the adaptive loop traces its step as a
+    nested `jax.jit` (less tracing and lowering time); the solution is that of the
+    step traced in place, bit for bit."""
+    calls = _nested_calls(monkeypatch)
+    nested = _batched_solves(solver, event)
+    assert len(calls) >= 1
+    _nested_calls(monkeypatch, nest=False)
+    in_place = _batched_solves(solver, event)
+    for a, b in zip(jtu.tree_leaves(nested), jtu.tree_leaves(in_place), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_step_is_nested_only_under_vmap_without_derivatives(monkeypatch):
+    calls = _nested_calls(monkeypatch)
+
+    def solve(y0):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y), dfx.Tsit5(), 0.0, 1.0, 0.1, y0,
+            stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
+        ).ys[-1]  # fmt: skip
+
+    y0s = jnp.array([1.0, 2.0])
+    jax.make_jaxpr(jax.vmap(solve))(y0s)
+    assert len(calls) == 1
+    jax.make_jaxpr(solve)(y0s[0])
+    jax.make_jaxpr(jax.grad(lambda y: jnp.sum(jax.vmap(solve)(y))))(y0s)
+    # Constant steps: the fixed-step scan steps in place.
+    jax.make_jaxpr(
+        jax.vmap(
+            lambda y0: (
+                dfx.diffeqsolve(
+                    dfx.ODETerm(lambda t, y, args: -y), dfx.Tsit5(), 0.0, 1.0, 0.1, y0
+                ).ys
+            )
+        )
+    )(y0s)
+    assert len(calls) == 1

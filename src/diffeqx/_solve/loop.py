@@ -6,6 +6,7 @@ from typing import Any
 
 import equinox as eqx
 import equinox.internal as eqxi
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
@@ -14,6 +15,7 @@ from .._profile import scope
 from .._saveat import SubSaveAt
 from .._solution import RESULTS, succeeded, where_result
 from .._solver.base import tracing_step
+from .._transforms import differentiation_levels, is_batched
 from .checks import raise_if_no_error_estimate
 from .event import EventStep, check_events, locate_event, record_event
 from .save import interpolate_deferred, record_ts_step, save_dense, save_in_step
@@ -71,18 +73,56 @@ def clip_to_end(tprev, tnext, t1, keep=True):
     return jnp.where(near_end, snapped, tnext)
 
 
-def take_step(spec: LoopSpec, state: LoopState):
+def take_step(spec: LoopSpec, state: LoopState, nested: bool = False):
+    """The solver's step from `state`; with `nested`, under `jax.vmap` and no
+    derivative, traced as a nested `jax.jit` (see `_nested_call`)."""
     made_jump = state.made_jump if spec.may_jump else False
+    inputs = (
+        spec.solver,
+        spec.terms,
+        state.tprev,
+        state.tnext,
+        state.y,
+        spec.args,
+        state.solver_state,
+        made_jump,
+    )
     with tracing_step(spec.always_accept):
-        return spec.solver.step(
-            spec.terms,
-            state.tprev,
-            state.tnext,
-            state.y,
-            spec.args,
-            state.solver_state,
-            made_jump,
-        )
+        if nested and is_batched() and not differentiation_levels():
+            return _nested_call(_step, inputs)
+        return _step(*inputs)
+
+
+def _step(solver, *inputs):
+    return solver.step(*inputs)
+
+
+def _nested_call(fn, inputs: tuple):
+    """`fn(*inputs)` traced as a `jax.jit` nested in the loop's body.
+
+    Under `jax.vmap`, JAX batches a while loop's body twice (once to find which of
+    its values are mapped, once to build the mapped body), and with it every
+    operation of the step; a nested `jax.jit` is batched once per set of mapped
+    inputs, and the second time found in JAX's cache. XLA inlines the call: the
+    adaptive loop's values came out the same bit for bit (checked on the
+    benchmarks' batched adaptive solves and event solves), while the fixed-step
+    scan's did not (an Euler-Maruyama solve on a tree over 10,000 steps, 1.8e-15
+    apart), so only the adaptive loop nests its step. (Measured on CPU: tracing and lowering of the adaptive SPaRK row,
+    64 paths, 0.56 to 0.61 s against 0.76 to 0.78 s; Lotka-Volterra over 1,000
+    initial conditions 0.41 to 0.44 s against 0.53 to 0.54 s. Without `jax.vmap`
+    it saved nothing. Not under a derivative: differentiating the nested call
+    gave programs of up to twice the operations, e.g. the neural-SDE gradient's.)"""
+    dynamic, static = eqx.partition(inputs, eqx.is_array)
+    out_static = []
+
+    def inner(dynamic):
+        out = fn(*eqx.combine(dynamic, static))
+        out_dynamic, s = eqx.partition(out, eqx.is_array)
+        out_static.append(s)
+        return out_dynamic
+
+    out_dynamic = jax.jit(inner)(dynamic)
+    return eqx.combine(out_dynamic, out_static[-1])
 
 
 class StepDecision(eqx.Module):
@@ -197,7 +237,9 @@ def step_body(
     """One iteration: step, accept or reject, save, count."""
     going = _going(spec, state) if spec.mask_members else None
     with scope("step"):
-        y1, y_error, dense_info, solver_state, solver_result = take_step(spec, state)
+        y1, y_error, dense_info, solver_state, solver_result = take_step(
+            spec, state, nested=True
+        )
     step_ok = all_finite(y1) & succeeded(solver_result)
     with scope("controller"):
         decision = _adapt(spec, state, y1, y_error, step_ok, solver_result)
