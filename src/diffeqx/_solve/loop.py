@@ -107,11 +107,12 @@ def _nested_call(fn, inputs: tuple):
     adaptive loop's values came out the same bit for bit (checked on the
     benchmarks' batched adaptive solves and event solves), while the fixed-step
     scan's did not (an Euler-Maruyama solve on a tree over 10,000 steps, 1.8e-15
-    apart), so only the adaptive loop nests its step. (Measured on CPU: tracing and lowering of the adaptive SPaRK row,
-    64 paths, 0.56 to 0.61 s against 0.76 to 0.78 s; Lotka-Volterra over 1,000
-    initial conditions 0.41 to 0.44 s against 0.53 to 0.54 s. Without `jax.vmap`
-    it saved nothing. Not under a derivative: differentiating the nested call
-    gave programs of up to twice the operations, e.g. the neural-SDE gradient's.)"""
+    apart), so only the adaptive loop nests its step. (Measured on CPU: tracing
+    and lowering of the adaptive SPaRK row, 64 paths, 0.56 to 0.61 s against 0.76
+    to 0.78 s; Lotka-Volterra over 1,000 initial conditions 0.41 to 0.44 s against
+    0.53 to 0.54 s. Without `jax.vmap` it saved nothing. Not under a derivative:
+    differentiating the nested call gave programs of up to twice the operations,
+    e.g. the neural-SDE gradient's.)"""
     dynamic, static = eqx.partition(inputs, eqx.is_array)
     out_static = []
 
