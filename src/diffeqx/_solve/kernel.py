@@ -1,0 +1,239 @@
+"""A small solve's whole loop compiled by XLA into one CPU kernel.
+
+XLA's CPU runtime runs a program as a sequence of compiled kernels ("thunks"), one
+per fused group of operations, and a while loop's body as such a sequence on every
+iteration. For a small ODE each kernel does a few dozen floating-point operations,
+so a solve's run time is mostly the cost of dispatching some twenty-five kernels per
+step (measured with a kernel profile of Lotka-Volterra with Tsit5, 225 steps).
+
+XLA can instead compile a computation called through a `call` instruction that
+carries the frontend attribute `xla_cpu_small_call="true"` into a single kernel: one
+LLVM function, its loops and branches included. Its own passes do so for while
+loops whose iteration reads and writes under 1 KiB and that contain no operation
+its single-kernel emitter lacks; a solve's loop fails the first test (it carries
+the save buffers) and usually the second (the error estimate's dot product). Here
+the whole loop is traced as a nested `jax.jit`, whose call XLA's inliner keeps when
+it carries `inlineable="false"`, and both attributes are set on it with
+`jax.experimental.xla_metadata.set_xla_metadata`.
+
+That emitter does not implement every operation: scatters with several indices,
+sorting, FFTs, custom calls (LAPACK, callbacks), convolutions and matrix-matrix
+products fail to compile in it. So the loop is traced first and kept out of one
+kernel unless every primitive in it, nested bodies included, is on a list of
+primitives whose lowering that emitter handles (`_ELEMENTAL`; single-index
+scatters, which XLA rewrites as in-place updates; products of a vector with a
+vector or a small matrix). Large loops stay on the usual path too, where a kernel
+per operation keeps XLA's threading and compiles in less time.
+
+Used only where it cannot change what is computed: on CPU, without `jax.vmap` or
+derivatives (their loops are larger and XLA's own passes handle them), and only
+when this JAX has the per-value form of `set_xla_metadata`.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._transforms import differentiation_levels, is_batched
+
+try:  # pragma: no cover - depends on the JAX version
+    from jax.experimental.xla_metadata import set_xla_metadata as _set_xla_metadata
+except ImportError:  # pragma: no cover
+    _set_xla_metadata = None
+
+
+# Primitives whose lowering XLA's single-kernel CPU emitter compiles: elementwise
+# arithmetic and comparisons, shape operations, reductions, gathers and control flow
+# (checked on this JAX and XLA; see tests/test_one_kernel.py). Anything else keeps
+# the loop on the usual path.
+_ELEMENTAL = frozenset(
+    """
+    abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp cos cosh
+    div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow is_finite
+    le lgamma digamma log log1p logistic lt max min mul ne neg nextafter not or pow
+    real rem round rsqrt select_n shift_left shift_right_arithmetic
+    shift_right_logical sign sin sinh sqrt square sub tan tanh xor population_count
+    clz convert_element_type bitcast_convert_type copy copy_p reduce_precision
+    broadcast_in_dim reshape squeeze expand_dims transpose rev slice dynamic_slice
+    dynamic_update_slice concatenate pad iota stack split
+    reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor
+    argmax argmin gather
+    while cond scan jit pjit closed_call core_call remat checkpoint
+    custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr custom_lin
+    stop_gradient optimization_barrier name
+    threefry2x32 random_bits random_wrap random_unwrap random_seed random_fold_in
+    select_if_vmap nonbatchable unvmap_any unvmap_all unvmap_max
+    diffeqx_reverse_only
+    """.split()
+)
+
+# Single-index in-place updates (`x.at[i].set(v)`, Equinox's loop buffers): XLA
+# rewrites a scatter of one index into an in-place update before emitting it.
+_SINGLE_INDEX_SCATTERS = frozenset({"scatter", "maybe_set"})
+
+# Loops with more operations than this stay on the usual path: one LLVM function's
+# optimisation time grows faster than linearly with its size.
+_MAX_EQUATIONS = 4000
+# ... as do loops with values larger than this (elements), where a kernel per
+# operation lets XLA spread the work over threads.
+_MAX_ELEMENTS = 4096
+
+# The largest operand of a vector-matrix product in such a loop (elements).
+_MAX_PRODUCT_ELEMENTS = 1024
+
+# Equations whose outputs are carried or updated in place, not computed elementwise
+# (a save buffer passed through a branch or written one row at a time).
+_CARRIERS = frozenset(
+    {
+        "while",
+        "cond",
+        "scan",
+        "jit",
+        "pjit",
+        "closed_call",
+        "core_call",
+        "remat",
+        "checkpoint",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "custom_vjp_call_jaxpr",
+        "dynamic_update_slice",
+        "scatter",
+        "maybe_set",
+        "copy",
+        "copy_p",
+        "select_if_vmap",
+        "nonbatchable",
+        "diffeqx_reverse_only",
+        "optimization_barrier",
+        "name",
+    }
+)
+
+
+# Off: every loop takes the usual path (for comparisons; not public).
+enabled = True
+
+
+def possible() -> bool:
+    """Whether a solve traced now may run its loop as one kernel (before looking at
+    the loop itself)."""
+    return (
+        enabled
+        and _set_xla_metadata is not None
+        and jax.default_backend() == "cpu"
+        and not is_batched()
+        and not differentiation_levels()
+    )
+
+
+def _sub_jaxprs(value):
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _sub_jaxprs(item)
+        return
+    inner = getattr(value, "jaxpr", None)
+    if inner is not None and hasattr(value, "consts"):  # a ClosedJaxpr
+        yield inner
+    elif hasattr(value, "eqns") and hasattr(value, "invars"):  # a Jaxpr
+        yield value
+
+
+def _size(aval) -> int:
+    shape = getattr(aval, "shape", None)
+    return 0 if shape is None else math.prod(shape)
+
+
+def _single_index(eqn) -> bool:
+    if eqn.primitive.name == "maybe_set":
+        # (pred, buffer, value, index): one (scalar) index.
+        return all(_size(v.aval) <= 1 for v in eqn.invars[3:])
+    # scatter(operand, indices, updates): indices' last axis is the index vector.
+    shape = eqn.invars[1].aval.shape
+    return math.prod(shape[:-1]) == 1 if shape else True
+
+
+def _small_vector_product(eqn) -> bool:
+    """A product of a vector with a vector or a small matrix (no batch axes), which
+    the single-kernel emitter compiles; not a matrix-matrix product, whose kernels
+    may call a library or be fused in ways that emitter does not implement."""
+    (_, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+    lhs, rhs = (v.aval for v in eqn.invars)
+    return (
+        not lhs_batch
+        and min(len(lhs.shape), len(rhs.shape)) <= 1
+        and max(len(lhs.shape), len(rhs.shape)) <= 2
+        and max(_size(lhs), _size(rhs)) <= _MAX_PRODUCT_ELEMENTS
+    )
+
+
+def fits(jaxpr) -> bool:
+    """Whether every equation of `jaxpr`, nested bodies included, is one the
+    single-kernel emitter compiles, and the loop is small enough to benefit."""
+    count = 0
+    stack = [jaxpr]
+    while stack:
+        current = stack.pop()
+        for eqn in current.eqns:
+            count += 1
+            if count > _MAX_EQUATIONS:
+                return False
+            name = eqn.primitive.name
+            if name in _SINGLE_INDEX_SCATTERS:
+                if not _single_index(eqn):
+                    return False
+            elif name == "dot_general":
+                if not _small_vector_product(eqn):
+                    return False
+            elif name not in _ELEMENTAL:
+                return False
+            if name not in _CARRIERS and any(
+                _size(v.aval) > _MAX_ELEMENTS for v in eqn.outvars
+            ):
+                return False
+            for value in eqn.params.values():
+                stack.extend(_sub_jaxprs(value))
+    return True
+
+
+def call(fn, *inputs):
+    """`fn(*inputs)`, traced once as a nested `jax.jit`, whose call XLA compiles
+    into one kernel when its equations allow (see the module's docstring), and
+    otherwise inlines."""
+    dynamic, static = eqx.partition(inputs, eqx.is_array)
+    out_static = []
+
+    def inner(dynamic):
+        out = fn(*eqx.combine(dynamic, static))
+        out_dynamic, s = eqx.partition(out, eqx.is_array)
+        out_static.append(s)
+        return out_dynamic
+
+    # The single-kernel emitter gives the kernel the buffers that the called
+    # computation's instructions use, and aborts (an XLA check failure, not an
+    # error) on a parameter that none uses: an input the loop ignores, or one XLA
+    # finds constant and copies into the computation. So the call returns its
+    # inputs too (through a barrier, so that JAX does not pass them around it),
+    # and, below, takes them through a barrier, so that XLA finds none constant.
+    # It also returns a marker computed in it (an output JAX cannot pass around
+    # the call, as it may some of the loop's), which carries the attributes.
+    def inner_and_inputs(dynamic):
+        marker = jnp.zeros((1,), jnp.int32)
+        return inner(dynamic), marker, jax.lax.optimization_barrier(dynamic)
+
+    jitted = jax.jit(inner_and_inputs)
+    jaxpr = jitted.trace(dynamic).jaxpr.jaxpr
+    if not fits(jaxpr):
+        # Found in JAX's cache (not traced again); JAX drops the unused outputs,
+        # and XLA inlines the call: the program of the loop without it.
+        out_dynamic, _, _ = jitted(dynamic)
+        return eqx.combine(out_dynamic, out_static[-1])
+    out_dynamic, marker, returned = jitted(jax.lax.optimization_barrier(dynamic))
+    marker = _set_xla_metadata(marker, inlineable="false", xla_cpu_small_call="true")
+    # JAX keeps a barrier, with all its inputs, when one of its outputs is used:
+    # every output of the solve's loop goes through one with the marker and the
+    # returned inputs.
+    out_dynamic, _, _ = jax.lax.optimization_barrier((out_dynamic, marker, returned))
+    return eqx.combine(out_dynamic, out_static[-1])

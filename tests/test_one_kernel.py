@@ -1,0 +1,352 @@
+"""A small solve's loop compiled into one CPU kernel (`diffeqx/_solve/kernel.py`).
+
+Where the loop's operations allow, diffeqx asks XLA to compile a plain (not batched,
+not differentiated) solve's whole loop into one kernel. It must never change an
+answer, and must never ask for it where XLA's single-kernel emitter cannot compile
+the loop (a compile error would be a solve that cannot run at all). Each case here
+compiles a solve with and without the request and compares the results bit for bit,
+and checks whether the request was made: for every operation the emitter is known
+to reject, that it was not."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optimistix as optx
+import pytest
+
+import diffeqx as dfx
+from diffeqx._solve import kernel
+
+_MARK = 'inlineable="false"'
+
+
+def _compile(fn, *args, enabled=True):
+    previous = kernel.enabled
+    kernel.enabled = enabled
+    # The request is made while tracing, and `diffeqsolve` keeps its traces.
+    jax.clear_caches()
+    try:
+        return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+    finally:
+        kernel.enabled = previous
+
+
+def _check(fn, *args, one_kernel: bool):
+    """Compiles `fn` both ways; the same results bit for bit, and one kernel or not
+    as expected."""
+    with_kernel = _compile(fn, *args)
+    without = _compile(fn, *args, enabled=False)
+    assert (_MARK in with_kernel.as_text()) is one_kernel
+    assert _MARK not in without.as_text()
+    got, want = with_kernel(*args), without(*args)
+    for a, b in zip(jtu.tree_leaves(got), jtu.tree_leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    return got
+
+
+def _lotka_volterra(t, y, args):
+    a, b, c, d = args
+    prey, predator = y[0], y[1]
+    return jnp.stack(
+        [a * prey - b * prey * predator, c * prey * predator - d * predator]
+    )
+
+
+_LV_ARGS = jnp.array([1.5, 1.0, 1.0, 3.0])
+_PID = dfx.PIDController(rtol=1e-7, atol=1e-9)
+
+
+def _solve(field, solver, y0, args=None, *, saveat=None, **kwargs):
+    kwargs.setdefault("stepsize_controller", _PID)
+    dtype = jtu.tree_leaves(y0)[0].dtype  # times in the state's precision
+    return dfx.diffeqsolve(
+        dfx.ODETerm(field),
+        solver,
+        t0=jnp.asarray(0.0, dtype),
+        t1=jnp.asarray(5.0, dtype),
+        dt0=jnp.asarray(0.01, dtype),
+        y0=y0,
+        args=args,
+        saveat=dfx.SaveAt(t1=True) if saveat is None else saveat,
+        **kwargs,
+    )
+
+
+def _outputs(sol):
+    return sol.ts, sol.ys, sol.stats["num_steps"], sol.result._value
+
+
+@pytest.mark.parametrize(
+    "solver", [dfx.Tsit5(), dfx.Dopri5(), dfx.Dopri8(), dfx.Bosh3(), dfx.Heun()]
+)
+def test_explicit_solvers_run_as_one_kernel_with_the_same_answer(solver):
+    def fn(y0, args):
+        saveat = dfx.SaveAt(ts=jnp.linspace(0.0, 5.0, 21, dtype=y0.dtype))
+        sol = _solve(
+            _lotka_volterra, solver, y0, args, saveat=saveat, max_steps=100_000
+        )
+        return _outputs(sol)
+
+    ts, ys, steps, result = _check(
+        fn, jnp.array([10.0, 10.0]), _LV_ARGS, one_kernel=True
+    )
+    assert result == 0 and steps > 20
+    # And the right answer: Lotka-Volterra conserves this quantity.
+    a, b, c, d = np.asarray(_LV_ARGS)
+    ys = np.asarray(ys)
+    invariant = (
+        c * ys[:, 0] - d * np.log(ys[:, 0]) + b * ys[:, 1] - a * np.log(ys[:, 1])
+    )
+    np.testing.assert_allclose(invariant, invariant[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "saveat",
+    [
+        dfx.SaveAt(steps=True),
+        dfx.SaveAt(t0=True, t1=True),
+        dfx.SaveAt(dense=True),
+        dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(steps=True)]),
+    ],
+    ids=["steps", "t0-t1", "dense", "subs"],
+)
+def test_saves_of_every_kind_in_one_kernel(saveat):
+    def fn(y0, args):
+        sol = _solve(_lotka_volterra, dfx.Tsit5(), y0, args, saveat=saveat)
+        out = [sol.ts, sol.ys, sol.stats["num_steps"]]
+        if saveat.dense:
+            out.append(sol.evaluate(jnp.asarray(2.5, y0.dtype)))
+        return out
+
+    _check(fn, jnp.array([10.0, 10.0]), _LV_ARGS, one_kernel=True)
+
+
+def test_pytree_state_float32_and_a_matrix_vector_product():
+    matrix = jnp.array([[-0.5, 1.0], [-1.0, -0.5]], dtype=jnp.float32)
+
+    def field(t, y, args):
+        return {"x": matrix @ y["x"], "s": -y["s"]}
+
+    def fn(y0):
+        sol = _solve(
+            field,
+            dfx.Tsit5(),
+            y0,
+            stepsize_controller=dfx.PIDController(rtol=1e-5, atol=1e-6),
+        )
+        return sol.ys, sol.stats["num_steps"]
+
+    y0 = {"x": jnp.array([1.0, 0.0], jnp.float32), "s": jnp.array(2.0, jnp.float32)}
+    ys, _ = _check(fn, y0, one_kernel=True)
+    assert ys["x"].dtype == jnp.float32
+    np.testing.assert_allclose(ys["s"][-1], 2.0 * np.exp(-5.0), rtol=1e-4)
+
+
+def test_an_event_in_one_kernel():
+    def field(t, y, args):
+        return jnp.stack([y[1], jnp.asarray(-9.81, y.dtype)])
+
+    def fn(y0):
+        event = dfx.Event(
+            lambda t, y, args, **kw: y[0], optx.Newton(rtol=1e-10, atol=1e-10)
+        )
+        sol = _solve(field, dfx.Tsit5(), y0, event=event)
+        return sol.ts, sol.ys, sol.event_mask
+
+    ts, ys, mask = _check(fn, jnp.array([10.0, 0.0]), one_kernel=True)
+    assert bool(mask)
+    np.testing.assert_allclose(ts[-1], np.sqrt(2 * 10.0 / 9.81), rtol=1e-6)
+
+
+def test_dense_output_with_an_event_located_by_bisection_in_one_kernel():
+    def field(t, y, args):
+        return jnp.stack([y[1], -y[0]])
+
+    def fn(y0):
+        event = dfx.Event(
+            lambda t, y, args, **kw: y[0] - 0.5,
+            optx.Bisection(rtol=1e-10, atol=1e-10),
+        )
+        sol = _solve(
+            field, dfx.Dopri5(), y0, event=event, saveat=dfx.SaveAt(t1=True, dense=True)
+        )
+        return sol.ts[-1], sol.evaluate(sol.ts[-1] / 2)
+
+    t1, y_half = _check(fn, jnp.array([1.0, 0.0]), one_kernel=True)
+    np.testing.assert_allclose(t1, np.arccos(0.5), rtol=1e-6)
+    np.testing.assert_allclose(y_half[0], np.cos(t1 / 2), rtol=1e-5)
+
+
+def test_pytree_state_with_a_boolean_event_in_one_kernel():
+    def field(t, y, args):
+        return {"a": -y["a"], "b": jnp.stack([y["b"][1], -y["b"][0]])}
+
+    def fn(y0):
+        event = dfx.Event(lambda t, y, args, **kw: y["a"] < 0.25)
+        sol = _solve(field, dfx.Tsit5(), y0, event=event, saveat=dfx.SaveAt(steps=True))
+        return sol.ts, sol.ys, sol.event_mask, sol.stats["num_steps"]
+
+    y0 = {"a": jnp.asarray(1.0), "b": jnp.array([0.0, 1.0])}
+    ts, _, mask, steps = _check(fn, y0, one_kernel=True)
+    assert bool(mask)
+    # The step in which the condition turns true ends the solve.
+    assert np.asarray(ts)[int(steps) - 1] >= np.log(4.0)
+
+
+def test_a_failed_solve_in_one_kernel_keeps_its_result_code():
+    def fn(y0, args):
+        sol = _solve(_lotka_volterra, dfx.Tsit5(), y0, args, max_steps=7, throw=False)
+        return sol.ys, sol.result._value, sol.stats["num_steps"]
+
+    _, result, steps = _check(fn, jnp.array([10.0, 10.0]), _LV_ARGS, one_kernel=True)
+    assert result == dfx.RESULTS.max_steps_reached._value and steps == 7
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["matrix product", "sort", "scatter of several indices", "large state", "implicit"],
+)
+def test_loops_the_emitter_cannot_compile_take_the_usual_path(what):
+    matrix = jnp.eye(3) * -0.5
+    solver = dfx.Tsit5()
+    y0 = jnp.array([1.0, 2.0, 3.0])
+    if what == "matrix product":
+
+        def field(t, y, args):
+            return (matrix @ jnp.outer(y, y) @ matrix).sum(axis=1) * 0.01 - y
+
+    elif what == "sort":
+
+        def field(t, y, args):
+            return -jnp.sort(y)
+
+    elif what == "scatter of several indices":
+
+        def field(t, y, args):
+            return (
+                jnp.zeros_like(y)
+                .at[jnp.array([0, 1, 2, 1])]
+                .add(-y[jnp.array([0, 1, 2, 1])])
+            )
+
+    elif what == "large state":
+        y0 = jnp.linspace(1.0, 2.0, 5000)
+
+        def field(t, y, args):
+            return -y
+
+    else:
+        solver = dfx.Kvaerno3()
+
+        def field(t, y, args):
+            return -y
+
+    def fn(y0):
+        sol = _solve(field, solver, y0)
+        return sol.ys, sol.stats["num_steps"]
+
+    _check(fn, y0, one_kernel=False)
+
+
+def test_not_under_vmap_grad_a_progress_meter_or_constant_steps():
+    def loss(y0, args):
+        return _solve(_lotka_volterra, dfx.Tsit5(), y0, args).ys.sum()
+
+    y0 = jnp.array([10.0, 10.0])
+
+    def constant_steps(y0, args):
+        # (Constant steps keep the usual loop: see `run_loop`.)
+        return _solve(
+            _lotka_volterra,
+            dfx.Tsit5(),
+            y0,
+            args,
+            stepsize_controller=dfx.ConstantStepSize(),
+            saveat=dfx.SaveAt(steps=True),
+        ).ys
+
+    for fn, args in [
+        (constant_steps, (y0, _LV_ARGS)),
+        (jax.grad(loss), (y0, _LV_ARGS)),
+        (jax.vmap(loss, in_axes=(0, None)), (jnp.stack([y0, y0 + 1]), _LV_ARGS)),
+        (
+            lambda y0, args: (
+                _solve(
+                    _lotka_volterra,
+                    dfx.Tsit5(),
+                    y0,
+                    args,
+                    progress_meter=dfx.TextProgressMeter(),
+                ).ys
+            ),
+            (y0, _LV_ARGS),
+        ),
+    ]:
+        assert _MARK not in _compile(fn, *args).as_text()
+
+
+def _trace(fn, *args):
+    return jax.make_jaxpr(fn)(*args).jaxpr
+
+
+def test_the_check_of_a_loops_operations():
+    x = jnp.arange(6.0)
+    assert kernel.fits(_trace(lambda x: jnp.tanh(x).sum() * x, x))
+    assert kernel.fits(_trace(lambda x: x.at[2].set(0.0), x))
+    assert kernel.fits(_trace(lambda x: jnp.ones((6, 6)) @ x + x, x))
+    assert not kernel.fits(_trace(lambda x: x.at[jnp.array([1, 2])].add(1.0), x))
+    assert not kernel.fits(_trace(lambda x: jnp.outer(x, x) @ jnp.outer(x, x), x))
+    assert not kernel.fits(_trace(jnp.sort, x))
+    assert not kernel.fits(_trace(lambda x: jnp.fft.fft(x).real, x))
+    assert not kernel.fits(_trace(lambda x: jnp.linalg.solve(jnp.eye(6), x), x))
+    assert not kernel.fits(_trace(lambda x: jax.pure_callback(np.sin, x, x), x))
+    assert not kernel.fits(_trace(lambda x: jnp.tile(x, 1000), x))
+    # Nested bodies are checked too.
+    assert not kernel.fits(
+        _trace(lambda x: jax.lax.cond(x[0] > 0, jnp.sort, lambda x: x, x), x)
+    )
+    assert not kernel.fits(
+        _trace(lambda x: jax.lax.fori_loop(0, 3, lambda i, x: jnp.sort(x), x), x)
+    )
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(
+    os.environ.get("DIFFEQX_TEST_XLA_DEFAULTS") is not None,
+    reason="already running with XLA's defaults",
+)
+def test_one_kernel_cases_with_xlas_default_code_generator():
+    """The test run compiles with XLA's older CPU emitters (`conftest.py`); users get
+    XLA's defaults, where these cases must compile and agree too."""
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(
+        f for f in flags if "xla_cpu_use_fusion_emitters" not in f
+    )
+    env["DIFFEQX_TEST_XLA_DEFAULTS"] = "1"
+    env["JAX_PLATFORMS"] = "cpu"
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:xdist",
+        "tests/test_one_kernel.py",
+        "-k",
+        "not default_code_generator",
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
