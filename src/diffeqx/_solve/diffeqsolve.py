@@ -15,7 +15,8 @@ from jaxtyping import PyTree
 from .._adjoint.base import AbstractAdjoint, AbstractCustomGradientAdjoint
 from .._adjoint.checkpoint import RecursiveCheckpointAdjoint
 from .._controller.base import AbstractStepSizeController
-from .._controller.constant import ConstantStepSize
+from .._controller.clip import unwrap_controller
+from .._controller.constant import ConstantStepSize, StepTo
 from .._eager import call_compiled
 from .._event import Event
 from .._profile import scope
@@ -26,7 +27,7 @@ from .._solution import Solution, is_event, succeeded, where_result
 from .._solver.base import AbstractSolver
 from .._solver.sde import resolve_deprecated_tuple_terms
 from .._transforms import is_staged
-from . import checks
+from . import checks, kernel
 from .event import locate_event
 from .fixed import fixed_step_plan, run_fixed_steps
 from .loop import run_loop, tree_where
@@ -190,21 +191,41 @@ def _solve(
             controller_state is not None
             or (made_jump is not None and made_jump is not False),
         )
-    with scope("setup"):
-        spec, init_state = initial_state(
-            subs=subs,
-            times_are_numbers=all(isinstance(t, (int, float)) for t in given_times[:2]),
-            forwards=_known_forwards(*given_times[:2]),
-            seeded=fixed is None,
-            **problem,
+    statics = dict(
+        subs=subs,
+        times_are_numbers=all(isinstance(t, (int, float)) for t in given_times[:2]),
+        forwards=_known_forwards(*given_times[:2]),
+        seeded=fixed is None,
+    )
+
+    def setup_and_loop(problem):
+        with scope("setup"):
+            spec, init_state = initial_state(**statics, **problem)
+        with scope("adjoint"):
+            if fixed is not None:
+                # Constant steps known at trace time: a fixed-length scan.
+                final = run_fixed_steps(spec, init_state, *fixed)
+            else:
+                final = _run_adjoint_loop(spec, init_state, adjoint)
+        return spec, final
+
+    if (
+        # A small adaptive solve, its setup and loop as one compiled kernel (on
+        # CPU, see `kernel.py`). Not with constant steps: their step times are
+        # computed from constants that XLA folds, as in Diffrax's program, to the
+        # last bit, which the call's barrier against folding would change.
+        fixed is None
+        and kernel.possible()
+        and isinstance(progress_meter, NoProgressMeter)
+        and not isinstance(
+            unwrap_controller(stepsize_controller), (ConstantStepSize, StepTo)
         )
-    with scope("adjoint"):
-        if fixed is not None:
-            # Constant steps known at trace time: a fixed-length scan.
-            final = run_fixed_steps(spec, init_state, *fixed)
-        else:
-            final = _run_adjoint_loop(spec, init_state, adjoint)
+    ):
+        spec, final = kernel.call(setup_and_loop, problem)
+    else:
+        spec, final = setup_and_loop(problem)
     if event is not None and event.terminate:
+        # (After the kernel: locating the event may solve a linear system.)
         with scope("events"):
             final = _finish_terminal_event(spec, final)
     with scope("progress"):

@@ -1,4 +1,4 @@
-"""A small solve's whole loop compiled by XLA into one CPU kernel.
+"""A small adaptive solve compiled by XLA into one CPU kernel.
 
 XLA's CPU runtime runs a program as a sequence of compiled kernels ("thunks"), one
 per fused group of operations, and a while loop's body as such a sequence on every
@@ -12,25 +12,33 @@ LLVM function, its loops and branches included. Its own passes do so for while
 loops whose iteration reads and writes under 1 KiB and that contain no operation
 its single-kernel emitter lacks; a solve's loop fails the first test (it carries
 the save buffers) and usually the second (the error estimate's dot product). Here
-the whole loop is traced as a nested `jax.jit`, whose call XLA's inliner keeps when
-it carries `inlineable="false"`, and both attributes are set on it with
-`jax.experimental.xla_metadata.set_xla_metadata`.
+the solve's setup and loop are traced once as a nested `jax.jit`, whose call XLA's
+inliner keeps when it carries `inlineable="false"`, and both attributes are set on
+it with `jax.experimental.xla_metadata.set_xla_metadata`.
 
 That emitter does not implement every operation: scatters with several indices,
 sorting, FFTs, custom calls (LAPACK, callbacks), convolutions and matrix-matrix
-products fail to compile in it. So the loop is traced first and kept out of one
-kernel unless every primitive in it, nested bodies included, is on a list of
-primitives whose lowering that emitter handles (`_ELEMENTAL`; single-index
-scatters, which XLA rewrites as in-place updates; products of a vector with a
-vector or a small matrix). Large loops stay on the usual path too, where a kernel
-per operation keeps XLA's threading and compiles in less time.
+products fail to compile in it. So the traced equations are checked first, and the
+call is left to XLA's inliner (the usual program) unless every primitive in them,
+nested bodies included, is on a list of primitives whose lowering that emitter
+handles (`_ELEMENTAL`; single-index scatters, which XLA rewrites as in-place
+updates; products of a vector with a vector or a small matrix). Large loops keep the
+usual program too, where a kernel per operation lets XLA spread the work over
+threads and compiles in less time.
 
-Used only where it cannot change what is computed: on CPU, without `jax.vmap` or
-derivatives (their loops are larger and XLA's own passes handle them), and only
-when this JAX has the per-value form of `set_xla_metadata`.
+The emitter also gives the kernel only the buffers that the called computation's
+instructions use, and aborts the process (an XLA check failure) on a parameter that
+none uses: an input the loop ignores, or one that XLA found constant and copied
+into the computation. So the call returns its inputs too, and takes them through an
+optimisation barrier (see `call`).
+
+Used on CPU, without `jax.vmap` or derivatives (their loops are larger, and XLA's
+own passes handle theirs), for adaptive steps (see `diffeqsolve.py` for constant
+steps), and only where this JAX has the per-value form of `set_xla_metadata`.
 """
 
 import math
+import threading
 
 import equinox as eqx
 import jax
@@ -50,10 +58,10 @@ except ImportError:  # pragma: no cover
 # the loop on the usual path.
 _ELEMENTAL = frozenset(
     """
-    abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp cos cosh
-    div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow is_finite
+    abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp cos cosh
+    div eq erf erf_inv erfc exp exp2 expm1 floor ge gt integer_pow is_finite
     le lgamma digamma log log1p logistic lt max min mul ne neg nextafter not or pow
-    real rem round rsqrt select_n shift_left shift_right_arithmetic
+    rem round rsqrt select_n shift_left shift_right_arithmetic
     shift_right_logical sign sin sinh sqrt square sub tan tanh xor population_count
     clz convert_element_type bitcast_convert_type copy copy_p reduce_precision
     broadcast_in_dim reshape squeeze expand_dims transpose rev slice dynamic_slice
@@ -65,7 +73,7 @@ _ELEMENTAL = frozenset(
     stop_gradient optimization_barrier name
     threefry2x32 random_bits random_wrap random_unwrap random_seed random_fold_in
     select_if_vmap nonbatchable unvmap_any unvmap_all unvmap_max
-    diffeqx_reverse_only
+    nondifferentiable_backward diffeqx_reverse_only
     """.split()
 )
 
@@ -76,12 +84,14 @@ _SINGLE_INDEX_SCATTERS = frozenset({"scatter", "maybe_set"})
 # Loops with more operations than this stay on the usual path: one LLVM function's
 # optimisation time grows faster than linearly with its size.
 _MAX_EQUATIONS = 4000
-# ... as do loops with values larger than this (elements), where a kernel per
-# operation lets XLA spread the work over threads.
+# ... as do loops computing values larger than this (elements) in their bodies,
+# where a kernel per operation lets XLA spread the work over threads.
 _MAX_ELEMENTS = 4096
 
 # The largest operand of a vector-matrix product in such a loop (elements).
 _MAX_PRODUCT_ELEMENTS = 1024
+
+_LOOPS = frozenset({"while", "scan"})
 
 # Equations whose outputs are carried or updated in place, not computed elementwise
 # (a save buffer passed through a branch or written one row at a time).
@@ -113,6 +123,8 @@ _CARRIERS = frozenset(
 )
 
 
+_tracing = threading.local()
+
 # Off: every loop takes the usual path (for comparisons; not public).
 enabled = True
 
@@ -122,6 +134,7 @@ def possible() -> bool:
     the loop itself)."""
     return (
         enabled
+        and not getattr(_tracing, "active", False)
         and _set_xla_metadata is not None
         and jax.default_backend() == "cpu"
         and not is_batched()
@@ -171,11 +184,13 @@ def _small_vector_product(eqn) -> bool:
 
 def fits(jaxpr) -> bool:
     """Whether every equation of `jaxpr`, nested bodies included, is one the
-    single-kernel emitter compiles, and the loop is small enough to benefit."""
+    single-kernel emitter compiles, and the loops in it are small enough to
+    benefit (no value of more than `_MAX_ELEMENTS` computed in a loop's body; the
+    output buffers, filled once before the loop, may be larger)."""
     count = 0
-    stack = [jaxpr]
+    stack = [(jaxpr, False)]
     while stack:
-        current = stack.pop()
+        current, in_loop = stack.pop()
         for eqn in current.eqns:
             count += 1
             if count > _MAX_EQUATIONS:
@@ -189,12 +204,15 @@ def fits(jaxpr) -> bool:
                     return False
             elif name not in _ELEMENTAL:
                 return False
-            if name not in _CARRIERS and any(
-                _size(v.aval) > _MAX_ELEMENTS for v in eqn.outvars
+            if (
+                in_loop
+                and name not in _CARRIERS
+                and any(_size(v.aval) > _MAX_ELEMENTS for v in eqn.outvars)
             ):
                 return False
+            body = in_loop or name in _LOOPS
             for value in eqn.params.values():
-                stack.extend(_sub_jaxprs(value))
+                stack.extend((sub, body) for sub in _sub_jaxprs(value))
     return True
 
 
@@ -224,7 +242,11 @@ def call(fn, *inputs):
         return inner(dynamic), marker, jax.lax.optimization_barrier(dynamic)
 
     jitted = jax.jit(inner_and_inputs)
-    jaxpr = jitted.trace(dynamic).jaxpr.jaxpr
+    _tracing.active = True  # no call of this kind nested in this one
+    try:
+        jaxpr = jitted.trace(dynamic).jaxpr.jaxpr
+    finally:
+        _tracing.active = False
     if not fits(jaxpr):
         # Found in JAX's cache (not traced again); JAX drops the unused outputs,
         # and XLA inlines the call: the program of the loop without it.

@@ -16,7 +16,6 @@ from .._saveat import SubSaveAt
 from .._solution import RESULTS, succeeded, where_result
 from .._solver.base import tracing_step
 from .._transforms import differentiation_levels, is_batched
-from . import kernel
 from .checks import raise_if_no_error_estimate
 from .event import EventStep, check_events, locate_event, record_event
 from .save import interpolate_deferred, record_ts_step, save_dense, save_in_step
@@ -434,24 +433,13 @@ def run_loop(spec: LoopSpec, init_state: LoopState, outer_while_loop, inner_whil
 
     if isinstance(outer_while_loop, HeldMembersLoop):
         outer_while_loop = outer_while_loop.for_body(spec.mask_members)
-
-    def run(spec, init_state):
-        return outer_while_loop(
-            lambda s: cond_fun(spec, s),
-            lambda s: step_body(spec, s, inner_while_loop),
-            init_state,
-            max_steps=spec.max_steps,
-            buffers=buffers,
-        )
-
-    if kernel.possible() and not spec.always_accept:
-        # A small adaptive solve's loop as one compiled kernel (CPU), see
-        # `kernel.py`. (Not with constant steps, whose step times XLA computes from
-        # constants it folds, matching Diffrax's to the last bit, which the call's
-        # barrier against folding would change.)
-        final = kernel.call(run, spec, init_state)
-    else:
-        final = run(spec, init_state)
+    final = outer_while_loop(
+        lambda s: cond_fun(spec, s),
+        lambda s: step_body(spec, s, inner_while_loop),
+        init_state,
+        max_steps=spec.max_steps,
+        buffers=buffers,
+    )
     return finish_loop(spec, final)
 
 
