@@ -350,3 +350,24 @@ def test_one_kernel_cases_with_xlas_default_code_generator():
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+def test_transformations_of_an_already_traced_solve():
+    """`jax.vmap` and `jax.grad` of a function already traced (and cached) under
+    `jax.jit` transform its program without tracing it again: the batched program
+    must not ask for one kernel (its operations were never checked), and both must
+    give the right answers."""
+
+    def final(a):
+        sol = _solve(lambda t, y, a: -a * y, dfx.Tsit5(), jnp.ones(2), a)
+        return sol.ys[-1, 0]
+
+    solve = jax.jit(final)
+    a = jnp.asarray(0.3)
+    assert _MARK in solve.lower(a).compile().as_text()
+    np.testing.assert_allclose(solve(a), np.exp(-1.5), rtol=1e-7)
+    batch = jnp.array([0.3, 0.5, 0.7])
+    batched = jax.jit(jax.vmap(solve))
+    assert _MARK not in batched.lower(batch).compile().as_text()
+    np.testing.assert_allclose(batched(batch), np.exp(-5.0 * batch), rtol=1e-7)
+    np.testing.assert_allclose(jax.grad(solve)(a), -5.0 * np.exp(-1.5), rtol=1e-6)

@@ -37,12 +37,15 @@ own passes handle theirs), for adaptive steps (see `diffeqsolve.py` for constant
 steps), and only where this JAX has the per-value form of `set_xla_metadata`.
 """
 
+import inspect
 import math
 import threading
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from .._transforms import differentiation_levels, is_batched
 
@@ -50,6 +53,77 @@ try:  # pragma: no cover - depends on the JAX version
     from jax.experimental.xla_metadata import set_xla_metadata as _set_xla_metadata
 except ImportError:  # pragma: no cover
     _set_xla_metadata = None
+
+
+def _supported() -> bool:
+    """Whether this JAX has what `call` uses: `jax.jit(...).trace` and the form of
+    `set_xla_metadata` that marks the operation computing a value."""
+    if _set_xla_metadata is None or not hasattr(jax.jit(lambda: None), "trace"):
+        return False
+    try:
+        parameters = inspect.signature(_set_xla_metadata).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in parameters.values()
+    )
+
+
+_SUPPORTED = _supported()
+
+
+# Two identity primitives, so that the call stays what it was traced as when a
+# transformation reaches it later (`jax.vmap` or `jax.jvp` of a function already
+# traced under `jax.jit`, whose cached program JAX transforms without tracing it
+# again): `_barrier` is XLA's optimisation barrier on values, through which
+# derivatives pass as if it were not there (JAX's own barrier would turn absent
+# derivatives into zeros, and differentiate the whole solve); `_mark` attaches the
+# attributes to the call computing its input, and does nothing once batched or
+# differentiated, where the call's operations were not checked.
+_barrier_p = Primitive("diffeqx_barrier")
+_barrier_p.multiple_results = True
+_barrier_p.def_impl(lambda *xs: list(jax.lax.optimization_barrier(tuple(xs))))
+_barrier_p.def_abstract_eval(lambda *avals: list(avals))
+mlir.register_lowering(
+    _barrier_p,
+    mlir.lower_fun(
+        lambda *xs: list(jax.lax.optimization_barrier(tuple(xs))),
+        multiple_results=True,
+    ),
+)
+batching.primitive_batchers[_barrier_p] = lambda args, dims: (
+    _barrier_p.bind(*args),
+    list(dims),
+)
+ad.primitive_jvps[_barrier_p] = lambda primals, tangents: (
+    _barrier_p.bind(*primals),
+    list(tangents),
+)
+
+_mark_p = Primitive("diffeqx_one_kernel")
+_mark_p.def_impl(lambda x: x)
+_mark_p.def_abstract_eval(lambda aval: aval)
+if _SUPPORTED:
+    mlir.register_lowering(
+        _mark_p,
+        mlir.lower_fun(
+            lambda x: _set_xla_metadata(
+                x, inlineable="false", xla_cpu_small_call="true"
+            ),
+            multiple_results=False,
+        ),
+        # The attributes go on the operation computing the value passed in, not
+        # on a cached function of this lowering.
+        cacheable=False,
+    )
+batching.primitive_batchers[_mark_p] = lambda args, dims: (args[0], dims[0])
+ad.primitive_jvps[_mark_p] = lambda primals, tangents: (primals[0], tangents[0])
+
+
+def _barrier(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, _barrier_p.bind(*leaves))
 
 
 # Primitives whose lowering XLA's single-kernel CPU emitter compiles: elementwise
@@ -70,7 +144,7 @@ _ELEMENTAL = frozenset(
     argmax argmin gather
     while cond scan jit pjit closed_call core_call remat checkpoint
     custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr custom_lin
-    stop_gradient optimization_barrier name
+    stop_gradient optimization_barrier diffeqx_barrier name
     threefry2x32 random_bits random_wrap random_unwrap random_seed random_fold_in
     select_if_vmap nonbatchable unvmap_any unvmap_all unvmap_max
     nondifferentiable_backward diffeqx_reverse_only
@@ -118,6 +192,7 @@ _CARRIERS = frozenset(
         "nonbatchable",
         "diffeqx_reverse_only",
         "optimization_barrier",
+        "diffeqx_barrier",
         "name",
     }
 )
@@ -135,7 +210,7 @@ def possible() -> bool:
     return (
         enabled
         and not getattr(_tracing, "active", False)
-        and _set_xla_metadata is not None
+        and _SUPPORTED
         and jax.default_backend() == "cpu"
         and not is_batched()
         and not differentiation_levels()
@@ -239,7 +314,7 @@ def call(fn, *inputs):
     # the call, as it may some of the loop's), which carries the attributes.
     def inner_and_inputs(dynamic):
         marker = jnp.zeros((1,), jnp.int32)
-        return inner(dynamic), marker, jax.lax.optimization_barrier(dynamic)
+        return inner(dynamic), marker, _barrier(dynamic)
 
     jitted = jax.jit(inner_and_inputs)
     _tracing.active = True  # no call of this kind nested in this one
@@ -252,10 +327,10 @@ def call(fn, *inputs):
         # and XLA inlines the call: the program of the loop without it.
         out_dynamic, _, _ = jitted(dynamic)
         return eqx.combine(out_dynamic, out_static[-1])
-    out_dynamic, marker, returned = jitted(jax.lax.optimization_barrier(dynamic))
-    marker = _set_xla_metadata(marker, inlineable="false", xla_cpu_small_call="true")
+    out_dynamic, marker, returned = jitted(_barrier(dynamic))
+    marker = _mark_p.bind(marker)
     # JAX keeps a barrier, with all its inputs, when one of its outputs is used:
     # every output of the solve's loop goes through one with the marker and the
     # returned inputs.
-    out_dynamic, _, _ = jax.lax.optimization_barrier((out_dynamic, marker, returned))
+    out_dynamic, _, _ = _barrier((out_dynamic, marker, returned))
     return eqx.combine(out_dynamic, out_static[-1])
