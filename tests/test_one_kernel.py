@@ -9,9 +9,6 @@ and checks whether the request was made: for every operation the emitter is know
 to reject, that it was not."""
 
 import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +18,7 @@ import optimistix as optx
 import pytest
 
 import diffeqx as dfx
+from _xla_defaults import run_pytest_with_xla_defaults
 from diffeqx._solve import kernel
 
 _MARK = 'inlineable="false"'
@@ -316,9 +314,6 @@ def test_the_check_of_a_loops_operations():
     )
 
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
 @pytest.mark.skipif(
     os.environ.get("DIFFEQX_TEST_XLA_DEFAULTS") is not None,
     reason="already running with XLA's defaults",
@@ -326,28 +321,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_one_kernel_cases_with_xlas_default_code_generator():
     """The test run compiles with XLA's older CPU emitters (`conftest.py`); users get
     XLA's defaults, where these cases must compile and agree too."""
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(
-        f for f in flags if "xla_cpu_use_fusion_emitters" not in f
-    )
-    env["DIFFEQX_TEST_XLA_DEFAULTS"] = "1"
-    env["JAX_PLATFORMS"] = "cpu"
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-p",
-        "no:xdist",
-        "tests/test_one_kernel.py",
-        "-k",
-        "not default_code_generator",
-    ]
-    done = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    done = run_pytest_with_xla_defaults(
+        "tests/test_one_kernel.py", "-k", "not default_code_generator"
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 

@@ -291,10 +291,10 @@ def fits(jaxpr) -> bool:
     return True
 
 
-def call(fn, *inputs):
-    """`fn(*inputs)`, traced once as a nested `jax.jit`, whose call XLA compiles
-    into one kernel when its equations allow (see the module's docstring), and
-    otherwise inlines."""
+def arrays_only(fn, inputs: tuple):
+    """`(inner, dynamic, rebuild)`: `inner(dynamic)` computes the arrays of
+    `fn(*inputs)` from the arrays `dynamic` of `inputs` (a function `jax.jit` can
+    take), and `rebuild` puts the rest of `fn`'s output back around them."""
     dynamic, static = eqx.partition(inputs, eqx.is_array)
     out_static = []
 
@@ -303,6 +303,18 @@ def call(fn, *inputs):
         out_dynamic, s = eqx.partition(out, eqx.is_array)
         out_static.append(s)
         return out_dynamic
+
+    def rebuild(out_dynamic):
+        return eqx.combine(out_dynamic, out_static[-1])
+
+    return inner, dynamic, rebuild
+
+
+def call(fn, *inputs):
+    """`fn(*inputs)`, traced once as a nested `jax.jit`, whose call XLA compiles
+    into one kernel when its equations allow (see the module's docstring), and
+    otherwise inlines."""
+    inner, dynamic, rebuild = arrays_only(fn, inputs)
 
     # The single-kernel emitter gives the kernel the buffers that the called
     # computation's instructions use, and aborts (an XLA check failure, not an
@@ -326,11 +338,11 @@ def call(fn, *inputs):
         # Found in JAX's cache (not traced again); JAX drops the unused outputs,
         # and XLA inlines the call: the program of the loop without it.
         out_dynamic, _, _ = jitted(dynamic)
-        return eqx.combine(out_dynamic, out_static[-1])
+        return rebuild(out_dynamic)
     out_dynamic, marker, returned = jitted(_barrier(dynamic))
     marker = _mark_p.bind(marker)
     # JAX keeps a barrier, with all its inputs, when one of its outputs is used:
     # every output of the solve's loop goes through one with the marker and the
     # returned inputs.
     out_dynamic, _, _ = _barrier((out_dynamic, marker, returned))
-    return eqx.combine(out_dynamic, out_static[-1])
+    return rebuild(out_dynamic)

@@ -18,6 +18,7 @@ from .._solver.base import tracing_step
 from .._transforms import differentiation_levels, is_batched
 from .checks import raise_if_no_error_estimate
 from .event import EventStep, check_events, locate_event, record_event
+from .kernel import arrays_only
 from .save import interpolate_deferred, record_ts_step, save_dense, save_in_step
 from .state import LoopState
 
@@ -113,17 +114,8 @@ def _nested_call(fn, inputs: tuple):
     0.53 to 0.54 s. Without `jax.vmap` it saved nothing. Not under a derivative:
     differentiating the nested call gave programs of up to twice the operations,
     e.g. the neural-SDE gradient's.)"""
-    dynamic, static = eqx.partition(inputs, eqx.is_array)
-    out_static = []
-
-    def inner(dynamic):
-        out = fn(*eqx.combine(dynamic, static))
-        out_dynamic, s = eqx.partition(out, eqx.is_array)
-        out_static.append(s)
-        return out_dynamic
-
-    out_dynamic = jax.jit(inner)(dynamic)
-    return eqx.combine(out_dynamic, out_static[-1])
+    inner, dynamic, rebuild = arrays_only(fn, inputs)
+    return rebuild(jax.jit(inner)(dynamic))
 
 
 class StepDecision(eqx.Module):
