@@ -208,7 +208,14 @@ def test_a_failed_solve_in_one_kernel_keeps_its_result_code():
 
 @pytest.mark.parametrize(
     "what",
-    ["matrix product", "sort", "scatter of several indices", "large state", "implicit"],
+    [
+        "matrix product",
+        "sort",
+        "scatter of several indices",
+        "many operations",
+        "large state",
+        "implicit",
+    ],
 )
 def test_loops_the_emitter_cannot_compile_take_the_usual_path(what):
     matrix = jnp.eye(3) * -0.5
@@ -232,6 +239,14 @@ def test_loops_the_emitter_cannot_compile_take_the_usual_path(what):
                 .at[jnp.array([0, 1, 2, 1])]
                 .add(-y[jnp.array([0, 1, 2, 1])])
             )
+
+    elif what == "many operations":
+
+        def field(t, y, args):
+            z = y
+            for k in range(100):
+                z = jnp.sin(z * (1.0 + 0.001 * k)) - 0.05 * z * z
+            return z - y
 
     elif what == "large state":
         y0 = jnp.linspace(1.0, 2.0, 5000)
