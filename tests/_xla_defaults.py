@@ -10,9 +10,12 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run_pytest_with_xla_defaults(*arguments: str) -> subprocess.CompletedProcess:
+def run_pytest_with_xla_defaults(
+    *arguments: str, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """`pytest -q <arguments>` in a fresh process on CPU with XLA's default code
-    generator, output captured."""
+    generator, output captured; `subprocess.TimeoutExpired` after `timeout`
+    seconds."""
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "").split()
     env["XLA_FLAGS"] = " ".join(
@@ -23,5 +26,5 @@ def run_pytest_with_xla_defaults(*arguments: str) -> subprocess.CompletedProcess
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     command += ["-p", "no:xdist", *arguments]
     return subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -15,6 +15,8 @@ most `k * 5.7e-7`.
 
 import functools
 import math
+import os
+import subprocess
 
 import equinox as eqx
 import jax
@@ -25,6 +27,7 @@ import pytest
 import scipy.special
 
 import diffeqx as dfx
+from _xla_defaults import run_pytest_with_xla_defaults
 from diffeqx._brownian import levy
 from diffeqx._brownian.base import _normal_quantile, threefry2x32
 
@@ -772,3 +775,60 @@ def test_half_precision_paths_are_finite_brownian_samples(kind, dtype):
         _assert_mean_zero(values, math.sqrt(var))
         _assert_variance(values, var)
     assert sample.dt.dtype == dtype
+
+
+def _one_path_adaptive_spark(key):
+    bm = dfx.VirtualBrownianTree(
+        0.0, 5.0, 1e-5, (4,), key, levy_area=dfx.SpaceTimeLevyArea
+    )
+    matrix = jnp.array(
+        [[-1.0, 0.5, 0.0, 0.2], [-0.5, -1.0, 0.3, 0.0], [0.0, -0.3, -0.8, 0.4],
+         [-0.2, 0.0, -0.4, -0.6]]
+    )  # fmt: skip
+    terms = dfx.MultiTerm(
+        dfx.ODETerm(lambda t, y, args: matrix @ y + jnp.sin(y)),
+        dfx.ControlTerm(lambda t, y, args: 0.3 * jnp.outer(jnp.cos(y), y), bm),
+    )
+    sol = dfx.diffeqsolve(
+        terms,
+        dfx.SPaRK(),
+        0.0,
+        5.0,
+        0.05,
+        jnp.ones(4),
+        stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3),
+        max_steps=4096,
+    )
+    return sol.ys[-1], sol.result
+
+
+def test_adaptive_solve_of_one_path_on_a_deep_tree():
+    """An adaptive SPaRK solve of one path on a tree of depth 19 (the adaptive
+    benchmark's problem without `jax.vmap`). With XLA's default code generator its
+    compilation once took minutes, in LLVM, on a kernel into which XLA had fused the
+    tree's key hash (run below in a process with those defaults)."""
+    y, result = jax.jit(_one_path_adaptive_spark)(jr.key(0))
+    assert result == dfx.RESULTS.successful
+    assert np.all(np.isfinite(np.asarray(y)))
+
+
+@pytest.mark.skipif(
+    os.environ.get("DIFFEQX_TEST_XLA_DEFAULTS") is not None,
+    reason="already running with XLA's defaults",
+)
+def test_adaptive_solve_on_a_deep_tree_compiles_with_xlas_default_code_generator():
+    """The case above compiles in seconds (about 1.5 s on 2 cores) with the code
+    generator users get; it took minutes before the key hash's words were computed
+    into memory (`base._hashed_words`). A time limit 40 times that is a hang check,
+    not a timing test."""
+    try:
+        done = run_pytest_with_xla_defaults(
+            "tests/test_brownian.py",
+            "-k",
+            "test_adaptive_solve_of_one_path_on_a_deep_tree",
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("compiling the solve took over 120 s")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout, done.stdout[-2000:]

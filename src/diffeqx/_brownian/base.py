@@ -198,7 +198,14 @@ def _hashed_words(data, shape):
     size = 2 * int(np.prod(shape, dtype=np.int64))
     index = jnp.arange(size, dtype=jnp.uint32)
     hi, lo = threefry2x32(data[..., 0], data[..., 1], jnp.uint32(0), index)
-    return (hi ^ lo).reshape(*shape, 2)
+    words = (hi ^ lo).reshape(*shape, 2)
+    # Divided by a 1 known only at run time, so that XLA computes the words once,
+    # into memory, rather than fusing the hash into each computation that reads
+    # them: fused into a loop-invariant selection of a tree's keys per cell (every
+    # word read there many times), LLVM took minutes to compile the kernel (an
+    # adaptive SPaRK solve of one path on a tree of depth 19).
+    one = words.reshape(-1)[0] | jnp.uint32(1)
+    return words // (one // one)
 
 
 def _threefry_key_data(key):
