@@ -197,6 +197,81 @@ def test_pytree_state_with_a_boolean_event_in_one_kernel():
     assert np.asarray(ts)[int(steps) - 1] >= np.log(4.0)
 
 
+def _spark_on_a_tree(key, diffusion, y0, rtol):
+    bm = dfx.VirtualBrownianTree(
+        0.0, 5.0, 1e-5, (4,), key, levy_area=dfx.SpaceTimeLevyArea
+    )
+    terms = dfx.MultiTerm(
+        dfx.ODETerm(lambda t, y, args: -y + jnp.sin(y)),
+        dfx.ControlTerm(diffusion, bm),
+    )
+    sol = dfx.diffeqsolve(
+        terms,
+        dfx.SPaRK(),
+        0.0,
+        5.0,
+        0.05,
+        y0,
+        stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol),
+        max_steps=4096,
+    )
+    return sol.ys[-1], sol.stats["num_steps"], sol.result._value
+
+
+def test_an_adaptive_sde_on_a_brownian_tree_in_one_kernel():
+    """An adaptive SPaRK solve of one path on a `VirtualBrownianTree` with space-time
+    Lévy area (the tree's queries in the loop: hashes, a scan down its 19 levels,
+    two scans up) runs as one kernel.
+
+    Truth: with no drift and additive noise the solution is `y0 + W(5) - W(0)`
+    whatever the steps, so the tree queried inside the kernel must sum to the tree's
+    own increment. With general noise the answer is not the usual program's bit
+    for bit: the tree's values may round differently in a differently compiled
+    program (as documented), and an adaptive SDE solve's accepted steps follow the
+    last bits of its error estimate; both are solutions of the same path, within
+    the method's strong error (order 1/2 here)."""
+    key = jax.random.key(0)
+    y0 = jnp.array([1.0, 0.5, -0.3, 2.0])
+
+    def additive(key):
+        bm = dfx.VirtualBrownianTree(
+            0.0, 5.0, 1e-5, (4,), key, levy_area=dfx.SpaceTimeLevyArea
+        )
+        terms = dfx.MultiTerm(
+            dfx.ODETerm(lambda t, y, args: jnp.zeros_like(y)),
+            dfx.ControlTerm(lambda t, y, args: jnp.eye(4), bm),
+        )
+        sol = dfx.diffeqsolve(
+            terms,
+            dfx.SPaRK(),
+            0.0,
+            5.0,
+            0.05,
+            y0,
+            stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3, dtmax=0.05),
+            saveat=dfx.SaveAt(steps=True),
+            max_steps=256,
+        )
+        return sol.ys[sol.stats["num_steps"] - 1], sol.stats["num_steps"], bm
+
+    compiled = _compile(additive, key)
+    assert _MARK in compiled.as_text()
+    y1, steps, bm = compiled(key)
+    assert steps >= 100  # steps of at most 0.05: the loop ran
+    np.testing.assert_allclose(y1, y0 + bm.evaluate(0.0, 5.0), rtol=0, atol=1e-12)
+
+    def general(key):
+        diffusion = lambda t, y, args: 0.3 * jnp.outer(jnp.cos(y), y)  # noqa: E731
+        return _spark_on_a_tree(key, diffusion, y0, 1e-3)
+
+    with_kernel, without = _compile(general, key), _compile(general, key, enabled=False)
+    assert _MARK in with_kernel.as_text() and _MARK not in without.as_text()
+    (y_k, steps_k, result_k), (y_u, steps_u, result_u) = with_kernel(key), without(key)
+    assert result_k == result_u == 0
+    assert abs(int(steps_k) - int(steps_u)) <= 0.25 * int(steps_u)
+    np.testing.assert_allclose(y_k, y_u, rtol=0, atol=0.05)
+
+
 def test_a_failed_solve_in_one_kernel_keeps_its_result_code():
     def fn(y0, args):
         sol = _solve(_lotka_volterra, dfx.Tsit5(), y0, args, max_steps=7, throw=False)

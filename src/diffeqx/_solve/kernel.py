@@ -160,8 +160,10 @@ _SINGLE_INDEX_SCATTERS = frozenset({"scatter", "maybe_set"})
 # faster than linearly with its size, and the arithmetic of such a solve outweighs
 # the kernels' dispatch (measured on 2 CPU cores, a 32-state field of 150
 # operations, 1,512 equations: compile 1.1-1.2x the usual program's time, the same
-# run time; a 2-state field, 538 equations, compiled in about 0.7x).
-_MAX_EQUATIONS = 1200
+# run time; a 2-state field, 538 equations, compiled in about 0.7x; an adaptive
+# SPaRK solve on a Brownian tree, 1,238 equations, most of them the tree's queries,
+# compiled in about 0.7x and ran in about 0.5x).
+_MAX_EQUATIONS = 1300
 # ... as do loops computing values larger than this (elements) in their bodies,
 # where a kernel per operation lets XLA spread the work over threads.
 _MAX_ELEMENTS = 4096
