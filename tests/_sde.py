@@ -328,3 +328,22 @@ def langevin_half_precision_rms(lib, solver: str, dtype) -> tuple[float, int]:
     _, reference = solve(dfx, jnp.float64, np.concatenate([[0.0], times]))
     error = np.abs(ends - reference) / np.maximum(np.abs(reference), 0.25)
     return float(np.sqrt(np.mean(error**2))) / float(jnp.finfo(dtype).eps), len(times)
+
+
+def spark_on_a_tree(key, drift, diffusion, y0, *, rtol=1e-3, **kwargs):
+    """An adaptive `SPaRK` solve of one 4-dimensional path on `[0, 5]`, on a
+    `VirtualBrownianTree` of depth 19 with space-time Lévy area (the adaptive problem
+    of `benchmarks/bench_sde.py` for one path): `(solution, tree)`. `kwargs` go to
+    `PIDController` (`dtmax`) or `diffeqsolve` (`saveat`, `max_steps`)."""
+    bm = dfx.VirtualBrownianTree(
+        0.0, 5.0, 1e-5, (4,), key, levy_area=dfx.SpaceTimeLevyArea
+    )
+    terms = dfx.MultiTerm(dfx.ODETerm(drift), dfx.ControlTerm(diffusion, bm))
+    controller = dfx.PIDController(
+        rtol=rtol, atol=rtol, dtmax=kwargs.pop("dtmax", None)
+    )
+    kwargs.setdefault("max_steps", 4096)
+    sol = dfx.diffeqsolve(
+        terms, dfx.SPaRK(), 0.0, 5.0, 0.05, y0, stepsize_controller=controller, **kwargs
+    )
+    return sol, bm

@@ -27,6 +27,7 @@ import pytest
 import scipy.special
 
 import diffeqx as dfx
+from _sde import spark_on_a_tree
 from _xla_defaults import run_pytest_with_xla_defaults
 from diffeqx._brownian import levy
 from diffeqx._brownian.base import _normal_quantile, threefry2x32
@@ -778,26 +779,15 @@ def test_half_precision_paths_are_finite_brownian_samples(kind, dtype):
 
 
 def _one_path_adaptive_spark(key):
-    bm = dfx.VirtualBrownianTree(
-        0.0, 5.0, 1e-5, (4,), key, levy_area=dfx.SpaceTimeLevyArea
-    )
     matrix = jnp.array(
         [[-1.0, 0.5, 0.0, 0.2], [-0.5, -1.0, 0.3, 0.0], [0.0, -0.3, -0.8, 0.4],
          [-0.2, 0.0, -0.4, -0.6]]
     )  # fmt: skip
-    terms = dfx.MultiTerm(
-        dfx.ODETerm(lambda t, y, args: matrix @ y + jnp.sin(y)),
-        dfx.ControlTerm(lambda t, y, args: 0.3 * jnp.outer(jnp.cos(y), y), bm),
-    )
-    sol = dfx.diffeqsolve(
-        terms,
-        dfx.SPaRK(),
-        0.0,
-        5.0,
-        0.05,
+    sol, _ = spark_on_a_tree(
+        key,
+        lambda t, y, args: matrix @ y + jnp.sin(y),
+        lambda t, y, args: 0.3 * jnp.outer(jnp.cos(y), y),
         jnp.ones(4),
-        stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3),
-        max_steps=4096,
     )
     return sol.ys[-1], sol.result
 

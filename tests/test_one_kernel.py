@@ -18,6 +18,7 @@ import optimistix as optx
 import pytest
 
 import diffeqx as dfx
+from _sde import spark_on_a_tree
 from _xla_defaults import run_pytest_with_xla_defaults
 from diffeqx._solve import kernel
 
@@ -197,27 +198,6 @@ def test_pytree_state_with_a_boolean_event_in_one_kernel():
     assert np.asarray(ts)[int(steps) - 1] >= np.log(4.0)
 
 
-def _spark_on_a_tree(key, diffusion, y0, rtol):
-    bm = dfx.VirtualBrownianTree(
-        0.0, 5.0, 1e-5, (4,), key, levy_area=dfx.SpaceTimeLevyArea
-    )
-    terms = dfx.MultiTerm(
-        dfx.ODETerm(lambda t, y, args: -y + jnp.sin(y)),
-        dfx.ControlTerm(diffusion, bm),
-    )
-    sol = dfx.diffeqsolve(
-        terms,
-        dfx.SPaRK(),
-        0.0,
-        5.0,
-        0.05,
-        y0,
-        stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol),
-        max_steps=4096,
-    )
-    return sol.ys[-1], sol.stats["num_steps"], sol.result._value
-
-
 def test_an_adaptive_sde_on_a_brownian_tree_in_one_kernel():
     """An adaptive SPaRK solve of one path on a `VirtualBrownianTree` with space-time
     Lévy area (the tree's queries in the loop: hashes, a scan down its 19 levels,
@@ -234,21 +214,12 @@ def test_an_adaptive_sde_on_a_brownian_tree_in_one_kernel():
     y0 = jnp.array([1.0, 0.5, -0.3, 2.0])
 
     def additive(key):
-        bm = dfx.VirtualBrownianTree(
-            0.0, 5.0, 1e-5, (4,), key, levy_area=dfx.SpaceTimeLevyArea
-        )
-        terms = dfx.MultiTerm(
-            dfx.ODETerm(lambda t, y, args: jnp.zeros_like(y)),
-            dfx.ControlTerm(lambda t, y, args: jnp.eye(4), bm),
-        )
-        sol = dfx.diffeqsolve(
-            terms,
-            dfx.SPaRK(),
-            0.0,
-            5.0,
-            0.05,
+        sol, bm = spark_on_a_tree(
+            key,
+            lambda t, y, args: jnp.zeros_like(y),
+            lambda t, y, args: jnp.eye(4),
             y0,
-            stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3, dtmax=0.05),
+            dtmax=0.05,
             saveat=dfx.SaveAt(steps=True),
             max_steps=256,
         )
@@ -261,8 +232,13 @@ def test_an_adaptive_sde_on_a_brownian_tree_in_one_kernel():
     np.testing.assert_allclose(y1, y0 + bm.evaluate(0.0, 5.0), rtol=0, atol=1e-12)
 
     def general(key):
-        diffusion = lambda t, y, args: 0.3 * jnp.outer(jnp.cos(y), y)  # noqa: E731
-        return _spark_on_a_tree(key, diffusion, y0, 1e-3)
+        sol, _ = spark_on_a_tree(
+            key,
+            lambda t, y, args: -y + jnp.sin(y),
+            lambda t, y, args: 0.3 * jnp.outer(jnp.cos(y), y),
+            y0,
+        )
+        return sol.ys[-1], sol.stats["num_steps"], sol.result._value
 
     with_kernel, without = _compile(general, key), _compile(general, key, enabled=False)
     assert _MARK in with_kernel.as_text() and _MARK not in without.as_text()
