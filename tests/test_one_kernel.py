@@ -264,6 +264,7 @@ def test_a_failed_solve_in_one_kernel_keeps_its_result_code():
         "sort",
         "scatter of several indices",
         "many operations",
+        "large matrix-vector product",
         "large state",
         "implicit",
     ],
@@ -299,6 +300,16 @@ def test_loops_the_emitter_cannot_compile_take_the_usual_path(what):
                 z = jnp.sin(z * (1.0 + 0.001 * k)) - 0.05 * z * z
             return z - y
 
+    elif what == "large matrix-vector product":
+        # A 40 by 40 matrix (over 1,024 elements) with saves at times: compiled as
+        # one kernel, XLA's code generator aborted the process (an "explicit
+        # index" check failure) with its default settings, measured 2026-12-06.
+        matrix = jax.random.normal(jax.random.key(3), (40, 40)) / 16.0
+        up = jax.random.normal(jax.random.key(5), (40, 3))
+
+        def field(t, y, args):
+            return up.T @ jnp.tanh(matrix @ jnp.tanh(up @ y)) * 0.1 - y
+
     elif what == "large state":
         y0 = jnp.linspace(1.0, 2.0, 5000)
 
@@ -311,8 +322,12 @@ def test_loops_the_emitter_cannot_compile_take_the_usual_path(what):
         def field(t, y, args):
             return -y
 
+    saveat = None
+    if what == "large matrix-vector product":
+        saveat = dfx.SaveAt(ts=jnp.linspace(0.0, 5.0, 20))
+
     def fn(y0):
-        sol = _solve(field, solver, y0)
+        sol = _solve(field, solver, y0, saveat=saveat)
         return sol.ys, sol.stats["num_steps"]
 
     _check(fn, y0, one_kernel=False)

@@ -168,7 +168,10 @@ _MAX_EQUATIONS = 1300
 # where a kernel per operation lets XLA spread the work over threads.
 _MAX_ELEMENTS = 4096
 
-# The largest operand of a vector-matrix product in such a loop (elements).
+# The largest operand of a vector-matrix product in such a loop (elements). Not
+# more: with a 40 by 40 matrix in the field and saves at given times, XLA's default
+# code generator aborted the process on the kernel (the "explicit index" check
+# failure; measured 2026-12-06, see tests/test_one_kernel.py).
 _MAX_PRODUCT_ELEMENTS = 1024
 
 _LOOPS = frozenset({"while", "scan"})
