@@ -16,7 +16,8 @@ Problems (float64):
 - (c) an adaptive SDE solve: `SPaRK()` with `PIDController(rtol=1e-3, atol=1e-3)` on
   a `VirtualBrownianTree(tol=1e-5, levy_area=SpaceTimeLevyArea)`, a 4-dimensional
   system with general noise, `t1 = 5`, for 64 paths (`vmap` over keys); steps are
-  summed over the paths (the libraries' trees sample different paths from a key).
+  summed over the paths (the libraries' trees sample different paths from a key);
+  and the same for one path without `jax.vmap` ("adaptive 1 path").
 - (d) the gradient of a neural SDE loss: drift and diffusion MLPs (width 32, two
   hidden layers), state of 4 and Brownian motion of 4, `ReversibleHeun`, 100 constant
   steps on a `VirtualBrownianTree`, loss the mean square of the final state over 32
@@ -97,7 +98,9 @@ _A = jnp.array([[-1.0, 0.5, 0.0, 0.2], [-0.5, -1.0, 0.3, 0.0], [0.0, -0.3, -0.8,
 ADAPTIVE_PATHS = 64
 
 
-def adaptive(lib):
+def adaptive_one(lib):
+    """(c) for one path (no `jax.vmap`): on CPU, compiled as one kernel."""
+
     def one(key):
         bm = lib.VirtualBrownianTree(
             0.0, 5.0, 1e-5, (4,), key, levy_area=lib.SpaceTimeLevyArea
@@ -117,6 +120,12 @@ def adaptive(lib):
             max_steps=4096,
         )
         return sol.ys[-1], sol.stats["num_steps"]
+
+    return one
+
+
+def adaptive(lib):
+    one = adaptive_one(lib)
 
     def fn(key):
         # Step counts depend on the path, and the two libraries' trees sample
@@ -185,6 +194,13 @@ def main(argv=None) -> int:
         (
             "adaptive SPaRK",
             {n: (adaptive(lib), (key,)) for n, lib in libraries.items()},
+            None,
+        )
+    )
+    groups.append(
+        (
+            "adaptive 1 path",
+            {n: (adaptive_one(lib), (key,)) for n, lib in libraries.items()},
             None,
         )
     )
