@@ -117,7 +117,7 @@ def _batched_mlp_problem(rows):
     params, static = eqx.partition(mlp, eqx.is_array)
     y0 = jax.random.uniform(jax.random.key(2), (rows, 2), minval=-1.0, maxval=1.0)
 
-    def loss(params, solver):
+    def loss(params, solver, adjoint=None):
         field = eqx.combine(params, static)
         sol = dfx.diffeqsolve(
             dfx.ODETerm(lambda t, y, args: jax.vmap(field)(y)),
@@ -128,6 +128,8 @@ def _batched_mlp_problem(rows):
             y0,
             saveat=dfx.SaveAt(ts=jnp.linspace(0.0, 0.5, 3)),
             stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
+            adjoint=dfx.RecursiveCheckpointAdjoint() if adjoint is None else adjoint,
+            max_steps=64,
         )
         return jnp.sum(sol.ys**2)
 
@@ -135,43 +137,57 @@ def _batched_mlp_problem(rows):
 
 
 def _remats(monkeypatch):
-    """Records the stage-loop bodies handed to `jax.checkpoint`."""
+    """Records the stage-loop bodies handed to `jax.checkpoint`, each with whether it
+    was traced for a loop over the steps that differentiates one step at a time (the
+    default adjoint's; the solve also traces a step outside its loop, for the shapes
+    of its outputs, which costs no memory)."""
+    from diffeqx._transforms import steps_differentiated_one_at_a_time
+
     wrapped = []
     real = jax.checkpoint
 
     def spy(fn, *args, **kwargs):
         if "AbstractERK.step" in getattr(fn, "__qualname__", ""):
-            wrapped.append(fn)
+            wrapped.append(steps_differentiated_one_at_a_time())
         return real(fn, *args, **kwargs)
 
     monkeypatch.setattr(jax, "checkpoint", spy)
     return wrapped
 
 
-def test_stage_loop_recomputes_large_stages_under_reverse_mode(monkeypatch):
+def test_stage_loop_recomputes_large_stages_where_every_step_keeps_them(monkeypatch):
     """Under reverse mode, a stage loop whose vector field computes large values
-    (256 rows through a 64-wide network) is rematerialised: the backward pass
-    recomputes them rather than stacking them over the stages. Small ones (a single
-    row, or each row under `vmap`), or no reverse mode, keep the plain loop."""
+    (256 rows through a 64-wide network) is rematerialised where the loop over the
+    steps keeps every step's values for the backward pass (`DirectAdjoint`): the
+    backward pass recomputes them rather than keeping them for every stage of every
+    step. Not in the default adjoint's loop, which differentiates one step at a
+    time; nor for small values (a single row), nor without reverse mode."""
     wrapped = _remats(monkeypatch)
 
-    def count(fn, *args):
+    def remats(fn, *args):
         wrapped.clear()
         jax.make_jaxpr(fn)(*args)
-        return len(wrapped)
+        return list(wrapped)
 
     params, loss = _batched_mlp_problem(256)
-    assert count(jax.grad(lambda p: loss(p, dfx.Tsit5())), params) >= 1
-    assert count(lambda p: loss(p, dfx.Tsit5()), params) == 0
+    direct = dfx.DirectAdjoint()
+    assert remats(jax.grad(lambda p: loss(p, dfx.Tsit5(), direct)), params)
+    assert True not in remats(jax.grad(lambda p: loss(p, dfx.Tsit5())), params)
+    assert remats(lambda p: loss(p, dfx.Tsit5()), params) == []
     small_params, small_loss = _mlp_problem()
-    assert count(jax.grad(lambda p: small_loss(p, dfx.Tsit5())[0]), small_params) == 0
+    assert remats(jax.grad(lambda p: small_loss(p, dfx.Tsit5())[0]), small_params) == []
 
 
-def test_rematerialised_stages_give_the_unrolled_gradient():
+@pytest.mark.parametrize("adjoint", ["default", "direct"])
+def test_large_stages_give_the_unrolled_stages_gradient(adjoint):
+    """The gradient with the stage loop of a network with large values (compiled
+    unrolled under the default adjoint, rematerialised under `DirectAdjoint`) is
+    that of stages unrolled in Python, and agrees with finite differences."""
     params, loss = _batched_mlp_problem(256)
+    chosen = dfx.DirectAdjoint() if adjoint == "direct" else None
     grads = {
         scan: jax.jit(
-            jax.grad(lambda p, scan=scan: loss(p, dfx.Tsit5(scan_stages=scan)))
+            jax.grad(lambda p, scan=scan: loss(p, dfx.Tsit5(scan_stages=scan), chosen))
         )(params)
         for scan in (None, False)
     }
@@ -180,15 +196,44 @@ def test_rematerialised_stages_give_the_unrolled_gradient():
         grads[None],
         grads[False],
     )
+    # Against a central difference along one direction of the parameters.
+    leaves, treedef = jax.tree.flatten(params)
+    direction = jax.tree.unflatten(
+        treedef,
+        [
+            jax.random.normal(jax.random.key(i), x.shape, x.dtype)
+            for i, x in enumerate(leaves)
+        ],
+    )
+    value = jax.jit(lambda p: loss(p, dfx.Tsit5(), chosen))
+    h = 1e-5
+
+    def shifted(sign):
+        return value(jax.tree.map(lambda x, d: x + sign * h * d, params, direction))
+
+    fd = (shifted(1.0) - shifted(-1.0)) / (2 * h)
+    exact = sum(
+        jnp.vdot(g, d)
+        for g, d in zip(
+            jax.tree.leaves(grads[None]), jax.tree.leaves(direction), strict=True
+        )
+    )
+    np.testing.assert_allclose(exact, fd, rtol=1e-5)
 
 
-def _stage_loop_unrolls(monkeypatch):
-    """Records the `unroll` of each stage loop built (its body's name says so)."""
+def _stage_loop_unrolls(monkeypatch, in_loop=False):
+    """Records the `unroll` of each stage loop built (its body's name says so); with
+    `in_loop`, only of those built for a loop over the steps that differentiates one
+    step at a time (see `_remats`)."""
+    from diffeqx._transforms import steps_differentiated_one_at_a_time
+
     unrolls = []
     real = jax.lax.fori_loop
 
     def spy(lower, upper, body, init, **kwargs):
-        if "AbstractERK.step" in getattr(body, "__qualname__", ""):
+        if "AbstractERK.step" in getattr(body, "__qualname__", "") and (
+            not in_loop or steps_differentiated_one_at_a_time()
+        ):
             unrolls.append(kwargs.get("unroll", False))
         return real(lower, upper, body, init, **kwargs)
 
@@ -199,9 +244,10 @@ def _stage_loop_unrolls(monkeypatch):
 def test_stage_loop_is_compiled_unrolled_under_reverse_mode_unless_rematerialised(
     monkeypatch,
 ):
-    """Under first-order reverse mode the stage loop of a network with small
-    intermediate values is traced once but compiled unrolled; without reverse mode,
-    and when the body is rematerialised (large values), it stays a loop."""
+    """Under first-order reverse mode the stage loop of a network is traced once but
+    compiled unrolled (with large intermediate values too, under the default
+    adjoint); without reverse mode, and when the body is rematerialised (large
+    values under `DirectAdjoint`), it stays a loop."""
     unrolls = _stage_loop_unrolls(monkeypatch)
 
     def built(fn, *args):
@@ -213,11 +259,22 @@ def test_stage_loop_is_compiled_unrolled_under_reverse_mode_unless_rematerialise
     assert built(jax.grad(lambda p: loss(p, dfx.Tsit5())[0]), params) == {True}
     assert built(lambda p: loss(p, dfx.Tsit5())[0], params) == {False}
     large_params, large_loss = _batched_mlp_problem(256)
-    assert built(jax.grad(lambda p: large_loss(p, dfx.Tsit5())), large_params) == {
-        False
-    }
+    direct = dfx.DirectAdjoint()
+    assert built(
+        jax.grad(lambda p: large_loss(p, dfx.Tsit5(), direct)), large_params
+    ) == {False}
     # Second derivatives keep the loop compact.
     assert built(jax.hessian(lambda p: loss(p, dfx.Tsit5())[0]), params) == {False}
+
+
+def test_large_stages_are_compiled_unrolled_in_the_default_adjoints_loop(monkeypatch):
+    """Under the default adjoint, whose loop over the steps differentiates one step
+    at a time, the stage loop of a network with large values (256 rows) is compiled
+    unrolled there too: its values are kept for one step only."""
+    unrolls = _stage_loop_unrolls(monkeypatch, in_loop=True)
+    params, loss = _batched_mlp_problem(256)
+    jax.make_jaxpr(jax.grad(lambda p: loss(p, dfx.Tsit5())))(params)
+    assert unrolls and set(unrolls) == {True}
 
 
 def _lotka_volterra_solve(y0, solver=None):

@@ -149,6 +149,30 @@ def differentiation_levels(*, strict: bool = False) -> list[str]:
     return [level for level in active_transforms(strict=strict) if level != "batch"]
 
 
+_one_at_a_time = threading.local()
+
+
+@contextlib.contextmanager
+def differentiated_one_step_at_a_time():
+    """While a loop body is traced for a loop whose backward pass differentiates one
+    iteration at a time (`jax.vjp` of the body at each stored or recomputed state:
+    the default adjoint's checkpointed and stored loops), so that the values one
+    iteration keeps for its derivative live only while that iteration is
+    differentiated, not for the whole loop."""
+    previous = getattr(_one_at_a_time, "active", False)
+    _one_at_a_time.active = True
+    try:
+        yield
+    finally:
+        _one_at_a_time.active = previous
+
+
+def steps_differentiated_one_at_a_time() -> bool:
+    """Whether the loop body being traced is differentiated one iteration at a time
+    (see `differentiated_one_step_at_a_time`)."""
+    return getattr(_one_at_a_time, "active", False)
+
+
 def is_batched() -> bool:
     """Whether the computation is being traced under `jax.vmap` (a speed heuristic:
     unknown traces are skipped)."""

@@ -23,7 +23,11 @@ from .._path.local import accumulation_dtype
 from .._profile import aval_bytes
 from .._solution import RESULTS
 from .._term import AbstractTerm, MultiTerm, scales_vector_field
-from .._transforms import differentiation_levels, is_batched
+from .._transforms import (
+    differentiation_levels,
+    is_batched,
+    steps_differentiated_one_at_a_time,
+)
 from .base import (
     AbstractAdaptiveSolver,
     refreshed_after_jump,
@@ -548,8 +552,9 @@ def _one_kernel_loops_possible() -> bool:
     )
 
 
-# The stage loop's body is rematerialised under reverse mode when the values it
-# would otherwise stack for the backward pass, over all its iterations, exceed this.
+# Under reverse mode in a loop that keeps every step's values for the backward pass
+# (`DirectAdjoint`'s, a fixed-step solve's blocks), the stage loop's body is
+# rematerialised when the values it would keep over all its stages exceed this.
 _REMAT_STACK_BYTES = 1 << 20
 
 
@@ -611,11 +616,13 @@ class AbstractERK(AbstractRungeKutta):
     dot products of the weights with the stages), which round differently (see
     docs/migration.md for by how much). Under reverse mode (first derivatives), the
     loop is traced once but compiled unrolled, which makes its backward pass
-    faster; except when the vector field's intermediate values
-    stacked over the stages would exceed 1 MiB (e.g. a network applied to a large
-    batch held in the state): then the loop stays a loop and its body is
-    rematerialised, the backward pass recomputing those values from each stage's
-    input instead of storing them.
+    faster; except when the vector field's intermediate values over the stages
+    would exceed 1 MiB (e.g. a network applied to a large batch held in the state)
+    and the loop over the steps keeps every step's values for the backward pass
+    (`DirectAdjoint`, a fixed-step solve's blocks): then the loop stays a loop and
+    its body is rematerialised, the backward pass recomputing those values from each
+    stage's input instead of storing them. (The default adjoint's adaptive loop
+    differentiates one step at a time, so there it stays unrolled.)
 
     **Arguments:**
 
@@ -764,25 +771,34 @@ class AbstractERK(AbstractRungeKutta):
 
             unroll = False
             if differentiation_levels() == ["reverse"]:
-                if (loop_end - 1) * _intermediate_bytes(
-                    lambda t, y: terms.vf_prod(t, y, args, control), t0, y0
-                ) > _REMAT_STACK_BYTES:
+                if (
+                    not steps_differentiated_one_at_a_time()
+                    and (loop_end - 1)
+                    * _intermediate_bytes(
+                        lambda t, y: terms.vf_prod(t, y, args, control), t0, y0
+                    )
+                    > _REMAT_STACK_BYTES
+                ):
                     # A vector field whose intermediate values (a network's
-                    # activations) are large: the loop would stack them over the
-                    # stages for the backward pass, and writing and reading those
-                    # stacks costs more than recomputing them from each stage's
-                    # input (measured on CPU, a neural-ODE gradient over 256
-                    # trajectories in one state: 0.93x the run time, 0.95x the
-                    # compile time).
+                    # activations) are large, in a loop that keeps every step's
+                    # values for the backward pass (`DirectAdjoint`, fixed steps'
+                    # blocks): kept for every stage of every step they would take
+                    # memory in proportion to the steps, so the body is
+                    # rematerialised, keeping each stage's input only.
                     body = jax.checkpoint(body, prevent_cse=False)
                 else:
-                    # Small intermediate values (one trajectory, or each of a
-                    # `vmap`'s): the body is still traced once, but compiled as
-                    # straight-line code, whose backward pass reads each stage's
-                    # values directly rather than through stacks indexed by a loop
-                    # counter (measured on CPU, with a 64-wide network: the
-                    # gradient of one trajectory 0.66x the run time, of a `vmap`
-                    # over 32 0.76x, of a neural CDE 0.68x; compile 1.04-1.07x).
+                    # The body is still traced once, but compiled as straight-line
+                    # code, whose backward pass reads each stage's values directly
+                    # rather than through stacks indexed by a loop counter
+                    # (measured on CPU, with a 64-wide network: the gradient of one
+                    # trajectory 0.66x the run time, of a `vmap` over 32 0.76x, of
+                    # a neural CDE 0.68x; compile 1.04-1.07x). Large intermediate
+                    # values too, where the loop over the steps differentiates one
+                    # step at a time (the default adjoint's): they are kept for one
+                    # step only (measured on CPU, a neural-ODE gradient over 256
+                    # trajectories in one state: 0.86x the run time of a
+                    # rematerialised body, which recomputes each stage's network,
+                    # with the same compile time and values).
                     unroll = True
             carry = lax.fori_loop(1, loop_end, body, carry, unroll=unroll)
             if last_in_loop:
