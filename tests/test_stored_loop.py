@@ -181,3 +181,69 @@ def test_fewer_equations_than_equinox_s_loop(monkeypatch):
     _equinox_loop(monkeypatch)
     theirs = total()
     assert ours <= 0.85 * theirs, (ours, theirs)
+
+
+def _buffer_loop(theta, buf0, weights, loop):
+    """A loop writing `x**2` at every other step into a buffer (each slot at most
+    once), with a loss of the final buffer and state."""
+
+    def cond(carry):
+        return carry[0] < 5
+
+    def body(carry):
+        i, x, buf = carry
+        x = jnp.sin(theta * x) + 0.1 * i
+        buf = buf.at[i].set(x * x, pred=i % 2 == 0)
+        return i + 1, x, buf
+
+    init = (jnp.asarray(0), jnp.cos(theta), buf0)
+    if loop is None:  # plain Python, the reference
+        i, x, buf = init
+        while cond((i, x, buf)):
+            i, x, buf_new = body((i, x, _PlainBuffer(buf)))
+            buf = buf_new.array
+    else:
+        _, x, buf = loop(cond, body, init, max_steps=8, buffers=lambda c: c[2])
+    return jnp.sum(buf * weights) + x
+
+
+class _PlainBuffer:
+    def __init__(self, array):
+        self.array = array
+
+    @property
+    def at(self):
+        buffer = self
+
+        class _At:
+            def __getitem__(self, i):
+                class _Set:
+                    def set(self, x, pred=True):
+                        old = buffer.array[i]
+                        return _PlainBuffer(
+                            buffer.array.at[i].set(jnp.where(pred, x, old))
+                        )
+
+                return _Set()
+
+        return _At()
+
+
+@pytest.mark.parametrize("wrt", ["theta", "buffer", "both"])
+def test_buffer_cotangents_with_and_without_the_initial_buffer(wrt):
+    """The stored loop's gradient through a buffer written at some steps: with
+    respect to what the steps compute (the buffers' cotangents then stay the final
+    ones, as each slot is written once), to the initial buffer (whose unwritten
+    slots pass their cotangent through, the written ones none), and to both; equal
+    to the gradient of the same loop run in plain Python."""
+    weights = jnp.arange(1.0, 9.0)
+    buf0 = jnp.linspace(-1.0, 1.0, 8)
+    argnums = {"theta": 0, "buffer": 1, "both": (0, 1)}[wrt]
+    stored_loop = stored.stored_while_loop
+    got = jax.grad(_buffer_loop, argnums)(0.7, buf0, weights, stored_loop)
+    want = jax.grad(_buffer_loop, argnums)(0.7, buf0, weights, None)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-15)
+    if wrt == "buffer":
+        # Slots 0, 2 and 4 are written: no cotangent reaches their initial values.
+        np.testing.assert_array_equal(got[np.array([0, 2, 4])], 0.0)
