@@ -59,12 +59,16 @@ def _loss(p, adjoint, saveat="ts", max_steps=64, solver=None, dtype=jnp.float64)
 
 @pytest.fixture
 def uses(monkeypatch):
-    """Records the `max_steps` of each stored loop built."""
+    """Records the `max_steps` of each stored loop built (with its `slots`, where it
+    keeps fewer states than steps)."""
     built = []
     real = stored.stored_while_loop
 
     def spy(*args, **kwargs):
-        built.append(kwargs["max_steps"])
+        slots = kwargs.get("slots")
+        built.append(
+            kwargs["max_steps"] if slots is None else (kwargs["max_steps"], slots)
+        )
         return real(*args, **kwargs)
 
     monkeypatch.setattr(stored, "stored_while_loop", spy)
@@ -98,15 +102,53 @@ def test_gradient_is_direct_adjoint_s_for_every_saved_output(saveat, uses):
     np.testing.assert_allclose(got, fd, rtol=1e-4)
 
 
-def test_equinox_s_loop_beyond_the_bound_and_the_same_gradient(uses, monkeypatch):
-    adjoint = dfx.RecursiveCheckpointAdjoint()
-    within = jax.grad(_loss)(0.7, adjoint)
-    assert uses == [64]
+def _steps(p):
+    y0 = jnp.asarray([1.0, 2.0]) * p
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -args * y + args * jnp.sin(t) * y[::-1]),
+        dfx.Tsit5(),
+        0.0,
+        5.0,
+        0.1,
+        y0,
+        args=jnp.asarray(p),
+        stepsize_controller=dfx.PIDController(rtol=1e-5, atol=1e-5),
+    )
+    return sol.stats["num_steps"]
+
+
+@pytest.mark.parametrize("saveat", list(SAVEATS))
+def test_thinned_store_beyond_the_bound_and_the_same_gradient(
+    saveat, uses, monkeypatch
+):
+    """Beyond the bound on storing every step's state, the loop keeps about
+    `sqrt(2 * max_steps)` states (10 for 64 steps, fewer than this solve takes, so
+    it thins them and recomputes steps), with `DirectAdjoint`'s gradient for every
+    kind of saved output; with explicit `checkpoints`, Equinox's checkpointed loop,
+    to rounding."""
+    assert int(_steps(0.7)) > 10
     monkeypatch.setattr(checkpoint, "_EVERY_STEP_BYTES", 0)
     _eager.forget_traces()
-    beyond = jax.grad(_loss)(0.7, adjoint)
-    assert uses == [64]  # not built again
-    np.testing.assert_allclose(within, beyond, rtol=1e-13)
+    got = jax.grad(_loss)(0.7, dfx.RecursiveCheckpointAdjoint(), saveat)
+    assert uses == [(64, 10)]
+    want = jax.grad(_loss)(0.7, dfx.DirectAdjoint(), saveat)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    explicit = jax.grad(_loss)(
+        0.7, dfx.RecursiveCheckpointAdjoint(checkpoints=8), saveat
+    )
+    assert uses == [(64, 10)]  # not built again
+    np.testing.assert_allclose(got, explicit, rtol=1e-12)
+    if saveat == "ts":
+        # A batch whose members take different numbers of steps: to the rounding of
+        # the recomputed steps, which under `vmap` are compiled in another context
+        # than the forward pass's (Equinox's loop with 8 checkpoints: 3e-11).
+        ps = jnp.asarray([0.5, 0.7, 0.9])
+        batched = jax.vmap(jax.grad(_loss), in_axes=(0, None))
+        np.testing.assert_allclose(
+            batched(ps, dfx.RecursiveCheckpointAdjoint()),
+            batched(ps, dfx.DirectAdjoint()),
+            rtol=1e-9,
+        )
 
 
 _PS = jnp.asarray([0.5, 0.7, 0.9])
@@ -247,3 +289,65 @@ def test_buffer_cotangents_with_and_without_the_initial_buffer(wrt):
     if wrt == "buffer":
         # Slots 0, 2 and 4 are written: no cotangent reaches their initial values.
         np.testing.assert_array_equal(got[np.array([0, 2, 4])], 0.0)
+
+
+def _long_loop(theta, buf0, loop, iterations=37):
+    """A loop of `iterations` steps writing its state into a buffer at every third
+    step, with a loss of the final buffer and state."""
+    weights = jnp.linspace(0.5, 2.0, buf0.shape[0])
+
+    def cond(carry):
+        return carry[0] < iterations
+
+    def body(carry):
+        i, x, buf = carry
+        x = jnp.sin(theta * x) + 0.01 * i * x[::-1]
+        buf = buf.at[i // 3].set(x[0] * x[1], pred=i % 3 == 0)
+        return i + 1, x, buf
+
+    init = (jnp.asarray(0), jnp.stack([jnp.cos(theta), 0.3]), buf0)
+    if loop is None:
+        i, x, buf = init
+        while cond((i, x, buf)):
+            i, x, buf_new = body((i, x, _PlainBuffer(buf)))
+            buf = buf_new.array
+    else:
+        _, x, buf = loop(cond, body, init, buffers=lambda c: c[2])
+    return jnp.sum(buf * weights) + jnp.sum(x**2)
+
+
+@pytest.mark.parametrize("slots", [None, 2, 4, 6, 8, 40])
+@pytest.mark.parametrize("iterations", [1, 5, 37])
+def test_thinned_store_gives_the_gradient(slots, iterations):
+    """With `slots`, the loop keeps at most that many states, thinning them as it
+    goes, and recomputes the iterations between them in the backward pass: the
+    gradient (with respect to what the steps close over and to the initial buffer)
+    is that of the same loop in plain Python, for loops shorter and longer than the
+    slots, and at most `max_steps` long."""
+    buf0 = jnp.linspace(-1.0, 1.0, 16)
+    max_steps = 64
+
+    def loop(*args, **kwargs):
+        return stored.stored_while_loop(
+            *args, max_steps=max_steps, slots=slots, **kwargs
+        )
+
+    for argnums in (0, (0, 1)):
+        got = jax.grad(_long_loop, argnums)(0.7, buf0, loop, iterations)
+        want = jax.grad(_long_loop, argnums)(0.7, buf0, None, iterations)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
+    value = jax.jit(lambda t: _long_loop(t, buf0, loop, iterations))(0.7)
+    np.testing.assert_allclose(value, _long_loop(0.7, buf0, None, iterations))
+
+
+def test_thinned_store_checks_its_slots():
+    with pytest.raises(ValueError, match="slots"):
+        stored.stored_while_loop(
+            lambda c: False,
+            lambda c: c,
+            0.0,
+            max_steps=8,
+            buffers=lambda c: [],
+            slots=3,
+        )

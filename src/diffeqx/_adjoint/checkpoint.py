@@ -43,6 +43,16 @@ _STORAGE_BYTES = 2**26
 _EVERY_STEP_BYTES = 2**23
 
 
+def _thinned_slots(max_steps: int) -> int | None:
+    """The states the default adjoint's loop keeps at a time when it cannot store
+    every step's: as many as Equinox's checkpointed loop would keep (about
+    `sqrt(2 * max_steps)`), rounded up to an even number, so that as many steps
+    are taken without recomputation. None where that is not below `max_steps`."""
+    slots = math.ceil(-1.5 + math.sqrt(2 * max_steps + 0.25))
+    slots += slots % 2
+    return slots if 2 <= slots < max_steps else None
+
+
 @final
 class RecursiveCheckpointAdjoint(AbstractAdjoint):
     """Differentiates the solve by backpropagating through the solver's operations
@@ -159,6 +169,15 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
             # finished.
             stored = while_loop_of_kind("stored", pack_scalars=pack)
             outer = HeldMembersLoop(stored, fallback=outer)
+        elif pack and self.checkpoints is None and levels == ["reverse"]:
+            # Too many states to store them all: the same loop keeping at most
+            # `_thinned_slots(max_steps)` of them (every step's while they last,
+            # then every other one, ...) and recomputing the steps in between in
+            # the backward pass, at most once each.
+            slots = _thinned_slots(max_steps)
+            if slots is not None:
+                stored = while_loop_of_kind("stored", pack_scalars=pack, slots=slots)
+                outer = HeldMembersLoop(stored, fallback=outer)
         if len(levels) > 1:
             # Forward over reverse: the backward pass re-runs each step, inner loops
             # included, under forward mode, so those must support both modes.

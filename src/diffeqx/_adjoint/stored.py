@@ -152,12 +152,20 @@ def stored_while_loop(
     *,
     max_steps: int,
     buffers: Callable,
+    slots: int | None = None,
 ):
     """Runs `while cond_fun(val): val = body_fun(val)` for at most `max_steps`
     iterations, reverse-mode differentiable by storing every iteration's state (see
-    the module docstring)."""
+    the module docstring); with `slots` (an even number below `max_steps`), at most
+    `slots` states at a time, thinned as the loop goes (see `_run_thinned`)."""
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"`max_steps` must be a positive int, got {max_steps!r}.")
+    if slots is not None and (
+        not isinstance(slots, int) or slots < 2 or slots % 2 or slots >= max_steps
+    ):
+        raise ValueError(
+            f"`slots` must be an even int from 2 to max_steps - 1, got {slots!r}."
+        )
     layout = _Layout(init_val, buffers)
     leaves = jtu.tree_leaves(init_val)
     x0 = [
@@ -172,7 +180,7 @@ def stored_while_loop(
     going = eqx.filter_closure_convert(
         lambda x, b: cond_fun(layout.state(x, b)), x0, b0
     )
-    x, b = _loop((step, going, x0, b0), max_steps)
+    x, b = _loop((step, going, x0, b0), max_steps, slots)
     xs, bs = iter(x), iter(b)
     merged = [next(bs) if is_buffer else next(xs) for is_buffer in layout.is_buffer]
     return jtu.tree_unflatten(layout.treedef, merged)
@@ -203,28 +211,76 @@ def _run(step, going, x, b, max_steps, states=None):
     return lax.while_loop(cond, body, init)
 
 
+def _longest_segment(max_steps: int, slots: int) -> int:
+    """The largest stride `_run_thinned` reaches within `max_steps` iterations: the
+    least power of two `s` with `slots * s >= max_steps`."""
+    stride = 1
+    while slots * stride < max_steps:
+        stride *= 2
+    return stride
+
+
+def _run_thinned(step, going, x, b, max_steps, slots):
+    """The forward loop, storing the state at the start of every `stride`-th
+    iteration in `slots` slots: every iteration's while they last (stride 1); when
+    they are full, every other stored state is dropped and the stride doubles. At
+    the end slot `m` holds the state at the start of iteration `m * stride`, for
+    every `m * stride < n` (the iterations run). Returns `(n, x, b, store, stride)`.
+    """
+    store = [jnp.zeros((slots,) + v.shape, v.dtype) for v in x]
+
+    def thin(store):
+        # Slots 2k -> k; the upper half is written again before it is read.
+        return [jnp.concatenate([s[::2], s[slots // 2 :]]) for s in store]
+
+    def cond(carry):
+        i, x, b = carry[:3]
+        return (i < max_steps) & eqxi.unvmap_any(going(x, b))
+
+    def body(carry):
+        i, x, b, store, stride = carry
+        full = i == slots * stride
+        store = lax.cond(full, thin, lambda store: store, store)
+        stride = jnp.where(full, 2 * stride, stride)
+        at = i // stride
+        keep = i % stride == 0
+        store = [
+            lax.dynamic_update_index_in_dim(
+                s, jnp.where(keep, v, lax.dynamic_index_in_dim(s, at, 0, False)), at, 0
+            )
+            for s, v in zip(store, x, strict=True)
+        ]
+        x, b = step(x, b)
+        return i + 1, x, b, store, stride
+
+    zero = jnp.asarray(0, jnp.int32)
+    return lax.while_loop(cond, body, (zero, x, b, store, zero + 1))
+
+
 # The condition is part of the differentiated argument only because what it closes
 # over may be (e.g. `t1`): its output is boolean, so its cotangent is zero.
 @eqx.filter_custom_vjp
-def _loop(vjp_arg, max_steps):
+def _loop(vjp_arg, max_steps, slots):
     step, going, x, b = vjp_arg
     _, x, b = _run(step, going, x, b, max_steps)
     return x, b
 
 
 @_loop.def_fwd
-def _loop_fwd(perturbed, vjp_arg, max_steps):
+def _loop_fwd(perturbed, vjp_arg, max_steps, slots):
     del perturbed
     step, going, x, b = vjp_arg
+    if slots is not None:
+        n, x, b, store, stride = _run_thinned(step, going, x, b, max_steps, slots)
+        return (x, b), (n, store, b, stride)
     states = [jnp.zeros((max_steps,) + v.shape, v.dtype) for v in x]
     n, x, b, states = _run(step, going, x, b, max_steps, states)
-    return (x, b), (n, states, b)
+    return (x, b), (n, states, b, None)
 
 
 @_loop.def_bwd
-def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, max_steps):
-    del max_steps
-    n, states, b_final = residuals
+def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, max_steps, slots):
+    n, states, b_final, stride = residuals
     step, going, x0, _ = vjp_arg
     ct_x, ct_b = grad_obj
     perturbed_step, _, perturbed_x, perturbed_b = perturbed
@@ -264,9 +320,8 @@ def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, max_steps):
     carry_ct_b = any(perturbed_b)
     ct_b_written = ct_b
 
-    def step_vjp(j, cts):
+    def step_vjp(x, cts):
         ct_step, ct_x, ct_b_now = cts
-        x = [v[j] for v in states]
         x_other = pick(x, x_inexact, False)
 
         def f(step_diff, x_float, b_float):
@@ -288,14 +343,63 @@ def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, max_steps):
             (d_step, d_x), d_b = vjp((ct_x, ct_b_written)), ct_b_now
         return jtu.tree_map(jnp.add, ct_step, d_step), d_x, d_b
 
-    def body(carry):
-        j, cts = carry
-        return j - 1, step_vjp(j, cts)
+    def backwards(states, count, cts):
+        """The cotangents through the iterations whose states are `states[:count]`,
+        the last first."""
+
+        def body(carry):
+            j, cts = carry
+            return j - 1, step_vjp([v[j] for v in states], cts)
+
+        _, cts = lax.while_loop(lambda carry: carry[0] >= 0, body, (count - 1, cts))
+        return cts
 
     init_cts = (ct_step, ct_x, ct_b if carry_ct_b else [])
-    _, (ct_step, ct_x, ct_b) = lax.while_loop(
-        lambda carry: carry[0] >= 0, body, (n - 1, init_cts)
-    )
+    if slots is None:
+        ct_step, ct_x, ct_b = backwards(states, n, init_cts)
+    else:
+        # Segment by segment, the last first: the states of a segment's iterations
+        # recomputed from the state stored at its start (none with stride 1), then
+        # differentiated in turn. The buffers stand in at their final values, as
+        # in the backward pass (the writes do not matter to the states).
+        longest = _longest_segment(max_steps, slots)
+        segment0 = [jnp.zeros((longest,) + v.shape, v.dtype) for v in x0]
+
+        def recompute(m, segment):
+            length = jnp.minimum(stride, n - m * stride)
+
+            def body(carry):
+                j, x, segment = carry
+                segment = [
+                    lax.dynamic_update_index_in_dim(s, v, j, 0)
+                    for s, v in zip(segment, x, strict=True)
+                ]
+                x, _ = step(x, b_final)
+                return j + 1, x, segment
+
+            x = [lax.dynamic_index_in_dim(v, m, 0, False) for v in states]
+            j, x, segment = lax.while_loop(
+                lambda carry: carry[0] < length - 1,
+                body,
+                (jnp.zeros_like(length), x, segment),
+            )
+            segment = [
+                lax.dynamic_update_index_in_dim(s, v, j, 0)
+                for s, v in zip(segment, x, strict=True)
+            ]
+            return segment, length
+
+        def segment_body(carry):
+            m, segment, cts = carry
+            segment, length = recompute(m, segment)
+            return m - 1, segment, backwards(segment, length, cts)
+
+        segments = (n + stride - 1) // stride
+        _, _, (ct_step, ct_x, ct_b) = lax.while_loop(
+            lambda carry: carry[0] >= 0,
+            segment_body,
+            (segments - 1, segment0, init_cts),
+        )
     if not carry_ct_b:
         ct_b = [None] * len(ct_b_written)
     nones_x, nones_b = [None] * len(x0), [None] * len(b_final)
