@@ -45,10 +45,15 @@ _EVERY_STEP_BYTES = 2**23
 
 def _thinned_slots(max_steps: int) -> int | None:
     """The states the default adjoint's loop keeps at a time when it cannot store
-    every step's: as many as Equinox's checkpointed loop would keep (about
-    `sqrt(2 * max_steps)`), rounded up to an even number, so that as many steps
-    are taken without recomputation. None where that is not below `max_steps`."""
-    slots = math.ceil(-1.5 + math.sqrt(2 * max_steps + 0.25))
+    every step's: with `slots` of them its backward pass also needs a segment of
+    up to `s` states, `s` the least power of two with `slots * s >= max_steps`
+    (see `stored._run_thinned`); `slots` is the even number about `sqrt(max_steps)`
+    that makes `slots * s` cover `max_steps`, which about minimises `slots + s`
+    (64 and 64 at `max_steps=4096`). None where that is not below `max_steps`."""
+    segment = 1
+    while segment * segment < max_steps:
+        segment *= 2
+    slots = -(-max_steps // segment)
     slots += slots % 2
     return slots if 2 <= slots < max_steps else None
 
