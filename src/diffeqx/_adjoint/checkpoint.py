@@ -63,10 +63,11 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
     """Differentiates the solve by backpropagating through the solver's operations
     ("discretise-then-optimise"): gradients are exact for the discrete solution.
 
-    Memory is bounded by recursive checkpointing (the treeverse scheme): only
-    `checkpoints` loop states are stored, and the steps in between are recomputed on
-    the backward pass. Memory then grows with `checkpoints`, not with the number of
-    steps; fewer checkpoints cost more recomputation.
+    Memory is bounded by checkpointing: only some loop states are stored, and the
+    steps in between are recomputed on the backward pass. Memory then grows with the
+    number of checkpoints, not with the number of steps; fewer checkpoints cost more
+    recomputation. With an explicit `checkpoints`, recursive checkpointing (the
+    treeverse scheme, Equinox's checkpointed loop).
 
     **Arguments:**
 
@@ -75,8 +76,13 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
       when `max_steps` of them take at most 8 MiB (counting the `jax.vmap` batch;
       the saved outputs are not part of it), which makes a smaller program that
       compiles and runs faster (the loop is then diffeqx's own, which builds the
-      program in less time than Equinox's checkpointed loop); otherwise about
-      `sqrt(2 * max_steps)` states, with the steps in between recomputed. On the
+      program in less time than Equinox's checkpointed loop); otherwise the same
+      loop keeps about `sqrt(max_steps)` states (64 at `max_steps=4096`; every step's
+      while they last, then every other one, and so on) and a segment of as many
+      again in the backward pass, where each step between stored states is
+      recomputed once (not with forward mode over reverse mode, e.g.
+      `jax.hessian`, which takes Equinox's checkpointed loop with about
+      `sqrt(2 * max_steps)` checkpoints). On the
       fixed-step path (constant steps known at trace time, see `diffeqsolve`), the
       steps are instead grouped into `checkpoints` blocks of equal length, each
       storing one state and recomputing its steps on the backward pass. With `checkpoints=None` there,
