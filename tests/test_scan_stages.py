@@ -178,7 +178,9 @@ def test_stage_loop_recomputes_large_stages_where_every_step_keeps_them(monkeypa
     assert remats(jax.grad(lambda p: small_loss(p, dfx.Tsit5())[0]), small_params) == []
 
 
-@pytest.mark.parametrize("adjoint", ["default", "direct"])
+@pytest.mark.parametrize(
+    "adjoint", ["default", pytest.param("direct", marks=pytest.mark.slow)]
+)
 def test_large_stages_give_the_unrolled_stages_gradient(adjoint):
     """The gradient with the stage loop of a network with large values (compiled
     unrolled under the default adjoint, rematerialised under `DirectAdjoint`) is

@@ -117,7 +117,11 @@ def _steps(p):
     return sol.stats["num_steps"]
 
 
-@pytest.mark.parametrize("saveat", list(SAVEATS))
+@pytest.mark.parametrize(
+    "saveat",
+    # (The other outputs take ~6 s each on 2 cores: in the slow run.)
+    [s if s == "ts" else pytest.param(s, marks=pytest.mark.slow) for s in SAVEATS],
+)
 def test_thinned_store_beyond_the_bound_and_the_same_gradient(
     saveat, uses, monkeypatch
 ):

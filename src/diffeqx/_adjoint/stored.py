@@ -1,6 +1,10 @@
 """A reverse-mode differentiable while loop that stores every iteration's state:
 the default adjoint's loop over the steps when `max_steps` of the solve's states fit
-its bound (see `RecursiveCheckpointAdjoint`).
+its bound (see `RecursiveCheckpointAdjoint`); beyond it, the same loop storing at
+most `slots` states at a time (`_run_thinned`: every iteration's while the slots
+last, then every other one, and so on), whose backward pass recomputes the
+iterations between two stored states into a segment buffer before differentiating
+them, each at most once.
 
 The forward pass runs the loop and stores the state at the start of every step (a
 buffer of `max_steps` states). The backward pass walks the steps from the last to
