@@ -310,3 +310,45 @@ def test_backsolve_differentiates_closed_over_values_that_diffrax_refuses():
     for lib in (diffeqx, diffrax):
         via_args = jax.jit(jax.grad(lambda a, lib=lib: loss(lib, a, False)))(a)
         np.testing.assert_allclose(closed, via_args, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("saveat", ["t1", "ts"])
+def test_default_adjoint_beyond_its_every_step_bound_same_gradient_as_diffrax(
+    saveat, monkeypatch
+):
+    """The default adjoint where every step's state does not fit its bound (here,
+    the bound set to 0): diffeqx's loop keeping a few thinned states (8 for
+    `max_steps=64`, fewer than the solve's steps) against Diffrax's treeverse
+    checkpoints: the same loss and gradient, to the rounding of recomputed steps."""
+    from diffeqx import _eager
+    from diffeqx._adjoint import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_EVERY_STEP_BYTES", 0)
+    _eager.forget_traces()
+    ts = jnp.linspace(0.0, 3.0, 7)
+    y0 = jnp.asarray([1.0, 0.5, -0.3])
+
+    def loss(lib):
+        def fn(scale, y0):
+            sol = lib.diffeqsolve(
+                lib.ODETerm(lambda t, y, a: -a * y + jnp.sin(t) * y[::-1]),
+                lib.Tsit5(),
+                0.0,
+                3.0,
+                0.1,
+                y0,
+                args=scale,
+                saveat=lib.SaveAt(ts=ts) if saveat == "ts" else lib.SaveAt(t1=True),
+                stepsize_controller=lib.PIDController(rtol=1e-7, atol=1e-7),
+                max_steps=64,
+            )
+            return jnp.sum(sol.ys**2), sol.stats["num_steps"]
+
+        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))
+
+    (value, steps), grads = loss(diffeqx)(0.7, y0)
+    (want_value, want_steps), want_grads = loss(diffrax)(0.7, y0)
+    assert int(steps) == int(want_steps) > 8
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    for got, want in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10)
