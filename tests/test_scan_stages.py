@@ -269,6 +269,66 @@ def test_stage_loop_is_compiled_unrolled_under_reverse_mode_unless_rematerialise
     assert built(jax.hessian(lambda p: loss(p, dfx.Tsit5())[0]), params) == {False}
 
 
+@pytest.mark.parametrize(
+    "kind, expected",
+    [("checkpointed", True), ("stored", True), ("bounded", False), ("lax", False)],
+)
+def test_loops_say_whether_they_differentiate_one_step_at_a_time(kind, expected):
+    """A loop's body is traced knowing whether the loop differentiates one iteration
+    at a time, also when the loop is nested in the body of one that does (a solve in
+    a vector field): the inner loop's own kind decides."""
+    from diffeqx._adjoint.base import while_loop_of_kind
+    from diffeqx._transforms import (
+        differentiated_one_step_at_a_time,
+        steps_differentiated_one_at_a_time,
+    )
+
+    seen = []
+
+    def body(carry):
+        seen.append(steps_differentiated_one_at_a_time())
+        return carry[0] + 1, carry[1] * 0.5
+
+    loop = while_loop_of_kind(kind)
+    for outer in (False, True):
+        seen.clear()
+        with differentiated_one_step_at_a_time(outer):
+            jax.make_jaxpr(
+                lambda x: loop(
+                    lambda c: c[0] < 3,
+                    body,
+                    (0, x),
+                    max_steps=4,
+                    buffers=lambda c: [],
+                )
+            )(1.0)
+        assert seen and set(seen) == {expected}
+
+
+def test_a_fixed_step_solve_is_traced_as_keeping_every_step():
+    """The fixed-step path keeps every step's values (or a block's) for reverse
+    mode, so its step is traced as such even inside a loop that differentiates one
+    step at a time."""
+    from diffeqx._transforms import (
+        differentiated_one_step_at_a_time,
+        steps_differentiated_one_at_a_time,
+    )
+
+    seen = []
+
+    def field(t, y, args):
+        seen.append(steps_differentiated_one_at_a_time())
+        return -y
+
+    with differentiated_one_step_at_a_time():
+        jax.make_jaxpr(
+            lambda y0: (
+                dfx.diffeqsolve(dfx.ODETerm(field), dfx.Euler(), 0.0, 1.0, 0.25, y0).ys
+            )
+        )(jnp.ones(2))
+    assert seen and not any(seen)
+
+
 def test_large_stages_are_compiled_unrolled_in_the_default_adjoints_loop(monkeypatch):
     """Under the default adjoint, whose loop over the steps differentiates one step
     at a time, the stage loop of a network with large values (256 rows) is compiled

@@ -153,14 +153,15 @@ _one_at_a_time = threading.local()
 
 
 @contextlib.contextmanager
-def differentiated_one_step_at_a_time():
+def differentiated_one_step_at_a_time(active: bool = True):
     """While a loop body is traced for a loop whose backward pass differentiates one
     iteration at a time (`jax.vjp` of the body at each stored or recomputed state:
     the default adjoint's checkpointed and stored loops), so that the values one
     iteration keeps for its derivative live only while that iteration is
-    differentiated, not for the whole loop."""
+    differentiated, not for the whole loop. `active=False` for any other loop
+    (which may be nested in such a body: a solve inside a vector field)."""
     previous = getattr(_one_at_a_time, "active", False)
-    _one_at_a_time.active = True
+    _one_at_a_time.active = active
     try:
         yield
     finally:

@@ -59,22 +59,21 @@ def while_loop_of_kind(kind: str, *, pack_scalars: bool = False, **kwargs) -> Ca
         loop = ft.partial(stored_while_loop, **kwargs)
     else:
         loop = ft.partial(eqxi.while_loop, kind=kind, **kwargs)
-    if kind in ("checkpointed", "stored"):
-        loop = ft.partial(_one_step_at_a_time, loop)
+    loop = ft.partial(_one_step_at_a_time, loop, kind in ("checkpointed", "stored"))
     if pack_scalars and kind in ("checkpointed", "stored"):
         return ft.partial(_scalars_packed, loop)
     return loop
 
 
-def _one_step_at_a_time(loop, cond_fun, body_fun, init_val, **kwargs):
-    """Runs `loop` (checkpointed or stored: its backward pass differentiates one
-    iteration at a time) with its body traced under
-    `differentiated_one_step_at_a_time`, wherever and however often the loop traces
-    it (Equinox's checkpointed loop traces it again in its backward pass)."""
+def _one_step_at_a_time(loop, active, cond_fun, body_fun, init_val, **kwargs):
+    """Runs `loop` with its body traced under `differentiated_one_step_at_a_time`:
+    `active` for a checkpointed or stored loop (its backward pass differentiates one
+    iteration at a time), not for the others, wherever and however often the loop
+    traces it (Equinox's checkpointed loop traces it again in its backward pass)."""
     from .._transforms import differentiated_one_step_at_a_time
 
     def body(val):
-        with differentiated_one_step_at_a_time():
+        with differentiated_one_step_at_a_time(active):
             return body_fun(val)
 
     return loop(cond_fun, body, init_val, **kwargs)

@@ -33,7 +33,12 @@ from .._adjoint.base import weak_type_as
 from .._controller.constant import ConstantStepSize, constant_step_count
 from .._profile import aval_bytes, intermediate_bytes
 from .._solution import RESULTS, succeeded, where_result
-from .._transforms import batch_size, hashable_statics, is_batched
+from .._transforms import (
+    batch_size,
+    differentiated_one_step_at_a_time,
+    hashable_statics,
+    is_batched,
+)
 from . import checks
 from .loop import (
     LoopSpec,
@@ -235,6 +240,16 @@ def run_fixed_steps(
 
 
 def _run_fixed_steps(
+    spec: LoopSpec, init_state: LoopState, num_steps: int, block: int, storage: int
+):
+    """`run_fixed_steps`: `_scan_fixed_steps`, traced as a loop that keeps every
+    step's values (or a block's) for reverse mode, even inside the body of a loop
+    that differentiates one step at a time (a solve in a vector field)."""
+    with differentiated_one_step_at_a_time(False):
+        return _scan_fixed_steps(spec, init_state, num_steps, block, storage)
+
+
+def _scan_fixed_steps(
     spec: LoopSpec, init_state: LoopState, num_steps: int, block: int, storage: int
 ):
     """`run_fixed_steps`.
