@@ -333,7 +333,7 @@ def test_loops_the_emitter_cannot_compile_take_the_usual_path(what):
     _check(fn, y0, one_kernel=False)
 
 
-def test_not_under_vmap_grad_a_progress_meter_or_constant_steps():
+def test_not_under_grad_an_ode_vmap_a_progress_meter_or_constant_steps():
     def loss(y0, args):
         return _solve(_lotka_volterra, dfx.Tsit5(), y0, args).ys.sum()
 
@@ -353,6 +353,7 @@ def test_not_under_vmap_grad_a_progress_meter_or_constant_steps():
     for fn, args in [
         (constant_steps, (y0, _LV_ARGS)),
         (jax.grad(loss), (y0, _LV_ARGS)),
+        # An ODE under `jax.vmap`: the batched loop (see `kernel.call_per_member`).
         (jax.vmap(loss, in_axes=(0, None)), (jnp.stack([y0, y0 + 1]), _LV_ARGS)),
         (
             lambda y0, args: (
@@ -409,10 +410,9 @@ def test_one_kernel_cases_with_xlas_default_code_generator():
 
 
 def test_transformations_of_an_already_traced_solve():
-    """`jax.vmap` and `jax.grad` of a function already traced (and cached) under
-    `jax.jit` transform its program without tracing it again: the batched program
-    must not ask for one kernel (its operations were never checked), and both must
-    give the right answers."""
+    """`jax.vmap` and `jax.grad` of a program already traced (and cached) transform it
+    without tracing it again: the batched program must not ask for one kernel (its
+    operations were never checked), and both must give the right answers."""
 
     def final(a):
         sol = _solve(lambda t, y, a: -a * y, dfx.Tsit5(), jnp.ones(2), a)
@@ -422,8 +422,137 @@ def test_transformations_of_an_already_traced_solve():
     a = jnp.asarray(0.3)
     assert _MARK in solve.lower(a).compile().as_text()
     np.testing.assert_allclose(solve(a), np.exp(-1.5), rtol=1e-7)
+    program = jax.extend.core.jaxpr_as_fun(jax.make_jaxpr(final)(a))
     batch = jnp.array([0.3, 0.5, 0.7])
-    batched = jax.jit(jax.vmap(solve))
+    batched = jax.jit(jax.vmap(lambda a: program(a)[0]))
     assert _MARK not in batched.lower(batch).compile().as_text()
     np.testing.assert_allclose(batched(batch), np.exp(-5.0 * batch), rtol=1e-7)
     np.testing.assert_allclose(jax.grad(solve)(a), -5.0 * np.exp(-1.5), rtol=1e-6)
+
+
+def _members_alone(fn, in_axes, *args):
+    """`jax.vmap(fn, in_axes)(*args)` computed member by member, each alone (one
+    compiled program, called once per member)."""
+    size = next(
+        jtu.tree_leaves(x)[0].shape[0]
+        for x, axis in zip(args, in_axes, strict=True)
+        if axis == 0
+    )
+    alone = jax.jit(fn)
+
+    def member(i):
+        return [
+            x if axis is None else jtu.tree_map(lambda v: v[i], x)
+            for x, axis in zip(args, in_axes, strict=True)
+        ]
+
+    outs = [alone(*member(i)) for i in range(size)]
+    return jtu.tree_map(lambda *xs: np.stack(xs), *outs)
+
+
+def _compiled_batched(fn, in_axes, *args, per_member=True):
+    previous = kernel.per_member
+    kernel.per_member = per_member
+    jax.clear_caches()
+    try:
+        return jax.jit(jax.vmap(fn, in_axes=in_axes)).lower(*args).compile()
+    finally:
+        kernel.per_member = previous
+
+
+def _sde(key, y0=None, scale=0.3, diffusion=None):
+    sol, _ = spark_on_a_tree(
+        key,
+        lambda t, y, args: -y + jnp.sin(y),
+        diffusion or (lambda t, y, scale: scale * jnp.outer(jnp.cos(y), y)),
+        jnp.ones(4) if y0 is None else y0,
+        saveat=dfx.SaveAt(t0=True, t1=True),
+        args=scale,
+    )
+    return sol.ys, sol.stats["num_steps"], sol.result._value
+
+
+@pytest.mark.parametrize("mapped", ["key", "y0", "scale"])
+def test_a_vmap_on_brownian_trees_runs_member_by_member_as_a_loop(mapped):
+    """Under `jax.vmap`, an adaptive SDE on a `VirtualBrownianTree` runs each
+    member as one kernel, the members in turn: each member's answer is that of its
+    solve alone, to the bit (also eagerly), whichever argument is mapped."""
+    key = jax.random.key(3)
+    if mapped == "key":
+        args, in_axes = (jax.random.split(key, 3),), (0,)
+        fn = _sde
+    elif mapped == "y0":
+        args, in_axes = (key, jnp.array([[1.0] * 4, [0.5] * 4, [2.0] * 4])), (None, 0)
+        fn = _sde
+    else:
+        args, in_axes = (key, jnp.array([0.1, 0.3, 0.5])), (None, 0)
+        fn = lambda key, scale: _sde(key, scale=scale)  # noqa: E731 - as `args`
+    want = _members_alone(fn, in_axes, *args)
+    compiled = _compiled_batched(fn, in_axes, *args)
+    assert _MARK in compiled.as_text()
+    eager = jax.vmap(fn, in_axes=in_axes)(*args)
+    for got in (compiled(*args), eager):
+        for a, b in zip(jtu.tree_leaves(got), jtu.tree_leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    ys, steps, result = want
+    assert (result == 0).all() and len(set(steps.tolist())) > 1
+    # The batched loop (`kernel.per_member` off) runs the same solves: there are
+    # no kernels, and the answers agree to within the solves' tolerance (their
+    # rounding differs, which changes the adaptive steps taken).
+    batched = _compiled_batched(fn, in_axes, *args, per_member=False)
+    assert _MARK not in batched.as_text()
+    np.testing.assert_allclose(batched(*args)[0], ys, rtol=0.05, atol=0.05)
+
+
+def test_member_by_member_is_differentiated_after_being_traced():
+    """A function traced under `jax.jit` without derivatives, then differentiated
+    (JAX transforms its cached program): the gradient through the members' loop.
+    With additive noise and no drift the solution is `y0 + scale * W(t1)` whatever
+    the steps, so the gradient is the tree's own increment."""
+
+    def final(scale, key):
+        sol, bm = spark_on_a_tree(
+            key,
+            lambda t, y, args: jnp.zeros_like(y),
+            lambda t, y, scale: scale * jnp.eye(4),
+            jnp.ones(4),
+            args=scale,
+        )
+        return jnp.sum(sol.ys[-1]), jnp.sum(bm.evaluate(0.0, 5.0))
+
+    def loss(scale, keys):
+        return jnp.sum(jax.vmap(lambda key: final(scale, key)[0])(keys))
+
+    keys = jax.random.split(jax.random.key(5), 2)
+    scale = jnp.asarray(0.3)
+    jitted = jax.jit(loss)
+    jax.clear_caches()
+    assert _MARK in jitted.lower(scale, keys).compile().as_text()
+    increments = sum(jax.jit(final)(scale, key)[1] for key in keys)
+    np.testing.assert_allclose(jitted(scale, keys), 8.0 + scale * increments, rtol=1e-9)
+    np.testing.assert_allclose(jax.grad(jitted)(scale, keys), increments, rtol=1e-9)
+
+
+def test_members_that_do_not_fit_one_kernel_and_ode_batches_run_batched():
+    keys = jax.random.split(jax.random.key(3), 2)
+
+    def sorted_noise(key):
+        # A sort: not an operation the single-kernel emitter compiles.
+        return _sde(key, diffusion=lambda t, y, args: 0.3 * jnp.diag(jnp.sort(y)))
+
+    compiled = _compiled_batched(sorted_noise, (0,), keys)
+    assert _MARK not in compiled.as_text()
+    ys, _, result = compiled(keys)
+    assert (np.asarray(result) == 0).all() and np.isfinite(ys).all()
+
+    # A mapped value the terms close over (not an argument of the solve): the
+    # batched loop, which gives the same solves to within their tolerance.
+    def closing_over(scale, key):
+        return _sde(key, diffusion=lambda t, y, args: scale * jnp.diag(jnp.cos(y)))
+
+    scales = jnp.array([0.1, 0.3])
+    args = (scales, keys[0])
+    compiled = _compiled_batched(closing_over, (0, None), *args)
+    assert _MARK not in compiled.as_text()
+    want = _members_alone(closing_over, (0, None), *args)
+    np.testing.assert_allclose(compiled(*args)[0], want[0], rtol=0.05, atol=0.05)

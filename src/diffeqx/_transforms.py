@@ -140,8 +140,35 @@ def active_transforms(*, strict: bool = False) -> list[str]:
             levels.append(kind)
             if strict and not hasattr(trace, "parent_trace"):
                 _fail(f"`{type(trace).__qualname__}` has no `parent_trace`")
-        trace = getattr(trace, "parent_trace", None)
+        trace = _parent(trace)
     return levels
+
+
+_detached = threading.local()
+
+
+def _parent(trace):
+    """The trace `trace` was made in, or None at a boundary set by
+    `outer_transforms_hidden`."""
+    if trace is getattr(_detached, "boundary", None):
+        return None
+    return getattr(trace, "parent_trace", None)
+
+
+@contextlib.contextmanager
+def outer_transforms_hidden():
+    """While a function is traced for one member of a `jax.vmap` batch at a time
+    (see `kernel.call_per_member`): the transformations around the trace current on
+    entry are not reported, as that function is computed without them (the
+    `jax.vmap` runs it member by member, and no derivative was active when it was
+    chosen). Transformations applied inside it are."""
+    previous = getattr(_detached, "boundary", None)
+    _detached.boundary = _core.trace_ctx.trace
+    try:
+        with mapped_inputs(None):
+            yield
+    finally:
+        _detached.boundary = previous
 
 
 def differentiation_levels(*, strict: bool = False) -> list[str]:
@@ -199,7 +226,7 @@ def batch_size() -> int | None:
             if not isinstance(axis_size, int):
                 return None
             size *= axis_size
-        trace = getattr(trace, "parent_trace", None)
+        trace = _parent(trace)
     return size
 
 

@@ -14,6 +14,8 @@ from jaxtyping import PyTree
 
 from .._adjoint.base import AbstractAdjoint, AbstractCustomGradientAdjoint
 from .._adjoint.checkpoint import RecursiveCheckpointAdjoint
+from .._brownian.base import brownian_paths
+from .._brownian.tree import VirtualBrownianTree
 from .._controller.base import AbstractStepSizeController
 from .._controller.clip import unwrap_controller
 from .._controller.constant import ConstantStepSize, StepTo
@@ -26,7 +28,7 @@ from .._saveat import SaveAt, is_subsaveat
 from .._solution import Solution, is_event, succeeded, where_result
 from .._solver.base import AbstractSolver
 from .._solver.sde import resolve_deprecated_tuple_terms
-from .._transforms import is_staged
+from .._transforms import batched_leaf, is_staged
 from . import checks, kernel
 from .event import locate_event
 from .fixed import fixed_step_plan, run_fixed_steps
@@ -162,6 +164,13 @@ def _solve(
     )
     max_steps, progress_meter = problem["max_steps"], problem["progress_meter"]
     controller_state, made_jump = problem["controller_state"], problem["made_jump"]
+    # A solve on a Brownian tree under `jax.vmap`, which maps one of its arguments
+    # (as given, before any is converted): run member by member below.
+    member_by_member = (
+        kernel.possible_per_member()
+        and any(isinstance(p, VirtualBrownianTree) for p in brownian_paths(terms))
+        and batched_leaf(problem) is not None
+    )
     problem = dict(problem)
     checks.warn_deprecated_event(event)
     if given_times is None:
@@ -209,21 +218,28 @@ def _solve(
                 final = _run_adjoint_loop(spec, init_state, adjoint)
         return spec, final
 
-    if (
+    one_kernel = (
         # A small adaptive solve, its setup and loop as one compiled kernel (on
         # CPU, see `kernel.py`). Not with constant steps: their step times are
         # computed from constants that XLA folds, as in Diffrax's program, to the
         # last bit, which the call's barrier against folding would change.
         fixed is None
-        and kernel.possible()
         and isinstance(progress_meter, NoProgressMeter)
         and not isinstance(
             unwrap_controller(stepsize_controller), (ConstantStepSize, StepTo)
         )
-    ):
-        spec, final = kernel.call(setup_and_loop, problem)
-    else:
-        spec, final = setup_and_loop(problem)
+    )
+    out = None
+    if one_kernel and kernel.possible():
+        out = kernel.call(setup_and_loop, problem)
+    elif one_kernel and member_by_member:
+        # Each member's solve as one kernel, the members one after another (on
+        # CPU, see `kernel.call_per_member`): at each step the batched loop would
+        # walk every member's tree query to the deepest member's depth (measured
+        # on 2 CPU cores, adaptive SPaRK on 64 paths: 0.67x-0.81x the run time
+        # and 0.6x-0.7x the compile time of the batched loop).
+        out = kernel.call_per_member(setup_and_loop, problem)
+    spec, final = setup_and_loop(problem) if out is None else out
     if event is not None and event.terminate:
         # (After the kernel: locating the event may solve a linear system.)
         with scope("events"):

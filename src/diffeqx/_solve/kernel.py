@@ -34,7 +34,9 @@ optimisation barrier (see `call`).
 
 Used on CPU, without `jax.vmap` or derivatives (their loops are larger, and XLA's
 own passes handle theirs), for adaptive steps (see `diffeqsolve.py` for constant
-steps), and only where this JAX has the per-value form of `set_xla_metadata`.
+steps), and only where this JAX has the per-value form of `set_xla_metadata`. Under
+one `jax.vmap`, a solve on a Brownian tree runs its members one after another, each
+as such a kernel (`call_per_member`).
 """
 
 import inspect
@@ -44,10 +46,15 @@ import threading
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Primitive
+from jax.extend.core import ClosedJaxpr, Primitive, jaxpr_as_fun
 from jax.interpreters import ad, batching, mlir
 
-from .._transforms import differentiation_levels, is_batched
+from .._transforms import (
+    active_transforms,
+    differentiation_levels,
+    is_batched,
+    outer_transforms_hidden,
+)
 
 try:  # pragma: no cover - depends on the JAX version
     from jax.experimental.xla_metadata import set_xla_metadata as _set_xla_metadata
@@ -101,14 +108,17 @@ ad.primitive_jvps[_barrier_p] = lambda primals, tangents: (
     list(tangents),
 )
 
+# `_mark` takes the call's outputs too, as operands it ignores: when a
+# transformation batches the call (any output batched, though the marker, a
+# constant, is not), its batching rule runs and drops the attributes.
 _mark_p = Primitive("diffeqx_one_kernel")
-_mark_p.def_impl(lambda x: x)
-_mark_p.def_abstract_eval(lambda aval: aval)
+_mark_p.def_impl(lambda x, *outputs: x)
+_mark_p.def_abstract_eval(lambda aval, *outputs: aval)
 if _SUPPORTED:
     mlir.register_lowering(
         _mark_p,
         mlir.lower_fun(
-            lambda x: _set_xla_metadata(
+            lambda x, *outputs: _set_xla_metadata(
                 x, inlineable="false", xla_cpu_small_call="true"
             ),
             multiple_results=False,
@@ -211,6 +221,8 @@ _tracing = threading.local()
 
 # Off: every loop takes the usual path (for comparisons; not public).
 enabled = True
+# Off: a batched solve is traced batched, not member by member (for comparisons).
+per_member = True
 
 
 def possible() -> bool:
@@ -323,6 +335,11 @@ def call(fn, *inputs):
     """`fn(*inputs)`, traced once as a nested `jax.jit`, whose call XLA compiles
     into one kernel when its equations allow (see the module's docstring), and
     otherwise inlines."""
+    return _call(fn, inputs)[0]
+
+
+def _call(fn, inputs):
+    """`(fn(*inputs), fitted)`: as `call`, and whether the call is one kernel."""
     inner, dynamic, rebuild = arrays_only(fn, inputs)
 
     # The single-kernel emitter gives the kernel the buffers that the called
@@ -347,11 +364,81 @@ def call(fn, *inputs):
         # Found in JAX's cache (not traced again); JAX drops the unused outputs,
         # and XLA inlines the call: the program of the loop without it.
         out_dynamic, _, _ = jitted(dynamic)
-        return rebuild(out_dynamic)
+        return rebuild(out_dynamic), False
     out_dynamic, marker, returned = jitted(_barrier(dynamic))
-    marker = _mark_p.bind(marker)
+    marker = _mark_p.bind(marker, *jax.tree.leaves(out_dynamic))
     # JAX keeps a barrier, with all its inputs, when one of its outputs is used:
     # every output of the solve's loop goes through one with the marker and the
     # returned inputs.
     out_dynamic, _, _ = _barrier((out_dynamic, marker, returned))
-    return rebuild(out_dynamic)
+    return rebuild(out_dynamic), True
+
+
+def possible_per_member() -> bool:
+    """Whether a solve traced now, under one `jax.vmap` and nothing else, may run
+    its members one after another, each as one kernel (see `call_per_member`)."""
+    return (
+        enabled
+        and per_member
+        and not getattr(_tracing, "active", False)
+        and _SUPPORTED
+        and jax.default_backend() == "cpu"
+        and active_transforms() == ["batch"]
+    )
+
+
+def call_per_member(fn, *inputs):
+    """Under `jax.vmap`: `fn(*inputs)` computed for the members of the batch one
+    after another (a `lax.map`), each member's solve one kernel (`call`) traced
+    once without the batch, when that solve fits one; None otherwise (the caller
+    then traces the batched solve as usual). Each member's values are then those
+    of the solve of that member alone, to the bit.
+
+    Chosen for solves driven by a `VirtualBrownianTree` (see `diffeqsolve.py`),
+    whose queries walk the tree to a depth that differs from member to member,
+    and which the batched loop walks to the deepest member's depth at every step."""
+    dynamic, static = eqx.partition(inputs, eqx.is_array)
+    out_static = []
+
+    def member(dynamic):
+        with outer_transforms_hidden():
+            out, fitted = _call(fn, eqx.combine(dynamic, static))
+        out_dynamic, s = eqx.partition(out, eqx.is_array)
+        out_static.append((s, fitted))
+        return out_dynamic
+
+    # Traced once, unbatched, as a jaxpr whose constants are the arrays `fn`
+    # closes over (tracers of the solve being traced): those become explicit
+    # inputs, as the batching rule below runs once this trace is over.
+    closed, out_shape = jax.make_jaxpr(member, return_shape=True)(dynamic)
+    static_out, fitted = out_static[-1]
+    if not fitted:
+        return None
+    jaxpr = closed.jaxpr
+    out_tree = jax.tree.structure(out_shape)
+
+    def evaluate(consts, flat):
+        program = jaxpr_as_fun(ClosedJaxpr(jaxpr, consts))
+        return jax.tree.unflatten(out_tree, program(*flat))
+
+    per_member = jax.custom_batching.custom_vmap(evaluate)
+
+    @per_member.def_vmap
+    def _(axis_size, in_batched, consts, flat):
+        del axis_size
+        batched = list(in_batched[0]) + list(in_batched[1])
+        values = list(consts) + list(flat)
+        count = len(consts)
+
+        def one(mapped):
+            it = iter(mapped)
+            merged = [
+                next(it) if b else x for x, b in zip(values, batched, strict=True)
+            ]
+            return evaluate(merged[:count], merged[count:])
+
+        out = jax.lax.map(one, [x for x, b in zip(values, batched, strict=True) if b])
+        return out, jax.tree.map(lambda _: True, out)
+
+    flat = jax.tree.leaves(dynamic)
+    return eqx.combine(per_member(list(closed.consts), flat), static_out)
