@@ -238,7 +238,11 @@ def _solve(
         # walk every member's tree query to the deepest member's depth (measured
         # on 2 CPU cores, adaptive SPaRK on 64 paths: 0.67x-0.81x the run time
         # and 0.6x-0.7x the compile time of the batched loop).
-        out = kernel.call_per_member(setup_and_loop, problem)
+        out = kernel.call_per_member(
+            setup_and_loop,
+            problem,
+            precheck=lambda: terms.vf(problem["t0"], problem["y0"], problem["args"]),
+        )
     spec, final = setup_and_loop(problem) if out is None else out
     if event is not None and event.terminate:
         # (After the kernel: locating the event may solve a linear system.)

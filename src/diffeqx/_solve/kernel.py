@@ -387,7 +387,7 @@ def possible_per_member() -> bool:
     )
 
 
-def call_per_member(fn, *inputs):
+def call_per_member(fn, *inputs, precheck=None):
     """Under `jax.vmap`: `fn(*inputs)` computed for the members of the batch one
     after another (a `lax.map`), each member's solve one kernel (`call`) traced
     once without the batch, when that solve fits one; None otherwise (the caller
@@ -396,7 +396,15 @@ def call_per_member(fn, *inputs):
 
     Chosen for solves driven by a `VirtualBrownianTree` (see `diffeqsolve.py`),
     whose queries walk the tree to a depth that differs from member to member,
-    and which the batched loop walks to the deepest member's depth at every step."""
+    and which the batched loop walks to the deepest member's depth at every step.
+
+    `precheck`, a function of no arguments (the vector field at the start), is
+    traced first: when it does not fit one kernel, neither does the solve, which is
+    then not traced unbatched at all."""
+    if precheck is not None:
+        with outer_transforms_hidden():
+            if not fits(jax.make_jaxpr(precheck)().jaxpr):
+                return None
     dynamic, static = eqx.partition(inputs, eqx.is_array)
     out_static = []
 
