@@ -429,9 +429,9 @@ def call_per_member(fn, *inputs, precheck=None):
         program = jaxpr_as_fun(ClosedJaxpr(jaxpr, consts))
         return jax.tree.unflatten(out_tree, program(*flat))
 
-    per_member = jax.custom_batching.custom_vmap(evaluate)
+    members = jax.custom_batching.custom_vmap(evaluate)
 
-    @per_member.def_vmap
+    @members.def_vmap
     def _(axis_size, in_batched, consts, flat):
         del axis_size
         batched = list(in_batched[0]) + list(in_batched[1])
@@ -449,4 +449,4 @@ def call_per_member(fn, *inputs, precheck=None):
         return out, jax.tree.map(lambda _: True, out)
 
     flat = jax.tree.leaves(dynamic)
-    return eqx.combine(per_member(list(closed.consts), flat), static_out)
+    return eqx.combine(members(list(closed.consts), flat), static_out)
