@@ -472,7 +472,14 @@ def _sde(key, y0=None, scale=0.3, diffusion=None):
     return sol.ys, sol.stats["num_steps"], sol.result._value
 
 
-@pytest.mark.parametrize("mapped", ["key", "y0", "scale"])
+@pytest.mark.parametrize(
+    "mapped",
+    [
+        "key",
+        pytest.param("y0", marks=pytest.mark.slow),
+        pytest.param("scale", marks=pytest.mark.slow),
+    ],
+)
 def test_a_vmap_on_brownian_trees_runs_member_by_member_as_a_loop(mapped):
     """Under `jax.vmap`, an adaptive SDE on a `VirtualBrownianTree` runs each
     member as one kernel, the members in turn: each member's answer is that of its
