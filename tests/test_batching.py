@@ -415,6 +415,76 @@ def test_throw_true_under_vmap_raises_when_any_member_fails():
         jax.block_until_ready(jax.vmap(solve)(jnp.array([1.0, 1e4])))
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["eager", "jit"])
+def test_a_vmap_over_no_members_returns_empty_outputs(staged):
+    """A batch of size 0 (e.g. the empty remainder of a split) gives outputs with a
+    leading axis of size 0, with `throw=True`, adaptive or constant steps, saves,
+    dense output, an event, a Brownian tree, and under `jax.grad`."""
+    maybe_jit = jax.jit if staged else (lambda f: f)
+    ts = jnp.linspace(0.0, 1.0, 5)
+    pid = dfx.PIDController(rtol=1e-6, atol=1e-8)
+
+    def ode(y0, rate, saveat=dfx.SaveAt(ts=ts), event=None, solver=dfx.Tsit5()):
+        sol = dfx.diffeqsolve(
+            _DECAY,
+            solver,
+            0.0,
+            1.0,
+            0.1,
+            y0,
+            rate,
+            saveat=saveat,
+            event=event,
+            stepsize_controller=pid
+            if solver.order(_DECAY) > 1
+            else dfx.ConstantStepSize(),
+        )
+        return sol
+
+    def sde(key):
+        path = dfx.VirtualBrownianTree(
+            0.0, 1.0, 1e-3, (), key, levy_area=dfx.SpaceTimeLevyArea
+        )
+        terms = dfx.MultiTerm(
+            dfx.ODETerm(lambda t, y, a: -y),
+            dfx.ControlTerm(lambda t, y, a: 0.1 * y, path),
+        )
+        return dfx.diffeqsolve(
+            terms,
+            dfx.SPaRK(),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array(1.0),
+            stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3),
+        ).ys
+
+    none = jnp.zeros((0,))
+    assert maybe_jit(jax.vmap(lambda y: ode(y, 0.7).ys))(none).shape == (0, 5)
+    assert maybe_jit(jax.vmap(lambda r: ode(1.0, r).ys))(none).shape == (0, 5)
+    assert maybe_jit(jax.vmap(lambda y: ode(y, 0.7, solver=dfx.Euler()).ys))(
+        none
+    ).shape == (0, 5)
+    dense = jax.vmap(lambda y: ode(y, 0.7, dfx.SaveAt(dense=True)).evaluate(0.5))
+    assert maybe_jit(dense)(none).shape == (0,)
+    event = dfx.Event(lambda t, y, args, **kwargs: y - 0.5)
+    assert maybe_jit(jax.vmap(lambda y: ode(y, 0.7, dfx.SaveAt(t1=True), event).ts))(
+        none
+    ).shape == (0, 1)
+    assert maybe_jit(jax.vmap(sde))(jax.random.split(jax.random.key(0), 0)).shape == (
+        0,
+        1,
+    )
+    assert maybe_jit(
+        jax.vmap(jax.vmap(lambda y, r: ode(y, r).ys, (0, None)), (None, 0))
+    )(jnp.ones(3), none).shape == (0, 3, 5)
+
+    def loss(rate):
+        return jax.vmap(lambda y: ode(y, rate).ys)(none).sum()
+
+    assert maybe_jit(jax.grad(loss))(0.7) == 0.0
+
+
 # ---- lists where arrays belong ---------------------------------------------------
 
 
