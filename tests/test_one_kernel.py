@@ -400,13 +400,33 @@ def test_the_check_of_a_loops_operations():
     os.environ.get("DIFFEQX_TEST_XLA_DEFAULTS") is not None,
     reason="already running with XLA's defaults",
 )
-def test_one_kernel_cases_with_xlas_default_code_generator():
+@pytest.mark.parametrize(
+    "which",
+    ["kernels", pytest.param("all", marks=pytest.mark.slow)],
+)
+def test_one_kernel_cases_with_xlas_default_code_generator(which):
     """The test run compiles with XLA's older CPU emitters (`conftest.py`); users get
-    XLA's defaults, where these cases must compile and agree too."""
-    done = run_pytest_with_xla_defaults(
-        "tests/test_one_kernel.py", "-k", "not default_code_generator"
-    )
+    XLA's defaults, where these cases must compile and agree too. The default run
+    leaves out the cases that only check which path a solve takes (decided before
+    anything is compiled); the slow run takes every case, slow ones included."""
+    selected = ["-k", "not default_code_generator"]
+    if which == "kernels":
+        selected[1] += "".join(f" and not {name}" for name in _ROUTING_ONLY)
+    else:
+        selected += ["-m", "slow or not slow"]
+    done = run_pytest_with_xla_defaults("tests/test_one_kernel.py", *selected)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1]
+
+
+# Cases that check which path a solve takes, and what a transformation of it does
+# (their kernels are those of the other cases).
+_ROUTING_ONLY = (
+    "test_member_by_member_is_differentiated_after_being_traced",
+    "test_members_that_do_not_fit_one_kernel_and_ode_batches_run_batched",
+    "test_not_under_grad_an_ode_vmap_a_progress_meter_or_constant_steps",
+    "test_transformations_of_an_already_traced_solve",
+)
 
 
 def test_transformations_of_an_already_traced_solve():
