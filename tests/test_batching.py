@@ -484,6 +484,55 @@ def test_a_vmap_over_no_members_returns_empty_outputs(staged):
 
     assert maybe_jit(jax.grad(loss))(0.7) == 0.0
 
+    # Arguments checked while the solve runs (`StepTo`'s times, a tree's interval,
+    # an interpolation's times), mapped over no members.
+    def step_to(ts):
+        controller = dfx.StepTo(ts=ts)
+        return dfx.diffeqsolve(
+            _DECAY,
+            dfx.Euler(),
+            ts[0],
+            ts[-1],
+            None,
+            1.0,
+            0.7,
+            stepsize_controller=controller,
+        ).ys
+
+    assert maybe_jit(jax.vmap(step_to))(jnp.zeros((0, 4))).shape == (0, 1)
+
+    def tree(t1):
+        path = dfx.VirtualBrownianTree(0.0, t1, 1e-3, (), jax.random.key(0))
+        terms = dfx.MultiTerm(
+            dfx.ODETerm(lambda t, y, a: -y),
+            dfx.ControlTerm(lambda t, y, a: 0.1, path),
+        )
+        return dfx.diffeqsolve(terms, dfx.Euler(), 0.0, t1, 0.1, 1.0).ys
+
+    assert maybe_jit(jax.vmap(tree))(none).shape == (0, 1)
+
+    def cde(ts):
+        path = dfx.LinearInterpolation(ts, jnp.stack([ts, ts**2], -1))
+        term = dfx.ControlTerm(lambda t, y, a: jnp.ones((1, 2)), path)
+        return dfx.diffeqsolve(
+            term.to_ode(), dfx.Tsit5(), ts[0], ts[-1], 0.1, jnp.zeros(1)
+        ).ys
+
+    assert maybe_jit(jax.vmap(cde))(jnp.zeros((0, 5))).shape == (0, 1, 1)
+
+    def langevin(gamma):
+        path = dfx.VirtualBrownianTree(
+            0.0, 1.0, 1e-3, (2,), jax.random.key(0), levy_area=dfx.SpaceTimeLevyArea
+        )
+        terms = dfx.MultiTerm(
+            dfx.UnderdampedLangevinDriftTerm(gamma, 1.0, lambda x, args: x),
+            dfx.UnderdampedLangevinDiffusionTerm(gamma, 1.0, path),
+        )
+        y0 = (jnp.ones(2), jnp.zeros(2))
+        return dfx.diffeqsolve(terms, dfx.ALIGN(0.1), 0.0, 1.0, 0.1, y0).ys[0]
+
+    assert maybe_jit(jax.vmap(langevin))(none).shape == (0, 1, 2)
+
 
 # ---- lists where arrays belong ---------------------------------------------------
 

@@ -25,6 +25,7 @@ import contextlib
 import importlib
 import threading
 
+import equinox as eqx
 import jax
 import numpy as _np
 
@@ -250,6 +251,12 @@ def batch_is_empty() -> bool:
     `jax.vmap` around it maps an axis of size 0. Its runtime checks must then be left
     out (`equinox.error_if` under such a `jax.vmap` fails to compile)."""
     return getattr(_empty, "active", False) or batch_size() == 0
+
+
+def branched_error_if(x, pred, index, messages):
+    """`equinox.branched_error_if(x, pred, index, messages)`, left out (`x` itself)
+    where the computation being traced stands for none (`batch_is_empty`)."""
+    return x if batch_is_empty() else eqx.branched_error_if(x, pred, index, messages)
 
 
 _mapped = threading.local()

@@ -16,6 +16,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from .._transforms import branched_error_if
 from .base import AbstractPath
 
 _VMAP_HINT = (
@@ -63,7 +64,7 @@ def check_ts(ts, cls_name: str) -> Array:
         has_nan = jnp.any(jnp.isnan(ts))
         bad = has_nan | jnp.any(ts[1:] <= ts[:-1])
         which = jnp.where(has_nan, 0, 1)
-        checked = eqx.branched_error_if(ts, bad, which, [nan_message, order_message])
+        checked = branched_error_if(ts, bad, which, [nan_message, order_message])
         _CHECKED_TS[id(ts)] = ts
         _CHECKED_TS[id(checked)] = checked
         return checked
