@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optimistix as optx
 import pytest
 
 import diffeqx as dfx
@@ -419,7 +420,8 @@ def test_throw_true_under_vmap_raises_when_any_member_fails():
 def test_a_vmap_over_no_members_returns_empty_outputs(staged):
     """A batch of size 0 (e.g. the empty remainder of a split) gives outputs with a
     leading axis of size 0, with `throw=True`, adaptive or constant steps, saves,
-    dense output, an event, a Brownian tree, and under `jax.grad`."""
+    dense output, an event, a Brownian tree, a CDE, Langevin, and under `jax.grad`
+    (of the batch, and per member with every adjoint)."""
     maybe_jit = jax.jit if staged else (lambda f: f)
     ts = jnp.linspace(0.0, 1.0, 5)
     pid = dfx.PIDController(rtol=1e-6, atol=1e-8)
@@ -532,6 +534,63 @@ def test_a_vmap_over_no_members_returns_empty_outputs(staged):
         return dfx.diffeqsolve(terms, dfx.ALIGN(0.1), 0.0, 1.0, 0.1, y0).ys[0]
 
     assert maybe_jit(jax.vmap(langevin))(none).shape == (0, 1, 2)
+
+    # Every adjoint, and root finders, under `jax.grad` per member: their derivative
+    # rules (traced where the `jax.vmap` cannot be seen) hold checks of their own.
+    def loss(y0, adjoint, solver=dfx.Tsit5(), event=None):
+        return dfx.diffeqsolve(
+            _DECAY,
+            solver,
+            0.0,
+            1.0 if event is None else jnp.inf,
+            0.1,
+            y0,
+            0.7,
+            adjoint=adjoint,
+            event=event,
+            stepsize_controller=pid,
+            max_steps=4096,
+        ).ys.sum()
+
+    newton = optx.Newton(rtol=1e-8, atol=1e-8)
+    crossing = dfx.Event(lambda t, y, args, **kwargs: y - 0.5, root_finder=newton)
+    for adjoint, solver, event in [
+        (dfx.BacksolveAdjoint(), dfx.Tsit5(), None),
+        (dfx.ImplicitAdjoint(), dfx.Tsit5(), dfx.Event(dfx.steady_state_event())),
+        (dfx.RecursiveCheckpointAdjoint(), dfx.Tsit5(), crossing),
+        (dfx.RecursiveCheckpointAdjoint(), dfx.Kvaerno5(), None),
+        (dfx.DirectAdjoint(), dfx.Tsit5(), None),
+    ]:
+        gradient = jax.vmap(
+            jax.grad(
+                functools.partial(loss, adjoint=adjoint, solver=solver, event=event)
+            )
+        )
+        assert maybe_jit(gradient)(none).shape == (0,)
+    hessian = jax.vmap(
+        jax.hessian(functools.partial(loss, adjoint=dfx.RecursiveCheckpointAdjoint()))
+    )
+    assert maybe_jit(hessian)(none).shape == (0,)
+
+    # The (empty) solution has the structure, dtypes and weak types of a member's.
+    def solution(y0):
+        return dfx.diffeqsolve(
+            _DECAY,
+            dfx.Tsit5(),
+            0.0,
+            1.0,
+            0.1,
+            y0,
+            0.7,
+            saveat=dfx.SaveAt(ts=ts),
+            stepsize_controller=pid,
+        )
+
+    one = jax.eval_shape(solution, 1.0)
+    empty = jax.eval_shape(jax.vmap(solution), none)
+    assert jtu.tree_structure(one) == jtu.tree_structure(empty)
+    for a, b in zip(jtu.tree_leaves(one), jtu.tree_leaves(empty), strict=True):
+        assert (b.shape, b.dtype, b.weak_type) == ((0, *a.shape), a.dtype, a.weak_type)
 
 
 # ---- lists where arrays belong ---------------------------------------------------

@@ -47,7 +47,6 @@ from ._transforms import (
     active_transforms,
     batch_size,
     batched_leaf,
-    empty_batch,
     is_staged,
     mapped_inputs,
 )
@@ -108,13 +107,10 @@ def _run(key: _Key, dynamic: list, traced: tuple):
     leaves = [
         x if s is _TRACED else s[1] for s, x in zip(key.statics, dynamic, strict=True)
     ]
-    _, size, mapped = key.transforms
+    _, _, mapped = key.transforms
     inputs = [x for x in dynamic if x is not None] + list(traced)
-    with (
-        mapped_inputs(
-            [x for x, m in zip(inputs, mapped, strict=True) if m] if mapped else None
-        ),
-        empty_batch(size == 0),
+    with mapped_inputs(
+        [x for x, m in zip(inputs, mapped, strict=True) if m] if mapped else None
     ):
         out = key.fn(*jtu.tree_unflatten(key.treedef, leaves), *traced)
     out_leaves, out_treedef = jtu.tree_flatten(out)

@@ -231,26 +231,11 @@ def batch_size() -> int | None:
     return size
 
 
-_empty = threading.local()
-
-
-@contextlib.contextmanager
-def empty_batch(active: bool):
-    """While a function called under a `jax.vmap` of size 0 is traced as a nested
-    `jax.jit` (`_eager.call_compiled`), where `batch_size` cannot see that `jax.vmap`."""
-    previous = getattr(_empty, "active", False)
-    _empty.active = active
-    try:
-        yield
-    finally:
-        _empty.active = previous
-
-
 def batch_is_empty() -> bool:
     """Whether the computation being traced stands for no computation at all: a
-    `jax.vmap` around it maps an axis of size 0. Its runtime checks must then be left
-    out (`equinox.error_if` under such a `jax.vmap` fails to compile)."""
-    return getattr(_empty, "active", False) or batch_size() == 0
+    `jax.vmap` around it maps an axis of size 0. (Its runtime checks cannot be
+    compiled then: `equinox.error_if` under such a `jax.vmap` fails to compile.)"""
+    return batch_size() == 0
 
 
 def branched_error_if(x, pred, index, messages):

@@ -6,6 +6,7 @@ import dataclasses
 import threading
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -28,7 +29,7 @@ from .._saveat import SaveAt, is_subsaveat
 from .._solution import Solution, is_event, succeeded, where_result
 from .._solver.base import AbstractSolver
 from .._solver.sde import resolve_deprecated_tuple_terms
-from .._transforms import batched_leaf, is_staged
+from .._transforms import batch_is_empty, batched_leaf, is_staged
 from . import checks, kernel
 from .event import locate_event
 from .fixed import fixed_step_plan, run_fixed_steps
@@ -137,6 +138,11 @@ def diffeqsolve(
         made_jump=made_jump,
     )
     subs = _check_arguments(adjoint=adjoint, **problem)
+    if batch_is_empty():
+        # Under a `jax.vmap` over no members there is nothing to solve (and the
+        # checks that raise a failed solve's error cannot be compiled for no
+        # members): the solution's structure, its arrays zeros.
+        return _for_no_members(lambda: _solve(problem, subs, adjoint, throw))
     staged = is_staged()
     if not (staged and getattr(_tracing, "inside", False)):
         # Called eagerly (outside `jax.jit`; possibly under an eager `jax.vmap` or
@@ -149,6 +155,26 @@ def diffeqsolve(
         if solution is not None:
             return solution
     return _solve(problem, subs, adjoint, throw)
+
+
+def _for_no_members(solve) -> Solution:
+    """What `solve()` returns, its arrays zeros of the same shapes and dtypes (weak
+    types kept), without compiling it."""
+    return jtu.tree_map(_zeros_like_shape, eqx.filter_eval_shape(solve))
+
+
+def _zeros_like_shape(x):
+    if not isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if x.weak_type:
+        # A Python zero of the dtype's kind makes a weakly typed array (of the
+        # default dtype of that kind, which a weak type always has).
+        zero = {"i": 0, "u": 0, "f": 0.0, "c": 0j}.get(np.dtype(x.dtype).kind)
+        if zero is not None:
+            weak = jax.lax.full(x.shape, zero)
+            if weak.dtype == x.dtype:
+                return weak
+    return jnp.zeros(x.shape, x.dtype)
 
 
 def _solve(

@@ -5,7 +5,6 @@ import jax.tree_util as jtu
 from .._path.dense import DenseInterpolation
 from .._saveat import SubSaveAt, is_subsaveat
 from .._solution import Solution, is_okay
-from .._transforms import batch_is_empty
 from .save import finish_save_state
 
 
@@ -90,11 +89,9 @@ def build_solution(spec, saveat, final, t0, t1, y0, throw, max_steps, event):
         event_ts=event_ts,
         event_ys=event_ys,
     )
-    if throw and not batch_is_empty():
+    if throw:
         # The error is threaded through every field, so that it is raised whichever
         # of them is used first. (A host callback in the program costs some run time
-        # on CPU; `throw=False` avoids it.) Left out under a `jax.vmap` over no
-        # members, which has nothing to check, and where `equinox.error_if` fails to
-        # compile.
+        # on CPU; `throw=False` avoids it.)
         solution = result.error_if(solution, ~is_okay(result))
     return solution
