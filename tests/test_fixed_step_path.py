@@ -160,7 +160,10 @@ def test_fixed_step_path_under_jit_with_constant_times_matches_while_loop(
     assert int(fast[2]["num_steps"]) == 244
 
 
-def test_fixed_step_path_matches_while_loop_when_solve_becomes_non_finite():
+@pytest.mark.parametrize("t1, steps", [(1.0, None), (0.27, 27)])
+def test_fixed_step_path_matches_while_loop_when_solve_becomes_non_finite(t1, steps):
+    """Part-way, and at the last step (`steps`: where it fails)."""
+
     def solve(t0, t1, dt0):
         sol = dfx.diffeqsolve(
             dfx.ODETerm(_blow_up),
@@ -174,11 +177,14 @@ def test_fixed_step_path_matches_while_loop_when_solve_becomes_non_finite():
         )
         return sol.ts, sol.ys, sol.stats, sol.result
 
-    fast, general = _both_paths(solve, 0.0, 1.0, 0.01)
+    fast, general = _both_paths(solve, 0.0, t1, 0.01)
     _assert_identical(fast, general)
     assert fast[3] == dfx.RESULTS.non_finite_state
-    # It stopped part-way, not after all 100 steps.
-    assert int(fast[2]["num_steps"]) < 100
+    if steps is None:
+        # It stopped part-way, not after all 100 steps.
+        assert int(fast[2]["num_steps"]) < 100
+    else:
+        assert int(fast[2]["num_steps"]) == steps
 
 
 def test_fixed_step_path_with_resumed_solver_state_matches_while_loop():
