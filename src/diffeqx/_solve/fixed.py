@@ -2,9 +2,10 @@
 as a fixed-length scan instead of a while loop.
 
 Each iteration is the while loop's step with the while loop's own decision after
-it (`take_step`, then `_adapt`), taken while the while loop's condition holds, so
-the result is the while loop's: the same steps, the same end exactly at `t1`, the
-same result code and counts for a solve that stalls or becomes non-finite (tested).
+it (`take_step`, then `_adapt`; for a failed step, the decision for a kept one and
+the failure's result code), taken while the while loop's condition holds, so the
+result is the while loop's: the same steps, the same end exactly at `t1`, the same
+result code and counts for a solve that stalls or becomes non-finite (tested).
 What the scan carries is lean: the solution, the solver's state, where the loop is
 (the next step's interval and the controller's state) and one status integer that
 counts the steps taken and says why the loop stopped. The counters, result code and
