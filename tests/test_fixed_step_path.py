@@ -187,6 +187,42 @@ def test_fixed_step_path_matches_while_loop_when_solve_becomes_non_finite(t1, st
         assert int(fast[2]["num_steps"]) == steps
 
 
+def test_fixed_step_path_under_vmap_with_members_failing_at_different_steps():
+    """Under `jax.vmap` the members share where the loop is until one stops: each
+    member's own end (time, counts, result code, controller state) is its single
+    solve's, and the while loop's, to the bit. The members: failing part-way, at the
+    first step, already past the point where the field becomes infinite, and never."""
+    y0s = jnp.asarray([0.0, 0.5, 2.0, -5.0])
+
+    def single(y0, t0, t1, dt0):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_blow_up),
+            dfx.Euler(),
+            t0,
+            t1,
+            dt0,
+            y0,
+            saveat=dfx.SaveAt(t0=True, t1=True, controller_state=True),
+            throw=False,
+        )
+        return sol.ts, sol.ys, sol.stats, sol.result, sol.controller_state
+
+    def solve(t0, t1, dt0):
+        return jax.vmap(single, in_axes=(0, None, None, None))(y0s, t0, t1, dt0)
+
+    fast, general = _both_paths(solve, 0.0, 1.0, 0.01)
+    _assert_identical(fast, general)
+    steps = [int(n) for n in fast[2]["num_steps"]]
+    assert steps[1] < steps[0] < 100 and steps[2] == 1 and steps[3] == 100
+    results = fast[3]
+    for i, y0 in enumerate(y0s):
+        alone = single(y0, *(np.asarray(x) for x in (0.0, 1.0, 0.01)))
+        member = jax.tree.map(lambda x, i=i: x[i], fast)
+        _assert_identical(member, alone)
+    failed = np.asarray(results == dfx.RESULTS.non_finite_state)
+    assert failed.tolist() == [True, True, True, False]
+
+
 def test_fixed_step_path_with_resumed_solver_state_matches_while_loop():
     term = dfx.ODETerm(lambda t, y, args: -y)
     first = dfx.diffeqsolve(

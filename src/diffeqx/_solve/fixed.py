@@ -23,6 +23,7 @@ import dataclasses
 import math
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -306,7 +307,7 @@ def _scan_fixed_steps(
         return y, solver_state, jnp.asarray(0, jnp.int32), place
 
     def body(carry, row):
-        y, solver_state, status, place = carry
+        y, solver_state, status, place, stopped = carry
         # As `cond_fun` (`max_steps` is at least `num_steps` here).
         run = (status & (_TAKEN - 1) == 0) & (place.tprev < spec.t1)
         if branch:
@@ -315,16 +316,32 @@ def _scan_fixed_steps(
             )
         else:
             new = step(row, y, solver_state, place)
-            y, solver_state, change, place = tree_where(
-                run, new, (y, solver_state, jnp.asarray(0, jnp.int32), place)
+            y, solver_state, change = tree_where(
+                run, new[:3], (y, solver_state, jnp.asarray(0, jnp.int32))
             )
-        return (y, solver_state, status + change, place), None
+            if stopped is None:
+                place = tree_where(run, new[3], place)
+            else:
+                # Under `jax.vmap` the members' steps have the same times until a
+                # member fails: where the loop is goes on once for all of them while
+                # any runs, and each member's place is kept as it stops (computed
+                # per member, the times took 1.1x the run time of 1,000 paths of
+                # 10,000 Euler–Maruyama steps).
+                stopped = tree_where(run, new[3], stopped)
+                place = tree_where(eqxi.unvmap_any(run), new[3], place)
+        return (y, solver_state, status + change, place, stopped), None
 
     place = _Place(init_state.tprev, init_state.tnext, init_state.controller_state)
     # A solve that has already failed takes no step.
     status = jnp.where(succeeded(init_state.result), 0, 1).astype(jnp.int32)
-    carry = (init_state.y, init_state.solver_state, status, place)
     single_on_cpu = jax.default_backend() == "cpu" and not is_batched()
+    carry = (
+        init_state.y,
+        init_state.solver_state,
+        status,
+        place,
+        place if is_batched() else None,
+    )
     scan_body, row = body, None
     if block > 0 and storage > 0:
         # Traced as it runs without blocks (see `branch` below), which is also how it
@@ -362,7 +379,8 @@ def _scan_fixed_steps(
         carry = run_block(carry, None)[0]
     else:
         carry = lax.scan(run_block, carry, length=num_blocks)[0]
-    y, solver_state, status, place = carry
+    y, solver_state, status, place, stopped = carry
+    place = place if stopped is None else stopped
     return finish_loop(spec, _state_after(init_state, place, y, solver_state, status))
 
 
