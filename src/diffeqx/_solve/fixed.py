@@ -7,8 +7,9 @@ the failure's result code), taken while the while loop's condition holds, so the
 result is the while loop's: the same steps, the same end exactly at `t1`, the same
 result code and counts for a solve that stalls or becomes non-finite (tested).
 What the scan carries is lean: the solution, the solver's state, where the loop is
-(the next step's interval and the controller's state) and one status integer that
-counts the steps taken and says why the loop stopped. The counters, result code and
+(the next step's interval and the controller's state; under `jax.vmap` once for all
+members, and per member where it stopped) and one status integer that counts the
+steps taken and says why the loop stopped. The counters, result code and
 other fields of the loop's state are assembled from these once, after the steps
 (on CPU each scalar a loop carries, and each small operation on it, can cost a
 kernel launch per iteration). The scan also has a static trip count (the last
