@@ -190,8 +190,8 @@ def test_fixed_step_path_matches_while_loop_when_solve_becomes_non_finite(t1, st
 def test_fixed_step_path_under_vmap_with_members_failing_at_different_steps():
     """Under `jax.vmap` the members share where the loop is until one stops: each
     member's own end (time, counts, result code, controller state) is its single
-    solve's, and the while loop's, to the bit. The members: failing part-way, at the
-    first step, already past the point where the field becomes infinite, and never."""
+    solve's, and the while loop's, to the bit. The members: two failing part-way at
+    different steps, one at its first step (its field already infinite), one never."""
     y0s = jnp.asarray([0.0, 0.5, 2.0, -5.0])
 
     def single(y0, t0, t1, dt0):
