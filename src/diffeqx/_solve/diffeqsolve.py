@@ -26,7 +26,7 @@ from .._profile import scope
 from .._progress import AbstractProgressMeter, NoProgressMeter
 from .._root_finder import resolve_root_finder_tols
 from .._saveat import SaveAt, is_subsaveat
-from .._solution import Solution, is_event, succeeded, where_result
+from .._solution import Solution, is_event, is_okay, succeeded, where_result
 from .._solver.base import AbstractSolver
 from .._solver.sde import resolve_deprecated_tuple_terms
 from .._transforms import batch_is_empty, batched_leaf, is_staged
@@ -36,7 +36,7 @@ from .fixed import fixed_step_plan, run_fixed_steps
 from .loop import run_loop, tree_where
 from .save import after_loop_while_loop, save_in_step
 from .setup import initial_state, promote_inputs
-from .solution import build_solution
+from .solution import assemble_solution, build_solution, raise_if_failed
 
 
 def diffeqsolve(
@@ -255,8 +255,28 @@ def _solve(
             unwrap_controller(stepsize_controller), (ConstantStepSize, StepTo)
         )
     )
+
+    def solve_all(problem):
+        # The solution's arrays too, and whether the solve failed, for a solve
+        # that runs as one kernel: computed after it, each would be a kernel of its
+        # own (the saves filled at `t1`, the rejected steps' count, the flag).
+        spec, final = setup_and_loop(problem)
+        with scope("progress"):
+            progress_meter.close(final.progress_state)
+        with scope("solution"):
+            solution = assemble_solution(
+                spec, saveat, final, t0, t1, y0, max_steps, event
+            )
+        return solution, ~is_okay(final.result)
+
+    # (A terminating event is located after the kernel: that may solve a linear
+    # system.)
+    whole = event is None or not event.terminate
     out = None
     if one_kernel and kernel.possible():
+        if whole:
+            solution, failed = kernel.call(solve_all, problem)
+            return raise_if_failed(solution, failed) if throw else solution
         out = kernel.call(setup_and_loop, problem)
     elif one_kernel and member_by_member:
         # Each member's solve as one kernel, the members one after another (on
@@ -265,10 +285,13 @@ def _solve(
         # on 2 CPU cores, adaptive SPaRK on 64 paths: 0.67x-0.81x the run time
         # and 0.6x-0.7x the compile time of the batched loop).
         out = kernel.call_per_member(
-            setup_and_loop,
+            solve_all if whole else setup_and_loop,
             problem,
             precheck=lambda: terms.vf(problem["t0"], problem["y0"], problem["args"]),
         )
+        if whole and out is not None:
+            solution, failed = out
+            return raise_if_failed(solution, failed) if throw else solution
     spec, final = setup_and_loop(problem) if out is None else out
     if event is not None and event.terminate:
         # (After the kernel: locating the event may solve a linear system.)

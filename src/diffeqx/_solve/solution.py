@@ -52,6 +52,19 @@ def _dense_output(spec, saveat, final, t0, y0):
 
 
 def build_solution(spec, saveat, final, t0, t1, y0, throw, max_steps, event):
+    solution = assemble_solution(spec, saveat, final, t0, t1, y0, max_steps, event)
+    return raise_if_failed(solution, ~is_okay(final.result)) if throw else solution
+
+
+def raise_if_failed(solution: Solution, failed) -> Solution:
+    """`solution`, with an error raised at run time when `failed`: threaded through
+    every field, so that it is raised whichever of them is used first. (A host
+    callback in the program costs some run time on CPU; `throw=False` avoids it.)"""
+    return solution.result.error_if(solution, failed)
+
+
+def assemble_solution(spec, saveat, final, t0, t1, y0, max_steps, event) -> Solution:
+    """The `Solution` of the loop's final state `final`, raising nothing."""
     ts, ys = _saved_outputs(spec, saveat, final)
     result = final.result
     event_mask = event_ts = event_ys = None
@@ -64,7 +77,7 @@ def build_solution(spec, saveat, final, t0, t1, y0, throw, max_steps, event):
             event_mask = final.event_state.masks
             event_ts = final.event_state.ts
             event_ys = final.event_state.ys
-    solution = Solution(
+    return Solution(
         t0=t0,
         t1=t1,
         ts=ts,
@@ -89,9 +102,3 @@ def build_solution(spec, saveat, final, t0, t1, y0, throw, max_steps, event):
         event_ts=event_ts,
         event_ys=event_ys,
     )
-    if throw:
-        # The error is threaded through every field, so that it is raised whichever
-        # of them is used first. (A host callback in the program costs some run time
-        # on CPU; `throw=False` avoids it.)
-        solution = result.error_if(solution, ~is_okay(result))
-    return solution
