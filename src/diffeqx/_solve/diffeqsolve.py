@@ -260,12 +260,19 @@ def _solve(
         # The solution's arrays too, and whether the solve failed, for a solve
         # that runs as one kernel: computed after it, each would be a kernel of its
         # own (the saves filled at `t1`, the rejected steps' count, the flag).
+        # The arrays it reads come in through `problem`, not from the enclosing
+        # trace: every input of the kernel is used in it (see `kernel.py`).
         spec, final = setup_and_loop(problem)
         with scope("progress"):
             progress_meter.close(final.progress_state)
         with scope("solution"):
             solution = assemble_solution(
-                spec, saveat, final, t0, t1, y0, max_steps, event
+                spec,
+                saveat,
+                final,
+                *(problem[k] for k in ("t0", "t1", "y0")),
+                max_steps,
+                event,
             )
         return solution, ~is_okay(final.result)
 
