@@ -12,9 +12,10 @@ LLVM function, its loops and branches included. Its own passes do so for while
 loops whose iteration reads and writes under 1 KiB and that contain no operation
 its single-kernel emitter lacks; a solve's loop fails the first test (it carries
 the save buffers) and usually the second (the error estimate's dot product). Here
-the solve's setup and loop are traced once as a nested `jax.jit`, whose call XLA's
-inliner keeps when it carries `inlineable="false"`, and both attributes are set on
-it with `jax.experimental.xla_metadata.set_xla_metadata`.
+the solve's setup, loop and solution (the arrays built from the loop's final state)
+are traced once as a nested `jax.jit`, whose call XLA's inliner keeps when it
+carries `inlineable="false"`, and both attributes are set on it with
+`jax.experimental.xla_metadata.set_xla_metadata`.
 
 That emitter does not implement every operation: scatters with several indices,
 sorting, FFTs, custom calls (LAPACK, callbacks), convolutions and matrix-matrix
