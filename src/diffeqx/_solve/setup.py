@@ -12,6 +12,7 @@ from .._controller.clip import unwrap_controller
 from .._controller.constant import ConstantStepSize, StepTo
 from .._progress import NoProgressMeter
 from .._solution import RESULTS, where_result
+from .._solver.runge_kutta import AbstractERK
 from .._term import forward_time_terms
 from .._transforms import TransformDetectionError, active_transforms, batched_leaf
 from .event import EventSpec, EventState, init_event_state
@@ -114,10 +115,8 @@ def initial_state(
     dense_state = DenseState(save_index=None, ts=None, infos=None)
     dense_info_shape = None
     if saveat.dense or event is not None or may_defer(subs):
-        dense_info_shape = eqx.filter_eval_shape(
-            lambda: solver.step(
-                fwd_terms, tau0, tnext, y0, args, solver_state, made_jump
-            )[2]
+        dense_info_shape = _dense_info_shape(
+            solver, fwd_terms, tau0, tnext, y0, args, solver_state, made_jump
         )
     save_state = [
         dataclasses.replace(
@@ -209,6 +208,19 @@ def initial_state(
             spec = dataclasses.replace(spec, mask_members=True)
             init_state = _batched_as(init_state, mapped)
     return spec, init_state
+
+
+def _dense_info_shape(solver, terms, t0, t1, y0, args, solver_state, made_jump):
+    """The shapes of the dense output information of `solver`'s steps: from the
+    solver itself where it is an explicit Runge–Kutta method running the
+    `AbstractERK` engine's own `step` (one trace of the vector field, where tracing
+    the step would trace it once per stage), else from the step traced for its
+    shapes."""
+    if isinstance(solver, AbstractERK) and type(solver).step is AbstractERK.step:
+        return solver._dense_info_shape(terms, t0, t1, y0, args)
+    return eqx.filter_eval_shape(
+        lambda: solver.step(terms, t0, t1, y0, args, solver_state, made_jump)[2]
+    )
 
 
 def _runtime_zero(y0):

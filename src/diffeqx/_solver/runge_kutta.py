@@ -597,6 +597,12 @@ def node_time(c_i: float, t0, t1):
     return t0 + jnp.asarray(c_i, dtype=jnp.result_type(t0)) * (t1 - t0)
 
 
+def _shape_of(x, weak_type=None) -> jax.ShapeDtypeStruct:
+    """`x`'s shape and dtype (and weak type, unless `weak_type` is given)."""
+    weak = getattr(x, "weak_type", False) if weak_type is None else weak_type
+    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), weak_type=weak)
+
+
 def _add(y, dy):
     return jtu.tree_map(lambda a, b: (a + b).astype(a.dtype), y, dy)
 
@@ -697,6 +703,26 @@ class AbstractERK(AbstractRungeKutta):
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
+
+    def _dense_info_shape(self, terms, t0, t1, y0, args):
+        """The shapes and dtypes of the dense output information `step` returns
+        (`dict(y0=..., y1=..., k=...)`, `k` holding the stages' increments), found
+        by tracing the vector field once rather than the whole step: what
+        `eqx.filter_eval_shape` of this class's own `step` gives (tested), for the
+        buffers a solve sets up before its loop (dense output, events, saves
+        deferred under reverse mode)."""
+        increment = eqx.filter_eval_shape(
+            lambda: terms.vf_prod(t0, y0, args, terms.contr(t0, t1))
+        )
+        num_stages = self.tableau.num_stages
+        return dict(
+            y0=jtu.tree_map(_shape_of, y0),
+            y1=jtu.tree_map(lambda x: _shape_of(x, weak_type=False), y0),
+            k=jtu.tree_map(
+                lambda x: jax.ShapeDtypeStruct((num_stages,) + x.shape, x.dtype),
+                increment,
+            ),
+        )
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         tableau = self.tableau
