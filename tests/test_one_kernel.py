@@ -13,6 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import lineax as lx
 import numpy as np
 import optimistix as optx
 import pytest
@@ -36,16 +37,22 @@ def _compile(fn, *args, enabled=True):
         kernel.enabled = previous
 
 
-def _check(fn, *args, one_kernel: bool):
-    """Compiles `fn` both ways; the same results bit for bit, and one kernel or not
-    as expected."""
+def _check(fn, *args, one_kernel: bool, ulps: int = 0):
+    """Compiles `fn` both ways; the same results bit for bit (or, given `ulps`,
+    floating-point results within that many units in the last place of each value,
+    or of 1 for values below it), and one kernel or not as expected."""
     with_kernel = _compile(fn, *args)
     without = _compile(fn, *args, enabled=False)
     assert (_MARK in with_kernel.as_text()) is one_kernel
     assert _MARK not in without.as_text()
     got, want = with_kernel(*args), without(*args)
     for a, b in zip(jtu.tree_leaves(got), jtu.tree_leaves(want), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        a, b = np.asarray(a), np.asarray(b)
+        if ulps and np.issubdtype(b.dtype, np.floating):
+            unit = np.spacing(np.maximum(np.abs(b), 1).astype(b.dtype))
+            assert np.all(np.abs(a - b) <= ulps * unit), (a, b)
+        else:
+            np.testing.assert_array_equal(a, b)
     return got
 
 
@@ -148,6 +155,12 @@ def test_pytree_state_float32_and_a_matrix_vector_product():
 
 
 def test_an_event_in_one_kernel():
+    """The event is located in the kernel too. With XLA's default code generator
+    the usual program computes Newton's iterations with other roundings (the kernel
+    is compiled as with the older emitters, with which the two agree to the bit):
+    the located time then differs by a few units in the last place (up to 15
+    measured, within the root finder's tolerance of 1e-10)."""
+
     def field(t, y, args):
         return jnp.stack([y[1], jnp.asarray(-9.81, y.dtype)])
 
@@ -158,7 +171,31 @@ def test_an_event_in_one_kernel():
         sol = _solve(field, dfx.Tsit5(), y0, event=event)
         return sol.ts, sol.ys, sol.event_mask
 
-    ts, ys, mask = _check(fn, jnp.array([10.0, 0.0]), one_kernel=True)
+    defaults = os.environ.get("DIFFEQX_TEST_XLA_DEFAULTS") is not None
+    ts, ys, mask = _check(
+        fn, jnp.array([10.0, 0.0]), one_kernel=True, ulps=64 if defaults else 0
+    )
+    assert bool(mask)
+    np.testing.assert_allclose(ts[-1], np.sqrt(2 * 10.0 / 9.81), rtol=1e-6)
+
+
+def test_an_event_whose_linear_solve_is_a_factorisation_is_located_after():
+    """A root finder whose linear solves take a factorisation (a LAPACK call, which
+    the kernel cannot compile): the loop is still one kernel, the event located
+    after it, with the usual program's values to the bit."""
+    def field(t, y, args):
+        return jnp.stack([y[1], jnp.asarray(-9.81, y.dtype)])
+
+    def fn(y0):
+        finder = optx.Newton(rtol=1e-10, atol=1e-10, linear_solver=lx.LU())
+        event = dfx.Event(lambda t, y, args, **kw: y[0], finder)
+        sol = _solve(field, dfx.Tsit5(), y0, event=event)
+        return sol.ts, sol.ys, sol.event_mask
+
+    y0 = jnp.array([10.0, 0.0])
+    text = _compile(fn, y0).as_text()
+    assert "lapack" in text.lower()  # the factorisation, outside the kernel
+    ts, _, mask = _check(fn, y0, one_kernel=True)
     assert bool(mask)
     np.testing.assert_allclose(ts[-1], np.sqrt(2 * 10.0 / 9.81), rtol=1e-6)
 

@@ -263,6 +263,9 @@ def _solve(
         # The arrays it reads come in through `problem`, not from the enclosing
         # trace: every input of the kernel is used in it (see `kernel.py`).
         spec, final = setup_and_loop(problem)
+        if event is not None and event.terminate:
+            with scope("events"):
+                final = _finish_terminal_event(spec, final)
         with scope("progress"):
             progress_meter.close(final.progress_state)
         with scope("solution"):
@@ -276,15 +279,26 @@ def _solve(
             )
         return solution, ~is_okay(final.result)
 
-    # (A terminating event is located after the kernel: that may solve a linear
-    # system.)
+    # Where the batch's members run one after another, a terminating event is
+    # located after their kernels.
     whole = event is None or not event.terminate
     out = None
     if one_kernel and kernel.possible():
-        if whole:
-            solution, failed = kernel.call(solve_all, problem)
+        # A terminating event is located in the kernel too, unless that takes
+        # what the kernel cannot compile (a root finder's linear solve by a
+        # factorisation, say): then after it, the loop still one kernel.
+        loop_alone = []
+
+        def without_the_event():
+            loop_alone.append(True)
+            return kernel.call(setup_and_loop, problem)
+
+        out = kernel.call(
+            solve_all, problem, otherwise=None if whole else without_the_event
+        )
+        if not loop_alone:
+            solution, failed = out
             return raise_if_failed(solution, failed) if throw else solution
-        out = kernel.call(setup_and_loop, problem)
     elif one_kernel and member_by_member:
         # Each member's solve as one kernel, the members one after another (on
         # CPU, see `kernel.call_per_member`): at each step the batched loop would
@@ -301,7 +315,6 @@ def _solve(
             return raise_if_failed(solution, failed) if throw else solution
     spec, final = setup_and_loop(problem) if out is None else out
     if event is not None and event.terminate:
-        # (After the kernel: locating the event may solve a linear system.)
         with scope("events"):
             final = _finish_terminal_event(spec, final)
     with scope("progress"):

@@ -42,6 +42,7 @@ as such a kernel (`call_per_member`).
 
 import inspect
 import math
+import re
 import threading
 
 import equinox as eqx
@@ -279,6 +280,37 @@ def _small_vector_product(eqn) -> bool:
     )
 
 
+# StableHLO operations a Lineax `linear_solve` may lower to and still be compiled
+# in the kernel (see `_linear_solve_fits`): elementwise arithmetic, comparisons,
+# shape operations, reductions and control flow.
+_LOWERED_ELEMENTAL = frozenset(
+    """
+    abs add and broadcast_in_dim compare constant convert divide is_finite maximum
+    minimum multiply negate not or reduce reshape select slice subtract xor sqrt
+    rsqrt sign clamp concatenate iota transpose dynamic_slice dynamic_update_slice
+    while case if return optimization_barrier exponential log power floor ceil
+    remainder bitcast_convert get_tuple_element tuple pad
+    """.split()
+)
+
+
+def _linear_solve_fits(eqn) -> bool:
+    """Whether a Lineax `linear_solve` equation lowers to operations the
+    single-kernel emitter compiles. It is one primitive whose lowering depends on
+    the solver Lineax picks when it is traced: a division for a diagonal (e.g.
+    1-by-1) operator, such as an event's Newton step; a LAPACK call for LU and
+    other factorisations. So its own lowering is checked."""
+    try:
+        lowered = jax.jit(lambda *xs: eqn.primitive.bind(*xs, **eqn.params)).lower(
+            *(v.aval for v in eqn.invars)
+        )
+        text = lowered.as_text()
+    except Exception:  # noqa: BLE001 - anything unexpected keeps the usual program
+        return False
+    names = set(re.findall(r"\b(?:stablehlo|chlo)\.([a-z_]+)", text))
+    return bool(names) and names <= _LOWERED_ELEMENTAL
+
+
 def fits(jaxpr) -> bool:
     """Whether every equation of `jaxpr`, nested bodies included, is one the
     single-kernel emitter compiles, and the loops in it are small enough to
@@ -298,6 +330,9 @@ def fits(jaxpr) -> bool:
                     return False
             elif name == "dot_general":
                 if not _small_vector_product(eqn):
+                    return False
+            elif name == "linear_solve":
+                if not _linear_solve_fits(eqn):
                     return False
             elif name not in _ELEMENTAL:
                 return False
@@ -332,14 +367,15 @@ def arrays_only(fn, inputs: tuple):
     return inner, dynamic, rebuild
 
 
-def call(fn, *inputs):
+def call(fn, *inputs, otherwise=None):
     """`fn(*inputs)`, traced once as a nested `jax.jit`, whose call XLA compiles
     into one kernel when its equations allow (see the module's docstring), and
-    otherwise inlines."""
-    return _call(fn, inputs)[0]
+    otherwise inlines; or, given `otherwise` (a function of no arguments), returns
+    `otherwise()` instead where they do not allow it."""
+    return _call(fn, inputs, otherwise)[0]
 
 
-def _call(fn, inputs):
+def _call(fn, inputs, otherwise=None):
     """`(fn(*inputs), fitted)`: as `call`, and whether the call is one kernel."""
     inner, dynamic, rebuild = arrays_only(fn, inputs)
 
@@ -362,6 +398,8 @@ def _call(fn, inputs):
     finally:
         _tracing.active = False
     if not fits(jaxpr):
+        if otherwise is not None:
+            return otherwise(), False
         # Found in JAX's cache (not traced again); JAX drops the unused outputs,
         # and XLA inlines the call: the program of the loop without it.
         out_dynamic, _, _ = jitted(dynamic)
