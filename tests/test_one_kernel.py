@@ -183,6 +183,7 @@ def test_an_event_whose_linear_solve_is_a_factorisation_is_located_after():
     """A root finder whose linear solves take a factorisation (a LAPACK call, which
     the kernel cannot compile): the loop is still one kernel, the event located
     after it, with the usual program's values to the bit."""
+
     def field(t, y, args):
         return jnp.stack([y[1], jnp.asarray(-9.81, y.dtype)])
 
