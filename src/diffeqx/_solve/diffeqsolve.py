@@ -36,7 +36,7 @@ from .fixed import fixed_step_plan, run_fixed_steps
 from .loop import run_loop, tree_where
 from .save import after_loop_while_loop, save_in_step
 from .setup import initial_state, promote_inputs
-from .solution import assemble_solution, build_solution, raise_if_failed
+from .solution import assemble_solution, raise_if_failed
 
 
 def diffeqsolve(
@@ -256,13 +256,9 @@ def _solve(
         )
     )
 
-    def solve_all(problem):
-        # The solution's arrays too, and whether the solve failed, for a solve
-        # that runs as one kernel: computed after it, each would be a kernel of its
-        # own (the saves filled at `t1`, the rejected steps' count, the flag).
-        # The arrays it reads come in through `problem`, not from the enclosing
-        # trace: every input of the kernel is used in it (see `kernel.py`).
-        spec, final = setup_and_loop(problem)
+    def finish(spec, final, t0, t1, y0):
+        # After the loop: a terminating event located, the solution's arrays, and
+        # whether the solve failed.
         if event is not None and event.terminate:
             with scope("events"):
                 final = _finish_terminal_event(spec, final)
@@ -270,14 +266,22 @@ def _solve(
             progress_meter.close(final.progress_state)
         with scope("solution"):
             solution = assemble_solution(
-                spec,
-                saveat,
-                final,
-                *(problem[k] for k in ("t0", "t1", "y0")),
-                max_steps,
-                event,
+                spec, saveat, final, t0, t1, y0, max_steps, event
             )
         return solution, ~is_okay(final.result)
+
+    def solve_all(problem):
+        # The whole solve, for one that runs as one kernel: what follows the loop,
+        # computed after it, would be kernels of its own (the saves filled at `t1`,
+        # the rejected steps' count, the flag, the event's location). The arrays
+        # it reads come in through `problem`, not from the enclosing trace: every
+        # input of the kernel is used in it (see `kernel.py`).
+        spec, final = setup_and_loop(problem)
+        return finish(spec, final, *(problem[k] for k in ("t0", "t1", "y0")))
+
+    def raising(solution_and_failed):
+        solution, failed = solution_and_failed
+        return raise_if_failed(solution, failed) if throw else solution
 
     # Where the batch's members run one after another, a terminating event is
     # located after their kernels.
@@ -297,8 +301,7 @@ def _solve(
             solve_all, problem, otherwise=None if whole else without_the_event
         )
         if not loop_alone:
-            solution, failed = out
-            return raise_if_failed(solution, failed) if throw else solution
+            return raising(out)
     elif one_kernel and member_by_member:
         # Each member's solve as one kernel, the members one after another (on
         # CPU, see `kernel.call_per_member`): at each step the batched loop would
@@ -311,16 +314,9 @@ def _solve(
             precheck=lambda: terms.vf(problem["t0"], problem["y0"], problem["args"]),
         )
         if whole and out is not None:
-            solution, failed = out
-            return raise_if_failed(solution, failed) if throw else solution
+            return raising(out)
     spec, final = setup_and_loop(problem) if out is None else out
-    if event is not None and event.terminate:
-        with scope("events"):
-            final = _finish_terminal_event(spec, final)
-    with scope("progress"):
-        progress_meter.close(final.progress_state)
-    with scope("solution"):
-        return build_solution(spec, saveat, final, t0, t1, y0, throw, max_steps, event)
+    return raising(finish(spec, final, t0, t1, y0))
 
 
 def initial_solver_and_controller_state(**problem):

@@ -51,11 +51,6 @@ def _dense_output(spec, saveat, final, t0, y0):
     )
 
 
-def build_solution(spec, saveat, final, t0, t1, y0, throw, max_steps, event):
-    solution = assemble_solution(spec, saveat, final, t0, t1, y0, max_steps, event)
-    return raise_if_failed(solution, ~is_okay(final.result)) if throw else solution
-
-
 def raise_if_failed(solution: Solution, failed) -> Solution:
     """`solution`, with an error raised at run time when `failed`: threaded through
     every field, so that it is raised whichever of them is used first. (A host
