@@ -8,7 +8,8 @@ neural CDE (`ControlTerm` with an `eqx.nn.MLP` vector field driven by that path,
 `PIDController(rtol=1e-3, atol=1e-6, dtmax=span/32)`) over the batch, path construction included; (c)
 the loss and its gradient with respect to the network (`RecursiveCheckpointAdjoint`).
 When diffrax is importable, every problem also runs with diffrax in the same process
-and the ratios diffeqx / diffrax are printed next to their targets. Timing, fairness and
+and the ratios diffeqx / diffrax are printed next to their targets. After the table,
+(b)'s floor: its network alone, evaluated as often as the solve does, in a `lax.scan`. Timing, fairness and
 columns are as in `bench_core.py` (see README.md).
 """
 
@@ -36,6 +37,7 @@ from _harness import (  # noqa: E402
 )
 from _problems import Case  # noqa: E402
 from _report import print_report, ratio_rows  # noqa: E402
+from _timing import time_runs  # noqa: E402
 from bench_core import (  # noqa: E402
     _describe,
     environment,
@@ -200,6 +202,33 @@ PROBLEMS = (
 )
 
 
+# ---- the network alone: a floor for (b)'s run time ------------------------------------
+
+
+def network_floor(config: CDEConfig, evaluations: int, options) -> float:
+    """Run time of (b)'s vector field alone: `evaluations` batched evaluations of the
+    network, each contracted with a control vector (what a `ControlTerm` step
+    computes per stage), in a `lax.scan` with no solver around it. No solver that
+    evaluates the field as often can run faster than this."""
+    model = make_model(config)
+    state = jnp.zeros((config.batch_size, HIDDEN), config.dtype)
+    control = jnp.full((config.batch_size, CHANNELS), 0.1, config.dtype)
+
+    @eqx.filter_jit
+    def fields_only(model, state, control):
+        field = jax.vmap(model.field, in_axes=(None, 0, None))
+
+        def body(h, _):
+            k = jnp.einsum("bij,bj->bi", field(0.0, h, None), control)
+            return h + 0.01 * k, None
+
+        return jax.lax.scan(body, state, None, length=evaluations)[0]
+
+    runners = {"network": (fields_only, (model, state, control))}
+    _, runs = time_runs(runners, min_time_s=options.min_run_time)
+    return 1e3 * runs["network"].median_s
+
+
 # ---- measuring ------------------------------------------------------------------------
 
 
@@ -253,6 +282,22 @@ def main(argv=None) -> int:
         "(a) returns the coefficients; (b) one logit per series; (c) the loss and its "
         "gradient. steps/fevals: summed over the batch / batched evaluations."
     )
+    forward = {
+        r["library"]: r
+        for r in records
+        if r["problem"] == "neural_cde_forward" and "error" not in r
+    }
+    if forward.get("diffeqx", {}).get("fevals"):
+        evaluations = forward["diffeqx"]["fevals"]
+        floor_ms = network_floor(options.config, evaluations, options)
+        line = (
+            f"(b) floor: the network alone, {evaluations} batched evaluations in a "
+            f"lax.scan: {floor_ms:.3f} ms"
+        )
+        for name, record in forward.items():
+            line += f"; {name} {floor_ms / record['run_ms']:.2f}x of its run"
+        print(line)
+        info["network_floor_ms"] = floor_ms
     if options.json:
         payload = {"environment": info, "results": records}
         payload["ratios"] = ratio_rows(records, problems)
