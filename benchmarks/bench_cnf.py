@@ -1,6 +1,6 @@
-"""Compile time of a continuous-normalising-flow training step, with Diffrax alongside.
+"""Compile and run time of a continuous-normalising-flow training step, with Diffrax alongside.
 
-    python benchmarks/bench_cnf.py [--no-diffrax]
+    python benchmarks/bench_cnf.py [--no-diffrax] [--width N] [--depth N]
 
 A workload the core benchmarks do not cover: the vector field's exact log-density
 change is the trace of its Jacobian (a `jax.vmap` of VJPs inside the field), the
@@ -9,10 +9,15 @@ constant steps each, the loss is a `jax.vmap` over a batch of 64 points, and its
 gradient is taken with the default adjoint inside a `lax.fori_loop` over two
 minibatches, all under one `equinox.filter_jit`.
 
+The network is an MLP of `--width` (default 64) and `--depth` (default 3) hidden
+layers, as in Diffrax's published example of this model.
+
 For each library, the step is traced and lowered, then compiled by XLA (cold caches),
 twice: first with the step counter a Python integer, then with it an array, as
 happens after the first step of a training loop (the second call compiles again).
-The second trace shows whether anything traced the first time is reused.
+The second trace shows whether anything traced the first time is reused. Then the
+second program's steady run time is measured (the libraries taking turns), with its
+temporary memory as XLA's compiled statistics give it.
 """
 
 from __future__ import annotations
@@ -24,17 +29,19 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import argparse  # noqa: E402
+
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.lax as lax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
-from bench_core import libraries_and_run_time  # noqa: E402
+from _timing import time_runs  # noqa: E402
+from bench_core import load_libraries  # noqa: E402
 
 BATCH = 64
 MINIBATCHES = 2
 BLOCKS = 2
-WIDTH = 16
 
 
 class Field(eqx.Module):
@@ -90,18 +97,30 @@ def training_step(lib):
 
 
 def main(argv=None) -> int:
-    _, libraries = libraries_and_run_time(__doc__, argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-diffrax", action="store_true")
+    parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=3)
+    options = parser.parse_args(argv)
+    libraries = load_libraries(options.no_diffrax)
     keys = jr.split(jr.key(0), BLOCKS + 1)
     fields = [
-        Field(eqx.nn.MLP(3, 2, WIDTH, 2, activation=jnp.tanh, key=k))
+        Field(
+            eqx.nn.MLP(3, 2, options.width, options.depth, activation=jnp.tanh, key=k)
+        )
         for k in keys[:BLOCKS]
     ]
     data = jr.normal(keys[-1], (4 * BATCH * MINIBATCHES, 2))
-    print(f"jax {jax.__version__} on {jax.default_backend()}; float32")
+    print(
+        f"jax {jax.__version__} on {jax.default_backend()}; float32; MLP width "
+        f"{options.width}, depth {options.depth}"
+    )
     print(
         f"{'library':8s} {'counter':8s} {'trace s':>8s} {'xla s':>7s} {'total s':>8s}"
+        f" {'temp MB':>8s}"
     )
-    totals = {}
+    totals, runners = {}, {}
     for name, lib in libraries.items():
         step = training_step(lib)
         jax.clear_caches()
@@ -110,17 +129,26 @@ def main(argv=None) -> int:
             lowered = step.lower(fields, data, counter)
             traced = time.perf_counter() - start
             start = time.perf_counter()
-            lowered.compile()
-            compiled = time.perf_counter() - start
-            totals[name, label] = traced + compiled
+            compiled = lowered.compile()
+            xla = time.perf_counter() - start
+            totals[name, label] = traced + xla
+            # (An `equinox` compiled function holds JAX's as `.compiled`.)
+            stats = getattr(compiled, "compiled", compiled).memory_analysis()
+            temp = float("nan") if stats is None else stats.temp_size_in_bytes / 1e6
             print(
-                f"{name:8s} {label:8s} {traced:8.2f} {compiled:7.2f} "
-                f"{traced + compiled:8.2f}"
+                f"{name:8s} {label:8s} {traced:8.2f} {xla:7.2f} {traced + xla:8.2f}"
+                f" {temp:8.1f}"
             )
+        runners[name] = (compiled, (fields, data, jnp.asarray(0)))
+    _, runs = time_runs(runners, min_time_s=options.min_run_time)
+    for name, run in runs.items():
+        print(f"{name:8s} run {1e3 * run.median_s:8.2f} ms (median of {run.repeats})")
     if "diffrax" in libraries:
         for label in ("int", "array"):
             ratio = totals["diffeqx", label] / totals["diffrax", label]
             print(f"compile, counter {label}: diffeqx / diffrax = {ratio:.2f}x")
+        ratio = runs["diffeqx"].median_s / runs["diffrax"].median_s
+        print(f"run: diffeqx / diffrax = {ratio:.2f}x")
     return 0
 
 

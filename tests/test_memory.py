@@ -85,27 +85,42 @@ def _nonlinear_grad(num_steps, storage=None, monkeypatch=None, run=True):
 
 
 def test_default_stores_every_fixed_step_only_within_its_bound(monkeypatch):
-    # A short fixed-step solve stores what its steps compute rather than recomputing
-    # them: more memory than the blocks, the same gradient.
+    # A short fixed-step solve keeps what its steps' backward pass needs rather than
+    # recomputing them: more memory than the blocks, the same gradient.
     stored, grad = _nonlinear_grad(1_000)
     blocks, grad_blocks = _nonlinear_grad(1_000, 0, monkeypatch)
     assert stored > 1_000 * STATE_SIZE * 8
     assert stored > 4 * blocks
     assert jnp.allclose(grad, grad_blocks, rtol=1e-12, atol=0)
-    # A long one would need more than the bound to store every step: blocks, whose
-    # memory stays far below it.
+    # A long one would need far more than the bound (and so would every step's
+    # state, about 1 kB a step): blocks of about sqrt(50,000) steps, whose memory
+    # stays far below both.
     long, _ = _nonlinear_grad(50_000, STORAGE_BYTES, monkeypatch, run=False)
     assert 50_000 * stored / 1_000 > 2 * STORAGE_BYTES  # (what storing would need)
-    assert long < STORAGE_BYTES / 16
-    # The bound holds where storing would exceed it: with 2**20 bytes allowed, 400
-    # steps (storing them would take about 1.2 MB, from the 1,000 above) run in
-    # blocks, and 10 store theirs.
+    assert 50_000 * 1_000 > 2 * STORAGE_BYTES  # (every step's state)
+    assert long < STORAGE_BYTES / 8
+    # The bound holds where keeping the values would exceed it. With 2**20 bytes
+    # allowed: 10 steps keep theirs; 400 steps (keeping them would take about 1.2 MB,
+    # from the 1,000 above) keep every step's state instead, about 1 kB a step,
+    # recomputing one step at a time; 5,000 steps (5 MB of states) run in blocks.
     small_bound = 2**20
-    over, _ = _nonlinear_grad(400, small_bound, monkeypatch, run=False)
     under, _ = _nonlinear_grad(10, small_bound, monkeypatch, run=False)
-    assert 400 * stored / 1_000 > small_bound
-    assert over <= small_bound / 4
+    states, _ = _nonlinear_grad(400, small_bound, monkeypatch, run=False)
+    over, _ = _nonlinear_grad(5_000, small_bound, monkeypatch, run=False)
     assert under <= small_bound
+    assert 400 * stored / 1_000 > small_bound
+    assert 400 * STATE_SIZE * 8 < states <= small_bound / 2
+    assert states < 400 * stored / 1_000 / 2
+    assert over <= small_bound / 2
+
+
+def test_fixed_step_blocks_of_one_step_give_the_same_gradient(monkeypatch):
+    # Blocks of one step (every step's state kept, each step recomputed once) against
+    # keeping every step's values: the same gradient.
+    stored, grad = _nonlinear_grad(400)
+    states, grad_states = _nonlinear_grad(400, 2**20, monkeypatch)
+    assert states < stored / 2
+    assert jnp.allclose(grad, grad_states, rtol=1e-12, atol=0)
 
 
 # ---- adaptive steps: the solve loop proper (not the constant-step path) ---------------
@@ -250,3 +265,37 @@ def test_default_stores_every_adaptive_step_only_within_its_bound(monkeypatch):
     # The same gradient, to the rounding of steps recomputed in another program
     # (7e-10 of the gradient's largest entry here).
     assert abs(checkpointed_error - error) < 1e-8
+
+
+def test_fixed_step_storage_estimate_tracks_compiled_memory(monkeypatch):
+    # What the fixed-step path counts as kept for the backward pass (the values of
+    # the step's linearisation, times the steps and the batch) against XLA's compiled
+    # temporary memory when they are kept: the same order (the estimate counts some
+    # values XLA does not keep, e.g. an input kept as it is).
+    from diffeqx._solve import fixed
+
+    counted = []
+    original = fixed._stored_bytes
+    monkeypatch.setattr(
+        fixed, "_stored_bytes", lambda *a: counted.append(original(*a)) or counted[-1]
+    )
+    temp, _ = _nonlinear_grad(1_000, run=False)
+    assert len(counted) == 1
+    assert 0.5 * temp <= counted[0] <= 3 * temp
+
+    # A network in the field, under `jax.vmap` (the batch is counted).
+    counted.clear()
+    weights = jnp.linspace(-1.0, 1.0, 16 * 4).reshape(16, 4)
+
+    def field(t, y, args):
+        return jnp.tanh(args @ jnp.tanh(weights @ y))
+
+    def loss(args, y0):
+        sol = dfx.diffeqsolve(dfx.ODETerm(field), dfx.Tsit5(), 0.0, 1.0, 0.05, y0, args)
+        return jnp.sum(sol.ys**2)
+
+    y0s = jnp.linspace(0.1, 1.0, 8 * 4).reshape(8, 4)
+    batched = jax.vmap(jax.grad(loss), in_axes=(None, 0))
+    compiled = jax.jit(batched).lower(weights.T / 4, y0s).compile()
+    assert len(counted) == 1
+    assert 0.5 * _temp_bytes(compiled) <= counted[0] <= 3 * _temp_bytes(compiled)

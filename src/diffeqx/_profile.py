@@ -27,9 +27,9 @@ import re
 import jax
 
 try:
-    from jax.extend.core import ClosedJaxpr, Jaxpr
+    from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, jaxpr_as_fun
 except ImportError:  # pragma: no cover - an older JAX
-    from jax.core import ClosedJaxpr, Jaxpr
+    from jax.core import ClosedJaxpr, Jaxpr, Literal, jaxpr_as_fun
 
 PARTS = (
     "setup",
@@ -126,3 +126,63 @@ def intermediate_bytes(jaxpr) -> float:
         return out
 
     return total(getattr(jaxpr, "jaxpr", jaxpr), 1)
+
+
+def residual_bytes(closed) -> float:
+    """The bytes reverse mode keeps for its backward pass from one run of the closed
+    jaxpr `closed`, counting only the values that depend on its inputs: those a scan
+    over it stacks, one per iteration. (Values that depend on its constants alone
+    are kept once, outside the scan.)
+
+    Read from the program of its linearisation, with respect to every inexact input
+    and constant: the values that program passes to the linear part. Infinite where
+    it cannot be linearised (e.g. a callback without a derivative rule)."""
+    import jax.numpy as jnp
+
+    jaxpr = closed.jaxpr
+    const_avals = [jax.typeof(c) for c in closed.consts]
+    in_avals = [v.aval for v in jaxpr.invars]
+
+    def spec(aval):
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+
+    def inexact(aval):
+        return jnp.issubdtype(aval.dtype, jnp.inexact)
+
+    def merge(avals, chosen, values):
+        chosen = iter(chosen)
+        return [
+            next(chosen) if inexact(a) else v
+            for a, v in zip(avals, values, strict=True)
+        ]
+
+    def linear_part(consts, args):
+        def run(float_consts, float_args):
+            c = merge(const_avals, float_consts, consts)
+            x = merge(in_avals, float_args, args)
+            return jaxpr_as_fun(ClosedJaxpr(jaxpr, c))(*x)
+
+        pick = lambda avals, values: [
+            v for a, v in zip(avals, values, strict=True) if inexact(a)
+        ]
+        _, linear = jax.linearize(run, pick(const_avals, consts), pick(in_avals, args))
+        return jax.tree_util.tree_leaves(linear)
+
+    try:
+        program = jax.make_jaxpr(linear_part)(
+            [spec(a) for a in const_avals], [spec(a) for a in in_avals]
+        ).jaxpr
+    except Exception:  # noqa: BLE001 - anything that cannot be linearised
+        return float("inf")
+    # The values computed from the inputs (not from the constants alone).
+    varying = set(program.invars[len(const_avals) :])
+    for eqn in program.eqns:
+        if any(not isinstance(v, Literal) and v in varying for v in eqn.invars):
+            varying.update(eqn.outvars)
+    return float(
+        sum(
+            aval_bytes(v.aval)
+            for v in set(program.outvars)
+            if not isinstance(v, Literal) and v in varying
+        )
+    )

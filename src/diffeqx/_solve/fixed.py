@@ -34,7 +34,7 @@ from jax.extend.core import jaxpr_as_fun
 
 from .._adjoint.base import weak_type_as
 from .._controller.constant import ConstantStepSize, constant_step_count
-from .._profile import aval_bytes, intermediate_bytes
+from .._profile import aval_bytes, residual_bytes
 from .._solution import RESULTS, succeeded, where_result
 from .._transforms import (
     batch_size,
@@ -220,15 +220,24 @@ def _traced_body(body, carry, row):
 
 
 def _stored_bytes(jaxpr, num_steps: int) -> float:
-    """An upper bound on the memory reverse mode uses through `num_steps` runs of the
-    step `jaxpr` (traced at the size of one solve) without rematerialisation: all
-    the values one step reads and computes, times the steps and the size of the
-    batch. Infinite where that cannot be bounded."""
-    per_step = intermediate_bytes(jaxpr) + sum(
-        aval_bytes(x.aval) for x in jaxpr.jaxpr.invars
-    )
+    """The memory reverse mode uses through `num_steps` runs of the step `jaxpr`
+    (traced at the size of one solve) without rematerialisation: what the step's
+    linearisation keeps of each run (`residual_bytes`), times the steps and the size
+    of the batch. Infinite where that cannot be bounded."""
     batch = batch_size()
-    return float("inf") if batch is None else per_step * num_steps * batch
+    if batch is None:
+        return float("inf")
+    return residual_bytes(jaxpr) * num_steps * batch
+
+
+def _carried_bytes(carry, num_steps: int) -> float:
+    """The memory of `num_steps` copies of the scan's carry (one solve's values,
+    times the size of the batch): what blocks of one step store for reverse mode."""
+    batch = batch_size()
+    if batch is None:
+        return float("inf")
+    per_step = sum(aval_bytes(jax.typeof(x)) for x in jtu.tree_leaves(carry))
+    return per_step * num_steps * batch
 
 
 def run_fixed_steps(
@@ -264,9 +273,11 @@ def _scan_fixed_steps(
 
     `block > 0` groups the steps into rematerialised blocks (`jax.checkpoint`) of
     that many steps, as reverse mode asks for, so that it stores one state per block
-    plus one block's worth of steps -- unless everything the steps compute takes at
-    most `storage` bytes (`_stored_bytes`), when reverse mode stores it all and
-    recomputes nothing. Otherwise the steps are one scan, or, when they have
+    plus one block's worth of steps -- unless what reverse mode keeps of the steps
+    takes at most `storage` bytes (`_stored_bytes`), when it keeps it all and
+    recomputes nothing; or else unless every step's carry takes at most that
+    (`_carried_bytes`), when the blocks are of one step each. Otherwise the steps
+    are one scan, or, when they have
     Brownian samples to compute ahead, blocks whose samples hold at most
     `_BLOCK_NUMBERS` numbers. The last block is padded with steps that are not
     taken, so the program holds one copy of the step.
@@ -357,8 +368,13 @@ def _scan_fixed_steps(
         jaxpr, replay = _traced_body(body, carry, row)
         if _stored_bytes(jaxpr, num_steps) <= storage:
             block, scan_body = 0, replay
-        elif branch == single_on_cpu:
-            scan_body = replay
+        else:
+            if _carried_bytes(carry, num_steps) <= storage:
+                # Every step's carry fits: blocks of one step, each recomputed once
+                # in the backward pass, which keeps one step's values at a time.
+                block = 1
+            if branch == single_on_cpu:
+                scan_body = replay
     if block > 0:
         size = min(block, num_steps)
     elif plan is not None:
