@@ -16,7 +16,7 @@ import jax.random as jr
 import pytest
 
 import diffeqx as dfx
-from diffeqx._profile import count_equations, intermediate_bytes
+from diffeqx._profile import count_equations, residual_bytes
 
 # Each budget is the count when it was set plus about 5 %, measured with JAX 0.10.2 and Equinox
 # 0.13 (x64 on, as in the test suite).
@@ -263,17 +263,30 @@ def test_lowering_a_solve_compiles_nothing_else(name, fn, y0):
     )
 
 
-def test_intermediate_bytes_counts_every_value_computed():
+def test_residual_bytes_counts_what_reverse_mode_keeps():
     x = jnp.ones(10, jnp.float32)
-    # Two values of 10 float32s.
-    assert intermediate_bytes(jax.make_jaxpr(lambda x: jnp.sin(x) * 2)(x)) == 80
-    # A scan's body counts once per iteration (its outputs too: 3 stacked values).
+    # sin(x) * 2: its derivative needs cos(x) (10 float32s), nothing else.
+    assert residual_bytes(jax.make_jaxpr(lambda x: jnp.sin(x) * 2)(x)) == 40
+    # A linear function keeps nothing.
+    assert residual_bytes(jax.make_jaxpr(lambda x: 3 * x + 1)(x)) == 0
+    # A product of two inputs keeps both.
+    assert residual_bytes(jax.make_jaxpr(lambda x, y: x * y)(x, x)) == 80
+    # Values of the constants alone are kept once, outside a scan over the step, and
+    # are not counted: here sin(w) and cos(w), of a captured `w`; x is counted.
+    w = jnp.linspace(0.0, 1.0, 10, dtype=jnp.float32)
+    assert residual_bytes(jax.make_jaxpr(lambda x: x * jnp.sin(w))(x)) == 40
+    # A scan inside keeps each iteration's values: cos of 3 carries.
     scanned = jax.make_jaxpr(
-        lambda x: jax.lax.scan(lambda c, _: (jnp.sin(c), c), x, length=3)
+        lambda x: jax.lax.scan(lambda c, _: (jnp.sin(c), None), x, length=3)[0]
     )(x)
-    assert intermediate_bytes(scanned) == 3 * 40 + 40 + 3 * 40
-    # A while loop's trip count is unknown.
-    looped = jax.make_jaxpr(
-        lambda x: jax.lax.while_loop(lambda c: c[0] < 1, jnp.sin, x)
-    )(x)
-    assert intermediate_bytes(looped) == float("inf")
+    assert residual_bytes(scanned) == 3 * 40
+    # Integer inputs are not differentiated, but a value computed from one is kept
+    # where the derivative needs it: cos(x) and the converted `n`.
+    counted = jax.make_jaxpr(lambda x, n: jnp.sin(x) * n.astype(x.dtype))(
+        x, jnp.int32(2)
+    )
+    assert residual_bytes(counted) == 40 + 4
+    # Something without a derivative rule cannot be bounded.
+    shape = jax.ShapeDtypeStruct((10,), jnp.float32)
+    called = jax.make_jaxpr(lambda x: jax.pure_callback(lambda v: v, shape, x))(x)
+    assert residual_bytes(called) == float("inf")

@@ -108,26 +108,6 @@ def aval_bytes(aval) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def intermediate_bytes(jaxpr) -> float:
-    """The bytes of all values that `jaxpr` computes when it runs once (the outputs of
-    its equations, those of nested jaxprs included, loop bodies times the lengths of
-    their scans): an upper bound on what reverse mode can store of one run of it.
-    Infinite where it holds a loop of unknown length (`while`)."""
-
-    def total(jaxpr, repeat):
-        out = 0.0
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "while":
-                return float("inf")
-            out += repeat * sum(aval_bytes(v.aval) for v in eqn.outvars)
-            inner_repeat = repeat * eqn.params.get("length", 1)
-            for inner in _sub_jaxprs(eqn.params):
-                out += total(inner, inner_repeat)
-        return out
-
-    return total(getattr(jaxpr, "jaxpr", jaxpr), 1)
-
-
 def residual_bytes(closed) -> float:
     """The bytes reverse mode keeps for its backward pass from one run of the closed
     jaxpr `closed`, counting only the values that depend on its inputs: those a scan
