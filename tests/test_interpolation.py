@@ -733,3 +733,71 @@ def test_float32_saves_and_gradients_at_a_steps_end_keep_float32_accuracy(name, 
     exact = grads(jnp.float64)
     error = np.max(np.abs(grads(jnp.float32) - exact) / np.abs(exact))
     assert error < bound
+
+
+def _slices_of(jaxpr, size):
+    """The slices, in `jaxpr` and the jaxprs nested in it, of arrays of `size`
+    elements into more than one element."""
+    found, stack = [], [jaxpr.jaxpr]
+    while stack:
+        current = stack.pop()
+        for eqn in current.eqns:
+            if (
+                eqn.primitive.name == "slice"
+                and eqn.invars[0].aval.size == size
+                and eqn.outvars[0].aval.size > 1
+            ):
+                found.append(eqn)
+            for value in eqn.params.values():
+                for item in value if isinstance(value, (list, tuple)) else (value,):
+                    inner = getattr(item, "jaxpr", None)
+                    if inner is not None and hasattr(inner, "eqns"):
+                        stack.append(inner)
+    return found
+
+
+def test_queries_do_not_slice_the_knots():
+    # A query searches the knots themselves: a slice of them (the interior knots,
+    # say) is built again at every query in a loop, which made 3,000 queries of a
+    # 500-knot path about 7x slower.
+    ts = jnp.linspace(0.0, 1.0, 50)
+    ys = jnp.sin(ts)
+    paths = (
+        dfx.LinearInterpolation(ts, ys),
+        dfx.CubicInterpolation(ts, dfx.backward_hermite_coefficients(ts, ys)),
+    )
+    for path in paths:
+        for query in (path.evaluate, path.derivative):
+            jaxpr = jax.make_jaxpr(lambda t, query=query: query(t))(0.3)
+            assert not _slices_of(jaxpr, 50), (type(path).__name__, query)
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -y),
+        dfx.Tsit5(),
+        0.0,
+        1.0,
+        0.1,
+        jnp.ones(2),
+        saveat=dfx.SaveAt(dense=True),
+    )
+    knots = sol.interpolation.ts.size
+    assert not _slices_of(jax.make_jaxpr(sol.evaluate)(0.3), knots)
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_query_uses_the_interval_holding_the_time(left):
+    # Times at, between and outside the knots: the slope is that of the interval
+    # holding the time (at a knot, the one on its left or its right), or of the end
+    # interval outside; the value is on that interval's line.
+    ts = jnp.array([0.0, 1.0, 2.0, 3.0, 5.0])
+    ys = jnp.array([0.0, 10.0, 40.0, 50.0, 90.0])
+    slopes = [10.0, 30.0, 10.0, 20.0]
+    path = dfx.LinearInterpolation(ts, ys)
+    for t in (-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0):
+        inside = [i for i in range(4) if ts[i] <= t <= ts[i + 1]]
+        if not inside:
+            i = 0 if t < 0 else 3
+        else:
+            i = inside[0] if left else inside[-1]
+        assert float(path.derivative(t, left=left)) == pytest.approx(slopes[i]), t
+        value = float(ys[i] + slopes[i] * (t - ts[i]))
+        assert float(path.evaluate(t, left=left)) == pytest.approx(value), t

@@ -50,8 +50,11 @@ class DenseInterpolation(AbstractPath):
         num_steps = jnp.maximum(self.ts_size - 1, 1)
         # `left` refers to the user's time `t`; for a backward solve the left limit in
         # `t` is the right limit in integration time.
-        index_left = jnp.searchsorted(self.ts[1:], tau, side="left")
-        index_right = jnp.searchsorted(self.ts[1:], tau, side="right")
+        # The count of step ends below `tau`: the count of all times below it, less
+        # one (searched in `ts` itself, not a slice of it, which XLA builds again at
+        # every query in a loop; see `AbstractGlobalInterpolation._interpret_t`).
+        index_left = jnp.searchsorted(self.ts, tau, side="left") - 1
+        index_right = jnp.searchsorted(self.ts, tau, side="right") - 1
         use_left = (self.direction > 0) == left
         index = jnp.where(use_left, index_left, index_right)
         index = jnp.clip(index, 0, num_steps - 1)
