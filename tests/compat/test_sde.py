@@ -211,31 +211,47 @@ def _gradient(lib, solver_name, vmapped):
     [
         ("ReversibleHeun", False, "stored"),
         ("Heun", True, "blocks"),
-        # (The other two pairings repeat these two's checks.)
+        ("Heun", True, "states"),
+        # (The other pairings repeat these checks.)
         pytest.param("ReversibleHeun", False, "blocks", marks=pytest.mark.slow),
         pytest.param("Heun", True, "stored", marks=pytest.mark.slow),
+        pytest.param("ReversibleHeun", False, "states", marks=pytest.mark.slow),
     ],
 )
 def test_same_fixed_step_gradient_as_diffrax(
     solver_name, vmapped, storage, monkeypatch
 ):
     # diffeqx keeps every step's values for the backward pass when they fit its
-    # bound, else recomputes blocks of steps: both give Diffrax's gradient.
+    # bound; else every step's state, recomputing one step at a time, when those
+    # fit; else recomputes blocks of steps: all give Diffrax's gradient.
     from diffeqx._adjoint import checkpoint
     from diffeqx._solve import fixed
 
     if storage == "blocks":
         monkeypatch.setattr(checkpoint, "_STORAGE_BYTES", 0)
-    bounds = []
+    bounds, carried = [], []
     original = fixed._stored_bytes
+
+    def stored_bytes(*args):
+        bounds.append(original(*args))
+        # (For "states", the values are made not to fit.)
+        return float("inf") if storage == "states" else bounds[-1]
+
+    monkeypatch.setattr(fixed, "_stored_bytes", stored_bytes)
+    original_carried = fixed._carried_bytes
     monkeypatch.setattr(
-        fixed, "_stored_bytes", lambda *a: bounds.append(original(*a)) or bounds[-1]
+        fixed,
+        "_carried_bytes",
+        lambda *a: carried.append(original_carried(*a)) or carried[-1],
     )
     with jax.numpy_dtype_promotion("standard"):
         theirs = _gradient(diffrax, solver_name, vmapped)
     ours = _gradient(diffeqx, solver_name, vmapped)
     if storage == "stored":
         assert len(bounds) == 1 and bounds[0] <= checkpoint._STORAGE_BYTES
+        assert not carried
+    elif storage == "states":
+        assert len(carried) == 1 and carried[0] <= checkpoint._STORAGE_BYTES
     else:
         assert not bounds
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
