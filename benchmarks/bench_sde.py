@@ -2,6 +2,7 @@
 a Lévy-area solver, and the gradient of a neural SDE, with Diffrax alongside.
 
     python benchmarks/bench_sde.py [--quick] [--no-diffrax] [--diffrax-batch]
+                                   [--only PART,...]
 
 Problems (float64):
 
@@ -23,6 +24,11 @@ Problems (float64):
   steps on a `VirtualBrownianTree`, loss the mean square of the final state over 32
   paths (`vmap` over keys), `jax.grad` with respect to both MLPs with the default
   adjoint.
+- (e) the same gradient with the times taken from the data, as in Diffrax's neural
+  SDE example: each path's times `ts` (64 of them, 0 to 63) are an input array, the
+  tree is `VirtualBrownianTree(ts[0], ts[-1], tol=0.5, ...)`, the solve runs from
+  `ts[0]` to `ts[-1]` in 63 unit steps and saves at `ts`; loss the mean square of
+  the saved states. The tree's depth is then known only at run time.
 
 Compile (trace + lower + XLA, cold caches) and run (median of repeated calls) are
 timed separately, as in `_timing.py`; ratios are diffeqx over the scan or Diffrax.
@@ -156,11 +162,46 @@ def neural_sde(lib):
     return eqx.filter_grad(fn)
 
 
+TIMES = 64
+
+
+def neural_sde_traced(lib):
+    def fn(models, keys, times):
+        drift, diffusion = models
+
+        def one(key, ts):
+            bm = lib.VirtualBrownianTree(ts[0], ts[-1], 0.5, (4,), key)
+            terms = lib.MultiTerm(
+                lib.ODETerm(lambda t, y, args: drift(y)),
+                lib.ControlTerm(lambda t, y, args: diffusion(y).reshape(4, 4), bm),
+            )
+            sol = lib.diffeqsolve(
+                terms,
+                lib.ReversibleHeun(),
+                ts[0],
+                ts[-1],
+                1.0,
+                jnp.ones(4),
+                saveat=lib.SaveAt(ts=ts),
+                max_steps=TIMES,
+            )
+            return jnp.mean(sol.ys**2)
+
+        return jnp.mean(jax.vmap(one)(keys, times))
+
+    return eqx.filter_grad(fn)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-diffrax", action="store_true")
     parser.add_argument("--diffrax-batch", action="store_true")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated parts of problem names: run only those problems",
+    )
     options = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     libraries = load_libraries(options.no_diffrax)
@@ -211,6 +252,20 @@ def main(argv=None) -> int:
             None,
         )
     )
+    times = jnp.broadcast_to(jnp.linspace(0.0, TIMES - 1.0, TIMES), (32, TIMES))
+    groups.append(
+        (
+            "neural SDE ts",
+            {
+                n: (neural_sde_traced(lib), (models, keys[:32], times))
+                for n, lib in libraries.items()
+            },
+            None,
+        )
+    )
+    if options.only:
+        wanted = options.only.split(",")
+        groups = [g for g in groups if any(w in g[0] for w in wanted)]
 
     rows = []
     for problem, entries, baseline in groups:

@@ -357,6 +357,101 @@ def test_tree_with_traced_bounds_has_the_same_levy_areas():
             np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
 
 
+# Depths 0, 1, 3 and 6 on [-1, 2] (three units; at tol 4.0 one cell).
+_TRACED_CASES = [(4.0, 0), (2.0, 1), (0.4, 3), (0.05, 6)]
+
+
+def _queries(seed, count=12):
+    """Query pairs on [-1, 2]: random, reversed, equal, at the ends, and pairs that
+    share a leaf cell at the finest depth tested."""
+    rng = np.random.default_rng(seed)
+    pairs = [tuple(x) for x in rng.uniform(-1.0, 2.0, size=(count, 2))]
+    pairs += [(-1.0, 2.0), (2.0, -1.0), (0.7, 0.7), (0.31, 0.32), (-1.0, -0.99)]
+    return np.array(pairs)
+
+
+@pytest.mark.parametrize(
+    "levy_area",
+    [dfx.BrownianIncrement, dfx.SpaceTimeLevyArea, dfx.SpaceTimeTimeLevyArea],
+)
+def test_tree_with_traced_bounds_matches_static_trees_at_every_depth(levy_area):
+    # Bounds known only at run time walk exactly the tree's depth (a loop over the
+    # levels), bounds known at trace time an unrolled walk: the same path, to
+    # rounding, for increments, values and Lévy areas.
+    def query(tree, s, t):
+        use_levy = levy_area is not dfx.BrownianIncrement
+        pair = tree.evaluate(s, t, use_levy=use_levy)
+        start = tree.evaluate(t, use_levy=use_levy)
+        return pair, start
+
+    @jax.jit
+    def traced(t0, t1, tol, s, t):
+        tree = dfx.VirtualBrownianTree(t0, t1, tol, (2,), jr.key(3), levy_area)
+        return jax.vmap(functools.partial(query, tree))(s, t)
+
+    pairs = _queries(7)
+    for tol, depth in _TRACED_CASES:
+        static = dfx.VirtualBrownianTree(-1.0, 2.0, tol, (2,), jr.key(3), levy_area)
+        assert static._depth == depth
+        expected = jax.jit(jax.vmap(functools.partial(query, static)))(
+            pairs[:, 0], pairs[:, 1]
+        )
+        ours = traced(-1.0, 2.0, tol, pairs[:, 0], pairs[:, 1])
+        for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(expected), strict=True):
+            # (Within one leaf cell the moments are a difference of the parts
+            # before each time, which loses a few digits: hence the `atol`.)
+            np.testing.assert_allclose(x, y, rtol=1e-11, atol=1e-11, err_msg=str(tol))
+
+
+@pytest.mark.parametrize("levy_area", [dfx.BrownianIncrement, dfx.SpaceTimeLevyArea])
+def test_tree_bounds_batched_under_vmap_with_a_depth_each(levy_area):
+    # `vmap` over trees of different depths (the loop over levels runs to the
+    # deepest and leaves each tree at its own): each is the tree built alone.
+    tols = np.array([tol for tol, _ in _TRACED_CASES])
+    s, t = 0.123, 1.77
+
+    @jax.jit
+    @jax.vmap
+    def batched(tol, key):
+        tree = dfx.VirtualBrownianTree(-1.0, jnp.asarray(2.0), tol, (), key, levy_area)
+        return tree.evaluate(s, t, use_levy=True)
+
+    keys = jr.split(jr.key(11), len(tols))
+    ours = batched(tols, keys)
+    for i, tol in enumerate(tols):
+        alone = dfx.VirtualBrownianTree(-1.0, 2.0, float(tol), (), keys[i], levy_area)
+        expected = alone.evaluate(s, t, use_levy=True)
+        for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(x[i], y, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("levy_area", [dfx.BrownianIncrement, LEVY])
+def test_tree_with_traced_bounds_walks_only_its_depth(levy_area):
+    # The depth of a tree with traced bounds is known only at run time; its walk
+    # loops over the levels it has, rather than over all `_MAX_DEPTH` levels with
+    # those below the depth masked (four times the hashing at depth 7, and the
+    # cost of a query is mostly hashing): no array in the program has an axis of
+    # `_MAX_DEPTH` levels (or those plus the root's and the leaf's samples).
+    from diffeqx._brownian.tree import _MAX_DEPTH
+
+    def query(t0, t1, s, t):
+        tree = dfx.VirtualBrownianTree(t0, t1, 0.5, (3,), jr.key(0), levy_area)
+        return tree.evaluate(s, t, use_levy=levy_area is not dfx.BrownianIncrement)
+
+    jaxpr = jax.make_jaxpr(query)(0.0, 63.0, 1.0, 2.0)
+    sizes = set()
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            for var in eqn.outvars:
+                sizes.update(getattr(var.aval, "shape", ()))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jaxpr.jaxpr)
+    assert not sizes & {_MAX_DEPTH, _MAX_DEPTH + 1, _MAX_DEPTH + 2}, sorted(sizes)
+
+
 def test_tree_pytree_shape_with_mixed_dtypes():
     shape = {
         "a": jax.ShapeDtypeStruct((2, 3), jnp.float32),

@@ -205,35 +205,26 @@ def walk(grid, leaf, lam, noise: Noise, start: Start | None = None) -> Walk:
         eta, slots = [noise.z[c, :, 0] for c in range(m)], noise.z[:, :, 1:]
     else:
         eta, slots = list(start.eta), noise.z
-    level = np.arange(first, grid.levels, dtype=np.int32)
     go_right = grid.right_halves(leaf, first)
-    if isinstance(grid.depth, int):
-        active = np.ones(levels, bool)
-    else:
-        active = level < grid.depth
 
     def down(eta, inputs):
-        xi, right_half, active = inputs
+        xi, right_half = inputs
         left, right = split_midpoint(list(eta), list(xi))
         chosen = pick(per_time(right_half), right, left)
-        return tuple(pick(active, chosen, list(eta))), (
-            jnp.stack(left),
-            jnp.stack(right),
-        )
+        return tuple(chosen), (jnp.stack(left), jnp.stack(right))
 
     xis = jnp.moveaxis(slots[:, :, :levels], 2, 0)  # (levels, m, P, *dims)
     if m == 1 or levels == 0:
         lefts, rights = [], []
         for i in range(levels):
-            act = True if isinstance(grid.depth, int) else active[i]
-            eta, (left, right) = down(eta, (xis[i], go_right[i], act))
+            eta, (left, right) = down(eta, (xis[i], go_right[i]))
             lefts.append(left)
             rights.append(right)
         shape = (0, m) + noise.z.shape[1:2] + noise.z.shape[3:]
         stack = lambda xs: jnp.stack(xs) if xs else jnp.zeros(shape, noise.z.dtype)  # noqa: E731
         lefts, rights = stack(lefts), stack(rights)
     else:
-        eta, (lefts, rights) = lax.scan(down, tuple(eta), (xis, go_right, active))
+        eta, (lefts, rights) = lax.scan(down, tuple(eta), (xis, go_right))
     tips = [slots[c, :, levels] for c in range(m)]
     if noise.extra is not None:
         tips += list(noise.extra)
@@ -264,13 +255,116 @@ def values(grid, path: Walk, leaf, lam, start: Start | None = None):
     value = jnp.zeros_like(first) if start is None else start.value
     rights = grid.right_halves(leaf, top)
     roots = jnp.sqrt(grid.half_widths(top, first.dtype))
-    for i, level in enumerate(range(top, grid.levels)):
+    for i in range(grid.levels - top):
         take = rights[i]
-        if grid.active(level) is not True:
-            take = take & grid.active(level)
         value = value + jnp.where(_expand(take, first), roots[i] * path.left[i][0], 0)
     width = _expand(lam.astype(first.dtype), first) * grid.leaf_width(first.dtype)
     return value + jnp.sqrt(width) * first
+
+
+def _ends_to_depth(grid, leaf, hasher):
+    """The normals of a walk's first and last splits when the depth is known only at
+    run time: the root's sample and the leaf cell's split (lists over moments of
+    `(P, *dims)`), with the leaf's extra normals when there are several moments."""
+    leaf_cell = jnp.left_shift(jnp.uint32(1), grid._shift(grid.depth)) + leaf
+    ends = hasher(jnp.stack([jnp.zeros_like(leaf), leaf_cell], axis=-1))
+    m = ends.shape[0]
+    root, tips = [ends[c, :, 0] for c in range(m)], [ends[c, :, 1] for c in range(m)]
+    if m > 1:
+        tips += list(hasher(leaf_cell, extra=True))
+    return root, tips
+
+
+def _level_to_depth(grid, leaf, lv, hasher, eta):
+    """One level of a walk whose depth is known only at run time: the halves of the
+    cell holding each time at level `lv` (traced), whether each time is in the
+    right half, and the halves' width."""
+    shift = grid._shift(grid.depth - lv)
+    cell = jnp.left_shift(jnp.uint32(1), lv.astype(jnp.uint32)) + jnp.right_shift(
+        leaf, shift
+    )
+    left, right = split_midpoint(list(eta), list(hasher(cell)))
+    go_right = jnp.right_shift(leaf, shift - 1) & 1 == 1
+    half = grid.span * jnp.ldexp(jnp.ones_like(grid.span), -(lv + 1))
+    return left, right, go_right, half
+
+
+def _per_time(x, like):
+    return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
+
+
+def values_to_depth(grid, leaf, lam, hasher):
+    """`values` of a walk from the root when the depth is known only at run time:
+    a loop over the tree's actual levels (hashing each level's cells in turn), in
+    place of all `grid.levels` levels masked beyond the depth (`_MAX_DEPTH` of
+    them: about four times the work at a depth of 7). `W` alone (one moment).
+
+    Each level does the arithmetic of `walk` and `values` at that level (the same
+    split, the same sum from the root down), so the path is the one a tree of
+    static depth gives, to rounding."""
+    (root,), (tip,) = _ends_to_depth(grid, leaf, hasher)
+
+    def level(lv, carry):
+        eta, value = carry
+        (left,), (right,), go_right, half = _level_to_depth(
+            grid, leaf, lv, hasher, [eta]
+        )
+        go_right = _per_time(go_right, eta)
+        value = value + jnp.where(go_right, jnp.sqrt(half.astype(eta.dtype)) * left, 0)
+        return jnp.where(go_right, right, left), value
+
+    eta, value = lax.fori_loop(0, grid.depth, level, (root, jnp.zeros_like(root)))
+    lam = _per_time(lam.astype(eta.dtype), eta)
+    (before,), _ = split_at(lam, [eta], [tip])
+    return value + jnp.sqrt(lam * grid.leaf_width(eta.dtype)) * before
+
+
+def moments_to_depth(grid, leaf, lam, hasher, pair: bool) -> list:
+    """`moments_between` (`pair`) or `moments_from_start` when the depth is known
+    only at run time: one loop over the tree's actual levels that walks down and
+    gathers, on the way, the cells beside the walk that the interval covers (top
+    down, where `_part` gathers them bottom up: the concatenation is associative,
+    so the moments are the same, to rounding)."""
+    root, tips = _ends_to_depth(grid, leaf, hasher)
+    dtype = root[0].dtype
+    below = common_level(grid, leaf) if pair else jnp.int32(-1)
+    zero_w = jnp.zeros((), dtype)
+    empty = tuple(jnp.zeros_like(x[-1]) for x in root)
+
+    def level(lv, carry):
+        eta, (w_b, back), (w_f, front) = carry
+        left, right, go_right, half = _level_to_depth(grid, leaf, lv, hasher, eta)
+        g = half.astype(dtype)
+        inside = lv > below
+        # The later time's part of its cell before it: the left halves it passes
+        # on the right, from the top down.
+        take = go_right[-1] & inside
+        joined = concat(w_f, front, g, _scaled(g, [x[-1] for x in left]))
+        front = tuple(pick(take, list(joined), list(front)))
+        w_f = jnp.where(take, w_f + g, w_f)
+        if pair:  # the earlier time's part after it: the right halves it passes.
+            take = ~go_right[0] & inside
+            joined = concat(g, _scaled(g, [x[0] for x in right]), w_b, back)
+            back = tuple(pick(take, list(joined), list(back)))
+            w_b = jnp.where(take, w_b + g, w_b)
+        eta = pick(_per_time(go_right, eta[0]), right, left)
+        return eta, (w_b, back), (w_f, front)
+
+    carry = (root, (zero_w, empty), (zero_w, empty))
+    eta, (w_b, back), (w_f, front) = lax.fori_loop(0, grid.depth, level, carry)
+    before, after = split_at(_per_time(lam.astype(dtype), eta[0]), eta, tips)
+    leaf_w = grid.leaf_width(dtype)
+    lam_last = lam[-1].astype(dtype)
+    w_p = lam_last * leaf_w
+    w_f, front = (
+        w_f + w_p,
+        concat(w_f, front, w_p, _scaled(w_p, [x[-1] for x in before])),
+    )
+    if not pair:
+        return list(unscale(w_f, front))
+    w_s = (1 - lam[0].astype(dtype)) * leaf_w
+    w_b, back = w_s + w_b, concat(w_s, _scaled(w_s, [x[0] for x in after]), w_b, back)
+    return _between(grid, leaf, lam, below, (w_b, back), (w_f, front), before)
 
 
 def _part(grid, path: Walk, leaf, lam, i: int, below, forwards: bool):
@@ -296,8 +390,6 @@ def _part(grid, path: Walk, leaf, lam, i: int, below, forwards: bool):
         level, g, sibling = level_inputs
         right = grid.right_half(leaf_i, level)
         take = (right if forwards else ~right) & (level > below)
-        if not isinstance(grid.depth, int):
-            take = take & (level < grid.depth)
         sibling = _scaled(g, list(sibling))
         if forwards:
             joined = concat(g, sibling, width, moments)
@@ -323,13 +415,23 @@ def moments_between(grid, path: Walk, leaf, lam) -> list:
     # Below the deepest cell holding both times, the part of the earlier time's cell
     # after it and the part of the later time's cell before it are adjacent.
     common = common_level(grid, leaf)
-    w_s, after = _part(grid, path, leaf, lam, 0, common, forwards=False)
-    w_p, before = _part(grid, path, leaf, lam, 1, common, forwards=True)
+    after = _part(grid, path, leaf, lam, 0, common, forwards=False)
+    before = _part(grid, path, leaf, lam, 1, common, forwards=True)
+    return _between(grid, leaf, lam, common, after, before, path.before)
+
+
+def _between(grid, leaf, lam, common, after, before, leaf_parts) -> list:
+    """The moments between two times from `(width, scaled moments)` of the part of
+    the earlier time's cell after it (`after`) and of the later time's cell before
+    it (`before`), below the deepest cell holding both (`common`); when both are
+    in one leaf cell, from the standardised moments of the parts of that cell
+    before each (`leaf_parts`)."""
+    (w_s, after), (w_p, before) = after, before
     across = concat(w_s, after, w_p, before)
     # In one leaf cell: the part between them, from the parts before each.
     dtype = w_s.dtype
     w_lo, w_hi = (lam[i].astype(dtype) * grid.leaf_width(dtype) for i in (0, 1))
-    parts = [_scaled(w, [x[i] for x in path.before]) for i, w in ((0, w_lo), (1, w_hi))]
+    parts = [_scaled(w, [x[i] for x in leaf_parts]) for i, w in ((0, w_lo), (1, w_hi))]
     inside = remainder(w_lo, parts[0], w_hi - w_lo, parts[1])
     same_leaf = common >= grid.depth
     width = jnp.where(same_leaf, w_hi - w_lo, w_s + w_p)

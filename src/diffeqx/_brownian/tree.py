@@ -49,6 +49,15 @@ increment `W(t) - W(s)` is the difference of the two values. Lévy areas over
 cell before `t` below the deepest cell holding both, so they are never a difference
 of quantities over longer intervals, except inside a single leaf cell.
 
+**Bounds known only at run time.** When `t0`, `t1` or `tol` are traced (a tree
+built inside `jax.jit` from data, as in a neural SDE whose times are its data's),
+the depth is too. A walk then loops over the levels at run time (`lax.fori_loop`),
+hashing each level's cells in turn and gathering, on the way down, what the query
+needs: the same splits and sums, so the same path, to rounding. Under `jax.vmap`
+over trees of different depths the loop runs to the deepest, each tree keeping its
+own. (Unrolling all `_MAX_DEPTH` levels with those below the depth masked, as an
+earlier version did, hashed four times the cells at a depth of 7.)
+
 **Fixed steps.** A fixed-step solve asks for `W` over every step in turn, and a walk
 from the root per step would hash each upper cell again for every step below it.
 Instead (`_tabulator`, see `_solve/tabulate.py`) the solve builds, once, a table of
@@ -121,17 +130,20 @@ def _dynamic_depth(span, tol):
 
 
 class _Grid(eqx.Module):
-    """The tree's cells: `depth` bisections of `[start, start + span]`, walked over
-    `levels` static steps (`levels == depth` when the depth is known at trace
-    time; otherwise `depth` is traced and the levels below it are skipped)."""
+    """The tree's cells: `depth` bisections of `[start, start + span]`. The depth is
+    an `int` when the bounds and `tol` are known at trace time (walks are then
+    unrolled over its `levels`); otherwise it is traced, and walks loop over the
+    levels at run time (`bridge.values_to_depth`, `bridge.moments_to_depth`)."""
 
     start: jax.Array
     span: jax.Array
     depth: int | jax.Array
-    levels: int = eqx.field(static=True)
 
-    def active(self, level: int):
-        return True if isinstance(self.depth, int) else level < self.depth
+    @property
+    def levels(self) -> int:
+        """The number of levels, for walks unrolled at trace time."""
+        assert isinstance(self.depth, int), "a traced depth has no static levels"
+        return self.depth
 
     def _shift(self, amount):
         if isinstance(self.depth, int):
@@ -161,14 +173,8 @@ class _Grid(eqx.Module):
         cell, then the leaf cell. (Elementwise in the slot index, so that XLA fuses
         it into the hash that reads it.)"""
         slot = np.arange(self.levels + 2, dtype=np.int32)
-        if isinstance(self.depth, int):
-            level = np.minimum(np.maximum(slot - 1, 0), self.depth).astype(np.uint32)
-            shift = (np.uint32(self.depth) - level).astype(np.uint32)
-        else:
-            level = jnp.where(slot == self.levels + 1, self.depth, slot - 1)
-            level = jnp.clip(level, 0, self.depth)
-            shift = (self.depth - level).astype(jnp.uint32)
-            level = level.astype(jnp.uint32)
+        level = np.minimum(np.maximum(slot - 1, 0), self.depth).astype(np.uint32)
+        shift = (np.uint32(self.depth) - level).astype(np.uint32)
         # Explicit ranks throughout (`(times, 1)` against `(1, slots)`): a user may
         # run with `jax_numpy_rank_promotion="raise"`, as Diffrax's tests do.
         cell = jnp.left_shift(jnp.uint32(1), level)[None, :] + jnp.right_shift(
@@ -182,10 +188,7 @@ class _Grid(eqx.Module):
         shift for all the levels (a few operations in the program rather than a few
         per level)."""
         level = np.arange(first, self.levels, dtype=np.int32)
-        if isinstance(self.depth, int):
-            shift = np.clip(self.depth - 1 - level, 0, _MAX_DEPTH).astype(np.uint32)
-        else:
-            shift = jnp.clip(self.depth - 1 - level, 0, _MAX_DEPTH).astype(jnp.uint32)
+        shift = np.clip(self.depth - 1 - level, 0, _MAX_DEPTH).astype(np.uint32)
         shift = shift.reshape(shift.shape + (1,) * jnp.ndim(leaf))
         return jnp.right_shift(leaf[None], shift) & 1 == 1
 
@@ -217,6 +220,8 @@ def _values(grid, leaf, lam, hasher, table):
     start = noise = None
     if table is not None:
         start, noise = table.start(grid, leaf), table.noise(leaf)
+    elif not isinstance(grid.depth, int):
+        return bridge.values_to_depth(grid, leaf, lam, hasher)
     if noise is None:
         noise = bridge.noise_separate(grid, leaf, hasher, start)
     path = bridge.walk(grid, leaf, lam, noise, start)
@@ -404,6 +409,9 @@ class VirtualBrownianTree(AbstractBrownianPath):
             zip(shape_leaves, self._hashers(words), strict=True)
         ):
             dts.append((hi - lo).astype(leaf_shape.dtype))
+            if use_levy and m > 1 and not isinstance(grid.depth, int):
+                per_leaf.append(bridge.moments_to_depth(grid, leaf, lam, hasher, pair))
+                continue
             if use_levy and m > 1:
                 noise = bridge.noise_separate(grid, leaf, hasher)
                 path = bridge.walk(grid, leaf, lam, noise)
@@ -461,7 +469,7 @@ class VirtualBrownianTree(AbstractBrownianPath):
         )
         span = end - start
         if self._depth is not None:
-            return _Grid(start, span, self._depth, self._depth), dtype
+            return _Grid(start, span, self._depth), dtype
         depth = _dynamic_depth(span, tol)
         depth = eqx.error_if(
             depth,
@@ -469,7 +477,7 @@ class VirtualBrownianTree(AbstractBrownianPath):
             "VirtualBrownianTree needs t0 < t1 and 0 < tol, with tol no finer than "
             f"(t1 - t0) / 2^{_MAX_DEPTH}.",
         )
-        return _Grid(start, span, depth, _MAX_DEPTH), dtype
+        return _Grid(start, span, depth), dtype
 
     def _check_range(self, t0, t1=None, left=True, use_levy=False):
         """Raises for a concrete query time outside `[self.t0, self.t1]`."""
