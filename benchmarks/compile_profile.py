@@ -207,12 +207,18 @@ def _sde_models():
 
 
 def _sde_row(kind):
-    """bench_sde.py's adaptive solve and neural-SDE gradient."""
+    """bench_sde.py's adaptive solve and neural-SDE gradients."""
 
     def build(lib):
         if kind == "adaptive":
             return bench_sde.adaptive(lib), (jax.random.key(0),)
         keys = jax.random.split(jax.random.key(1), 32)
+        if kind == "neural_ts":
+            times = jnp.broadcast_to(
+                jnp.linspace(0.0, bench_sde.TIMES - 1.0, bench_sde.TIMES),
+                (32, bench_sde.TIMES),
+            )
+            return bench_sde.neural_sde_traced(lib), (_sde_models(), keys, times)
         return bench_sde.neural_sde(lib), (_sde_models(), keys)
 
     return build
@@ -245,6 +251,7 @@ def rows(batch_size: int) -> list[Row]:
     out += [
         Row("sde_adaptive", "sde: adaptive SPaRK x64", _sde_row("adaptive")),
         Row("sde_neural_grad", "sde: neural SDE grad x32", _sde_row("neural")),
+        Row("sde_neural_ts", "sde: neural SDE ts grad x32", _sde_row("neural_ts")),
     ]
     return out
 
