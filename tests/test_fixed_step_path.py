@@ -2,6 +2,8 @@
 exactly what the general while loop gives: same steps, same end at t1, same result
 code and counts when a solve fails."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +24,12 @@ def _blow_up(t, y, args):
 
 
 def _uses_scan(fn, *args):
+    """Whether the solve's loop is the scan (which may hold a loop saving requested
+    times in each step: a `while` printed inside the scan's body, after it)."""
     text = str(jax.make_jaxpr(fn)(*args))
-    return "scan[" in text and "while[" not in text
+    if "scan[" not in text:
+        return False
+    return "while[" not in text or text.index("scan[") < text.index("while[")
 
 
 def _both_paths(solve_from_times, t0, t1, dt0):
@@ -46,6 +52,15 @@ def _both_paths(solve_from_times, t0, t1, dt0):
 def _assert_identical(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _assert_same_saves(a, b):
+    """`(ts, ys, stats, result)` of two batched solves: the same times, counts and
+    result codes; the values to rounding (XLA may fuse the batched arithmetic of
+    the two programs differently)."""
+    _assert_identical((a[0], a[2], a[3]), (b[0], b[2], b[3]))
+    for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-14, atol=0)
 
 
 _SAVEATS = {
@@ -329,3 +344,264 @@ def test_fixed_step_path_gradients_match_while_loop(storage, monkeypatch):
     assert len(stored_bytes) == 2
     assert 0 < stored_bytes[0] <= DEFAULT_STORAGE_BYTES
     assert 1.8 <= stored_bytes[1] / stored_bytes[0] <= 2.2
+
+
+# ---- requested times (`SaveAt(ts=...)`) on the fixed-step path ----------------------
+#
+# Constant steps with requested times known at trace time run as the scan too: each
+# step writes the next few requested times (as many as any step can cover, counted
+# at trace time), at one index for all members under `jax.vmap`. Against the while
+# loop: the same times, values, counts and result codes, to the bit.
+
+_STEPS = np.arange(35) * 0.03  # the step ends of 0.03 from 0 (the last one is 1)
+
+
+def _requested(name, backwards):
+    ts = {
+        "step ends": np.minimum(_STEPS, 1.0),
+        "between ends": np.sort(np.random.default_rng(0).uniform(0.0, 1.0, 9)),
+        "three per step": np.linspace(0.0, 1.0, 100),
+        "t0 and t1 only": np.array([0.0, 1.0]),
+    }[name]
+    return 1.0 - ts if backwards else ts
+
+
+_TS_CASES = [
+    ("step ends", False, np.float64, dfx.Tsit5()),
+    ("between ends", False, np.float64, dfx.Tsit5()),
+    ("three per step", False, np.float64, dfx.Euler()),
+    ("t0 and t1 only", False, np.float64, dfx.Tsit5()),
+    ("between ends", True, np.float32, dfx.Tsit5()),
+    ("step ends", True, np.float64, dfx.Euler()),
+]
+
+
+@pytest.mark.parametrize(
+    "name, backwards, dtype, solver",
+    _TS_CASES,
+    ids=[f"{c[0]}-{'backwards' if c[1] else 'forwards'}" for c in _TS_CASES],
+)
+def test_requested_times_on_the_fixed_step_path_match_while_loop(
+    name, backwards, dtype, solver
+):
+    y0 = {"x": jnp.ones(3, dtype), "v": jnp.zeros(3, dtype)}
+    t0, t1, dt0 = (1.0, 0.0, -0.03) if backwards else (0.0, 1.0, 0.03)
+    ts = _requested(name, backwards).astype(dtype)
+    saveat = dfx.SaveAt(
+        subs=[
+            dfx.SubSaveAt(ts=ts),
+            dfx.SubSaveAt(t0=True, t1=True, ts=ts[1::2], fn=lambda t, y, a: y["x"] * t),
+        ]
+    )
+
+    def solve(t0, t1, dt0):
+        if dtype == np.float32:
+            t0, t1, dt0 = (
+                x.astype(dtype) if isinstance(x, jax.Array) else dtype(x)
+                for x in (t0, t1, dt0)
+            )
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_field),
+            solver,
+            t0,
+            t1,
+            dt0,
+            y0,
+            args=jnp.asarray(0.7, dtype),
+            saveat=saveat,
+        )
+        return sol.ts, sol.ys, sol.stats, sol.result
+
+    fast, general = _both_paths(solve, t0, t1, dt0)
+    _assert_identical(fast, general)
+    np.testing.assert_array_equal(fast[0][0], ts)
+    assert int(fast[2]["num_steps"]) == 34
+
+
+def _vmapped_blow_ups(t0, t1, dt0):
+    # Members failing part-way at different steps, at their first step, or never:
+    # each keeps the saves of the steps it kept, and no others.
+    def single(y0):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_blow_up),
+            dfx.Euler(),
+            t0,
+            t1,
+            dt0,
+            y0,
+            saveat=dfx.SaveAt(ts=np.linspace(0.0, 1.0, 21), t1=True),
+            throw=False,
+        )
+        return sol.ts, sol.ys, sol.stats, sol.result
+
+    return jax.vmap(single)(jnp.asarray([0.0, 0.5, 2.0, -5.0]))
+
+
+def test_requested_times_on_the_fixed_step_path_under_vmap_with_failures():
+    fast, general = _both_paths(_vmapped_blow_ups, 0.0, 1.0, 0.01)
+    _assert_same_saves(fast, general)
+    steps = [int(n) for n in fast[2]["num_steps"]]
+    assert steps[1] < steps[0] < 100 and steps[2] == 1 and steps[3] == 100
+    # The members stopped early saved fewer times: the rest of the slots unfilled.
+    saved = np.isfinite(np.asarray(fast[0])).sum(axis=1)
+    assert saved[3] == 22 and saved[2] == 1 and saved[1] < saved[0] < 22
+
+
+def test_requested_times_under_vmap_are_written_without_a_scatter():
+    # Under `jax.vmap` the members share where the loop is, and so the index of the
+    # next requested time: each write is a dynamic update of all the members at
+    # once, where an index per member would make it a scatter.
+    def solve(y0):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y),
+            dfx.Heun(),
+            0.0,
+            1.0,
+            0.01,
+            y0,
+            saveat=dfx.SaveAt(ts=np.linspace(0.0, 1.0, 11)),
+        ).ys
+
+    batched = jax.vmap(solve)
+    assert _uses_scan(batched, jnp.ones((8, 2)))
+    # In the compiled program (a dynamic update under `jax.vmap` is a scatter to
+    # JAX, which XLA makes a dynamic update again when its index is one for all
+    # members). Scatters into small arrays, e.g. a solver's stages, are not saves.
+    hlo = jax.jit(batched).lower(jnp.ones((8, 2))).compile().as_text()
+    scatters = re.findall(r"(\w+\[[\d,]*\])\S* (?:\w+-)?scatter\(", hlo)
+    scatters += re.findall(
+        r"(\w+\[[\d,]*\])\S* fusion\([^\n]*calls=%wrapped_scatter", hlo
+    )
+    assert not [s for s in scatters if re.match(r"\w+\[8,1\d", s)], scatters
+    np.testing.assert_allclose(
+        batched(jnp.ones((8, 2)))[0, :, 0], np.exp(-np.linspace(0, 1, 11)), rtol=1e-4
+    )
+
+
+def test_requested_times_traced_or_dense_are_saved_by_a_loop_in_each_step():
+    # Times only known at run time, or more in a step than the scan writes at
+    # once: a loop in each step saves them, as many as the step covers. Not under
+    # reverse mode (the loop is not reverse-differentiable): the while loop.
+    def solve(ts, y0=jnp.ones(())):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y),
+            dfx.Euler(),
+            0.0,
+            1.0,
+            0.1,
+            y0,
+            saveat=dfx.SaveAt(ts=ts),
+        ).ys
+
+    sparse, dense = np.linspace(0.0, 1.0, 11), np.linspace(0.0, 1.0, 101)
+    assert fixed._MAX_WRITES < 10
+    # Known (NumPy arrays, constants to the trace) or traced.
+    assert _uses_scan(lambda: solve(sparse))
+    assert _uses_scan(lambda: solve(dense))
+    assert _uses_scan(solve, sparse)
+    # Known and sparse: one block of writes per step, no loop; else a loop.
+    assert "while[" not in str(jax.make_jaxpr(lambda: solve(sparse))())
+    assert "while[" in str(jax.make_jaxpr(lambda: solve(dense))())
+
+    def loss(y0, ts):
+        return jnp.sum(solve(ts, y0))
+
+    assert not _uses_scan(jax.grad(loss), 1.0, jnp.asarray(sparse))
+    # Euler on y' = -y with steps of 0.1: y(t) = 0.9^(t / 0.1) at the steps' ends.
+    expected = 0.9 ** np.arange(11)
+    np.testing.assert_allclose(jax.jit(solve)(jnp.asarray(sparse)), expected, 1e-12)
+    np.testing.assert_allclose(solve(dense)[::10], expected, rtol=1e-12)
+    np.testing.assert_allclose(
+        jax.grad(loss)(1.0, jnp.asarray(sparse)), expected.sum(), rtol=1e-12
+    )
+
+
+def _loop_and_general(solve, *args):
+    """`solve(*args)` with a loop in each step saving the requested times, and
+    through the while loop (`requested_writes` made to decline)."""
+    assert _uses_scan(solve, *args)
+    fast = jax.jit(solve)(*args)
+    original = fixed.requested_writes
+    try:
+        fixed.requested_writes = lambda *a, **k: None
+        from diffeqx._solve import diffeqsolve as module
+
+        module.requested_writes = fixed.requested_writes
+        jax.clear_caches()
+        assert not _uses_scan(solve, *args)
+        general = jax.jit(solve)(*args)
+    finally:
+        fixed.requested_writes = original
+        module.requested_writes = original
+        jax.clear_caches()
+    return fast, general
+
+
+def test_requested_times_saved_by_a_loop_match_the_while_loop():
+    ts = jnp.linspace(0.0, 1.0, 21)
+
+    def solve(ts, y0s):
+        def single(y0):
+            sol = dfx.diffeqsolve(
+                dfx.ODETerm(_blow_up),
+                dfx.Euler(),
+                0.0,
+                1.0,
+                0.01,
+                y0,
+                saveat=dfx.SaveAt(
+                    subs=[
+                        dfx.SubSaveAt(ts=ts, t1=True),
+                        dfx.SubSaveAt(t0=True, ts=ts[::3]),
+                    ]
+                ),
+                throw=False,
+            )
+            return sol.ts, sol.ys, sol.stats, sol.result
+
+        return jax.vmap(single)(y0s)
+
+    fast, general = _loop_and_general(solve, ts, jnp.asarray([0.0, 0.5, 2.0, -5.0]))
+    _assert_identical((fast[0], fast[2], fast[3]), (general[0], general[2], general[3]))
+    for x, y in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(general[1]), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-14, atol=0)
+    saved = np.isfinite(np.asarray(fast[0][0])).sum(axis=1)
+    assert saved[3] == 22 and saved[2] == 1 and saved[1] < saved[0] < 22
+
+
+@pytest.mark.parametrize("storage", ["stored", "blocks"])
+def test_requested_times_on_the_fixed_step_path_have_the_while_loops_gradients(
+    storage, monkeypatch
+):
+    if storage == "blocks":
+        monkeypatch.setattr(checkpoint_module, "_STORAGE_BYTES", 1)
+    ts = np.linspace(0.0, 1.0, 7)
+
+    def loss(args, t0, t1, dt0):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_field),
+            dfx.Tsit5(),
+            t0,
+            t1,
+            dt0,
+            {"x": jnp.ones(3), "v": jnp.zeros(3)},
+            args=args,
+            saveat=dfx.SaveAt(ts=ts, t1=True),
+        )
+        return jnp.sum(jnp.sin(sol.ys["x"])) + jnp.sum(sol.ys["v"] ** 2)
+
+    times = (jnp.asarray(0.0), jnp.asarray(1.0), jnp.asarray(0.01))
+    general = jax.jit(jax.grad(loss))
+    assert _uses_scan(lambda: jax.grad(loss)(0.7, np.asarray(0.0), 1.0, 0.01))
+    fast = jax.jit(jax.grad(loss), static_argnums=(1, 2, 3))(0.7, 0.0, 1.0, 0.01)
+    np.testing.assert_allclose(fast, general(0.7, *times), rtol=1e-12)
+    batched = jax.jit(
+        jax.vmap(jax.grad(loss), in_axes=(0, None, None, None)),
+        static_argnums=(1, 2, 3),
+    )(jnp.array([0.5, 0.7]), 0.0, 1.0, 0.01)
+    np.testing.assert_allclose(
+        batched, [general(a, *times) for a in (0.5, 0.7)], rtol=1e-12
+    )
+    h = 1e-6
+    fd = (loss(0.7 + h, *times) - loss(0.7 - h, *times)) / (2 * h)
+    np.testing.assert_allclose(fast, fd, rtol=1e-6)

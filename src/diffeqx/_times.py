@@ -23,7 +23,10 @@ def as_times(ts, argument: str):
                 f"{argument} must be a 1-D array of times, got a ragged or "
                 f"non-numeric sequence {ts!r}."
             ) from e
-    ts = jnp.asarray(ts)
+    # A NumPy array stays one: under `jax.jit` it is then still known when the
+    # solve is traced (as a JAX array it would be a tracer), which lets a
+    # constant-step solve plan its saves (see `_solve/fixed.py`).
+    ts = ts if isinstance(ts, np.ndarray) else jnp.asarray(ts)
     if ts.ndim != 1:
         raise ValueError(
             f"{argument} must be a 1-D array of times, but got shape {ts.shape}."

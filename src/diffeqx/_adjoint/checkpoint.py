@@ -229,7 +229,9 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
         # one state for the backward pass and recomputing its steps. Blocks only
         # matter to reverse mode: without it, a plain scan (no block boundaries,
         # each of which costs a few kernel launches).
-        if "reverse" not in differentiation_levels():
+        # (Strict, as the choice of the while loop: under a transformation it
+        # cannot identify, the solve says so rather than guess.)
+        if "reverse" not in differentiation_levels(strict=True):
             return 0
         if self.checkpoints is None:
             return _block_size(num_steps, math.isqrt(num_steps))

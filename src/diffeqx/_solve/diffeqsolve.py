@@ -32,7 +32,7 @@ from .._solver.sde import resolve_deprecated_tuple_terms
 from .._transforms import batch_is_empty, batched_leaf, is_staged
 from . import checks, kernel
 from .event import locate_event
-from .fixed import fixed_step_plan, run_fixed_steps
+from .fixed import fixed_step_plan, requested_writes, run_fixed_steps
 from .loop import run_loop, tree_where
 from .save import after_loop_while_loop, save_in_step
 from .setup import initial_state, promote_inputs
@@ -178,10 +178,12 @@ def _zeros_like_shape(x):
 
 
 def _solve(
-    problem: dict, subs: list, adjoint, throw: bool, given_times=None
+    problem: dict, subs: list, adjoint, throw: bool, given_times=None, writes=None
 ) -> Solution:
     """`diffeqsolve` once its arguments are checked. `given_times`: what is known
-    at trace time about `t0`, `t1`, `dt0` (by default the arguments themselves)."""
+    at trace time about `t0`, `t1`, `dt0` (by default the arguments themselves);
+    `writes`: for constant steps, `fixed.requested_writes` of the requested times
+    as they were given, when they are no longer known here."""
     terms, solver, t0, t1, dt0, y0, args = (
         problem[k] for k in ("terms", "solver", "t0", "t1", "dt0", "y0", "args")
     )
@@ -225,6 +227,7 @@ def _solve(
             # fixed-length scan does not carry), take the general loop.
             controller_state is not None
             or (made_jump is not None and made_jump is not False),
+            writes,
         )
     statics = dict(
         subs=subs,
@@ -470,11 +473,18 @@ def _eager_call(problem: dict, adjoint, throw, staged=False):
     the key and given to `_solve` as they are (as if it were traced inline)."""
     given = tuple(problem[name] for name in _TIMES)
     untimed = dict(problem, t0=None, t1=None, dt0=None)
+    # For constant steps known here: how many requested times a step may save
+    # (read from their values, which the call traces).
+    writes = None
+    if type(problem["stepsize_controller"]) is ConstantStepSize and all(
+        _known(x) for x in given
+    ):
+        writes = requested_writes(_subsaveats(problem["saveat"]), *given)
     if staged:
         key = tuple(
             None if x is None or isinstance(x, jax.core.Tracer) else _StaticTime(x)
             for x in given
-        )
+        ) + (writes,)
         traced = tuple(x if isinstance(x, jax.core.Tracer) else None for x in given)
         return call_compiled(
             _solve_eagerly, (key, untimed, adjoint, throw, True), traced, staged=True
@@ -484,7 +494,7 @@ def _eager_call(problem: dict, adjoint, throw, staged=False):
         key = tuple(
             _ConstantStepTime(x) if _known(x) else (None if x is None else _UNKNOWN)
             for x in given
-        )
+        ) + (writes,)
     else:
         # Only whether `t0 <= t1` is known, and whether they are Python numbers.
         t0, t1, _ = given
@@ -493,9 +503,9 @@ def _eager_call(problem: dict, adjoint, throw, staged=False):
             key = tuple(
                 _KnownTime(v if isinstance(x, (int, float)) else np.asarray(v))
                 for v, x in zip(order, (t0, t1), strict=True)
-            ) + (None,)
+            ) + (None, None)
         else:
-            key = (_UNKNOWN, _UNKNOWN, None)
+            key = (_UNKNOWN, _UNKNOWN, None, None)
     return call_compiled(_solve_eagerly, (key, untimed, adjoint, throw, False), given)
 
 
@@ -505,6 +515,7 @@ _tracing = threading.local()
 def _solve_eagerly(given_key, problem: dict, adjoint, throw, nested, t0, t1, dt0):
     """`_solve` of an eager call (or, `nested`, of a nested trace), as traced by
     `call_compiled`. The arguments were checked before."""
+    given_key, writes = given_key[:3], given_key[3]
     if nested:
         # A nested trace: the times as they were given, or their tracers.
         t0, t1, dt0 = (
@@ -526,7 +537,7 @@ def _solve_eagerly(given_key, problem: dict, adjoint, throw, nested, t0, t1, dt0
     subs = _subsaveats(problem["saveat"])
     inside, _tracing.inside = getattr(_tracing, "inside", False), True
     try:
-        return _solve(problem, subs, adjoint, throw, given_times)
+        return _solve(problem, subs, adjoint, throw, given_times, writes)
     finally:
         _tracing.inside = inside
 
