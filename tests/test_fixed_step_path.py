@@ -384,7 +384,9 @@ _TS_CASES = [
 def test_requested_times_on_the_fixed_step_path_match_while_loop(
     name, backwards, dtype, solver
 ):
-    y0 = {"x": jnp.ones(3, dtype), "v": jnp.zeros(3, dtype)}
+    # Under `jax.vmap` (a single solve without reverse mode saves as fast in the
+    # while loop, and takes it: see the test after this one).
+    y0 = {"x": jnp.ones((2, 3), dtype), "v": jnp.zeros((2, 3), dtype)}
     t0, t1, dt0 = (1.0, 0.0, -0.03) if backwards else (0.0, 1.0, 0.03)
     ts = _requested(name, backwards).astype(dtype)
     saveat = dfx.SaveAt(
@@ -400,22 +402,45 @@ def test_requested_times_on_the_fixed_step_path_match_while_loop(
                 x.astype(dtype) if isinstance(x, jax.Array) else dtype(x)
                 for x in (t0, t1, dt0)
             )
-        sol = dfx.diffeqsolve(
-            dfx.ODETerm(_field),
-            solver,
-            t0,
-            t1,
-            dt0,
-            y0,
-            args=jnp.asarray(0.7, dtype),
-            saveat=saveat,
-        )
-        return sol.ts, sol.ys, sol.stats, sol.result
+
+        def single(y0):
+            sol = dfx.diffeqsolve(
+                dfx.ODETerm(_field),
+                solver,
+                t0,
+                t1,
+                dt0,
+                y0,
+                args=jnp.asarray(0.7, dtype),
+                saveat=saveat,
+            )
+            return sol.ts, sol.ys, sol.stats, sol.result
+
+        return jax.vmap(single)(y0)
 
     fast, general = _both_paths(solve, t0, t1, dt0)
-    _assert_identical(fast, general)
-    np.testing.assert_array_equal(fast[0][0], ts)
-    assert int(fast[2]["num_steps"]) == 34
+    _assert_same_saves(fast, general)
+    np.testing.assert_array_equal(fast[0][0][0], ts)
+    assert fast[2]["num_steps"].tolist() == [34, 34]
+
+
+def test_a_single_solve_saving_requested_times_takes_the_while_loop_without_grad():
+    # Without `jax.vmap` or reverse mode the while loop saves as fast (it skips
+    # its inner loop in the steps that save nothing); with reverse mode, the scan.
+    def solve(y0):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y),
+            dfx.Euler(),
+            0.0,
+            1.0,
+            0.1,
+            y0,
+            saveat=dfx.SaveAt(ts=np.linspace(0.0, 1.0, 11)),
+        ).ys
+
+    assert not _uses_scan(solve, 1.0)
+    assert _uses_scan(jax.vmap(solve), jnp.ones(2))
+    assert _uses_scan(jax.grad(lambda y0: jnp.sum(solve(y0))), 1.0)
 
 
 def _vmapped_blow_ups(t0, t1, dt0):
@@ -482,7 +507,7 @@ def test_requested_times_traced_or_dense_are_saved_by_a_loop_in_each_step():
     # Times only known at run time, or more in a step than the scan writes at
     # once: a loop in each step saves them, as many as the step covers. Not under
     # reverse mode (the loop is not reverse-differentiable): the while loop.
-    def solve(ts, y0=jnp.ones(())):
+    def single(ts, y0):
         return dfx.diffeqsolve(
             dfx.ODETerm(lambda t, y, args: -y),
             dfx.Euler(),
@@ -492,6 +517,9 @@ def test_requested_times_traced_or_dense_are_saved_by_a_loop_in_each_step():
             y0,
             saveat=dfx.SaveAt(ts=ts),
         ).ys
+
+    def solve(ts, y0=jnp.ones(2)):
+        return jax.vmap(single, in_axes=(None, 0))(ts, y0)[0]
 
     sparse, dense = np.linspace(0.0, 1.0, 11), np.linspace(0.0, 1.0, 101)
     assert fixed._MAX_WRITES < 10
@@ -504,7 +532,7 @@ def test_requested_times_traced_or_dense_are_saved_by_a_loop_in_each_step():
     assert "while[" in str(jax.make_jaxpr(lambda: solve(dense))())
 
     def loss(y0, ts):
-        return jnp.sum(solve(ts, y0))
+        return jnp.sum(single(ts, y0))
 
     assert not _uses_scan(jax.grad(loss), 1.0, jnp.asarray(sparse))
     # Euler on y' = -y with steps of 0.1: y(t) = 0.9^(t / 0.1) at the steps' ends.
