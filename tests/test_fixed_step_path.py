@@ -506,7 +506,8 @@ def test_requested_times_under_vmap_are_written_without_a_scatter():
 def test_requested_times_traced_or_dense_are_saved_by_a_loop_in_each_step():
     # Times only known at run time, or more in a step than the scan writes at
     # once: a loop in each step saves them, as many as the step covers. Not under
-    # reverse mode (the loop is not reverse-differentiable): the while loop.
+    # reverse mode (the loop is not reverse-differentiable): see the gradient
+    # tests below.
     def single(ts, y0):
         return dfx.diffeqsolve(
             dfx.ODETerm(lambda t, y, args: -y),
@@ -534,7 +535,6 @@ def test_requested_times_traced_or_dense_are_saved_by_a_loop_in_each_step():
     def loss(y0, ts):
         return jnp.sum(single(ts, y0))
 
-    assert not _uses_scan(jax.grad(loss), 1.0, jnp.asarray(sparse))
     # Euler on y' = -y with steps of 0.1: y(t) = 0.9^(t / 0.1) at the steps' ends.
     expected = 0.9 ** np.arange(11)
     np.testing.assert_allclose(jax.jit(solve)(jnp.asarray(sparse)), expected, 1e-12)
@@ -597,15 +597,28 @@ def test_requested_times_saved_by_a_loop_match_the_while_loop():
     assert saved[3] == 22 and saved[2] == 1 and saved[1] < saved[0] < 22
 
 
+@pytest.mark.parametrize("saves", ["after the scan", "blocks of writes"])
 @pytest.mark.parametrize("storage", ["stored", "blocks"])
 def test_requested_times_on_the_fixed_step_path_have_the_while_loops_gradients(
-    storage, monkeypatch
+    storage, saves, monkeypatch
 ):
+    # Under reverse mode the scan outputs every step's interpolation data and the
+    # times are interpolated after it; where that would be too big, times known
+    # at trace time are written in the steps, and others take the while loop.
     if storage == "blocks":
         monkeypatch.setattr(checkpoint_module, "_STORAGE_BYTES", 1)
+    if saves == "blocks of writes":
+        monkeypatch.setattr(fixed, "_EMIT_BYTES", 1)
     ts = np.linspace(0.0, 1.0, 7)
+    interpolated = []
+    original = fixed._interpolate_emitted
+    monkeypatch.setattr(
+        fixed,
+        "_interpolate_emitted",
+        lambda *a: interpolated.append(1) or original(*a),
+    )
 
-    def loss(args, t0, t1, dt0):
+    def loss(args, t0, t1, dt0, ts=ts):
         sol = dfx.diffeqsolve(
             dfx.ODETerm(_field),
             dfx.Tsit5(),
@@ -621,6 +634,7 @@ def test_requested_times_on_the_fixed_step_path_have_the_while_loops_gradients(
     times = (jnp.asarray(0.0), jnp.asarray(1.0), jnp.asarray(0.01))
     general = jax.jit(jax.grad(loss))
     assert _uses_scan(lambda: jax.grad(loss)(0.7, np.asarray(0.0), 1.0, 0.01))
+    assert bool(interpolated) == (saves == "after the scan")
     fast = jax.jit(jax.grad(loss), static_argnums=(1, 2, 3))(0.7, 0.0, 1.0, 0.01)
     np.testing.assert_allclose(fast, general(0.7, *times), rtol=1e-12)
     batched = jax.jit(
@@ -633,3 +647,10 @@ def test_requested_times_on_the_fixed_step_path_have_the_while_loops_gradients(
     h = 1e-6
     fd = (loss(0.7 + h, *times) - loss(0.7 - h, *times)) / (2 * h)
     np.testing.assert_allclose(fast, fd, rtol=1e-6)
+    # Times traced: interpolated after the scan, or (too big) the while loop.
+    traced = jax.jit(jax.grad(loss), static_argnums=(1, 2, 3))
+    grad_traced = jax.grad(lambda a, ts: loss(a, 0.0, 1.0, 0.01, ts))
+    assert _uses_scan(grad_traced, 0.7, jnp.asarray(ts)) == (saves == "after the scan")
+    np.testing.assert_allclose(
+        traced(0.7, 0.0, 1.0, 0.01, jnp.asarray(ts)), fast, rtol=1e-12
+    )

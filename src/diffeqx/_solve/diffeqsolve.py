@@ -240,10 +240,13 @@ def _solve(
         with scope("setup"):
             spec, init_state = initial_state(**statics, **problem)
         with scope("adjoint"):
+            final = None
             if fixed is not None:
-                # Constant steps known at trace time: a fixed-length scan.
+                # Constant steps known at trace time: a fixed-length scan (None
+                # where it finds, once the step is traced, that it would keep
+                # more than it may for requested times under reverse mode).
                 final = run_fixed_steps(spec, init_state, *fixed)
-            else:
+            if final is None:
                 final = _run_adjoint_loop(spec, init_state, adjoint)
         return spec, final
 

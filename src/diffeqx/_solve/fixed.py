@@ -52,6 +52,7 @@ from .loop import (
     take_step,
     tree_where,
 )
+from .save import _count_at_most
 from .state import LoopState, SaveState
 from .tabulate import answering, block_samples, prepare, tabulation
 
@@ -96,10 +97,6 @@ def fixed_step_plan(
         return None
     if any(count is not None for count in writes):
         reverse = "reverse" in differentiation_levels(strict=True)
-        if _LOOP in writes and reverse:
-            # (The inner loop is not reverse-differentiable: the while loop's own
-            # machinery, deferred saves and checkpoints, does that.)
-            return None
         if not reverse and not is_batched():
             # A single solve without reverse mode saves as fast in the while loop,
             # which skips its inner loop in the steps that save nothing (measured:
@@ -119,6 +116,13 @@ def fixed_step_plan(
 # while loop with its deferred saves).
 _MAX_WRITES = 4
 _LOOP = -1
+# Under reverse mode the requested times are interpolated after the scan, from every
+# step's interpolation data, which the scan outputs (`_EMIT`), when that takes at
+# most `_EMIT_BYTES` (counted for the whole `vmap` batch). Otherwise the blocks of
+# writes for times known at trace time, and the while loop for the others (a loop
+# in each step is not reverse-differentiable).
+_EMIT = -2
+_EMIT_BYTES = 2**24
 
 
 def requested_writes(subs, t0, t1, dt0, num_steps=None) -> tuple:
@@ -349,7 +353,7 @@ def _save_requested(spec, writes, saves, at: LoopState, dense_info, end, mask):
     for sub, ts_tau, count, save in zip(
         spec.subs, spec.subs_ts, writes, saves, strict=True
     ):
-        if save is None or count == 0:
+        if save is None or count in (0, _EMIT):
             out.append(save)
             continue
         if count == _LOOP:
@@ -569,7 +573,19 @@ def _scan_fixed_steps(
     tabulators = prepare(plan, num_steps) if plan is not None else None
     branch = False  # (set below; `body` reads it when traced)
 
-    saving = any(count is not None for count in writes)
+    if any(count is not None for count in writes) and "reverse" in (
+        differentiation_levels()
+    ):
+        # Each step's interval and interpolation data, as outputs of the scan.
+        dense_shape = jax.eval_shape(lambda: take_step(spec, init_state)[2])
+        batch = batch_size()
+        per_step = sum(aval_bytes(x) for x in jtu.tree_leaves(dense_shape))
+        if batch is not None and per_step * num_steps * batch <= _EMIT_BYTES:
+            writes = tuple(None if count is None else _EMIT for count in writes)
+        elif _LOOP in writes:
+            return None
+    saving = any(count is not None and count != _EMIT for count in writes)
+    emitting = _EMIT in writes
 
     def step(row, y, solver_state, place, saves, mask):
         step_spec = spec if row is None else answering(spec, plan, row)
@@ -598,17 +614,30 @@ def _scan_fixed_steps(
             )
             shared = eqxi.unvmap_any(mask) if is_batched() else None
             saves = _advance_saves(saves, new_saves, mask, ok, shared)
-        return y1, solver_state1, _TAKEN + code, place, saves
+        emitted = None
+        if emitting:
+            emitted = (at.tprev, at.tnext, decision.next_t0, dense_info)
+        return y1, solver_state1, _TAKEN + code, place, saves, emitted
 
     def skip(row, y, solver_state, place, saves, mask):
-        return y, solver_state, jnp.asarray(0, jnp.int32), place, saves
+        emitted = None
+        if emitting:
+            # A step not taken: an end past every time, so that no time is
+            # interpolated on it.
+            emitted = (
+                place.tprev,
+                place.tnext,
+                jnp.full_like(place.tprev, jnp.inf),
+                jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), dense_shape),
+            )
+        return y, solver_state, jnp.asarray(0, jnp.int32), place, saves, emitted
 
     def body(carry, row):
         y, solver_state, status, place, stopped, saves = carry
         # As `cond_fun` (`max_steps` is at least `num_steps` here).
         run = (status & (_TAKEN - 1) == 0) & (place.tprev < spec.t1)
         if branch:
-            y, solver_state, change, place, saves = lax.cond(
+            y, solver_state, change, place, saves, emitted = lax.cond(
                 run, step, skip, row, y, solver_state, place, saves, True
             )
         else:
@@ -617,7 +646,12 @@ def _scan_fixed_steps(
             y, solver_state, change = tree_where(
                 run, new[:3], (y, solver_state, jnp.asarray(0, jnp.int32))
             )
-            saves = new[4]
+            saves, emitted = new[4], new[5]
+            if emitted is not None:
+                # (Under `jax.vmap`: a step taken by any member.)
+                taken = run if stopped is None else eqxi.unvmap_any(run)
+                end = jnp.where(taken, emitted[2], jnp.inf)
+                emitted = (emitted[0], emitted[1], end, emitted[3])
             if stopped is None:
                 place = tree_where(run, new[3], place)
             else:
@@ -630,7 +664,7 @@ def _scan_fixed_steps(
                 # and not a scatter.
                 stopped = tree_where(run, new[3], stopped)
                 place = tree_where(eqxi.unvmap_any(run), new[3], place)
-        return (y, solver_state, status + change, place, stopped, saves), None
+        return (y, solver_state, status + change, place, stopped, saves), emitted
 
     place = _Place(init_state.tprev, init_state.tnext, init_state.controller_state)
     # A solve that has already failed takes no step.
@@ -638,7 +672,7 @@ def _scan_fixed_steps(
     single_on_cpu = jax.default_backend() == "cpu" and not is_batched()
     saves = [
         None
-        if count is None
+        if count is None or count == _EMIT
         else _Saves(
             state.ts_index,
             state.ts_index if is_batched() else None,
@@ -689,21 +723,79 @@ def _scan_fixed_steps(
         if tabulators is not None:
             tprev, tnext = _times(spec, init_state, carry[3], size)
             rows = block_samples(tabulators, tprev, tnext)
-        return lax.scan(scan_body, carry, rows, length=size)[0], None
+        return lax.scan(scan_body, carry, rows, length=size)
 
     if block > 0:
         run_block = jax.checkpoint(run_block)
     if num_blocks == 1:
-        carry = run_block(carry, None)[0]
+        carry, emitted = run_block(carry, None)
     else:
-        carry = lax.scan(run_block, carry, length=num_blocks)[0]
+        carry, emitted = lax.scan(run_block, carry, length=num_blocks)
+        # (blocks, steps of a block, ...) -> (steps, ...)
+        emitted = jtu.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), emitted)
     y, solver_state, status, place, stopped, saves = carry
     place = place if stopped is None else stopped
     final = _state_after(init_state, place, y, solver_state, status)
-    if saving:
+    if saving or emitting:
         save_state = _final_save_state(init_state.save_state, saves)
+        if emitting:
+            kept = final.num_accepted_steps - init_state.num_accepted_steps
+            save_state = [
+                _interpolate_emitted(spec, sub, ts_tau, state, emitted, kept)
+                if count == _EMIT
+                else state
+                for sub, ts_tau, count, state in zip(
+                    spec.subs, spec.subs_ts, writes, save_state, strict=True
+                )
+            ]
         final = dataclasses.replace(final, save_state=save_state)
     return finish_loop(spec, final)
+
+
+def _interpolate_emitted(spec, sub, ts_tau, state: SaveState, emitted, kept):
+    """After the scan: the requested times of one output, interpolated on the steps
+    that cover them, from the steps' intervals and interpolation data that the scan
+    output (`emitted`), where the solve kept the steps (`kept` of them, per member).
+    A time is saved by the first step whose end (where the next starts) is at or
+    past it, as in the while loop."""
+    tprev, tnext, ends, infos = emitted
+    n, num_steps = ts_tau.shape[0], ends.shape[0]
+    offset = int(sub.t0)
+    # Per member: the times up to the end of its last kept step.
+    last_end = jnp.where(kept > 0, ends[jnp.maximum(kept - 1, 0)], -jnp.inf)
+    index = jnp.where(kept > 0, _count_at_most(ts_tau, last_end), state.ts_index)
+    index = index.astype(state.ts_index.dtype)
+    saved = jnp.arange(n, dtype=index.dtype) < index
+    covering = jnp.minimum(jnp.searchsorted(ends, ts_tau, side="left"), num_steps - 1)
+
+    def output(tprev, tnext, info, tau, saved):
+        # Times not saved are evaluated (then discarded) at the step's start, a
+        # state the solve reached, so that `fn` and its derivatives stay finite.
+        tau = jnp.where(saved, tau, tprev)
+        interpolant = spec.solver.interpolation_cls(t0=tprev, t1=tnext, **info)
+        return sub.fn(tau * spec.direction, interpolant.evaluate(tau), spec.args)
+
+    values = jax.vmap(output)(
+        tprev[covering],
+        tnext[covering],
+        jtu.tree_map(lambda x: x[covering], infos),
+        ts_tau,
+        saved,
+    )
+
+    def place(value, buffer):
+        mask = saved.reshape(saved.shape + (1,) * (value.ndim - 1))
+        current = buffer[offset : offset + n]
+        return buffer.at[offset : offset + n].set(
+            jnp.where(mask, value.astype(buffer.dtype), current)
+        )
+
+    return SaveState(
+        ts_index=index,
+        save_index=state.save_index + (index - state.ts_index),
+        ts=place(jnp.where(saved, ts_tau, jnp.inf), state.ts),
+        ys=jtu.tree_map(place, values, state.ys),
+    )
 
 
 _run_fixed_steps_jitted = eqx.filter_jit(_run_fixed_steps)
