@@ -294,6 +294,40 @@ def test_resumed_controller_state_takes_the_while_loop():
     np.testing.assert_allclose(solve(), [0.9**10], rtol=1e-12)
 
 
+def _field_solve(args, t0, t1, dt0, saveat):
+    """The saved states of `_field` from `x = 1, v = 0` with `Tsit5`."""
+    return dfx.diffeqsolve(
+        dfx.ODETerm(_field),
+        dfx.Tsit5(),
+        t0,
+        t1,
+        dt0,
+        {"x": jnp.ones(3), "v": jnp.zeros(3)},
+        args=args,
+        saveat=saveat,
+    ).ys
+
+
+def _assert_gradients_are_the_while_loops(loss):
+    """`jax.grad(loss)(args, t0, t1, dt0)` with the times as static Python numbers
+    (the fixed-step path) and as arrays (the while loop): the same, for one solve
+    and under `jax.vmap` (against the while loop member by member). Returns the
+    first."""
+    times = (jnp.asarray(0.0), jnp.asarray(1.0), jnp.asarray(0.01))
+    general = jax.jit(jax.grad(loss))
+    fast = jax.jit(jax.grad(loss), static_argnums=(1, 2, 3))(0.7, 0.0, 1.0, 0.01)
+    np.testing.assert_allclose(fast, general(0.7, *times), rtol=1e-12)
+    args = jnp.array([0.5, 0.7])
+    batched = jax.jit(
+        jax.vmap(jax.grad(loss), in_axes=(0, None, None, None)),
+        static_argnums=(1, 2, 3),
+    )(args, 0.0, 1.0, 0.01)
+    np.testing.assert_allclose(
+        batched, [general(float(a), *times) for a in args], rtol=1e-12
+    )
+    return fast
+
+
 DEFAULT_STORAGE_BYTES = checkpoint_module._STORAGE_BYTES
 
 
@@ -314,31 +348,11 @@ def test_fixed_step_path_gradients_match_while_loop(storage, monkeypatch):
         monkeypatch.setattr(checkpoint_module, "_STORAGE_BYTES", 1)
 
     def loss(args, t0, t1, dt0):
-        sol = dfx.diffeqsolve(
-            dfx.ODETerm(_field),
-            dfx.Tsit5(),
-            t0,
-            t1,
-            dt0,
-            {"x": jnp.ones(3), "v": jnp.zeros(3)},
-            args=args,
-        )
-        return jnp.sum(sol.ys["x"] ** 2) + jnp.sum(sol.ys["v"])
+        ys = _field_solve(args, t0, t1, dt0, dfx.SaveAt(t1=True))
+        return jnp.sum(ys["x"] ** 2) + jnp.sum(ys["v"])
 
-    # Times as static Python numbers: the fixed-step path; as arrays: the while loop.
-    times = (jnp.asarray(0.0), jnp.asarray(1.0), jnp.asarray(0.01))
-    general = jax.jit(jax.grad(loss))
-    fast = jax.jit(jax.grad(loss), static_argnums=(1, 2, 3))(0.7, 0.0, 1.0, 0.01)
-    np.testing.assert_allclose(fast, general(0.7, *times), rtol=1e-12)
-    # Batched: the bound counts the batch. (Against the while loop member by member.)
-    args = jnp.array([0.5, 0.7])
-    fast = jax.jit(
-        jax.vmap(jax.grad(loss), in_axes=(0, None, None, None)),
-        static_argnums=(1, 2, 3),
-    )(args, 0.0, 1.0, 0.01)
-    np.testing.assert_allclose(
-        fast, [general(float(a), *times) for a in args], rtol=1e-12
-    )
+    # Batched too: the bound counts the batch.
+    _assert_gradients_are_the_while_loops(loss)
     # 100 steps, a few kB each: within the default bound, and about twice as much
     # counted for the batch of 2 (the batched step's program differs a little).
     assert len(stored_bytes) == 2
@@ -424,19 +438,24 @@ def test_requested_times_on_the_fixed_step_path_match_while_loop(
     assert fast[2]["num_steps"].tolist() == [34, 34]
 
 
+def _decay(y0, ts, solver=None, dt0=0.1):
+    """`y' = -y` from 0 to 1 in constant steps, saved at `ts`."""
+    return dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -y),
+        dfx.Euler() if solver is None else solver,
+        0.0,
+        1.0,
+        dt0,
+        y0,
+        saveat=dfx.SaveAt(ts=ts),
+    ).ys
+
+
 def test_a_single_solve_saving_requested_times_takes_the_while_loop_without_grad():
     # Without `jax.vmap` or reverse mode the while loop saves as fast (it skips
     # its inner loop in the steps that save nothing); with reverse mode, the scan.
     def solve(y0):
-        return dfx.diffeqsolve(
-            dfx.ODETerm(lambda t, y, args: -y),
-            dfx.Euler(),
-            0.0,
-            1.0,
-            0.1,
-            y0,
-            saveat=dfx.SaveAt(ts=np.linspace(0.0, 1.0, 11)),
-        ).ys
+        return _decay(y0, np.linspace(0.0, 1.0, 11))
 
     assert not _uses_scan(solve, 1.0)
     assert _uses_scan(jax.vmap(solve), jnp.ones(2))
@@ -477,15 +496,7 @@ def test_requested_times_under_vmap_are_written_without_a_scatter():
     # next requested time: each write is a dynamic update of all the members at
     # once, where an index per member would make it a scatter.
     def solve(y0):
-        return dfx.diffeqsolve(
-            dfx.ODETerm(lambda t, y, args: -y),
-            dfx.Heun(),
-            0.0,
-            1.0,
-            0.01,
-            y0,
-            saveat=dfx.SaveAt(ts=np.linspace(0.0, 1.0, 11)),
-        ).ys
+        return _decay(y0, np.linspace(0.0, 1.0, 11), dfx.Heun(), 0.01)
 
     batched = jax.vmap(solve)
     assert _uses_scan(batched, jnp.ones((8, 2)))
@@ -509,15 +520,7 @@ def test_requested_times_traced_or_dense_are_saved_by_a_loop_in_each_step():
     # reverse mode (the loop is not reverse-differentiable): see the gradient
     # tests below.
     def single(ts, y0):
-        return dfx.diffeqsolve(
-            dfx.ODETerm(lambda t, y, args: -y),
-            dfx.Euler(),
-            0.0,
-            1.0,
-            0.1,
-            y0,
-            saveat=dfx.SaveAt(ts=ts),
-        ).ys
+        return _decay(y0, ts)
 
     def solve(ts, y0=jnp.ones(2)):
         return jax.vmap(single, in_axes=(None, 0))(ts, y0)[0]
@@ -619,31 +622,13 @@ def test_requested_times_on_the_fixed_step_path_have_the_while_loops_gradients(
     )
 
     def loss(args, t0, t1, dt0, ts=ts):
-        sol = dfx.diffeqsolve(
-            dfx.ODETerm(_field),
-            dfx.Tsit5(),
-            t0,
-            t1,
-            dt0,
-            {"x": jnp.ones(3), "v": jnp.zeros(3)},
-            args=args,
-            saveat=dfx.SaveAt(ts=ts, t1=True),
-        )
-        return jnp.sum(jnp.sin(sol.ys["x"])) + jnp.sum(sol.ys["v"] ** 2)
+        ys = _field_solve(args, t0, t1, dt0, dfx.SaveAt(ts=ts, t1=True))
+        return jnp.sum(jnp.sin(ys["x"])) + jnp.sum(ys["v"] ** 2)
 
-    times = (jnp.asarray(0.0), jnp.asarray(1.0), jnp.asarray(0.01))
-    general = jax.jit(jax.grad(loss))
     assert _uses_scan(lambda: jax.grad(loss)(0.7, np.asarray(0.0), 1.0, 0.01))
     assert bool(interpolated) == (saves == "after the scan")
-    fast = jax.jit(jax.grad(loss), static_argnums=(1, 2, 3))(0.7, 0.0, 1.0, 0.01)
-    np.testing.assert_allclose(fast, general(0.7, *times), rtol=1e-12)
-    batched = jax.jit(
-        jax.vmap(jax.grad(loss), in_axes=(0, None, None, None)),
-        static_argnums=(1, 2, 3),
-    )(jnp.array([0.5, 0.7]), 0.0, 1.0, 0.01)
-    np.testing.assert_allclose(
-        batched, [general(a, *times) for a in (0.5, 0.7)], rtol=1e-12
-    )
+    fast = _assert_gradients_are_the_while_loops(loss)
+    times = (jnp.asarray(0.0), jnp.asarray(1.0), jnp.asarray(0.01))
     h = 1e-6
     fd = (loss(0.7 + h, *times) - loss(0.7 - h, *times)) / (2 * h)
     np.testing.assert_allclose(fast, fd, rtol=1e-6)
