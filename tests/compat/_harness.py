@@ -244,29 +244,37 @@ def make_saveat(lib, name, span):
 def make_event(lib, name, full, dtype):
     # Time-driven conditions (plus a little of the state, so root finding goes through
     # the interpolation) that cross once in either direction of integration.
-    # They read `|t|`, not `t`: in a backward solve Diffrax passes the condition its
-    # internal time `-t`, while diffeqx passes the real time `t` (a documented,
-    # deliberate difference); every time here is >= 0, so `|t|` is the real time in
-    # both libraries and the same call can be compared exactly.
-    sign = 1.0 if float(full.end) > float(full.start) else -1.0
+    # In a backward solve Diffrax passes a condition its internal time `-t`, while
+    # diffeqx passes the real time `t` (a documented, deliberate difference), so each
+    # condition first recovers the real time for the library it is given. (Not with
+    # `|t|`: at `t = 0`, an end of the backward solves here, `|t|`'s derivative has
+    # the wrong sign for Diffrax's internal time, and a Newton root find started
+    # there diverges.)
+    backwards = float(full.end) < float(full.start)
+    internal = backwards and lib.__name__ == "diffrax"
+
+    def real_time(t):
+        return -t if internal else t
+
+    sign = -1.0 if backwards else 1.0
     tol = 1e-8 if dtype == jnp.float64 else 1e-5
     newton = optx.Newton(rtol=tol, atol=tol)
     t_event = full.scalar(0.62)
     if name == "none":
         return None
     if name == "bool":
-        return lib.Event(lambda t, y, args, **kw: sign * (jnp.abs(t) - t_event) > 0)
+        return lib.Event(lambda t, y, args, **kw: sign * (real_time(t) - t_event) > 0)
     if name == "real":
 
         def cond(t, y, args, **kw):
-            return sign * (jnp.abs(t) - t_event) + 0.05 * _first(y)
+            return sign * (real_time(t) - t_event) + 0.05 * _first(y)
 
         return lib.Event(cond, root_finder=newton)
     if name == "tree":
         t_a, t_b = full.scalar(0.45), full.scalar(0.7)
         conds = (
-            lambda t, y, args, **kw: t_a - jnp.abs(t) + 0.01 * _first(y),
-            lambda t, y, args, **kw: t_b - jnp.abs(t) + 0.01 * _first(y),
+            lambda t, y, args, **kw: t_a - real_time(t) + 0.01 * _first(y),
+            lambda t, y, args, **kw: t_b - real_time(t) + 0.01 * _first(y),
         )
         return lib.Event(conds, root_finder=newton, direction=(True, False))
     if name == "at_t0":
