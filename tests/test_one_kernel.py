@@ -236,6 +236,31 @@ def test_pytree_state_with_a_boolean_event_in_one_kernel():
     assert np.asarray(ts)[int(steps) - 1] >= np.log(4.0)
 
 
+def test_a_boolean_event_given_a_root_finder_with_saves_at_times_in_one_kernel():
+    """A root finder on an event of boolean conditions only has no root to find.
+    Traced anyway (behind a predicate XLA found constant), with saves at requested
+    times, the kernel aborted the process in XLA's code generator (the "explicit
+    index" check failure, found by the events sweep on 2026-12-07)."""
+
+    def field(t, y, args):
+        return jnp.stack([y[1], -y[0]])
+
+    def fn(y0):
+        event = dfx.Event(
+            lambda t, y, args, **kw: y[0] < 0.5,
+            root_finder=optx.Newton(rtol=1e-10, atol=1e-10),
+        )
+        saveat = dfx.SaveAt(ts=jnp.array([0.0, 0.8, 3.6]))
+        sol = _solve(field, dfx.Tsit5(), y0, event=event, saveat=saveat)
+        return sol.ts, sol.ys, sol.event_mask, sol.stats["num_steps"]
+
+    ts, ys, mask, steps = _check(fn, jnp.array([1.0, 0.0]), one_kernel=True)
+    assert bool(mask)
+    # x = cos t: saved at 0 and 0.8 (x > 0.5 until pi/3); the solve ends before 3.6.
+    np.testing.assert_allclose(np.asarray(ys)[:2, 0], np.cos([0.0, 0.8]), rtol=1e-6)
+    assert np.asarray(ts)[2] == np.inf and int(steps) > 1
+
+
 def test_an_adaptive_sde_on_a_brownian_tree_in_one_kernel():
     """An adaptive SPaRK solve of one path on a `VirtualBrownianTree` with space-time
     Lévy area (the tree's queries in the loop: hashes, a scan down its 19 levels,

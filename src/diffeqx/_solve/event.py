@@ -182,6 +182,14 @@ def locate_event(
         jnp.issubdtype(value.dtype, jnp.floating)
         for value in jax.eval_shape(spec.values, sign * t_end, y_end, args)
     ]
+    if not any(real):
+        # Boolean conditions only: no root to find, so none is traced. (A root
+        # find behind a predicate XLA finds constant, with requested times saved,
+        # aborted the process when the solve was compiled as one kernel on CPU:
+        # an XLA check failure, see tests/test_one_kernel.py.)
+        return EventLocation(
+            t=t_end, y=interpolant.evaluate(t_end), result=RESULTS.successful
+        )
     needs_root = jnp.asarray(False)
     for is_real, m in zip(real, step.mask, strict=True):
         if is_real:
