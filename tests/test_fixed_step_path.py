@@ -491,6 +491,93 @@ def test_requested_times_on_the_fixed_step_path_under_vmap_with_failures():
     assert saved[3] == 22 and saved[2] == 1 and saved[1] < saved[0] < 22
 
 
+def test_requested_times_counted_on_the_steps_the_loop_takes():
+    # `dt0 = 0.3` does not divide [0, 1]: the steps end at 0.3, 0.5, 0.75 and 1
+    # (`ConstantStepSize`'s rule), not at 0.3, 0.6, 0.9. The four times in
+    # (0.5, 0.75] are all saved by the third step: counted on multiples of `dt0`
+    # (at most two per step), two of them were lost and two saved with the wrong
+    # values.
+    ts = np.array([0.0, 0.52, 0.58, 0.62, 0.7, 1.0])
+    writes = fixed.requested_writes([dfx.SubSaveAt(ts=ts)], 0.0, 1.0, 0.3, 4)
+    assert writes.counts == (4,) and writes.at_start == (1,)
+
+    def single(y0, t1):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -y),
+            dfx.Euler(),
+            0.0,
+            t1,
+            0.3,
+            y0,
+            saveat=dfx.SaveAt(ts=ts),
+        )
+        return sol.ys
+
+    y0 = jnp.array([1.0, 2.0])
+    assert _uses_scan(lambda: jax.vmap(lambda y: single(y, 1.0))(y0))
+    fast = jax.vmap(lambda y: single(y, 1.0))(y0)
+    general = jax.jit(jax.vmap(single, in_axes=(0, None)))(y0, jnp.asarray(1.0))
+    np.testing.assert_allclose(fast, general, rtol=1e-14)
+    # Euler: each step multiplies by (1 - h); the saves interpolate linearly.
+    ends, values = [0.0, 0.3, 0.5, 0.75, 1.0], [1.0, 0.7, 0.56, 0.42, 0.315]
+    np.testing.assert_allclose(fast[0], np.interp(ts, ends, values), rtol=1e-13)
+
+
+def test_requested_times_on_the_steps_grid_take_one_write_a_step():
+    # Times at the steps' ends (`t0` included, saved from `y0` before the first
+    # step): one write a step, not the two a margin on each side of every end
+    # would count; a time just past an end is saved by that step.
+    grid = np.linspace(0.0, 2.0, 21)
+    subs = [dfx.SubSaveAt(ts=grid)]
+    writes = fixed.requested_writes(subs, 0.0, 2.0, 0.1, 20)
+    assert writes.counts == (1,) and writes.at_start == (1,)
+    assert 0 < writes.shift < 1e-3
+    float32 = fixed.requested_writes(
+        [dfx.SubSaveAt(ts=grid.astype(np.float32))], 0.0, 2.0, 0.1, 20
+    )
+    assert float32.counts == (1,) and float32.shift >= writes.shift
+    # Every other end: still one; two per step: two; not starting at t0: none
+    # before the first step.
+    assert fixed.requested_writes([dfx.SubSaveAt(ts=grid[::2])], 0.0, 2.0, 0.1, 20)[
+        0
+    ] == (1,)
+    dense = fixed.requested_writes(
+        [dfx.SubSaveAt(ts=np.linspace(0.0, 2.0, 41))], 0.0, 2.0, 0.1, 20
+    )
+    assert dense.counts == (2,)
+    later = fixed.requested_writes([dfx.SubSaveAt(ts=grid[1:])], 0.0, 2.0, 0.1, 20)
+    assert later.at_start == (0,) and later.counts == (1,)
+
+    # The same saves as the while loop, times and values, under `jax.vmap`,
+    # forwards and backwards, with the first step failing for one member.
+    def batched(t0, t1, dt0, sign=1.0):
+        def single(y0):
+            sol = dfx.diffeqsolve(
+                dfx.ODETerm(_blow_up),
+                dfx.Heun(),
+                t0,
+                t1,
+                dt0,
+                y0,
+                saveat=dfx.SaveAt(ts=sign * grid * 0.05),
+                throw=False,
+            )
+            return sol.ts, sol.ys, sol.stats, sol.result
+
+        return jax.vmap(single)(jnp.asarray([0.0, -0.5, 5.0]))
+
+    for sign in (1.0, -1.0):
+        fast, general = _both_paths(
+            lambda *times, sign=sign: batched(*times, sign=sign),
+            0.0,
+            0.1 * sign,
+            0.005 * sign,
+        )
+        _assert_same_saves(fast, general)
+        saved = np.isfinite(np.asarray(fast[0])).sum(axis=1)
+        assert saved[2] == 0 and saved[0] == 21
+
+
 def test_requested_times_under_vmap_are_written_without_a_scatter():
     # Under `jax.vmap` the members share where the loop is, and so the index of the
     # next requested time: each write is a dynamic update of all the members at

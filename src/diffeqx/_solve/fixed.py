@@ -22,6 +22,7 @@ the loop's own arithmetic (`_times`; see `tabulate.py`)."""
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -52,7 +53,7 @@ from .loop import (
     take_step,
     tree_where,
 )
-from .save import _count_at_most
+from .save import _count_at_most, fill_like, fill_value
 from .state import LoopState, SaveState
 from .tabulate import answering, block_samples, prepare, tabulation
 
@@ -72,9 +73,9 @@ def fixed_step_plan(
     time, outputs at `t0`, `t1` and requested times known at trace time (not at
     every step), and an adjoint that allows it (`AbstractAdjoint.fixed_step_block`,
     and `fixed_step_storage` for blocks). `writes` gives, per output, how many
-    requested times a step may have to save (`_writes_per_step`; None for an
-    output without them; given as `writes` when the requested times are no longer
-    known here, see `requested_writes`). Otherwise None."""
+    requested times a step may have to save and how (`Writes`, see
+    `requested_writes`; given as `writes` when the requested times are no longer
+    known here). Otherwise None."""
     if type(controller) is not ConstantStepSize or saveat.dense or resumed:
         return None
     if any(sub.steps for sub in subs):
@@ -95,6 +96,7 @@ def fixed_step_plan(
         writes = requested_writes(subs, t0_c, t1_c, dt0_c, num_steps)
     if writes is None:
         return None
+    writes, shift, at_start = writes
     if any(count is not None for count in writes):
         reverse = "reverse" in differentiation_levels(strict=True)
         if not reverse and not is_batched():
@@ -106,7 +108,7 @@ def fixed_step_plan(
     if block is None:
         return None
     storage = adjoint.fixed_step_storage() if block > 0 else 0
-    return num_steps, block, storage, tuple(writes)
+    return num_steps, block, storage, Writes(tuple(writes), shift, at_start)
 
 
 # A step of the scan writes the requested times it covers with this many masked
@@ -125,14 +127,37 @@ _EMIT = -2
 _EMIT_BYTES = 2**24
 
 
-def requested_writes(subs, t0, t1, dt0, num_steps=None) -> tuple:
-    """Per output, the most requested times one of the constant steps from `t0` to
-    `t1` may save (None for an output without requested times), from the values of
-    the times; `_LOOP` where the requested times are not known, or are too many
-    for one step (`_MAX_WRITES`): then a loop in each step saves them."""
-    # The loop's times round in their own dtype: the coarsest of the given ones
-    # (float32 at least) bounds the margin.
-    dtypes = [np.float32] + [
+class Writes(NamedTuple):
+    """What the scan's steps write of the requested times: per output the most
+    times a step may save (`counts`, see `requested_writes`), and how far past
+    the end of a step (in forward time) a time is still saved by it (`shift`).
+
+    The shift is for times on the steps' grid, the usual request (`ts` every
+    step, or every few): a time computed as a step's end may round to just past
+    the end the loop computes, and counted with a margin every such time could
+    fall to either of two steps, so every step would write two times. Saved by
+    the step whose end is at most `shift` before it, each falls to one step, far
+    from the edges of the margin. A time within `shift` past a step's end is
+    then interpolated on that step, just beyond its end, where the while loop
+    (and Diffrax) interpolate on the next step, just after its start: both
+    approximate the solution there to the interpolation's accuracy, and differ
+    by far less (`shift` is 128 units in the last place of the times). Blocks of
+    writes only: the loop in each step (`_LOOP`) and the interpolation after
+    the scan (`_EMIT`) save as the while loop does."""
+
+    counts: tuple
+    shift: float
+    # Per output, how many of its times are `t0` itself (None without times):
+    # saved before the first step, from `y0`, so that the first step, which
+    # would save them with its own end, writes no more times than the others.
+    at_start: tuple = ()
+
+
+def _resolution(subs, t0, t1, dt0) -> float:
+    """The spacing of representable times near the solve's times: `eps` of the
+    coarsest of the given times' dtypes (the default floating dtype for Python
+    numbers), times the largest of `|t0|`, `|t1|` and `|dt0|`."""
+    dtypes = [np.dtype(jnp.result_type(float))] + [
         np.asarray(x).dtype
         for x in (t0, t1, dt0, *(sub.ts for sub in subs if sub.ts is not None))
         if not isinstance(x, (int, float, jax.core.Tracer))
@@ -141,43 +166,83 @@ def requested_writes(subs, t0, t1, dt0, num_steps=None) -> tuple:
         float(jnp.finfo(d).eps) for d in dtypes if jnp.issubdtype(d, jnp.floating)
     )
     t0, t1, dt0 = (float(np.asarray(x)) for x in (t0, t1, dt0))
-    direction = 1.0 if t1 >= t0 else -1.0
+    return eps * max(abs(t0), abs(t1), abs(dt0))
+
+
+def requested_writes(subs, t0, t1, dt0, num_steps=None) -> Writes:
+    """Per output, the most requested times one of the constant steps from `t0` to
+    `t1` may save (None for an output without requested times), from the values of
+    the times; `_LOOP` where the requested times are not known, or are too many
+    for one step (`_MAX_WRITES`): then a loop in each step saves them. With the
+    shift past a step's end to which its writes reach (`Writes`)."""
+    # The loop's times round in their own dtype: the coarsest of the given ones
+    # bounds the margin.
+    resolution = _resolution(subs, t0, t1, dt0)
     if num_steps is None:
-        num_steps = max(math.ceil((t1 - t0) / dt0), 1) if t1 != t0 else 1
-    writes = []
+        # As the loop counts them: in the times' dtype (`promote_inputs`).
+        with jax.numpy_dtype_promotion("standard"):
+            dtype = jnp.result_type(
+                t0, t1, dt0, *(sub.ts for sub in subs if sub.ts is not None)
+            )
+        if not jnp.issubdtype(dtype, jnp.floating):
+            dtype = jnp.result_type(float)
+        sign = 1.0 if float(np.asarray(t1)) >= float(np.asarray(t0)) else -1.0
+        num_steps = constant_step_count(
+            *(sign * np.asarray(x, np.float64) for x in (t0, t1, dt0)), dtype
+        )
+    t0, t1, dt0 = (float(np.asarray(x)) for x in (t0, t1, dt0))
+    direction = 1.0 if t1 >= t0 else -1.0
+    num_steps = max(num_steps, 1)
+    shift = 128 * resolution
+    writes, at_start = [], []
     for sub in subs:
-        if sub.ts is None:
-            writes.append(None)
-            continue
-        ts = None if isinstance(sub.ts, jax.core.Tracer) else checks.concrete(sub.ts)
+        ts = None
+        if sub.ts is not None and not isinstance(sub.ts, jax.core.Tracer):
+            ts = checks.concrete(sub.ts)
         if ts is None:
-            writes.append(_LOOP)
+            writes.append(None if sub.ts is None else _LOOP)
+            at_start.append(None)
             continue
-        count = _writes_per_step(
+        count, first = _writes_per_step(
             direction * ts.astype(np.float64), direction * t0, direction * t1,
-            direction * dt0, num_steps, max(abs(t0), abs(t1)), eps,
+            direction * dt0, num_steps, shift, 64 * resolution,
         )  # fmt: skip
         writes.append(_LOOP if count > _MAX_WRITES else count)
-    return tuple(writes)
+        at_start.append(first)
+    return Writes(tuple(writes), shift, tuple(at_start))
 
 
-def _writes_per_step(ts, t0, t1, dt0, num_steps, scale, eps) -> int:
-    """The most requested times `ts` (forward time, ascending) that one of the
-    `num_steps` constant steps from `t0` may save, counted at trace time from the
-    steps' ends as exact arithmetic places them, each widened by a margin far
-    beyond the rounding of the loop's own times (a few units of `eps`, the
-    times' precision, in the larger of the times: the margin is 64 of them; a time
-    near an end counts for both steps). The first step also saves the times at
-    `t0`."""
+def _writes_per_step(ts, t0, t1, dt0, num_steps, shift, margin) -> tuple:
+    """`(count, first)`: the most requested times `ts` (forward time, ascending)
+    that one of the `num_steps` constant steps from `t0` may save, and how many of
+    them are `t0` itself (saved before the first step, see `Writes`). Counted at
+    trace time from the steps' ends as exact arithmetic places them: a step saves
+    the times after `shift` past the previous step's end up to `shift` past its
+    own (`Writes`), each bound widened by `margin`, far beyond the rounding of the
+    loop's own times (a time near a bound counts for both steps). The first step
+    also saves the times just after `t0` (a time equal to `t0` here is equal to
+    it in any dtype the loop's times round to; one that only rounds to it is
+    saved by the first step, and counted in it)."""
     if ts.size == 0:
-        return 0
-    ends = np.minimum(t0 + dt0 * np.arange(1, num_steps + 1, dtype=np.float64), t1)
+        return 0, 0
+    first = int(np.searchsorted(ts, t0, side="right"))
+    ends = _step_ends(t0, t1, dt0, num_steps, 4 * margin)
+    after = np.searchsorted(ts, ends + shift + margin, side="right")
+    before = np.searchsorted(ts, ends + shift - margin, side="right")
+    before = np.concatenate([[first], before[:-1]])
+    return int(np.max(after - before)), first
+
+
+def _step_ends(t0, t1, dt0, n, near):
+    """Where `ConstantStepSize`'s `n` steps from `t0` to `t1` end (forward time,
+    exact arithmetic): the first after `dt0`, step `k` at `t0 + (t1 - t0) k / n`,
+    the last at `t1`, and any within `near` of `t1` on it (the loop moves a step
+    ending that close onto `t1`)."""
+    ends = t0 + (t1 - t0) * np.arange(1, n + 1, dtype=np.float64) / n
+    ends[0] = min(t0 + dt0, t1)
     ends[-1] = t1
-    margin = 64 * eps * max(scale, abs(dt0))
-    after = np.searchsorted(ts, ends + margin, side="right")
-    before = np.searchsorted(ts, ends - margin, side="right")
-    before = np.concatenate([[0], before[:-1]])
-    return int(np.max(after - before))
+    ends[np.abs(t1 - ends) <= near] = t1
+    return ends
 
 
 def _constant_step_count(t0, t1, dt0, dtype, max_steps) -> int | None:
@@ -333,8 +398,8 @@ def _carried_bytes(carry, num_steps: int) -> float:
 class _Saves(eqx.Module):
     """One output's requested-time saves in the scan: the buffers, the next time to
     save (`index`: under `jax.vmap` once for all members, as where the loop is) and,
-    under `jax.vmap`, each member's own next time (`own`, which stops where the
-    member stops)."""
+    under `jax.vmap` or with times saved before the first step, the next time
+    each member has kept (`own`, which stops where the member stops)."""
 
     index: jax.Array
     own: jax.Array | None
@@ -342,12 +407,13 @@ class _Saves(eqx.Module):
     ys: object
 
 
-def _save_requested(spec, writes, saves, at: LoopState, dense_info, end, mask):
-    """The requested times a kept step `[at.tprev, at.tnext]` covers (those at most
-    `end`, where the next step starts, not yet saved), written where `mask`: the
-    next `writes` times of each output, those due interpolated on the step, written
-    as one block (the buffers have `writes` spare slots at their end, see
-    `_padded`)."""
+def _save_requested(spec, writes, shift, saves, at: LoopState, dense_info, end, mask):
+    """The requested times a step `[at.tprev, at.tnext]` covers (those at most
+    `shift` past `end`, where the next step starts, not yet saved; see `Writes`):
+    the next `writes` times of each output, those due interpolated on the step,
+    written as one block (the buffers have `writes` spare slots at their end, see
+    `_padded`), whether or not the step is kept (`mask` says where it is: a
+    step not kept advances no output's `own` index, see `_advance_saves`)."""
     interpolant = spec.solver.interpolation_cls(t0=at.tprev, t1=at.tnext, **dense_info)
     out = []
     for sub, ts_tau, count, save in zip(
@@ -369,12 +435,11 @@ def _save_requested(spec, writes, saves, at: LoopState, dense_info, end, mask):
             lax.dynamic_index_in_dim(padded, save.index + j, keepdims=False)
             for j in range(count)
         ]
-        due = [tau <= end for tau in taus]
+        due = [tau <= end + jnp.asarray(shift, end.dtype) for tau in taus]
         reached = save.index
         for j in range(count):
             reached = reached + due[j].astype(reached.dtype)
         slot = save.index + int(sub.t0)
-        write = jnp.stack(due) & mask
         taus = jnp.stack(taus)
 
         # The times not due are evaluated (then discarded) at the step's start, a
@@ -383,14 +448,18 @@ def _save_requested(spec, writes, saves, at: LoopState, dense_info, end, mask):
         # the gradients.
         at_taus = jnp.where(jnp.stack(due), taus, at.tprev)
 
-        def put(buffers, sub=sub, taus=taus, at_taus=at_taus, slot=slot, write=write):
+        def put(buffers, sub=sub, taus=taus, at_taus=at_taus, slot=slot):
+            # All `count` slots, due or not: those not due lie at or past where
+            # the next time due will be written, which overwrites them, and
+            # `_final_save_state` fills those never overwritten. So no slot's
+            # value is read back and nothing is selected.
             outputs = [
                 sub.fn(tau * spec.direction, interpolant.evaluate(tau), spec.args)
                 for tau in at_taus
             ]
             values = jtu.tree_map(lambda *xs: jnp.stack(xs), *outputs)
             return jtu.tree_map(
-                lambda v, b: _put_block(b, slot, v, write), (taus, values), buffers
+                lambda v, b: _put_block(b, slot, v), (taus, values), buffers
             )
 
         buffers = (save.ts, save.ys)
@@ -406,6 +475,35 @@ def _save_requested(spec, writes, saves, at: LoopState, dense_info, end, mask):
                 any_write = any_write | due[j]
             buffers = lax.cond(any_write & mask, put, lambda b: b, buffers)
         out.append(_Saves(reached, save.own, *buffers))
+    return out
+
+
+def _save_at_start(spec, init_state: LoopState, writes, at_start, saves):
+    """The requested times equal to `t0` (the first `at_start` of each output
+    written in blocks, see `Writes`) written from `y0` before the first step: the
+    value the first step's interpolant takes there. As in the while loop, they
+    count as saved once the first step is kept: until then the output's own
+    index (`_Saves.own`, per member under `jax.vmap`) stays before them."""
+    out = []
+    for sub, ts_tau, count, first, save in zip(
+        spec.subs, spec.subs_ts, writes, at_start, saves, strict=True
+    ):
+        if save is None or count in (_LOOP, _EMIT) or not first:
+            out.append(save)
+            continue
+        taus = lax.dynamic_slice_in_dim(ts_tau, save.index, first)
+        outputs = [
+            sub.fn(taus[j] * spec.direction, init_state.y, spec.args)
+            for j in range(first)
+        ]
+        values = jtu.tree_map(lambda *xs: jnp.stack(xs), *outputs)
+        slot = save.index + int(sub.t0)
+        ts, ys = jtu.tree_map(
+            lambda v, b, slot=slot: _put_block(b, slot, v),
+            (taus, values),
+            (save.ts, save.ys),
+        )
+        out.append(_Saves(save.index + first, save.index, ts, ys))
     return out
 
 
@@ -445,11 +543,13 @@ def _save_in_loop(spec, sub, ts_tau, save, interpolant, end, mask):
     return _Saves(index, save.own, *buffers)
 
 
-def _put_block(buffer, slot, values, write):
-    """`buffer[slot + j] = values[j]` where `write[j]`: one dynamic update of a
-    block (under `jax.vmap`, at the same slot for every member, so no scatter),
-    the slots' own values written back where not `write`."""
+def _put_block(buffer, slot, values, write=None):
+    """`buffer[slot + j] = values[j]` (where `write[j]`, if given): one dynamic
+    update of a block (under `jax.vmap`, at the same slot for every member, so no
+    scatter), the slots' own values written back where not `write`."""
     values = values.astype(buffer.dtype)
+    if write is None:
+        return lax.dynamic_update_slice_in_dim(buffer, values, slot, 0)
     old = lax.dynamic_slice_in_dim(buffer, slot, values.shape[0])
     mask = write.reshape(write.shape + (1,) * (values.ndim - 1))
     return lax.dynamic_update_slice_in_dim(
@@ -457,10 +557,24 @@ def _put_block(buffer, slot, values, write):
     )
 
 
-def _padded(buffer, count: int):
-    """`buffer` with `count` spare slots at its end (for `_put_block`)."""
-    pad = [(0, count)] + [(0, 0)] * (buffer.ndim - 1)
-    return jnp.pad(buffer, pad)
+def _padded(buffers, count: int, written: bool):
+    """A fresh solve's save buffers with `count` spare slots at their end (for
+    `_put_block`), filled as the unwritten slots are (`save.fill_like`): made
+    anew where nothing has been `written` in them yet (nothing is saved at
+    `t0`)."""
+    if not written:
+        return jtu.tree_map(
+            lambda b: fill_like(
+                jax.ShapeDtypeStruct(b.shape[1:], b.dtype), len(b) + count
+            ),
+            buffers,
+        )
+
+    def pad(buffer):
+        widths = [(0, count)] + [(0, 0)] * (buffer.ndim - 1)
+        return jnp.pad(buffer, widths, constant_values=fill_value(buffer.dtype))
+
+    return jtu.tree_map(pad, buffers)
 
 
 def _advance_saves(saves, new, run, kept, shared_run):
@@ -474,7 +588,8 @@ def _advance_saves(saves, new, run, kept, shared_run):
         if save.own is None:
             index, own = jnp.where(run & kept, after.index, save.index), None
         else:
-            index = jnp.where(shared_run, after.index, save.index)
+            shared = run if shared_run is None else shared_run
+            index = jnp.where(shared, after.index, save.index)
             own = jnp.where(run & kept, after.index, save.own)
         out.append(_Saves(index, own, after.ts, after.ys))
     return out
@@ -489,12 +604,21 @@ def _final_save_state(init: list, saves: list) -> list:
             continue
         index = save.index if save.own is None else save.own
         size = state.ts.shape[0]
+        saved = state.save_index + (index - state.ts_index)
+        written = jnp.arange(size) < saved
+
+        def kept(buffer, size=size, written=written):
+            # The slots from `saved` on hold the fill, whatever the blocks of
+            # writes left there (see `_save_requested`).
+            mask = written.reshape((size,) + (1,) * (buffer.ndim - 1))
+            return jnp.where(mask, buffer[:size], fill_value(buffer.dtype))
+
         out.append(
             SaveState(
                 ts_index=index,
-                save_index=state.save_index + (index - state.ts_index),
-                ts=save.ts[:size],
-                ys=jtu.tree_map(lambda b, size=size: b[:size], save.ys),
+                save_index=saved,
+                ts=kept(save.ts),
+                ys=jtu.tree_map(kept, save.ys),
             )
         )
     return out
@@ -506,7 +630,7 @@ def run_fixed_steps(
     num_steps: int,
     block: int,
     storage: int = 0,
-    writes: tuple = (),
+    writes: Writes = Writes((), 0.0, ()),
 ):
     """At most `num_steps` steps of the loop, as a scan (see the module's
     docstring). Called outside any transformation (eagerly), compiled as one
@@ -527,7 +651,7 @@ def _run_fixed_steps(
     num_steps: int,
     block: int,
     storage: int,
-    writes: tuple,
+    writes: Writes,
 ):
     """`run_fixed_steps`: `_scan_fixed_steps`, traced as a loop that keeps every
     step's values (or a block's) for reverse mode, even inside the body of a loop
@@ -542,7 +666,7 @@ def _scan_fixed_steps(
     num_steps: int,
     block: int,
     storage: int,
-    writes: tuple,
+    writes: Writes,
 ):
     """`run_fixed_steps`.
 
@@ -567,6 +691,8 @@ def _scan_fixed_steps(
     1.24x a hand-written scan with the branch, 1.14x with the select). A solve that
     fails part-way then computes, and discards, its remaining steps."""
     assert spec.always_accept and spec.event_spec is None and not spec.dense
+    shift, at_start = writes.shift, writes.at_start
+    writes = writes.counts
     if num_steps == 0:
         return finish_loop(spec, init_state)
     plan = tabulation(spec, init_state)
@@ -610,7 +736,7 @@ def _scan_fixed_steps(
         if saving:
             # A failed step saves nothing (as in the while loop).
             new_saves = _save_requested(
-                spec, writes, saves, at, dense_info, decision.next_t0, mask & ok
+                spec, writes, shift, saves, at, dense_info, decision.next_t0, mask & ok
             )
             shared = eqxi.unvmap_any(mask) if is_batched() else None
             saves = _advance_saves(saves, new_saves, mask, ok, shared)
@@ -676,11 +802,14 @@ def _scan_fixed_steps(
         else _Saves(
             state.ts_index,
             state.ts_index if is_batched() else None,
-            _padded(state.ts, max(count, 0)),
-            jtu.tree_map(lambda b, count=count: _padded(b, max(count, 0)), state.ys),
+            *_padded((state.ts, state.ys), max(count, 0), sub.t0),
         )
-        for count, state in zip(writes, init_state.save_state, strict=True)
+        for sub, count, state in zip(
+            spec.subs, writes, init_state.save_state, strict=True
+        )
     ]
+    if saving:
+        saves = _save_at_start(spec, init_state, writes, at_start, saves)
     carry = (
         init_state.y,
         init_state.solver_state,

@@ -36,12 +36,17 @@ DEFER_BUDGET_BYTES = 2**24
 DEFER_BUDGET_BYTES_BATCHED = 2**20
 
 
+def fill_value(dtype):
+    """The value of every slot of a save buffer that is never written: `inf` (`0`
+    for non-floating dtypes)."""
+    return jnp.asarray(jnp.inf if jnp.issubdtype(dtype, jnp.inexact) else 0, dtype)
+
+
 def fill_like(shape_dtype, size):
-    """A buffer of `size` copies of `shape_dtype`'s shape, filled with `inf` (`0` for
-    non-floating dtypes): the value of every slot that is never written."""
+    """A buffer of `size` copies of `shape_dtype`'s shape, filled with
+    `fill_value`."""
     dtype = shape_dtype.dtype
-    fill = jnp.inf if jnp.issubdtype(dtype, jnp.inexact) else 0
-    return jnp.full((size,) + shape_dtype.shape, fill, dtype=dtype)
+    return jnp.full((size,) + shape_dtype.shape, fill_value(dtype), dtype=dtype)
 
 
 def step_stride(sub: SubSaveAt) -> int:
