@@ -98,3 +98,35 @@ def test_constant_step_saves_forward_mode_matches_diffrax():
         )(0.8, jnp.asarray(TS))
     for a, b in zip(tangents["diffeqx"], tangents["diffrax"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
+@pytest.mark.parametrize("times", ["on the grid", "four in one step"])
+def test_batched_saves_when_dt0_does_not_divide_the_interval_match_diffrax(times):
+    # `dt0 = 0.35` over [0, 3]: nine steps, the first of 0.35, then ending at
+    # 3 k / 9. On that grid diffeqx writes one time a step (the first saved from
+    # `y0`); four times in the third step, (2/3, 1], a block of four (counted on
+    # multiples of `dt0`, two blocks of two, and two of the times were lost).
+    if times == "on the grid":
+        ts = np.concatenate([[0.0, 0.35], 3.0 * np.arange(2, 10) / 9])
+    else:
+        ts = np.array([0.0, 0.68, 0.69, 0.72, 0.8, 3.0])
+    y0s = jnp.stack([jnp.array([1.0, 0.5]), jnp.array([0.2, -1.0])])
+    out, grads = {}, {}
+    for lib in (diffeqx, diffrax):
+
+        def batched(args, lib=lib):
+            def single(y0):
+                sol = lib.diffeqsolve(
+                    lib.ODETerm(_field), lib.Heun(), 0.0, 3.0, 0.35, y0, args=args,
+                    saveat=lib.SaveAt(ts=ts),
+                )  # fmt: skip
+                return sol.ts, sol.ys, sol.stats["num_steps"]
+
+            return jax.vmap(single)(y0s)
+
+        out[lib.__name__] = jax.jit(batched)(0.8)
+        grads[lib.__name__] = jax.jit(
+            jax.grad(lambda a, b=batched: jnp.sum(jnp.sin(b(a)[1])))
+        )(0.8)
+    _compare(out["diffeqx"], out["diffrax"])
+    np.testing.assert_allclose(grads["diffeqx"], grads["diffrax"], rtol=1e-10)
