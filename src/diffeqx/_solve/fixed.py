@@ -111,8 +111,8 @@ def fixed_step_plan(
     return num_steps, block, storage, Writes(tuple(writes), shift, at_start)
 
 
-# A step of the scan writes the requested times it covers with this many masked
-# writes at most (one block); requested times more numerous than that per step, or
+# A step of the scan writes the requested times it covers with this many writes
+# at most (one block); requested times more numerous than that per step, or
 # not known at trace time, are saved by a loop in each step (`_LOOP`), which takes
 # as many iterations as the step has times (outside reverse mode; under it the
 # while loop with its deferred saves).
@@ -767,7 +767,8 @@ def _scan_fixed_steps(
                 run, step, skip, row, y, solver_state, place, saves, True
             )
         else:
-            # The saves' writes are masked by `run` inside the step.
+            # A step that does not run advances no output's index of saved times
+            # (`_advance_saves`), whatever it wrote.
             new = step(row, y, solver_state, place, saves, run)
             y, solver_state, change = tree_where(
                 run, new[:3], (y, solver_state, jnp.asarray(0, jnp.int32))
