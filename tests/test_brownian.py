@@ -480,6 +480,23 @@ def test_tree_with_traced_bounds_walks_only_its_depth(levy_area):
     assert not sizes & {_MAX_DEPTH, _MAX_DEPTH + 1, _MAX_DEPTH + 2}, sorted(sizes)
 
 
+def test_powers_of_two_of_a_traced_depth_are_ldexps():
+    # A tree whose depth is known only at run time scales by powers of two of it
+    # in every query; `times_pow2` builds them from exponent bits, and must give
+    # `jnp.ldexp`'s values (the tests above check the paths against static trees).
+    from diffeqx._brownian.base import times_pow2
+
+    for dtype in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16):
+        x = jnp.asarray([1.0, 3.7, 1e-3, 123.4, 0.0, -2.5, 2.0**-20], dtype)
+        n = jnp.arange(-33, 34, dtype=jnp.int32)[:, None]
+        got = jax.jit(times_pow2)(x[None, :], n)
+        want = jnp.ldexp(x[None, :], n)
+        assert got.dtype == want.dtype == dtype
+        np.testing.assert_array_equal(
+            np.asarray(got, np.float64), np.asarray(want, np.float64)
+        )
+
+
 def test_tree_pytree_shape_with_mixed_dtypes():
     shape = {
         "a": jax.ShapeDtypeStruct((2, 3), jnp.float32),

@@ -253,6 +253,24 @@ def threefry2x32(key1, key2, x1, x2):
     return x1, x2
 
 
+def times_pow2(x, n):
+    """`x * 2**n` for an integer `n` (traced) with `|n| <= 33`: the same value as
+    `jnp.ldexp(x, n)` where the result is a normal number, with 2**n built from
+    its exponent bits (a few operations; `jnp.ldexp` takes about fifty, and a
+    Brownian tree whose depth is known only at run time computes several in every
+    query). `jnp.ldexp` for a dtype whose exponent cannot hold `2**-33`."""
+    dtype = jnp.result_type(x)
+    info = jnp.finfo(dtype)
+    if info.minexp > -34 or info.bits not in (32, 64):
+        return jnp.ldexp(x, n)
+    ints = {32: jnp.int32, 64: jnp.int64}[info.bits]
+    biased = jnp.asarray(n).astype(ints) + (info.maxexp - 1)
+    power = lax.bitcast_convert_type(
+        jnp.left_shift(biased, jnp.asarray(info.nmant, ints)), dtype
+    )
+    return x * power
+
+
 def normals(words, counter1, counter2, dtype):
     """Standard normal samples in `dtype`, one per counter pair, hashed with the keys
     `words` (`uint32`, last axis the two key words). All of `words[..., 0]`,

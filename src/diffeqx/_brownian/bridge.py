@@ -11,7 +11,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 
-from .base import normals
+from .base import normals, times_pow2
 from .levy import (
     UNIT_SCALES,
     concat,
@@ -285,7 +285,7 @@ def _level_to_depth(grid, leaf, lv, hasher, eta):
     )
     left, right = split_midpoint(list(eta), list(hasher(cell)))
     go_right = jnp.right_shift(leaf, shift - 1) & 1 == 1
-    half = grid.span * jnp.ldexp(jnp.ones_like(grid.span), -(lv + 1))
+    half = times_pow2(grid.span, -(lv + 1))
     return left, right, go_right, half
 
 

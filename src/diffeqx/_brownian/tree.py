@@ -91,6 +91,7 @@ from .base import (
     normalise_shape,
     sampled_shape,
     time_dtype,
+    times_pow2,
 )
 from .levy import (
     BrownianIncrement,
@@ -158,8 +159,8 @@ class _Grid(eqx.Module):
             x = u * 2.0**self.depth
             cells, last = 2.0**self.depth, np.uint32(2**self.depth - 1)
         else:
-            x = jnp.ldexp(u, self.depth)
-            cells = jnp.ldexp(jnp.ones_like(u), self.depth)
+            x = times_pow2(u, self.depth)
+            cells = times_pow2(jnp.ones_like(u), self.depth)
             last = jnp.left_shift(jnp.uint32(1), self._shift(self.depth)) - 1
         floor = jnp.floor(x)
         at_end = floor >= cells
@@ -212,7 +213,7 @@ class _Grid(eqx.Module):
     def leaf_width(self, dtype):
         if isinstance(self.depth, int):
             return (self.span * 2.0**-self.depth).astype(dtype)
-        return jnp.ldexp(self.span, -self.depth).astype(dtype)
+        return times_pow2(self.span, -self.depth).astype(dtype)
 
 
 def _values(grid, leaf, lam, hasher, table):
