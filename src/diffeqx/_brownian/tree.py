@@ -298,6 +298,9 @@ class VirtualBrownianTree(AbstractBrownianPath):
     levy_area: type = eqx.field(static=True)
     key: jax.Array
     _depth: int | None = eqx.field(static=True)
+    # The depth when the bounds or `tol` are traced: computed once, here, rather
+    # than in every query (about 170 operations of every step's query).
+    _traced_depth: jax.Array | None
 
     def __init__(self, t0, t1, tol, shape, key, levy_area=BrownianIncrement):
         self.t0, self.t1, self.tol = t0, t1, tol
@@ -319,8 +322,17 @@ class VirtualBrownianTree(AbstractBrownianPath):
                     f"got tol={tol_}."
                 )
             self._depth = _static_depth(t1_ - t0_, tol_)
+            self._traced_depth = None
         else:
             self._depth = None
+            _, span, tol = self._bounds()
+            depth = _dynamic_depth(span, tol)
+            self._traced_depth = eqx.error_if(
+                depth,
+                (depth > _MAX_DEPTH) | ~(tol > 0) | ~(span > 0),
+                "VirtualBrownianTree needs t0 < t1 and 0 < tol, with tol no finer "
+                f"than (t1 - t0) / 2^{_MAX_DEPTH}.",
+            )
 
     # ---- evaluation ----------------------------------------------------------------
 
@@ -462,23 +474,19 @@ class VirtualBrownianTree(AbstractBrownianPath):
             return moments[0]
         return make_levy(self.levy_area, dt, moments)
 
-    def _grid(self):
+    def _bounds(self):
+        """`(start, span, tol)` in the times' dtype, without derivatives."""
         dtype = time_dtype(self.t0, self.t1)
         start, end, tol = (
             lax.stop_gradient(jnp.asarray(x).astype(dtype))
             for x in (self.t0, self.t1, self.tol)
         )
-        span = end - start
-        if self._depth is not None:
-            return _Grid(start, span, self._depth), dtype
-        depth = _dynamic_depth(span, tol)
-        depth = eqx.error_if(
-            depth,
-            (depth > _MAX_DEPTH) | ~(tol > 0) | ~(span > 0),
-            "VirtualBrownianTree needs t0 < t1 and 0 < tol, with tol no finer than "
-            f"(t1 - t0) / 2^{_MAX_DEPTH}.",
-        )
-        return _Grid(start, span, depth), dtype
+        return start, end - start, tol
+
+    def _grid(self):
+        start, span, _ = self._bounds()
+        depth = self._traced_depth if self._depth is None else self._depth
+        return _Grid(start, span, depth), start.dtype
 
     def _check_range(self, t0, t1=None, left=True, use_levy=False):
         """Raises for a concrete query time outside `[self.t0, self.t1]`."""
