@@ -1,12 +1,14 @@
 """A small solve's loop compiled into one CPU kernel (`diffeqx/_solve/kernel.py`).
 
 Where the loop's operations allow, diffeqx asks XLA to compile a plain (not batched,
-not differentiated) solve's whole loop into one kernel. It must never change an
-answer, and must never ask for it where XLA's single-kernel emitter cannot compile
-the loop (a compile error would be a solve that cannot run at all). Each case here
-compiles a solve with and without the request and compares the results bit for bit,
-and checks whether the request was made: for every operation the emitter is known
-to reject, that it was not."""
+not differentiated) solve's whole loop into one kernel. It must give the usual
+program's answer (to rounding in general: the kernel may sum in another order, and
+an adaptive solve's steps follow the last digits of its error estimate; see the
+Performance page), and must never ask for it where XLA's single-kernel emitter
+cannot compile the loop (a compile error would be a solve that cannot run at all).
+Each case here compiles a solve with and without the request and compares the
+results bit for bit (these cases agree to the bit), and checks whether the request
+was made: for every operation the emitter is known to reject, that it was not."""
 
 import os
 
