@@ -184,6 +184,9 @@ CASES = [
     EventCase(cond="real", max_steps=None, saveat="ts"),
     EventCase(cond="bool", root_finder=False, max_steps=None, saveat="t1"),
     EventCase(cond="same_step", root_finder=False, saveat="mixed"),
+    # A root finder given for a boolean condition, with saves at times: as one
+    # kernel on CPU this once aborted the process (tests/test_one_kernel.py).
+    EventCase(cond="bool", direction=False, saveat="ts", controller="pid"),
 ]
 
 
