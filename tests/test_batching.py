@@ -712,6 +712,75 @@ def test_vmap_batches_the_adaptive_step_twice(monkeypatch, mapped):
     assert _step_batchings(monkeypatch, fn, *args) == 2
 
 
+def _euler_decay_to(t1, rate):
+    """Euler with constant steps of 0.25 on `y' = -rate y` up to a traced `t1` (so
+    the general loop, not the fixed-step scan: each member of a `jax.vmap` over `t1`
+    stops at its own end), saving at `t1 / 2` and `t1`."""
+    sol = dfx.diffeqsolve(
+        _DECAY, dfx.Euler(), 0.0, t1, 0.25, 1.0, rate,
+        saveat=dfx.SaveAt(ts=t1 * jnp.array([0.5, 1.0])), max_steps=8,
+    )  # fmt: skip
+    return sol.ys, sol.stats["num_steps"]
+
+
+_EULER_T1S = (0.5, 1.0, 0.75)
+_EULER_RATES = (1.0, 0.5, 2.0)
+
+
+def test_vmap_batches_the_constant_step_loop_twice(monkeypatch):
+    # Constant steps under `jax.vmap` in the general loop: the loop's condition is
+    # mapped (each member's end, and its finite-state check), so the step body
+    # holds the finished members, as with an adaptive controller, and the step is
+    # batched twice (three times when the loop carried a predicate per member).
+    t1s, rates = jnp.array(_EULER_T1S), jnp.array(_EULER_RATES)
+    assert _step_batchings(monkeypatch, _euler_decay_to, t1s, rates) == 2
+
+
+def _euler_decay_saved(t, rate, dt=0.25):
+    """Euler's values for `y' = -rate y`, `y(0) = 1`, at `t`, interpolated linearly
+    inside a step; and their derivatives with respect to `rate`."""
+    k = np.floor(t / dt + 1e-12)
+    frac = t / dt - k
+    a = 1.0 - dt * rate
+    value = (1 - frac) * a**k + frac * a ** (k + 1)
+    slope = -dt * ((1 - frac) * k * a ** (k - 1) + frac * (k + 1) * a**k)
+    return value, slope
+
+
+def test_constant_steps_under_vmap_with_members_ending_apart_and_their_gradients(
+    monkeypatch,
+):
+    # Members of 2, 4 and 3 steps in one batch: values, step counts and gradients
+    # with respect to each member's rate are those of Euler's recursion, and of each
+    # member solved alone. Under reverse mode the loop stores every step's state
+    # (diffeqx's own loop; before, Equinox's checkpointed loop).
+    from diffeqx._adjoint import stored
+
+    calls = []
+    stored_while_loop = stored.stored_while_loop
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("max_steps"))
+        return stored_while_loop(*args, **kwargs)
+
+    monkeypatch.setattr(stored, "stored_while_loop", counting)
+    t1s, rates = jnp.array(_EULER_T1S), jnp.array(_EULER_RATES)
+    ys, steps = jax.jit(jax.vmap(_euler_decay_to))(t1s, rates)
+
+    def loss(rates):
+        return jnp.sum(jax.vmap(_euler_decay_to)(t1s, rates)[0])
+
+    grads = jax.jit(jax.grad(loss))(rates)
+    assert calls == [8]
+    np.testing.assert_array_equal(steps, [2, 4, 3])
+    for i, (t1, rate) in enumerate(zip(_EULER_T1S, _EULER_RATES, strict=True)):
+        value, slope = _euler_decay_saved(np.array([t1 / 2, t1]), rate)
+        np.testing.assert_allclose(ys[i], value, rtol=1e-14)
+        np.testing.assert_allclose(grads[i], slope.sum(), rtol=1e-13)
+        single = jax.grad(lambda r, t1=t1: jnp.sum(_euler_decay_to(t1, r)[0]))
+        np.testing.assert_allclose(grads[i], single(rate), rtol=ULPS)
+
+
 def test_vmap_over_args_alone_gives_each_members_own_solve():
     def solve(rate):
         return dfx.diffeqsolve(

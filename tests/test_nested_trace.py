@@ -80,8 +80,9 @@ def test_each_transformation_traces_its_own_solve():
 
 def test_batch_size_and_mapped_inputs_are_part_of_the_key(monkeypatch):
     # Which inputs `jax.vmap` maps decides how the loop is batched (its condition
-    # reduced over the members when the state, field or `args` are mapped): a
-    # program mapping other inputs with the same shapes traces the solve anew.
+    # reduced over the members when the state, field, `args` or times are mapped,
+    # and which of its values start mapped): a program mapping other inputs with
+    # the same shapes traces the solve anew.
     decisions = []
     original = solve_setup.batched_leaf
 
@@ -105,10 +106,11 @@ def test_batch_size_and_mapped_inputs_are_part_of_the_key(monkeypatch):
     assert decisions and decisions[0] is True
     np.testing.assert_allclose(out, np.outer(np.exp(-rates), y0s[0]), rtol=1e-9)
     decisions.clear()
-    # Only the end time mapped: the state starts unmapped.
+    # Only the end time mapped: traced anew (the loop's condition is mapped through
+    # each member's end).
     ends = jnp.array([1.0, 2.0])
     out = over_end(y0s[0], jnp.asarray(0.5), ends)
-    assert decisions and decisions[0] is False
+    assert decisions and decisions[0] is True
     np.testing.assert_allclose(out, np.outer(np.exp(-0.5 * ends), y0s[0]), rtol=1e-9)
     # A larger batch traces anew (the solve reads the batch size).
     decisions.clear()

@@ -241,10 +241,14 @@ def step_body(
         # A finished member keeps nothing: no state, no save, no event.
         keep = keep & going
     result = decision.result
-    if spec.always_accept:
+    if spec.always_accept and going is None:
         # Fixed steps: no step is ever rejected, so no selects are needed.
         y = y1
         new_solver_state = solver_state
+    elif spec.always_accept:
+        # Fixed steps under `jax.vmap`: a member that has finished keeps its state.
+        y = tree_where(going, y1, state.y)
+        new_solver_state = tree_where(going, solver_state, state.solver_state)
     else:
         y = tree_where(keep, y1, state.y)
         new_solver_state = tree_where(keep, solver_state, state.solver_state)

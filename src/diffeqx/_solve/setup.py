@@ -199,14 +199,16 @@ def initial_state(
         event_mask=event_mask,
         progress_state=progress_meter.init(),
     )
-    if not spec.always_accept:
-        mapped = batched_leaf((y0, terms, args))
-        if mapped is not None:
-            # The loop's condition is then mapped too (the step size depends on the
-            # mapped values): the step body holds the members that have finished
-            # (`LoopSpec.mask_members`).
-            spec = dataclasses.replace(spec, mask_members=True)
-            init_state = _batched_as(init_state, mapped)
+    # Not for the fixed-step scan (`seeded=False`), whose steps are the same for
+    # every member and whose times stay constants that XLA folds.
+    mapped = batched_leaf((y0, terms, args, t0, t1, dt0)) if seeded else None
+    if mapped is not None:
+        # The loop's condition is then mapped too: through the step size with an
+        # adaptive controller, through each member's finite-state check (and its
+        # own times, where they are mapped) with constant steps. The step body
+        # holds the members that have finished (`LoopSpec.mask_members`).
+        spec = dataclasses.replace(spec, mask_members=True)
+        init_state = _batched_as(init_state, mapped)
     return spec, init_state
 
 
