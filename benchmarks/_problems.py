@@ -280,6 +280,44 @@ def build_neural_ode_batch_grad(lib, counter, config) -> Case:
     )
 
 
+# ---- (h): the gradient of a loss over a vmap of small adaptive solves -----------------
+
+
+def build_lotka_volterra_vmap_grad(lib, counter, config) -> Case:
+    """The gradient with respect to the shared parameters of a loss over a `jax.vmap`
+    of 256 Lotka-Volterra solves (Tsit5, PID 1e-6, 50 saves over [0, 100],
+    `max_steps=4096`, the default adjoint): batched training with a small state
+    and a vector field without a network."""
+    params = jnp.array([0.1, 0.02, 0.4, 0.02], dtype=config.dtype)
+    ts = jnp.linspace(0.0, 100.0, 50, dtype=config.dtype)
+    scale = jax.random.uniform(jax.random.key(3), (256, 2), minval=0.5)
+    y0s = (10.0 * (scale + 0.5)).astype(config.dtype)
+    field = _maybe_counted(lotka_volterra, counter)
+
+    def solve(y0, params):
+        sol = lib.diffeqsolve(
+            lib.ODETerm(field),
+            lib.Tsit5(),
+            t0=ts[0],
+            t1=ts[-1],
+            dt0=0.1,
+            y0=y0,
+            args=params,
+            saveat=lib.SaveAt(ts=ts),
+            stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
+            max_steps=4096,
+        )
+        return sol.ys, _stats(sol)
+
+    def loss_and_stats(params, y0s):
+        ys, stats = jax.vmap(solve, in_axes=(0, None))(y0s, params)
+        return jnp.mean((ys / 10.0) ** 2), stats
+
+    return _value_and_grad_case(
+        loss_and_stats, (params, y0s), counted=counter is not None
+    )
+
+
 # ---- (e): 10,000 fixed steps: classic RK4 (as a tableau) and Euler, vs lax.scan ------
 
 
@@ -408,6 +446,12 @@ PROBLEMS = tuple(
                 "g",
                 "g: NODE grad batch 256",
                 build_neural_ode_batch_grad,
+            ),
+            Problem(
+                "lotka_volterra_vmap_grad",
+                "h",
+                "h: LV grad vmap x256",
+                build_lotka_volterra_vmap_grad,
             ),
         ]
     )
