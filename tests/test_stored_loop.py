@@ -357,3 +357,64 @@ def test_thinned_store_checks_its_slots():
             buffers=lambda c: [],
             slots=3,
         )
+
+
+def test_which_outputs_of_a_program_depend_on_its_inputs():
+    # `stop_gradient`, integer and boolean values cut the dependence; calls,
+    # branches and loops are followed inside; anything else is assumed to depend.
+    def program(x, y, z):
+        a = jax.lax.stop_gradient(x) * y  # on y only
+        n = jnp.floor(x).astype(jnp.int32)  # integer: on nothing
+        b = jax.lax.cond(n > 0, lambda u, v: u, lambda u, v: u + 1.0, z, x)  # z only
+        c = jax.lax.fori_loop(0, 3, lambda i, c: (c[0] * 2.0, c[1] + c[0]), (y, z))
+        d = jax.lax.scan(lambda c, t: (c + t, c * 0.0), x, jnp.ones(2))[1]  # x only
+        e = jax.jit(lambda u, v: u * 2.0)(x, y)  # x only
+        f = jax.nn.relu(y)  # a custom derivative: y
+        return a, n, b, c[0], c[1], d, e, f
+
+    closed = jax.make_jaxpr(program)(1.5, 2.0, 3.0)
+    on_x = stored._depends(closed.jaxpr, [True, False, False])
+    on_y = stored._depends(closed.jaxpr, [False, True, False])
+    on_z = stored._depends(closed.jaxpr, [False, False, True])
+    assert on_x == [False, False, False, False, False, True, True, False]
+    assert on_y == [True, False, False, True, True, False, False, True]
+    assert on_z == [False, False, True, False, True, False, False, False]
+
+
+@pytest.mark.parametrize("wrt", ["p", "t1"])
+def test_times_carry_cotangents_only_where_differentiated(monkeypatch, wrt):
+    # Under `jax.grad` of a `jax.vmap`, the loop's times carry cotangents only where
+    # `t1` is differentiated (the controller's factor stops gradients); the
+    # gradients are `DirectAdjoint`'s either way.
+    masks = []
+    real = stored._perturbed_leaves
+
+    def spy(*args):
+        masks.append(real(*args))
+        return masks[-1]
+
+    monkeypatch.setattr(stored, "_perturbed_leaves", spy)
+    _eager.forget_traces()
+
+    def loss(p, t1, adjoint):
+        def one(scale):
+            sol = dfx.diffeqsolve(
+                dfx.ODETerm(lambda t, y, a: -a * y + jnp.sin(t) * y[::-1]),
+                dfx.Tsit5(), 0.0, t1, 0.1, jnp.array([1.0, 2.0]) * scale, args=p,
+                saveat=dfx.SaveAt(ts=t1 * jnp.linspace(0.1, 1.0, 5)),
+                stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-6),
+                adjoint=adjoint, max_steps=64,
+            )  # fmt: skip
+            return jnp.sum(sol.ys**2)
+
+        return jnp.sum(jax.vmap(one)(jnp.array([1.0, 0.5, 2.0])))
+
+    argnum = 0 if wrt == "p" else 1
+    got = jax.grad(loss, argnum)(0.7, 3.0, dfx.RecursiveCheckpointAdjoint())
+    expected = jax.grad(loss, argnum)(0.7, 3.0, dfx.DirectAdjoint())
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    assert len(masks) == 1
+    # The packed floating scalars (times, step size, the controller's memory) are
+    # the first leaf of the loop's state.
+    assert masks[0][0] == (wrt == "t1")
+    assert any(masks[0][1:])
