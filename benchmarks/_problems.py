@@ -178,9 +178,10 @@ def _neural_ode_data(config):
     return NeuralField(linear, mlp), target[0], ts, target
 
 
-def neural_ode_solve(lib, field, y0, ts, adjoint=None):
-    """The neural-ODE solve of (d), (g), bench_backward.py and bench_adjoint.py:
-    Tsit5, PID 1e-6, saves at `ts`; the default adjoint unless `adjoint` is given."""
+def neural_ode_solve(lib, field, y0, ts, adjoint=None, args=None):
+    """The neural-ODE solve of (d), (g), bench_backward.py and bench_adjoint.py (and
+    of (h), with `args`): Tsit5, PID 1e-6, saves at `ts`; the default adjoint unless
+    `adjoint` is given."""
     if adjoint is None:
         adjoint = lib.RecursiveCheckpointAdjoint()
     return lib.diffeqsolve(
@@ -190,6 +191,7 @@ def neural_ode_solve(lib, field, y0, ts, adjoint=None):
         t1=ts[-1],
         dt0=0.1,
         y0=y0,
+        args=args,
         saveat=lib.SaveAt(ts=ts),
         stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
         adjoint=adjoint,
@@ -295,18 +297,7 @@ def build_lotka_volterra_vmap_grad(lib, counter, config) -> Case:
     field = _maybe_counted(lotka_volterra, counter)
 
     def solve(y0, params):
-        sol = lib.diffeqsolve(
-            lib.ODETerm(field),
-            lib.Tsit5(),
-            t0=ts[0],
-            t1=ts[-1],
-            dt0=0.1,
-            y0=y0,
-            args=params,
-            saveat=lib.SaveAt(ts=ts),
-            stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-6),
-            max_steps=4096,
-        )
+        sol = neural_ode_solve(lib, field, y0, ts, args=params)
         return sol.ys, _stats(sol)
 
     def loss_and_stats(params, y0s):
