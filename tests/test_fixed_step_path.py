@@ -687,8 +687,16 @@ def test_requested_times_saved_by_a_loop_match_the_while_loop():
     assert saved[3] == 22 and saved[2] == 1 and saved[1] < saved[0] < 22
 
 
-@pytest.mark.parametrize("saves", ["after the scan", "blocks of writes"])
-@pytest.mark.parametrize("storage", ["stored", "blocks"])
+@pytest.mark.parametrize(
+    "storage, saves",
+    # (The two other combinations take ~7 s each on 2 cores: in the slow run.)
+    [
+        ("stored", "after the scan"),
+        ("blocks", "blocks of writes"),
+        pytest.param("stored", "blocks of writes", marks=pytest.mark.slow),
+        pytest.param("blocks", "after the scan", marks=pytest.mark.slow),
+    ],
+)
 def test_requested_times_on_the_fixed_step_path_have_the_while_loops_gradients(
     storage, saves, monkeypatch
 ):

@@ -485,12 +485,15 @@ def test_one_kernel_cases_with_xlas_default_code_generator(which):
 
 
 # Cases that check which path a solve takes, and what a transformation of it does
-# (their kernels are those of the other cases).
+# (their kernels are those of the other cases), and those that take the usual path
+# (no kernel of this kind; the usual programs under XLA's defaults: the slow run
+# and `test_xla_defaults.py`).
 _ROUTING_ONLY = (
     "test_member_by_member_is_differentiated_after_being_traced",
     "test_members_that_do_not_fit_one_kernel_and_ode_batches_run_batched",
     "test_not_under_grad_an_ode_vmap_a_progress_meter_or_constant_steps",
     "test_transformations_of_an_already_traced_solve",
+    "test_loops_the_emitter_cannot_compile_take_the_usual_path",
 )
 
 
