@@ -1,7 +1,8 @@
 """Constant steps with `SaveAt(ts=...)`: diffeqx runs them as its fixed-step scan,
 writing each step's requested times in the step (known times: a block of writes;
-traced or dense ones: a loop in the step), where Diffrax runs its while loop. The
-same call gives the same times, saved values, counts, result and gradients."""
+traced or dense ones: a loop in the step), where Diffrax runs its while loop; with
+traced end times, diffeqx's general loop. The same call gives the same times, saved
+values, counts, result and gradients."""
 
 import pytest
 
@@ -129,4 +130,33 @@ def test_batched_saves_when_dt0_does_not_divide_the_interval_match_diffrax(times
             jax.grad(lambda a, b=batched: jnp.sum(jnp.sin(b(a)[1])))
         )(0.8)
     _compare(out["diffeqx"], out["diffrax"])
+    np.testing.assert_allclose(grads["diffeqx"], grads["diffrax"], rtol=1e-10)
+
+
+def test_batched_constant_steps_to_traced_ends_match_diffrax():
+    # Each member's own end time (traced): the general loop rather than the
+    # fixed-step scan; members stop after different numbers of steps, the step
+    # holding those that have finished (diffeqx's stored loop under `jax.grad`).
+    t1s = jnp.array([1.5, 3.0, 2.2])
+    y0s = jnp.stack([jnp.array([1.0, 0.5]), jnp.array([0.2, -1.0]), jnp.ones(2)])
+    out, grads = {}, {}
+    for lib in (diffeqx, diffrax):
+
+        def batched(args, lib=lib):
+            def single(y0, t1):
+                sol = lib.diffeqsolve(
+                    lib.ODETerm(_field), lib.Tsit5(), 0.0, t1, 0.1, y0, args=args,
+                    saveat=lib.SaveAt(ts=t1 * jnp.linspace(0.0, 1.0, 7)),
+                    max_steps=64,
+                )  # fmt: skip
+                return sol.ts, sol.ys, sol.stats["num_steps"]
+
+            return jax.vmap(single)(y0s, t1s)
+
+        out[lib.__name__] = jax.jit(batched)(0.8)
+        grads[lib.__name__] = jax.jit(
+            jax.grad(lambda a, b=batched: jnp.sum(jnp.sin(b(a)[1])))
+        )(0.8)
+    _compare(out["diffeqx"], out["diffrax"])
+    np.testing.assert_array_equal(out["diffeqx"][2], [15, 30, 22])
     np.testing.assert_allclose(grads["diffeqx"], grads["diffrax"], rtol=1e-10)
