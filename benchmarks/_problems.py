@@ -309,6 +309,40 @@ def build_lotka_volterra_vmap_grad(lib, counter, config) -> Case:
     )
 
 
+# ---- (i): per-member gradients: a vmap of the gradient of small adaptive solves -------
+
+
+def build_lotka_volterra_grad_vmap(lib, counter, config) -> Case:
+    """Row (h)'s solves and loss with the transformations the other way round: a
+    `jax.vmap` of `jax.value_and_grad` (one gradient of the shared parameters per
+    member, as for per-example gradients), so that the derivative is taken inside
+    the batch."""
+    params = jnp.array([0.1, 0.02, 0.4, 0.02], dtype=config.dtype)
+    ts = jnp.linspace(0.0, 100.0, 50, dtype=config.dtype)
+    scale = jax.random.uniform(jax.random.key(3), (256, 2), minval=0.5)
+    y0s = (10.0 * (scale + 0.5)).astype(config.dtype)
+    field = _maybe_counted(lotka_volterra, counter)
+
+    def loss_and_stats(params, y0):
+        sol = neural_ode_solve(lib, field, y0, ts, args=params)
+        return jnp.mean((sol.ys / 10.0) ** 2), _stats(sol)
+
+    if counter is not None:
+        per_member = jax.vmap(
+            jax.value_and_grad(loss_and_stats, has_aux=True), in_axes=(None, 0)
+        )
+        return Case(
+            per_member,
+            (params, y0s),
+            value=lambda output: (output[0][0], output[1]),
+            stats=lambda output: output[0][1],
+        )
+    per_member = jax.vmap(
+        jax.value_and_grad(lambda *a: loss_and_stats(*a)[0]), in_axes=(None, 0)
+    )
+    return Case(per_member, (params, y0s), value=lambda output: output)
+
+
 # ---- (e): 10,000 fixed steps: classic RK4 (as a tableau) and Euler, vs lax.scan ------
 
 
@@ -443,6 +477,12 @@ PROBLEMS = tuple(
                 "h",
                 "h: LV grad vmap x256",
                 build_lotka_volterra_vmap_grad,
+            ),
+            Problem(
+                "lotka_volterra_grad_vmap",
+                "i",
+                "i: LV vmap grad x256",
+                build_lotka_volterra_grad_vmap,
             ),
         ]
     )

@@ -7,7 +7,8 @@ Problems (see README.md): (a) Lotka–Volterra with Tsit5, (b) Lorenz with Dopri
 loss, (e) 10,000 fixed RK4 / Euler steps against a hand-written `lax.scan`, (f)
 Lotka–Volterra at rtol 1e-6 with 100 saves over about 100 steps, (g) the gradient of a
 neural-ODE loss over 256 trajectories solved as one (256, 2) state, (h) the gradient
-of a loss over a `jax.vmap` of 256 Lotka–Volterra solves.
+of a loss over a `jax.vmap` of 256 Lotka–Volterra solves, (i) a `jax.vmap` of the
+gradient of (h)'s loss for each solve (per-member gradients).
 When diffrax is importable, every problem is also run with diffrax in the same process,
 and the ratios diffeqx / diffrax are printed next to their targets.
 """
@@ -42,7 +43,7 @@ from _timing import EvalCounter, compile_once, fastest, time_runs  # noqa: E402
 def parse_args(argv=None):
     parser = make_parser(
         __doc__.splitlines()[0],
-        only_help="problem letters (a-h) or names, comma-separated; repeatable",
+        only_help="problem letters (a-i) or names, comma-separated; repeatable",
         batch_help="initial conditions in (c)",
         dtype="float64",
         fevals_help="count vector-field evaluations in an extra, untimed run per case "

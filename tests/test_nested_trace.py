@@ -86,8 +86,8 @@ def test_batch_size_and_mapped_inputs_are_part_of_the_key(monkeypatch):
     decisions = []
     original = solve_setup.batched_leaf
 
-    def spy(tree):
-        found = original(tree)
+    def spy(tree, **options):
+        found = original(tree, **options)
         decisions.append(found is not None)
         return found
 

@@ -151,12 +151,15 @@ def forget_traces():
 def _transforms_key(inputs) -> tuple:
     """What a traced function may read of the transformations applied to its call,
     and that `jax.jit` does not key its cache by: their kinds, the size of the
-    batch, and which inputs the innermost `jax.vmap` maps (as `batched_leaf` tells
-    them apart; None when that is not a `jax.vmap`)."""
+    batch, and which inputs the innermost `jax.vmap` maps, derivatives taken inside
+    it aside (as `batched_leaf` tells them apart; None when there is no such
+    `jax.vmap`)."""
     transforms = tuple(active_transforms())
     if "batch" not in transforms:
         return transforms, 1, None
-    mapped = tuple(batched_leaf(x) is not None for x in inputs)
+    mapped = tuple(
+        batched_leaf(x, through_derivatives=True) is not None for x in inputs
+    )
     return transforms, batch_size(), (mapped if any(mapped) else None)
 
 

@@ -261,10 +261,15 @@ def mapped_inputs(tracers):
         _mapped.ids = previous
 
 
-def batched_leaf(tree):
+def batched_leaf(tree, *, through_derivatives: bool = False):
     """A leaf of `tree` that `jax.vmap` maps, when the computation being traced is
     directly under `jax.vmap` (its innermost transformation); None otherwise, or where
-    it cannot tell (a speed heuristic)."""
+    it cannot tell (a speed heuristic).
+
+    With `through_derivatives`, also when the `jax.vmap` is outside derivatives taken
+    inside it (`jax.vmap(jax.grad(f))`: the trace of the derivative is innermost, and
+    a leaf is mapped when the value it differentiates at is), in which case the leaf
+    returned is one of `tree`'s, whose primal value is mapped."""
     ids = getattr(_mapped, "ids", None)
     if ids is not None:
         for leaf in jax.tree_util.tree_leaves(tree):
@@ -279,17 +284,49 @@ def batched_leaf(tree):
         tracer_type, trace_type = batching.BatchTracer, batching.BatchTrace
     except AttributeError:
         return None
+    derivatives = []
+    if through_derivatives:
+        derivatives, trace = _derivative_traces_above(trace)
     if not isinstance(trace, trace_type):
         return None
     for leaf in jax.tree_util.tree_leaves(tree):
+        value = _primal_under(leaf, derivatives)
         if (
-            isinstance(leaf, tracer_type)
-            and getattr(leaf, "_trace", None) is trace
-            and getattr(leaf, "batch_dim", None) is not None
-            and leaf.size > 0
+            isinstance(value, tracer_type)
+            and getattr(value, "_trace", None) is trace
+            and getattr(value, "batch_dim", None) is not None
+            and value.size > 0
         ):
             return leaf
     return None
+
+
+def _derivative_traces_above(trace):
+    """`(derivative traces, first other trace)`: the derivative traces (`jax.grad`,
+    `jax.jvp`, `jax.linearize`) from `trace` outwards, innermost first, up to the
+    first trace of another kind. ([], trace) where that cannot be read."""
+    try:
+        _, classify = _trace_kinds()
+    except LookupError:
+        return [], trace
+    derivatives = []
+    while trace is not None and classify(trace) in ("reverse", "forward", "linearize"):
+        derivatives.append(trace)
+        trace = getattr(trace, "parent_trace", None)
+    return derivatives, trace
+
+
+def _primal_under(leaf, derivatives):
+    """The value `leaf` differentiates at: the primal of its tracer of each of
+    `derivatives` (innermost first) in turn; `leaf` itself where it is not one."""
+    for trace in derivatives:
+        if getattr(leaf, "_trace", None) is not trace:
+            continue
+        primal = getattr(leaf, "primal", None)
+        if primal is None:
+            return None
+        leaf = primal
+    return leaf
 
 
 def is_staged() -> bool:

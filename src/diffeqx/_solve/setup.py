@@ -201,7 +201,11 @@ def initial_state(
     )
     # Not for the fixed-step scan (`seeded=False`), whose steps are the same for
     # every member and whose times stay constants that XLA folds.
-    mapped = batched_leaf((y0, terms, args, t0, t1, dt0)) if seeded else None
+    mapped = (
+        batched_leaf((y0, terms, args, t0, t1, dt0), through_derivatives=True)
+        if seeded
+        else None
+    )
     if mapped is not None:
         # The loop's condition is then mapped too: through the step size with an
         # adaptive controller, through each member's finite-state check (and its
@@ -304,7 +308,7 @@ def _batched_as(tree, leaf):
             jnp.issubdtype(x.dtype, jnp.number) or x.dtype == jnp.bool_
         ):
             return x
-        if batched_leaf(x) is not None:
+        if batched_leaf(x, through_derivatives=True) is not None:
             return x  # already mapped
         return jax.lax.select(jnp.broadcast_to(mapped, x.shape), x, x)
 
