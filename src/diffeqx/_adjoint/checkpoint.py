@@ -37,13 +37,17 @@ _STORAGE_BYTES = 2**24
 
 
 # The memory the loop over the steps may use to store every step's state for the
-# backward pass, when `checkpoints` is left to the library. (Measured on CPU: the
-# neural-ODE gradient of one trajectory, 110 bytes a step, compiles to 0.73x the
-# optimised HLO instructions, in 0.8x the time, and runs in 0.85x. With 256
-# trajectories in one state, 8 kB a step, 34 MB at `max_steps=4096`, it compiled
-# faster but ran slower with two threads: zeroing the store on every run then
-# costs more than the recomputation it saves.)
-_EVERY_STEP_BYTES = 2**23
+# backward pass, when `checkpoints` is left to the library: as `_STORAGE_BYTES`, and
+# for the same reason. (Measured on CPU: the neural-ODE gradient of one trajectory,
+# 110 bytes a step, compiles to 0.73x the optimised HLO instructions, in 0.8x the
+# time, and runs in 0.85x. The training step of 32 trajectories under `jax.vmap`,
+# 9.75 MiB at `max_steps=4096`, compiled in 0.72x-0.83x the time it took with the
+# store thinned (which compiles a second copy of the step, to recompute the steps
+# between two stored states) and ran in 1.01x-1.13x (zeroing the store). With
+# 256 trajectories in one state, 8 kB a step, 32 MiB, it compiled faster but ran
+# slower with two threads: zeroing the store on every run then costs more than
+# the recomputation it saves.)
+_EVERY_STEP_BYTES = _STORAGE_BYTES
 
 
 def _thinned_slots(max_steps: int) -> int | None:
@@ -76,7 +80,7 @@ class RecursiveCheckpointAdjoint(AbstractAdjoint):
 
     - `checkpoints`: the number of stored states. `None` chooses it from `max_steps`
       (which must then be finite for reverse mode): every step's state is stored
-      when `max_steps` of them take at most 8 MiB (counting the `jax.vmap` batch;
+      when `max_steps` of them take at most 16 MiB (counting the `jax.vmap` batch;
       the saved outputs are not part of it), which makes a smaller program that
       compiles and runs faster (the loop is then diffeqx's own, which builds the
       program in less time than Equinox's checkpointed loop); otherwise the same
