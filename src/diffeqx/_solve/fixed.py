@@ -511,7 +511,13 @@ def _save_in_loop(spec, sub, ts_tau, save, interpolant, end, mask):
     """`_save_requested` for one output whose times a step may cover any number
     of: a loop over those the step covers. Its test reads only where the loop is
     (under `jax.vmap` the same for every member, unless the times are mapped), so
-    it runs as often as the step has times to save, for every member at once."""
+    it runs as often as the step has times to save, for every member at once.
+
+    The writes are not masked: a member whose step is not kept (`mask`) advances
+    no index of its own (`_advance_saves`), and `_final_save_state` fills every
+    slot past a member's last save, whatever was written there. (Masked, each
+    write read the slot's old value back: under `jax.vmap` a kernel of its own
+    per write, which XLA did not fuse into the in-place update.)"""
     n = ts_tau.shape[0]
     offset = int(sub.t0)
 
@@ -524,7 +530,7 @@ def _save_in_loop(spec, sub, ts_tau, save, interpolant, end, mask):
         tau = ts_tau[index]
         value = sub.fn(tau * spec.direction, interpolant.evaluate(tau), spec.args)
         buffers = jtu.tree_map(
-            lambda v, b: _put_block(b, index + offset, v[None], mask[None]),
+            lambda v, b: _put_block(b, index + offset, v[None]),
             (tau, value),
             buffers,
         )
@@ -538,23 +544,17 @@ def _save_in_loop(spec, sub, ts_tau, save, interpolant, end, mask):
         index, buffers = run(carry)
     else:
         # A single solve saves in few of its steps: a branch skips the loop in
-        # the others (as the while loop's `save_pending_ts`).
-        index, buffers = lax.cond(pending(carry), run, lambda c: c, carry)
+        # the others (as the while loop's `save_pending_ts`), and in a step not
+        # kept.
+        index, buffers = lax.cond(pending(carry) & mask, run, lambda c: c, carry)
     return _Saves(index, save.own, *buffers)
 
 
-def _put_block(buffer, slot, values, write=None):
-    """`buffer[slot + j] = values[j]` (where `write[j]`, if given): one dynamic
-    update of a block (under `jax.vmap`, at the same slot for every member, so no
-    scatter), the slots' own values written back where not `write`."""
+def _put_block(buffer, slot, values):
+    """`buffer[slot + j] = values[j]`: one dynamic update of a block (under
+    `jax.vmap`, at the same slot for every member, so no scatter)."""
     values = values.astype(buffer.dtype)
-    if write is None:
-        return lax.dynamic_update_slice_in_dim(buffer, values, slot, 0)
-    old = lax.dynamic_slice_in_dim(buffer, slot, values.shape[0])
-    mask = write.reshape(write.shape + (1,) * (values.ndim - 1))
-    return lax.dynamic_update_slice_in_dim(
-        buffer, jnp.where(mask, values, old), slot, 0
-    )
+    return lax.dynamic_update_slice_in_dim(buffer, values, slot, 0)
 
 
 def _padded(buffers, count: int, written: bool):
