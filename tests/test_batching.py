@@ -781,6 +781,41 @@ def test_constant_steps_under_vmap_with_members_ending_apart_and_their_gradients
         np.testing.assert_allclose(grads[i], single(rate), rtol=ULPS)
 
 
+def test_derivatives_inside_vmap_with_members_ending_apart(monkeypatch):
+    # The `jax.vmap` outside the derivative (per-member gradients, `jax.jvp`,
+    # `jax.linearize`): the members' inputs are seen as mapped through the
+    # derivative's values, the step holds the finished members, and under reverse
+    # mode the loop is diffeqx's stored loop. Euler's recursion gives each member's
+    # derivative with respect to its rate.
+    from diffeqx._adjoint import stored
+
+    calls = []
+    stored_while_loop = stored.stored_while_loop
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("max_steps"))
+        return stored_while_loop(*args, **kwargs)
+
+    monkeypatch.setattr(stored, "stored_while_loop", counting)
+    t1s, rates = jnp.array(_EULER_T1S), jnp.array(_EULER_RATES)
+
+    def total(t1, rate):
+        return jnp.sum(_euler_decay_to(t1, rate)[0])
+
+    grads = jax.jit(jax.vmap(jax.grad(total, argnums=1)))(t1s, rates)
+    assert calls == [8]
+    tangents = jax.jit(
+        jax.vmap(lambda t1, r: jax.jvp(lambda r: total(t1, r), (r,), (1.0,))[1])
+    )(t1s, rates)
+    linear = jax.vmap(lambda t1, r: jax.linearize(lambda r: total(t1, r), r)[1](1.0))(
+        t1s, rates
+    )
+    for i, (t1, rate) in enumerate(zip(_EULER_T1S, _EULER_RATES, strict=True)):
+        _, slope = _euler_decay_saved(np.array([t1 / 2, t1]), rate)
+        for derivative in (grads, tangents, linear):
+            np.testing.assert_allclose(derivative[i], slope.sum(), rtol=1e-13)
+
+
 def test_vmap_over_args_alone_gives_each_members_own_solve():
     def solve(rate):
         return dfx.diffeqsolve(
