@@ -22,6 +22,7 @@ on it. Performance heuristics use `strict=False`, which skips what it does not k
 """
 
 import contextlib
+import functools
 import importlib
 import threading
 
@@ -64,8 +65,10 @@ def _fail(what: str):
     )
 
 
+@functools.cache
 def _first_class(class_name, module_names) -> tuple:
-    """`(cls,)` for the first of the modules that defines the class, else `()`."""
+    """`(cls,)` for the first of the modules that defines the class, else `()`
+    (looked up once: it is read whenever a solve is called)."""
     for module_name in module_names:
         try:
             cls = getattr(importlib.import_module(module_name), class_name, None)

@@ -175,6 +175,9 @@ def requested_writes(subs, t0, t1, dt0, num_steps=None) -> Writes:
     the times; `_LOOP` where the requested times are not known, or are too many
     for one step (`_MAX_WRITES`): then a loop in each step saves them. With the
     shift past a step's end to which its writes reach (`Writes`)."""
+    if all(sub.ts is None for sub in subs):
+        # Nothing to write (and nothing for an eager call's key to hold but that).
+        return Writes((None,) * len(subs), 0.0, (None,) * len(subs))
     # The loop's times round in their own dtype: the coarsest of the given ones
     # bounds the margin.
     resolution = _resolution(subs, t0, t1, dt0)
