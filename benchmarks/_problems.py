@@ -285,15 +285,21 @@ def build_neural_ode_batch_grad(lib, counter, config) -> Case:
 # ---- (h): the gradient of a loss over a vmap of small adaptive solves -----------------
 
 
+def _lotka_volterra_batch(config):
+    """Rows (h) and (i)'s data: the shared parameters, the 50 save times over
+    [0, 100] and 256 initial states."""
+    params = jnp.array([0.1, 0.02, 0.4, 0.02], dtype=config.dtype)
+    ts = jnp.linspace(0.0, 100.0, 50, dtype=config.dtype)
+    scale = jax.random.uniform(jax.random.key(3), (256, 2), minval=0.5)
+    return params, ts, (10.0 * (scale + 0.5)).astype(config.dtype)
+
+
 def build_lotka_volterra_vmap_grad(lib, counter, config) -> Case:
     """The gradient with respect to the shared parameters of a loss over a `jax.vmap`
     of 256 Lotka-Volterra solves (Tsit5, PID 1e-6, 50 saves over [0, 100],
     `max_steps=4096`, the default adjoint): batched training with a small state
     and a vector field without a network."""
-    params = jnp.array([0.1, 0.02, 0.4, 0.02], dtype=config.dtype)
-    ts = jnp.linspace(0.0, 100.0, 50, dtype=config.dtype)
-    scale = jax.random.uniform(jax.random.key(3), (256, 2), minval=0.5)
-    y0s = (10.0 * (scale + 0.5)).astype(config.dtype)
+    params, ts, y0s = _lotka_volterra_batch(config)
     field = _maybe_counted(lotka_volterra, counter)
 
     def solve(y0, params):
@@ -317,10 +323,7 @@ def build_lotka_volterra_grad_vmap(lib, counter, config) -> Case:
     `jax.vmap` of `jax.value_and_grad` (one gradient of the shared parameters per
     member, as for per-example gradients), so that the derivative is taken inside
     the batch."""
-    params = jnp.array([0.1, 0.02, 0.4, 0.02], dtype=config.dtype)
-    ts = jnp.linspace(0.0, 100.0, 50, dtype=config.dtype)
-    scale = jax.random.uniform(jax.random.key(3), (256, 2), minval=0.5)
-    y0s = (10.0 * (scale + 0.5)).astype(config.dtype)
+    params, ts, y0s = _lotka_volterra_batch(config)
     field = _maybe_counted(lotka_volterra, counter)
 
     def loss_and_stats(params, y0):

@@ -747,13 +747,8 @@ def _euler_decay_saved(t, rate, dt=0.25):
     return value, slope
 
 
-def test_constant_steps_under_vmap_with_members_ending_apart_and_their_gradients(
-    monkeypatch,
-):
-    # Members of 2, 4 and 3 steps in one batch: values, step counts and gradients
-    # with respect to each member's rate are those of Euler's recursion, and of each
-    # member solved alone. Under reverse mode the loop stores every step's state
-    # (diffeqx's own loop; before, Equinox's checkpointed loop).
+def _count_stored_loops(monkeypatch) -> list:
+    """The `max_steps` of each of diffeqx's stored loops traced from now on."""
     from diffeqx._adjoint import stored
 
     calls = []
@@ -764,6 +759,17 @@ def test_constant_steps_under_vmap_with_members_ending_apart_and_their_gradients
         return stored_while_loop(*args, **kwargs)
 
     monkeypatch.setattr(stored, "stored_while_loop", counting)
+    return calls
+
+
+def test_constant_steps_under_vmap_with_members_ending_apart_and_their_gradients(
+    monkeypatch,
+):
+    # Members of 2, 4 and 3 steps in one batch: values, step counts and gradients
+    # with respect to each member's rate are those of Euler's recursion, and of each
+    # member solved alone. Under reverse mode the loop stores every step's state
+    # (diffeqx's own loop; before, Equinox's checkpointed loop).
+    calls = _count_stored_loops(monkeypatch)
     t1s, rates = jnp.array(_EULER_T1S), jnp.array(_EULER_RATES)
     ys, steps = jax.jit(jax.vmap(_euler_decay_to))(t1s, rates)
 
@@ -787,16 +793,7 @@ def test_derivatives_inside_vmap_with_members_ending_apart(monkeypatch):
     # derivative's values, the step holds the finished members, and under reverse
     # mode the loop is diffeqx's stored loop. Euler's recursion gives each member's
     # derivative with respect to its rate.
-    from diffeqx._adjoint import stored
-
-    calls = []
-    stored_while_loop = stored.stored_while_loop
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("max_steps"))
-        return stored_while_loop(*args, **kwargs)
-
-    monkeypatch.setattr(stored, "stored_while_loop", counting)
+    calls = _count_stored_loops(monkeypatch)
     t1s, rates = jnp.array(_EULER_T1S), jnp.array(_EULER_RATES)
 
     def total(t1, rate):
