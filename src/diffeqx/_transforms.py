@@ -315,7 +315,8 @@ def _derivative_traces_above(trace):
     derivatives = []
     while trace is not None and classify(trace) in ("reverse", "forward", "linearize"):
         derivatives.append(trace)
-        trace = getattr(trace, "parent_trace", None)
+        # (Not past a boundary of `outer_transforms_hidden`.)
+        trace = _parent(trace)
     return derivatives, trace
 
 
