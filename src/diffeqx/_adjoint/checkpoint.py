@@ -42,8 +42,8 @@ _STORAGE_BYTES = 2**24
 # 110 bytes a step, compiles to 0.73x the optimised HLO instructions, in 0.8x the
 # time, and runs in 0.85x. The training step of 32 trajectories under `jax.vmap`,
 # 9.75 MiB at `max_steps=4096`, compiled in 0.72x-0.83x the time it took with the
-# store thinned (which compiles a second copy of the step, to recompute the steps
-# between two stored states) and ran in 1.01x-1.13x (zeroing the store). With
+# store thinned (which then compiled a second copy of the step, to recompute the
+# steps between two stored states) and ran in 1.01x-1.13x (zeroing the store). With
 # 256 trajectories in one state, 8 kB a step, 32 MiB, it compiled faster but ran
 # slower with two threads: zeroing the store on every run then costs more than
 # the recomputation it saves.)

@@ -226,16 +226,18 @@ def _longest_segment(max_steps: int, slots: int) -> int:
 
 def _run_thinned(step, going, x, b, max_steps, slots):
     """The forward loop, storing the state at the start of every `stride`-th
-    iteration in `slots` slots: every iteration's while they last (stride 1); when
+    iteration in `slots` slots (and one more, written by the other iterations): every iteration's while they last (stride 1); when
     they are full, every other stored state is dropped and the stride doubles. At
     the end slot `m` holds the state at the start of iteration `m * stride`, for
     every `m * stride < n` (the iterations run). Returns `(n, x, b, store, stride)`.
     """
-    store = [jnp.zeros((slots,) + v.shape, v.dtype) for v in x]
+    # One slot more, written where an iteration's state is not kept (a write
+    # whose slot does not depend on the state, with no read of what it overwrites).
+    store = [jnp.zeros((slots + 1,) + v.shape, v.dtype) for v in x]
 
     def thin(store):
         # Slots 2k -> k; the upper half is written again before it is read.
-        return [jnp.concatenate([s[::2], s[slots // 2 :]]) for s in store]
+        return [jnp.concatenate([s[:slots:2], s[slots // 2 :]]) for s in store]
 
     def cond(carry):
         i, x, b = carry[:3]
@@ -246,12 +248,9 @@ def _run_thinned(step, going, x, b, max_steps, slots):
         full = i == slots * stride
         store = lax.cond(full, thin, lambda store: store, store)
         stride = jnp.where(full, 2 * stride, stride)
-        at = i // stride
-        keep = i % stride == 0
+        at = jnp.where(i % stride == 0, i // stride, slots)
         store = [
-            lax.dynamic_update_index_in_dim(
-                s, jnp.where(keep, v, lax.dynamic_index_in_dim(s, at, 0, False)), at, 0
-            )
+            lax.dynamic_update_index_in_dim(s, v, at, 0)
             for s, v in zip(store, x, strict=True)
         ]
         x, b = step(x, b)
@@ -430,8 +429,10 @@ def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, max_steps, slots):
     # gradient per step, 5% of its run time).
     ct_b_written = ct_b
 
-    def step_vjp(x, cts):
-        ct_step, ct_x, ct_b_now = cts
+    def linearise(x):
+        """The step from state `x`: the next state, and a function taking the
+        cotangents after the step to those before it (the step's transpose, its
+        linearisation's values computed here)."""
         x_other = pick(x, x_inexact, False)
 
         def f(step_diff, x_float, b_float):
@@ -439,91 +440,95 @@ def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, max_steps, slots):
             x1, b1 = s(
                 merge(x_inexact, x_float, x_other), merge(b_inexact, b_float, b_other)
             )
-            return pick(x1, x_inexact), pick(b1, b_inexact)
+            return (pick(x1, x_inexact), pick(b1, b_inexact)), pick(
+                x1, x_inexact, False
+            )
 
         if carry_ct_b:
-            _, vjp = jax.vjp(f, step_diff, pick(x, x_inexact), b_float)
-            d_step, d_x, d_b = vjp((ct_x, ct_b_now))
+            (x1, _), vjp, x1_other = jax.vjp(
+                f, step_diff, pick(x, x_inexact), b_float, has_aux=True
+            )
         else:
-            _, vjp = jax.vjp(
+            (x1, _), vjp, x1_other = jax.vjp(
                 lambda step_diff, x_float: f(step_diff, x_float, b_float),
                 step_diff,
                 pick(x, x_inexact),
+                has_aux=True,
             )
-            (d_step, d_x), d_b = vjp((ct_x, ct_b_written)), ct_b_now
-        return jtu.tree_map(jnp.add, ct_step, d_step), d_x, d_b
 
-    def backwards(states, count, cts):
-        """The cotangents through the iterations whose states are `states[:count]`,
-        the last first."""
+        def transpose(cts):
+            ct_step, ct_x, ct_b_now = cts
+            if carry_ct_b:
+                d_step, d_x, d_b = vjp((ct_x, ct_b_now))
+            else:
+                (d_step, d_x), d_b = vjp((ct_x, ct_b_written)), ct_b_now
+            return jtu.tree_map(jnp.add, ct_step, d_step), d_x, d_b
 
-        def body(carry):
-            j, cts = carry
-            # The state read once, into arrays of its own (a branch's outputs),
-            # before the step reads it: under `jax.vmap` the stored states are laid
-            # out member by member (`(batch, iterations, ...)`), and XLA fused that
-            # strided read into each kernel of the step that uses the state
-            # (measured on CPU, the gradient of a loss over a `vmap` of 256
-            # Lotka-Volterra solves, `bench_core.py` row h: 18.1 ms before, 14.6 ms
-            # after; XLA removes an `optimization_barrier` before fusing, so that
-            # does not do it). The branch not taken is never run (`j >= 0` in the
-            # loop).
-            x = lax.cond(
-                j >= 0,
-                lambda: [v[j] for v in states],
-                lambda: [jnp.zeros(v.shape[1:], v.dtype) for v in states],
-            )
-            return j - 1, step_vjp(x, cts)
+        return merge(x_inexact, x1, x1_other), transpose
 
-        _, cts = lax.while_loop(lambda carry: carry[0] >= 0, body, (count - 1, cts))
-        return cts
+    def read(states, j):
+        # The state read once, into arrays of its own (a branch's outputs), before
+        # the step reads it: under `jax.vmap` the stored states are laid out member
+        # by member (`(batch, iterations, ...)`), and XLA fused that strided read
+        # into each kernel of the step that uses the state (measured on CPU, the
+        # gradient of a loss over a `vmap` of 256 Lotka-Volterra solves,
+        # `bench_core.py` row h: 18.1 ms before, 14.6 ms after; XLA removes an
+        # `optimization_barrier` before fusing, so that does not do it). The branch
+        # not taken is never run (`j >= 0` in the loops).
+        return lax.cond(
+            j >= 0,
+            lambda: [v[j] for v in states],
+            lambda: [jnp.zeros(v.shape[1:], v.dtype) for v in states],
+        )
 
     init_cts = (ct_step, ct_x, ct_b if carry_ct_b else [])
     if slots is None:
-        ct_step, ct_x, ct_b = backwards(states, n, init_cts)
+        # The cotangents through the steps whose states are `states[:n]`, the
+        # last first.
+        def body(carry):
+            j, cts = carry
+            _, transpose = linearise(read(states, j))
+            return j - 1, transpose(cts)
+
+        _, cts = lax.while_loop(lambda carry: carry[0] >= 0, body, (n - 1, init_cts))
     else:
-        # Segment by segment, the last first: the states of a segment's iterations
-        # recomputed from the state stored at its start (none with stride 1), then
-        # differentiated in turn. The buffers stand in at their final values, as
-        # in the backward pass (the writes do not matter to the states).
+        # Segment by segment, the last first: the states of a segment's `length`
+        # iterations recomputed from the state stored at its start (none with
+        # stride 1), then differentiated in turn, the last first: `2 * length - 1`
+        # turns of one loop, each linearising the step at one state and either
+        # keeping the next state (recomputing) or transposing (differentiating).
+        # One copy of the step in the program, not a second one to recompute with
+        # (measured on CPU, `bench_core.py` rows g, h and i: 12-15% fewer
+        # optimised HLO lines, 5-8% less compile time on rows h and i, the same
+        # run time; a recomputing turn computes the linearisation's values too).
+        # The buffers stand in at their final values, as in the backward pass (the
+        # writes do not matter to the states).
         longest = _longest_segment(max_steps, slots)
         segment0 = [jnp.zeros((longest,) + v.shape, v.dtype) for v in x0]
 
-        def recompute(m, segment):
+        def body(carry):
+            m, j, segment, cts = carry
             length = jnp.minimum(stride, n - m * stride)
-
-            def body(carry):
-                j, x, segment = carry
-                segment = [
-                    lax.dynamic_update_index_in_dim(s, v, j, 0)
-                    for s, v in zip(segment, x, strict=True)
-                ]
-                x, _ = step(x, b_final)
-                return j + 1, x, segment
-
-            x = [lax.dynamic_index_in_dim(v, m, 0, False) for v in states]
-            j, x, segment = lax.while_loop(
-                lambda carry: carry[0] < length - 1,
-                body,
-                (jnp.zeros_like(length), x, segment),
-            )
+            recomputing = j < length - 1
+            k = jnp.where(recomputing, j, 2 * length - 2 - j)
+            x = lax.cond(k == 0, lambda: read(states, m), lambda: read(segment, k))
+            x1, transpose = linearise(x)
+            # The next state kept while recomputing; otherwise the write is
+            # dropped (its slot out of range).
+            at = jnp.where(recomputing, k + 1, longest)
             segment = [
-                lax.dynamic_update_index_in_dim(s, v, j, 0)
-                for s, v in zip(segment, x, strict=True)
+                s.at[at].set(v, mode="drop") for s, v in zip(segment, x1, strict=True)
             ]
-            return segment, length
-
-        def segment_body(carry):
-            m, segment, cts = carry
-            segment, length = recompute(m, segment)
-            return m - 1, segment, backwards(segment, length, cts)
+            cts = lax.cond(recomputing, lambda cts: cts, transpose, cts)
+            last = j == 2 * length - 2
+            return jnp.where(last, m - 1, m), jnp.where(last, 0, j + 1), segment, cts
 
         segments = (n + stride - 1) // stride
-        _, _, (ct_step, ct_x, ct_b) = lax.while_loop(
-            lambda carry: carry[0] >= 0,
-            segment_body,
-            (segments - 1, segment0, init_cts),
+        zero = jnp.zeros_like(segments)
+        _, _, _, cts = lax.while_loop(
+            lambda carry: carry[0] >= 0, body, (segments - 1, zero, segment0, init_cts)
         )
+    ct_step, ct_x, ct_b = cts
     if not carry_ct_b:
         ct_b = [None] * len(ct_b_written)
     nones_x, nones_b = [None] * len(x0), [None] * len(b_final)
