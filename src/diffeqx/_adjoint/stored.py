@@ -226,11 +226,11 @@ def _longest_segment(max_steps: int, slots: int) -> int:
 
 def _run_thinned(step, going, x, b, max_steps, slots):
     """The forward loop, storing the state at the start of every `stride`-th
-    iteration in `slots` slots (and one more, written by the other iterations): every iteration's while they last (stride 1); when
-    they are full, every other stored state is dropped and the stride doubles. At
-    the end slot `m` holds the state at the start of iteration `m * stride`, for
-    every `m * stride < n` (the iterations run). Returns `(n, x, b, store, stride)`.
-    """
+    iteration in `slots` slots (and one more, written by the other iterations):
+    every iteration's while they last (stride 1); when they are full, every other
+    stored state is dropped and the stride doubles. At the end slot `m` holds the
+    state at the start of iteration `m * stride`, for every `m * stride < n` (the
+    iterations run). Returns `(n, x, b, store, stride)`."""
     # One slot more, written where an iteration's state is not kept (a write
     # whose slot does not depend on the state, with no read of what it overwrites).
     store = [jnp.zeros((slots + 1,) + v.shape, v.dtype) for v in x]
@@ -474,7 +474,7 @@ def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, max_steps, slots):
         # gradient of a loss over a `vmap` of 256 Lotka-Volterra solves,
         # `bench_core.py` row h: 18.1 ms before, 14.6 ms after; XLA removes an
         # `optimization_barrier` before fusing, so that does not do it). The branch
-        # not taken is never run (`j >= 0` in the loops).
+        # not taken is never run (`j >= 0` in the loop).
         return lax.cond(
             j >= 0,
             lambda: [v[j] for v in states],
@@ -494,18 +494,18 @@ def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, max_steps, slots):
     else:
         # Segment by segment, the last first: the states of a segment's `length`
         # iterations recomputed from the state stored at its start (none with
-        # stride 1), then differentiated in turn, the last first: `2 * length - 1`
-        # turns of one loop, each linearising the step at one state and either
-        # keeping the next state (recomputing) or transposing (differentiating).
-        # One copy of the step in the program, not a second one to recompute with.
-        # Measured on CPU against two loops (`bench_core.py` rows g, h and i): 14-16%
-        # fewer optimised HLO lines, rows h and i compiled in 0.85x-0.92x the
-        # time, g as before, the same run times (i recomputes); a 256-trajectory
-        # neural ODE of 153 steps (stride 4) ran as fast. A recomputing turn also
-        # computes the linearisation's values: with the store forced on a tiny
-        # state (2 values, 251 steps) the gradient ran 1.15x slower. The buffers
-        # stand in at their final values, as in the backward pass (the writes do
-        # not matter to the states).
+        # stride 1), then differentiated from the last: `2 * length - 1` turns of
+        # one loop, each linearising the step at one state and either keeping the
+        # next state (recomputing) or transposing (differentiating). One copy of
+        # the step in the program, not a second one to recompute with. Measured on
+        # CPU against two loops (`bench_core.py` rows g, h and i): 14-16% fewer
+        # optimised HLO lines, rows h and i compiled in 0.85x-0.92x the time, g as
+        # before, the same run times (i recomputes); a 256-trajectory neural ODE
+        # of 153 steps (stride 4) ran as fast. A recomputing turn also computes
+        # the linearisation's values: with the store forced on a tiny state (2
+        # values, 251 steps) the gradient ran 1.15x slower. The buffers stand in
+        # at their final values, as in the backward pass (the writes do not matter
+        # to the states).
         longest = _longest_segment(max_steps, slots)
         # One slot more, written by the turns that differentiate.
         segment0 = [jnp.zeros((longest + 1,) + v.shape, v.dtype) for v in x0]
