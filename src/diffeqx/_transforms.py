@@ -304,6 +304,76 @@ def batched_leaf(tree, *, through_derivatives: bool = False):
     return None
 
 
+def _numeric(x) -> bool:
+    return jax.numpy.issubdtype(x.dtype, jax.numpy.number) or x.dtype == bool
+
+
+def _true_mapped_as(value):
+    """A boolean `True` that a `jax.vmap` maps exactly where it maps `value` (XLA
+    folds it, and any select on it, to a constant)."""
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        value = jax.random.key_data(value)
+    first = jax.numpy.ravel(value)[0]
+    return (first == first) | True
+
+
+def _mapped_by(mark, x):
+    """`x`, mapped where the boolean `mark` is (the same values)."""
+    return jax.lax.select(jax.numpy.broadcast_to(mark, x.shape), x, x)
+
+
+def batched_as(tree, leaf):
+    """`tree` with each numeric array leaf mapped by the `jax.vmap` that maps `leaf`
+    (the same values); `tree` itself if `leaf` is None.
+
+    For a loop's initial carry: under `jax.vmap`, JAX finds which of a loop's values
+    are mapped by batching the loop body's program until that set stops growing
+    (`lax.while_loop`, `lax.scan`), then, for a while loop, once more. A carry that
+    starts unmapped and is mapped after one iteration (an accumulator of zeros, a
+    buffer the body writes mapped values to) costs one more batching of the whole
+    body at trace time; started mapped, the set never grows."""
+    if leaf is None:
+        return tree
+    mark = _true_mapped_as(leaf)
+
+    def _leaf(x):
+        if not isinstance(x, jax.Array) or not _numeric(x):
+            return x
+        if batched_leaf(x, through_derivatives=True) is not None:
+            return x  # already mapped
+        return _mapped_by(mark, x)
+
+    return jax.tree_util.tree_map(_leaf, tree)
+
+
+def batched_like(buffers: list, values: list) -> list:
+    """Each of `buffers` mapped by a `jax.vmap` exactly where the value paired with
+    it (of `values`, the same length) is, the same arrays otherwise: for a buffer
+    that a loop writes that value into, so that it is mapped from the start (see
+    `batched_as`). Unlike `batched_as` it needs no `jax.vmap` in sight when traced:
+    a program traced first and batched later (a custom derivative's forward pass)
+    gets its buffers mapped where its values turn out to be, and an unbatched
+    program folds the selects away."""
+    marks = {}
+
+    def mark(value):
+        if id(value) not in marks:
+            marks[id(value)] = _true_mapped_as(value)
+        return marks[id(value)]
+
+    return [
+        _mapped_by(mark(v), b) if _numeric(b) and jax.numpy.size(v) > 0 else b
+        for b, v in zip(buffers, values, strict=True)
+    ]
+
+
+def mapped_from_start(tree, *sources):
+    """`batched_as(tree, leaf)` with `leaf` a leaf of `sources` that the innermost
+    `jax.vmap` maps (through derivatives taken inside it), if any: a loop's initial
+    carry mapped from the start where its inputs are."""
+    return batched_as(tree, batched_leaf(sources, through_derivatives=True))
+
+
 def _derivative_traces_above(trace):
     """`(derivative traces, first other trace)`: the derivative traces (`jax.grad`,
     `jax.jvp`, `jax.linearize`) from `trace` outwards, innermost first, up to the

@@ -13,6 +13,7 @@ import optimistix as optx
 
 from .._saveat import SaveAt
 from .._term import AbstractTerm, MultiTerm
+from .._transforms import mapped_from_start
 from .backsolve_saves import (
     convert_save_fns,
     merged_save_points,
@@ -440,9 +441,16 @@ def _backsolve_bwd(residuals, grad_obj, perturbed, diff, rest, solve, adjoint):
             **segment_problem(last[0], last[1], first_state, None, None),
             saveat=SaveAt(t1=True),
         )
+        # Mapped from the start under `jax.vmap` where the saved states or their
+        # cotangents are (`batched_as`): the accumulators start as zeros.
+        init = mapped_from_start(
+            (a_y, a_args, a_terms, solver_state, controller_state),
+            point_ys,
+            point_a_y,
+        )
         (a_y, a_args, a_terms, _, _), _ = lax.scan(
             segment,
-            (a_y, a_args, a_terms, solver_state, controller_state),
+            init,
             (point_ts, prev_ts, point_ys, point_a_y, later),
             reverse=True,
         )

@@ -39,6 +39,8 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from .._transforms import batched_like
+
 
 class WriteOnce(eqx.Module):
     """A write-once buffer inside the stored loop: `buffer.at[i].set(x, pred=p)`
@@ -234,6 +236,8 @@ def _run_thinned(step, going, x, b, max_steps, slots):
     # One slot more, written where an iteration's state is not kept (a write
     # whose slot does not depend on the state, with no read of what it overwrites).
     store = [jnp.zeros((slots + 1,) + v.shape, v.dtype) for v in x]
+    # Mapped from the start where the state is (`batched_like`).
+    store = batched_like(store, x)
 
     def thin(store):
         # Slots 2k -> k; the upper half is written again before it is read.
@@ -372,6 +376,8 @@ def _loop_fwd(perturbed, vjp_arg, max_steps, slots):
         n, x, b, store, stride = _run_thinned(step, going, x, b, max_steps, slots)
         return (x, b), (n, store, b, stride)
     states = [jnp.zeros((max_steps,) + v.shape, v.dtype) for v in x]
+    # Mapped from the start where the state is (`batched_like`).
+    states = batched_like(states, x)
     n, x, b, states = _run(step, going, x, b, max_steps, states)
     return (x, b), (n, states, b, None)
 
@@ -481,7 +487,14 @@ def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, max_steps, slots):
             lambda: [jnp.zeros(v.shape[1:], v.dtype) for v in states],
         )
 
+    # The cotangents (and the segment below) mapped from the start where the stored
+    # states are (`batched_like`): the steps linearised at mapped states give
+    # mapped cotangents.
     init_cts = (ct_step, ct_x, ct_b if carry_ct_b else [])
+    if states:
+        leaves, treedef = jtu.tree_flatten(init_cts)
+        leaves = batched_like(leaves, [states[0]] * len(leaves))
+        init_cts = jtu.tree_unflatten(treedef, leaves)
     if slots is None:
         # The cotangents through the steps whose states are `states[:n]`, the
         # last first.
@@ -509,6 +522,7 @@ def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, max_steps, slots):
         longest = _longest_segment(max_steps, slots)
         # One slot more, written by the turns that differentiate.
         segment0 = [jnp.zeros((longest + 1,) + v.shape, v.dtype) for v in x0]
+        segment0 = batched_like(segment0, states)
 
         def body(carry):
             m, j, segment, cts = carry

@@ -43,6 +43,7 @@ from .._transforms import (
     differentiation_levels,
     hashable_statics,
     is_batched,
+    mapped_from_start,
 )
 from . import checks
 from .loop import (
@@ -814,14 +815,17 @@ def _scan_fixed_steps(
     ]
     if saving:
         saves = _save_at_start(spec, init_state, writes, at_start, saves)
-    carry = (
-        init_state.y,
-        init_state.solver_state,
-        status,
-        place,
-        place if is_batched() else None,
-        saves,
-    )
+    y, solver_state, stopped = init_state.y, init_state.solver_state, None
+    if is_batched():
+        # The state, the status and each member's stopping place mapped from the
+        # start where the solve's inputs are (`batched_as`), as they are after one
+        # step: JAX then batches the step once at trace time (three times with
+        # only a Brownian path's key mapped). The times where the loop is and the
+        # saves' shared index stay unmapped.
+        y, solver_state, status, stopped = mapped_from_start(
+            (y, solver_state, status, place), spec.terms, spec.args, y
+        )
+    carry = (y, solver_state, status, place, stopped, saves)
     scan_body, row = body, None
     if block > 0 and storage > 0:
         # Traced as it runs without blocks (see `branch` below), which is also how it

@@ -14,7 +14,12 @@ from .._progress import NoProgressMeter
 from .._solution import RESULTS, where_result
 from .._solver.runge_kutta import AbstractERK
 from .._term import forward_time_terms
-from .._transforms import TransformDetectionError, active_transforms, batched_leaf
+from .._transforms import (
+    TransformDetectionError,
+    active_transforms,
+    batched_as,
+    batched_leaf,
+)
 from .event import EventSpec, EventState, init_event_state
 from .loop import LoopSpec
 from .save import (
@@ -210,9 +215,13 @@ def initial_state(
         # The loop's condition is then mapped too: through the step size with an
         # adaptive controller, through each member's finite-state check (and its
         # own times, where they are mapped) with constant steps. The step body
-        # holds the members that have finished (`LoopSpec.mask_members`).
+        # holds the members that have finished (`LoopSpec.mask_members`). Every
+        # value of the loop ends up mapped; started mapped (`batched_as`), the step
+        # is batched twice at trace time (with the loop's own predicate unmapped),
+        # where started unmapped (e.g. only a Brownian path's key mapped) JAX would
+        # batch it four times.
         spec = dataclasses.replace(spec, mask_members=True)
-        init_state = _batched_as(init_state, mapped)
+        init_state = batched_as(init_state, mapped)
     return spec, init_state
 
 
@@ -280,37 +289,6 @@ def _seeded(tree, seed):
         if jnp.issubdtype(x.dtype, jnp.floating):
             return jnp.where(seed == 0, x, x + jnp.nan)
         return x
-
-    return jtu.tree_map(_leaf, tree)
-
-
-def _batched_as(tree, leaf):
-    """`tree` with each array leaf mapped by the `jax.vmap` that maps `leaf` (the
-    same values); `tree` itself if `leaf` is None.
-
-    Under `jax.vmap`, JAX finds which of a loop's values are mapped by batching the
-    loop body's program until that set stops growing, then once more. With an
-    adaptive step size, a mapped input reaches the step size and the loop's
-    condition, so every value ends up mapped; started mapped, the set never grows,
-    and the step is batched twice (with the loop's own predicate unmapped, see
-    `LoopSpec.mask_members`). Started unmapped (only `args` mapped, e.g. a Brownian
-    path's key), JAX would batch it four times."""
-    if leaf is None:
-        return tree
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        leaf = jax.random.key_data(leaf)
-    first = jnp.ravel(leaf)[0]
-    # True, and mapped; XLA folds `or` with true, and then the selects below.
-    mapped = (first == first) | True
-
-    def _leaf(x):
-        if not isinstance(x, jax.Array) or not (
-            jnp.issubdtype(x.dtype, jnp.number) or x.dtype == jnp.bool_
-        ):
-            return x
-        if batched_leaf(x, through_derivatives=True) is not None:
-            return x  # already mapped
-        return jax.lax.select(jnp.broadcast_to(mapped, x.shape), x, x)
 
     return jtu.tree_map(_leaf, tree)
 
