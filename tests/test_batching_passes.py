@@ -124,9 +124,26 @@ def _sde_over_keys():
     return jax.grad(loss), (jnp.asarray(0.5),)
 
 
+def _sde_traced_times():
+    # The Brownian tree's depth known only at run time (its span traced): its walks
+    # loop over the levels, with sums that start as zeros.
+    def one(key, t1):
+        path = dfx.VirtualBrownianTree(0.0, t1, tol=1e-3, shape=(2,), key=key)
+        terms = dfx.MultiTerm(
+            dfx.ODETerm(lambda t, y, args: -y),
+            dfx.ControlTerm(lambda t, y, args: args * jnp.eye(2), path),
+        )
+        sol = dfx.diffeqsolve(terms, dfx.Heun(), 0.0, t1, 0.05, jnp.ones(2), args=0.5)
+        return jnp.sum(sol.ys**2)
+
+    keys = jr.split(jr.key(0), 4)
+    loss = lambda t1: jnp.sum(jax.vmap(one, in_axes=(0, None))(keys, t1))
+    return jax.grad(loss), (jnp.asarray(1.0),)
+
+
 # Each case's budget of extra batchings (patterns beyond the first, summed over its
 # loops), as measured when set with JAX 0.10.2 and Equinox 0.13. Before diffeqx
-# started these loops' values mapped: 2, 2, 2, 2, 5 and 2.
+# started these loops' values mapped: 2, 2, 2, 2, 5, 2 and 4.
 CASES = {
     # The default adjoint storing every step's state: its forward loop and its
     # backward loop, each batched once more when the store or the cotangents started
@@ -141,6 +158,8 @@ CASES = {
     # backward solves' flags.
     "BacksolveAdjoint under vmap": (_backsolve, 3),
     "fixed-step SDE over keys": (_sde_over_keys, 0),
+    # One scan of 12 equations is still batched twice.
+    "SDE over keys, times traced": (_sde_traced_times, 1),
 }
 
 

@@ -11,6 +11,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 
+from .._transforms import batched_like
 from .base import normals, times_pow2
 from .levy import (
     UNIT_SCALES,
@@ -313,7 +314,10 @@ def values_to_depth(grid, leaf, lam, hasher):
         value = value + jnp.where(go_right, jnp.sqrt(half.astype(eta.dtype)) * left, 0)
         return jnp.where(go_right, right, left), value
 
-    eta, value = lax.fori_loop(0, grid.depth, level, (root, jnp.zeros_like(root)))
+    # The sum starts mapped where the walk is (`batched_like`): under `jax.vmap`
+    # JAX then batches the loop's body once.
+    (zero,) = batched_like([jnp.zeros_like(root)], [root])
+    eta, value = lax.fori_loop(0, grid.depth, level, (root, zero))
     lam = _per_time(lam.astype(eta.dtype), eta)
     (before,), _ = split_at(lam, [eta], [tip])
     return value + jnp.sqrt(lam * grid.leaf_width(eta.dtype)) * before
@@ -350,6 +354,9 @@ def moments_to_depth(grid, leaf, lam, hasher, pair: bool) -> list:
         eta = pick(_per_time(go_right, eta[0]), right, left)
         return eta, (w_b, back), (w_f, front)
 
+    # The gathered moments start mapped where the walk is (`batched_like`).
+    zero_w, *empty = batched_like([zero_w, *empty], [root[0]] * (1 + len(empty)))
+    empty = tuple(empty)
     carry = (root, (zero_w, empty), (zero_w, empty))
     eta, (w_b, back), (w_f, front) = lax.fori_loop(0, grid.depth, level, carry)
     before, after = split_at(_per_time(lam.astype(dtype), eta[0]), eta, tips)
