@@ -32,13 +32,13 @@ def _extra_batchings(fn, *args):
     sizes = {}
     original = batching.batch_jaxpr
 
-    def recording(closed_jaxpr, axis_data, in_batched, instantiate):
+    def recording(closed_jaxpr, axis_data, in_batched, *args, **kwargs):
         rule = sys._getframe(1).f_code.co_name
         if rule in _LOOP_RULES:
             key = (rule, id(closed_jaxpr.jaxpr))
             patterns[key].add(tuple(in_batched))
             sizes[key] = len(closed_jaxpr.jaxpr.eqns)
-        return original(closed_jaxpr, axis_data, in_batched, instantiate)
+        return original(closed_jaxpr, axis_data, in_batched, *args, **kwargs)
 
     # From cold caches: a program traced (and batched) before is reused.
     jax.clear_caches()
@@ -141,9 +141,35 @@ def _sde_traced_times():
     return jax.grad(loss), (jnp.asarray(1.0),)
 
 
+def _implicit():
+    # Kvaerno5's implicit stages run in a loop, each with a root find.
+    def one(y0):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: jnp.stack([-y[0] + y[1] ** 2, -10 * y[1]])),
+            dfx.Kvaerno5(),
+            0.0,
+            1.0,
+            0.01,
+            y0,
+            stepsize_controller=dfx.PIDController(rtol=1e-5, atol=1e-7),
+        ).ys
+
+    return jax.vmap(one), (_Y0S,)
+
+
+def _constant_steps_saving_ts():
+    # The fixed-step scan saving at requested times: each member's saves.
+    def one(y0):
+        saveat = dfx.SaveAt(ts=jnp.linspace(0.0, 1.0, 7))
+        term = dfx.ODETerm(lambda t, y, args: -y)
+        return dfx.diffeqsolve(term, dfx.Euler(), 0.0, 1.0, 0.01, y0, saveat=saveat).ys
+
+    return jax.vmap(one), (_Y0S,)
+
+
 # Each case's budget of extra batchings (patterns beyond the first, summed over its
 # loops), as measured when set with JAX 0.10.2 and Equinox 0.13. Before diffeqx
-# started these loops' values mapped: 2, 2, 2, 2, 5, 2 and 4.
+# started these loops' values mapped: 2, 2, 2, 2, 5, 2, 4, 2 and 3.
 CASES = {
     # The default adjoint storing every step's state: its forward loop and its
     # backward loop, each batched once more when the store or the cotangents started
@@ -160,6 +186,10 @@ CASES = {
     "fixed-step SDE over keys": (_sde_over_keys, 0),
     # One scan of 12 equations is still batched twice.
     "SDE over keys, times traced": (_sde_traced_times, 1),
+    # The root find's loop (Optimistix's: its count of iterations starts unmapped)
+    # is still batched twice; the loop over the stages once.
+    "Kvaerno5 under vmap": (_implicit, 1),
+    "constant steps saving at ts under vmap": (_constant_steps_saving_ts, 0),
 }
 
 

@@ -817,14 +817,23 @@ def _scan_fixed_steps(
         saves = _save_at_start(spec, init_state, writes, at_start, saves)
     y, solver_state, stopped = init_state.y, init_state.solver_state, None
     if is_batched():
-        # The state, the status and each member's stopping place mapped from the
-        # start where the solve's inputs are (`batched_as`), as they are after one
-        # step: JAX then batches the step once at trace time (three times with
-        # only a Brownian path's key mapped). The times where the loop is and the
-        # saves' shared index stay unmapped.
-        y, solver_state, status, stopped = mapped_from_start(
-            (y, solver_state, status, place), spec.terms, spec.args, y
+        # The state, the status, each member's stopping place and its saves mapped
+        # from the start where the solve's inputs are (`batched_as`), as they are
+        # after one step: JAX then batches the step once at trace time (three
+        # times with only a Brownian path's key mapped). The times where the loop
+        # is and the saves' shared index stay unmapped.
+        y, solver_state, status, stopped, own_saves = mapped_from_start(
+            (y, solver_state, status, place, [(s.own, s.ys) for s in saves if s]),
+            spec.terms,
+            spec.args,
+            y,
         )
+        # (Each member's index and buffer of saves; not the index shared by all.)
+        own_saves = iter(own_saves)
+        saves = [
+            s and eqx.tree_at(lambda s: (s.own, s.ys), s, next(own_saves))
+            for s in saves
+        ]
     carry = (y, solver_state, status, place, stopped, saves)
     scan_body, row = body, None
     if block > 0 and storage > 0:

@@ -40,6 +40,7 @@ from .._path.local import (
 from .._root_finder import VeryChord, with_stepsize_controller_tols
 from .._solution import RESULTS, promote_result, succeeded, where_result
 from .._term import AbstractTerm, scales_vector_field
+from .._transforms import batched_like
 from . import implicit_coefficients as ico
 from .base import (
     AbstractAdaptiveSolver,
@@ -373,6 +374,14 @@ def additive_step(
             ks, stage_result = implicit_step(i, ks, diagonal_array[i], jacobian_state)
             return ks, first_failure(result, stage_result)
 
+        # The result code starts mapped where the stages are (`batched_like`): under
+        # `jax.vmap` JAX then batches the stage loop's body once less.
+        result_leaves, result_tree = jtu.tree_flatten(result)
+        result_leaves = [jnp.asarray(x) for x in result_leaves]
+        first_k = jtu.tree_leaves(ks)[:1] * len(result_leaves)
+        if first_k:
+            result_leaves = batched_like(result_leaves, first_k)
+        result = jtu.tree_unflatten(result_tree, result_leaves)
         ks, result = lax.fori_loop(first, s, body, (ks, result))
     else:
         for i in range(first, s):
