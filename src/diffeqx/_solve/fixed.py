@@ -822,17 +822,15 @@ def _scan_fixed_steps(
         # after one step: JAX then batches the step once at trace time (three
         # times with only a Brownian path's key mapped). The times where the loop
         # is and the saves' shared index stay unmapped.
-        y, solver_state, status, stopped, own_saves = mapped_from_start(
-            (y, solver_state, status, place, [(s.own, s.ys) for s in saves if s]),
-            spec.terms,
-            spec.args,
-            y,
+        # (Of the saves, each member's index and buffer; not the index shared by
+        # all.)
+        own = [None if s is None else (s.own, s.ys) for s in saves]
+        y, solver_state, status, stopped, own = mapped_from_start(
+            (y, solver_state, status, place, own), spec.terms, spec.args, y
         )
-        # (Each member's index and buffer of saves; not the index shared by all.)
-        own_saves = iter(own_saves)
         saves = [
-            s and eqx.tree_at(lambda s: (s.own, s.ys), s, next(own_saves))
-            for s in saves
+            None if s is None else eqx.tree_at(lambda s: (s.own, s.ys), s, mine)
+            for s, mine in zip(saves, own, strict=True)
         ]
     carry = (y, solver_state, status, place, stopped, saves)
     scan_body, row = body, None
