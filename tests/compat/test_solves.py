@@ -258,3 +258,31 @@ def test_derivative_of_a_solve_that_took_no_steps():
     np.testing.assert_array_equal(ours.evaluate(t0), theirs.evaluate(t0))
     np.testing.assert_array_equal(ours.derivative(t0), np.zeros(2))
     assert np.isnan(np.asarray(theirs.derivative(t0))).all()
+
+
+@pytest.mark.parametrize("controller", ["PIDController", "ClipStepSizeController"])
+def test_no_error_estimate_under_an_adaptive_controller_is_a_runtime_error(controller):
+    """docs/migration.md: `Euler` (no error estimate) under an adaptive controller.
+    Diffrax raises a `RuntimeError`; diffeqx raises at trace time an error that is a
+    `RuntimeError` too (and a `ValueError`), so `except RuntimeError` keeps
+    catching it."""
+
+    def call(lib):
+        pid = lib.PIDController(rtol=1e-3, atol=1e-3)
+        if controller == "ClipStepSizeController":
+            pid = lib.ClipStepSizeController(pid, step_ts=jnp.array([0.5]))
+        return lib.diffeqsolve(
+            lib.ODETerm(lambda t, y, args: -y),
+            lib.Euler(),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array(1.0),
+            stepsize_controller=pid,
+        )
+
+    for lib in (diffrax, diffeqx):
+        with pytest.raises(RuntimeError):
+            call(lib)
+    with pytest.raises(ValueError, match="Euler returns no error estimate"):
+        call(diffeqx)

@@ -186,8 +186,15 @@ def _known_error_estimate(solver) -> bool | None:
     return None
 
 
+class NoErrorEstimateError(ValueError, RuntimeError):
+    """A solver without an error estimate under an adaptive step-size controller,
+    found when `diffeqsolve` is traced. A `ValueError`, and also a `RuntimeError`,
+    which is what Diffrax raises for it, so that code catching either keeps
+    working."""
+
+
 def _raise_no_error_estimate(solver, controller) -> None:
-    raise ValueError(
+    raise NoErrorEstimateError(
         f"The solver {type(solver).__name__} returns no error estimate (its `step` "
         f"gives `y_error=None`), so it cannot be used with the adaptive "
         f"{type(controller).__name__}. Use `ConstantStepSize()` with this solver, a "
