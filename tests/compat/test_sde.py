@@ -4,6 +4,7 @@ Euler, Heun, Euler–Heun, Milstein (Itô and Stratonovich), reversible Heun and
 so `tests/compat/_sde_paths.py` supplies one path both accept."""
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -302,3 +303,26 @@ def test_complex_brownian_paths_are_accepted_with_diffraxs_dtypes(kind, levy_are
         }
     if "diffrax" in structures:
         assert structures["diffeqx"] == structures["diffrax"]
+
+
+@pytest.mark.parametrize("kind", ["VirtualBrownianTree", "UnsafeBrownianPath"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_brownian_queries_at_mixed_float32_and_python_times(kind, jit):
+    """A float32 time next to a Python number (or a float64 array) is a query both
+    libraries answer, eagerly and under `jax.jit`, with strict dtype promotion on
+    (the test suite's setting): the Python number takes the array's dtype. Until
+    2026-12-08 diffeqx's `UnsafeBrownianPath` raised a `TypePromotionError` here,
+    working out the times' dtype from the Python number as a float64 array."""
+    f32 = jnp.asarray(0.5, jnp.float32)
+    pairs = [(f32, 2.0), (0.0, f32), (f32, jnp.asarray(2.0)), (0.0, 2.0)]
+    samples = {}
+    for lib in (diffrax, diffeqx):
+        if kind == "VirtualBrownianTree":
+            path = lib.VirtualBrownianTree(0.0, 2.0, 2**-3, (3,), jax.random.key(0))
+        else:
+            path = lib.UnsafeBrownianPath((3,), jax.random.key(0))
+        evaluate = eqx.filter_jit(path.evaluate) if jit else path.evaluate
+        samples[lib.__name__] = [evaluate(*pair) for pair in pairs]
+    for ours, theirs in zip(samples["diffeqx"], samples["diffrax"], strict=True):
+        assert (ours.shape, ours.dtype) == (theirs.shape, theirs.dtype)
+        assert np.all(np.isfinite(np.asarray(ours)))

@@ -361,18 +361,19 @@ def bits_to_normal(hi, lo, dtype):
 
 def time_dtype(*times: Any):
     """The floating dtype that times are computed in: that of the array-valued
-    `times` (promoted), or the default floating dtype when all are Python numbers."""
-    dtypes = [
-        jnp.result_type(t)
+    `times` (promoted, weak types deferring), or the default floating dtype when all
+    are Python numbers."""
+    arrays = [
+        t
         for t in times
         if hasattr(t, "dtype") and jnp.issubdtype(t.dtype, jnp.floating)
     ]
-    if not dtypes:
+    if not arrays:
         return jax.dtypes.canonicalize_dtype(jnp.float64)
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = jnp.promote_types(out, d)
-    return out
+    # `jnp.result_type` of the arrays themselves, so that a weakly typed one (a
+    # Python number passed through `jax.jit`) takes the other's dtype, as the number
+    # would, also under strict dtype promotion.
+    return jnp.result_type(*arrays)
 
 
 def is_concrete(*xs) -> bool:
