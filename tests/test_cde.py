@@ -184,9 +184,10 @@ def test_pytree_state_with_one_shared_control():
     np.testing.assert_allclose(sol.ys["b"][-1], 0.5 * jnp.exp(-increment), rtol=1e-8)
 
 
-def test_control_term_stores_increments_not_matrices():
+def test_control_term_vf_prod_is_the_product_of_vf_and_the_control():
+    # As Diffrax's: not "expensive", so first-same-as-last methods carry the matrix.
     term = dfx.ControlTerm(_exponential_field, _cubic())
-    assert term.is_vf_expensive(0.0, 1.0, Y0, WEIGHTS)
+    assert not term.is_vf_expensive(0.0, 1.0, Y0, WEIGHTS)
     np.testing.assert_allclose(
         term.vf_prod(0.5, Y0, WEIGHTS, term.contr(0.5, 0.7)),
         term.prod(term.vf(0.5, Y0, WEIGHTS), term.contr(0.5, 0.7)),

@@ -176,8 +176,9 @@ class ControlTerm(_AbstractControlTerm[VFT, ControlT]):
       are a PyTree with the structure of `y`, or a single array used for every leaf.
 
     Over a step `[t0, t1]` the change in `y` is `vf(t, y, args) @ (X(t1) - X(t0))`.
-    The vector field, a matrix, is typically much larger than its product with an
-    increment, so solvers keep the products (`is_vf_expensive` is `True`).
+    The vector field is a matrix; as in Diffrax, `is_vf_expensive` is `False`, so a
+    first-same-as-last method (e.g. `Tsit5`) carries it from the end of one step to
+    the start of the next rather than evaluating it again.
 
     A wrongly shaped vector field raises a `ValueError` naming the state, control and
     vector-field shapes.
@@ -245,9 +246,6 @@ class ControlTerm(_AbstractControlTerm[VFT, ControlT]):
             out = jnp.tensordot(v, c.astype(v.dtype), axes=c.ndim)
             outs.append(out.astype(jnp.result_type(y_leaf)))
         return jtu.tree_unflatten(structure, outs)
-
-    def is_vf_expensive(self, t0, t1, y, args) -> bool:
-        return True
 
 
 @final

@@ -58,8 +58,10 @@ class AbstractTerm(eqx.Module, Generic[VFT, ControlT]):
         return self.prod(self.vf(t, y, args), control)
 
     def is_vf_expensive(self, t0, t1, y, args) -> bool:
-        """Whether `vf` is much more expensive than `vf_prod` (e.g. it materialises a
-        large matrix). Solvers use this to decide whether to cache vector fields."""
+        """Whether `vf` is much more expensive than `vf_prod` (cheaper to evaluate
+        `vf_prod` twice than `vf` once). As in Diffrax, a first-same-as-last
+        Runge–Kutta method then carries no vector field between steps (its `init`
+        returns no state) and evaluates each step's first stage afresh."""
         return False
 
 

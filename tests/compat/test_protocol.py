@@ -692,3 +692,66 @@ def test_a_dict_of_terms_is_checked_against_its_own_parts_of_the_state(fits):
             np.testing.assert_array_equal(
                 results["diffeqx"][key], results["diffrax"][key]
             )
+
+
+def _expensive_ode_term(lib):
+    class ExpensiveODETerm(lib.ODETerm):
+        def is_vf_expensive(self, t0, t1, y, args):
+            return True
+
+    return ExpensiveODETerm(lambda t, y, args: -args * y + jnp.sin(t))
+
+
+@pytest.mark.parametrize("name", ["Tsit5", "Dopri5", "Bosh3", "Kvaerno5", "Sil3"])
+def test_is_vf_expensive_turns_off_first_same_as_last_as_in_diffrax(name):
+    """A term whose `is_vf_expensive` is True: a first-same-as-last method's `init`
+    gives no state and `step` evaluates the first stage afresh (returning no state),
+    and a solve gives Diffrax's steps and values. Until 2026-12-08 diffeqx ignored
+    the method and its `step` failed with `solver_state=None`."""
+    y0 = jnp.array([1.0, 2.0])
+    t0, t1 = jnp.asarray(0.3), jnp.asarray(0.5)
+    out = {}
+    for key, lib in LIBS.items():
+        term = _expensive_ode_term(lib)
+        if name == "Sil3":
+            term = lib.MultiTerm(term, _expensive_ode_term(lib))
+        if name in ("Kvaerno5", "Sil3"):
+            # Newton: Diffrax's `VeryChord` stops early (docs/migration.md).
+            root_finder = optx.Newton(rtol=1e-9, atol=1e-9)
+            solver = getattr(lib, name)(root_finder=root_finder)
+        else:
+            solver = getattr(lib, name)()
+        state = solver.init(term, t0, t1, y0, 0.5)
+        y1, y_error, _, new_state, result = solver.step(
+            term, t0, t1, y0, 0.5, state, made_jump=False
+        )
+        assert state is None and new_state is None
+        assert result == lib.RESULTS.successful
+        sol = lib.diffeqsolve(
+            term,
+            solver,
+            0.0,
+            3.0,
+            0.1,
+            y0,
+            args=0.5,
+            saveat=lib.SaveAt(ts=jnp.linspace(0.0, 3.0, 7)),
+            stepsize_controller=lib.PIDController(rtol=1e-6, atol=1e-8),
+        )
+        out[key] = (y1, y_error, sol.ys, {k: int(v) for k, v in sol.stats.items()})
+    ours, theirs = out["diffeqx"], out["diffrax"]
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-12)
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-6, atol=1e-15)
+    np.testing.assert_allclose(ours[2], theirs[2], rtol=1e-10)
+    assert ours[3] == theirs[3]
+
+
+def test_control_term_vector_field_is_not_expensive_as_in_diffrax():
+    """Diffrax's `ControlTerm` keeps the default `is_vf_expensive` (False), so
+    first-same-as-last methods carry its matrix between steps; so does diffeqx's."""
+    for lib in LIBS.values():
+        path = lib.LinearInterpolation(jnp.array([0.0, 1.0]), jnp.array([[0.0], [1.0]]))
+        term = lib.ControlTerm(lambda t, y, args: jnp.ones((2, 1)), path)
+        assert term.is_vf_expensive(0.0, 1.0, jnp.zeros(2), None) is False
+        multi = lib.MultiTerm(lib.ODETerm(lambda t, y, args: -y), term)
+        assert multi.is_vf_expensive(0.0, 1.0, jnp.zeros(2), None) is False

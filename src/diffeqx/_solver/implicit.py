@@ -210,11 +210,15 @@ def first_same_as_last(tableau, terms) -> bool:
     )
 
 
-def init_first_same_as_last(tableau, terms, t0, y0, args, jacobian):
+def init_first_same_as_last(tableau, terms, t0, t1, y0, args, jacobian):
     """The initial solver state of `additive_step`: `jacobian` (a `_ReusedJacobian`
     or None) as it is, or with the parts' vector fields at `(t0, y0)` for a
-    first-same-as-last method."""
-    if not first_same_as_last(tableau, terms):
+    first-same-as-last method whose terms do not report their vector field as
+    expensive (`is_vf_expensive`, as Diffrax reads it: the first stage is then
+    evaluated afresh at every step)."""
+    if not first_same_as_last(tableau, terms) or terms.is_vf_expensive(
+        t0, t1, y0, args
+    ):
         return jacobian
     _, parts, _ = _parts(tableau, terms)
     return _FirstSameAsLast(
@@ -508,7 +512,7 @@ class AbstractDIRK(AbstractRungeKutta, AbstractImplicitSolver):
 
     def init(self, terms, t0, t1, y0, args):
         jacobian = self._init_jacobian(terms, t0, t1, y0, args)
-        return init_first_same_as_last(self.tableau, terms, t0, y0, args, jacobian)
+        return init_first_same_as_last(self.tableau, terms, t0, t1, y0, args, jacobian)
 
     def _init_jacobian(self, terms, t0, t1, y0, args):
         # `reuse_jacobian` (a field of the concrete methods; `__check_init__` has

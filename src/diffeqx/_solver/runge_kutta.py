@@ -355,7 +355,7 @@ class AbstractRungeKutta(AbstractAdaptiveSolver):
             return engine.init(terms, t0, t1, y0, args)
         from .implicit import init_first_same_as_last
 
-        return init_first_same_as_last(self.tableau, terms, t0, y0, args, None)
+        return init_first_same_as_last(self.tableau, terms, t0, t1, y0, args, None)
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
@@ -696,8 +696,11 @@ class AbstractERK(AbstractRungeKutta):
     def init(self, terms, t0, t1, y0, args):
         # First-same-as-last methods carry the vector field at the end of the step
         # (a full matrix for a control term), so that the next step's first stage
-        # is a product with the new control increment rather than a new evaluation.
-        if self.tableau.fsal:
+        # is a product with the new control increment rather than a new evaluation;
+        # not for terms that report their vector field as expensive
+        # (`is_vf_expensive`, read as Diffrax reads it), whose first stage `step`
+        # then evaluates afresh.
+        if self.tableau.fsal and not terms.is_vf_expensive(t0, t1, y0, args):
             return terms.vf(t0, y0, args)
         return None
 
@@ -726,6 +729,15 @@ class AbstractERK(AbstractRungeKutta):
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         tableau = self.tableau
+        if tableau.fsal and solver_state is None:
+            # No carried vector field (as Diffrax's `init` gives for a term whose
+            # `is_vf_expensive` is True): the first stage is evaluated afresh and,
+            # as in Diffrax, nothing is carried to the next step either.
+            fresh = terms.vf(t0, y0, args)
+            y1, y_error, dense_info, _, result = self.step(
+                terms, t0, t1, y0, args, fresh, False
+            )
+            return y1, y_error, dense_info, None, result
         s = tableau.num_stages
         a = tableau.a_matrix
         c = tableau.c_full
