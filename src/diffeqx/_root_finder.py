@@ -229,8 +229,10 @@ def resolve_root_finder_tols(solver, controller):
             continue
         value = getattr(controller, name, None)
         if value is None:
+            # Opens with Diffrax's words for the same error, which users search.
             raise ValueError(
-                f"The root finder of {type(solver).__name__} takes its `{name}` from "
+                "The tolerances for the implicit solver have not been specified: "
+                f"the root finder of {type(solver).__name__} takes its `{name}` from "
                 f"the step-size controller, but {type(controller).__name__} has none. "
                 "Pass a root finder with its own tolerances, e.g. "
                 f"`{type(solver).__name__}(root_finder=diffeqx.VeryChord(rtol=1e-6, "

@@ -278,3 +278,22 @@ def test_first_same_as_last_methods_evaluate_no_more_than_diffrax(name):
     np.testing.assert_allclose(
         np.asarray(ours.ys), np.asarray(theirs.ys), rtol=1e-9, atol=1e-10
     )
+
+
+@pytest.mark.parametrize("name", ["Kvaerno5", "KenCarp4", "ImplicitEuler"])
+def test_implicit_solver_without_tolerances_under_constant_steps_is_refused(name):
+    """An implicit solver whose root finder takes its tolerances from the controller,
+    under `ConstantStepSize` (which has none): a `ValueError` in both libraries,
+    opening with the same words (diffeqx's then names the solver and the fix)."""
+    for lib in (diffrax, diffeqx):
+        if name == "KenCarp4":
+            terms = lib.MultiTerm(
+                lib.ODETerm(lambda t, y, args: -y), lib.ODETerm(lambda t, y, args: y)
+            )
+        else:
+            terms = lib.ODETerm(lambda t, y, args: -y)
+        with pytest.raises(
+            ValueError,
+            match="(?i)the tolerances for the implicit solver have not been specified",
+        ):
+            lib.diffeqsolve(terms, getattr(lib, name)(), 0.0, 1.0, 0.1, jnp.array(1.0))
