@@ -729,11 +729,14 @@ class AbstractERK(AbstractRungeKutta):
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         tableau = self.tableau
+        fresh = None
         if tableau.fsal and solver_state is None:
             # No carried vector field (as Diffrax's `init` gives for a term whose
             # `is_vf_expensive` is True): the first stage is evaluated afresh and,
-            # as in Diffrax, nothing is carried to the next step either.
+            # as in Diffrax, nothing is carried to the next step either. (An empty
+            # state's vector field is None too: then there is nothing to carry.)
             fresh = terms.vf(t0, y0, args)
+        if fresh is not None:
             y1, y_error, dense_info, _, result = self.step(
                 terms, t0, t1, y0, args, fresh, False
             )
